@@ -1,0 +1,607 @@
+"""nominal.py -- ClusTR stage 1: the cross-entropy "warm start" (Alfarra, Perez et al., BMVC 2021).
+
+Paper: "Rethinking Clustering for Robustness", Sec. 3.3 (warm start), Sec. 4.2 (setup),
+Appendix A ("Architecture", "Optimization", "Pre-processing").
+
+ClusTR first trains a CIFAR-style ResNet18 with plain cross-entropy "until reasonable
+performance" (footnote 1: 90% CIFAR10, 75% CIFAR100, 90% SVHN), then magnet.py removes the
+last linear layer and fine-tunes the 8w-dimensional features with the Magnet loss.  This file is
+that first stage: Adam, lr 1e-2, x0.1 at epochs 30 and 60, 90 epochs (Appendix A), batch 256
+(the authors' code), random 32x32 crops from 4-pixel padding for CIFAR (Appendix A) plus the
+horizontal flip of the authors' code, no augmentation for SVHN.
+
+Usage (copy-paste):
+    python nominal.py --data cifar10                      # the paper's setting -> ckpt.pt
+    python nominal.py --data cifar100 --out c100.pt
+    python nominal.py --data svhn --out svhn.pt
+    python nominal.py --data folder --data-dir DIR        # DIR/train/<class>/*.png, DIR/test/...
+    python nominal.py --data cifar10 --width 16 --limit 512 --epochs 3   # quick CPU smoke run
+    python nominal.py --data cifar10 --stop-after 10      # ... interrupted after epoch 10
+    python nominal.py --data cifar10 --resume             # ... continues from ckpt.pt
+
+Reads: the dataset (torchvision download into --data-dir, or an ImageFolder).
+Writes: --out (a self-describing checkpoint, format "clustr/1", rewritten atomically after every
+epoch; load it with torch.load(path, weights_only=True)) and <out>.log.jsonl (one JSON object per
+epoch).  Needs torch, torchvision, numpy (scipy for SVHN); imports no other file of this
+repository: copy it freely.  Blocks between "# --- shared: NAME ---" markers are identical copies
+of the same blocks in the other stages (test_all.py checks this).
+
+Lineage: ResNet18 (He et al. 2016, CIFAR variant); Adam (Kingma & Ba 2014).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================
+# 1. Arguments
+# ======================================================================================
+
+# Paper defaults per dataset, applied only to flags the user left unset.
+#   epochs, lr, milestones, gamma: Appendix A "Optimization" (Adam, 1e-2, x0.1 at 30 and 60, 90 ep.)
+#   batch_size 256: the authors' code (the paper gives none).
+#   crop 4: Appendix A "Pre-processing" (random 32x32 crops, padding 4) for CIFAR; none for SVHN.
+#   flip: the authors' code flips CIFAR horizontally (the paper does not mention it).
+PAPER_DEFAULTS = {
+    "cifar10": dict(epochs=90, lr=1e-2, batch_size=256, crop=4, flip=True),
+    "cifar100": dict(epochs=90, lr=1e-2, batch_size=256, crop=4, flip=True),
+    "svhn": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
+    "folder": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
+}
+
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+# --- end shared: args ---
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="nominal.py",
+        description="ClusTR warm start: cross-entropy training of the CIFAR ResNet18 "
+                    "(Sec. 3.3, Appendix A). Writes a checkpoint that magnet.py --init takes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, data_default="cifar10")
+    g = p.add_argument_group("nominal training (Appendix A 'Optimization' and 'Pre-processing')")
+    g.add_argument("--out", default="ckpt.pt", help="checkpoint path; log goes to <out>.log.jsonl")
+    g.add_argument("--epochs", type=int, default=None, help="epochs; App. A: 90")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate; App. A: 1e-2")
+    g.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="batch size; 256 as in the authors' code (the paper gives none)")
+    g.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr is multiplied by --gamma; App. A: 30 60 for 90 "
+                        "epochs; default: epochs/3 and 2*epochs/3 (= 30 60 at 90 epochs)")
+    g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor; App. A: 0.1")
+    g.add_argument("--crop", type=int, default=None,
+                   help="random crops from a zero padding of this many pixels; App. A: 4 for "
+                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
+                        "does not mention flips), off for SVHN and folder")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop optimizer/RNG state from the final checkpoint (no resume; smaller)")
+    args = p.parse_args(argv)
+    for key, value in PAPER_DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.milestones is None:  # App. A: 30, 60 of 90 -> the same fractions of --epochs
+        args.milestones = [args.epochs // 3, 2 * args.epochs // 3]
+    return args
+
+
+# Arguments that do not change the trained weights: a resume may differ in these.
+NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir"}
+
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+# --- end shared: runtime ---
+
+
+# ======================================================================================
+# 2. Data (SPEC section 3): each split is one uint8 tensor [N, C, H, W] held on the device;
+#    batches are indexed from it and augmented there (no DataLoader in the hot path).
+# ======================================================================================
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {e}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+
+# ======================================================================================
+# 3. Model (SPEC section 4; App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+
+
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+def arch_entry(width, in_channels):
+    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
+# --- end shared: model ---
+
+
+# ======================================================================================
+# 4. The method: cross-entropy with Adam and a step schedule (Sec. 3.3, App. A "Optimization")
+# ======================================================================================
+
+def learning_rate(args, epoch):
+    """App. A: lr 1e-2, multiplied by 0.1 after epochs 30 and 60. `epoch` counts finished ones."""
+    return args.lr * args.gamma ** sum(epoch >= m for m in args.milestones)
+
+
+def train_one_epoch(model, opt, train, args, generator, device):
+    """One pass over a fresh permutation of the training split; returns device tensors
+    (sum of losses, correct count, images) so the epoch needs one host sync, at its end."""
+    images, labels = train
+    model.train()
+    n = len(labels)
+    perm = torch.randperm(n, device=device, generator=generator)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, n, args.batch_size):
+        idx = perm[start:start + args.batch_size]
+        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
+        y = labels[idx]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(x)                                        # [B, classes]
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum, correct, n
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size, amp, device):
+    """Test accuracy in eval mode (batch-norm buffers untouched: SPEC section 6, last part)."""
+    images, labels = split
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start:start + batch_size])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / max(1, len(labels))
+
+
+# ======================================================================================
+# 6. Checkpoint and report (SPEC section 5)
+# ======================================================================================
+
+# --- shared: checkpoint ---
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
+    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
+    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
+               f"clustr checkpoint, or an untrusted one" if found else \
+               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        fail(f"checkpoint {path} {kind}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        fail(f"checkpoint {path} lacks {missing}")
+    if ckpt["stage"] not in stages:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    return ckpt
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "generator_device": str(generator.device)}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    if state["generator_device"] == str(generator.device):
+        generator.set_state(state["generator"])
+    else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
+        print(f"note: the run moved from {state['generator_device']} to {generator.device}; "
+              f"its random stream continues from a fresh seed", flush=True)
+
+
+def check_resume_args(ckpt, args, not_shaping):
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    old, new = ckpt["args"], vars(args)
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+    if diff:
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
+             + "; ".join(diff))
+# --- end shared: checkpoint ---
+
+
+def make_checkpoint(model, opt, generator, args, info, epoch, metrics, slim=False):
+    ckpt = {"format": FORMAT, "stage": "nominal",
+            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
+    if not slim:
+        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
+    return ckpt
+
+
+# ======================================================================================
+# 5. The loop
+# ======================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_runtime(args, training=True)
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    train = tuple(t.to(device) for t in train)                      # whole split on the device
+    test = tuple(t.to(device) for t in test)
+    log_path = args.out + ".log.jsonl"
+
+    model = ResNet18(info["num_classes"], args.width, train[0].shape[1], info["mean"], info["std"])
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    start_epoch, metrics = 0, {}
+
+    if args.resume is not None:
+        path = args.resume or args.out
+        ckpt = load_checkpoint(path, stages=("nominal",))
+        check_resume_args(ckpt, args, NOT_SHAPING)
+        if "resume" not in ckpt:
+            fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["resume"]["optimizer"])
+        set_rng_state(ckpt["resume"]["rng"], generator)
+        start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
+        # keep the log lines of the epochs the checkpoint holds, drop any written after it
+        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)                                         # a fresh run, a fresh log
+
+    print(f"nominal.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, "
+          f"{info['num_classes']} classes, {info['image_size']}) | ResNet18 w={args.width} | "
+          f"device {device} amp {args.amp} | torch {torch.__version__}")
+    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
+    print(f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'lr':>8} {'img/s':>8} "
+          f"{'elapsed':>9} {'ETA':>9}", flush=True)
+    t_run, images_done = time.time(), 0
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        lr = learning_rate(args, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        loss_sum, correct, n = train_one_epoch(model, opt, train, args, generator, device)
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            fail(f"the training loss became {train_loss} in epoch {epoch + 1}; stopped without "
+                 f"writing it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller "
+                 f"--lr (now {args.lr}).")
+        test_acc = evaluate(model, test, args.batch_size, args.amp, device)
+        seconds = time.time() - t0
+        images_done += n
+        elapsed = time.time() - t_run
+        eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / n,
+                   "test_accuracy": test_acc, "lr": lr, "seconds": seconds,
+                   "images_per_second": n / seconds}
+        final = epoch + 1 == args.epochs
+        save_checkpoint(make_checkpoint(model, opt, generator, args, info, epoch + 1, metrics,
+                                        slim=args.slim and final), args.out)
+        append_jsonl(log_path, metrics)
+        print(f"{epoch + 1:>4}/{args.epochs:<4} {train_loss:8.4f} {metrics['train_accuracy']:7.2%} "
+              f"{test_acc:7.2%} {lr:8.1e} {n / seconds:8.0f} {fmt_time(elapsed):>9} "
+              f"{fmt_time(eta):>9}", flush=True)
+
+    done = metrics.get("epoch", 0)
+    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
+    results = {"stage": "nominal", "out": args.out, "data": args.data, "status": status,
+               "epochs_done": done, "epochs": args.epochs, **metrics,
+               "seconds_this_run": time.time() - t_run}
+    print(f"\nsummary: {status}\n"
+          f"  test accuracy   {metrics.get('test_accuracy', float('nan')):.2%}  (paper, ResNet18 w=64: "
+          f"95.01 CIFAR10, 78.84 CIFAR100, 98.38 SVHN)\n"
+          f"  train loss      {metrics.get('train_loss', float('nan')):.4f}\n"
+          f"  checkpoint      {args.out}   log {log_path}\n"
+          f"  next            python magnet.py --init {args.out} --data {args.data}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
