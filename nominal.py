@@ -393,7 +393,12 @@ def train_one_epoch(model, opt, train, args, generator, device):
     perm = torch.randperm(n, device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    t0 = last_note = time.time()
     for start in range(0, n, args.batch_size):
+        if time.time() - last_note > 60:  # long epochs (width 64 on a CPU): a note every minute
+            last_note, rate = time.time(), start / (time.time() - t0)
+            print(f"          {start}/{n} images  {rate:.0f} img/s  epoch ETA "
+                  f"{fmt_time((n - start) / rate)}", flush=True)
         idx = perm[start:start + args.batch_size]
         x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
         y = labels[idx]
