@@ -12,8 +12,11 @@ Three tiers (STYLE rule 11):
 """
 
 import ast
+import copy
 import difflib
+import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -22,12 +25,30 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ["nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"]
 PRESENT = [s for s in STAGES if os.path.exists(os.path.join(ROOT, s))]
 
-import nominal  # noqa: E402  (the stage under test; each stage guards its entry point)
+# the stages under test (each guards its entry point, so importing runs nothing)
+import attack  # noqa: E402
+import certify  # noqa: E402
+import magnet  # noqa: E402
+import nominal  # noqa: E402
+import synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread for the whole suite.  On a 2-core machine shared with other jobs, torch's
+    OpenMP threads spin while they wait for busy cores: the magnet tests took 232 s with 2 threads
+    under a load average of 5 and 14 s with 1.  Session scope: set before session fixtures run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ======================================================================================
@@ -398,3 +419,1526 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_pat
         "-b", "32", "--lr", "1e38", "--out", out])
     assert "loss became" in err and "smaller" in err
     assert open(out, "rb").read() == before
+
+
+# ######################################################################################
+# magnet.py
+# ######################################################################################
+
+
+
+# ======================================================================================
+# magnet.py: Eq. (3), the Magnet loss
+# ======================================================================================
+
+def naive_magnet(features, cluster_ids, class_ids, alpha):
+    """Eq. (3) written out per example with Python floats (float64): -> (mean, [per], sigma2)."""
+    f = features.double().tolist()
+    cl, cs = cluster_ids.tolist(), class_ids.tolist()
+    ids = sorted(set(cl))
+    mu, cls_of = {}, {}
+    for k in ids:
+        rows = [f[i] for i in range(len(f)) if cl[i] == k]
+        mu[k] = [sum(col) / len(rows) for col in zip(*rows)]
+        cls_of[k] = cs[cl.index(k)]
+
+    def sq(a, b):
+        return sum((x - y) ** 2 for x, y in zip(a, b))
+    own = [sq(f[i], mu[cl[i]]) for i in range(len(f))]
+    sigma2 = sum(own) / (len(f) - 1)
+    per = []
+    for i in range(len(f)):
+        den = sum(math.exp(-sq(f[i], mu[k]) / (2 * sigma2)) for k in ids if cls_of[k] != cs[i])
+        per.append(max(0.0, alpha + own[i] / (2 * sigma2) + math.log(den)))
+    return sum(per) / len(per), per, sigma2
+
+
+def test_magnet_loss_equals_a_naive_loop_over_eq3():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        n_clusters, dim = 3 + trial, 2 + trial
+        cluster_of = torch.randint(0, n_clusters, (30,), generator=g)
+        cluster_of[:n_clusters] = torch.arange(n_clusters)               # every cluster present
+        class_of_cluster = torch.arange(n_clusters) % 3                   # several clusters per class
+        f = torch.randn(30, dim, generator=g, dtype=torch.float64) * 1.5
+        ids = cluster_of * 11 + 5                                         # arbitrary integer ids
+        for alpha in (0.0, 1.0, 12.5):
+            mean, per, sigma2 = magnet.magnet_loss(f, ids, class_of_cluster[cluster_of], alpha)
+            ref_mean, ref_per, ref_sigma2 = naive_magnet(f, ids, class_of_cluster[cluster_of], alpha)
+            assert abs(sigma2.item() - ref_sigma2) < 1e-10 * ref_sigma2
+            assert np.allclose(per.numpy(), ref_per, rtol=1e-10, atol=1e-12)
+            assert abs(mean.item() - ref_mean) < 1e-10 * max(1, ref_mean)
+    # the hinge {.}_+ is active somewhere (alpha 0) and inactive somewhere (alpha 12.5)
+    assert (magnet.magnet_loss(f, ids, class_of_cluster[cluster_of], 0.0)[1] == 0).any()
+    assert (magnet.magnet_loss(f, ids, class_of_cluster[cluster_of], 12.5)[1] > 0).all()
+
+
+def test_a_far_same_class_cluster_changes_nothing():
+    """The denominator of Eq. (3) runs over other-class clusters only: a cluster of class c must
+    not enter the rows of class c, not even as exp(0) = 1 (a mask multiplied into the exponent
+    would add exactly that).  The added cluster's two rows sit at mu_far +- v with ||v||^2 =
+    sigma^2, so the batch sigma^2 of Eq. (3) stays the same and the old rows must not move."""
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    ids = torch.arange(24) % 6
+    classes = ids // 2                                                    # 3 classes x 2 clusters
+    _, per, sigma2 = magnet.magnet_loss(f, ids, classes, 1.0)
+    v = torch.randn(4, generator=g, dtype=torch.float64)
+    v *= sigma2.sqrt() / v.norm()
+    far = torch.full((4,), 1e4, dtype=torch.float64)
+    f2 = torch.cat([f, (far + v)[None], (far - v)[None]])
+    for c in range(3):
+        ids2 = torch.cat([ids, torch.tensor([99, 99])])
+        classes2 = torch.cat([classes, torch.tensor([c, c])])
+        _, per2, sigma2_new = magnet.magnet_loss(f2, ids2, classes2, 1.0)
+        assert abs(sigma2_new.item() - sigma2.item()) < 1e-12 * sigma2.item()
+        assert torch.allclose(per2[:24], per, rtol=1e-12, atol=0)
+    # the test can fail: the same cluster placed *near* class 0's rows as another class's cluster
+    # does change class-0 losses
+    near = f[classes == 0].mean(0)
+    f3 = torch.cat([f, (near + v)[None], (near - v)[None]])
+    _, per3, _ = magnet.magnet_loss(f3, torch.cat([ids, torch.tensor([99, 99])]),
+                                    torch.cat([classes, torch.tensor([1, 1])]), 1.0)
+    assert not torch.allclose(per3[:24][classes == 0], per[classes == 0], rtol=1e-6)
+
+
+def test_magnet_loss_stays_finite_for_far_apart_features_at_alpha_12_5():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.arange(40) % 8
+    classes = ids // 2
+    centres = torch.randn(8, 16, generator=g) * 1e3                      # clusters ~1e3 apart
+    f32 = (centres[ids] + torch.randn(40, 16, generator=g)).requires_grad_()
+    mean, per, sigma2 = magnet.magnet_loss(f32, ids, classes, 12.5)
+    mean.backward()
+    assert torch.isfinite(per).all() and torch.isfinite(f32.grad).all()
+    # a naive float64 loop would underflow exp(); compare with the float64 logsumexp form instead
+    f64 = f32.detach().double()
+    mu = torch.stack([f64[ids == k].mean(0) for k in range(8)])
+    d2 = ((f64[:, None, :] - mu[None]) ** 2).sum(-1)
+    own = d2[torch.arange(40), ids]
+    s2 = own.sum() / 39
+    log_den = torch.stack([torch.logsumexp(-d2[i, (torch.arange(8) // 2) != classes[i]] / (2 * s2), 0)
+                           for i in range(40)])
+    ref = torch.relu(12.5 + own / (2 * s2) + log_den)
+    assert torch.allclose(per.double(), ref, rtol=1e-4, atol=1e-4)
+    assert (ref == 0).all()                                              # far apart: no loss left
+
+
+def test_magnet_loss_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    ids = torch.arange(12) % 4
+    classes = ids // 2
+    assert (magnet.magnet_loss(f, ids, classes, 5.0)[1] > 0).all()       # away from the hinge kink
+    f.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: magnet.magnet_loss(x, ids, classes, 5.0)[0], (f,))
+    assert torch.autograd.gradcheck(lambda x: magnet.magnet_loss(x, ids, classes, 5.0)[2], (f,))
+
+
+# ======================================================================================
+# magnet.py: Eq. (4), soft nearest-cluster probabilities
+# ======================================================================================
+
+def naive_eq4(f, centers, center_classes, variance, D=None):
+    """Eq. (4) with Python floats; D nearest centres by distance."""
+    out = []
+    for row in f.double().tolist():
+        e = [math.exp(-sum((a - b) ** 2 for a, b in zip(row, mu)) / (2 * variance))
+             for mu in centers.double().tolist()]
+        keep = sorted(range(len(e)), key=lambda j: -e[j])[:D or len(e)]
+        den = sum(e[j] for j in keep)
+        out.append([sum(e[j] for j in keep if center_classes[j] == c) / den
+                    for c in range(int(center_classes.max()) + 1)])
+    return np.array(out)
+
+
+def test_cluster_log_probs_is_eq4():
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    centers = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    center_classes = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for D in (None, 8, 3):
+        log_p = magnet.cluster_log_probs(f, centers, center_classes, 0.8, D)
+        assert np.allclose(log_p.exp().numpy(), naive_eq4(f, centers, center_classes, 0.8, D), atol=1e-12)
+        assert torch.allclose(log_p.logsumexp(1), torch.zeros(9, dtype=torch.float64), atol=1e-12)
+    # D = 1: all the probability on the class of the nearest centre
+    nearest = ((f[:, None] - centers[None]) ** 2).sum(-1).argmin(1)
+    log_p = magnet.cluster_log_probs(f, centers, center_classes, 0.8, D=1)
+    assert torch.equal(log_p.argmax(1), center_classes[nearest])
+    assert torch.allclose(log_p.max(1).values, torch.zeros(9, dtype=torch.float64))
+    assert (log_p.isinf().sum(1) == 3).all()                             # the other classes: p = 0
+
+
+def test_cluster_log_probs_gradients_are_finite_far_away_and_for_absent_classes():
+    g = torch.Generator().manual_seed(5)
+    centers = torch.randn(6, 8, generator=g) * 1e3
+    center_classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    f = (torch.randn(4, 8, generator=g) * 1e3).requires_grad_()        # far from every centre
+    for D in (None, 2):
+        log_p = magnet.cluster_log_probs(f, centers, center_classes, 0.5, D)
+        y = log_p.argmax(1)
+        (-log_p[torch.arange(4), y]).sum().backward()
+        assert torch.isfinite(f.grad).all()
+        f.grad = None
+    log_p = magnet.cluster_log_probs(f, centers, center_classes, 0.5, None)
+    assert torch.isfinite(log_p).all() and torch.allclose(log_p.logsumexp(1), torch.zeros(4), atol=1e-5)
+
+
+# ======================================================================================
+# magnet.py: k-means++
+# ======================================================================================
+
+def brute_force_inertia(x, k):
+    """Smallest k-means objective over every assignment of the n rows to k non-empty clusters
+    (all k^n of them): sum_j sum_{i in j} ||x_i - mean_j||^2 = sum ||x||^2 - sum_j ||s_j||^2 / n_j."""
+    a = np.array(list(itertools.product(range(k), repeat=len(x))))     # [k^n, n]
+    onehot = (a[:, :, None] == np.arange(k)).astype(float)              # [k^n, n, k]
+    counts = onehot.sum(1)                                               # [k^n, k]
+    sums = np.einsum("pnk,nd->pkd", onehot, x)                           # [k^n, k, d]
+    objective = (x ** 2).sum() - ((sums ** 2).sum(2) / np.maximum(counts, 1)).sum(1)
+    return objective[(counts > 0).all(1)].min()
+
+
+def inertia(x, centers, assignment):
+    return float(((x - centers[assignment]) ** 2).sum())
+
+
+def test_kmeans_pp_finds_the_brute_force_optimum():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for trial in range(24):
+        k = 2 + trial % 2
+        # separated groups (centres on a circle of radius 10, spread 1): one run must find it
+        angles = rng.permutation(k) * 2 * np.pi / k
+        blob = np.stack([np.cos(angles), np.sin(angles)], 1) * 10
+        x = np.repeat(blob, 3, 0) + rng.normal(size=(3 * k, 2))
+        c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(trial))
+        assert inertia(torch.tensor(x), c, a) == pytest.approx(brute_force_inertia(x, k), rel=1e-9)
+        # structureless data: every run with tol=0 is a Lloyd fixed point (centres = means, rows at their
+        # nearest centre); the best of 5 seeds reaches the optimum in most problems (Lloyd has
+        # local optima: scikit-learn's KMeans, 5 seeds, reached it in 34 of 40 such problems)
+        x = rng.normal(size=(8, 2))
+        runs = []
+        for s in range(5):
+            c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(s), tol=0)
+            for j in range(k):
+                assert np.allclose(c[j].numpy(), x[a.numpy() == j].mean(0), atol=1e-12)
+            assert torch.equal(a, torch.cdist(torch.tensor(x), c).argmin(1))
+            runs.append(inertia(torch.tensor(x), c, a))
+        hits += min(runs) <= brute_force_inertia(x, k) * (1 + 1e-9)
+    assert hits >= 18
+
+
+def test_kmeans_pp_duplicates_k_equals_n_and_determinism():
+    x = torch.tensor([[0.0, 0.0]] * 5 + [[3.0, 1.0]] * 4, dtype=torch.float64)
+    for k in (1, 2, 3, 9):                                               # 3 and 9 > distinct points
+        c, a = magnet.kmeans_pp(x, k, generator=torch.Generator().manual_seed(0))
+        assert c.shape == (k, 2) and a.shape == (9,) and torch.isfinite(c).all()
+        assert 0 <= a.min() and a.max() < k
+        assert inertia(x, c, a) == (0.0 if k >= 2 else pytest.approx(5 * 4 / 9 * 10))
+    # k = n with distinct rows: every row is its own centre
+    y = torch.randn(7, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c, a = magnet.kmeans_pp(y, 7, generator=torch.Generator().manual_seed(2))
+    assert sorted(a.tolist()) == list(range(7)) and torch.allclose(c[a], y)
+    with pytest.raises(ValueError):
+        magnet.kmeans_pp(y, 8)
+    # a seeded generator makes it deterministic; another seed gives another seeding
+    z = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    first = magnet.kmeans_pp(z, 4, generator=torch.Generator().manual_seed(7))
+    again = magnet.kmeans_pp(z, 4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    other = magnet.kmeans_pp(z, 4, generator=torch.Generator().manual_seed(8), iters=0)
+    seeded = magnet.kmeans_pp(z, 4, generator=torch.Generator().manual_seed(7), iters=0)
+    assert not torch.equal(other[0], seeded[0])
+
+
+def test_kmeans_pp_separates_blobs_in_512_d():
+    """The greedy D^2 seeding puts one centre in each of 10 separated blobs in 512-d (plain
+    uniform seeding would often put two in one blob and leave Lloyd stuck)."""
+    g = torch.Generator().manual_seed(4)
+    blobs = torch.randn(10, 512, generator=g) * 3
+    labels = torch.arange(1000) % 10
+    x = blobs[labels] + torch.randn(1000, 512, generator=g)
+    for seed in range(3):
+        _, a = magnet.kmeans_pp(x, 10, generator=torch.Generator().manual_seed(seed))
+        pairs = set(zip(a.tolist(), labels.tolist()))
+        assert len(pairs) == 10                                          # a bijection blob <-> cluster
+
+
+def test_fit_clusters_per_class_with_eq3_variance(capsys):
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(60) % 3
+    f = torch.randn(60, 6, generator=g, dtype=torch.float64) + labels[:, None] * 4.0
+    centers, center_classes, assignment, variance = magnet.fit_clusters(f, labels, 3, 2, g)
+    assert center_classes.tolist() == [0, 0, 1, 1, 2, 2] and centers.shape == (6, 6)
+    assert torch.equal(center_classes[assignment], labels)              # own class's clusters only
+    for j in range(6):                                                   # centres = means
+        assert torch.allclose(centers[j].double(), f[assignment == j].mean(0), atol=1e-5)
+    for n in range(60):                                                  # v* of Eq. (3)
+        own = [j for j in range(6) if j // 2 == labels[n]]
+        d2 = [float(((f[n] - centers[j].double()) ** 2).sum()) for j in own]
+        assert own[int(np.argmin(d2))] == assignment[n]
+    ref = sum(float(((f[n] - centers[assignment[n]].double()) ** 2).sum()) for n in range(60)) / 59
+    assert variance == pytest.approx(ref, rel=1e-5)
+    err = exit_code_and_message(capsys, magnet.fit_clusters, f[:7], labels[:7], 3, 3, g)
+    assert "K=3" in err and "--K" in err
+
+
+# ======================================================================================
+# magnet.py: the neighbourhood sampler (Rippel et al.; App. A)
+# ======================================================================================
+
+def toy_clusters(sizes=(30, 30, 25, 30, 12, 30), dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = len(sizes)
+    centers = torch.randn(M, dim, generator=g) * 5
+    center_classes = torch.arange(M) // 2
+    assignment = torch.cat([torch.full((s,), j) for j, s in enumerate(sizes)])
+    assignment = assignment[torch.randperm(len(assignment), generator=g)]
+    return assignment, centers, center_classes
+
+
+def test_sampler_batches_are_m_clusters_of_d_with_the_nearest_impostors():
+    assignment, centers, center_classes = toy_clusters(sizes=(30,) * 10, seed=1)
+    sampler = magnet.NeighbourhoodSampler(300, m=4, d=7, generator=torch.Generator().manual_seed(0))
+    sampler.set_clusters(assignment, centers, center_classes)
+    assert sampler.batches_per_epoch() == math.ceil(300 / 28)
+    for _ in range(30):
+        rows, ids = sampler.sample()
+        assert len(rows) == 28 and len(set(rows.tolist())) == 28       # without replacement
+        assert torch.equal(assignment[rows], ids)                        # rows are in their cluster
+        order = list(dict.fromkeys(ids.tolist()))
+        assert [ids.tolist().count(j) for j in order] == [7] * 4
+        seed = order[0]
+        # brute force: other-class centres by distance from the seed's centre
+        d = [(float(((centers[seed] - centers[j]) ** 2).sum()), j) for j in range(10)
+             if center_classes[j] != center_classes[seed]]
+        assert order[1:] == [j for _, j in sorted(d)[:3]]
+
+
+def test_sampler_seeds_in_proportion_to_the_recent_loss(capsys):
+    assignment, centers, center_classes = toy_clusters()
+    sampler = magnet.NeighbourhoodSampler(len(assignment), m=2, d=5,
+                                          generator=torch.Generator().manual_seed(0))
+    sampler.set_clusters(assignment, centers, center_classes)
+    p = sampler.seed_probabilities()
+    assert torch.allclose(p, torch.full((6,), 1 / 6, dtype=p.dtype))    # before any loss: uniform
+    # all-zero losses: still uniform, no NaN
+    sampler.record(torch.arange(len(assignment)), torch.zeros(len(assignment)))
+    assert torch.allclose(sampler.seed_probabilities(), torch.full((6,), 1 / 6, dtype=p.dtype))
+    # cluster 2 has five times the loss of the others; cluster 5 has none recorded (never drawn):
+    # it counts at the mean of the others
+    losses = torch.ones(len(assignment))
+    losses[assignment == 2] = 5.0
+    sampler.losses = torch.full((len(assignment),), float("nan"))
+    seen = assignment != 5
+    sampler.record(torch.arange(len(assignment))[seen], losses[seen])
+    expected = torch.tensor([1, 1, 5, 1, 1, 9 / 5], dtype=torch.float64)
+    expected /= expected.sum()
+    assert torch.allclose(sampler.seed_probabilities(), expected)
+    draws = 2000
+    seeds = torch.tensor([int(sampler.sample()[1][0]) for _ in range(draws)])
+    freq = torch.bincount(seeds, minlength=6).double() / draws
+    sd = (expected * (1 - expected) / draws).sqrt()
+    assert ((freq - expected).abs() < 5 * sd).all(), (freq, expected)
+    assert freq[2] > 3 * freq[0]                                        # the lossy cluster wins
+    # cluster 4 holds 12 < d = 20 examples: taken whole, with one note
+    small = magnet.NeighbourhoodSampler(len(assignment), m=2, d=20,
+                                        generator=torch.Generator().manual_seed(1))
+    small.set_clusters(assignment, centers, center_classes)
+    capsys.readouterr()
+    counts = set()
+    for _ in range(60):
+        rows, ids = small.sample()
+        counts |= {int((ids == 4).sum())} if (ids == 4).any() else set()
+    assert counts == {12} and capsys.readouterr().out.count("note: cluster") == 1
+
+
+def test_sampler_state_dict_continues_the_same_stream():
+    assignment, centers, center_classes = toy_clusters(seed=2)
+    a = magnet.NeighbourhoodSampler(len(assignment), m=3, d=5, generator=torch.Generator().manual_seed(0))
+    a.set_clusters(assignment, centers, center_classes)
+    for _ in range(5):
+        rows, _ = a.sample()
+        a.record(rows, torch.rand(len(rows)))
+    state = a.state_dict()
+    b = magnet.NeighbourhoodSampler(len(assignment), m=3, d=5, generator=torch.Generator().manual_seed(99))
+    b.load_state_dict(state)
+    for _ in range(5):
+        (ra, ia), (rb, ib) = a.sample(), b.sample()
+        assert torch.equal(ra, rb) and torch.equal(ia, ib)
+
+
+# ======================================================================================
+# magnet.py: end to end (SPEC sections 5, 6)
+# ======================================================================================
+
+def folder_args(folder, out, *extra):
+    return ["--data", "folder", "--data-dir", folder, "--width", "8", "--m", "3", "--d", "10",
+            "--crop", "2", "--flip", "--lr", "1e-3", "--out", out, *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def magnet_run(nominal_run, image_folder, tmp_path_factory):
+    """ClusTR from the shared nominal checkpoint, 2 epochs: (results, checkpoint path)."""
+    out = str(tmp_path_factory.mktemp("magnet") / "magnet.pt")
+    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2))
+    return results, out
+
+
+def eval_features(model, images):
+    model.eval()
+    with torch.no_grad():
+        return model.features(images.float() / 255).double()
+
+
+def test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents(magnet_run, nominal_run, image_folder):
+    results, out = magnet_run
+    assert results["status"] == "finished" and results["epochs_done"] == 2
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "magnet" and ckpt["epoch"] == 2
+    assert not any(k.startswith("head.") for k in ckpt["model"])
+    cl = ckpt["clusters"]
+    assert set(cl) == {"centers", "center_classes", "variance", "K", "alpha", "D"}
+    assert cl["centers"].shape == (6, 64) and cl["center_classes"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert (cl["K"], cl["alpha"], cl["D"]) == (2, 12.5, None) and isinstance(cl["variance"], float)
+    assert {"optimizer", "rng", "sampler"} <= set(ckpt["resume"])
+    # the fine-tuning moved the nominal weights
+    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    assert not torch.equal(ckpt["model"]["conv1.weight"], nominal_ckpt["model"]["conv1.weight"])
+    # rebuild from the checkpoint alone; recompute everything from eval-mode features
+    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model.load_state_dict(ckpt["model"], strict=True)
+    (train_x, train_y), (test_x, test_y), _ = nominal.load_data("folder", image_folder)
+    f = eval_features(model, train_x)
+    mu = cl["centers"].double()
+    d2 = ((f[:, None, :] - mu[None]) ** 2).sum(-1)                      # [N, 6]
+    own = d2.masked_fill(cl["center_classes"][None, :] != train_y[:, None], float("inf")).argmin(1)
+    for j in range(6):                                                   # k-means fixed point
+        assert torch.allclose(mu[j], f[own == j].mean(0), atol=1e-4)
+    sigma2 = d2[torch.arange(len(f)), own].sum() / (len(f) - 1)          # Eq. (3) over the split
+    assert cl["variance"] == pytest.approx(float(sigma2), rel=1e-4)
+    p = naive_eq4(eval_features(model, test_x), mu, cl["center_classes"], cl["variance"])
+    acc = float((torch.tensor(p.argmax(1)) == test_y).double().mean())
+    assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
+    assert acc > 0.8                                                     # chance is 1/3
+    with open(out + ".log.jsonl") as fh:
+        log = [json.loads(line) for line in fh]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert {"epoch", "train_loss", "test_accuracy", "variance"} <= set(log[-1])
+
+
+def test_magnet_resume_is_bit_identical_to_an_uninterrupted_run(magnet_run, nominal_run, image_folder, tmp_path):
+    _, full = magnet_run
+    out = str(tmp_path / "m.pt")
+    args = folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2)
+    first = magnet.main(args + ["--stop-after", "1"])
+    assert first["epochs_done"] == 1 and "stopped" in first["status"]
+    assert magnet.main(args + ["--resume"])["epochs_done"] == 2
+    a = torch.load(full, map_location="cpu", weights_only=True)
+    b = torch.load(out, map_location="cpu", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["clusters"]["centers"], b["clusters"]["centers"])
+    assert a["clusters"]["variance"] == b["clusters"]["variance"]
+    la, lb = a["resume"]["sampler"]["losses"], b["resume"]["sampler"]["losses"]
+    assert torch.equal(la.isnan(), lb.isnan()) and torch.equal(la.nan_to_num(), lb.nan_to_num())
+    assert a["data"] == b["data"] and a["metrics"]["test_accuracy"] == b["metrics"]["test_accuracy"]
+    with open(out + ".log.jsonl") as fh:
+        assert [json.loads(line)["epoch"] for line in fh] == [0, 1, 2]
+
+
+def test_epochs_0_clusters_nominal_features_without_fine_tuning(nominal_run, image_folder, tmp_path):
+    """App. B.1: k-means on the nominal features and Eq. (4), no training; a valid checkpoint."""
+    out = str(tmp_path / "b1.pt")
+    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 0))
+    assert results["epochs_done"] == 0 and results["status"] == "finished"
+    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
+    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    headless = {k: v for k, v in nominal_ckpt["model"].items() if not k.startswith("head.")}
+    assert set(ckpt["model"]) == set(headless)
+    assert all(torch.equal(ckpt["model"][k], headless[k]) for k in headless)   # untouched weights
+    assert ckpt["clusters"]["centers"].shape == (6, 64) and 0 <= results["test_accuracy"] <= 1
+
+
+def test_warm_start_beats_random_init_at_equal_epochs(tmp_path):
+    """Sec. 4.2, Table 1: ClusTR (nominal warm start) vs the Magnet loss from random weights, on
+    a harder generated folder (6 classes, noisy): the warm start must win clearly."""
+    folder = make_image_folder(str(tmp_path / "hard"), classes=6, n_train=40, n_test=20,
+                               noise=200.0, seed=1)
+    ckpt = str(tmp_path / "nominal.pt")
+    nominal.main(["--data", "folder", "--data-dir", folder, "--width", "8", "--epochs", "3",
+                  "-b", "32", "--out", ckpt])
+    warm = magnet.main(folder_args(folder, str(tmp_path / "w.pt"), "--init", ckpt, "--epochs", 2))
+    cold = magnet.main(folder_args(folder, str(tmp_path / "c.pt"), "--epochs", 2))
+    assert warm["test_accuracy"] > 2 / 6                                 # chance is 1/6
+    assert warm["test_accuracy"] > cold["test_accuracy"] + 0.1, (warm, cold)
+
+
+def test_evaluation_leaves_the_model_untouched(nominal_run):
+    ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("head.")})
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    f = magnet.features_of(model, images, 4, False)
+    assert f.shape == (10, 64) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.allclose(f.double(), eval_features(model, images), atol=1e-5)
+
+
+# ======================================================================================
+# magnet.py: bad input (SPEC section 7)
+# ======================================================================================
+
+def test_init_mismatches_and_wrong_stage_exit_2(nominal_run, magnet_run, image_folder, capsys, tmp_path):
+    out = str(tmp_path / "x.pt")
+    err = exit_code_and_message(capsys, magnet.main, [
+        "--data", "folder", "--data-dir", image_folder, "--width", "16", "--init", nominal_run[1],
+        "--out", out])
+    assert "width 8" in err and "--width 8" in err
+    err = exit_code_and_message(capsys, magnet.main, [
+        "--data", "svhn", "--data-dir", image_folder, "--width", "8", "--init", nominal_run[1],
+        "--out", out])
+    assert "--data folder" in err
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--init", magnet_run[1]))
+    assert "'magnet' checkpoint" in err and "nominal" in err
+    other = make_image_folder(str(tmp_path / "four"), classes=4, n_train=4, n_test=2)
+    err = exit_code_and_message(capsys, magnet.main, folder_args(other, out, "--init", nominal_run[1]))
+    assert "classes" in err
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--K", "100", "--epochs", "0"))
+    assert "K=100" in err
+    assert not os.path.exists(out)
+
+
+def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):
+    out = str(tmp_path / "m.pt")
+    # Adam moves every weight by about lr: 1e30 overflows the float32 features within a step or two
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--epochs", 2) + ["--lr", "1e30"])
+    assert "smaller --lr" in err and "--alpha" in err
+    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
+    assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["clusters"]["centers"]).all()
+
+
+def test_diverged_features_stop_the_cluster_update(capsys):
+    model = nominal.ResNet18(0, width=4)
+    with torch.no_grad():
+        model.conv1.weight.fill_(float("inf"))
+    args = magnet.parse_args(["--data", "folder", "--width", "4", "--out", "m.pt"])
+    args.amp = False
+    train = (torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8), torch.arange(12) % 3)
+    err = exit_code_and_message(capsys, magnet.update_clusters, model, train, 3, args, torch.Generator())
+    assert "non-finite" in err and "smaller --lr" in err
+
+
+def test_cli_help_and_exit_code_2(nominal_run, image_folder, tmp_path):
+    code, out, _ = run_script("magnet.py", "--help")
+    assert code == 0 and "App. A" in out and "Eq. (3)" in out and "Table 1" in out and "60" in out
+    code, _, err = run_script("magnet.py", "--data", "folder", "--data-dir", image_folder, "--width", "4",
+                              "--init", nominal_run[1], "--out", tmp_path / "m.pt")
+    assert code == 2 and "Traceback" not in err and "--width 8" in err
+
+
+# ######################################################################################
+# attack.py
+# ######################################################################################
+
+# ======================================================================================
+# helpers
+# ======================================================================================
+
+class Features(nn.Module):
+    """A stand-in network whose features are the input itself (times a scale): puts the
+    features exactly where a test wants them relative to the centres."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def features(self, x):
+        return x.flatten(1) * self.scale
+
+
+def clusters(centers, center_classes, variance, D=None):
+    return {"centers": torch.as_tensor(centers), "center_classes": torch.as_tensor(center_classes),
+            "variance": variance, "K": 2, "alpha": 12.5, "D": D}
+
+
+@pytest.fixture(scope="session")
+def clustering_ckpt(nominal_run, image_folder, tmp_path_factory):
+    """A clustering checkpoint (stage magnet, SPEC section 5) made from the nominal one without
+    magnet.py: eval-mode training features; K = 2 centres per class = the means of the two halves
+    of the class split at the median of its first principal direction; sigma^2 = 1/(N-1) sum of
+    squared distances to the nearest own-class centre (SPEC section 6)."""
+    _, path = nominal_run
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model = nominal.build_model(ck["arch"], ck["data"], with_head=True)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    (train_x, train_y), _, _ = nominal.load_data("folder", image_folder)
+    with torch.no_grad():
+        f = model.features(nominal.to_float(train_x))
+    centers, center_classes, own = [], [], []
+    for c in range(ck["data"]["num_classes"]):
+        fc = f[train_y == c]
+        proj = (fc - fc.mean(0)) @ torch.linalg.svd(fc - fc.mean(0), full_matrices=False).Vh[0]
+        mu = torch.stack([fc[proj <= proj.median()].mean(0), fc[proj > proj.median()].mean(0)])
+        centers.append(mu)
+        center_classes += [c, c]
+        own.append((fc[:, None] - mu[None]).pow(2).sum(-1).min(1).values)
+    own = torch.cat(own)
+    ckpt = dict(ck, stage="magnet",
+                model={k: v for k, v in ck["model"].items() if not k.startswith("head.")},
+                clusters=clusters(torch.cat(centers), center_classes, float(own.sum() / (len(own) - 1))))
+    del ckpt["resume"]
+    out = str(tmp_path_factory.mktemp("clustr") / "magnet.pt")
+    nominal.save_checkpoint(ckpt, out)
+    return out
+
+
+# ======================================================================================
+# attack.py: PGD against closed forms and replays
+# ======================================================================================
+
+def test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    n, d, eps = 300, 20, 0.05
+    x = torch.rand(n, d, dtype=torch.float64)
+    # binary: the L-inf optimum of the margin (w_y - w_o).x' + b_y - b_o over the eps-ball and the
+    # box [0, 1] is the vertex x* = clip(x - eps sign(w_y - w_o), 0, 1)
+    W, b = torch.randn(2, d, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    y = (x @ W.T + b).argmax(1)
+    w = W[y] - W[1 - y]                                                    # [n, d]
+    x_star = (x - eps * w.sign()).clamp(0, 1)
+    robust = (w * x_star).sum(1) + b[y] - b[1 - y] > 0
+    assert 0.2 < robust.float().mean() < 0.8                               # the test can fail both ways
+    x_adv, still = attack.pgd(lambda v: F.log_softmax(v @ W.T + b, 1), x, y, eps, eps / 4, 10,
+                              loss="ce", generator=g, schedule="constant")
+    assert torch.equal(still, robust)
+    assert torch.equal(x_adv[robust], x_star[robust])                     # exactly the optimum
+    assert ((x_adv[~robust] @ W.T + b).argmax(1) != y[~robust]).all()     # fooled ones are fooled
+    # 5 classes: robust iff every pairwise optimum keeps y ahead; the targeted margin towards
+    # each of the 4 other classes reaches each of those vertices (cosine: the first step is 2 eps)
+    W, b = torch.randn(5, d, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    y = (x @ W.T + b).argmax(1)
+    robust = torch.ones(n, dtype=torch.bool)
+    for c in range(5):
+        w = W[y] - W[c]
+        x_c = (x - eps * w.sign()).clamp(0, 1)
+        robust &= (y == c) | ((w * x_c).sum(1) + b[y] - b[c] > 0)
+    assert 0.2 < robust.float().mean() < 0.8
+    x_adv, still = attack.pgd(lambda v: F.log_softmax(v @ W.T + b, 1), x, y, eps, 2 / 255, 3,
+                              loss="margin-t", generator=g, targets=4, schedule="cosine")
+    assert torch.equal(still, robust)
+    assert ((x_adv - x).abs().max() <= eps + 1e-12) and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_pgd_on_a_checkpoint_stays_in_the_ball_keeps_batch_norm_and_eps_0_changes_nothing(
+        clustering_ckpt, image_folder):
+    clf, _ = attack.load_classifier(clustering_ckpt)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    x, y = nominal.to_float(images), labels
+    clean = clf(x).argmax(1) == y
+    eps = 8 / 255
+    for loss in ("ce", "margin", "margin-t", "magnet", "scores-ce"):
+        x_adv, still = attack.pgd(clf, x, y, eps, 2 / 255, 4, 2, loss, torch.Generator().manual_seed(0))
+        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert not (still & ~clean).any()                                  # robust => clean-correct
+        with torch.no_grad():                                              # fooled ones re-checked
+            assert (clf(x_adv[~still]).argmax(1) != y[~still]).all()
+        assert torch.equal(x_adv[~clean], x[~clean])                      # never attacked
+    x_adv, still = attack.pgd(clf, x, y, 0.0, 2 / 255, 3, 2, "margin")
+    assert torch.equal(x_adv, x) and torch.equal(still, clean)
+    assert not clf.training and not any(p.requires_grad for p in clf.parameters())
+    for k, v in clf.state_dict().items():                                  # batch-norm buffers too
+        assert torch.equal(v, before[k]), k
+
+
+def test_restarts_with_early_exit_equal_every_restart_on_every_example():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    with torch.no_grad():                          # steeper, centred on the box: varied decisions
+        net[0].weight.mul_(10)
+        net[0].bias.sub_(net[0].weight.sum(1) / 2)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(60, 12, dtype=torch.float64)
+    y = net(x).argmax(1)
+    fn = lambda v: F.log_softmax(net(v), 1)                                # noqa: E731
+    args = (fn, x, y, 0.05, 0.0125, 3)
+    _, merged = attack.pgd(*args, restarts=4, loss="margin", generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)               # the same stream, restart by restart, all rows
+    each = [attack.pgd(*args, restarts=1, loss="margin", generator=g)[1] for _ in range(4)]
+    assert torch.equal(merged, each[0] & each[1] & each[2] & each[3])
+    assert (each[0] & ~merged).any() and merged.any()                      # restarts mattered
+
+
+def test_restarts_merge_by_fooling_not_by_loss_and_random_starts_are_clipped():
+    # p(x) = (0.34, 0.33, 0.33) below 0.5: correct, CE 1.08; (0.40, 0.45, 0.15) above: fooled,
+    # yet with the lower CE 0.92.  A fooled restart must count whatever its loss.
+    seen = []
+
+    def fn(v):
+        seen.append(v.detach().clone())
+        low = torch.tensor([0.34, 0.33, 0.33]).log()
+        high = torch.tensor([0.40, 0.45, 0.15]).log()
+        return torch.where(v[:, :1] < 0.5, low, high) + 0 * v[:, :1]
+    x, y = torch.full((200, 1), 0.499), torch.zeros(200, dtype=torch.long)   # correct, 0.001 from the edge
+    x_adv, merged = attack.pgd(fn, x, y, 0.5, 0.1, 0, restarts=2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    first, second = (attack.pgd(fn, x, y, 0.5, 0.1, 0, generator=g)[1] for _ in range(2))
+    assert torch.equal(merged, first & second)
+    assert (first & ~second).any()             # restart 1 survived with the higher loss, 2 fooled
+    assert (x_adv[~merged] >= 0.5).all() and (x_adv[merged] < 0.5).all()
+    # random starts from the corners of [0, 1] are clipped into it
+    seen.clear()
+    corners = torch.tensor([[0.0], [1.0]]).repeat(50, 1)
+    _, still = attack.pgd(fn, corners, torch.tensor([0, 1]).repeat(50), 0.5, 0.1, 0, restarts=3,
+                          generator=torch.Generator().manual_seed(0))
+    assert still.all() and len(seen) == 4                  # each restart started every example
+    starts = torch.cat(seen[1:])                                           # seen[0]: the clean input
+    assert starts.min() >= 0 and starts.max() <= 1
+    assert (starts == 0).any() and (starts == 1).any() and ((starts > 0) & (starts < 1)).any()
+
+
+def test_far_features_margin_gradient_survives_where_ce_gradient_vanishes():
+    # class 0 centres at (0,0), (1,0); class 1 at (10,0), (11,0); sigma^2 = 0.05; features far
+    # from every centre: exp(-d^2 / (2 sigma^2)) underflows for every centre in float32, and the
+    # class gap (about 600 in log space) makes log p_y round to 0, so CE has no gradient at all
+    clf = attack.Classifier(Features(300.0), clusters([[0., 0.], [1., 0.], [10., 0.], [11., 0.]],
+                                                      [0, 0, 1, 1], 0.05)).eval()
+    x = torch.stack([torch.linspace(1.0, 2.0, 8) / 300, torch.ones(8)], 1)   # features (1..2, 300)
+    y = torch.zeros(8, dtype=torch.long)
+    assert torch.isfinite(clf(x)).all() and (clf(x).argmax(1) == 0).all()
+    grads = {}
+    for loss in ("ce", "margin", "magnet"):
+        xg = x.clone().requires_grad_(True)
+        obj, _ = attack.objective(clf, xg, y, loss)
+        grads[loss], = torch.autograd.grad(obj.sum(), xg)
+    assert (grads["ce"] == 0).all()
+    for loss in ("margin", "magnet"):
+        assert torch.isfinite(grads[loss]).all() and (grads[loss][:, 0] > 0).all()  # towards class 1
+    counts, every, correct = attack.zero_gradient_counts(clf, x, y, ["ce", "margin", "magnet"])
+    assert counts == {"ce": 8, "margin": 0, "magnet": 0} and every == 0 and correct == 8
+    # PGD-CE therefore never moves from its random start; PGD-margin crosses to class 1
+    eps = 5.0 / 300                                        # 5 feature units; the boundary is ~4 away
+    x_ce, still_ce = attack.pgd(clf, x, y, eps, eps / 5, 10, loss="ce", generator=torch.Generator().manual_seed(0))
+    x_0 = attack.pgd(clf, x, y, eps, eps / 5, 0, loss="ce", generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(x_ce, x_0) and still_ce.any()
+    _, still = attack.pgd(clf, x, y, eps, eps / 5, 10, loss="margin", generator=torch.Generator().manual_seed(0))
+    assert not still.any()
+
+
+def test_attack_objectives_match_naive_float64_loops():
+    torch.manual_seed(0)
+    n, d, C, K, var = 6, 3, 4, 2, 0.7
+    centers = torch.randn(C * K, d, dtype=torch.float64)
+    cc = torch.arange(C).repeat_interleave(K)
+    f = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randint(0, C, (n,))
+    t = (y + 1) % C
+    for D in (None, 3):
+        clf = attack.Classifier(Features(), clusters(centers, cc, var), D)
+        clf.centers = centers                              # float64, not the float32 buffer copy
+        for loss in ("ce", "margin", "margin-t", "magnet", "scores-ce"):
+            obj, _ = attack.objective(clf, f, y, loss, t)
+            for i in range(n):
+                d2 = [sum((f[i, k].item() - centers[j, k].item()) ** 2 for k in range(d)) for j in range(C * K)]
+                kept = sorted(range(C * K), key=lambda j: d2[j])[:D or C * K]
+                score = [sum(math.exp(-d2[j] / (2 * var)) for j in kept if cc[j] == c) for c in range(C)]
+                logp = [math.log(sc / sum(score)) if sc > 0 else -math.inf for sc in score]
+                yi = int(y[i])
+                expected = {
+                    "ce": -logp[yi],
+                    "margin": max(logp[c] for c in range(C) if c != yi) - logp[yi],
+                    "margin-t": logp[int(t[i])] - logp[yi],
+                    # Eq. (3) without alpha and {.}_+, all centres, mu = nearest true-class centre
+                    "magnet": min(d2[j] for j in range(C * K) if cc[j] == yi) / (2 * var)
+                    + math.log(sum(math.exp(-d2[j] / (2 * var)) for j in range(C * K) if cc[j] != yi)),
+                    # the authors' code: softmax over the unnormalised scores as if they were logits
+                    "scores-ce": -math.log(math.exp(score[yi]) / sum(math.exp(sc) for sc in score)),
+                }[loss]
+                if math.isnan(expected):                   # y and t both outside the D nearest
+                    assert math.isnan(obj[i].item()), (loss, D, i)
+                elif math.isinf(expected):
+                    assert math.isinf(obj[i].item()) and (obj[i] > 0) == (expected > 0), (loss, D, i)
+                else:
+                    assert abs(obj[i].item() - expected) < 1e-9, (loss, D, i)
+
+
+def test_folded_batch_norm_copy_is_the_same_classifier_and_its_fooled_claims_are_rechecked(
+        clustering_ckpt, image_folder):
+    clf, _ = attack.load_classifier(clustering_ckpt)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    fast = attack.fold_batchnorm(clf)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in clf.modules()) == 20        # 1 + 8 x 2 + 3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    images, labels, _ = nominal.load_split("folder", image_folder, False)
+    x = nominal.to_float(images)
+    with torch.no_grad():
+        f, f_fast = clf.model.features(x), fast.model.features(x)
+        assert torch.allclose(f_fast, f, rtol=1e-4, atol=1e-5 * f.abs().max().item())
+        assert torch.equal(clf(x).argmax(1), fast(x).argmax(1))
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, before[k]), k                                # the original is untouched
+    # a stand-in that calls every example fooled cannot make attack_split report one: each claim is
+    # re-checked on the classifier itself and attacked again there (at eps 0: natural accuracy)
+    args = attack.parse_args(["--steps", "2", "-b", "64"])
+    net = {"clf": clf, "fast": lambda v: -clf(v), "re_attacked": 0}
+    robust = attack.attack_split(net, images, labels, args, 0.0, "margin", 0)
+    natural = attack.natural_mask(clf, images, labels, 64)
+    assert torch.equal(robust, natural) and net["re_attacked"] == natural.sum().item() > 0
+
+
+# ======================================================================================
+# attack.py: end to end (SPEC sections 6 and 10)
+# ======================================================================================
+
+def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_folder, tmp_path):
+    _, ckpt = nominal_run
+    out = str(tmp_path / "attack.json")
+    res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
+                       "128/255", "--steps", "5", "--out", out, "--check-images", "30",
+                       "--large-eps", "128/255"])
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(res))
+    assert {"ckpt", "data", "images", "natural_accuracy", "results", "checks"} <= set(res)
+    assert res["data"] == "folder" and res["images"] == 90 and res["natural_accuracy"] > 0.8
+    keys = {"loss", "eps", "step", "steps", "restarts", "D", "robust_accuracy", "seconds", "images_per_second"}
+    assert all(keys <= set(r) for r in res["results"])
+    rows = {(r["loss"], round(r["eps"] * 255)): r["robust_accuracy"] for r in res["results"]}
+    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "worst-case"}   # no magnet: a head
+    for loss in ("ce", "margin", "margin-t", "worst-case"):
+        assert rows[(loss, 0)] == res["natural_accuracy"]                  # eps 0 = natural
+        assert rows[("worst-case", 128)] <= rows[(loss, 128)] <= rows[(loss, 2)] <= rows[(loss, 0)]
+    assert rows[("worst-case", 128)] <= 0.05
+    checks = res["checks"]
+    assert set(checks) == {"robust_le_natural", "monotone_in_eps", "eps_zero_is_natural",
+                           "near_zero_at_large_eps", "zero_gradient_share", "double_steps",
+                           "double_restarts"}
+    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps"):
+        assert checks[name]["ok"] is True, (name, checks[name])
+    assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
+    with open(out + ".log.jsonl") as f:
+        assert len(f.readlines()) == len(res["results"])
+
+
+def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_path):
+    res = attack.main(["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--D", "all", "1",
+                       "--steps", "3", "--limit", "30", "--no-checks", "--out", str(tmp_path / "a.json")])
+    assert res["checks"] == {} and res["images"] == 30
+    losses = {r["loss"] for r in res["results"]}
+    assert losses == {"ce", "margin", "margin-t", "magnet", "worst-case"}
+    for D in (None, 1):
+        rows = {r["loss"]: r for r in res["results"] if r["D"] == D}
+        assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
+    # natural accuracy with D = 1 is that of the nearest centre (an independent float64 oracle)
+    ck = torch.load(clustering_ckpt, map_location="cpu", weights_only=True)
+    model = nominal.build_model(ck["arch"], ck["data"], with_head=False)
+    model.load_state_dict(ck["model"])
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    with torch.no_grad():
+        f = model.eval().features(nominal.to_float(images)).double()
+    mu = ck["clusters"]["centers"].double()
+    nearest = ck["clusters"]["center_classes"][((f[:, None] - mu[None]) ** 2).sum(-1).argmin(1)]
+    natural_D1 = next(r["natural_accuracy"] for r in res["results"] if r["D"] == 1)
+    assert natural_D1 == (nearest == labels).double().mean().item()
+    # a stored D is the default; --D overrides it
+    stored = str(tmp_path / "d1.pt")
+    nominal.save_checkpoint(dict(ck, clusters=dict(ck["clusters"], D=1)), stored)
+    common = ["--ckpt", stored, "--data-dir", image_folder, "--steps", "1", "--limit", "30",
+              "--loss", "ce", "--no-checks", "--out", str(tmp_path / "b.json")]
+    assert [r["D"] for r in attack.main(common)["results"]] == [1]
+    assert [r["D"] for r in attack.main(common + ["--D", "all"])["results"]] == [None]
+
+
+def test_bad_input_exits_2_with_a_clear_message(nominal_run, clustering_ckpt, image_folder, capsys, tmp_path):
+    _, nom = nominal_run
+    common = ["--data-dir", image_folder, "--steps", "1", "--limit", "5", "--no-checks",
+              "--out", str(tmp_path / "a.json")]
+    for argv, words in (
+            (["--ckpt", nom, "--data", "cifar10"], "trained on 'folder'"),
+            (["--ckpt", nom, "--loss", "magnet"], "clustering checkpoint"),
+            (["--ckpt", nom, "--D", "3"], "clustering checkpoint"),
+            (["--ckpt", nom, "--width", "16"], "width"),
+            (["--ckpt", clustering_ckpt, "--D", "99"], "exceeds the 6 centres"),
+            (["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
+            (["--ckpt", nom, "--eps", "8"], "8/255"),
+            (["--ckpt", nom, "--D", "0"], "positive integers")):
+        assert words in exit_code_and_message(capsys, attack.main, argv + common), argv
+    # the command line, as a user runs it: exit code 2, one message, no traceback
+    code, _, err = run_script("attack.py", "--ckpt", nom, "--data", "svhn", *common)
+    assert code == 2 and "Traceback" not in err and "trained on 'folder'" in err
+    code, out, _ = run_script("attack.py", "--help")
+    assert code == 0 and "Sec. 4.2" in out and "Eq. (5)" in out and "8/255" in out
+
+
+# ######################################################################################
+# certify.py
+# ######################################################################################
+
+# ======================================================================================
+# helpers
+# ======================================================================================
+
+def nearest_class_naive(f, centers, classes):
+    d = [float(((f - c) ** 2).sum()) for c in centers]
+    return int(classes[int(np.argmin(d))])
+
+
+def exact_distance_to_other_cells_2d(f, centers, classes, pred):
+    """Exact L2 distance in the plane from f to the union of the Voronoi cells of other-class
+    centres.  Cell j = {z : a_k . z <= b_k for all k}, a_k = 2 (mu_k - mu_j), b_k = |mu_k|^2 - |mu_j|^2.
+    The nearest point of a convex polygon is f itself, a projection on one edge line, or a vertex
+    (intersection of two lines): enumerate them all and keep the feasible ones (KKT)."""
+    best = math.inf
+    for j in range(len(centers)):
+        if classes[j] == pred:
+            continue
+        A = np.array([2 * (centers[k] - centers[j]) for k in range(len(centers)) if k != j])
+        b = np.array([centers[k] @ centers[k] - centers[j] @ centers[j]
+                      for k in range(len(centers)) if k != j])
+        cands = [f] + [f - (a @ f - bb) / (a @ a) * a for a, bb in zip(A, b)]
+        for (a1, b1), (a2, b2) in itertools.combinations(zip(A, b), 2):
+            M = np.stack([a1, a2])
+            if abs(np.linalg.det(M)) > 1e-12:
+                cands.append(np.linalg.solve(M, np.array([b1, b2])))
+        for z in cands:
+            if np.all(A @ z <= b + 1e-9 * (1 + np.abs(b))):
+                best = min(best, float(np.linalg.norm(z - f)))
+    return best
+
+
+def random_resnet(width, seed, in_channels=3):
+    """A ResNet18 (the shared model block) with random weights and random eval-mode batch norm."""
+    g = torch.Generator().manual_seed(seed)
+    net = nominal.ResNet18(0, width, in_channels, mean=torch.rand(in_channels, generator=g),
+                           std=0.2 + 0.3 * torch.rand(in_channels, generator=g))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return net.eval()
+
+
+def unrolled(conv_fn, in_shape):
+    """The matrix of a linear map on tensors of in_shape, column by column (float64)."""
+    n = int(np.prod(in_shape))
+    eye = torch.eye(n, dtype=torch.float64).view(n, *in_shape)
+    return conv_fn(eye).flatten(1).T
+
+
+# ======================================================================================
+# Prop. 1: the radius against exact geometry
+# ======================================================================================
+
+def test_isometry_one_centre_per_class_radius_is_the_exact_distance_and_a_step_beyond_flips():
+    g = torch.Generator().manual_seed(1)
+    n, C = 6, 4
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))   # orthogonal
+    t = torch.randn(n, dtype=torch.float64, generator=g)
+    feat = lambda x: x @ Q.T + t                                       # noqa: E731  isometry, L = 1
+    mu = torch.randn(C, n, dtype=torch.float64, generator=g)
+    cls = torch.arange(C)
+    x = torch.randn(60, n, dtype=torch.float64, generator=g)
+    pred, radius, two = certify.certified_radius(feat(x), mu, cls, 1.0)
+    tight = certify.certified_radii(feat(x), mu, cls, 1.0)["tight"]
+    assert torch.equal(tight, radius)                                  # K = 1: one same-class centre
+    assert torch.all(two >= radius)
+    assert torch.any(two > radius * (1 + 1e-6))    # the paper's two-closest form overstates, K = 1
+    for b in range(len(x)):
+        f = feat(x[b]).numpy()
+        c = nearest_class_naive(f, mu.numpy(), cls.numpy())
+        assert c == pred[b]
+        # exact distance to the bisector hyperplane of (mu_c, mu_j), by projection, min over j
+        dists = []
+        for j in range(C):
+            if j != c:
+                u = (mu[j] - mu[c]).numpy() / np.linalg.norm((mu[j] - mu[c]).numpy())
+                dists.append((abs(u @ (f - (mu[c] + mu[j]).numpy() / 2)), j, u))
+        exact, j, u = min(dists, key=lambda d: d[0])
+        assert radius[b].item() == pytest.approx(exact, rel=1e-9, abs=1e-12)
+        # tightness: a step of (1 + 1e-6) R towards mu_j (in input space: Q^T u) flips the class;
+        # steps of (1 - 1e-6) R in that and in 200 random directions do not
+        step = torch.from_numpy(u) @ Q                                  # Q^T u, unit norm
+        beyond = feat(x[b] + (1 + 1e-6) * exact * step).numpy()
+        assert nearest_class_naive(beyond, mu.numpy(), cls.numpy()) != c
+        dirs = torch.cat([step[None], torch.randn(200, n, dtype=torch.float64, generator=g)])
+        dirs = dirs / dirs.norm(dim=1, keepdim=True)
+        inside = feat(x[b] + (1 - 1e-6) * exact * dirs)
+        _, cls_inside = certify.nearest_center(inside, mu, cls)
+        assert torch.all(cls_inside == c)
+
+
+def test_several_centres_per_class_sound_radius_never_exceeds_the_exact_distance():
+    rng = np.random.default_rng(0)
+    counts = {"two_closest_too_large": 0, "tight_larger": 0}
+    for trial in range(12):
+        C, K = 3, 3
+        mu = rng.normal(size=(C * K, 2))
+        cls = np.repeat(np.arange(C), K)
+        f = rng.normal(size=(25, 2)) * 1.5
+        r = certify.certified_radii(torch.from_numpy(f), torch.from_numpy(mu), torch.from_numpy(cls), 1.0)
+        for b in range(len(f)):
+            c = nearest_class_naive(f[b], mu, cls)
+            assert c == r["pred"][b]
+            exact = exact_distance_to_other_cells_2d(f[b], mu, cls, c)
+            assert r["radius"][b] <= exact * (1 + 1e-9) + 1e-12
+            assert r["radius"][b] <= r["tight"][b] <= exact * (1 + 1e-9) + 1e-12
+            assert r["two_closest"][b] >= r["radius"][b]
+            counts["two_closest_too_large"] += r["two_closest"][b] > exact * (1 + 1e-6)
+            counts["tight_larger"] += r["tight"][b] > r["radius"][b] * (1 + 1e-6)
+    # the paper's two-closest form overstates some radii when K > 1; the best same-class centre
+    # form does certify more than R(x) for some points
+    assert counts["two_closest_too_large"] > 0 and counts["tight_larger"] > 0
+
+
+def test_radius_scales_as_1_over_L_and_ties_give_0():
+    mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    cls = torch.tensor([0, 1, 2])
+    f = torch.tensor([[0.5, 0.5], [1.0, 3.0]], dtype=torch.float64)
+    _, r1, _ = certify.certified_radius(f, mu, cls, 1.0)
+    _, r3, _ = certify.certified_radius(f, mu, cls, 3.0)
+    assert torch.allclose(r1, 3 * r3)
+    # f = (0.5, 0.5): bisector x = 1 at distance 0.5, bisector y = 2 at distance 1.5
+    assert r1[0].item() == pytest.approx(0.5, abs=1e-15)
+    # the two-closest form overstates with K = 1 (certified_radii docstring, step 6): closed form
+    mu3 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-0.5, 1.6]], dtype=torch.float64)
+    _, r, two = certify.certified_radius(torch.tensor([[-0.5, 0.0]], dtype=torch.float64), mu3, cls, 1.0)
+    assert two.item() == pytest.approx(1.0, rel=1e-12)                   # bisector x = 0.5
+    assert r.item() == pytest.approx((2.56 - 0.25) / (2 * math.sqrt(0.25 + 2.56)), rel=1e-12)
+    _, r_tie, _ = certify.certified_radius(torch.tensor([[1.0, 0.0]], dtype=torch.float64), mu, cls, 1.0)
+    assert r_tie.item() == 0.0
+
+
+# ======================================================================================
+# the Lipschitz bound
+# ======================================================================================
+
+@pytest.mark.parametrize("c_out,c_in,k,n,stride,pad", [
+    (4, 3, 3, 5, 1, 1), (6, 4, 3, 6, 2, 1), (5, 5, 1, 4, 2, 0), (3, 2, 3, 3, 1, 1), (2, 3, 3, 7, 1, 0)])
+def test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding(c_out, c_in, k, n, stride, pad):
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(n + k))
+    exact = torch.linalg.matrix_norm(
+        unrolled(lambda z: F.conv2d(z, w, stride=stride, padding=pad), (c_in, n, n)), 2).item()
+    bound = certify.conv_operator_norm_bound(w, (n, n), (pad, pad))
+    assert bound >= exact
+    # the FFT formula (Sedghi et al.) is exact for a circular convolution on the N x N canvas
+    N = n + 2 * pad
+    circ = torch.linalg.matrix_norm(unrolled(
+        lambda z: F.conv2d(F.pad(z, (k // 2,) * 4, mode="circular"), w), (c_in, N, N)), 2).item()
+    assert bound == pytest.approx(circ, rel=1e-10)
+
+
+def conv_inputs(net, shape):
+    """Input spatial size of every convolution of net for an input of `shape` (forward hooks)."""
+    sizes, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: sizes.__setitem__(name, (mod, tuple(inp[0].shape[1:])))))
+    with torch.no_grad():
+        net.features(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def test_each_conv_bound_is_above_its_power_iteration_norm():
+    net = random_resnet(4, seed=3)
+    for name, (conv, shape) in conv_inputs(net, (3, 16, 16)).items():
+        w = conv.weight.detach().double()
+        op = lambda z: F.conv2d(z, w, stride=conv.stride, padding=conv.padding)  # noqa: E731
+        v = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for _ in range(100):                     # power iteration on A^T A (adjoint by autograd)
+            v = (v / v.norm()).requires_grad_(True)
+            v, = torch.autograd.grad(op(v), v, op(v).detach())
+        sigma = (op(v / v.norm()).norm()).item()
+        assert certify.conv_operator_norm_bound(w, shape[1:], conv.padding) >= sigma, name
+
+
+@pytest.mark.parametrize("width,size,seed", [(2, 8, 0), (4, 16, 1)])
+def test_lipschitz_bound_is_above_jacobian_norms_on_random_resnets(width, size, seed):
+    net = random_resnet(width, seed)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    shape = (3, size, size)
+    L = certify.lipschitz_upper_bound(net, shape)
+    layerwise, _ = certify.lipschitz_layers(net, shape, fold=False)
+    assert 0 < L <= layerwise
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(40, *shape, generator=g, dtype=torch.float64)
+    v = torch.randn(40, *shape, generator=g, dtype=torch.float64)
+    net64 = copy.deepcopy(net).double()
+    with torch.no_grad():                       # ||J(x) v|| by float64 central differences
+        h = 1e-6
+        jv = (net64.features(x + h * v) - net64.features(x - h * v)) / (2 * h)
+        ratios = jv.norm(dim=1) / v.flatten(1).norm(dim=1)
+        assert torch.all(ratios <= L)
+        y = x + 0.05 * torch.randn(40, *shape, generator=g, dtype=torch.float64)   # secant slopes
+        slopes = (net64.features(x) - net64.features(y)).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+        assert torch.all(slopes <= L)
+    # the lower estimate is the spectral norm of the explicit Jacobian (power iteration converged)
+    lower = certify.jacobian_norm_lower(net.features, x[:2].float(), iters=50, generator=g)
+    for b in range(2):
+        J = torch.autograd.functional.jacobian(lambda z: net64.features(z[None])[0], x[b])
+        exact = torch.linalg.matrix_norm(J.flatten(1), 2).item()
+        assert exact * 0.99 <= lower[b] <= exact * (1 + 1e-4)
+        assert lower[b] <= L
+    assert not net.training
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, before[k]), k                           # evaluation changed nothing
+
+
+def delta_resnet(width, seed):
+    """A ResNet18 on which the layer-by-layer bound is EXACT: every convolution is a centred delta
+    kernel embedding its input channels ([I; 0]), every batch norm a uniform positive scaling, so on
+    positive inputs (no ReLU is ever cut) the network is linear: subsampling, scaling by
+    s0 * prod(branch + shortcut), average pooling.  Its Jacobian norm is then
+    max_c 1/std_c * s0 * prod(s1 s2 + s3) / sqrt(h w): exactly the product of the per-layer bounds."""
+    g = torch.Generator().manual_seed(seed)
+    net = nominal.ResNet18(0, width, 3, mean=[0.0, 0.0, 0.0], std=[0.2, 0.25, 0.3])
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                c = m.kernel_size[0] // 2
+                for i in range(min(m.in_channels, m.out_channels)):
+                    m.weight[i, i, c, c] = 1.0
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                m.weight.fill_(0.5 + float(torch.rand(1, generator=g)))
+                m.bias.zero_()
+    return net.eval()
+
+
+def test_lipschitz_bound_is_exact_where_the_network_is_a_composition_of_its_layer_norms():
+    net = delta_resnet(4, seed=2)
+    L = certify.lipschitz_upper_bound(net, (3, 16, 16))                 # final map 2 x 2
+    x = 0.5 + 0.5 * torch.rand(3, 16, 16, dtype=torch.float64)           # positive: ReLUs pass
+    J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net).double().features(z[None])[0], x)
+    exact = torch.linalg.matrix_norm(J.flatten(1), 2).item()
+    assert L == pytest.approx(exact, rel=1e-6)
+    assert certify.jacobian_norm_lower(net.features, x[None].float(), iters=60)[0] == pytest.approx(L, rel=1e-4)
+
+
+# ======================================================================================
+# the L2 attack: never inside a certified radius, close to it when the bound is exact
+# ======================================================================================
+
+def test_l2_attack_on_an_isometry_finds_the_exact_radius_and_never_goes_inside():
+    g = torch.Generator().manual_seed(5)
+    n = 3 * 4 * 4
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    feat = lambda x: x.flatten(1) @ Q.T                                  # noqa: E731  isometry
+    x = 0.4 + 0.2 * torch.rand(16, 3, 4, 4, generator=g)                  # away from the box faces
+    mu = feat(x[:4]) + 0.1 * torch.randn(4, n, generator=g)              # one centre per class
+    cls = torch.arange(4)
+    _, radius, _ = certify.certified_radius(feat(x).double(), mu, cls, 1.0)
+    pert = certify.l2_attack(feat, x, mu, cls, steps=20, bisect=10)
+    assert torch.all(torch.isfinite(pert))
+    assert torch.all(pert >= radius * (1 - 1e-4))                       # float32 features
+    assert (pert / radius).median() < 1.05                               # the attack is tight here
+
+
+def test_l2_attack_never_flips_inside_the_sound_radius_of_random_resnets():
+    net = random_resnet(2, seed=7)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(12, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        f = net.features(x)
+    mu, cls = f[:6] + 0.01 * torch.randn(6, f.shape[1], generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    L = certify.lipschitz_upper_bound(net, (3, 8, 8))
+    _, radius, _ = certify.certified_radius(f.double(), mu, cls, L)
+    pert = certify.l2_attack(net.features, x, mu, cls, steps=10, bisect=6)
+    assert torch.isfinite(pert).sum() >= 6
+    assert not torch.any(pert < radius)
+    # the check is live: with an L 1000x below a Jacobian norm found, "radii" are broken
+    low = certify.jacobian_norm_lower(net.features, x, iters=10, generator=g).max().item()
+    _, fake, _ = certify.certified_radius(f.double(), mu, cls, low / 1000)
+    assert torch.any(pert < fake)
+    assert not net.training and all(torch.equal(t, before[k]) for k, t in net.state_dict().items())
+
+
+# ======================================================================================
+# certify.py end to end, and its bad input
+# ======================================================================================
+
+@pytest.fixture(scope="session")
+def magnet_ckpt(clustering_ckpt):
+    """The clustering checkpoint built in the attack.py section (stage magnet, K = 2 per class)."""
+    return clustering_ckpt
+
+
+def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_folder, tmp_path):
+    out = str(tmp_path / "certify.json")
+    res = certify.main(["--ckpt", magnet_ckpt, "--data-dir", image_folder, "--limit", "60",
+                        "--attack-limit", "8", "--attack-steps", "8", "--bisect", "5",
+                        "--power-iters", "5", "-b", "25", "--out", out])
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(res))
+    assert {"ckpt", "data", "images", "clean_accuracy", "lipschitz", "curve", "two_closest_differs",
+            "l2_attack"} <= set(saved)
+    assert set(saved["lipschitz"]) >= {"value", "kind", "lower_estimate"} and saved["lipschitz"]["kind"] == "bound"
+    assert saved["data"] == "folder" and saved["images"] == 60
+    lip = saved["lipschitz"]
+    assert 0 < lip["lower_estimate"] <= lip["value"] <= lip["upper_bound_layerwise"]
+    assert saved["l2_attack"]["flipped_inside_certified_radius"] == 0
+    assert saved["l2_attack"]["flipped"] > 0 and saved["l2_attack"]["median_min_perturbation"] > 0
+    # naive float64 recomputation: model from the checkpoint, nearest centre and Prop. 1 by loops
+    ck = torch.load(magnet_ckpt, map_location="cpu", weights_only=True)
+    model = nominal.build_model(ck["arch"], ck["data"], with_head=False).eval()
+    model.load_state_dict(ck["model"])
+    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder, limit=60)
+    with torch.no_grad():
+        feats = model.features(nominal.to_float(test_x)).double().numpy()
+    mu = ck["clusters"]["centers"].double().numpy()
+    mc = ck["clusters"]["center_classes"].numpy()
+    radii, correct = [], []
+    for f, y in zip(feats, test_y.tolist()):
+        d = [float(((f - m) ** 2).sum()) for m in mu]
+        i = int(np.argmin(d))
+        radii.append(min((d[j] - d[i]) / (2 * lip["value"] * np.linalg.norm(mu[j] - mu[i]))
+                         for j in range(len(mu)) if mc[j] != mc[i]))
+        correct.append(mc[i] == y)
+    radii, correct = np.array(radii), np.array(correct)
+    assert saved["clean_accuracy"] == pytest.approx(correct.mean())
+    assert saved["radius"]["max_correct"] == pytest.approx(radii[correct].max(), rel=1e-9)
+    curve = saved["curve"]
+    assert curve[0]["radius"] == 0 and curve[-1]["certified_accuracy"] == 0
+    assert all(a["certified_accuracy"] >= b["certified_accuracy"] for a, b in zip(curve, curve[1:]))
+    for p in curve[1:-1]:
+        if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
+            assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean())
+    assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
+    assert open(str(tmp_path / "certify.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out + ".log.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["phase"], r["chunk"]) for r in rows] == [("certify", 1), ("certify", 2), ("certify", 3),
+                                                         ("attack", 1)]
+
+
+def test_bad_input_exits_2_with_the_reason(nominal_run, magnet_ckpt, image_folder, tmp_path, capsys):
+    _, nominal_ckpt = nominal_run
+    common = ["--data-dir", image_folder, "--limit", "10", "--out", str(tmp_path / "c.json")]
+    err = exit_code_and_message(capsys, certify.main, ["--ckpt", nominal_ckpt] + common)
+    assert "'nominal'" in err and "no clusters" in err
+    err = exit_code_and_message(capsys, certify.main, ["--ckpt", magnet_ckpt, "--data", "cifar10"] + common)
+    assert "trained on folder" in err
+    err = exit_code_and_message(capsys, certify.main, ["--ckpt", magnet_ckpt, "--width", "16"] + common)
+    assert "width-8" in err
+    other = make_image_folder(str(tmp_path / "two"), classes=2, n_train=2, n_test=2)
+    err = exit_code_and_message(capsys, certify.main, ["--ckpt", magnet_ckpt, "--data-dir", other,
+                                                       "--out", str(tmp_path / "c.json")])
+    assert "does not match" in err
+    code, out, err = run_script("certify.py", "--ckpt", nominal_ckpt, *common)
+    assert code == 2 and "Traceback" not in err and "no clusters" in err
+    code, out, _ = run_script("certify.py", "--help")
+    assert code == 0 and "Prop. 1" in out and "--lipschitz" in out
+
+
+# ######################################################################################
+# synthetic.py
+# ######################################################################################
+
+@pytest.fixture
+def one_thread():
+    """Training outside main() (which does this itself): one thread, as synthetic.py runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_net(*layers):
+    """nn.Sequential from [(W, b) | "relu"] with the given float64 weights."""
+    modules = []
+    for layer in layers:
+        if layer == "relu":
+            modules.append(nn.ReLU())
+            continue
+        W, b = (torch.tensor(a, dtype=torch.float64) for a in layer)
+        lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        modules.append(lin)
+    return nn.Sequential(*modules)
+
+
+def random_net(seed, scale=1.0):
+    torch.manual_seed(seed)
+    net = synthetic.feature_net(20, 2).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def patterns_numpy(net, x):
+    """Per ReLU layer, which units are on (pre-activation > 0: torch's ReLU'(0) = 0) at points
+    x [P, 2], computed by a plain float64 forward pass -> list of tuples of tuples."""
+    z, out = x, []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            z = z @ m.weight.detach().double().numpy().T + m.bias.detach().double().numpy()
+        else:
+            out.append(z > 0)
+            z = np.maximum(z, 0)
+    return [tuple(tuple(bool(v) for v in layer[i]) for layer in out) for i in range(len(x))]
+
+
+def jacobian_norm(net, point):
+    J = torch.autograd.functional.jacobian(net, torch.tensor(point, dtype=torch.float64))
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+# ======================================================================================
+# exact_lipschitz: closed forms
+# ======================================================================================
+
+def test_exact_lipschitz_of_a_single_linear_layer_is_its_spectral_norm():
+    rng = np.random.default_rng(0)
+    for out in (1, 2, 5):
+        W = rng.normal(size=(out, 2))
+        net = hand_net((W, rng.normal(size=out)))
+        assert synthetic.exact_lipschitz(net) == pytest.approx(np.linalg.svd(W)[1][0], rel=1e-12)
+        assert len(synthetic.linear_regions(net)) == 1                    # no ReLU: one region
+
+
+def test_exact_lipschitz_finds_a_thin_strip_that_a_grid_misses():
+    # f(x) = 3 (relu(x1) - relu(x1 - eps)) + 4 relu(x2): a ramp of slope 3 only on 0 < x1 < eps.
+    # Regions (x1 < 0 | 0 < x1 < eps | x1 > eps) x (x2 < 0 | x2 > 0) with gradients
+    # (0,0) (0,4) (3,0) (3,4) (0,0) (0,4): L = ||(3, 4)|| = 5, reached only inside the strip.
+    eps = 1e-3
+    net = hand_net(([[1, 0], [1, 0], [0, 1]], [0, -eps, 0]), "relu",
+                   ([[1, -1, 0], [0, 0, 1]], [0, 0]), "relu",
+                   ([[3, 4]], [0]))
+    regions = synthetic.linear_regions(net)
+    norms = sorted(float(np.linalg.norm(J, 2)) for _, J, _ in regions)
+    assert len(regions) == 6 and norms == pytest.approx([0, 0, 3, 4, 4, 5], abs=1e-12)
+    assert synthetic.exact_lipschitz(net) == pytest.approx(5.0, rel=1e-12)
+    assert synthetic.lipschitz_grid_lower(net, -3, 3, n=101) == pytest.approx(4.0)  # grid misses it
+    assert synthetic.lipschitz_upper(net) >= 5.0
+
+
+def test_exact_lipschitz_finds_a_region_far_outside_the_first_box():
+    # g(x) = 7 relu(relu(x1) - 100) + relu(x2): slope 7 only for x1 > 100. The first layer's lines
+    # meet at the origin, so the first box is tiny; the second layer's line x1 = 100 must grow it.
+    net = hand_net(([[1, 0], [0, 1]], [0, 0]), "relu",
+                   ([[1, 0], [0, 1]], [-100, 0]), "relu",
+                   ([[7, 1]], [0]))
+    assert synthetic.exact_lipschitz(net) == pytest.approx(math.sqrt(50), rel=1e-12)
+    assert synthetic.lipschitz_grid_lower(net, -5, 5) == pytest.approx(1.0)
+
+
+# ======================================================================================
+# exact_lipschitz: random networks, against independent checks
+# ======================================================================================
+
+@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 1.0), (2, 3.0)])
+def test_exact_lipschitz_of_random_networks(seed, scale):
+    net = random_net(seed, scale)
+    regions = synthetic.linear_regions(net)
+    L = synthetic.exact_lipschitz(net)
+    # between the dense-grid lower bound and the spectral-norm product
+    assert synthetic.lipschitz_grid_lower(net, -4, 4) <= L * (1 + 1e-12)
+    assert L <= synthetic.lipschitz_upper(net) * (1 + 1e-12)
+    # every region is real: the network's own on/off pattern at its centroid is the region's, and
+    # autograd's Jacobian there has the region's spectral norm (so L itself is attained)
+    centroids = np.array([P.mean(0) for P, _, _ in regions])
+    assert patterns_numpy(net, centroids) == [pat for _, _, pat in regions]
+    for (P, J, _), c in zip(regions, centroids):
+        if np.linalg.norm(J, 2) > 0.999 * L:
+            assert jacobian_norm(net, c) == pytest.approx(np.linalg.norm(J, 2), rel=1e-9)
+    # and no region is missing: every on/off pattern met by brute-force sampling near the data and
+    # far away is one of the enumerated regions
+    rng = np.random.default_rng(seed)
+    points = np.concatenate([rng.uniform(-5, 5, (20000, 2)),
+                             rng.normal(size=(20000, 2)) * np.exp(rng.uniform(0, 9, (20000, 1)))])
+    assert set(patterns_numpy(net, points)) <= {pat for _, _, pat in regions}
+    # no pair of points stretches more than L: random pairs, close pairs, and pairs along the top
+    # singular direction of the steepest region (ratio = L there, so an underestimate would fail)
+    with torch.no_grad():
+        f = lambda a: net(torch.tensor(a, dtype=torch.float64)).numpy()  # noqa: E731
+        a = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000]])
+        b = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000] + rng.normal(size=(5000, 2)) * 1e-3])
+        P, J, _ = max(regions, key=lambda r: np.linalg.norm(r[1], 2))
+        v = np.linalg.svd(J)[2][0]
+        c = P.mean(0)
+        a = np.concatenate([a, c[None] + 1e-7 * rng.normal(size=(50, 2))])
+        b = np.concatenate([b, a[-50:] + 1e-7 * v])
+        ratio = np.linalg.norm(f(a) - f(b), axis=1) / np.linalg.norm(a - b, axis=1)
+    assert ratio.max() <= L * (1 + 1e-6)
+    assert ratio.max() >= L * (1 - 1e-6)
+
+
+def test_regions_partition_the_box():
+    # the clipped regions tile the box: their areas add up to its area
+    regions = synthetic.linear_regions(random_net(3))
+    R = max(np.abs(P).max() for P, _, _ in regions)
+    assert sum(synthetic._area(P) for P, _, _ in regions) == pytest.approx((2 * R) ** 2, rel=1e-9)
+
+
+# ======================================================================================
+# Prop. 1 radii
+# ======================================================================================
+
+def test_prop1_radius_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(50, 3))
+    mu = rng.normal(size=(2, 3))
+    pred, radius = synthetic.prop1_radius(torch.tensor(f), torch.tensor(mu), 2.5)
+    for i in range(50):
+        d = [sum((f[i, k] - mu[j, k]) ** 2 for k in range(3)) for j in range(2)]
+        near = 0 if d[0] < d[1] else 1
+        sep = math.sqrt(sum((mu[0, k] - mu[1, k]) ** 2 for k in range(3)))
+        assert pred[i] == near
+        assert radius[i].item() == pytest.approx((d[1 - near] - d[near]) / (2 * 2.5 * sep), rel=1e-12)
+
+
+def perturbation_flips(net, centres, x, radius, rng, directions=64):
+    """Share of points whose nearest-centre prediction changes under random perturbations of
+    length 0.999 R(x) (on the sphere) and uniformly inside the ball."""
+    x = x.double()
+    with torch.no_grad():
+        pred0, _ = synthetic.prop1_radius(net(x), centres, 1.0)
+        flips = torch.zeros(len(x), dtype=torch.bool)
+        for k in range(directions):
+            u = torch.tensor(rng.normal(size=x.shape))
+            u = u / u.norm(dim=1, keepdim=True)
+            length = 0.999 if k % 2 == 0 else float(np.sqrt(rng.uniform()))
+            pred, _ = synthetic.prop1_radius(net(x + u * radius[:, None] * length), centres, 1.0)
+            flips |= pred != pred0
+    return flips
+
+
+def test_every_radius_is_sound(one_thread):
+    rng = np.random.default_rng(0)
+    args = synthetic.parse_args(["--steps", "60", "--n", "200"])
+    for name in ("moons", "circles"):
+        data, runs = synthetic.run_seed(name, 0, args)
+        for run, (net, _, _) in runs.items():
+            e = synthetic.evaluate(net, data, 0.0)
+            radius = e["radius"]
+            assert torch.isfinite(radius).all() and (radius > 0).float().mean() > 0.9
+            flips = perturbation_flips(net, e["centres"], data[2], radius, rng)
+            assert not flips.any(), (name, run, int(flips.sum()))
+            # the same perturbations at 3x the certified radius flip someone: the test can fail
+            assert perturbation_flips(net, e["centres"], data[2], 3 * radius, rng).any()
+
+
+# ======================================================================================
+# data, the experiment's contract
+# ======================================================================================
+
+def test_datasets_are_the_named_shapes_balanced_and_seeded():
+    rng = np.random.default_rng(0)
+    x, y = synthetic.make_circles(400, 0.0, rng)
+    r = np.linalg.norm(x, axis=1)
+    assert np.allclose(r[y == 0], 1.0) and np.allclose(r[y == 1], 0.5) and y.sum() == 200
+    x, y = synthetic.make_moons(401, 0.0, rng)
+    upper = x[y == 0] + np.array([0.5, 0.25])                               # back to (cos t, sin t)
+    lower = x[y == 1] + np.array([0.5, 0.25]) - np.array([1.0, 0.5])       # back to (-cos t, -sin t)
+    assert np.allclose(np.linalg.norm(upper, axis=1), 1) and (upper[:, 1] >= 0).all()
+    assert np.allclose(np.linalg.norm(lower, axis=1), 1) and (lower[:, 1] <= 0).all()
+    assert len(upper) == 200 and len(lower) == 201
+    a, b = synthetic.make_dataset("moons", 100, 0.1, 0), synthetic.make_dataset("moons", 100, 0.1, 0)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    c = synthetic.make_dataset("moons", 100, 0.1, 1)
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[2])    # seeds and splits differ
+
+
+def test_both_runs_start_from_the_same_weights_and_take_the_same_steps(monkeypatch, one_thread):
+    calls = []
+    real_train = synthetic.train
+
+    def spy(net, head, x, y, steps, lr, alpha):
+        calls.append((head is not None, steps, lr, [p.detach().clone() for p in net.parameters()]))
+        return real_train(net, head, x, y, steps, lr, alpha)
+    monkeypatch.setattr(synthetic, "train", spy)
+    args = synthetic.parse_args(["--steps", "9", "--warm-steps", "4", "--n", "40"])
+    synthetic.run_seed("moons", 0, args)
+    (ce0, s0, lr0, w0), (ce1, s1, lr1, w1), (ce2, s2, lr2, _) = calls
+    assert (ce0, s0, lr0) == (False, 9, args.lr)                           # (1) Magnet from scratch
+    assert (ce1, s1, lr1) == (True, 4, args.lr) and (ce2, s2, lr2) == (False, 5, args.ft_lr)  # (2)
+    assert s0 == s1 + s2 and all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_short_run_writes_the_spec_json_with_non_increasing_curves(tmp_path):
+    out, png = str(tmp_path / "s.json"), str(tmp_path / "s.png")
+    argv = ["--steps", "40", "--seeds", "2", "--n", "200", "--radii", "11", "--out", out, "--plot", png]
+    threads = torch.get_num_threads()
+    results = synthetic.main(argv)
+    assert torch.get_num_threads() == threads                              # main() restores it
+    with open(out) as f:
+        saved = json.load(f)
+    assert set(saved["datasets"]) == {"moons", "circles"} and saved["seeds"] == [0, 1]
+    for name, entry in saved["datasets"].items():
+        assert set(entry["runs"]) == {"random_init", "warm_start"}
+        for run, res in entry["runs"].items():
+            assert {"accuracy", "accuracy_std", "lipschitz", "curve", "seeds"} <= set(res)
+            lip = res["lipschitz"]
+            assert lip["lower"] <= lip["exact"] * (1 + 1e-12) and lip["exact"] <= lip["upper"] * (1 + 1e-12)
+            assert lip == res["seeds"][0]["lipschitz"]                     # the first seed's (SPEC 10)
+            curve = [p["certified_accuracy"] for p in res["curve"]]
+            assert len(curve) == 11 and res["curve"][0]["radius"] == 0.0
+            assert all(a >= b for a, b in zip(curve, curve[1:])) and curve[0] <= res["accuracy"]
+            assert all("certified_accuracy_std" in p for p in res["curve"])
+            per_seed = np.array([[p["certified_accuracy"] for p in s["curve"]] for s in res["seeds"]])
+            assert len(per_seed) == 2 and np.allclose(per_seed.mean(0), curve)
+            for s in per_seed:
+                assert all(a >= b for a, b in zip(s, s[1:]))
+            accs = [s["accuracy"] for s in res["seeds"]]
+            assert res["accuracy"] == pytest.approx(np.mean(accs))
+            assert res["accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        c = entry["comparison"]
+        assert c["seeds"] == 2 and 0 <= c["warm_start_larger"] <= 2
+    with open(out + ".log.jsonl") as f:
+        assert len(f.readlines()) == 2 * 2 * 2                             # datasets x seeds x runs
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(png) > 1000 and results["plot"] == png
+    except ImportError:
+        assert results["plot"] is None
+    # deterministic for a seed
+    again = synthetic.main(argv[:-2] + ["--plot", "none"])
+    assert again["datasets"] == results["datasets"]
+
+
+def test_without_matplotlib_the_run_notes_it_and_skips_the_figure(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    png = tmp_path / "s.png"
+    results = synthetic.main(["--steps", "4", "--seeds", "1", "--n", "40", "--datasets", "moons",
+                              "--out", str(tmp_path / "s.json"), "--plot", str(png)])
+    assert results["plot"] is None and not png.exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_cli_help_and_bad_input(tmp_path):
+    code, out, _ = run_script("synthetic.py", "--help")
+    assert code == 0 and "Sec. 4.1" in out and "Eq. (3)" in out and "--warm-steps" in out
+    code, _, err = run_script("synthetic.py", "--steps", "10", "--warm-steps", "11",
+                              "--out", tmp_path / "x.json")
+    assert code == 2 and "Traceback" not in err and "--warm-steps" in err
+
+
+def test_bad_numbers_exit_2(capsys):
+    for argv, words in ((["--seeds", "0"], "--seeds"), (["--n", "3"], "--n 3"),
+                        (["--alpha", "-1"], "--alpha"), (["--lr", "0"], "--lr")):
+        assert words in exit_code_and_message(capsys, synthetic.parse_args, argv)

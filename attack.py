@@ -1,0 +1,995 @@
+"""attack.py -- ClusTR evaluation: L-inf PGD of Eq. (5), worst case over several losses.
+
+Paper: "Rethinking Clustering for Robustness" (Alfarra, Perez et al., BMVC 2021), Sec. 4.2
+(Eq. (5), "Adaptive Attacks"), Tables 1-3, Appendix B.2 (other eps), B.3 / Fig. 4 (D nearest).
+
+PGD (Madry et al. 2018) as Eq. (5): a uniform random start in the eps-ball (clipped to [0, 1]),
+then `--steps` signed-gradient steps of size `--step`, each projected onto the eps-ball and [0, 1].
+An example counts as robust only if it is classified correctly and no iterate of any restart of
+any loss fools the model (AutoAttack's convention); the first fooling iterate is kept and fooled
+examples leave the batch.  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
+Eq. (4) in log space; nominal and qtrades-ce checkpoints by their linear head.
+
+Why several losses.  The paper attacks cross-entropy on p of Eq. (4) (PGD-CE) and, in Sec. 4.2,
+the Magnet loss.  On these models CE saturates: for a confidently clustered point log p_y rounds
+to 0 in float32 and its input gradient is exactly zero, so PGD-CE cannot move it.  RobustBench
+lists the authors' released ClusTR+QTRADES CIFAR10 model at 91.03% clean, 74.04% reported robust
+and 0.00% under AutoAttack.  The default loss set therefore adds the Carlini-Wagner margin on
+log-probabilities (untargeted, and targeted at the most likely wrong classes like AutoAttack's
+APGD-T) and a cosine step schedule; the headline is the per-example worst case over all of
+them.  `--loss ce --schedule constant --steps 100 --restarts 10` is the paper's protocol exactly.
+
+Usage (copy-paste):
+    python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
+    python attack.py --ckpt qtrades.pt --steps 100 --restarts 10       # ... with the paper's budget
+    python attack.py --ckpt qtrades.pt --loss ce --schedule constant --steps 20 --restarts 10
+                                                        # Table 1's PGD-20, the paper's protocol
+    python attack.py --ckpt qtrades.pt --loss magnet --schedule constant --restarts 10
+                                                        # Sec. 4.2's adaptive attack (PGD-100)
+    python attack.py --ckpt qtrades.pt --eps 2/255 16/255 25.5/255     # Table 3 (App. B.2)
+    python attack.py --ckpt c100.pt --D 1 4 20 60 all                   # Fig. 4 (App. B.3)
+    python attack.py --ckpt magnet.pt --limit 500 --steps 20           # a quick CPU run
+    python attack.py --ckpt qtrades.pt --loss ce scores-ce             # Eq. (5) vs the authors' code
+
+Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
+checkpoint's own dataset.  Writes: --out (JSON, SPEC section 10) and <out>.log.jsonl (one object per
+finished row, so a killed run keeps its rows).  Needs torch, torchvision, numpy; imports no other
+file of this repository: copy it freely.  Blocks between "# --- shared: NAME ---" markers are
+identical copies of the same blocks in the other stages (test_all.py checks this).
+
+Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CPU, 1 thread of a
+2-core machine shared with other jobs, torchattacks 3.5.1; width-8 ResNet18s on a generated
+10-class 16x16 ImageFolder, 300 test images; see that file for the models):
+  - PGD-CE 20 steps x 5 restarts vs torchattacks PGD + MultiAttack, same robust accuracy (mean of
+    5 seeds): 1.5-1.6x faster where the model mostly resists (97% robust at 2/255), 2.2-2.4x
+    where it is mostly fooled (10-13% at 16/255).  Not the 2x of issue 5 in the first case: the
+    work per step is the same; channels_last and the folded batch norm give the 1.5x.
+  - Default set vs APGD-CE + APGD-T (9 targets), 20 iterations, 8/255: worst case 64.3% vs 64.3%
+    (nominal), 66.0% vs 66.3% (clustering, confident sigma^2), 59.3% vs 59.3% (trained by
+    magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
+    confident model PGD-CE alone reports 99.3%: its input gradients are exactly zero.
+  - No GPU was available: no GPU timing has been measured.
+
+Lineage: PGD (Madry et al. 2018); margin loss (Carlini & Wagner 2017); targeted margin over the
+top classes and worst case over attacks (Croce & Hein 2020, AutoAttack); the sanity checks
+(Carlini et al. 2019, "On Evaluating Adversarial Robustness").
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================
+# 1. Arguments
+# ======================================================================================
+
+LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce")
+# The default set: the strongest we could show (benchmarks/attack.py).  magnet needs centres,
+# so it joins only for clustering checkpoints; scores-ce (the authors' code) is never a default.
+DEFAULT_LOSSES = ("ce", "margin", "margin-t", "magnet")
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+# --- end shared: args ---
+
+# --- shared: eps ---
+def parse_fraction(text):
+    """argparse type for eps and step sizes in [0, 1] pixel units: '8/255' or '0.0314'.
+    A value > 1 is almost always a forgotten '/255' (SPEC section 2): an error that says so."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
+    if value > 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} > 1, but images are in [0, 1]: did you mean {text}/255 (= {value / 255:.5f})?")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+# --- end shared: eps ---
+
+
+def parse_D(text):
+    """--D values: a positive integer (the D nearest centres, Sec. 4.2) or 'all'."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--D takes positive integers or 'all', not {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="attack.py",
+        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2) against a clustr/1 "
+                    "checkpoint, per loss and as the per-example worst case over losses.",
+        epilog="--data and --width default to the checkpoint's own (None above); a different "
+               "value is an error. The paper's protocol: --loss ce --schedule constant --steps "
+               "20 (or 100) --restarts 10.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, data_default=None)
+    p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
+    g = p.add_argument_group("attack (Sec. 4.2, Eq. (5); App. B)")
+    g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
+    g.add_argument("--out", default="attack.json", help="results (JSON, SPEC section 10)")
+    g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
+                   help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
+                        "Table 3: 2/255 16/255 25.5/255")
+    g.add_argument("--step", type=parse_fraction, default=2 / 255,
+                   help="PGD step eta of the constant schedule; Sec. 4.2: 2/255")
+    g.add_argument("--steps", type=int, default=100,
+                   help="PGD iterations per run; the paper reports 20 and 100 (PGD-20, PGD-100); "
+                        "default: the longer one")
+    g.add_argument("--restarts", type=int, default=1,
+                   help="random restarts per loss (and per target of margin-t); the paper uses 10 "
+                        "with CE alone. Default 1: the default loss set already makes 5-6 runs "
+                        "per example, as strong as APGD-CE + APGD-T (benchmarks/attack.py)")
+    g.add_argument("--loss", nargs="+", choices=LOSSES, default=None,
+                   help="ce = Eq. (5); margin = Carlini-Wagner margin on log p; margin-t = the "
+                        "margin towards each of the --targets most likely wrong classes "
+                        "(APGD-T's idea); magnet = Sec. 4.2's adaptive attack (Eq. (3) against "
+                        "the stored centres); scores-ce = the authors' code (CE over the "
+                        "unnormalised Eq. (4) scores), for comparison. Default: ce margin "
+                        "margin-t, plus magnet for clustering checkpoints")
+    g.add_argument("--targets", type=int, default=3,
+                   help="margin-t: how many of the most likely wrong classes to target "
+                        "(AutoAttack's APGD-T uses 9)")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
+                   help="step size eta_k: constant = --step (Eq. (5), the paper's protocol); "
+                        "cosine = eps (1 + cos(pi k / steps)), from 2 eps (APGD's first step) "
+                        "down to 0, measured stronger (benchmarks/attack.py)")
+    g.add_argument("--D", type=parse_D, nargs="+", default=None,
+                   help="clustering checkpoints: predict from the D nearest centres (Sec. 4.2, "
+                        "Fig. 4); a list, 'all' = every centre; default: the checkpoint's D")
+    g.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="attack a copy with batch norm folded into the convolutions (same function "
+                        "up to rounding, ~1.5x faster on CPU); every fooled example is re-checked "
+                        "on the original model and re-attacked there if it is not fooled")
+    g.add_argument("-b", "--batch-size", type=int, default=500,
+                   help="images attacked at once (memory, speed; the random starts are drawn per "
+                        "batch, so figures move within noise with it)")
+    g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the sanity checks of SPEC section 6 (Carlini et al. 2019)")
+    g.add_argument("--check-images", type=int, default=500,
+                   help="the checks run on the first N evaluated images (bounds their cost)")
+    g.add_argument("--large-eps", type=parse_fraction, default=64 / 255,
+                   help="check: robust accuracy must be near 0 at this eps")
+    g.add_argument("--tolerance", type=float, default=0.01,
+                   help="checks: doubling steps or restarts may lower the robust accuracy, and "
+                        "a larger eps raise it, by at most this much (0.01 = 1 point)")
+    args = p.parse_args(argv)
+    if args.steps < 0 or args.restarts < 1 or args.targets < 1 or args.batch_size < 1:
+        p.error("--steps must be >= 0; --restarts, --targets and --batch-size >= 1")
+    return args
+
+
+# ======================================================================================
+# 2. Data (SPEC section 3): only the test split is used; it lives on the device as uint8.
+# ======================================================================================
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+# --- end shared: runtime ---
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {e}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+
+# ======================================================================================
+# 3. Model (SPEC section 4) and the classifier: Eq. (4) for clustering checkpoints
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+
+
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+def arch_entry(width, in_channels):
+    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
+# --- end shared: model ---
+
+# --- shared: eq4 ---
+def cluster_log_probs(features, centers, center_classes, variance, D=None):
+    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+
+        p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
+                 / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
+        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
+    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    *before* each reduction (never multiplied into an exponent), and masked_fill passes no
+    gradient to masked entries, so gradients stay finite even for classes absent from the D
+    nearest and for features far from every centre (no exp underflow).  -> [n, classes]."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    centers = centers.to(features)
+    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
+    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    s = -sq_dist / (2 * variance)                                          # [n, M]
+    if D is not None and D < centers.shape[0]:
+        nearest = s.topk(D, dim=1).indices                                 # [n, D]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+        s = s.masked_fill(~keep, float("-inf"))
+    num_classes = int(center_classes.max()) + 1
+    member = center_classes.to(features.device)[None, :] == torch.arange(
+        num_classes, device=features.device)[:, None]                      # [classes, M]
+    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
+    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+# --- end shared: eq4 ---
+
+# --- shared: classifier ---
+class Classifier(nn.Module):
+    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
+    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
+    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
+
+    def __init__(self, model, clusters=None, D=None):
+        super().__init__()
+        self.model = model
+        self.clusters = clusters is not None
+        if self.clusters:
+            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
+            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
+            self.variance = float(clusters["variance"])
+            self.D = D
+
+    def forward(self, x):
+        if not self.clusters:
+            return F.log_softmax(self.model(x).float(), dim=1)
+        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
+                                 self.variance, self.D)
+
+
+def load_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities (SPEC section 9).
+    The module is in eval mode with gradients off for its parameters, so an attack never updates
+    batch-norm statistics (SPEC section 6, "evaluation never changes the model").  D="stored"
+    uses the checkpoint's D; None means all centres."""
+    ckpt = load_checkpoint(path)
+    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
+    clusters = None if with_head else ckpt.get("clusters")
+    if not with_head and clusters is None:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+    model = build_model(ckpt["arch"], ckpt["data"], with_head)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        fail(f"{path}: the weights do not fit the stored architecture ({str(e).splitlines()[0]})")
+    if clusters is not None and D == "stored":
+        D = clusters.get("D")
+    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, ckpt
+# --- end shared: classifier ---
+
+
+def fold_batchnorm(clf):
+    """A copy of the classifier with each eval-mode batch norm folded into the convolution
+    before it (the model is in eval mode throughout, SPEC section 6):
+        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
+        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
+    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
+    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; attack_split
+    re-checks every example the copy calls fooled on the original (--no-fold-bn: no copy)."""
+    clf = copy.deepcopy(clf)
+
+    def fold(conv, bn):
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
+        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
+        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
+        return conv
+    for m in list(clf.modules()):
+        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
+            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
+                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
+                setattr(m, b, nn.Identity())
+        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
+            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
+    return clf
+
+
+# ======================================================================================
+# 4. The method: the losses and L-inf PGD, Eq. (5)
+# ======================================================================================
+
+def objective(log_prob_fn, x, y, loss, target=None):
+    """The per-example value an attack maximises, and the classifier's log p (which decides
+    'fooled').  x [n, C, H, W] in [0, 1]; y [n]; target [n] for margin-t.
+    ce, margin and margin-t need only log_prob_fn(x); magnet and scores-ce need the features and
+    the stored centres, so they take a clustering Classifier (its .model.features, .centers,
+    .center_classes, .variance, .D).  -> (objective [n], log p [n, classes])."""
+    if loss in ("magnet", "scores-ce"):
+        clf = log_prob_fn
+        if not getattr(clf, "clusters", False):
+            raise ValueError(f"loss {loss!r} needs a clustering classifier (stored centres)")
+        f = clf.model.features(x)                                           # [n, d]
+        f = f if f.dtype in (torch.float32, torch.float64) else f.float()   # bf16 under autocast
+        log_p = cluster_log_probs(f, clf.centers, clf.center_classes, clf.variance, clf.D)
+        s = -(f[:, None, :] - clf.centers.to(f)[None]).pow(2).sum(-1) / (2 * clf.variance)  # [n, M]
+        if loss == "magnet":
+            # Sec. 4.2, adaptive attack: Eq. (3) per example against the stored centres and sigma^2,
+            #   ||f - mu(f)||^2/(2 sigma^2) + log sum_{mu_j of other classes} exp(-||f - mu_j||^2/(2 sigma^2))
+            # with mu(f) the nearest centre of the true class (Eq. (3)'s v*).  alpha is a constant
+            # and {.}_+ is dropped: the hinge has zero gradient exactly where the inner value is
+            # negative, i.e. on the well-clustered points the attack has to move.  All centres
+            # enter (not only the D nearest), so the gradient survives where D masks it.
+            own = clf.center_classes[None, :] == y[:, None]                 # [n, M]
+            nearest_own = s.masked_fill(~own, float("-inf")).max(1).values  # -||f - mu(f)||^2/(2 sigma^2)
+            return s.masked_fill(own, float("-inf")).logsumexp(1) - nearest_own, log_p
+        # The authors' evaluation code: cross-entropy of a softmax over the unnormalised Eq. (4)
+        # scores sum_{j in c} exp(s_j) = exp(z_c), i.e. probabilities used as logits.  Kept to
+        # compare that protocol with Eq. (5); exp(z_c) underflows to 0 far from the centres.
+        if clf.D is not None and clf.D < s.shape[1]:                        # as in Eq. (4) above
+            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(clf.D, dim=1).indices, True)
+            s = s.masked_fill(~keep, float("-inf"))
+        z = log_p + s.logsumexp(1, keepdim=True)                            # [n, C] class log-scores
+        return F.cross_entropy(z.exp(), y, reduction="none"), log_p
+    log_p = log_prob_fn(x)                                                  # [n, classes]
+    log_p_y = log_p.gather(1, y[:, None]).squeeze(1)
+    if loss == "ce":                                                        # Eq. (5): L_ce(p, y)
+        return -log_p_y, log_p
+    if loss == "margin":  # Carlini-Wagner on log p: max_{c != y} log p_c - log p_y (= on z_c)
+        return log_p.scatter(1, y[:, None], float("-inf")).max(1).values - log_p_y, log_p
+    if loss == "margin-t":                                                  # towards class t
+        return log_p.gather(1, target[:, None]).squeeze(1) - log_p_y, log_p
+    raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
+
+
+def step_size(step, eps, k, steps, schedule):
+    """eta_k for iteration k = 0..steps-1: constant (Eq. (5), Sec. 4.2: 2/255), or cosine from
+    2 eps (the first step of Croce & Hein's APGD) down to 0: long moves first, then refinement."""
+    if schedule == "constant":
+        return step
+    return eps * (1 + math.cos(math.pi * k / steps))
+
+
+def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
+        targets=3, schedule="constant"):
+    """L-inf PGD, ClusTR Eq. (5), with restarts:
+
+        x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
+        S = {x' in [0, 1]^n : ||x' - x||_inf <= eps}
+
+    log_prob_fn(x) -> log-probabilities [n, classes] (the model in eval mode, parameters frozen).
+    An example is fooled as soon as one iterate (x^0 included) of one restart is misclassified;
+    that first fooling iterate is kept and the example leaves the batch, so later steps and
+    restarts attack only the rest (the same result as attacking everything, less work).  Restarts
+    are merged by whether they fooled the model, never by which reached the higher loss.
+    margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes.
+    The random starts are drawn for the whole batch each restart, so the random stream (and the
+    result) does not depend on which examples were already fooled.
+    -> (x_adv [n, C, H, W], still_correct [n] bool: correct on x and on every iterate)."""
+    x, y = x.detach(), y.detach()
+    with torch.no_grad():
+        log_p = log_prob_fn(x)
+    still_correct = log_p.argmax(1) == y                                    # robust => clean-correct
+    x_adv = x.clone()
+    if loss == "margin-t":  # the most likely wrong classes at the clean input, best first
+        ranked = log_p.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+        runs = [ranked[:, t] for t in range(min(targets, log_p.shape[1] - 1)) for _ in range(restarts)]
+    else:
+        runs = [None] * restarts
+    for target in runs:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        idx = still_correct.nonzero().squeeze(1)                            # [m] still to attack
+        if len(idx) == 0:
+            continue
+        x0, y0 = x[idx], y[idx]
+        t0 = None if target is None else target[idx]
+        xk = (x0 + (2 * noise[idx] - 1) * eps).clamp(0, 1)                  # random start in S
+        live = torch.ones(len(idx), dtype=torch.bool, device=x.device)      # not fooled yet
+        for k in range(steps + 1):
+            xk.requires_grad_(True)
+            with torch.enable_grad():
+                obj, lp = objective(log_prob_fn, xk, y0, loss, t0)
+            new = live & (lp.detach().argmax(1) != y0)                      # fooled at x^k
+            if new.any():
+                x_adv[idx[new]] = xk.detach()[new]                          # first fooling iterate
+                still_correct[idx[new]] = False
+                live &= ~new
+            if k == steps or not live.any():
+                break
+            grad, = torch.autograd.grad(obj.sum(), xk)                      # rows are independent
+            xk = xk.detach()
+            if not live.all():                                              # drop the fooled rows
+                t0 = None if t0 is None else t0[live]
+                xk, x0, y0, idx, grad, live = xk[live], x0[live], y0[live], idx[live], grad[live], live[live]
+            eta = step_size(step, eps, k, steps, schedule)
+            xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+        x_adv[idx[live]] = xk.detach()[live]                                # survivors: last iterate
+    return x_adv, still_correct
+
+
+def zero_gradient_counts(log_prob_fn, x, y, losses):
+    """Masked-gradient check (SPEC section 6): among correctly classified examples, how many have
+    an input gradient that is exactly zero at the clean input, per loss and under every loss.
+    -> ({loss: count}, count under every loss, correct count)."""
+    with torch.no_grad():
+        log_p = log_prob_fn(x)
+    correct = log_p.argmax(1) == y
+    x, y, log_p = x[correct].detach(), y[correct], log_p[correct]
+    target = log_p.scatter(1, y[:, None], float("-inf")).argmax(1)          # top wrong class
+    counts, every = {}, torch.ones(len(y), dtype=torch.bool, device=x.device)
+    for loss in losses:
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            obj, _ = objective(log_prob_fn, xg, y, loss, target)
+            grad, = torch.autograd.grad(obj.sum(), xg)
+        zero = (grad.flatten(1) == 0).all(1)
+        counts[loss] = int(zero.sum())
+        every &= zero
+    return counts, int(every.sum()), int(correct.sum())
+
+
+# ======================================================================================
+# 5. The loop: every (D, eps, loss) over the test split in chunks, then the checks
+# ======================================================================================
+
+def fmt_eps(eps):
+    """8/255 for multiples of 1/510, else the decimal."""
+    return f"{eps * 255:g}/255" if abs(eps * 510 - round(eps * 510)) < 1e-6 else f"{eps:.4g}"
+
+
+def attack_split(net, images, labels, args, eps, loss, seed, progress=None, **budget):
+    """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
+    steps, restarts, step.  Each row re-seeds its generator, so a loss's figure does not depend
+    on which other losses ran before it.  net = {"clf": the classifier, "fast": its batch-norm-
+    folded copy (or itself), "re_attacked": count}: fast runs the attack; each example it calls
+    fooled must be fooled by clf itself at x_adv, else clf is attacked again for it.
+    -> robust mask [N] bool."""
+    clf, fast = net["clf"], net["fast"]
+    b = {"step": args.step, "steps": args.steps, "restarts": args.restarts, **budget}
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    robust = torch.zeros(len(labels), dtype=torch.bool, device=images.device)
+    t0 = time.time()
+    for start in range(0, len(labels), args.batch_size):
+        x = to_float(images[start:start + args.batch_size]).contiguous(
+            memory_format=torch.channels_last)  # measured 1.5x faster convolutions on CPU too
+        y = labels[start:start + args.batch_size]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+            x_adv, still = pgd(fast, x, y, eps, b["step"], b["steps"], b["restarts"], loss,
+                               generator, args.targets, args.schedule)
+            if fast is not clf:
+                with torch.no_grad():
+                    still &= clf(x).argmax(1) == y                          # robust => clean-correct
+                    unsure = (~still).nonzero().squeeze(1)
+                    unsure = unsure[clf(x_adv[unsure]).argmax(1) == y[unsure]]   # not fooled, really
+                if len(unsure):
+                    net["re_attacked"] += len(unsure)
+                    still[unsure] = pgd(clf, x[unsure], y[unsure], eps, b["step"], b["steps"],
+                                        b["restarts"], loss, generator, args.targets, args.schedule)[1]
+        robust[start:start + len(y)] = still
+        if progress:
+            progress(loss, eps, start + len(y), len(labels), robust[:start + len(y)], time.time() - t0)
+    return robust
+
+
+@torch.no_grad()
+def natural_mask(clf, images, labels, batch_size):
+    return torch.cat([clf(to_float(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]
+                      for i in range(0, len(labels), batch_size)])
+
+
+def share(mask):
+    return mask.float().mean().item() if len(mask) else float("nan")
+
+
+def run_checks(net, images, labels, args, losses, results, natural, survivors, eps):
+    """SPEC section 6 sanity checks, each stored with its numbers (Carlini et al. 2019; Croce &
+    Hein 2020).  They run on the first --check-images images, with the first D of --D."""
+    x, y, tol, checks = images[:args.check_images], labels[:args.check_images], args.tolerance, {}
+    clean = natural[:len(y)]
+    # robust accuracy never exceeds natural accuracy (fooled-or-not bookkeeping)
+    excess = max(r["robust_accuracy"] - r["natural_accuracy"] for r in results)
+    checks["robust_le_natural"] = {"ok": excess <= 0, "max_excess": excess}
+    # robust accuracy does not rise with eps (random starts: noise up to the tolerance)
+    curves = {}
+    for r in results:
+        curves.setdefault((r["loss"], r["D"]), []).append((r["eps"], r["robust_accuracy"]))
+    rises = [b[1] - a[1] for c in curves.values() for a, b in zip(sorted(c), sorted(c)[1:])]
+    checks["monotone_in_eps"] = {"ok": max(rises) <= tol if rises else None,
+                                 "max_rise": max(rises) if rises else None, "tolerance": tol}
+    # eps = 0: nothing can move, so robust accuracy is natural accuracy, example by example
+    at0 = attack_split(net, x, y, args, 0.0, losses[0], args.seed, steps=1, restarts=1)
+    checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
+                                     "natural": share(clean), "robust_at_eps_0": share(at0)}
+    # a large eps can move any image far: robust accuracy must be near 0
+    big = clean.clone()
+    step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))  # Madry et al.: 2.5 eps/steps
+    for loss in losses:
+        big &= attack_split(net, x, y, args, args.large_eps, loss, args.seed, step=step, restarts=1)
+    checks["near_zero_at_large_eps"] = {"ok": share(big) <= 0.05, "eps": args.large_eps,
+                                        "robust_accuracy": share(big), "threshold": 0.05}
+    # masked gradients: correct examples whose input gradient is exactly zero at the clean input
+    counts, every, n_correct = dict.fromkeys(losses, 0), 0, 0
+    for i in range(0, len(y), args.batch_size):
+        c, e, n = zero_gradient_counts(net["clf"], to_float(x[i:i + args.batch_size]),
+                                       y[i:i + args.batch_size], losses)
+        counts = {k: counts[k] + c[k] for k in losses}
+        every, n_correct = every + e, n_correct + n
+    checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": n_correct,
+                                     "every_loss": every / max(1, n_correct),
+                                     **{k: v / max(1, n_correct) for k, v in counts.items()}}
+    # doubling steps, then restarts: attack the survivors of the headline (worst case at eps)
+    # again with fresh random starts.  Extra restarts on the survivors give exactly the
+    # 2R-restart figure; 2x steps on the survivors gives "K or 2K steps", at least as strong.
+    if eps is None:
+        return checks
+    survivors, before = survivors[:len(y)], share(survivors[:len(y)])
+    for name, budget in (("double_steps", dict(steps=2 * args.steps)), ("double_restarts", {})):
+        alive = survivors.clone()
+        for loss in losses:
+            idx = alive.nonzero().squeeze(1)
+            if len(idx):
+                alive[idx] &= attack_split(net, x[idx], y[idx], args, eps, loss, args.seed + 1, **budget)
+        checks[name] = {"ok": before - share(alive) <= tol, "eps": eps, "images": len(y),
+                        "robust_before": before, "robust_after": share(alive), "tolerance": tol}
+    return checks
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_runtime(args, training=False)
+    if device.type == "cuda":  # the batch shrinks as examples are fooled: no re-tuning per shape
+        torch.backends.cudnn.benchmark = False
+    clf, ckpt = load_classifier(args.ckpt, device)
+    info, arch = ckpt["data"], ckpt["arch"]
+    if args.data is None:
+        args.data = info["name"]
+    elif args.data != info["name"]:
+        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data "
+             f"(attack.py defaults to the checkpoint's own dataset)")
+    if args.width is not None and args.width != arch["width"]:
+        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop "
+             f"--width (attack.py takes the checkpoint's)")
+    args.width = arch["width"]
+    losses = list(dict.fromkeys(args.loss or [l for l in DEFAULT_LOSSES if clf.clusters or l != "magnet"]))
+    args.loss = losses
+    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
+             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
+    M = len(clf.centers) if clf.clusters else 0
+    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
+    if any(D is not None and D > M for D in Ds):
+        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
+    try:
+        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
+    except DataError as e:
+        fail(str(e))
+    shape = [arch["in_channels"], *info["image_size"]]
+    if classes != info["classes"] or list(images.shape[1:]) != shape:
+        fail(f"the test split in {args.data_dir} ({len(classes)} classes, images "
+             f"{list(images.shape[1:])}) does not match {args.ckpt} ({info['num_classes']} "
+             f"classes, images {shape})")
+    if len(labels) == 0:
+        fail(f"no test images to attack in {args.data_dir} (--limit {args.limit})")
+    images, labels = images.to(device), labels.to(device)
+    fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
+    clf = clf.to(memory_format=torch.channels_last)
+    net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0}
+    n, log_path = len(labels), args.out + ".log.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if os.path.exists(log_path):
+        os.remove(log_path)                                         # a fresh run, a fresh log
+
+    print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}"
+          f"{f', {M} centres' if M else ''}) | {args.data} test, {n} images | device {device} "
+          f"amp {args.amp} | torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)))
+    runs = {l: min(args.targets, info["num_classes"] - 1) if l == "margin-t" else 1 for l in losses}
+    total, done, t_run = len(Ds) * len(args.eps) * sum(runs.values()) * n, [0, 0], time.time()
+    print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} "
+          f"{'elapsed':>9} {'ETA':>9}", flush=True)
+
+    def progress(loss, eps, seen, count, robust, seconds):            # one row per chunk
+        done[0] += runs[loss] * (seen - done[1])
+        done[1] = 0 if seen == count else seen
+        elapsed = time.time() - t_run
+        print(f"{loss:<10} {fmt_eps(eps):>9} {'-' if not clf.clusters else clf.D or 'all':>4} "
+              f"{seen:>6}/{count:<6} {share(robust):7.2%} {seen / max(seconds, 1e-9):8.1f} "
+              f"{fmt_time(elapsed):>9} {fmt_time(elapsed / max(done[0], 1) * (total - done[0])):>9}",
+              flush=True)
+
+    results, natural, survivors = [], {}, None
+    headline = next((e for e in args.eps if e > 0), None)            # the doubling checks' eps
+    for D in Ds:
+        clf.D = net["fast"].D = D if clf.clusters else None
+        natural[D] = natural_mask(clf, images, labels, args.batch_size)
+        for eps in args.eps:
+            worst, seconds = natural[D].clone(), 0.0
+            first_step = args.step if args.schedule == "constant" else 2 * eps
+            common = {"eps": eps, "step": first_step, "schedule": args.schedule, "steps": args.steps,
+                      "restarts": args.restarts, "D": D, "natural_accuracy": share(natural[D])}
+            for loss in losses:
+                t0, before = time.time(), net["re_attacked"]
+                robust = attack_split(net, images, labels, args, eps, loss, args.seed, progress) & natural[D]
+                dt = time.time() - t0
+                worst &= robust
+                seconds += dt
+                row = {"loss": loss, **common, "robust_accuracy": share(robust), "seconds": dt,
+                       "images_per_second": n / dt, "re_attacked": net["re_attacked"] - before,
+                       **({"targets": runs[loss]} if loss == "margin-t" else {})}
+                results.append(row)
+                append_jsonl(log_path, row)
+            if len(losses) > 1:  # the headline: robust only if no loss and no restart fooled it
+                row = {"loss": "worst-case", **common, "robust_accuracy": share(worst),
+                       "seconds": seconds, "images_per_second": n / seconds}
+                results.append(row)
+                append_jsonl(log_path, row)
+            if D == Ds[0] and eps == headline:
+                survivors = worst
+    clf.D = net["fast"].D = Ds[0] if clf.clusters else None
+    checks = {}
+    if args.checks and n:
+        t0 = time.time()
+        checks = run_checks(net, images, labels, args, losses, results, natural[Ds[0]], survivors, headline)
+        print(f"checks: {fmt_time(time.time() - t0)}", flush=True)
+    out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
+           "results": results, "checks": checks, "stage": ckpt["stage"], "config": vars(args),
+           "device": str(device), "torch": torch.__version__, "seconds": time.time() - t_run}
+    write_json(out, args.out)
+    report(out)
+    return out
+
+
+# ======================================================================================
+# 6. Checkpoint and report (SPEC sections 5, 10)
+# ======================================================================================
+
+# --- shared: checkpoint ---
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
+    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
+    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
+               f"clustr checkpoint, or an untrusted one" if found else \
+               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        fail(f"checkpoint {path} {kind}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        fail(f"checkpoint {path} lacks {missing}")
+    if ckpt["stage"] not in stages:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    return ckpt
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "generator_device": str(generator.device)}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    if state["generator_device"] == str(generator.device):
+        generator.set_state(state["generator"])
+    else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
+        print(f"note: the run moved from {state['generator_device']} to {generator.device}; "
+              f"its random stream continues from a fresh seed", flush=True)
+
+
+def check_resume_args(ckpt, args, not_shaping):
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    old, new = ckpt["args"], vars(args)
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+    if diff:
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
+             + "; ".join(diff))
+# --- end shared: checkpoint ---
+
+
+def write_json(obj, path):
+    """Atomic, like save_checkpoint: a killed run never leaves half a results file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def report(out):
+    print(f"\nsummary: {out['ckpt']} on {out['data']} test ({out['images']} images), "
+          f"natural accuracy {out['natural_accuracy']:.2%}")
+    print(f"  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} {'natural':>8} {'robust':>8} "
+          f"{'seconds':>8} {'img/s':>8}")
+    head = out["stage"] in ("nominal", "qtrades-ce")
+    for r in out["results"]:
+        D = "-" if head else "all" if r["D"] is None else r["D"]
+        print(f"  {r['loss']:<10} {fmt_eps(r['eps']):>9} {D:>4} "
+              f"{str(r['steps']) + ' x ' + str(r['restarts']):>16} {r['natural_accuracy']:8.2%} "
+              f"{r['robust_accuracy']:8.2%} {r['seconds']:8.1f} {r['images_per_second']:8.1f}")
+    for name, c in out["checks"].items():
+        numbers = ", ".join(f"{k} {fmt_eps(v)}" if k == "eps" else f"{k} {v:.4g}"
+                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
+        state = {True: "ok", False: "FAILED", None: "skipped"}[c["ok"]]
+        print(f"  check {name:<24} {state:<7} {numbers}")
+    print(f"  results {out['config']['out']}  (headline: the worst-case rows)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1012 @@
+"""certify.py -- ClusTR Proposition 1: certified L2 radii of the nearest-centre classifier
+(Alfarra, Perez et al., "Rethinking Clustering for Robustness", BMVC 2021, Sec. 3.1, App. C).
+
+Prop. 1: if f is L-Lipschitz (L2) and x is classified by its nearest cluster centre mu_1, no
+perturbation with ||delta|| < (||f(x) - mu_2||^2 - ||f(x) - mu_1||^2) / (2 L ||mu_2 - mu_1||)
+changes the class.  For a clustering checkpoint (magnet.py, qtrades.py --loss magnet) this file
+computes, per test image, with the nearest-centre classifier (Eq. (4) with D = 1, the setting of
+Prop. 1):
+  * the sound multi-class radius: the minimum of that bound over every centre of another class;
+  * the paper's two-closest form (mu_2 = the nearest centre of another class), which can
+    overstate the radius, even with K = 1 cluster per class: how often it differs is reported;
+  * a tighter sound form: the best same-class centre, max_i min_j r_ij;
+  * L: --lipschitz VALUE, or a sound upper bound composed layer by layer at float64 (Sedghi et al.
+    2019 for the convolutions), beside a lower estimate (Jacobian spectral norms found by power
+    iteration at test points), so the reader sees how loose the bound is;
+  * the smallest L2 perturbation an L2 attack (PGD-L2 plus a bisection on the radius) finds that
+    changes the prediction: no such perturbation may lie inside a certified radius (checked).
+Certified accuracy at radius r = share of test images that are correct and have R(x) > r (Sec. 4.1).
+
+Usage (copy-paste):
+    python certify.py --ckpt magnet.pt                         # bound L, dataset from the checkpoint
+    python certify.py --ckpt magnet.pt --lipschitz 1.0         # a given L (not checked!)
+    python certify.py --ckpt magnet.pt --limit 512 --attack-limit 64   # quick CPU run
+
+Reads: --ckpt (a clustering checkpoint, format "clustr/1") and its test split (--data-dir).
+Writes: --out (JSON, SPEC section 10), <out>.log.jsonl (one row per chunk), a PNG of certified
+accuracy against radius (--plot; needs matplotlib, skipped with a note otherwise).
+Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
+Evidence: not yet measured on CIFAR10/SVHN/CIFAR100 checkpoints (no trained clustering checkpoint
+existed when this file was written).
+
+Lineage: Prop. 1 and its proof (App. C) from the paper; the convolution bound from Sedghi, Gupta &
+Long, "The singular values of convolutional layers", ICLR 2019; PGD (Madry et al. 2018) in L2.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================
+# 1. Arguments
+# ======================================================================================
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+# --- end shared: args ---
+
+def lipschitz_arg(text):
+    """--lipschitz: 'bound' or a positive number."""
+    if text == "bound":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'bound' nor a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--lipschitz must be positive and finite, not {text}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="certify.py",
+        description="Certified L2 radii of ClusTR's nearest-centre classifier (Prop. 1, Sec. 3.1, "
+                    "App. C) with a sound Lipschitz bound, a lower estimate and an L2 attack.")
+    add_common_args(p, data_default=None)
+    p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
+    g = p.add_argument_group("certification (Prop. 1, App. C)")
+    g.add_argument("--ckpt", default="magnet.pt",
+                   help="clustering checkpoint (stage magnet or qtrades-magnet) (default: %(default)s); "
+                        "--data and --width default to the checkpoint's own")
+    g.add_argument("--out", default="certify.json", help="results JSON (default: %(default)s)")
+    g.add_argument("--lipschitz", type=lipschitz_arg, default="bound", metavar="VALUE|bound",
+                   help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the "
+                        "ResNet18 in eval mode, or a number you vouch for (default: %(default)s)")
+    g.add_argument("-b", "--batch-size", type=int, default=256, help="images per chunk (default: %(default)s)")
+    g.add_argument("--grid", type=int, default=101,
+                   help="radii of the certified-accuracy curve, from 0 to where it reaches 0 "
+                        "(Fig. 3 b, d) (default: %(default)s)")
+    g.add_argument("--attack-limit", type=int, default=500,
+                   help="test images for the L2 attack and the lower estimate of L; 0 = all "
+                        "(default: %(default)s, a choice: the paper runs no L2 attack)")
+    g.add_argument("--attack-steps", type=int, default=20,
+                   help="PGD-L2 steps per radius, step 2.5 r / steps as in Madry et al. (default: %(default)s)")
+    g.add_argument("--bisect", type=int, default=10,
+                   help="bisection rounds on the attack radius after a first try at the box "
+                        "diameter (default: %(default)s)")
+    g.add_argument("--power-iters", type=int, default=20,
+                   help="power iterations per image for the lower estimate of L (default: %(default)s)")
+    g.add_argument("--plot", default=None, metavar="PATH",
+                   help="PNG of certified accuracy vs radius (default: --out with .png; 'none' skips)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.grid < 2 or args.attack_limit < 0 or args.attack_steps < 1 \
+            or args.bisect < 0 or args.power_iters < 1:
+        p.error("-b >= 1, --grid >= 2, --attack-limit >= 0, --attack-steps >= 1, --bisect >= 0, "
+                "--power-iters >= 1")
+    return args
+
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+# --- end shared: runtime ---
+
+# ======================================================================================
+# 2. Data (SPEC section 3): the test split only, one uint8 tensor on the device.
+# ======================================================================================
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {e}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+# ======================================================================================
+# 3. Model (SPEC section 4) and the clustering classifier (Eq. (4), SPEC section 9)
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+
+
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+def arch_entry(width, in_channels):
+    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
+# --- end shared: model ---
+
+# --- shared: eq4 ---
+def cluster_log_probs(features, centers, center_classes, variance, D=None):
+    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+
+        p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
+                 / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
+        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
+    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    *before* each reduction (never multiplied into an exponent), and masked_fill passes no
+    gradient to masked entries, so gradients stay finite even for classes absent from the D
+    nearest and for features far from every centre (no exp underflow).  -> [n, classes]."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    centers = centers.to(features)
+    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
+    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    s = -sq_dist / (2 * variance)                                          # [n, M]
+    if D is not None and D < centers.shape[0]:
+        nearest = s.topk(D, dim=1).indices                                 # [n, D]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+        s = s.masked_fill(~keep, float("-inf"))
+    num_classes = int(center_classes.max()) + 1
+    member = center_classes.to(features.device)[None, :] == torch.arange(
+        num_classes, device=features.device)[:, None]                      # [classes, M]
+    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
+    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+# --- end shared: eq4 ---
+
+# --- shared: classifier ---
+class Classifier(nn.Module):
+    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
+    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
+    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
+
+    def __init__(self, model, clusters=None, D=None):
+        super().__init__()
+        self.model = model
+        self.clusters = clusters is not None
+        if self.clusters:
+            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
+            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
+            self.variance = float(clusters["variance"])
+            self.D = D
+
+    def forward(self, x):
+        if not self.clusters:
+            return F.log_softmax(self.model(x).float(), dim=1)
+        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
+                                 self.variance, self.D)
+
+
+def load_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities (SPEC section 9).
+    The module is in eval mode with gradients off for its parameters, so an attack never updates
+    batch-norm statistics (SPEC section 6, "evaluation never changes the model").  D="stored"
+    uses the checkpoint's D; None means all centres."""
+    ckpt = load_checkpoint(path)
+    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
+    clusters = None if with_head else ckpt.get("clusters")
+    if not with_head and clusters is None:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+    model = build_model(ckpt["arch"], ckpt["data"], with_head)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        fail(f"{path}: the weights do not fit the stored architecture ({str(e).splitlines()[0]})")
+    if clusters is not None and D == "stored":
+        D = clusters.get("D")
+    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, ckpt
+# --- end shared: classifier ---
+
+# ======================================================================================
+# 4. The method: Prop. 1 radii, a sound L, a lower estimate of L, an L2 attack
+# ======================================================================================
+
+def nearest_center(features, centers, center_classes):
+    """The classifier of Prop. 1 (Eq. (4) with D = 1): -> (index of the nearest centre, its class).
+    Squared distances at float64 from explicit differences.  [n, d], [M, d], [M] -> [n], [n]."""
+    sq = (features.double()[:, None, :] - centers.double().to(features.device)[None]).pow(2).sum(-1)
+    nearest = sq.argmin(1)                                                 # [n]
+    return nearest, center_classes.to(features.device)[nearest]
+
+
+def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
+    """Prop. 1 generalised to C classes x K clusters.  -> dict of [n] tensors: pred, radius (sound,
+    the SPEC's R(x)), tight (sound, best same-class centre), two_closest (the paper's text; NOT
+    sound, see step 6).
+
+    Proof, step by step (App. C, Eq. (7)), for any centre mu_i and any centre mu_j:
+      1. ||f(x+d) - mu_j||^2 - ||f(x+d) - mu_i||^2, with f(x+d) = f(x) + e, e = f(x+d) - f(x),
+         expands to  ||f(x) - mu_j||^2 - ||f(x) - mu_i||^2 + 2 <e, mu_i - mu_j>
+         (the ||e||^2 terms cancel; this is the first two lines of Eq. (7)).
+      2. Cauchy-Schwarz: <e, mu_i - mu_j> >= -||e|| ||mu_i - mu_j||, and L-Lipschitz: ||e|| <= L ||d||.
+      3. So the difference is >= m_ij - 2 L ||d|| ||mu_i - mu_j||, m_ij = ||f-mu_j||^2 - ||f-mu_i||^2,
+         which is > 0 whenever ||d|| < r_ij = m_ij / (2 L ||mu_i - mu_j||)  (Eq. (1), Prop. 1):
+         f(x+d) stays strictly closer to mu_i than to mu_j.
+      4. Multi-class, multi-cluster (Sec. 3.1 leaves it to the appendix, which treats two centres):
+         the class changes only if some centre of ANOTHER class becomes the nearest.  Take i = the
+         nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
+         other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
+         has class c.  Same-class centres need no term: moving between them keeps the class.
+         -> the sound radius R(x) = min over other-class j of r_1j  (SPEC section 6).
+      5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
+         mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
+         radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
+         then that i certifies nothing; i = mu_1 keeps the maximum >= R(x) >= 0).
+      6. The paper's text (Sec. 3.1) uses only the two closest centres, mu_2 = the closest centre
+         of another class here.  r_12 >= R(x) always, and it can be larger, already with K = 1:
+         a farther centre mu_j can have a nearer bisector when ||mu_j - mu_1|| is large (example:
+         f = (-0.5, 0), mu_1 = 0, mu_2 = (1, 0), mu_3 = (-0.5, 1.6): r_12 = 1.0, r_13 = 0.69).
+         Then the two-closest radius exceeds the exact distance to the decision boundary: not
+         a certificate.  It is reported beside R(x), with the count of images where they differ.
+    With L = 1 and f an isometry, r_1j is the exact distance from f(x) to the bisector hyperplane
+    of mu_1, mu_j, and R(x) the exact distance to the boundary of mu_1's Voronoi cell (tightness,
+    Sec. 3.1)."""
+    L = float(lipschitz)
+    mu = centers.double().to(features.device)                              # [M, d]
+    cls = center_classes.long().to(features.device)                        # [M]
+    # ||mu_i - mu_j|| from explicit differences; 0 only for coinciding centres   [M, M]
+    cd = (mu[:, None, :] - mu[None, :, :]).pow(2).sum(-1).sqrt()
+    out = {k: [] for k in ("pred", "radius", "tight", "two_closest")}
+    chunk = max(1, min(chunk, 2 ** 23 // len(mu) ** 2))                   # [chunk, M, M] <= 64 MiB
+    for start in range(0, len(features), chunk):
+        f = features[start:start + chunk].double()                          # [n, d]
+        sq = (f[:, None, :] - mu[None]).pow(2).sum(-1)                       # [n, M] ||f - mu_j||^2
+        nearest = sq.argmin(1)                                               # [n] mu_1
+        pred = cls[nearest]                                                  # [n] class c
+        other = cls[None, :] != pred[:, None]                                # [n, M] class(j) != c
+        # r_ij = (||f-mu_j||^2 - ||f-mu_i||^2) / (2 L ||mu_i - mu_j||), all pairs   [n, M(i), M(j)]
+        margin = sq[:, None, :] - sq[:, :, None]
+        r = margin / (2 * L * cd[None])
+        r = torch.where(cd[None] > 0, r, torch.zeros_like(r))               # coinciding centres: 0
+        r = r.masked_fill(~other[:, None, :], float("inf"))                  # j: other classes only
+        min_over_j = r.min(2).values                                         # [n, M] per centre i
+        radius = min_over_j.gather(1, nearest[:, None]).squeeze(1)           # step 4: i = mu_1
+        tight = min_over_j.masked_fill(other, float("-inf")).max(1).values   # step 5: best i in c
+        j2 = sq.masked_fill(~other, float("inf")).argmin(1)                  # step 6: mu_2
+        two = r[torch.arange(len(f)), nearest, j2]
+        for k, v in (("pred", pred), ("radius", radius), ("tight", tight), ("two_closest", two)):
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def certified_radius(features, centers, center_classes, lipschitz):
+    """SPEC section 9: -> (pred [n], sound radius R(x) [n], two-closest radius [n]), float64."""
+    r = certified_radii(features, centers, center_classes, lipschitz)
+    return r["pred"], r["radius"], r["two_closest"]
+
+
+# A float64 SVD is accurate to a few units of 2^-52 relative; each layer's bound is inflated by
+# this much so that rounding cannot push it below the exact operator norm.
+SLACK = 1e-12
+
+
+def conv_operator_norm_bound(weight, input_hw, padding):
+    """A proven upper bound on the L2 operator norm of a zero-padded convolution (any stride) with
+    kernel `weight` [c_out, c_in, kh, kw] on inputs of spatial size input_hw.
+
+    Why it is an upper bound:
+      1. Put the n_h x n_w input at offset (p, p) of an N_h x N_w canvas of zeros, N >= n + 2p:
+         an isometric embedding (norm-preserving).
+      2. A CIRCULAR cross-correlation with the same kernel on that canvas never wraps around for
+         the outputs the padded convolution keeps (their windows end at index n + 2p - 1 <= N - 1),
+         so the padded convolution is that circular one followed by keeping some output
+         coordinates (cropping; stride s keeps every s-th one).  Keeping coordinates is a
+         projection, of norm <= 1; so ||conv|| <= ||circular conv on N x N||.
+      3. Sedghi, Gupta & Long (ICLR 2019, "The singular values of convolutional layers", Thm. 6):
+         the 2-D DFT, applied per channel, block-diagonalises the circular multi-channel
+         convolution; its singular values are those of the c_out x c_in matrices
+         P(u, v) = sum_{a,b} K[:, :, a, b] exp(-2 pi i (u a / N_h + v b / N_w)), over all N_h x N_w
+         frequencies (cross-correlation gives the conjugate matrices: same singular values).
+         So ||circular conv|| = max_{u,v} ||P(u, v)||_2 exactly.  For a real kernel
+         P(-u, -v) = conj(P(u, v)), with the same singular values, so the half spectrum of rfft2
+         (v = 0 .. N_w / 2) holds every value: half the SVDs.
+    test_certify.py checks the bound against the exact SVD of the unrolled matrix, and the
+    equality for circular padding.  float64 throughout."""
+    c_out, c_in, kh, kw = weight.shape
+    n_h = max(input_hw[0] + 2 * padding[0], kh)                              # N >= n + 2p
+    n_w = max(input_hw[1] + 2 * padding[1], kw)
+    P = torch.fft.rfft2(weight.double(), s=(n_h, n_w))                       # [c_out, c_in, N_h, N_w/2+1]
+    sigma = torch.linalg.matrix_norm(P.permute(2, 3, 0, 1), ord=2)          # [N_h, N_w/2+1]
+    return float(sigma.max()) * (1 + SLACK)
+
+
+def bn_scale(bn):
+    """Eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)."""
+    s = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
+    return s * bn.weight.double() if bn.weight is not None else s
+
+
+def lipschitz_layers(model, input_shape, fold=True):
+    """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of SPEC section 4, eval mode)
+    for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
+    fold=False: the SPEC's literal list, each factor alone (normalisation 1 / min std; each conv
+    by conv_operator_norm_bound; batch norm max |s|).  fold=True (tighter, equally sound): the
+    normalisation and each batch norm are per-channel scalings, so they are multiplied into the
+    adjacent convolution's kernel and the composite linear map (bias-free part) is bounded at once:
+    ||diag(s) K diag(1/std)|| <= max|s| ||K|| max(1/std).  Everywhere: ReLU 1 (1-Lipschitz);
+    a residual block relu(branch(x) + shortcut(x)) at most Lip(branch) + Lip(shortcut), the
+    identity shortcut 1; global average pooling over h x w its exact norm 1 / sqrt(h w)."""
+    net = model.model if isinstance(model, Classifier) else model
+    hw = tuple(input_shape[-2:])
+    parts = []
+
+    def conv_bn(conv, bn, hw, in_scale=None):
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("lipschitz_layers handles plain zero-padded convolutions only")
+        w = conv.weight.detach().double()                                    # [c_out, c_in, k, k]
+        s = bn_scale(bn).detach()                                            # [c_out]
+        if fold:
+            if in_scale is not None:
+                w = w * in_scale[None, :, None, None]
+            bound = conv_operator_norm_bound(s[:, None, None, None] * w, hw, conv.padding)
+        else:
+            bound = conv_operator_norm_bound(w, hw, conv.padding) * float(s.abs().max()) * (1 + SLACK)
+        out = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
+                    zip(hw, conv.padding, conv.kernel_size, conv.stride))
+        return bound, out
+
+    inv_std = 1 / net.std.detach().double().flatten()                       # [C]
+    if not fold:
+        parts.append(("normalise 1/min std", float(inv_std.max()) * (1 + SLACK)))
+    stem, hw = conv_bn(net.conv1, net.bn1, hw, inv_std if fold else None)
+    parts.append(("stem conv+bn" + (" (x 1/std)" if fold else ""), stem))
+    for li, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), 1):
+        for bi, block in enumerate(layer):
+            b1, mid = conv_bn(block.conv1, block.bn1, hw)
+            b2, out = conv_bn(block.conv2, block.bn2, mid)
+            short = 1.0 if len(block.shortcut) == 0 else conv_bn(block.shortcut[0], block.shortcut[1], hw)[0]
+            parts.append((f"layer{li}.{bi} branch {b1:.3g}*{b2:.3g} + shortcut {short:.3g}",
+                          (b1 * b2 + short) * (1 + SLACK)))
+            hw = out
+    parts.append((f"avg pool {hw[0]}x{hw[1]}", 1 / math.sqrt(hw[0] * hw[1]) * (1 + SLACK)))
+    return math.prod(v for _, v in parts), parts
+
+
+def lipschitz_upper_bound(model, input_shape):
+    """SPEC section 9: a sound upper bound on the L2 Lipschitz constant of model.features in eval
+    mode for inputs of shape input_shape ([C, H, W] or [B, C, H, W]), as a float."""
+    return lipschitz_layers(model, input_shape, fold=True)[0]
+
+
+def jacobian_norm_lower(feature_fn, x, iters=20, generator=None):
+    """Lower estimate of L: per image, power iteration on J(x)^T J(x); returns ||J v|| / ||v|| [B],
+    each <= ||J(x)||_2 <= L.  J^T w is one backward pass; J v is the derivative of u -> J^T u
+    (linear in u) in the direction v, a second backward through the first (no forward-mode AD,
+    whose first use in torch costs seconds of TorchScript compilation).  Eval-mode batch norm keeps
+    the images independent, so a batch holds B separate problems."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x = x.detach().requires_grad_(True)
+    f = feature_fn(x)                                                        # [B, d]
+    u = torch.zeros_like(f, requires_grad=True)
+    jt_u, = torch.autograd.grad(f, x, u, create_graph=True)                  # J^T u  [B, C, H, W]
+    v = torch.randn(x.shape, generator=generator, device=x.device)
+    for t in range(iters + 1):
+        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(view)
+        jv, = torch.autograd.grad(jt_u, u, v, retain_graph=True)             # J v    [B, d]
+        if t == iters:
+            return jv.detach().double().norm(dim=1)
+        v, = torch.autograd.grad(f, x, jv, retain_graph=True)                # J^T J v
+
+
+def attack_margin(features, centers, center_classes, y):
+    """min_{i in class y} ||f - mu_i||^2 - min_{j not in y} ||f - mu_j||^2: > 0 once a centre of
+    another class is the nearest (the nearest-centre prediction changed).  [B]."""
+    sq = (features.float()[:, None, :] - centers[None]).pow(2).sum(-1)     # [B, M]
+    same = center_classes[None, :] == y[:, None]                           # [B, M]
+    inf = torch.tensor(float("inf"), device=sq.device)
+    return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values
+
+
+def pgd_l2(feature_fn, x, y, centers, center_classes, r, steps):
+    """PGD in L2 (Madry et al.) on the nearest-centre margin, radius r [B] per image: steps of
+    2.5 r / steps along the normalised gradient, projection onto the ball ||delta|| <= r and the box
+    [0, 1].  Every iterate is checked; -> norm [B] of the smallest iterate that changed the
+    prediction (inf if none)."""
+    delta = torch.zeros_like(x)
+    best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    alpha = (2.5 * r / steps).view(view).to(x)
+    for t in range(steps + 1):
+        delta.requires_grad_(True)
+        f = feature_fn(x + delta)                                            # [B, d]
+        with torch.no_grad():
+            _, pred = nearest_center(f, centers, center_classes)
+            norm = delta.detach().double().flatten(1).norm(dim=1)
+            best = torch.where((pred != y) & (norm < best), norm, best)
+        if t == steps:
+            break
+        g, = torch.autograd.grad(attack_margin(f, centers, center_classes, y).sum(), delta)
+        with torch.no_grad():
+            delta = delta + alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(view)
+            n = delta.flatten(1).norm(dim=1).view(view)
+            delta = delta * torch.clamp(r.view(view).to(x) / n.clamp_min(1e-30), max=1.0)  # ball
+            delta = (x + delta).clamp(0, 1) - x                                # box; norm only shrinks
+    return best
+
+
+def l2_attack(feature_fn, x, centers, center_classes, steps=20, bisect=10):
+    """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
+    (inf where none).  A first PGD at the box diameter sqrt(C H W), then `bisect` rounds on the
+    radius: r = hi / 4 until a miss, then the geometric mean of (miss, hit), hi being the smallest
+    flipping norm so far.  Every finite value returned is the norm of a perturbation that really
+    changed the prediction (an upper bound on the true minimal one)."""
+    centers = centers.float().to(x.device)
+    center_classes = center_classes.long().to(x.device)
+    with torch.no_grad():
+        _, y = nearest_center(feature_fn(x), centers, center_classes)
+    hi = torch.full((len(x),), math.sqrt(x[0].numel()), dtype=torch.float64, device=x.device)
+    best = pgd_l2(feature_fn, x, y, centers, center_classes, hi, steps)
+    lo = torch.zeros_like(hi)
+    for _ in range(bisect):
+        live = torch.isfinite(best)
+        if not live.any():
+            break
+        hi = torch.minimum(hi, best)
+        r = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 4)
+        idx = live.nonzero().squeeze(1)
+        found = pgd_l2(feature_fn, x[idx], y[idx], centers, center_classes, r[idx], steps)
+        best[idx] = torch.minimum(best[idx], found)
+        lo[idx] = torch.where(torch.isfinite(found), lo[idx], r[idx])
+    return best
+
+
+def accuracy_curve(radius, correct, points):
+    """Certified accuracy at r = share of images that are correct with radius > r (Sec. 4.1), on
+    `points` radii from 0 to the largest finite radius of a correct image (where it reaches 0)."""
+    ok = correct & torch.isfinite(radius)
+    top = float(radius[ok].max()) if ok.any() else 0.0
+    grid = [top * i / (points - 1) for i in range(points - 1)] + [top] if top > 0 else [0.0]
+    return [{"radius": r, "certified_accuracy": float((correct & (radius > r)).double().mean())}
+            for r in grid]
+
+
+# ======================================================================================
+# 6. Checkpoint and report (SPEC sections 5 and 10)
+# ======================================================================================
+
+# --- shared: checkpoint ---
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
+    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
+    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
+               f"clustr checkpoint, or an untrusted one" if found else \
+               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        fail(f"checkpoint {path} {kind}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        fail(f"checkpoint {path} lacks {missing}")
+    if ckpt["stage"] not in stages:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    return ckpt
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "generator_device": str(generator.device)}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    if state["generator_device"] == str(generator.device):
+        generator.set_state(state["generator"])
+    else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
+        print(f"note: the run moved from {state['generator_device']} to {generator.device}; "
+              f"its random stream continues from a fresh seed", flush=True)
+
+
+def check_resume_args(ckpt, args, not_shaping):
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    old, new = ckpt["args"], vars(args)
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+    if diff:
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
+             + "; ".join(diff))
+# --- end shared: checkpoint ---
+
+def finite(v):
+    """JSON has no inf/nan: None instead."""
+    return v if v is None or math.isfinite(v) else None
+
+
+def plot_curves(results, radius, pert, lower, path):
+    """Certified accuracy vs radius (Fig. 3 b, d), and on a log axis the sound radii beside the
+    attack's perturbations (and R(x) with L = the lower estimate: the best any bound could do)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped (pip install matplotlib)"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("curve", "sound R(x)", "-"), ("curve_tight", "sound, best same-class centre", "--"),
+                              ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
+        c = results[key]
+        a.step([p["radius"] for p in c], [p["certified_accuracy"] for p in c], style, where="post", label=label)
+    a.set(xlabel="L2 radius (pixels in [0,1])", ylabel="certified accuracy",
+          title=f"Prop. 1, L = {results['lipschitz']['value']:.3g} ({results['lipschitz']['kind']})")
+    a.legend(fontsize=8)
+    L = results["lipschitz"]["value"]
+    for values, label, style in ((radius, "sound radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
+                                 (radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")):
+        r = [float(v) for v in values.sort().values if 0 < v < float("inf")]
+        if r:
+            b.step(r, [1 - i / len(r) for i in range(len(r))], style, where="post", label=label)
+    b.set(xscale="log", xlabel="L2 radius (log)", ylabel="share of attacked images with radius > r",
+          title="gap between the certificate and the attack")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+# ======================================================================================
+# 5. The loop
+# ======================================================================================
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_runtime(args, training=False)
+    if args.amp:
+        print("note: --amp ignored: certificates and the attack run in fp32 (margins need it)")
+        args.amp = False
+    t_run = time.time()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt["stage"] in ("nominal", "qtrades-ce"):
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint: it has no clusters (a linear head), "
+             f"and Prop. 1 certifies the nearest-cluster classifier; certify a clustering checkpoint "
+             f"(python magnet.py --init {args.ckpt}, or qtrades.py --loss magnet)")
+    info = ckpt["data"]
+    args.data = args.data or info["name"]
+    if args.data != info["name"]:
+        fail(f"--data {args.data} but {args.ckpt} was trained on {info['name']}")
+    if args.width is not None and args.width != ckpt["arch"]["width"]:
+        fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
+    args.width = ckpt["arch"]["width"]
+    module, ckpt = load_classifier(args.ckpt, device)
+    net = module.model
+    # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
+    mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]
+    mu_class = torch.as_tensor(ckpt["clusters"]["center_classes"]).long().to(device)  # [M]
+    if mu.dim() != 2 or mu.shape[1] != ckpt["arch"]["feat_dim"] or len(mu_class) != len(mu) \
+            or len(mu_class.unique()) < 2:
+        fail(f"{args.ckpt}: 'clusters' must hold centers [M, {ckpt['arch']['feat_dim']}] and "
+             f"center_classes [M] of at least two classes")
+    try:
+        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
+    except DataError as e:
+        fail(str(e))
+    if classes != info["classes"] or list(images.shape[1:]) != [ckpt["arch"]["in_channels"], *info["image_size"]]:
+        fail(f"the {args.data} test split in {args.data_dir} ({len(classes)} classes, images "
+             f"{list(images.shape[1:])}) does not match {args.ckpt} ({info['num_classes']} classes, "
+             f"images {[ckpt['arch']['in_channels'], *info['image_size']]})")
+    images, labels = images.to(device), labels.to(device)
+    n = len(labels)
+    log_path = args.out + ".log.jsonl"
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, "
+          f"{len(mu)} centres) | data {args.data} ({n} test images) | device {device} | "
+          f"torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)), flush=True)
+    if ckpt["clusters"].get("D") != 1:
+        print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
+              f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
+
+    # --- L: the sound bound (always computed, to compare), layer by layer -----------------
+    bound, parts = lipschitz_layers(net, images.shape[1:], fold=True)
+    layerwise, _ = lipschitz_layers(net, images.shape[1:], fold=False)
+    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
+    for name, v in parts:
+        print(f"  {name:<58} {v:12.5g}")
+    print(f"  {'product (batch norm folded into the convolutions)':<58} {bound:12.5g}\n"
+          f"  {'product, every layer alone (SPEC list)':<58} {layerwise:12.5g}")
+    L = bound if args.lipschitz == "bound" else args.lipschitz
+
+    # --- Prop. 1 on every test image -------------------------------------------------------
+    print(f"{'chunk':>11} {'images':>7} {'acc':>7} {'med R':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
+    parts_r, ties, t0 = [], 0, time.time()
+    chunks = math.ceil(n / args.batch_size)
+    with torch.no_grad():
+        for k, start in enumerate(range(0, n, args.batch_size)):
+            f = net.features(to_float(images[start:start + args.batch_size])).double()   # [b, d]
+            parts_r.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
+            # cross-check with Eq. (4) at D = 1 (the shared classifier): the same predictions
+            eq4 = cluster_log_probs(f, mu.double(), mu_class, module.variance, D=1).argmax(1)
+            ties += int((eq4 != parts_r[-1]["pred"]).sum())
+            r = {key: torch.cat([c[key] for c in parts_r]) for key in parts_r[0]}
+            done = len(r["pred"])
+            acc = float((r["pred"] == labels[:done]).double().mean())
+            med = float(r["radius"].median())
+            el = time.time() - t0
+            row = {"phase": "certify", "chunk": k + 1, "images": done, "accuracy": acc, "median_radius": med,
+                   "images_per_second": done / el}
+            append_jsonl(log_path, row)
+            print(f"{k + 1:>5}/{chunks:<5} {done:>7} {acc:7.2%} {med:10.3g} {done / el:8.0f} "
+                  f"{fmt_time(el):>9} {fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+    correct = r["pred"] == labels
+    if ties:
+        print(f"note: Eq. (4) with D = 1 predicts another class for {ties} images: ties between "
+              f"centres of different classes, which Prop. 1 gives radius 0")
+
+    # --- lower estimate of L and the L2 attack on the first --attack-limit images -----------
+    m = n if args.attack_limit == 0 else min(n, args.attack_limit)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"\nL2 attack and power iteration on {m} images "
+          f"({args.attack_steps} PGD-L2 steps x {1 + args.bisect} radii)")
+    print(f"{'chunk':>11} {'images':>7} {'flipped':>8} {'med pert':>10} {'inside R':>9} "
+          f"{'max |J|':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
+    pert, lower, t0 = [], [], time.time()
+    chunks = math.ceil(m / args.batch_size)
+    for k, start in enumerate(range(0, m, args.batch_size)):
+        x = to_float(images[start:min(m, start + args.batch_size)])
+        lower.append(jacobian_norm_lower(net.features, x, args.power_iters, gen))
+        pert.append(l2_attack(net.features, x, mu, mu_class, args.attack_steps, args.bisect))
+        p, done = torch.cat(pert), sum(len(t) for t in pert)
+        inside = int((p < r["radius"][:done]).sum())
+        el = time.time() - t0
+        row = {"phase": "attack", "chunk": k + 1, "images": done, "flipped": int(torch.isfinite(p).sum()),
+               "median_min_perturbation": finite(float(p.median())), "flipped_inside_radius": inside,
+               "lower_estimate": float(torch.cat(lower).max()), "images_per_second": done / el}
+        append_jsonl(log_path, row)
+        print(f"{k + 1:>5}/{chunks:<5} {done:>7} {row['flipped']:>8} {float(p.median()):10.4g} "
+              f"{inside:>9} {row['lower_estimate']:10.4g} {done / el:8.1f} {fmt_time(el):>9} "
+              f"{fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+    pert = torch.cat(pert) if m else torch.zeros(0, dtype=torch.float64)
+    lower_estimate = float(torch.cat(lower).max()) if m else None
+    inside = int((pert < r["radius"][:m]).sum())
+
+    # --- results -----------------------------------------------------------------------------
+    ok_r = r["radius"][correct]
+    med_r = float(ok_r.median()) if len(ok_r) else 0.0
+    max_r = float(ok_r.max()) if len(ok_r) else 0.0
+    med_p = float(pert.median()) if m else float("nan")
+    vacuous = max_r < 1 / 255
+    results = {
+        "ckpt": args.ckpt, "data": args.data, "images": n,
+        "clean_accuracy": float(correct.double().mean()),
+        "lipschitz": {"value": float(L), "kind": "bound" if args.lipschitz == "bound" else "given",
+                      "lower_estimate": lower_estimate, "lower_estimate_images": m,
+                      "upper_bound": bound, "upper_bound_layerwise": layerwise},
+        "curve": accuracy_curve(r["radius"], correct, args.grid),
+        "curve_tight": accuracy_curve(r["tight"], correct, args.grid),
+        "curve_two_closest": accuracy_curve(r["two_closest"], correct, args.grid),
+        "two_closest_differs": int((r["two_closest"] > r["radius"]).sum()),
+        "tight_exceeds_sound": int((r["tight"] > r["radius"]).sum()),
+        "radius": {"median_correct": med_r, "max_correct": max_r, "vacuous": vacuous,
+                   "median_correct_tight": float(r["tight"][correct].median()) if len(ok_r) else 0.0,
+                   "median_correct_if_L_were_lower_estimate": med_r * L / lower_estimate
+                   if lower_estimate else None},
+        "l2_attack": {"median_min_perturbation": finite(med_p), "images": m,
+                      "flipped": int(torch.isfinite(pert).sum()), "flipped_inside_certified_radius": inside,
+                      "share_flipped_inside": inside / m if m else None,
+                      "steps": args.attack_steps, "bisect": args.bisect,
+                      "curve": accuracy_curve(pert, correct[:m], args.grid) if m else [],
+                      "gap_median_ratio": finite(med_p / float(r["radius"][:m].median()))
+                      if m and float(r["radius"][:m].median()) > 0 else None},
+        "seconds": time.time() - t_run,
+    }
+    plot = args.plot or os.path.splitext(args.out)[0] + ".png"
+    note = "plot skipped (--plot none)" if plot == "none" else \
+        plot_curves(results, r["radius"][:m], pert, lower_estimate, plot)
+    results["plot"] = None if plot == "none" or "skipped" in note else plot
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+    # --- summary -----------------------------------------------------------------------------
+    lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",
+             f"  clean accuracy (nearest centre, D = 1)   {results['clean_accuracy']:.2%}",
+             f"  L used ({results['lipschitz']['kind']:<5})                       {L:.4g}",
+             f"  L upper bound / lower estimate           {bound:.4g} / "
+             f"{lower_estimate if lower_estimate is None else format(lower_estimate, '.4g')}"
+             f"   (layer-wise product {layerwise:.4g})",
+             f"  radius R(x), correct images: median     {med_r:.4g}   max {max_r:.4g}   "
+             f"(best same-class centre: median {results['radius']['median_correct_tight']:.4g})",
+             f"  ... median if L were the lower estimate  "
+             f"{results['radius']['median_correct_if_L_were_lower_estimate'] or float('nan'):.4g}   (not sound)",
+             f"  L2 attack: median min. perturbation      {med_p:.4g}  ({results['l2_attack']['flipped']}/{m} flipped)",
+             f"  flipped inside the certified radius      {inside}/{m}"
+             + ("   <- the given L is too small: these radii are NOT sound" if inside else "   (must be 0)"),
+             f"  two-closest radius > sound radius        {results['two_closest_differs']}/{n}",
+             f"  best same-class centre > sound radius    {results['tight_exceeds_sound']}/{n}",
+             f"  {'radius':>12} {'certified acc':>14}"]
+    step = max(1, (len(results["curve"]) - 1) // 10)
+    lines += [f"  {p['radius']:12.4g} {p['certified_accuracy']:14.2%}" for p in results["curve"][::step]]
+    if lower_estimate is not None and L < lower_estimate:
+        lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({lower_estimate:.4g}): "
+                     f"it is not a Lipschitz constant and the radii are not certificates")
+    if vacuous:
+        lines.append(f"  VACUOUS: no correct image is certified beyond {max_r:.3g} < 1/255 (one grey "
+                     f"level on one pixel); the attack needs a median {med_p:.3g}, "
+                     f"{results['l2_attack']['gap_median_ratio'] or float('nan'):.3g}x the median radius. "
+                     f"The layer-wise bound is that loose for a deep network.")
+    lines += [f"  {note}", f"  results {args.out}   log {log_path}"]
+    print("\n".join(lines), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
