@@ -37,6 +37,7 @@ import attack  # noqa: E402
 import certify  # noqa: E402
 import magnet  # noqa: E402
 import nominal  # noqa: E402
+import qtrades  # noqa: E402
 import synthetic  # noqa: E402
 
 
@@ -1942,3 +1943,300 @@ def test_bad_numbers_exit_2(capsys):
     for argv, words in ((["--seeds", "0"], "--seeds"), (["--n", "3"], "--n 3"),
                         (["--alpha", "-1"], "--alpha"), (["--lr", "0"], "--lr")):
         assert words in exit_code_and_message(capsys, synthetic.parse_args, argv)
+
+
+# ######################################################################################
+# qtrades.py
+# ######################################################################################
+
+
+
+# ======================================================================================
+# qtrades.py: oracles for Eq. (6) and the quick adversary (Sec. 4.2, App. A)
+# ======================================================================================
+
+def naive_consistency(log_p, log_q):
+    """-sum_c p_c log q_c with Python floats, terms with p_c = 0 left out."""
+    out = []
+    for lp, lq in zip(log_p.double().tolist(), log_q.double().tolist()):
+        out.append(-sum(math.exp(a) * b for a, b in zip(lp, lq) if a != float("-inf")))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def toy_clusters_qtrades(seed=0, classes=4, K=2, dim=5):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes * K, dim, generator=g, dtype=torch.float64) * 2
+    return centers, torch.arange(classes).repeat_interleave(K), g
+
+
+@pytest.mark.parametrize("D", [None, 3])
+def test_consistency_is_eq6_cross_entropy_with_finite_gradients(D):
+    centers, center_classes, g = toy_clusters_qtrades()
+    f = torch.randn(20, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    f_adv = (f.detach() + 0.7 * torch.randn(20, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    keep = qtrades.nearest_mask(f, centers, D)
+    log_p = qtrades.eq4_log_probs_on(f, centers, center_classes, 1.5, keep)
+    log_q = qtrades.eq4_log_probs_on(f_adv, centers, center_classes, 1.5, keep)
+    # the clean distribution is Eq. (4) with D, exactly the shared block's
+    assert torch.allclose(log_p, qtrades.cluster_log_probs(f, centers, center_classes, 1.5, D),
+                          atol=1e-12, rtol=0)
+    if D is not None:
+        assert torch.isneginf(log_p).any()                                 # absent classes: p = 0
+    # same centre set for both: q_c > 0 wherever p_c > 0, so the term is finite
+    assert torch.equal(torch.isneginf(log_p), torch.isneginf(log_q))
+    cons = qtrades.consistency(log_p, log_q)
+    assert torch.allclose(cons, naive_consistency(log_p, log_q), atol=1e-12, rtol=1e-12)
+    cons.sum().backward()
+    assert torch.isfinite(f.grad).all() and torch.isfinite(f_adv.grad).all()
+    assert f.grad.abs().sum() > 0 and f_adv.grad.abs().sum() > 0
+    # CE(q, p) >= H(p), with equality at q = p
+    entropy = naive_consistency(log_p.detach(), log_p.detach())
+    assert (cons.detach() >= entropy - 1e-12).all()
+    assert torch.allclose(qtrades.consistency(log_p, log_p), entropy, atol=1e-12)
+
+
+def test_lam_0_is_magnet_py_loss_and_lam_adds_the_naive_consistency():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(24, 6, generator=g, requires_grad=True)
+    f_adv = f.detach() + 0.3 * torch.randn(24, 6, generator=g)
+    cluster_ids = torch.arange(4).repeat_interleave(6)                    # 4 clusters x 6
+    class_ids = cluster_ids // 2                                          # 2 classes, K = 2
+    centers = torch.randn(4, 6, generator=g)
+    center_classes = torch.tensor([0, 0, 1, 1])
+    reference, per_reference, _ = magnet.magnet_loss(f, cluster_ids, class_ids, 12.5)
+    loss, per_example, cons = qtrades.qtrades_magnet_loss(
+        f, f_adv, cluster_ids, class_ids, 12.5, centers, center_classes, 2.0, None, 0.0)
+    assert torch.equal(loss, reference) and torch.equal(per_example, per_reference)
+    loss3, _, _ = qtrades.qtrades_magnet_loss(
+        f, f_adv, cluster_ids, class_ids, 12.5, centers, center_classes, 2.0, None, 3.0)
+    log_p = magnet.cluster_log_probs(f.double(), centers.double(), center_classes, 2.0)
+    log_q = magnet.cluster_log_probs(f_adv.double(), centers.double(), center_classes, 2.0)
+    expected = float(reference.detach()) + 3.0 * float(naive_consistency(log_p, log_q).mean())
+    assert float(loss3.detach()) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(cons.double(), naive_consistency(log_p, log_q), atol=1e-5)
+    # gradients flow through the clean p(f(x)) too (not detached, as in TRADES and the authors'
+    # code): d(loss3 - magnet)/df = 3 d(mean CE)/df, both arguments depending on f
+    grad_loss3, = torch.autograd.grad(loss3, f)
+    grad_ref, = torch.autograd.grad(reference, f)
+    f64 = f.detach().double().requires_grad_(True)
+    cons64 = qtrades.consistency(
+        magnet.cluster_log_probs(f64, centers.double(), center_classes, 2.0),
+        magnet.cluster_log_probs(f_adv.double(), centers.double(), center_classes, 2.0)).mean()
+    grad_cons, = torch.autograd.grad(3.0 * cons64, f64)
+    assert grad_cons.abs().max() > 1e-3
+    assert torch.allclose((grad_loss3 - grad_ref).double(), grad_cons, atol=1e-4)
+    # QTRADES alone: lam = 0 is the cross-entropy of the head
+    logits, logits_adv, y = f.detach()[:, :3], f_adv[:, :3], class_ids
+    ce, _ = qtrades.qtrades_ce_loss(logits, logits_adv, y, 0.0)
+    assert torch.equal(ce, F.cross_entropy(logits, y))
+
+
+def small_model(seed=0, with_head=0):
+    torch.manual_seed(seed)
+    model = nominal.ResNet18(with_head, width=4)
+    model.train()
+    with torch.no_grad():                                                  # non-trivial running stats
+        model(torch.rand(16, 3, 8, 8))
+    return model
+
+
+def test_quick_adversary_is_one_signed_step_in_the_ball_and_raises_the_loss():
+    model = small_model().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(32, 3, 8, 8, generator=g)
+    x[:4] = 0.0                                                            # corners of [0, 1]: clipping
+    x[4:8] = 1.0
+    centers = model.features(torch.rand(6, 3, 8, 8, generator=g)).detach()
+    center_classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    variance = float(centers.var(0).sum()) / 4
+    with torch.no_grad():
+        f = model.features(x)
+    keep = qtrades.nearest_mask(f, centers, None)
+    log_p = qtrades.eq4_log_probs_on(f, centers, center_classes, variance, keep)
+    calls = []
+
+    def log_q_fn(z):
+        calls.append(z.requires_grad)
+        return qtrades.eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
+
+    eps, step = 8 / 255, 10 / 255
+    state = g.get_state()
+    x_adv, x_start = qtrades.quick_adversary(log_q_fn, x, log_p, eps, step, g)
+    assert calls == [True]                                                 # one forward, one gradient
+    assert all(p.grad is None for p in model.parameters())                 # no parameter gradients
+    # manual: the same uniform draw, one signed step, projection to the ball and [0, 1]
+    g.set_state(state)
+    start = (x + (torch.rand(x.shape, generator=g) * (2 * eps) - eps)).clamp(0, 1).requires_grad_(True)
+    assert torch.equal(start.detach(), x_start)
+    loss = qtrades.consistency(log_p, log_q_fn(start)).sum()
+    grad, = torch.autograd.grad(loss, start)
+    manual = torch.max(torch.min(start.detach() + step * grad.sign(), x + eps), x - eps).clamp(0, 1)
+    assert torch.equal(x_adv, manual)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_start - x).abs().max() <= eps + 1e-6 and x_start.min() >= 0 and x_start.max() <= 1
+    assert (x_adv != x_start).float().mean() > 0.5                         # the step moved pixels
+    with torch.no_grad():
+        before = qtrades.consistency(log_p, log_q_fn(x_start))
+        after = qtrades.consistency(log_p, log_q_fn(x_adv))
+    assert after.mean() > before.mean(), (before.mean(), after.mean())
+
+
+@pytest.mark.parametrize("with_head", [0, 3])
+def test_crafting_runs_in_eval_mode_and_leaves_batch_norm_and_gradients_alone(with_head):
+    model = small_model(1, with_head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = qtrades.parse_args(["--data", "folder", "--width", "4"])
+    args.amp = False
+    x = torch.rand(10, 3, 8, 8)
+    if with_head:
+        clusters = None
+    else:
+        centers = model.features(torch.rand(6, 3, 8, 8)).detach()
+        clusters = (centers, torch.tensor([0, 0, 1, 1, 2, 2]), 1.0, 3)
+        model.load_state_dict(before)                                      # undo that forward's BN update
+    x_adv = qtrades.craft(model, x, clusters, args, torch.Generator().manual_seed(0))
+    assert model.training                                                  # back in train mode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert (x_adv - x).abs().max() <= args.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+def test_paper_defaults_per_dataset_and_help():
+    for data, lam, alpha, D in (("cifar10", 8.0, 12.5, None), ("svhn", 9.7, 10.0, None),
+                                ("cifar100", 2.0, 8.5, 20), ("folder", 8.0, 12.5, None)):
+        args = qtrades.parse_args(["--data", data])
+        assert (args.lam, args.alpha, args.D, args.loss) == (lam, alpha, D, "magnet")
+        assert args.eps == 8 / 255 and args.step == 10 / 255 and args.lr == 1e-4
+    assert qtrades.parse_args(["--data", "cifar100", "--D", "all"]).D is None
+    assert qtrades.parse_args(["--eps", "4/255", "--step", "0.01"]).eps == 4 / 255
+    code, out, _ = run_script("qtrades.py", "--help")
+    assert code == 0
+    for text in ("Eq. (6)", "App. A", "Table 1", "10/255", "authors' code", "9.7", "8.5"):
+        assert text in out, text
+
+
+# ======================================================================================
+# qtrades.py: end to end (SPEC sections 5, 6) and attack.py on the checkpoints
+# ======================================================================================
+
+@pytest.fixture(scope="module")
+def qtrades_runs(nominal_run, image_folder, tmp_path_factory):
+    """Both variants from the shared nominal checkpoint, 2 epochs: {loss: (results, path)}."""
+    runs = {}
+    for loss in ("magnet", "ce"):
+        out = str(tmp_path_factory.mktemp("qtrades") / f"{loss}.pt")
+        runs[loss] = qtrades.main(folder_args(image_folder, out, "--init", nominal_run[1],
+                                              "--epochs", 2, "--loss", loss)), out
+    return runs
+
+
+def test_both_variants_write_spec_checkpoints_that_attack_py_evaluates(qtrades_runs, nominal_run, image_folder, tmp_path):
+    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    tracked = nominal_ckpt["model"]["bn1.num_batches_tracked"]
+    for loss, stage, batches in (("magnet", "qtrades-magnet", math.ceil(180 / 30)),
+                                 ("ce", "qtrades-ce", math.ceil(180 / 30))):
+        results, out = qtrades_runs[loss]
+        assert results["status"] == "finished" and results["stage"] == stage
+        ckpt = torch.load(out, map_location="cpu", weights_only=True)
+        assert ckpt["format"] == "clustr/1" and ckpt["stage"] == stage and ckpt["epoch"] == 2
+        heads = [k for k in ckpt["model"] if k.startswith("head.")]
+        if loss == "magnet":
+            assert not heads and set(ckpt["clusters"]) == {"centers", "center_classes", "variance",
+                                                           "K", "alpha", "D"}
+            assert ckpt["clusters"]["centers"].shape == (6, 64) and "sampler" in ckpt["resume"]
+        else:
+            assert heads and "clusters" not in ckpt and "sampler" not in ckpt["resume"]
+        # batch norm: one update by the clean and one by the adversarial batch per step, none by
+        # the crafting (eval mode) or the evaluations
+        assert int(ckpt["model"]["bn1.num_batches_tracked"]) == int(tracked) + 2 * 2 * batches
+        assert not torch.equal(ckpt["model"]["conv1.weight"], nominal_ckpt["model"]["conv1.weight"])
+        with open(out + ".log.jsonl") as fh:
+            log = [json.loads(line) for line in fh]
+        assert [r["epoch"] for r in log] == [0, 1, 2]
+        assert all(math.isfinite(r["train_loss"]) and r["consistency"] >= 0 for r in log[1:])
+        assert results["test_accuracy"] > 0.8                              # chance is 1/3
+        res = attack.main(["--ckpt", out, "--data-dir", image_folder, "--limit", "30", "--steps", "5",
+                           "--out", str(tmp_path / f"{loss}.json")])
+        assert res["images"] == 30 and res["natural_accuracy"] > 0.8
+        losses = {r["loss"] for r in res["results"]}
+        assert ("magnet" in losses) == (loss == "magnet")                  # the adaptive attack needs clusters
+        assert all(r["robust_accuracy"] <= res["natural_accuracy"] for r in res["results"])
+    # the ce checkpoint's head is what attack.py evaluates: recompute its natural accuracy
+    ckpt = torch.load(qtrades_runs["ce"][1], map_location="cpu", weights_only=True)
+    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=True)
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.eval()
+    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
+    with torch.no_grad():
+        acc = float((model(test_x.float() / 255).argmax(1) == test_y).double().mean())
+    assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["magnet", "ce"])
+def test_qtrades_resume_is_bit_identical_to_an_uninterrupted_run(qtrades_runs, nominal_run, image_folder, tmp_path, loss):
+    _, full = qtrades_runs[loss]
+    out = str(tmp_path / "q.pt")
+    args = folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2, "--loss", loss)
+    assert "stopped" in qtrades.main(args + ["--stop-after", "1"])["status"]
+    assert qtrades.main(args + ["--resume"])["epochs_done"] == 2
+    a = torch.load(full, map_location="cpu", weights_only=True)
+    b = torch.load(out, map_location="cpu", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    if loss == "magnet":
+        assert torch.equal(a["clusters"]["centers"], b["clusters"]["centers"])
+        assert a["clusters"]["variance"] == b["clusters"]["variance"]
+    assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+    with open(out + ".log.jsonl") as fh:
+        assert [json.loads(line)["epoch"] for line in fh] == [0, 1, 2]
+
+
+def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp_path):
+    clustr = str(tmp_path / "magnet.pt")
+    magnet.main(folder_args(image_folder, clustr, "--init", nominal_run[1], "--epochs", 1))
+    out = str(tmp_path / "q0.pt")
+    qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 0))
+    a = torch.load(clustr, map_location="cpu", weights_only=True)
+    b = torch.load(out, map_location="cpu", weights_only=True)
+    assert b["stage"] == "qtrades-magnet" and set(a["model"]) == set(b["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])   # weights kept
+    assert b["clusters"]["centers"].shape == a["clusters"]["centers"].shape
+    # D = 2 of 6 centres: classes absent from the clean point's 2 nearest get p = 0, no NaN
+    out = str(tmp_path / "qD.pt")
+    results = qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 1, "--D", 2))
+    assert results["status"] == "finished" and math.isfinite(results["train_loss"])
+    assert torch.load(out, map_location="cpu", weights_only=True)["clusters"]["D"] == 2
+
+
+# ======================================================================================
+# qtrades.py: bad input (SPEC section 7)
+# ======================================================================================
+
+def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run, image_folder, capsys, tmp_path):
+    out = str(tmp_path / "x.pt")
+    magnet_ckpt = qtrades_runs["magnet"][1]
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--init", magnet_ckpt, "--loss", "ce"))
+    assert "'qtrades-magnet' checkpoint" in err and "nominal" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--init", qtrades_runs["ce"][1]))
+    assert "'qtrades-ce' checkpoint" in err and "magnet" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--width", "16", "--init", nominal_run[1]))
+    assert "--width 8" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--loss", "ce", "--resume", magnet_ckpt))
+    assert "'qtrades-magnet' checkpoint" in err and "qtrades-ce" in err
+    assert not os.path.exists(out)
+    # NaN/inf: stop, keep the last good checkpoint, suggest a smaller lr / lam
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--epochs", 2, "--loss", "ce") + ["--lr", "1e30"])
+    assert "smaller --lr" in err and "--lam" in err
+    assert qtrades.load_checkpoint(out, stages=("qtrades-ce",))["epoch"] == 0
+
+
+def test_cli_eps_above_1_exits_2(image_folder, tmp_path):
+    code, _, err = run_script("qtrades.py", "--data", "folder", "--data-dir", image_folder,
+                              "--eps", "8", "--out", tmp_path / "q.pt")
+    assert code == 2 and "Traceback" not in err and "8/255" in err
+    assert not os.path.exists(tmp_path / "q.pt")

@@ -1,0 +1,1264 @@
+"""qtrades.py -- ClusTR+QTRADES and QTRADES alone (Alfarra, Perez et al., BMVC 2021).
+
+Paper: "Rethinking Clustering for Robustness", Sec. 4.2 (Eq. (6) and the quick adversary),
+Table 1 (rows "QTRADES" and "ClusTR + QTRADES"), Table 2 (CIFAR100, D = 20), Appendix A
+("QTRADES", "Magnet Loss", "Optimization").
+
+ClusTR+QTRADES (--loss magnet, the paper's best rows) fine-tunes the features f(x) with the Magnet
+loss of magnet.py (ClusTR Eq. (3), neighbourhood batches, k-means++ after every epoch) plus a
+TRADES-like consistency term, Eq. (6):
+
+    L = L_Magnet + lam * CE(p(f(x_adv)), p(f(x))),   CE(q, p) = -sum_c p_c log q_c,
+
+p of Eq. (4) with the current centres and sigma^2.  x_adv is a *quick* adversary (Sec. 4.2):
+x' = clip_[0,1](x + U[-eps, eps]), then ONE signed-gradient step of size eta on the same
+cross-entropy, projected to the eps-ball around x and to [0, 1].  QTRADES alone (--loss ce, the
+"QTRADES" row of Table 1) keeps the linear head: cross-entropy with the labels plus lam times the
+same consistency term on the head's softmax; it takes no clusters.
+
+Usage (copy-paste):
+    python qtrades.py --data cifar10 --init ckpt.pt                   # ClusTR+QTRADES -> qtrades.pt
+    python qtrades.py --data cifar100 --init c100.pt --out c100_q.pt  # lam 2, alpha 8.5, D = 20
+    python qtrades.py --data cifar10 --init magnet.pt                 # from a ClusTR checkpoint
+    python qtrades.py --data cifar10 --init ckpt.pt --loss ce --out qtrades_ce.pt   # QTRADES alone
+    python nominal.py --data cifar10 --width 16 --limit 512 --epochs 3 && \
+    python qtrades.py --data cifar10 --width 16 --limit 512 --epochs 3 --init ckpt.pt  # quick CPU run
+    python qtrades.py --data cifar10 --init ckpt.pt --stop-after 10   # ... interrupted after epoch 10
+    python qtrades.py --data cifar10 --init ckpt.pt --resume          # ... continues from qtrades.pt
+    python attack.py --ckpt qtrades.pt                                # then evaluate it
+
+Reads: --init (a nominal or, for --loss magnet, a magnet checkpoint; weights_only) and the
+dataset.  Writes: --out (format "clustr/1", stage "qtrades-magnet" with the `clusters` entry, or
+"qtrades-ce" with head.* and no clusters; rewritten atomically after every epoch, epoch 0 = the
+starting point) and <out>.log.jsonl.  Needs torch, torchvision, numpy; imports no other file of
+this repository: copy it freely.  Blocks between "# --- shared: NAME ---" markers are identical
+copies of the same blocks in the other stages (test_all.py checks this).
+
+Lineage: TRADES (Zhang et al., ICML 2019) for the consistency term; Magnet loss and
+neighbourhood sampling (Rippel, Paluri, Dollar, Bourdev, ICLR 2016); k-means++ (Arthur &
+Vassilvitskii 2007); PGD (Madry et al. 2018) for the signed-gradient step; ResNet18 (He et al.
+2016); Adam (Kingma & Ba 2014).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================
+# 1. Arguments
+# ======================================================================================
+
+# Paper defaults per dataset, applied only to flags the user left unset.
+#   lam, alpha: App. A "QTRADES" / "Magnet Loss": lam 8 CIFAR10, 9.7 SVHN, 2 CIFAR100; alpha 12.5
+#     CIFAR10, 10 SVHN, 8.5 CIFAR100 (the ClusTR+QTRADES values).  folder: CIFAR10's values.
+#   D: Sec. 4.2 uses the D = 20 nearest of the 200 CIFAR100 centres; all centres elsewhere.
+#   lr 1e-4, epochs 30 CIFAR10/SVHN, 60 CIFAR100: as magnet.py (App. A "Optimization"; the paper
+#     gives no separate schedule for QTRADES; SVHN: Sec. 4.2 says 30, App. A says 60).
+#   crop/flip: as nominal.py (App. A crops for CIFAR; flips from the authors' code; none for SVHN).
+PAPER_DEFAULTS = {
+    "cifar10": dict(epochs=30, lr=1e-4, alpha=12.5, lam=8.0, D="all", crop=4, flip=True),
+    "cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D=20, crop=4, flip=True),
+    "svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=9.7, D="all", crop=0, flip=False),
+    "folder": dict(epochs=30, lr=1e-4, alpha=12.5, lam=8.0, D="all", crop=0, flip=False),
+}
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+# --- end shared: args ---
+
+
+# --- shared: eps ---
+def parse_fraction(text):
+    """argparse type for eps and step sizes in [0, 1] pixel units: '8/255' or '0.0314'.
+    A value > 1 is almost always a forgotten '/255' (SPEC section 2): an error that says so."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
+    if value > 1:
+        raise argparse.ArgumentTypeError(
+            f"{text} > 1, but images are in [0, 1]: did you mean {text}/255 (= {value / 255:.5f})?")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+# --- end shared: eps ---
+
+
+def parse_D(text):
+    """--D: a positive integer (the D nearest centres, Sec. 4.2) or 'all'."""
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--D takes a positive integer or 'all', not {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="qtrades.py",
+        description="ClusTR+QTRADES (--loss magnet): Magnet loss (Eq. (3)) + lam x the consistency "
+                    "CE(p(f(x_adv)), p(f(x))) of Eq. (6) with p of Eq. (4) and a one-step quick "
+                    "adversary (Sec. 4.2, App. A 'QTRADES'); QTRADES alone (--loss ce): cross-"
+                    "entropy on the linear head + the same term on its softmax (Table 1 row "
+                    "'QTRADES').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, data_default="cifar10")
+    g = p.add_argument_group("QTRADES (Sec. 4.2, Eq. (6); App. A 'QTRADES', 'Magnet Loss', 'Optimization')")
+    g.add_argument("--loss", choices=["magnet", "ce"], default="magnet",
+                   help="magnet = ClusTR+QTRADES (Eq. (6), clusters, stage qtrades-magnet); ce = "
+                        "QTRADES alone on the linear head (Table 1 row 'QTRADES', stage qtrades-ce)")
+    g.add_argument("--init", default=None, metavar="PATH",
+                   help="checkpoint to start from: nominal.py (--loss magnet drops its head, Sec. "
+                        "3.3; --loss ce keeps it) or, for --loss magnet, magnet.py (its weights; "
+                        "clusters are recomputed). Without it: random initialisation")
+    g.add_argument("--out", default="qtrades.pt", help="checkpoint path; log goes to <out>.log.jsonl")
+    g.add_argument("--lam", type=float, default=None,
+                   help="lambda of Eq. (6); App. A: 8 CIFAR10, 9.7 SVHN, 2 CIFAR100; folder 8")
+    g.add_argument("--eps", type=parse_fraction, default=8 / 255,
+                   help="L-inf radius of the quick adversary in [0,1] pixel units (8/255 accepted); "
+                        "Sec. 4.2: 8/255")
+    g.add_argument("--step", type=parse_fraction, default=10 / 255,
+                   help="eta, the size of the adversary's one signed-gradient step; the paper gives "
+                        "none, the authors' code uses 10/255 (SPEC 6)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs; as magnet.py (App. A): 30 CIFAR10 and SVHN, 60 CIFAR100; folder 30")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate; App. A: 1e-4")
+    g.add_argument("-b", "--batch-size", type=int, default=500,
+                   help="images per forward pass for the feature passes (k-means, sigma^2) and the "
+                        "test set; training batches are m x d (App. A) for both losses")
+    g.add_argument("--m", type=int, default=12, metavar="m",
+                   help="clusters per neighbourhood batch; App. A: 12 (--loss ce: batches of m x d "
+                        "shuffled images)")
+    g.add_argument("--d", type=int, default=20, metavar="d", help="examples per sampled cluster; App. A: 20")
+    g.add_argument("--K", type=int, default=2, metavar="K", help="k-means++ clusters per class; App. A: 2")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="Magnet-loss margin alpha of Eq. (3); App. A (ClusTR+QTRADES): 12.5 CIFAR10, "
+                        "10 SVHN, 8.5 CIFAR100; folder 12.5")
+    g.add_argument("--D", type=parse_D, default=None, metavar="D",
+                   help="Eq. (4) over the D nearest centres only, in training and in the checkpoint "
+                        "(Sec. 4.2: D = 20 for CIFAR100, Table 2); 'all' elsewhere")
+    g.add_argument("--crop", type=int, default=None,
+                   help="random crops from a zero padding of this many pixels; App. A: 4 for "
+                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
+                        "does not mention flips), off for SVHN and folder")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop optimizer/sampler/RNG state from the final checkpoint (no resume)")
+    args = p.parse_args(argv)
+    for key, value in PAPER_DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.D == "all":
+        args.D = None
+    for flag, value, low in (("--m", args.m, 2), ("--d", args.d, 2), ("--K", args.K, 1),
+                             ("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1)):
+        if value < low:  # m >= 2: a batch needs other-class clusters; d >= 2: sigma^2 > 0
+            fail(f"{flag} must be at least {low} (got {value})")
+    if not args.alpha >= 0:
+        fail(f"--alpha must be >= 0 (Eq. (3)), got {args.alpha}")
+    if not args.lam >= 0:
+        fail(f"--lam must be >= 0 (Eq. (6)), got {args.lam}")
+    return args
+
+
+# Arguments that do not change the trained weights: a resume may differ in these.
+NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir"}
+STAGE = {"magnet": "qtrades-magnet", "ce": "qtrades-ce"}                 # SPEC 5 stage names
+
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+# --- end shared: runtime ---
+
+
+# ======================================================================================
+# 2. Data (SPEC section 3): each split is one uint8 tensor [N, C, H, W] held on the device;
+#    batches are indexed from it and augmented there (no DataLoader in the hot path).
+# ======================================================================================
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {e}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+
+# ======================================================================================
+# 3. Model (SPEC section 4; App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+#    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+
+
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+def arch_entry(width, in_channels):
+    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
+# --- end shared: model ---
+
+
+# ======================================================================================
+# 4. The method: Eq. (4) inference, Eq. (3) Magnet loss, k-means++, neighbourhood sampler
+# ======================================================================================
+
+# --- shared: eq4 ---
+def cluster_log_probs(features, centers, center_classes, variance, D=None):
+    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+
+        p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
+                 / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
+        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
+    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    *before* each reduction (never multiplied into an exponent), and masked_fill passes no
+    gradient to masked entries, so gradients stay finite even for classes absent from the D
+    nearest and for features far from every centre (no exp underflow).  -> [n, classes]."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    centers = centers.to(features)
+    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
+    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    s = -sq_dist / (2 * variance)                                          # [n, M]
+    if D is not None and D < centers.shape[0]:
+        nearest = s.topk(D, dim=1).indices                                 # [n, D]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+        s = s.masked_fill(~keep, float("-inf"))
+    num_classes = int(center_classes.max()) + 1
+    member = center_classes.to(features.device)[None, :] == torch.arange(
+        num_classes, device=features.device)[:, None]                      # [classes, M]
+    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
+    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+# --- end shared: eq4 ---
+
+
+# --- shared: magnet-loss ---
+def magnet_loss(features, cluster_ids, class_ids, alpha):
+    """ClusTR Eq. (3), the Magnet loss (Rippel et al. 2016, Eq. (5)), in its stochastic batch form
+    (App. A "Magnet Loss"): the cluster means are the batch means of the sampled clusters.
+
+        L = 1/N sum_n { alpha + ||r_n - mu(r_n)||^2 / (2 sigma^2)
+                        + log sum_{mu: class(mu) != c_n} exp(-||r_n - mu||^2 / (2 sigma^2)) }_+
+        sigma^2 = 1/(N - 1) sum_n ||r_n - mu(r_n)||^2          (over the batch)
+
+    features r [N, d]; cluster_ids [N] (any integer ids; the rows of one id form one cluster);
+    class_ids [N].  The denominator runs over clusters of *other classes only*: same-class
+    clusters are masked with -inf before the logsumexp (no exp(0) = 1 terms sneak in), and the
+    logsumexp keeps far-away clusters from underflowing.  sigma^2 is a function of the batch, so
+    gradients flow through it as through the rest of Eq. (3).
+    -> (mean loss, per-example losses [N], sigma^2 as a 0-d tensor)."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    ids, member = torch.unique(cluster_ids, return_inverse=True)           # m clusters; [N] -> 0..m-1
+    m = len(ids)
+    counts = features.new_zeros(m).index_add_(0, member, features.new_ones(len(member)))  # [m]
+    mu = features.new_zeros(m, features.shape[1]).index_add_(
+        0, member, features) / counts[:, None]                             # [m, d] batch means
+    mu_class = torch.zeros(m, dtype=class_ids.dtype, device=features.device).scatter_(
+        0, member, class_ids)                                              # [m] class of each cluster
+    sq_dist = (features[:, None, :] - mu[None, :, :]).pow(2).sum(-1)       # [N, m] ||r_n - mu_k||^2
+    own = sq_dist.gather(1, member[:, None]).squeeze(1)                    # [N] ||r_n - mu(r_n)||^2
+    sigma2 = own.sum() / (len(features) - 1)                               # Eq. (3) sigma^2
+    other = mu_class[None, :] != class_ids[:, None]                        # [N, m] other-class clusters
+    log_denominator = (-sq_dist / (2 * sigma2)).masked_fill(~other, float("-inf")).logsumexp(1)
+    per_example = F.relu(alpha + own / (2 * sigma2) + log_denominator)     # {.}_+ of Eq. (3)
+    return per_example.mean(), per_example, sigma2
+# --- end shared: magnet-loss ---
+
+
+# --- shared: kmeans ---
+def _sq_dists(x, x_sq, c):
+    """||x_i - c_j||^2 [n, k] by the expanded form ||x||^2 - 2 x.c + ||c||^2 (one matmul, as
+    k-means libraries do; clamped at 0 against rounding).  x_sq = ||x_i||^2 [n]."""
+    return (x_sq[:, None] - x @ (2 * c).T + (c * c).sum(1)[None, :]).clamp_min_(0)
+
+
+def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
+    """k-means on the rows of x [n, d] (float, any device), all randomness from `generator`
+    (a torch.Generator on x's device).  -> (centers [k, d], assignment [n] in 0..k-1).
+
+    Seeding, k-means++ (Arthur & Vassilvitskii 2007): the first centre is a uniformly drawn row;
+    every further centre is drawn with probability proportional to D(x)^2, the squared distance
+    to the nearest centre chosen so far.  Greedy variant (scikit-learn's default): draw
+    2 + floor(ln k) candidates per step and keep the one that lowers sum_x D(x)^2 the most (plain
+    D^2 seeding often misses clusters in 512-d).  When every D^2 is 0 (duplicates) draws are uniform.
+    Lloyd: assign each row to its nearest centre, move each centre to the mean of its rows; stop
+    when the assignment no longer changes, when the centres moved by at most tol x the mean
+    per-feature variance of x in total squared distance (scikit-learn's criterion; tol=0: only
+    the first), or after `iters` rounds.  A centre left without rows is reseeded with the row
+    farthest from its own centre (that row moves to it).  The returned assignment is each row's
+    nearest returned centre.  One host sync per Lloyd round."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans_pp needs 1 <= k <= n rows, got k={k}, n={n}")
+    x_sq = torch.linalg.vector_norm(x, dim=1).square()                     # [n], no [n, d] temporary
+    first = torch.randint(n, (1,), device=x.device, generator=generator)
+    centers = x[first]                                                     # [1, d]
+    closest = _sq_dists(x, x_sq, centers)[:, 0]                           # [n] D(x)^2
+    trials = 2 + int(math.log(k))
+    for _ in range(1, k):
+        total = closest.sum()
+        weights = torch.where(total > 0, closest, torch.ones_like(closest))   # all 0: uniform
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
+        d_cand = torch.minimum(closest[:, None], _sq_dists(x, x_sq, x[candidates]))  # [n, trials]
+        best = d_cand.sum(0).argmin()                                      # lowest potential
+        closest = d_cand[:, best]
+        centers = torch.cat([centers, x[candidates[best]][None]])          # [c+1, d]
+    # scikit-learn's scaling: tol x the mean per-feature variance of x (from ||x||^2 and the mean)
+    mean_var = (x_sq.sum() - x.sum(0).square().sum() / n) / max(1, n - 1) / x.shape[1]
+    tol = tol * float(mean_var)
+    dist, new = _sq_dists(x, x_sq, centers).min(1)                         # [n], [n]
+    counts = torch.bincount(new, minlength=k)                              # [k]
+    has_empty = bool((counts == 0).any())
+    for _ in range(iters):
+        assignment = new
+        if has_empty:  # reseed: the rows farthest from their centres become the empty centres
+            empty = (counts == 0).nonzero().flatten()
+            assignment = assignment.clone()
+            assignment[dist.topk(len(empty)).indices] = empty
+            counts = torch.bincount(assignment, minlength=k)
+        sums = x.new_zeros(k, x.shape[1]).index_add_(0, assignment, x)    # [k, d]
+        # a centre still without rows (only with duplicate rows) stays where it was
+        moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        shift = (moved - centers).pow(2).sum()
+        centers = moved
+        dist, new = _sq_dists(x, x_sq, centers).min(1)
+        counts = torch.bincount(new, minlength=k)
+        changed, far, has_empty = torch.stack(
+            [(new != assignment).any(), shift > tol, (counts == 0).any()]).tolist()
+        if not changed or not far:                                         # converged
+            break
+    return centers, new
+
+
+@torch.no_grad()
+def features_of(model, images, batch_size, amp):
+    """Eval-mode features f(x) [N, 8w] (float32) of un-augmented uint8 images [N, C, H, W]: what
+    k-means, sigma^2 and Eq. (4) see (SPEC 6).  Batch-norm buffers are not touched."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(model.features(x).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def fit_clusters(features, labels, num_classes, K, generator=None, iters=100):
+    """ClusTR App. A / Sec. 4.2: K k-means++ clusters per class on the whole training split's
+    features [N, d] (labels [N]); cluster j = c*K + k belongs to class c.  Then the variance of
+    Eq. (3) over the whole split around each row's own centre mu(r_n) (its nearest centre of
+    its class, v* of Eq. (3)):  sigma^2 = 1/(N-1) sum_n ||r_n - mu(r_n)||^2.
+    -> (centers [C*K, d], center_classes [C*K], assignment [N] cluster ids, sigma^2 float)."""
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    short = {c: counts[c] for c in range(num_classes) if counts[c] < K}
+    if short:
+        fail(f"k-means++ needs at least K={K} training examples per class; these classes have "
+             f"fewer (class: count): {short}. Lower --K or raise --limit")
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()
+    dim = features.shape[1]
+    centers = features.new_zeros(num_classes * K, dim)                    # [C*K, d]
+    assignment = torch.empty_like(labels)                                 # [N]
+    # one reused buffer for a class's rows, and chunks of ~1 MB for the differences: fresh
+    # [n, d] temporaries cost more (page faults on the CPU) than the arithmetic
+    rows_buffer = features.new_empty(max(counts), dim)
+    chunk = max(1, 2 ** 18 // dim)
+    own_sq = torch.zeros((), dtype=torch.float64, device=features.device)  # sum ||r_n - mu(r_n)||^2
+    for c in range(num_classes):
+        rows = (labels == c).nonzero().flatten()
+        x = torch.index_select(features, 0, rows, out=rows_buffer[:counts[c]])   # [n_c, d]
+        mu, a = kmeans_pp(x, K, iters, generator)
+        centers[c * K:(c + 1) * K] = mu
+        assignment[rows] = c * K + a
+        for s in range(0, counts[c], chunk):                               # explicit differences
+            own_sq += (x[s:s + chunk] - mu[a[s:s + chunk]]).pow_(2).sum().double()
+    center_classes = torch.arange(num_classes, device=labels.device).repeat_interleave(K)
+    variance = float(own_sq) / max(1, len(labels) - 1)                     # Eq. (3) sigma^2
+    return centers, center_classes, assignment, variance
+# --- end shared: kmeans ---
+
+
+# --- shared: sampler ---
+class NeighbourhoodSampler:
+    """Neighbourhood sampling for the stochastic Magnet loss (Rippel et al. 2016, Sec. 3.2-3.3;
+    ClusTR App. A "Magnet Loss"), over the training split's clusters:
+
+      1. a seed cluster I_1, drawn with probability proportional to the mean recent loss of its
+         examples (each example keeps the loss it had when last drawn; a cluster none of whose
+         examples has been drawn yet counts at the mean of the others; uniform before any loss,
+         and when every loss is 0);
+      2. the m - 1 clusters of *other classes* whose centres are nearest to I_1's ("impostors");
+      3. d examples from each, uniformly without replacement (the whole cluster, with a one-time
+         note, when it holds fewer than d).
+    App. A: m = 12, d = 20 (240 per batch); an epoch is ceil(N / (m d)) batches.  The index work
+    runs on the CPU with its own CPU `generator`, so batches do not depend on the device; its
+    state (losses, generator, clusters) goes into the checkpoint for --resume."""
+
+    def __init__(self, num_examples, m=12, d=20, generator=None):
+        self.num_examples, self.m, self.d = num_examples, m, d
+        self.generator = torch.Generator() if generator is None else generator
+        self.losses = torch.full((num_examples,), float("nan"))          # [N], NaN = never drawn
+        self.noted = False
+
+    def set_clusters(self, assignment, centers, center_classes):
+        """After each k-means update: assignment [N] cluster ids, centers [M, d], classes [M]."""
+        self.assignment = assignment.detach().cpu()
+        self.centers = centers.detach().float().cpu()
+        self.center_classes = center_classes.detach().cpu()
+        M = len(self.center_classes)
+        self.sizes = torch.bincount(self.assignment, minlength=M)         # [M]
+        self.order = torch.argsort(self.assignment, stable=True)          # rows grouped by cluster
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes            # [M]
+        # centre distances from explicit differences, float64 (ties and order are exact) [M, M]
+        c = self.centers.double()
+        dist = (c[:, None, :] - c[None, :, :]).pow(2).sum(-1)
+        other = self.center_classes[:, None] != self.center_classes[None, :]
+        dist = dist.masked_fill(~other | (self.sizes[None, :] == 0), float("inf"))
+        self.impostors = dist.argsort(dim=1, stable=True)[:, :self.m - 1]     # [M, <= m-1] nearest first
+        self.n_impostors = torch.isfinite(dist).sum(1).clamp(max=self.m - 1)   # [M]
+
+    def seed_probabilities(self):
+        """p(I_1 = j) proportional to the mean recent loss of cluster j's examples -> [M]."""
+        M = len(self.sizes)
+        known = ~torch.isnan(self.losses)
+        ids = self.assignment[known]
+        total = torch.zeros(M, dtype=torch.float64).index_add_(0, ids, self.losses[known].double())
+        count = torch.zeros(M, dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        seen = count > 0
+        mean = total / count.clamp_min(1)                                 # [M]
+        if seen.any():
+            mean = torch.where(seen, mean, mean[seen].mean())             # never drawn: average
+        nonempty = (self.sizes > 0).double()
+        w = mean.clamp_min(0) * nonempty
+        if not (torch.isfinite(w).all() and w.sum() > 0):                 # no loss yet, or all 0
+            w = nonempty
+        return w / w.sum()
+
+    def sample(self):
+        """One neighbourhood batch -> (row indices [B], cluster ids [B]) on the CPU, B <= m d;
+        the seed cluster's rows come first, then the impostors', nearest first."""
+        seed = int(torch.multinomial(self.seed_probabilities(), 1, generator=self.generator))
+        clusters = [seed] + self.impostors[seed, :int(self.n_impostors[seed])].tolist()
+        rows, ids = [], []
+        for j in clusters:
+            size, start = int(self.sizes[j]), int(self.starts[j])
+            members = self.order[start:start + size]
+            if size > self.d:                                             # d without replacement
+                members = members[torch.randperm(size, generator=self.generator)[:self.d]]
+            elif not self.noted:
+                self.noted = True
+                print(f"note: cluster {j} holds {size} examples, not more than d={self.d}; the "
+                      f"whole cluster enters the batch (shown once)", flush=True)
+            rows.append(members)
+            ids.append(torch.full((len(members),), j, dtype=torch.long))
+        return torch.cat(rows), torch.cat(ids)
+
+    def record(self, rows, losses):
+        """Remember each drawn example's loss (Rippel et al.: the loss index of the sampler)."""
+        self.losses[rows.cpu()] = losses.detach().float().cpu()
+
+    def batches_per_epoch(self):
+        """App. A: an epoch passes as many examples as the split holds: ceil(N / (m d))."""
+        return math.ceil(self.num_examples / (self.m * self.d))
+
+    def state_dict(self):
+        return {"losses": self.losses.clone(), "generator": self.generator.get_state(),
+                "assignment": self.assignment.clone(), "centers": self.centers.clone(),
+                "center_classes": self.center_classes.clone(), "noted": self.noted}
+
+    def load_state_dict(self, state):
+        self.losses = state["losses"].clone()
+        self.generator.set_state(state["generator"])
+        self.set_clusters(state["assignment"], state["centers"], state["center_classes"])
+        self.noted = bool(state["noted"])
+# --- end shared: sampler ---
+
+
+@torch.no_grad()
+def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
+    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that the
+    [rows, centres, dim] differences inside cluster_log_probs stay under ~64 MB."""
+    chunk = max(1, 2 ** 24 // (centers.shape[0] * centers.shape[1]))
+    correct = torch.zeros((), dtype=torch.long, device=features.device)
+    for start in range(0, len(labels), chunk):
+        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, variance, D)
+        correct += (log_p.argmax(1) == labels[start:start + chunk]).sum()
+    return correct.item() / max(1, len(labels))
+
+
+def update_clusters(model, train, num_classes, args, generator):
+    """Sec. 4.2 / App. A: after every epoch, k-means++ per class on the eval-mode features of the
+    whole un-augmented training split; sigma^2 of Eq. (3) over the same features (SPEC 6).
+    -> (centers [C*K, 8w], center_classes [C*K], assignment [N], sigma^2, train Eq. (4) accuracy)."""
+    features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]
+    if not torch.isfinite(features).all():
+        fail(f"the features became non-finite (inf/NaN): the weights diverged. {args.out} keeps "
+             f"the last good epoch; try a smaller --lr (now {args.lr}) or --alpha (now {args.alpha})")
+    centers, center_classes, assignment, variance = fit_clusters(
+        features, train[1], num_classes, args.K, generator)
+    accuracy = eq4_accuracy(features, train[1], centers, center_classes, variance, args.D)
+    return centers, center_classes, assignment, variance, accuracy
+
+
+# ======================================================================================
+# 4b. QTRADES: the consistency term of Eq. (6) and the quick adversary (Sec. 4.2, App. A)
+# ======================================================================================
+
+def nearest_mask(features, centers, D):
+    """[n, M] bool: the D centres nearest to each row (Sec. 4.2, App. B.3); all True when D is
+    None or >= M.  Same distances and topk as the eq4 block, so ties resolve the same way."""
+    features = features.detach().float()
+    centers = centers.to(features)
+    keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
+    if D is not None and D < centers.shape[0]:
+        s = -(features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)  # [n, M]
+        keep = torch.zeros_like(keep).scatter_(1, s.topk(D, dim=1).indices, True)
+    return keep
+
+
+def eq4_log_probs_on(features, centers, center_classes, variance, keep):
+    """log of Eq. (4) with both sums over the centres marked in keep [n, M]:
+        log p_c = logsumexp_{j in c, keep}(s_j) - logsumexp_{j in keep}(s_j),
+        s_j = -||f - mu_j||^2 / (2 sigma^2).
+    With keep = nearest_mask(f, centers, D) this is cluster_log_probs(f, ..., D) (a test checks
+    it).  Eq. (6) evaluates p(f(x)) and p(f(x_adv)) on the *same* set, the D nearest centres of
+    the clean f(x): with a set of its own, x_adv could drop a class that p(f(x)) holds, and
+    -p_c log 0 = +inf would end the run (with D = None both sets are all centres, Eq. (4)
+    itself).  Masks are -inf before each reduction, as in the eq4 block.  -> [n, classes]."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    centers = centers.to(features)
+    s = -(features[:, None, :] - centers[None, :, :]).pow(2).sum(-1) / (2 * variance)   # [n, M]
+    s = s.masked_fill(~keep, float("-inf"))
+    num_classes = int(center_classes.max()) + 1
+    member = center_classes.to(features.device)[None, :] == torch.arange(
+        num_classes, device=features.device)[:, None]                      # [classes, M]
+    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
+    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+
+
+def consistency(log_p, log_q):
+    """Eq. (6): CE(q, p) = -sum_c p_c log q_c per row, p the clean and q the adversarial
+    distribution, both given as log-probabilities [n, classes].  -> [n].
+    Where p_c = 0 (log p_c = -inf: a class absent from the D nearest centres) the term is 0:
+    log q_c is replaced by 0 *before* the product (masked_fill passes no gradient there), since
+    0 * (-inf) = NaN, and torch.where after the product would still send NaN gradients back."""
+    zero = torch.isneginf(log_p)                                           # p_c = 0 exactly
+    p = log_p.exp()                                                        # [n, classes]
+    return -(p * log_q.masked_fill(zero, 0.0)).sum(1)
+
+
+def quick_adversary(log_q_fn, x, log_p, eps, step, generator=None):
+    """The quick adversary of Sec. 4.2 / App. A "QTRADES" (one step of Madry et al.'s PGD):
+
+        x'    = clip_[0,1](x + U[-eps, eps])                               (uniform start)
+        x_adv = Proj_S(x' + eta sign(grad_x' CE(p(f(x')), p(f(x)))))        S = B_inf(x, eps) n [0,1]^n
+
+    log_q_fn(z) -> log p(f(z)) [n, classes] (called exactly once, with gradients); log_p
+    [n, classes] the clean target, a constant here; eps, step (eta) in [0, 1] pixel units;
+    the uniform draw comes from `generator` (the run's, so --resume repeats it).  The gradient is
+    taken w.r.t. x' alone (torch.autograd.grad), so no parameter .grad is written.  The loss is
+    the *sum* over rows: in eval mode rows do not interact, so each row gets its own gradient.
+    -> (x_adv, x') both [n, C, H, W] in [0, 1]."""
+    noise = torch.rand(x.shape, device=x.device, generator=generator).mul_(2 * eps).sub_(eps)
+    x_start = (x + noise).clamp_(0, 1).requires_grad_(True)                # x'
+    loss = consistency(log_p.detach(), log_q_fn(x_start)).sum()
+    grad, = torch.autograd.grad(loss, [x_start])
+    with torch.no_grad():
+        x_adv = x_start + step * grad.sign()                               # one signed step, eta
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0, 1)   # Proj_S
+    return x_adv, x_start.detach()
+
+
+def craft(model, x, clusters, args, generator):
+    """x_adv for a training batch x [B, C, H, W].  Mode: EVAL.  The adversary is crafted against
+    the function that inference and attack.py evaluate (running batch-norm statistics), rows do
+    not interact through batch statistics, and the crafting forwards leave every batch-norm buffer
+    as it was; the training forwards that follow (clean, then adversarial, in train mode) update
+    the running statistics once each.  The authors' code crafts in train mode, so each
+    adversarial batch moved the statistics twice (once while crafting, once in training).
+    clusters: (centers, center_classes, sigma^2, D) for --loss magnet (Eq. (4)), None for --loss ce
+    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant."""
+    model.eval()
+    device = x.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        if clusters is not None:
+            centers, center_classes, variance, D = clusters
+            with torch.no_grad():
+                f = model.features(x).float()                              # [B, 8w]
+            keep = nearest_mask(f, centers, D)                             # the clean D nearest
+            log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)
+
+            def log_q_fn(z):
+                return eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
+        else:
+            with torch.no_grad():
+                log_p = F.log_softmax(model(x).float(), 1)                 # [B, classes]
+
+            def log_q_fn(z):
+                return F.log_softmax(model(z).float(), 1)
+        x_adv, _ = quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)
+    model.train()
+    return x_adv
+
+
+def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
+                        variance, D, lam):
+    """ClusTR+QTRADES, Eq. (6):  L = L_Magnet(f) + lam * mean_n CE(p(f(x_adv_n)), p(f(x_n)))
+    with L_Magnet the batch Magnet loss of Eq. (3) and p of Eq. (4) over the current centres and
+    sigma^2 (those of the last k-means, constants here) on the D nearest centres of f(x).
+    The clean p(f(x)) is NOT detached: Eq. (6) writes the term as a function of theta through
+    both arguments, the authors' training code passes gradients through the clean probabilities,
+    and TRADES (Zhang et al. 2019) does the same with its KL term; only the adversary's crafting
+    holds it constant.  -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
+    magnet, per_example, _ = magnet_loss(f, cluster_ids, class_ids, alpha)   # Eq. (3)
+    keep = nearest_mask(f, centers, D)                                     # [B, M]
+    log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)      # clean, [B, classes]
+    log_q = eq4_log_probs_on(f_adv, centers, center_classes, variance, keep)  # adversarial
+    cons = consistency(log_p, log_q)                                       # [B]
+    return magnet + lam * cons.mean(), per_example, cons
+
+
+def qtrades_ce_loss(logits, logits_adv, labels, lam):
+    """QTRADES alone (Table 1 row "QTRADES"; Sec. 4.2: TRADES with the Magnet loss replaced by
+    the cross-entropy on the linear head):  L = CE(softmax(z(x)), y) + lam * mean_n
+    CE(softmax(z(x_adv)), softmax(z(x))), the clean softmax not detached (as above).
+    -> (loss, consistency [B])."""
+    log_p, log_q = F.log_softmax(logits.float(), 1), F.log_softmax(logits_adv.float(), 1)
+    cons = consistency(log_p, log_q)
+    return F.cross_entropy(logits.float(), labels) + lam * cons.mean(), cons
+
+
+def train_one_epoch(model, opt, train, sampler, clusters, args, generator, device):
+    """--loss magnet.  App. A: ceil(N / (m d)) neighbourhood batches; each is one Adam step on
+    Eq. (6).  clusters: the checkpoint's `clusters` entry of the last k-means update.
+    -> (mean per-example loss, mean consistency, images seen)."""
+    images, _ = train
+    centers = clusters["centers"].to(device)
+    center_classes = clusters["center_classes"].to(device)
+    eq4 = (centers, center_classes, clusters["variance"], args.D)
+    model.train()
+    loss_sum, cons_sum, seen = 0.0, 0.0, 0
+    for _ in range(sampler.batches_per_epoch()):
+        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
+        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
+        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = craft(model, x, eq4, args, generator)                   # Sec. 4.2, eval mode
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
+            f_adv = model.features(x_adv)                               # [B, 8w]
+        loss, per_example, cons = qtrades_magnet_loss(
+            f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        per_example = per_example.detach().float().cpu()
+        total = per_example + args.lam * cons.detach().float().cpu()   # per-example Eq. (6)
+        if not torch.isfinite(total).all():                             # SPEC 7: NaN/inf guard
+            return float("nan"), float("nan"), seen
+        sampler.record(idx, per_example)            # Rippel et al.: the sampler ranks Magnet losses
+        loss_sum += float(total.sum())
+        cons_sum += float(cons.detach().sum())
+        seen += len(idx)
+    return loss_sum / max(1, seen), cons_sum / max(1, seen), seen
+
+
+def train_one_epoch_ce(model, opt, train, args, generator, device):
+    """--loss ce.  One pass over a fresh permutation of the training split in batches of m x d
+    (the magnet variant's batch size); each batch is one Adam step on QTRADES alone.
+    -> (mean loss, mean consistency, clean training accuracy, images seen)."""
+    images, labels = train
+    model.train()
+    n, B = len(labels), args.m * args.d
+    perm = torch.randperm(n, device=device, generator=generator)
+    loss_sum, cons_sum, correct = 0.0, 0.0, 0
+    for start in range(0, n, B):
+        idx = perm[start:start + B]
+        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
+        y = labels[idx]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = craft(model, x, None, args, generator)                  # Sec. 4.2, eval mode
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits, logits_adv = model(x), model(x_adv)                 # [B, classes] each
+        loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss = float(loss.detach())
+        if not math.isfinite(loss):                                     # SPEC 7: NaN/inf guard
+            return float("nan"), float("nan"), 0.0, start
+        loss_sum += loss * len(idx)
+        cons_sum += float(cons.detach().sum())
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / n, cons_sum / n, correct / n, n
+
+
+@torch.no_grad()
+def head_accuracy(model, split, batch_size, amp):
+    """--loss ce: accuracy of the linear head in eval mode (batch-norm buffers untouched)."""
+    images, labels = split
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start:start + batch_size])
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            correct += int((model(x).argmax(1) == labels[start:start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(labels))
+
+
+# ======================================================================================
+# 6. Checkpoint and report (SPEC section 5)
+# ======================================================================================
+
+# --- shared: checkpoint ---
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
+    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
+    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
+               f"clustr checkpoint, or an untrusted one" if found else \
+               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        fail(f"checkpoint {path} {kind}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        fail(f"checkpoint {path} lacks {missing}")
+    if ckpt["stage"] not in stages:
+        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    return ckpt
+
+
+def rng_state(generator):
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "generator_device": str(generator.device)}
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    if state["generator_device"] == str(generator.device):
+        generator.set_state(state["generator"])
+    else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
+        print(f"note: the run moved from {state['generator_device']} to {generator.device}; "
+              f"its random stream continues from a fresh seed", flush=True)
+
+
+def check_resume_args(ckpt, args, not_shaping):
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    old, new = ckpt["args"], vars(args)
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+    if diff:
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
+             + "; ".join(diff))
+# --- end shared: checkpoint ---
+
+
+def load_init(path, args):
+    """--init (SPEC 7: width and dataset must match the run).  --loss magnet: a nominal checkpoint
+    (head dropped, Sec. 3.3) or a magnet checkpoint (its weights; the clusters are recomputed at
+    epoch 0); --loss ce: a nominal checkpoint, head kept.  -> (ckpt, state_dict for the model)."""
+    ckpt = load_checkpoint(path, stages=("nominal", "magnet") if args.loss == "magnet" else ("nominal",))
+    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
+    if width != args.width:
+        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
+             f"{args.width}; pass --width {width}")
+    if data != args.data:
+        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
+             f"pass --data {data}")
+    keep_head = args.loss == "ce"
+    return ckpt, {k: v for k, v in ckpt["model"].items() if keep_head or not k.startswith("head.")}
+
+
+def check_init_classes(init, info, channels, path):
+    """The --init model must have seen the same classes and image channels as this run."""
+    if init["data"]["classes"] != info["classes"]:
+        fail(f"--init {path} was trained on the classes {init['data']['classes']}, but this "
+             f"run's data has {info['classes']}")
+    if init["arch"].get("in_channels") != channels:
+        fail(f"--init {path} takes {init['arch'].get('in_channels')}-channel images, the data "
+             f"has {channels}")
+
+
+def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
+    """SPEC 5: stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
+    "qtrades-ce" (head.*, no clusters).  ckpt["resume"]: optimizer, RNG and (magnet) the
+    sampler's state, so --resume draws the same batches and adversaries."""
+    ckpt = {"format": FORMAT, "stage": STAGE[args.loss],
+            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
+    if clusters is not None:
+        ckpt["clusters"] = clusters
+    if not slim:
+        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
+        if sampler is not None:
+            ckpt["resume"]["sampler"] = sampler.state_dict()
+    return ckpt
+
+
+def clusters_entry(centers, center_classes, variance, args):
+    """The `clusters` entry of SPEC 5 (plain floats/ints/tensors: weights_only-loadable)."""
+    return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
+            "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
+            "D": None if args.D is None else int(args.D)}
+
+
+# ======================================================================================
+# 5. The loop
+# ======================================================================================
+
+SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_runtime(args, training=True)
+    magnet = args.loss == "magnet"
+    init = None
+    if args.init is not None and args.resume is None:
+        init, init_state = load_init(args.init, args)              # checked before any data load
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    if info["num_classes"] < 2:
+        fail(f"QTRADES needs at least 2 classes; {args.data} has {info['num_classes']}")
+    if init is not None:
+        check_init_classes(init, info, train[0].shape[1], args.init)
+        # the model keeps the starting run's App. A normalisation buffers; record those
+        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
+    train = tuple(t.to(device) for t in train)                      # whole split on the device
+    test = tuple(t.to(device) for t in test)
+    num_classes, log_path = info["num_classes"], args.out + ".log.jsonl"
+
+    # magnet: Sec. 3.3, the network without its last linear layer; ce: the nominal network
+    model = ResNet18(0 if magnet else num_classes, args.width, train[0].shape[1], info["mean"], info["std"])
+    if init is not None:
+        model.load_state_dict(init_state, strict=True)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
+    generator = torch.Generator(device=device)                      # augmentation, k-means++, x'
+    generator.manual_seed(args.seed)
+    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
+                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET)
+                                   ) if magnet else None
+    start_epoch, metrics, clusters, t_run = 0, {}, None, time.time()
+    header = (f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} "
+              f"{'img/s':>8} {'elapsed':>9} {'ETA':>9}")
+
+    def report(record, elapsed, eta):
+        loss, cons = record["train_loss"], record.get("consistency")
+        print(f"{record['epoch']:>4}/{args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
+              f"{'-' if cons is None else f'{cons:.4f}':>8} "
+              f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
+              f"{record['variance'] if 'variance' in record else '-':>9.3} "
+              f"{record.get('images_per_second', 0):8.0f} "
+              f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
+
+    def cluster_and_evaluate(epoch):
+        """--loss magnet: k-means++ update (App. A), sigma^2 (Eq. (3)), Eq. (4) accuracies."""
+        t0 = time.time()
+        centers, center_classes, assignment, variance, train_acc = update_clusters(
+            model, train, num_classes, args, generator)
+        test_features = features_of(model, test[0], args.batch_size, args.amp)
+        test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)
+        sampler.set_clusters(assignment, centers, center_classes)
+        clusters = clusters_entry(centers, center_classes, variance, args)
+        return clusters, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
+                          "variance": float(variance), "cluster_seconds": time.time() - t0}
+
+    print(f"qtrades.py | {'ClusTR+QTRADES' if magnet else 'QTRADES alone'} (--loss {args.loss}) | "
+          f"data {args.data} ({len(train[1])} train, {len(test[1])} test, {num_classes} classes, "
+          f"{info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | "
+          f"lam {args.lam} eps {args.eps:.5f} step {args.step:.5f} | device {device} amp {args.amp} "
+          f"| torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)))
+    if args.resume is not None:
+        path = args.resume or args.out
+        ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
+        check_resume_args(ckpt, args, NOT_SHAPING)
+        if "resume" not in ckpt:
+            fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["resume"]["optimizer"])
+        set_rng_state(ckpt["resume"]["rng"], generator)
+        if magnet:
+            sampler.load_state_dict(ckpt["resume"]["sampler"])
+            clusters = ckpt["clusters"]
+        start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
+        info = dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
+        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
+        print(header, flush=True)
+    else:
+        if os.path.exists(log_path):
+            os.remove(log_path)                                     # a fresh run, a fresh log
+        print(header, flush=True)
+        # epoch 0: the starting point (magnet: the clusters of the starting features)
+        if magnet:
+            clusters, metrics = cluster_and_evaluate(0)
+        else:
+            metrics = {"epoch": 0, "train_accuracy": head_accuracy(model, train, args.batch_size, args.amp),
+                       "test_accuracy": head_accuracy(model, test, args.batch_size, args.amp)}
+        metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr}
+        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
+                                        metrics, slim=args.slim and args.epochs == 0), args.out)
+        append_jsonl(log_path, metrics)
+        report(metrics, time.time() - t_run, 0)
+
+    t_loop = time.time()
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        t0 = time.time()
+        if magnet:
+            train_loss, cons, seen = train_one_epoch(model, opt, train, sampler, clusters, args,
+                                                     generator, device)
+        else:
+            train_loss, cons, train_acc, seen = train_one_epoch_ce(model, opt, train, args,
+                                                                   generator, device)
+        train_seconds = time.time() - t0
+        if not math.isfinite(train_loss):
+            fail(f"the training loss (Eq. (6)) became {train_loss} in epoch {epoch + 1}; stopped "
+                 f"without writing it, so {args.out} keeps the last good epoch ({epoch}). Try a "
+                 f"smaller --lr (now {args.lr}), --lam (now {args.lam})"
+                 + (f" or --alpha (now {args.alpha})." if magnet else "."))
+        if magnet:
+            clusters, metrics = cluster_and_evaluate(epoch + 1)
+            metrics["batches"] = sampler.batches_per_epoch()
+        else:
+            metrics = {"epoch": epoch + 1, "train_accuracy": train_acc,
+                       "test_accuracy": head_accuracy(model, test, args.batch_size, args.amp)}
+        metrics.update(train_loss=train_loss, consistency=cons, lr=args.lr,
+                       seconds=time.time() - t0, images_per_second=seen / train_seconds)
+        final = epoch + 1 == args.epochs
+        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info,
+                                        epoch + 1, metrics, slim=args.slim and final), args.out)
+        append_jsonl(log_path, metrics)
+        elapsed = time.time() - t_loop
+        report(metrics, time.time() - t_run,
+               elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
+
+    done = metrics.get("epoch", 0)
+    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
+    results = {"stage": STAGE[args.loss], "out": args.out, "data": args.data, "init": args.init,
+               "loss": args.loss, "status": status, "epochs_done": done, "epochs": args.epochs,
+               **metrics, "seconds_this_run": time.time() - t_run}
+    rule = (f"Eq. (4) with K={args.K}, D={args.D or 'all'}  (paper, w=64: ClusTR+QTRADES 91.03 "
+            f"CIFAR10, 95.06 SVHN, 69.25 CIFAR100)") if magnet else \
+        "linear head  (paper, w=64: QTRADES 81.07 CIFAR10, 86.36 SVHN)"
+    print(f"\nsummary: {status}\n"
+          f"  test accuracy   {metrics['test_accuracy']:.2%} by {rule}\n"
+          + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
+             if magnet else "")
+          + f"  consistency     {'-' if metrics.get('consistency') is None else format(metrics['consistency'], '.4f')}"
+          f" (mean CE(p(f(x_adv)), p(f(x))) of the last epoch, lam = {args.lam})\n"
+          f"  checkpoint      {args.out}   log {log_path}\n"
+          f"  next            python attack.py --ckpt {args.out}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
