@@ -693,6 +693,7 @@ class NeighbourhoodSampler:
 # --- end shared: sampler ---
 
 
+# --- shared: cluster-update ---
 @torch.no_grad()
 def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
     """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that the
@@ -717,6 +718,14 @@ def update_clusters(model, train, num_classes, args, generator):
         features, train[1], num_classes, args.K, generator)
     accuracy = eq4_accuracy(features, train[1], centers, center_classes, variance, args.D)
     return centers, center_classes, assignment, variance, accuracy
+
+
+def clusters_entry(centers, center_classes, variance, args):
+    """The `clusters` entry of SPEC 5 (plain floats/ints/tensors: weights_only-loadable)."""
+    return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
+            "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
+            "D": None if args.D is None else int(args.D)}
+# --- end shared: cluster-update ---
 
 
 def train_one_epoch(model, opt, train, sampler, center_classes, args, generator, device):
@@ -837,6 +846,7 @@ def load_init(path, args):
     return ckpt, {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
 
 
+# --- shared: init-check ---
 def check_init_classes(init, info, channels, path):
     """The --init model must have seen the same classes and image channels as this run."""
     if init["data"]["classes"] != info["classes"]:
@@ -845,6 +855,7 @@ def check_init_classes(init, info, channels, path):
     if init["arch"].get("in_channels") != channels:
         fail(f"--init {path} takes {init['arch'].get('in_channels')}-channel images, the data "
              f"has {channels}")
+# --- end shared: init-check ---
 
 
 def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
@@ -859,13 +870,6 @@ def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch,
         ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator),
                           "sampler": sampler.state_dict()}
     return ckpt
-
-
-def clusters_entry(centers, center_classes, variance, args):
-    """The `clusters` entry of SPEC 5 (plain floats/ints/tensors: weights_only-loadable)."""
-    return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
-            "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
-            "D": None if args.D is None else int(args.D)}
 
 
 # ======================================================================================
