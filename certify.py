@@ -371,7 +371,7 @@ def arch_entry(width, in_channels):
 # --- end shared: model ---
 
 # --- shared: eq4 ---
-def cluster_log_probs(features, centers, center_classes, variance, D=None):
+def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
@@ -383,16 +383,19 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None):
     a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
     gradient to masked entries, so gradients stay finite even for classes absent from the D
-    nearest and for features far from every centre (no exp underflow).  -> [n, classes]."""
+    nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
+    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
+    compares two distributions on the same set).  -> [n, classes]."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
     # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
     sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
     s = -sq_dist / (2 * variance)                                          # [n, M]
-    if D is not None and D < centers.shape[0]:
+    if keep is None and D is not None and D < centers.shape[0]:
         nearest = s.topk(D, dim=1).indices                                 # [n, D]
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+    if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     num_classes = int(center_classes.max()) + 1
     member = center_classes.to(features.device)[None, :] == torch.arange(
