@@ -415,9 +415,10 @@ def train_one_epoch(model, opt, train, args, generator, device):
     return loss_sum, correct, n
 
 
+# --- shared: head-eval ---
 @torch.no_grad()
 def evaluate(model, split, batch_size, amp, device):
-    """Test accuracy in eval mode (batch-norm buffers untouched: SPEC section 6, last part)."""
+    """Accuracy of the linear head in eval mode (batch-norm buffers untouched: SPEC 6, last part)."""
     images, labels = split
     was_training = model.training
     model.eval()
@@ -430,6 +431,7 @@ def evaluate(model, split, batch_size, amp, device):
             correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
     model.train(was_training)
     return correct.item() / max(1, len(labels))
+# --- end shared: head-eval ---
 
 
 # ======================================================================================

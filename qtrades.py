@@ -963,21 +963,23 @@ def train_one_epoch_ce(model, opt, train, args, generator, device):
     return loss_sum / n, cons_sum / n, correct / n, n
 
 
+# --- shared: head-eval ---
 @torch.no_grad()
-def head_accuracy(model, split, batch_size, amp):
-    """--loss ce: accuracy of the linear head in eval mode (batch-norm buffers untouched)."""
+def evaluate(model, split, batch_size, amp, device):
+    """Accuracy of the linear head in eval mode (batch-norm buffers untouched: SPEC 6, last part)."""
     images, labels = split
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), device=device, dtype=torch.long)
     for start in range(0, len(labels), batch_size):
         x = to_float(images[start:start + batch_size])
-        if x.device.type == "cuda":
+        if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            correct += int((model(x).argmax(1) == labels[start:start + batch_size]).sum())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
     model.train(was_training)
-    return correct / max(1, len(labels))
+    return correct.item() / max(1, len(labels))
+# --- end shared: head-eval ---
 
 
 # ======================================================================================
@@ -1199,8 +1201,8 @@ def main(argv=None):
         if magnet:
             clusters, metrics = cluster_and_evaluate(0)
         else:
-            metrics = {"epoch": 0, "train_accuracy": head_accuracy(model, train, args.batch_size, args.amp),
-                       "test_accuracy": head_accuracy(model, test, args.batch_size, args.amp)}
+            metrics = {"epoch": 0, "train_accuracy": evaluate(model, train, args.batch_size, args.amp, device),
+                       "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
         metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr}
         save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
                                         metrics, slim=args.slim and args.epochs == 0), args.out)
@@ -1228,7 +1230,7 @@ def main(argv=None):
             metrics["batches"] = sampler.batches_per_epoch()
         else:
             metrics = {"epoch": epoch + 1, "train_accuracy": train_acc,
-                       "test_accuracy": head_accuracy(model, test, args.batch_size, args.amp)}
+                       "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
         metrics.update(train_loss=train_loss, consistency=cons, lr=args.lr,
                        seconds=time.time() - t0, images_per_second=seen / train_seconds)
         final = epoch + 1 == args.epochs
