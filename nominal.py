@@ -57,6 +57,9 @@ PAPER_DEFAULTS = {
     "cifar100": dict(epochs=90, lr=1e-2, batch_size=256, crop=4, flip=True),
     "svhn": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
     "folder": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
+    # Not in the paper: 28x28 grey digits/clothes; CIFAR10's optimisation, no crop or flip.
+    "fashion-mnist": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
+    "mnist": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False),
 }
 
 
@@ -64,9 +67,10 @@ PAPER_DEFAULTS = {
 def add_common_args(p, data_default):
     """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
     g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
-                        "(default: %(default)s)")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
+                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
+                        "default) (default: %(default)s)")
     g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
                    help="torchvision root (downloaded there when missing), or the folder root "
                         "(default: %(default)s)")
@@ -105,10 +109,10 @@ def parse_args(argv=None):
     g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor; App. A: 0.1")
     g.add_argument("--crop", type=int, default=None,
                    help="random crops from a zero padding of this many pixels; App. A: 4 for "
-                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder")
+                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder, fashion-mnist, mnist")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
-                        "does not mention flips), off for SVHN and folder")
+                        "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue an interrupted run from PATH (default: --out); refused when the "
                         "arguments that shape the run differ")
@@ -197,15 +201,73 @@ TORCHVISION_FILES = {
     "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
     "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
     "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
+                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
+    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
 }
+# torchvision's class and folder names of the two 28x28 grey datasets.
+IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
 
 
 class DataError(Exception):
     """A dataset that cannot be found or read; main() turns it into exit code 2."""
 
 
+def _read_idx(path):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
+    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    count = int(np.prod(dims))
+    if len(raw) < 4 + 4 * len(dims) + count:
+        raise DataError(f"{path} is truncated: its header promises {dims}")
+    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
+    return torch.from_numpy(data.copy()).reshape(dims)
+
+
+def _load_idx(name, root, train):
+    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
+    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
+    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
+    import torchvision
+    cls_name, folder = IDX_DATASETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    prefix = "train" if train else "t10k"
+    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
+        for where in (root, os.path.join(root, folder, "raw")):
+            for ext in (".gz", ""):
+                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
+                if os.path.isfile(path):
+                    return path
+        return None
+    if find("images-idx3") is None or find("labels-idx1") is None:
+        try:                                                        # torchvision's own layout
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(
+                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+                f"({type(e).__name__}: {e}). Expected there: {TORCHVISION_FILES[name]}. Point "
+                f"--data-dir at the folder that holds them, or use --data folder.") from None
+    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
+                        f"labels {list(labels.shape)}")
+    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
+
+
 def _load_torchvision(name, root, train):
     import torchvision
+    if name in IDX_DATASETS:
+        return _load_idx(name, root, train)
     try:
         if name == "svhn":
             ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)

@@ -14,7 +14,9 @@ p of Eq. (4) with the current centres and sigma^2.  x_adv is a *quick* adversary
 x' = clip_[0,1](x + U[-eps, eps]), then ONE signed-gradient step of size eta on the same
 cross-entropy, projected to the eps-ball around x and to [0, 1].  QTRADES alone (--loss ce, the
 "QTRADES" row of Table 1) keeps the linear head: cross-entropy with the labels plus lam times the
-same consistency term on the head's softmax; it takes no clusters.
+same consistency term on the head's softmax; it takes no clusters.  --consistency kl replaces the
+cross-entropy by TRADES's KL(p || q) (an ablation; CE(q, p) = H(p) + KL(p || q), so the two differ
+by the entropy of the clean prediction, which also carries a gradient since p is not detached).
 
 Usage (copy-paste):
     python qtrades.py --data cifar10 --init ckpt.pt                   # ClusTR+QTRADES -> qtrades.pt
@@ -70,15 +72,19 @@ PAPER_DEFAULTS = {
     "cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D=20, crop=4, flip=True),
     "svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=9.7, D="all", crop=0, flip=False),
     "folder": dict(epochs=30, lr=1e-4, alpha=12.5, lam=8.0, D="all", crop=0, flip=False),
+    # Not in the paper: CIFAR10's values, no crop or flip.
+    "fashion-mnist": dict(epochs=30, lr=1e-4, alpha=12.5, lam=8.0, D="all", crop=0, flip=False),
+    "mnist": dict(epochs=30, lr=1e-4, alpha=12.5, lam=8.0, D="all", crop=0, flip=False),
 }
 
 # --- shared: args ---
 def add_common_args(p, data_default):
     """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
     g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "folder"], default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/* "
-                        "(default: %(default)s)")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
+                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
+                        "default) (default: %(default)s)")
     g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
                    help="torchvision root (downloaded there when missing), or the folder root "
                         "(default: %(default)s)")
@@ -149,6 +155,10 @@ def parse_args(argv=None):
     g.add_argument("--out", default="qtrades.pt", help="checkpoint path; log goes to <out>.log.jsonl")
     g.add_argument("--lam", type=float, default=None,
                    help="lambda of Eq. (6); App. A: 8 CIFAR10, 9.7 SVHN, 2 CIFAR100; folder 8")
+    g.add_argument("--consistency", choices=["ce", "kl"], default="ce",
+                   help="the consistency term: ce = CE(p(f(x_adv)), p(f(x))) of Eq. (6) and the "
+                        "authors' code; kl = KL(p(f(x)) || p(f(x_adv))) of TRADES (Zhang et al. "
+                        "2019), i.e. ce minus the entropy H(p(f(x))): an ablation (default: %(default)s)")
     g.add_argument("--eps", type=parse_fraction, default=8 / 255,
                    help="L-inf radius of the quick adversary in [0,1] pixel units (8/255 accepted); "
                         "Sec. 4.2: 8/255")
@@ -174,10 +184,10 @@ def parse_args(argv=None):
                         "(Sec. 4.2: D = 20 for CIFAR100, Table 2); 'all' elsewhere")
     g.add_argument("--crop", type=int, default=None,
                    help="random crops from a zero padding of this many pixels; App. A: 4 for "
-                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder")
+                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder, fashion-mnist, mnist")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
-                        "does not mention flips), off for SVHN and folder")
+                        "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue an interrupted run from PATH (default: --out); refused when the "
                         "arguments that shape the run differ")
@@ -275,15 +285,73 @@ TORCHVISION_FILES = {
     "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
     "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
     "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
+                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
+    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
 }
+# torchvision's class and folder names of the two 28x28 grey datasets.
+IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
 
 
 class DataError(Exception):
     """A dataset that cannot be found or read; main() turns it into exit code 2."""
 
 
+def _read_idx(path):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
+    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    count = int(np.prod(dims))
+    if len(raw) < 4 + 4 * len(dims) + count:
+        raise DataError(f"{path} is truncated: its header promises {dims}")
+    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
+    return torch.from_numpy(data.copy()).reshape(dims)
+
+
+def _load_idx(name, root, train):
+    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
+    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
+    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
+    import torchvision
+    cls_name, folder = IDX_DATASETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    prefix = "train" if train else "t10k"
+    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
+        for where in (root, os.path.join(root, folder, "raw")):
+            for ext in (".gz", ""):
+                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
+                if os.path.isfile(path):
+                    return path
+        return None
+    if find("images-idx3") is None or find("labels-idx1") is None:
+        try:                                                        # torchvision's own layout
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(
+                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+                f"({type(e).__name__}: {e}). Expected there: {TORCHVISION_FILES[name]}. Point "
+                f"--data-dir at the folder that holds them, or use --data folder.") from None
+    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
+                        f"labels {list(labels.shape)}")
+    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
+
+
 def _load_torchvision(name, root, train):
     import torchvision
+    if name in IDX_DATASETS:
+        return _load_idx(name, root, train)
     try:
         if name == "svhn":
             ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
@@ -804,15 +872,21 @@ def eq4_log_probs_on(features, centers, center_classes, variance, keep):
     return cluster_log_probs(features, centers, center_classes, variance, keep=keep)
 
 
-def consistency(log_p, log_q):
-    """Eq. (6): CE(q, p) = -sum_c p_c log q_c per row, p the clean and q the adversarial
-    distribution, both given as log-probabilities [n, classes].  -> [n].
+def consistency(log_p, log_q, kind="ce"):
+    """The consistency term per row, p the clean and q the adversarial distribution, both given as
+    log-probabilities [n, classes].  -> [n].
+        kind "ce", Eq. (6):  CE(q, p)   = -sum_c p_c log q_c
+        kind "kl", TRADES:   KL(p || q) =  sum_c p_c (log p_c - log q_c) = CE(q, p) - H(p)
     Where p_c = 0 (log p_c = -inf: a class absent from the D nearest centres) the term is 0:
-    log q_c is replaced by 0 *before* the product (masked_fill passes no gradient there), since
-    0 * (-inf) = NaN, and torch.where after the product would still send NaN gradients back."""
+    log p_c and log q_c are replaced by 0 *before* the product (masked_fill passes no gradient
+    there), since 0 * (-inf) = NaN, and torch.where after the product would still send NaN
+    gradients back."""
     zero = torch.isneginf(log_p)                                           # p_c = 0 exactly
     p = log_p.exp()                                                        # [n, classes]
-    return -(p * log_q.masked_fill(zero, 0.0)).sum(1)
+    log_ratio = -log_q.masked_fill(zero, 0.0)                              # -log q_c
+    if kind == "kl":
+        log_ratio = log_ratio + log_p.masked_fill(zero, 0.0)               # log p_c - log q_c
+    return (p * log_ratio).sum(1)
 
 
 def quick_adversary(log_q_fn, x, log_p, eps, step, generator=None):
@@ -829,6 +903,8 @@ def quick_adversary(log_q_fn, x, log_p, eps, step, generator=None):
     -> (x_adv, x') both [n, C, H, W] in [0, 1]."""
     noise = torch.rand(x.shape, device=x.device, generator=generator).mul_(2 * eps).sub_(eps)
     x_start = (x + noise).clamp_(0, 1).requires_grad_(True)                # x'
+    # p is a constant here, so CE(q, p) and KL(p || q) = CE(q, p) - H(p) have the same gradient
+    # in x': the adversary is the same under --consistency ce and kl.
     loss = consistency(log_p.detach(), log_q_fn(x_start)).sum()
     grad, = torch.autograd.grad(loss, [x_start])
     with torch.no_grad():
@@ -870,29 +946,32 @@ def craft(model, x, clusters, args, generator):
 
 
 def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
-                        variance, D, lam):
+                        variance, D, lam, kind="ce"):
     """ClusTR+QTRADES, Eq. (6):  L = L_Magnet(f) + lam * mean_n CE(p(f(x_adv_n)), p(f(x_n)))
     with L_Magnet the batch Magnet loss of Eq. (3) and p of Eq. (4) over the current centres and
     sigma^2 (those of the last k-means, constants here) on the D nearest centres of f(x).
     The clean p(f(x)) is NOT detached: Eq. (6) writes the term as a function of theta through
-    both arguments, the authors' training code passes gradients through the clean probabilities,
-    and TRADES (Zhang et al. 2019) does the same with its KL term; only the adversary's crafting
-    holds it constant.  -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
+    both arguments, and the authors' training code passes gradients through the clean
+    probabilities; only the adversary's crafting holds it constant.  TRADES (Zhang et al. 2019)
+    also keeps p attached, but its term is KL(p || q) = CE(q, p) - H(p): with p attached, Eq. (6)'s
+    cross-entropy adds the gradient of the clean entropy H(p), which pushes p towards confident
+    (one-hot) predictions.  kind="kl" (--consistency kl) is TRADES's term, an ablation.
+    -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
     magnet, per_example, _ = magnet_loss(f, cluster_ids, class_ids, alpha)   # Eq. (3)
     keep = nearest_mask(f, centers, D)                                     # [B, M]
     log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)      # clean, [B, classes]
     log_q = eq4_log_probs_on(f_adv, centers, center_classes, variance, keep)  # adversarial
-    cons = consistency(log_p, log_q)                                       # [B]
+    cons = consistency(log_p, log_q, kind)                                 # [B]
     return magnet + lam * cons.mean(), per_example, cons
 
 
-def qtrades_ce_loss(logits, logits_adv, labels, lam):
+def qtrades_ce_loss(logits, logits_adv, labels, lam, kind="ce"):
     """QTRADES alone (Table 1 row "QTRADES"; Sec. 4.2: TRADES with the Magnet loss replaced by
     the cross-entropy on the linear head):  L = CE(softmax(z(x)), y) + lam * mean_n
     CE(softmax(z(x_adv)), softmax(z(x))), the clean softmax not detached (as above).
     -> (loss, consistency [B])."""
     log_p, log_q = F.log_softmax(logits.float(), 1), F.log_softmax(logits_adv.float(), 1)
-    cons = consistency(log_p, log_q)
+    cons = consistency(log_p, log_q, kind)
     return F.cross_entropy(logits.float(), labels) + lam * cons.mean(), cons
 
 
@@ -917,7 +996,8 @@ def train_one_epoch(model, opt, train, sampler, clusters, args, generator, devic
             f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
             f_adv = model.features(x_adv)                               # [B, 8w]
         loss, per_example, cons = qtrades_magnet_loss(
-            f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam)
+            f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam,
+            args.consistency)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -950,7 +1030,7 @@ def train_one_epoch_ce(model, opt, train, args, generator, device):
         x_adv = craft(model, x, None, args, generator)                  # Sec. 4.2, eval mode
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             logits, logits_adv = model(x), model(x_adv)                 # [B, classes] each
-        loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam)
+        loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam, args.consistency)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1177,6 +1257,7 @@ def main(argv=None):
     if args.resume is not None:
         path = args.resume or args.out
         ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
+        ckpt["args"].setdefault("consistency", "ce")             # runs saved before the flag
         check_resume_args(ckpt, args, NOT_SHAPING)
         if "resume" not in ckpt:
             fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
@@ -1254,7 +1335,7 @@ def main(argv=None):
           + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
              if magnet else "")
           + f"  consistency     {'-' if metrics.get('consistency') is None else format(metrics['consistency'], '.4f')}"
-          f" (mean CE(p(f(x_adv)), p(f(x))) of the last epoch, lam = {args.lam})\n"
+          f" (mean {'CE(p(f(x_adv)), p(f(x)))' if args.consistency == 'ce' else 'KL(p(f(x)) || p(f(x_adv)))'} of the last epoch, lam = {args.lam})\n"
           f"  checkpoint      {args.out}   log {log_path}\n"
           f"  next            python attack.py --ckpt {args.out}", flush=True)
     return results
