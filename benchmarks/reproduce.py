@@ -1,0 +1,498 @@
+"""benchmarks/reproduce.py -- the protocol of Table 1 (Sec. 4.2) on a dataset and budget of your choice.
+
+One command trains the five rows of Table 1 with this repository's stage files, called as a user
+would call them (subprocesses), and evaluates every model with both the authors' protocol and the
+honest one, side by side:
+
+    python benchmarks/reproduce.py --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist \
+        --train 10000 --test 1000 --width 16 --epochs-nominal 8 --epochs 6 --workdir runs/fm
+
+Rows (Table 1 and Sec. 4.2; all but "Magnet loss" start from the nominal checkpoint, as the stages do):
+    nominal              nominal.py (cross-entropy, the warm start)
+    magnet_random        magnet.py without --init (the "Magnet Loss" row: no warm start)
+    clustr               magnet.py --init nominal.pt (ClusTR)
+    qtrades              qtrades.py --loss ce --init nominal.pt (QTRADES alone)
+    clustr_qtrades       qtrades.py --loss magnet --init nominal.pt (ClusTR+QTRADES, Eq. (6) with CE)
+    clustr_qtrades_kl    the same with --consistency kl (TRADES's KL term; an ablation)
+Columns, for each eps (default 8/255, the paper's, and 0.1, Fashion-MNIST's usual L-inf budget):
+    natural              accuracy on the attacked images
+    authors              the authors' protocol: attack.py --loss scores-ce (cross-entropy taking the
+                         probabilities of Eq. (4) as logits), constant step 2/255, PGD-20 x 10 restarts
+    pgd20, pgd100        Eq. (5): cross-entropy on log p, constant step 2/255, 20 / 100 steps x 10 restarts
+    worst                attack.py's default run: the per-example worst case of its default loss set
+    autoattack           AutoAttack "standard" (Croce & Hein 2020) from torchattacks on the first
+                         --aa-images images, given the classifier's log-probabilities (softmax of them
+                         is Eq. (4) exactly); needs `pip install torchattacks` (benchmark only)
+    certified            certify.py (Prop. 1 with the sound Lipschitz bound): certified accuracy at the
+                         --radii (L2, pixel units) -- clustering models only
+Writes <workdir>/reproduce.json, prints the table in the paper's shape and draws
+<workdir>/reproduce.png (per model: the authors' protocol beside the honest worst case).
+
+Every step is cached in --workdir (a finished checkpoint or result file is reused), so an
+interrupted run continues where it stopped and `--redo worst` re-evaluates one column after a
+change to attack.py.  Fashion-MNIST / MNIST subsets are written once as raw IDX files under
+<workdir>/data (the first --train training and --test test images), so every stage reads them
+with --data fashion-mnist exactly as it reads the full set.
+
+Settings not given in the paper for this dataset are CIFAR10's (alpha 12.5, lambda 8, lr 1e-4 for
+the clustering stages; Adam 1e-2 for the warm start), with no crop or flip; --stage-args passes
+more flags to every training stage.  Needs torch, torchvision, numpy; matplotlib for the PNG.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {  # name -> (stage file, extra flags, needs the nominal checkpoint, label in the table)
+    "nominal": ("nominal.py", [], False, "Nominal (CE)"),
+    "magnet_random": ("magnet.py", [], False, "Magnet loss (random init)"),
+    "clustr": ("magnet.py", [], True, "ClusTR"),
+    "qtrades": ("qtrades.py", ["--loss", "ce"], True, "QTRADES"),
+    "clustr_qtrades": ("qtrades.py", ["--loss", "magnet"], True, "ClusTR+QTRADES"),
+    "clustr_qtrades_kl": ("qtrades.py", ["--loss", "magnet", "--consistency", "kl"], True,
+                          "ClusTR+QTRADES (KL)"),
+}
+# The accuracy of ClusTR relative to its warm start: magnet.py from the seed's nominal checkpoint,
+# one setting changed at a time (--ablation).  Natural accuracy after every epoch, from the log.
+ABLATION = {
+    "base": [],
+    "epochs0": ["--epochs", "0"],                 # App. B.1: k-means on the nominal features only
+    "alpha1": ["--alpha", "1"],
+    "alpha4": ["--alpha", "4"],
+    "lr1e-3": ["--lr", "1e-3"],
+    "lr1e-5": ["--lr", "1e-5"],
+    "double_epochs": ["double"],                  # 2 x --epochs
+    "weak_warm_start": ["weak"],                  # from a nominal run of --epochs-nominal // 4 epochs
+}
+PROTOCOLS = {  # column -> attack.py flags (all on the same first --attack-images test images)
+    "authors": ["--loss", "scores-ce", "--schedule", "constant", "--step", "2/255", "--steps", "20",
+                "--restarts", "10", "--no-checks"],
+    "pgd20": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "20",
+              "--restarts", "10", "--no-checks"],
+    "pgd100": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "100",
+               "--restarts", "10", "--no-checks"],
+    "worst": [],                                    # attack.py's defaults, its checks included
+}
+IDX = {"fashion-mnist", "mnist"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist",
+                   help="any --data of the stages; fashion-mnist/mnist subsets are written as IDX files")
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--train", type=int, default=10000, help="training images (the first N)")
+    p.add_argument("--test", type=int, default=1000, help="test images for per-epoch accuracy")
+    p.add_argument("--attack-images", type=int, default=500, help="test images every attack runs on")
+    p.add_argument("--aa-images", type=int, default=200, help="test images AutoAttack runs on (0: skip)")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--epochs-nominal", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6, help="epochs of every clustering/QTRADES stage")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--headline-seeds-only", default="clustr,clustr_qtrades,nominal",
+                   help="models trained for every seed; the others use the first seed only")
+    p.add_argument("--eps", nargs="+", default=["8/255", "0.1"])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
+    p.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.01, 0.1, 0.5],
+                   help="L2 radii (pixel units) of the certified-accuracy columns")
+    p.add_argument("--stage-args", default="", help="extra flags for every training stage (one string)")
+    p.add_argument("--jobs", type=int, default=2, help="stage processes run at once (1 thread each)")
+    p.add_argument("--workdir", default="runs/reproduce")
+    p.add_argument("--redo", nargs="*", default=[], help="columns to recompute even when cached")
+    p.add_argument("--train-only", action="store_true", help="train (or reuse) the models, no evaluation")
+    p.add_argument("--ablation", nargs="*", choices=list(ABLATION), default=None,
+                   help="also run these magnet.py variants from the first seed's nominal checkpoint "
+                        "(no flag value: all of them) and report their accuracy per epoch")
+    return p.parse_args(argv)
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd, logfile):
+    """One stage as a user runs it; its output goes to logfile; -> wall seconds.  Exit != 0 stops."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    with open(logfile, "w") as f:
+        code = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    if code != 0:
+        raise SystemExit(f"failed ({code}): python {' '.join(cmd)}\n  see {logfile}")
+    return time.time() - t0
+
+
+# --- data subset ----------------------------------------------------------------------------
+
+def write_idx(path, tensor):
+    """uint8 tensor -> IDX file (magic 0 0 8 ndim, big-endian sizes, data), gzipped."""
+    import numpy as np
+    a = tensor.numpy().astype(np.uint8)
+    header = bytes([0, 0, 8, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
+    tmp = path + ".tmp"
+    with gzip.open(tmp, "wb") as f:
+        f.write(header + a.tobytes())
+    os.replace(tmp, path)
+
+
+def prepare_data(args):
+    """-> (--data-dir for the stages, extra flags).  IDX datasets: the first N / T images written
+    once under <workdir>/data; other datasets: --limit N (train and test alike)."""
+    if args.data not in IDX:
+        return args.data_dir, ["--limit", str(args.train)]
+    import nominal
+    folder = os.path.join(args.workdir, "data")
+    stamp = os.path.join(folder, "subset.json")
+    want = {"source": os.path.abspath(args.data_dir), "train": args.train, "test": args.test}
+    if os.path.exists(stamp) and json.load(open(stamp)) == want:
+        return folder, []
+    os.makedirs(folder, exist_ok=True)
+    for train, prefix, n in ((True, "train", args.train), (False, "t10k", args.test)):
+        x, y, _ = nominal.load_split(args.data, args.data_dir, train, n)
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), x[:, 0])
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), y)
+    json.dump(want, open(stamp, "w"))
+    log(f"data subset: {args.train} train / {args.test} test images of {args.data} in {folder}")
+    return folder, []
+
+
+# --- training -------------------------------------------------------------------------------
+
+def finished(path, epochs):
+    if not os.path.exists(path):
+        return False
+    import torch
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.get("epoch") == epochs
+
+
+def ablation_all(args, data_dir, extra):
+    """magnet.py variants from the first seed's nominal checkpoint; -> {name: per-epoch record}."""
+    seed = args.seeds[0]
+    folder = os.path.join(args.workdir, f"seed{seed}", "ablation")
+    os.makedirs(folder, exist_ok=True)
+    common = ["magnet.py", "--data", args.data, "--data-dir", data_dir, "--width", str(args.width),
+              "--device", "cpu", *extra, *args.stage_args.split(), "--seed", str(seed)]
+    nominal_path = os.path.join(args.workdir, f"seed{seed}", "nominal.pt")
+    weak = os.path.join(folder, "nominal_weak.pt")
+    weak_epochs = max(1, args.epochs_nominal // 4)
+
+    def one(name):
+        flags, epochs, init = list(ABLATION[name]), args.epochs, nominal_path
+        if flags == ["double"]:
+            flags, epochs = [], 2 * args.epochs
+        elif flags == ["weak"]:
+            flags, init = [], weak
+        elif "--epochs" in flags:
+            epochs = int(flags[flags.index("--epochs") + 1])
+            flags = flags[:flags.index("--epochs")] + flags[flags.index("--epochs") + 2:]
+        path = os.path.join(folder, f"{name}.pt")
+        if name == "base":                                   # = the seed's ClusTR model
+            path = os.path.join(args.workdir, f"seed{seed}", "clustr.pt")
+        if not finished(path, epochs):
+            cmd = [*common, *flags, "--init", init, "--epochs", str(epochs), "--out", path]
+            log(f"ablation {name}: python {' '.join(cmd)}")
+            if os.path.exists(path):
+                os.remove(path)
+            run(cmd, path + ".out.txt")
+        with open(path + ".log.jsonl") as f:
+            curve = [json.loads(line) for line in f if line.strip()]
+        return name, {"flags": ABLATION[name], "init": os.path.basename(init),
+                      "test_accuracy": [r.get("test_accuracy") for r in curve],
+                      "train_loss": [r.get("train_loss") for r in curve]}
+
+    names = args.ablation or list(ABLATION)
+    if "weak_warm_start" in names and not finished(weak, weak_epochs):
+        cmd = ["nominal.py", *common[1:], "--epochs", str(weak_epochs), "--out", weak]
+        log(f"ablation weak warm start: python {' '.join(cmd)}")
+        run(cmd, weak + ".out.txt")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        out = dict(pool.map(one, names))
+    import torch
+    for key, path in (("nominal", nominal_path), ("nominal_weak", weak)):
+        if os.path.exists(path):
+            out[key] = {"test_accuracy": [torch.load(path, map_location="cpu",
+                                                     weights_only=True)["metrics"]["test_accuracy"]]}
+    return out
+
+
+def print_ablation(ab):
+    print(f"\n{'ablation (magnet.py from nominal)':<34}{'init':>18}  test accuracy after epoch 0, 1, 2, ...")
+    for name, rec in ab.items():
+        accs = " ".join(f"{100 * a:5.1f}" for a in rec["test_accuracy"] if a is not None)
+        print(f"{name:<34}{rec.get('init', '-'):>18}  {accs}")
+
+
+def train_all(args, data_dir, extra):
+    """Every (seed, model) checkpoint; -> {(seed, model): {"path", "seconds"}}."""
+    common = ["--data", args.data, "--data-dir", data_dir, "--width", str(args.width),
+              "--device", "cpu", *extra, *args.stage_args.split()]
+    every_seed = set(args.headline_seeds_only.split(","))
+    jobs = [(s, m) for s in args.seeds for m in args.models if s == args.seeds[0] or m in every_seed]
+    times_path = os.path.join(args.workdir, "train_times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    out = {}
+
+    def one(seed, name):
+        stage, flags, needs_init, _ = MODELS[name]
+        folder = os.path.join(args.workdir, f"seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.pt")
+        epochs = args.epochs_nominal if name == "nominal" else args.epochs
+        key = f"{seed}/{name}"
+        if not finished(path, epochs):
+            cmd = [stage, *common, *flags, "--seed", str(seed), "--epochs", str(epochs), "--out", path]
+            if needs_init:
+                cmd += ["--init", os.path.join(folder, "nominal.pt")]
+            log(f"train {key}: python {' '.join(cmd)}")
+            if os.path.exists(path):
+                os.remove(path)                              # unfinished earlier try: start again
+            times[key] = run(cmd, path + ".out.txt")
+            json.dump(times, open(times_path, "w"), indent=1)
+            log(f"  {key} done in {times[key]:.0f} s")
+        out[(seed, name)] = {"path": path, "seconds": times.get(key)}
+
+    # the nominal checkpoints (and the models that need none) first, then the rest
+    first = [j for j in jobs if not MODELS[j[1]][2]]
+    then = [j for j in jobs if MODELS[j[1]][2]]
+    for batch in (first, then):
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda j: one(*j), batch))
+    return out
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+def clustering(ckpt):
+    import torch
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["stage"] in ("magnet", "qtrades-magnet")
+
+
+def attack_column(args, data_dir, ckpt, eps, column, result_path):
+    if os.path.exists(result_path) and column not in args.redo:
+        return json.load(open(result_path))
+    flags = PROTOCOLS[column]
+    if column == "authors" and not clustering(ckpt):
+        # a linear head's logits are logits: the authors' cross-entropy is Eq. (5)'s here
+        flags = [("ce" if f == "scores-ce" else f) for f in flags]
+    cmd = ["attack.py", "--ckpt", ckpt, "--data-dir", data_dir, "--eps", eps, "--limit",
+           str(args.attack_images), "--device", "cpu", "--out", result_path, *flags]
+    seconds = run(cmd, result_path + ".out.txt")
+    res = json.load(open(result_path))
+    res["wall_seconds"] = seconds
+    json.dump(res, open(result_path, "w"), indent=1)
+    return res
+
+
+def robust_of(res):
+    """The headline of an attack.py result: its worst-case row when there is one, else its only row."""
+    rows = res["results"]
+    worst = [r for r in rows if r["loss"] == "worst-case"]
+    return (worst or rows)[0]["robust_accuracy"]
+
+
+def autoattack(args, data_dir, ckpt, eps, result_path):
+    if os.path.exists(result_path) and "autoattack" not in args.redo:
+        return json.load(open(result_path))
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    import torch
+    import attack
+    torch.set_num_threads(1)
+    clf, info = attack.load_classifier(ckpt, "cpu")
+    x, y, _ = attack.load_split(info["data"]["name"], data_dir, False, args.aa_images)
+    x = attack.to_float(x)
+    t0 = time.time()
+    aa = torchattacks.AutoAttack(clf, norm="Linf", eps=attack.parse_fraction(eps), version="standard",
+                                 n_classes=info["data"]["num_classes"], seed=0)
+    x_adv = aa(x, y)
+    with torch.no_grad():
+        natural = clf(x).argmax(1) == y
+        robust = (clf(x_adv).argmax(1) == y) & natural
+        linf = float((x_adv - x).abs().amax()) if len(x) else 0.0
+    res = {"images": len(y), "natural_accuracy": float(natural.double().mean()),
+           "robust_accuracy": float(robust.double().mean()), "max_linf": linf,
+           "seconds": time.time() - t0, "torchattacks": torchattacks.__version__,
+           "robust_mask": robust.tolist()}
+    json.dump(res, open(result_path, "w"), indent=1)
+    return res
+
+
+def certify_column(args, data_dir, ckpt, result_path):
+    if os.path.exists(result_path) and "certified" not in args.redo:
+        return json.load(open(result_path))
+    cmd = ["certify.py", "--ckpt", ckpt, "--data-dir", data_dir, "--limit", str(args.attack_images),
+           "--device", "cpu", "--out", result_path, "--plot", "none"]
+    run(cmd, result_path + ".out.txt")
+    return json.load(open(result_path))
+
+
+def certified_at(res, r):
+    """Certified accuracy at radius r from certify.py's step curve (share with R(x) > r)."""
+    best = None
+    for point in res["curve"]:
+        if point["radius"] <= r:
+            best = point["certified_accuracy"]
+    return best if best is not None else res["curve"][0]["certified_accuracy"]
+
+
+def evaluate_all(args, data_dir, trained):
+    rows = []
+    for (seed, name), t in sorted(trained.items()):
+        folder = os.path.join(args.workdir, f"seed{seed}", "eval")
+        os.makedirs(folder, exist_ok=True)
+        row = {"model": name, "label": MODELS[name][3], "seed": seed, "train_seconds": t["seconds"],
+               "eps": {}}
+        for eps in args.eps:
+            tag = eps.replace("/", "_")
+            cell = {}
+            for column in args.protocols:
+                log(f"eval seed {seed} {name} eps {eps} {column}")
+                res = attack_column(args, data_dir, t["path"], eps, column,
+                                    os.path.join(folder, f"{name}_{column}_{tag}.json"))
+                cell["natural"] = res["natural_accuracy"]
+                cell[column] = robust_of(res)
+                cell[column + "_seconds"] = res.get("wall_seconds")
+                if column == "worst":
+                    cell["worst_checks_failed"] = [k for k, v in res.get("checks", {}).items()
+                                                   if isinstance(v, dict) and v.get("ok") is False]
+            if args.aa_images:
+                log(f"eval seed {seed} {name} eps {eps} autoattack")
+                aa = autoattack(args, data_dir, t["path"], eps, os.path.join(folder, f"{name}_aa_{tag}.json"))
+                if aa is not None:
+                    cell["autoattack"], cell["autoattack_images"] = aa["robust_accuracy"], aa["images"]
+                    cell["autoattack_seconds"] = aa["seconds"]
+            row["eps"][eps] = cell
+        if name not in ("nominal", "qtrades"):
+            log(f"certify seed {seed} {name}")
+            c = certify_column(args, data_dir, t["path"], os.path.join(folder, f"{name}_certify.json"))
+            row["certified"] = {"lipschitz_bound": c["lipschitz"]["value"],
+                                "lipschitz_lower_estimate": c["lipschitz"]["lower_estimate"],
+                                "median_radius": c["radius"]["median_correct"],
+                                "at": {str(r): certified_at(c, r) for r in args.radii}}
+        rows.append(row)
+    return rows
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5 if len(values) > 1 else None
+
+
+def summarise(rows, args):
+    """One line per model and eps: mean (and std over seeds where there are several)."""
+    cols = ["natural", *args.protocols, "autoattack"]
+    table = []
+    for name in args.models:
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        for eps in args.eps:
+            line = {"model": name, "label": MODELS[name][3], "eps": eps, "seeds": len(mine)}
+            for c in cols:
+                line[c], line[c + "_std"] = mean_std([r["eps"][eps].get(c) for r in mine])
+            table.append(line)
+    return table
+
+
+def fmt(v, s=None):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}" + (f"±{100 * s:.1f}" if s else "")
+
+
+def print_table(table, rows, args):
+    cols = ["natural", *args.protocols, "autoattack"]
+    print("\n" + f"{'model':<28}{'eps':>7} " + "".join(f"{c:>14}" for c in cols))
+    for line in table:
+        print(f"{line['label']:<28}{line['eps']:>7} "
+              + "".join(f"{fmt(line[c], line[c + '_std']):>14}" for c in cols))
+    print("\nnatural / robust accuracy in %, on the first --attack-images test images (AutoAttack "
+          "on the first --aa-images); mean ± std over seeds where several ran.")
+    cert = [r for r in rows if "certified" in r]
+    if cert:
+        print(f"\n{'certified (Prop. 1, sound bound)':<34}{'seed':>5}{'L bound':>12}{'L lower':>10}"
+              f"{'median R':>11} " + "".join(f"{'r=' + str(r):>9}" for r in args.radii))
+        for r in cert:
+            c = r["certified"]
+            print(f"{r['label']:<34}{r['seed']:>5}{c['lipschitz_bound']:>12.3g}"
+                  f"{c['lipschitz_lower_estimate'] or 0:>10.3g}{c['median_radius']:>11.3g} "
+                  + "".join(f"{100 * c['at'][str(x)]:>8.1f}%" for x in args.radii))
+
+
+def plot(table, args, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib missing: plot skipped"
+    fig, axes = plt.subplots(1, len(args.eps), figsize=(6 * len(args.eps), 4), squeeze=False)
+    for ax, eps in zip(axes[0], args.eps):
+        lines = [t for t in table if t["eps"] == eps]
+        xs = range(len(lines))
+        series = [("natural", "natural"), ("authors", "authors' protocol (scores-ce PGD-20)"),
+                  ("worst", "attack.py worst case"), ("autoattack", "AutoAttack standard")]
+        width = 0.8 / len(series)
+        for k, (col, label) in enumerate(series):
+            vals = [100 * (t.get(col) or 0) for t in lines]
+            ax.bar([x + (k - 1.5) * width for x in xs], vals, width, label=label)
+        ax.set_xticks(list(xs), [t["label"] for t in lines], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{args.data}, eps = {eps}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    t0 = time.time()
+    data_dir, extra = prepare_data(args)
+    trained = train_all(args, data_dir, extra)
+    ab = ablation_all(args, data_dir, extra) if args.ablation is not None else None
+    if ab:
+        print_ablation(ab)
+    if args.train_only:
+        log("trained; evaluation skipped (--train-only)")
+        return None
+    rows = evaluate_all(args, data_dir, trained)
+    table = summarise(rows, args)
+    import torch
+    out = {"config": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{os.cpu_count()} CPU cores", "rows": rows, "table": table, "ablation": ab,
+           "seconds": time.time() - t0}
+    path = os.path.join(args.workdir, "reproduce.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print_table(table, rows, args)
+    if ab:
+        print_ablation(ab)
+    note = plot(table, args, os.path.join(args.workdir, "reproduce.png"))
+    log(f"wrote {path}; {note}; {time.time() - t0:.0f} s this run")
+    return out
+
+
+if __name__ == "__main__":
+    main()
