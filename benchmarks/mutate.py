@@ -187,6 +187,15 @@ MUTANTS = [
       "        loss.backward()\n        opt.step()\n"
       "        per_example = per_example.detach().float().cpu()\n        total",
       "ClusTR+QTRADES: no zero_grad"),
+    M("magnet.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+      "magnet: 'test' accuracy from the training images"),
+    M("qtrades.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+      "ClusTR+QTRADES: 'test' accuracy from the training images"),
+    M("qtrades.py", '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, test,',
+      '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, train,',
+      "QTRADES alone: 'test' accuracy on the training split"),
 ]
 
 
