@@ -105,7 +105,9 @@ def parse_args(argv=None):
                    help="batch size; 256 as in the authors' code (the paper gives none)")
     g.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="epochs after which lr is multiplied by --gamma; App. A: 30 60 for 90 "
-                        "epochs; default: epochs/3 and 2*epochs/3 (= 30 60 at 90 epochs)")
+                        "epochs; default: epochs//3 and 2*epochs//3 (= 30 60 at 90 epochs), "
+                        "leaving out any below 1 and repeats, so the first epoch always trains at "
+                        "--lr (--epochs 1: no drop; --epochs 2: one drop, after epoch 1)")
     g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor; App. A: 0.1")
     g.add_argument("--crop", type=int, default=None,
                    help="random crops from a zero padding of this many pixels; App. A: 4 for "
@@ -124,8 +126,10 @@ def parse_args(argv=None):
     for key, value in PAPER_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.milestones is None:  # App. A: 30, 60 of 90 -> the same fractions of --epochs
-        args.milestones = [args.epochs // 3, 2 * args.epochs // 3]
+    if args.milestones is None:  # App. A: 30, 60 of 90 -> the same fractions of --epochs;
+        # a milestone at 0 would drop lr before the first epoch (epochs 1 gave [0, 0], epochs 2
+        # [0, 1]: no epoch at --lr), so milestones below 1 and repeats are left out
+        args.milestones = sorted({m for m in (args.epochs // 3, 2 * args.epochs // 3) if m >= 1})
     return args
 
 

@@ -1,0 +1,308 @@
+"""benchmarks/mutate.py -- does the test suite notice when a piece of a training stage is broken?
+
+A mutation pass over the training stages: each mutant below is one small semantic edit of the
+kind a reviewer (or a hurried refactor) makes -- a loop line deleted, an argument swapped, a
+default of Appendix A changed.  Each is applied to a fresh temporary copy of the repository
+(the working files are never touched), and `python -m pytest test_all.py -x -q` runs there:
+the mutant is *killed* when some test fails, and *survives* when the whole suite passes.
+A survivor is either a missing test or an equivalent mutant (an edit that changes no behaviour
+a user can observe); mutants known to be equivalent say why in their `equivalent` field and do
+not count in the kill rate.
+
+To save time each mutant first runs the `wiring` tier alone (the instrumented training runs,
+~20 s) and only when that passes the whole suite; the verdict is the same as one full run.
+
+    python benchmarks/mutate.py                  # every mutant, ~15-30 min on 2 busy cores
+    python benchmarks/mutate.py --only 3 17      # some of them (numbers as in the table)
+    python benchmarks/mutate.py --check          # only verify that every snippet occurs once
+    python benchmarks/mutate.py --out table.md   # also write the Markdown table there
+
+Needs what the suite needs (torch, torchvision, numpy, pytest); run it with the interpreter of
+the environment the suite runs in (sys.executable is used for pytest).
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = ("magnet.py", "qtrades.py")      # a shared block's mutant is applied to every copy
+
+
+def M(files, original, mutant, what, equivalent=None):
+    return {"files": (files,) if isinstance(files, str) else files, "original": original,
+            "mutant": mutant, "what": what, "equivalent": equivalent}
+
+
+MUTANTS = [
+    # ---------------------------------------------------------------- nominal.py (App. A)
+    M("nominal.py", "x = to_float(augment(images[idx], args.crop, args.flip, generator))",
+      "x = to_float(augment(images[idx], args.crop, False, generator))", "nominal ignores --flip"),
+    M("nominal.py", "x = to_float(augment(images[idx], args.crop, args.flip, generator))",
+      "x = to_float(images[idx])", "nominal trains without augmentation"),
+    M("nominal.py", "        opt.zero_grad(set_to_none=True)\n", "",
+      "nominal: no zero_grad (gradients accumulate over steps)"),
+    M("nominal.py", "opt = torch.optim.Adam(model.parameters(), lr=args.lr)",
+      "opt = torch.optim.SGD(model.parameters(), lr=args.lr)", "nominal: SGD instead of Adam"),
+    M("nominal.py", "sum(epoch >= m for m in args.milestones)",
+      "sum(epoch > m for m in args.milestones)", "nominal: lr drops one epoch late"),
+    M("nominal.py", "return args.lr * args.gamma ** sum(", "return args.lr * 0.1 ** sum(",
+      "nominal: --gamma ignored"),
+    M("nominal.py", '            group["lr"] = lr\n', '            group["lr"] = args.lr\n',
+      "nominal: the schedule never reaches the optimizer"),
+    M("nominal.py",
+      "args.milestones = sorted({m for m in (args.epochs // 3, 2 * args.epochs // 3) if m >= 1})",
+      "args.milestones = [args.epochs // 3, 2 * args.epochs // 3]",
+      "nominal: the old default milestones ([0, 0] at 1 epoch: never at --lr)"),
+    M("nominal.py", "perm = torch.randperm(n, device=device, generator=generator)",
+      "perm = torch.arange(n, device=device)", "nominal: batches never shuffled"),
+    M("nominal.py", "        y = labels[idx]\n", "        y = labels[perm[:len(idx)]]\n",
+      "nominal: labels of other rows"),
+    M("nominal.py", '"svhn": dict(epochs=90, lr=1e-2, batch_size=256, crop=0, flip=False)',
+      '"svhn": dict(epochs=90, lr=1e-2, batch_size=256, crop=4, flip=False)',
+      "nominal: App. A default changed (SVHN crops)"),
+    M("nominal.py", "loss_sum += loss.detach() * len(idx)", "loss_sum += loss.detach()",
+      "nominal: logged train loss not weighted by batch size"),
+    M("nominal.py", "test_acc = evaluate(model, test, args.batch_size, args.amp, device)",
+      "test_acc = evaluate(model, train, args.batch_size, args.amp, device)",
+      "nominal: 'test' accuracy measured on the training split"),
+    # ---------------------------------------------------------------- magnet.py (Eq. (3), App. A)
+    M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
+      "        pass  # sampler.record(idx, per_example)                        # Rippel",
+      "magnet: per-example losses never reach the sampler"),
+    M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
+      "        sampler.record(idx.flip(0), per_example)                        # Rippel",
+      "magnet: losses recorded at the wrong rows"),
+    M("magnet.py", "        sampler.set_clusters(assignment, centers, center_classes)\n"
+                   "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                   "        return clusters, center_classes,",
+      "        if epoch == 0:\n"
+      "            sampler.set_clusters(assignment, centers, center_classes)\n"
+      "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "        return clusters, center_classes,",
+      "magnet: the sampler keeps the epoch-0 clusters forever"),
+    M("magnet.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
+      "        x = to_float(images[idx_dev])", "magnet trains without augmentation"),
+    M("magnet.py", "magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)",
+      "magnet_loss(f, cluster_ids, center_classes[cluster_ids], 0.0)",
+      "magnet: alpha is 0 inside the loop"),
+    M("magnet.py", "magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)",
+      "magnet_loss(f, center_classes[cluster_ids], center_classes[cluster_ids], args.alpha)",
+      "magnet: the loss sees one cluster per class instead of the sampled clusters"),
+    M("magnet.py", '"svhn": dict(epochs=30, lr=1e-4, alpha=13.0, crop=0, flip=False)',
+      '"svhn": dict(epochs=30, lr=1e-4, alpha=12.5, crop=0, flip=False)',
+      "magnet: App. A default changed (SVHN alpha)"),
+    M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
+      "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
+    M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
+    M("magnet.py", "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)",
+      "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, None)",
+      "magnet: --D ignored in the test accuracy"),
+    M("magnet.py", "        loss_sum += float(per_example.sum())",
+      "        loss_sum += float(per_example.mean())", "magnet: logged train loss wrong"),
+    M("magnet.py", "    for _ in range(sampler.batches_per_epoch()):\n        idx, cluster_ids = sampler.sample()                             # CPU",
+      "    for _ in range(sampler.batches_per_epoch() - 1):\n        idx, cluster_ids = sampler.sample()                             # CPU",
+      "magnet: one batch per epoch too few"),
+    M("magnet.py", "    images, _ = train\n    model.train()\n    loss_sum, seen = 0.0, 0\n",
+      "    images, _ = train\n    loss_sum, seen = 0.0, 0\n",
+      "magnet: train_one_epoch does not set train mode",
+      equivalent="the model is already in train mode there: it starts so, and features_of and "
+                 "eq4 evaluation restore the mode they found"),
+    # ---------------------------------------------------------------- shared blocks (every copy)
+    M(SHARED, "features, train[1], num_classes, args.K, generator)",
+      "features, train[1], num_classes, 2, generator)", "k-means: --K ignored (always 2)"),
+    M(SHARED, "        mu, a = kmeans_pp(x, K, iters, generator)",
+      "        mu, a = kmeans_pp(x, K, iters)", "k-means++ without the run's generator"),
+    M(SHARED, "    features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]",
+      "    features = features_of(model, augment(train[0], args.crop, args.flip, generator), "
+      "args.batch_size, args.amp)", "k-means on augmented images"),
+    M(SHARED, "        self.losses[rows.cpu()] = losses.detach().float().cpu()",
+      "        self.losses[rows.cpu()] = losses.detach().float().cpu().flip(0)",
+      "sampler stores each loss at another row"),
+    M(SHARED, "            mean = torch.where(seen, mean, mean[seen].mean())             # never drawn: average",
+      "            mean = torch.where(seen, mean, 0.0)                           # never drawn: average",
+      "sampler: never-drawn clusters never seeded"),
+    M(SHARED, "        return math.ceil(self.num_examples / (self.m * self.d))",
+      "        return self.num_examples // (self.m * self.d)", "sampler: epoch rounds down"),
+    # ---------------------------------------------------------------- qtrades.py (Eq. (6), Sec. 4.2)
+    M("qtrades.py", "x_adv = craft(model, x, eq4, args, generator)", "x_adv = x",
+      "ClusTR+QTRADES with no adversary"),
+    M("qtrades.py", "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam)",
+      "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, 0.0)",
+      "ClusTR+QTRADES with lambda = 0"),
+    M("qtrades.py", "quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)",
+      "quick_adversary(log_q_fn, x, log_p, args.eps, args.eps, generator)",
+      "QTRADES: the step equals eps"),
+    M("qtrades.py", "x_adv = craft(model, x, None, args, generator)", "x_adv = x",
+      "QTRADES alone uses x as its own adversary"),
+    M("qtrades.py", "loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam)",
+      "loss, cons = qtrades_ce_loss(logits, logits_adv, y, 0.0)", "QTRADES alone with lambda = 0"),
+    M("qtrades.py", "        x_adv = x_start + step * grad.sign()",
+      "        x_adv = x_start - step * grad.sign()", "QTRADES: descent instead of ascent"),
+    M("qtrades.py", "        sampler.record(idx, per_example)            # Rippel",
+      "        sampler.record(idx, total)                  # Rippel",
+      "ClusTR+QTRADES: the sampler ranks Eq. (6) totals, not Magnet losses"),
+    M("qtrades.py", "            keep = nearest_mask(f, centers, D)                             # the clean D nearest",
+      "            keep = nearest_mask(f, centers, None)                          # the clean D nearest",
+      "QTRADES: the adversary ignores D"),
+    M("qtrades.py", "            f_adv = model.features(x_adv)", "            f_adv = model.features(x)",
+      "ClusTR+QTRADES: the adversarial features are the clean ones"),
+    M("qtrades.py", '"svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=9.7,',
+      '"svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=8.0,', "qtrades: App. A default changed (SVHN lambda)"),
+    M("qtrades.py", '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D=20,',
+      '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D="all",',
+      "qtrades: Sec. 4.2 default changed (CIFAR100 D = 20)"),
+    M("qtrades.py", 'g.add_argument("--step", type=parse_fraction, default=10 / 255,',
+      'g.add_argument("--step", type=parse_fraction, default=8 / 255,', "qtrades: default step changed"),
+    M("qtrades.py", "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n    model.eval()\n",
+      "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
+      "QTRADES: the adversary is crafted in train mode"),
+    M("qtrades.py", "        sampler.set_clusters(assignment, centers, center_classes)\n"
+                    "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                    "        return clusters, {",
+      "        if epoch == 0:\n"
+      "            sampler.set_clusters(assignment, centers, center_classes)\n"
+      "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "        return clusters, {",
+      "ClusTR+QTRADES: the sampler keeps the epoch-0 clusters forever"),
+    M("qtrades.py", "            clusters, metrics = cluster_and_evaluate(epoch + 1)",
+      "            _, metrics = cluster_and_evaluate(epoch + 1)",
+      "ClusTR+QTRADES: Eq. (6) keeps the epoch-0 centres"),
+    M("qtrades.py", "logits, logits_adv = model(x), model(x_adv)", "logits, logits_adv = model(x), model(x)",
+      "QTRADES alone: the adversarial logits are the clean ones"),
+    M("qtrades.py", "        x = to_float(augment(images[idx], args.crop, args.flip, generator))",
+      "        x = to_float(images[idx])", "QTRADES alone trains without augmentation"),
+    M("qtrades.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
+      "        x = to_float(augment(images[idx_dev], args.crop, False, generator))",
+      "ClusTR+QTRADES ignores --flip"),
+    M("qtrades.py", "    perm = torch.randperm(n, device=device, generator=generator)",
+      "    perm = torch.arange(n, device=device)", "QTRADES alone: batches never shuffled"),
+    M("qtrades.py", "        opt.zero_grad(set_to_none=True)\n        loss.backward()\n        opt.step()\n"
+                    "        per_example = per_example.detach().float().cpu()\n        total",
+      "        loss.backward()\n        opt.step()\n"
+      "        per_example = per_example.detach().float().cpu()\n        total",
+      "ClusTR+QTRADES: no zero_grad"),
+    M("magnet.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+      "magnet: 'test' accuracy from the training images"),
+    M("qtrades.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+      "ClusTR+QTRADES: 'test' accuracy from the training images"),
+    M("qtrades.py", '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, test,',
+      '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, train,',
+      "QTRADES alone: 'test' accuracy on the training split"),
+]
+
+
+def copy_repo(dest):
+    """The top-level files the suite needs (stage files, test_all.py, pytest.ini, ...)."""
+    for name in os.listdir(ROOT):
+        path = os.path.join(ROOT, name)
+        if os.path.isfile(path) and not name.startswith("."):
+            shutil.copy2(path, dest)
+
+
+def check(mutants):
+    """Each snippet must occur exactly once in every file it applies to (present files only)."""
+    problems = []
+    for number, m in enumerate(mutants, 1):
+        for name in m["files"]:
+            with open(os.path.join(ROOT, name)) as f:
+                count = f.read().count(m["original"])
+            if count != 1:
+                problems.append(f"mutant {number} ({m['what']}): snippet occurs {count} times in {name}")
+    return problems
+
+
+def run_pytest(folder, extra, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "test_all.py", "-x", "-q", "-p", "no:cacheprovider", *extra]
+    try:
+        proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", None
+    failed = re.findall(r"^(?:FAILED|ERROR) test_all\.py::(\S+)", proc.stdout, re.M)
+    return proc.returncode, (failed[0] if failed else None)
+
+
+def verdict(folder, timeout):
+    """-> (killed, by which test or why)."""
+    for extra in (["-m", "wiring"], []):
+        code, test = run_pytest(folder, extra, timeout)
+        if code == "timeout":
+            return True, "timeout (the suite did not finish)"
+        if code != 0:
+            return True, test or f"pytest exit {code} (collection or import error)"
+    return False, None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", type=int, nargs="*", help="mutant numbers to run (1-based)")
+    p.add_argument("--check", action="store_true", help="only verify the snippets")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the unmutated run (which must pass for the verdicts to mean anything)")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    args = p.parse_args(argv)
+    problems = check(MUTANTS)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise SystemExit(2)
+    print(f"{len(MUTANTS)} mutants, every snippet found once")
+    if args.check:
+        return
+    chosen = args.only or list(range(1, len(MUTANTS) + 1))
+    with tempfile.TemporaryDirectory(prefix="clustr-mutants-") as tmp:
+        if not args.no_baseline:
+            base = os.path.join(tmp, "baseline")
+            os.makedirs(base)
+            copy_repo(base)
+            code, test = run_pytest(base, [], args.timeout)
+            if code != 0:
+                print(f"the unmutated suite fails ({code}, {test}): fix that first", file=sys.stderr)
+                raise SystemExit(1)
+            print("baseline: the unmutated suite passes", flush=True)
+        rows = []
+        for number in chosen:
+            m = MUTANTS[number - 1]
+            folder = os.path.join(tmp, f"m{number}")
+            os.makedirs(folder)
+            copy_repo(folder)
+            for name in m["files"]:
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(text.replace(m["original"], m["mutant"], 1))
+            t0 = time.time()
+            killed, by = verdict(folder, args.timeout)
+            shutil.rmtree(folder)
+            status = "killed" if killed else ("equivalent" if m["equivalent"] else "SURVIVED")
+            rows.append((number, m, status, by, time.time() - t0))
+            print(f"{number:>3} {status:<10} {time.time() - t0:6.0f}s  {m['what']}  "
+                  f"[{', '.join(m['files'])}]  {by or m['equivalent'] or ''}", flush=True)
+    counted = [r for r in rows if not r[1]["equivalent"]]
+    killed = sum(r[2] == "killed" for r in counted)
+    lines = ["| # | file | mutant | result | killed by |", "| --- | --- | --- | --- | --- |"]
+    for number, m, status, by, _ in rows:
+        note = f"`{by}`" if by else (m["equivalent"] or "")
+        lines.append(f"| {number} | {', '.join(m['files'])} | {m['what']} | {status} | {note} |")
+    summary = (f"killed {killed} of {len(counted)} non-equivalent mutants "
+               f"({100 * killed / max(1, len(counted)):.1f}%); "
+               f"{len(rows) - len(counted)} declared equivalent")
+    table = "\n".join(lines) + "\n\n" + summary + "\n"
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
