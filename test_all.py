@@ -2688,10 +2688,10 @@ def traced_main(module, argv, given, snapshot=False):
                 cons = naive_eq6_consistency(F.log_softmax(logits.float(), 1),
                                              F.log_softmax(logits_adv.float(), 1))
                 expected = F.cross_entropy(logits.float(), labels) + given["lam"] * cons.mean()
-                magnet_only = F.cross_entropy(logits.float(), labels)
+                head_only = F.cross_entropy(logits.float(), labels)
                 trace.add("eq6", lam=lam, y=labels.clone(), loss=out[0].detach(),
                           expected=expected.detach(), grads=grads_of(expected, trace.model),
-                          head_only_grads=grads_of(magnet_only, trace.model))
+                          head_only_grads=grads_of(head_only, trace.model))
                 return out
             mp.setattr(qtrades, "qtrades_magnet_loss", traced_qm)
             mp.setattr(qtrades, "qtrades_ce_loss", traced_qce)
