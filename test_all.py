@@ -2507,6 +2507,18 @@ def test_bad_input_from_the_shell_exits_2_without_a_traceback(bad_files, tmp_pat
         assert code == 2 and "Traceback" not in err and words in err, err
 
 
+def interrupted_at_call(real, n):
+    """`real`, except that its n-th call raises KeyboardInterrupt (a Ctrl-C at that point)."""
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return stand_in
+
+
 def train_lines(path):
     with open(path + ".log.jsonl") as f:
         return [json.loads(line)["epoch"] for line in f]
@@ -2522,9 +2534,7 @@ def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(nomina
     argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "1", "-b", "32",
             "--out", out, "--overwrite"]
 
-    def killed(*a, **k):
-        raise KeyboardInterrupt                                     # Ctrl-C inside epoch 1
-    monkeypatch.setattr(nominal, "train_one_epoch", killed)
+    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 1))
     with pytest.raises(SystemExit) as info:
         nominal.main(argv)
     assert info.value.code == 130
@@ -2543,14 +2553,7 @@ def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identica
     out = str(tmp_path / "ckpt.pt")
     argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
             "-b", "32", "--out", out, "--overwrite"]
-    real, calls = nominal.train_one_epoch, []
-
-    def interrupted_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 2))
     with pytest.raises(SystemExit) as info:
         nominal.main(argv)
     assert info.value.code == 130
@@ -2595,14 +2598,7 @@ def test_evaluation_reruns_onto_its_results_and_a_killed_one_keeps_the_previous(
     synthetic.main(synthetic_argv(out))
     synthetic.main(synthetic_argv(out))                             # twice simply works
     old = open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()
-    real, calls = synthetic.evaluate, []
-
-    def killed_after_one_row(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(synthetic, "evaluate", killed_after_one_row)
+    monkeypatch.setattr(synthetic, "evaluate", interrupted_at_call(synthetic.evaluate, 2))   # after one row
     with pytest.raises(SystemExit) as info:
         synthetic.main(synthetic_argv(out))
     assert info.value.code == 130
@@ -2666,3 +2662,11 @@ def test_printed_next_commands_run_as_printed(nominal_run, image_folder, tmp_pat
     assert command[:2] == ["python", "attack.py"], hint
     results = attack.main(command[2:] + ["--steps", "1", "--loss", "ce", "--no-checks"])
     assert results["images"] == 90 and os.path.exists("attack.json")
+
+
+def test_evaluation_stages_create_the_out_folder_first(magnet_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = certify.main(["--ckpt", magnet_ckpt, "--out", "new/dir/c.json", "--limit", "4",
+                            "--attack-limit", "1", "--attack-steps", "1", "--bisect", "0",
+                            "--power-iters", "1", "--plot", "none"])
+    assert results["images"] == 4 and sorted(os.listdir("new/dir")) == ["c.json", "c.json.log.jsonl"]
