@@ -288,7 +288,8 @@ def preflight(args, training):
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
              f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out))
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
     take_lock(out + ".lock")
     if not resume:
         log = out + ".log.jsonl"
@@ -1325,8 +1326,9 @@ def main(argv=None):
         # epoch 0: the clusters of the starting features (with --epochs 0, App. B.1's experiment)
         clusters, center_classes, metrics = cluster_and_evaluate(0)
         metrics = {**metrics, "train_loss": None, "lr": args.lr}
-        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
-                                        metrics, slim=args.slim and args.epochs == 0), args.out)
+        if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
+            save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
+                                            metrics, slim=args.slim and args.epochs == 0), args.out)
         append_jsonl(log_path, metrics)
         report(metrics, time.time() - t_run, 0)
 

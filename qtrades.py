@@ -357,7 +357,8 @@ def preflight(args, training):
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
              f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out))
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
     take_lock(out + ".lock")
     if not resume:
         log = out + ".log.jsonl"
@@ -1597,8 +1598,9 @@ def main(argv=None):
             metrics = {"epoch": 0, "train_accuracy": evaluate(model, train, args.batch_size, args.amp, device),
                        "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
         metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr}
-        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
-                                        metrics, slim=args.slim and args.epochs == 0), args.out)
+        if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
+            save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
+                                            metrics, slim=args.slim and args.epochs == 0), args.out)
         append_jsonl(log_path, metrics)
         report(metrics, time.time() - t_run, 0)
 

@@ -216,7 +216,8 @@ def preflight(args, training):
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
              f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out))
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
     take_lock(out + ".lock")
     if not resume:
         log = out + ".log.jsonl"

@@ -2524,28 +2524,29 @@ def train_lines(path):
         return [json.loads(line)["epoch"] for line in f]
 
 
-def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(nominal_run, image_folder,
+@pytest.mark.parametrize("stage", [nominal, magnet], ids=["nominal", "magnet"])
+def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage, nominal_run, image_folder,
                                                                          tmp_path, capsys, monkeypatch):
     import shutil
     out = str(tmp_path / "ckpt.pt")
     shutil.copy(nominal_run[1], out)
     shutil.copy(nominal_run[1] + ".log.jsonl", out + ".log.jsonl")
     old = open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()
-    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "1", "-b", "32",
-            "--out", out, "--overwrite"]
-
-    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 1))
+    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "1", "--out", out,
+            "--overwrite"] + (["-b", "32"] if stage is nominal else ["--m", "3", "--d", "10"])
+    monkeypatch.setattr(stage, "train_one_epoch", interrupted_at_call(stage.train_one_epoch, 1))
     with pytest.raises(SystemExit) as info:
-        nominal.main(argv)
+        stage.main(argv)                                            # Ctrl-C inside epoch 1
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "interrupted before the first epoch was saved; nothing was written" in err
     assert (open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()) == old
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]      # no lock, no partial
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl", "ckpt.pt.log.jsonl.partial"
+                                            ][:2 + (stage is magnet)]   # magnet's epoch-0 row waits
     monkeypatch.undo()
-    nominal.main(argv)                                              # a finished overwrite: new files
-    assert train_lines(out) == [1] and open(out, "rb").read() != old[0]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]
+    stage.main(argv)                                                # a finished overwrite: new files
+    assert train_lines(out) == ([1] if stage is nominal else [0, 1]) and open(out, "rb").read() != old[0]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]     # no lock, no partial
 
 
 def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identically(
