@@ -2484,6 +2484,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("label,stage,argv,words", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, words, bad_files, qtrades_runs,
                                                        capsys, tmp_path):
@@ -2500,6 +2501,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, word
     assert not os.path.exists(p["marker"]), "the pickled os.system ran"
 
 
+@pytest.mark.smoke
 def test_bad_input_from_the_shell_exits_2_without_a_traceback(bad_files, tmp_path):
     for argv, words in ((["attack.py", "--ckpt", bad_files["empty"]], "is empty (0 bytes)"),
                         (["qtrades.py", "--eps", "-8/255"], "is negative")):
@@ -2524,6 +2526,7 @@ def train_lines(path):
         return [json.loads(line)["epoch"] for line in f]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("stage", [nominal, magnet], ids=["nominal", "magnet"])
 def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage, nominal_run, image_folder,
                                                                          tmp_path, capsys, monkeypatch):
@@ -2549,6 +2552,7 @@ def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage,
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]     # no lock, no partial
 
 
+@pytest.mark.smoke
 def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identically(
         nominal_run, image_folder, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "ckpt.pt")
@@ -2570,6 +2574,7 @@ def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identica
     assert train_lines(out) == [1, 2, 3]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(image_folder, tmp_path, sig):
     out = str(tmp_path / "ckpt.pt")
@@ -2594,6 +2599,7 @@ def synthetic_argv(out):
             "--out", out]
 
 
+@pytest.mark.smoke
 def test_evaluation_reruns_onto_its_results_and_a_killed_one_keeps_the_previous(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "s.json")
     synthetic.main(synthetic_argv(out))
@@ -2611,6 +2617,7 @@ def test_evaluation_reruns_onto_its_results_and_a_killed_one_keeps_the_previous(
     assert not os.path.exists(out + ".lock")
 
 
+@pytest.mark.smoke
 def test_a_stale_lock_is_taken_over_with_a_note_and_a_live_one_refuses(tmp_path, capsys):
     out = str(tmp_path / "s.json")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -2632,6 +2639,7 @@ def test_a_stale_lock_is_taken_over_with_a_note_and_a_live_one_refuses(tmp_path,
     assert open(out + ".lock").read() == f"{sleeper.pid}\n"        # not ours: left alone
 
 
+@pytest.mark.smoke
 def test_resume_extends_a_finished_run_and_refuses_fewer_epochs(nominal_run, image_folder, tmp_path, capsys):
     import shutil
     out = str(tmp_path / "ckpt.pt")
@@ -2646,6 +2654,7 @@ def test_resume_extends_a_finished_run_and_refuses_fewer_epochs(nominal_run, ima
     assert torch.load(out, map_location="cpu", weights_only=True)["args"]["milestones"] == old
 
 
+@pytest.mark.smoke
 def test_printed_next_commands_run_as_printed(nominal_run, image_folder, tmp_path, capsys, monkeypatch):
     """nominal.py's hint runs magnet.py (width and data from --init), whose hint runs attack.py
     (data folder from the checkpoint); only budget flags are added, to keep the test short."""
@@ -2665,6 +2674,7 @@ def test_printed_next_commands_run_as_printed(nominal_run, image_folder, tmp_pat
     assert results["images"] == 90 and os.path.exists("attack.json")
 
 
+@pytest.mark.smoke
 def test_evaluation_stages_create_the_out_folder_first(magnet_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = certify.main(["--ckpt", magnet_ckpt, "--out", "new/dir/c.json", "--limit", "4",
