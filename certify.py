@@ -39,6 +39,8 @@ import math
 import os
 import random
 import re
+import shlex
+import signal
 import sys
 import time
 
@@ -62,7 +64,7 @@ def add_common_args(p, data_default):
     g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
                    help="torchvision root (downloaded there when missing), or the folder root "
                         "(default: %(default)s)")
-    g.add_argument("--width", type=int, default=64,
+    g.add_argument("--width", type=positive_int, default=64,
                    help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
                         "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
@@ -72,9 +74,20 @@ def add_common_args(p, data_default):
                    help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N train and N test images (smoke runs, tests)")
     return g
+
+
+def positive_int(text):
+    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
 # --- end shared: args ---
 
 def lipschitz_arg(text):
@@ -97,6 +110,7 @@ def parse_args(argv=None):
                     "App. C) with a sound Lipschitz bound, a lower estimate and an L2 attack.")
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
+    p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
     g = p.add_argument_group("certification (Prop. 1, App. C)")
     g.add_argument("--ckpt", default="magnet.pt",
                    help="clustering checkpoint (stage magnet or qtrades-magnet) (default: %(default)s); "
@@ -174,6 +188,7 @@ def fmt_time(seconds):
 
 
 def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -184,6 +199,169 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 # --- end shared: runtime ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def save_results(obj, path):
+    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
+    the previous complete file; then this run's log replaces the previous one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    commit_log()
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
 
 # ======================================================================================
 # 2. Data (SPEC section 3): the test split only, one uint8 tensor on the device.
@@ -299,7 +477,11 @@ def _load_folder(root, train):
     images, labels, shape = [], [], None
     for i in order:
         path, label = ds.samples[i]
-        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        try:                                                        # a truncated or foreign file
+            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
+        except Exception as e:
+            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
         if shape is None:
             shape = array.shape
         elif array.shape != shape:
@@ -507,6 +689,31 @@ def load_classifier(path, device="cpu", D="stored"):
     for p in module.parameters():
         p.requires_grad_(False)
     return module, ckpt
+
+def data_dir_from_checkpoint(args, ckpt):
+    """--data-dir left unset: the folder the checkpoint's run read (stored in its args), when it
+    exists from here (a relative path counts from the current folder); else ./data."""
+    if args.data_dir is None:
+        stored = ckpt["args"].get("data_dir")
+        args.data_dir = stored if isinstance(stored, str) and os.path.isdir(stored) else "./data"
+
+
+def check_test_split(ckpt, path, classes, images, data_dir):
+    """The test split must hold the classes (same names, same order) and image shape the
+    checkpoint was trained on; the message says which differ."""
+    info, arch = ckpt["data"], ckpt["arch"]
+    shape = [arch["in_channels"], *info["image_size"]]
+    if classes != info["classes"]:
+        missing = [c for c in info["classes"] if c not in classes]
+        extra = [c for c in classes if c not in info["classes"]]
+        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
+                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
+            or f"the same {len(classes)} class names in another order"
+        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
+             f"(class folders) the checkpoint was trained on")
+    if list(images.shape[1:]) != shape:
+        fail(f"the test split in {data_dir} does not match {path}: its images are "
+             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
 # --- end shared: classifier ---
 
 # ======================================================================================
@@ -797,20 +1004,32 @@ def save_checkpoint(ckpt, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
+    if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
+        commit_log()                        # the first saved epoch replaces the old run's log
 
 
 def load_checkpoint(path, stages=STAGES):
     """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
-    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    problem exits with code 2 and a message naming the file (README "Bad input and safety")."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        fail(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish writing "
+             f"it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
-               f"clustr checkpoint, or an untrusted one" if found else \
-               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        text = str(e)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found:
+            kind = f"holds pickled code ({found.group(1)}) that weights_only=True refuses (not " \
+                   f"loaded): not a clustr checkpoint, or an untrusted one"
+        else:  # the first line of torch's text that is about the file (some errors have none)
+            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+            first = lines[0][:100] if lines else ""
+            kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
         fail(f"checkpoint {path} {kind}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
@@ -819,7 +1038,65 @@ def load_checkpoint(path, stages=STAGES):
         fail(f"checkpoint {path} lacks {missing}")
     if ckpt["stage"] not in stages:
         fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    check_schema(ckpt, path)
+    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
+
+
+def check_schema(ckpt, path):
+    """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
+    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage."""
+    def need(ok, key, what):
+        if not ok:
+            found = repr(value(key))
+            fail(f"checkpoint {path}: {key} must be {what}, but it is "
+                 f"{found if len(found) < 60 else found[:57] + '...'}; not a checkpoint of these stages")
+
+    def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
+        v = ckpt
+        for part in re.findall(r"\w+", key):
+            v = v.get(part) if isinstance(v, dict) else None
+        return v
+
+    def count(v, low=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+    arch, data = ckpt["arch"], ckpt["data"]
+    need(isinstance(arch, dict), "arch", "a dict")
+    need(arch.get("name") == "resnet18", "arch['name']", "'resnet18'")
+    for key in ("width", "in_channels"):
+        need(count(arch.get(key)), f"arch['{key}']", "an integer >= 1")
+    need(arch.get("feat_dim") == 8 * arch["width"], "arch['feat_dim']", f"8 x width = {8 * arch['width']}")
+    need(isinstance(data, dict), "data", "a dict")
+    need(isinstance(data.get("name"), str), "data['name']", "a dataset name")
+    need(count(data.get("num_classes")), "data['num_classes']", "an integer >= 1")
+    need(isinstance(data.get("classes"), list) and len(data["classes"]) == data["num_classes"]
+         and all(isinstance(c, str) for c in data["classes"]), "data['classes']",
+         f"a list of {data['num_classes']} class names")
+    for key in ("mean", "std"):
+        need(numbers(data.get(key), arch["in_channels"]), f"data['{key}']",
+             f"{arch['in_channels']} numbers (one per channel)")
+    need(isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2
+         and all(count(v) for v in data["image_size"]), "data['image_size']", "[height, width]")
+    need(isinstance(ckpt["model"], dict) and all(torch.is_tensor(v) for v in ckpt["model"].values()),
+         "model", "a state_dict (names -> tensors)")
+    need(isinstance(ckpt["args"], dict), "args", "a dict")
+    need(count(ckpt["epoch"], 0), "epoch", "an integer >= 0")
+    if ckpt["stage"] in ("magnet", "qtrades-magnet"):
+        c = ckpt.get("clusters")
+        need(isinstance(c, dict), "clusters", "a dict (the clustering stages' Eq. (4) entry)")
+        need(torch.is_tensor(c.get("centers")) and c["centers"].dim() == 2
+             and c["centers"].shape[1] == arch["feat_dim"], "clusters['centers']",
+             f"a tensor [M, {arch['feat_dim']}]")
+        need(torch.is_tensor(c.get("center_classes")) and c["center_classes"].shape == (len(c["centers"]),)
+             and not c["center_classes"].is_floating_point() and bool(((c["center_classes"] >= 0)
+             & (c["center_classes"] < data["num_classes"])).all()), "clusters['center_classes']",
+             f"{len(c['centers'])} class indices in [0, {data['num_classes']})")
+        need(isinstance(c.get("variance"), (int, float)) and math.isfinite(c["variance"])
+             and c["variance"] > 0, "clusters['variance']", "a finite sigma^2 > 0")
+        need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
 
 
 def rng_state(generator):
@@ -837,10 +1114,16 @@ def set_rng_state(state, generator):
 
 
 def check_resume_args(ckpt, args, not_shaping):
-    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them.
+    --epochs may grow, also past a finished run (as timm's resume allows): the epochs already
+    done stay as they were; fewer epochs than the checkpoint holds is refused."""
     old, new = ckpt["args"], vars(args)
+    if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
+        fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
+             f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
     diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new))
+            if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
     if diff:
         fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
              + "; ".join(diff))
@@ -887,18 +1170,23 @@ def plot_curves(results, radius, pert, lower, path):
 # 5. The loop
 # ======================================================================================
 
+@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
+    preflight(args, training=False)     # folder, lock: before any work
     device = setup_runtime(args, training=False)
     if args.amp:
         print("note: --amp ignored: certificates and the attack run in fp32 (margins need it)")
         args.amp = False
     t_run = time.time()
     ckpt = load_checkpoint(args.ckpt)
+    data_dir_from_checkpoint(args, ckpt)
     if ckpt["stage"] in ("nominal", "qtrades-ce"):
+        train = f"python magnet.py --init {shlex.quote(args.ckpt)}" if ckpt["stage"] == "nominal" else \
+            "magnet.py or qtrades.py --loss magnet, from a nominal.py checkpoint (--init)"
         fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint: it has no clusters (a linear head), "
              f"and Prop. 1 certifies the nearest-cluster classifier; certify a clustering checkpoint "
-             f"(python magnet.py --init {args.ckpt}, or qtrades.py --loss magnet)")
+             f"(train one with {train})")
     info = ckpt["data"]
     args.data = args.data or info["name"]
     if args.data != info["name"]:
@@ -919,15 +1207,10 @@ def main(argv=None):
         images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
     except DataError as e:
         fail(str(e))
-    if classes != info["classes"] or list(images.shape[1:]) != [ckpt["arch"]["in_channels"], *info["image_size"]]:
-        fail(f"the {args.data} test split in {args.data_dir} ({len(classes)} classes, images "
-             f"{list(images.shape[1:])}) does not match {args.ckpt} ({info['num_classes']} classes, "
-             f"images {[ckpt['arch']['in_channels'], *info['image_size']]})")
+    check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
     images, labels = images.to(device), labels.to(device)
     n = len(labels)
     log_path = args.out + ".log.jsonl"
-    if os.path.exists(log_path):
-        os.remove(log_path)
     print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, "
           f"{len(mu)} centres) | data {args.data} ({n} test images) | device {device} | "
           f"torch {torch.__version__}")
@@ -1033,10 +1316,7 @@ def main(argv=None):
     note = "plot skipped (--plot none)" if plot == "none" else \
         plot_curves(results, r["radius"][:m], pert, lower_estimate, plot)
     results["plot"] = None if plot == "none" or "skipped" in note else plot
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=1)
+    save_results(results, args.out)     # atomic; then this run's log replaces the previous one
 
     # --- summary -----------------------------------------------------------------------------
     lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",

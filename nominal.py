@@ -35,6 +35,8 @@ import math
 import os
 import random
 import re
+import shlex
+import signal
 import sys
 import time
 
@@ -74,7 +76,7 @@ def add_common_args(p, data_default):
     g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
                    help="torchvision root (downloaded there when missing), or the folder root "
                         "(default: %(default)s)")
-    g.add_argument("--width", type=int, default=64,
+    g.add_argument("--width", type=positive_int, default=64,
                    help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
                         "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
@@ -84,10 +86,42 @@ def add_common_args(p, data_default):
                    help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="use only the first N train and N test images (smoke runs, tests)")
     return g
+
+
+def positive_int(text):
+    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
 # --- end shared: args ---
+
+# --- shared: train-args ---
+def parse_lr(text):
+    """argparse type of --lr: a finite number in (0, 1].  Adam moves every weight by about lr per
+    step; App. A's rates are 1e-2 and 1e-4, and above 1 the weights only overflow."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 "
+                                         f"fine-tuning), not {text}")
+    return value
+
+
+def add_overwrite_arg(g):
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out checkpoint and its log; both stay as they are "
+                        "until this run saves its first epoch. Without it an existing --out is "
+                        "refused (continue it with --resume)")
+# --- end shared: train-args ---
 
 
 def parse_args(argv=None):
@@ -99,9 +133,9 @@ def parse_args(argv=None):
     add_common_args(p, data_default="cifar10")
     g = p.add_argument_group("nominal training (Appendix A 'Optimization' and 'Pre-processing')")
     g.add_argument("--out", default="ckpt.pt", help="checkpoint path; log goes to <out>.log.jsonl")
-    g.add_argument("--epochs", type=int, default=None, help="epochs; App. A: 90")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate; App. A: 1e-2")
-    g.add_argument("-b", "--batch-size", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs (>= 1); App. A: 90")
+    g.add_argument("--lr", type=parse_lr, default=None, help="Adam learning rate, in (0, 1]; App. A: 1e-2")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=None,
                    help="batch size; 256 as in the authors' code (the paper gives none)")
     g.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="epochs after which lr is multiplied by --gamma; App. A: 30 60 for 90 "
@@ -118,6 +152,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue an interrupted run from PATH (default: --out); refused when the "
                         "arguments that shape the run differ")
+    add_overwrite_arg(g)
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop cleanly after epoch N, as if interrupted (for --resume)")
     g.add_argument("--slim", action="store_true",
@@ -134,7 +169,8 @@ def parse_args(argv=None):
 
 
 # Arguments that do not change the trained weights: a resume may differ in these.
-NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir"}
+NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
+               "overwrite"}
 
 
 # --- shared: runtime ---
@@ -182,6 +218,7 @@ def fmt_time(seconds):
 
 
 def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -192,6 +229,169 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 # --- end shared: runtime ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def save_results(obj, path):
+    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
+    the previous complete file; then this run's log replaces the previous one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    commit_log()
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
 
 
 # ======================================================================================
@@ -309,7 +509,11 @@ def _load_folder(root, train):
     images, labels, shape = [], [], None
     for i in order:
         path, label = ds.samples[i]
-        array = np.asarray(ds.loader(path), dtype=np.uint8)         # [H, W, 3] (RGB)
+        try:                                                        # a truncated or foreign file
+            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
+        except Exception as e:
+            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
         if shape is None:
             shape = array.shape
         elif array.shape != shape:
@@ -525,20 +729,32 @@ def save_checkpoint(ckpt, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
+    if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
+        commit_log()                        # the first saved epoch replaces the old run's log
 
 
 def load_checkpoint(path, stages=STAGES):
     """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
-    problem exits with code 2 and a message naming the file (SPEC section 7)."""
+    problem exits with code 2 and a message naming the file (README "Bad input and safety")."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        fail(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish writing "
+             f"it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        kind = f"holds a pickled object ({found.group(1)}) that weights_only=True refuses: not a " \
-               f"clustr checkpoint, or an untrusted one" if found else \
-               f"is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        text = str(e)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found:
+            kind = f"holds pickled code ({found.group(1)}) that weights_only=True refuses (not " \
+                   f"loaded): not a clustr checkpoint, or an untrusted one"
+        else:  # the first line of torch's text that is about the file (some errors have none)
+            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+            first = lines[0][:100] if lines else ""
+            kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
         fail(f"checkpoint {path} {kind}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
@@ -547,7 +763,65 @@ def load_checkpoint(path, stages=STAGES):
         fail(f"checkpoint {path} lacks {missing}")
     if ckpt["stage"] not in stages:
         fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+    check_schema(ckpt, path)
+    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
+
+
+def check_schema(ckpt, path):
+    """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
+    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage."""
+    def need(ok, key, what):
+        if not ok:
+            found = repr(value(key))
+            fail(f"checkpoint {path}: {key} must be {what}, but it is "
+                 f"{found if len(found) < 60 else found[:57] + '...'}; not a checkpoint of these stages")
+
+    def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
+        v = ckpt
+        for part in re.findall(r"\w+", key):
+            v = v.get(part) if isinstance(v, dict) else None
+        return v
+
+    def count(v, low=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+    arch, data = ckpt["arch"], ckpt["data"]
+    need(isinstance(arch, dict), "arch", "a dict")
+    need(arch.get("name") == "resnet18", "arch['name']", "'resnet18'")
+    for key in ("width", "in_channels"):
+        need(count(arch.get(key)), f"arch['{key}']", "an integer >= 1")
+    need(arch.get("feat_dim") == 8 * arch["width"], "arch['feat_dim']", f"8 x width = {8 * arch['width']}")
+    need(isinstance(data, dict), "data", "a dict")
+    need(isinstance(data.get("name"), str), "data['name']", "a dataset name")
+    need(count(data.get("num_classes")), "data['num_classes']", "an integer >= 1")
+    need(isinstance(data.get("classes"), list) and len(data["classes"]) == data["num_classes"]
+         and all(isinstance(c, str) for c in data["classes"]), "data['classes']",
+         f"a list of {data['num_classes']} class names")
+    for key in ("mean", "std"):
+        need(numbers(data.get(key), arch["in_channels"]), f"data['{key}']",
+             f"{arch['in_channels']} numbers (one per channel)")
+    need(isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2
+         and all(count(v) for v in data["image_size"]), "data['image_size']", "[height, width]")
+    need(isinstance(ckpt["model"], dict) and all(torch.is_tensor(v) for v in ckpt["model"].values()),
+         "model", "a state_dict (names -> tensors)")
+    need(isinstance(ckpt["args"], dict), "args", "a dict")
+    need(count(ckpt["epoch"], 0), "epoch", "an integer >= 0")
+    if ckpt["stage"] in ("magnet", "qtrades-magnet"):
+        c = ckpt.get("clusters")
+        need(isinstance(c, dict), "clusters", "a dict (the clustering stages' Eq. (4) entry)")
+        need(torch.is_tensor(c.get("centers")) and c["centers"].dim() == 2
+             and c["centers"].shape[1] == arch["feat_dim"], "clusters['centers']",
+             f"a tensor [M, {arch['feat_dim']}]")
+        need(torch.is_tensor(c.get("center_classes")) and c["center_classes"].shape == (len(c["centers"]),)
+             and not c["center_classes"].is_floating_point() and bool(((c["center_classes"] >= 0)
+             & (c["center_classes"] < data["num_classes"])).all()), "clusters['center_classes']",
+             f"{len(c['centers'])} class indices in [0, {data['num_classes']})")
+        need(isinstance(c.get("variance"), (int, float)) and math.isfinite(c["variance"])
+             and c["variance"] > 0, "clusters['variance']", "a finite sigma^2 > 0")
+        need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
 
 
 def rng_state(generator):
@@ -565,10 +839,16 @@ def set_rng_state(state, generator):
 
 
 def check_resume_args(ckpt, args, not_shaping):
-    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them."""
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them.
+    --epochs may grow, also past a finished run (as timm's resume allows): the epochs already
+    done stay as they were; fewer epochs than the checkpoint holds is refused."""
     old, new = ckpt["args"], vars(args)
+    if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
+        fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
+             f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
     diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new)) if k not in not_shaping and old.get(k) != new.get(k)]
+            for k in sorted(set(old) | set(new))
+            if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
     if diff:
         fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
              + "; ".join(diff))
@@ -589,8 +869,10 @@ def make_checkpoint(model, opt, generator, args, info, epoch, metrics, slim=Fals
 # 5. The loop
 # ======================================================================================
 
+@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
+    preflight(args, training=True)      # folder, lock, no clobber: before any work
     device = setup_runtime(args, training=True)
     try:
         train, test, info = load_data(args.data, args.data_dir, args.limit)
@@ -612,6 +894,8 @@ def main(argv=None):
     if args.resume is not None:
         path = args.resume or args.out
         ckpt = load_checkpoint(path, stages=("nominal",))
+        if not any(str(a).startswith("--mil") for a in RUN["argv"]):   # a longer --epochs keeps the
+            args.milestones = ckpt["args"]["milestones"]           # finished epochs' schedule
         check_resume_args(ckpt, args, NOT_SHAPING)
         if "resume" not in ckpt:
             fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
@@ -624,8 +908,6 @@ def main(argv=None):
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
-    elif os.path.exists(log_path):
-        os.remove(log_path)                                         # a fresh run, a fresh log
 
     print(f"nominal.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, "
           f"{info['num_classes']} classes, {info['image_size']}) | ResNet18 w={args.width} | "
@@ -672,8 +954,17 @@ def main(argv=None):
           f"95.01 CIFAR10, 78.84 CIFAR100, 98.38 SVHN)\n"
           f"  train loss      {metrics.get('train_loss', float('nan')):.4f}\n"
           f"  checkpoint      {args.out}   log {log_path}\n"
-          f"  next            python magnet.py --init {args.out} --data {args.data}", flush=True)
+          f"  next            {next_command(args)}", flush=True)
     return results
+
+
+def next_command(args):
+    """The ClusTR step after this one, runnable as printed: magnet.py takes --data and --width
+    from --init; the data folder and --limit are passed on."""
+    cmd = ["python", "magnet.py", "--init", args.out]
+    cmd += ["--data-dir", args.data_dir] if args.data_dir != "./data" else []
+    cmd += ["--limit", str(args.limit)] if args.limit else []
+    return " ".join(shlex.quote(a) for a in cmd)
 
 
 if __name__ == "__main__":

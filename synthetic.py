@@ -52,6 +52,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 
@@ -177,6 +179,7 @@ def fmt_time(seconds):
 
 
 def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -187,6 +190,169 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 # --- end shared: runtime ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def save_results(obj, path):
+    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
+    the previous complete file; then this run's log replaces the previous one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    commit_log()
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
 
 
 # ======================================================================================
@@ -683,8 +849,10 @@ def plot_figure(path, datasets, first, args):
     return path
 
 
+@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
+    preflight(args, training=False)     # folder, lock: before any work
     seed_everything(args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                       # tiny matrices: more threads are only overhead
@@ -697,8 +865,6 @@ def main(argv=None):
 def _main(args):
     seeds = list(range(args.seed, args.seed + args.seeds))
     log_path = args.out + ".log.jsonl"
-    if os.path.exists(log_path):
-        os.remove(log_path)                                                 # a fresh run, a fresh log
     print(f"synthetic.py | datasets {' '.join(args.datasets)} | {len(seeds)} seeds {seeds[0]}.."
           f"{seeds[-1]} | net 2-{args.hidden}-{args.hidden}-{args.feat_dim} | {args.steps} steps per "
           f"run ({args.warm_steps} cross-entropy + {args.steps - args.warm_steps} Magnet for the warm "
@@ -738,10 +904,7 @@ def _main(args):
                "config": {k: v for k, v in vars(args).items()},
                "steps_per_run": args.steps, "plot": plot, "seconds": time.time() - t_run,
                "torch": torch.__version__}
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(results, args.out)     # atomic; then this run's log replaces the previous one
     print(f"\nwrote {args.out}" + (f" and {plot}" if plot else "")
           + f" in {fmt_time(time.time() - t_run)}", flush=True)
     return results

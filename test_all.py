@@ -519,14 +519,15 @@ def test_cli_exit_code_2_on_bad_input(image_folder, tmp_path):
 
 
 @pytest.mark.smoke
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "ckpt.pt")
     nominal.save_checkpoint({"format": "clustr/1", "marker": torch.arange(3)}, out)
     before = open(out, "rb").read()
-    # Adam's first steps move every weight by about lr: 1e30 overflows float32 within two steps
+    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
+    monkeypatch.setattr(nominal, "train_one_epoch", lambda *a, **k: (torch.tensor(float("nan")), torch.tensor(0), 1))
     err = exit_code_and_message(capsys, nominal.main, [
         "--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "2",
-        "-b", "32", "--lr", "1e30", "--out", out])
+        "-b", "32", "--out", out, "--overwrite"])
     assert "loss became" in err and "smaller" in err
     assert open(out, "rb").read() == before
 
@@ -1042,10 +1043,11 @@ def test_init_mismatches_and_wrong_stage_exit_2(nominal_run, magnet_run, image_f
 
 
 @pytest.mark.smoke
-def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):
+def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "m.pt")
-    # Adam moves every weight by about lr: 1e30 overflows the float32 features within a step or two
-    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--epochs", 2) + ["--lr", "1e30"])
+    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
+    monkeypatch.setattr(magnet, "train_one_epoch", lambda *a, **k: (float("nan"), 0))
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--epochs", 2))
     assert "smaller --lr" in err and "--alpha" in err
     ckpt = magnet.load_checkpoint(out, stages=("magnet",))
     assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["clusters"]["centers"]).all()
@@ -2447,7 +2449,8 @@ def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp
 # ======================================================================================
 
 @pytest.mark.smoke
-def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run, image_folder, capsys, tmp_path):
+def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run, image_folder, capsys, tmp_path,
+                                                     monkeypatch):
     out = str(tmp_path / "x.pt")
     magnet_ckpt = qtrades_runs["magnet"][1]
     err = exit_code_and_message(capsys, qtrades.main, folder_args(
@@ -2464,8 +2467,9 @@ def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run,
     assert "'qtrades-magnet' checkpoint" in err and "qtrades-ce" in err
     assert not os.path.exists(out)
     # NaN/inf: stop, keep the last good checkpoint, suggest a smaller lr / lam
+    monkeypatch.setattr(qtrades, "train_one_epoch_ce", lambda *a, **k: (float("nan"), float("nan"), 0.0, 0))
     err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--epochs", 2, "--loss", "ce") + ["--lr", "1e30"])
+        image_folder, out, "--epochs", 2, "--loss", "ce"))
     assert "smaller --lr" in err and "--lam" in err
     assert qtrades.load_checkpoint(out, stages=("qtrades-ce",))["epoch"] == 0
 
@@ -3214,3 +3218,286 @@ def test_logged_accuracies_are_those_of_the_saved_model_on_the_named_split(
         assert last["test_accuracy"] == pytest.approx(test_acc, abs=1e-9), trace.results["out"]
         if clustering:
             assert last["train_accuracy"] == pytest.approx(train_acc, abs=1e-9), trace.results["out"]
+
+
+# ######################################################################################
+# every stage: bad input never crashes, no run destroys another run's results
+# (README "Bad input and safety")
+# ######################################################################################
+
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bad_files(nominal_run, image_folder, tmp_path_factory):
+    """The bad inputs of the table below, made once: {name: path}."""
+    import shutil
+    root = tmp_path_factory.mktemp("bad")
+    files = {"ckpt": nominal_run[1], "folder": image_folder}
+    for name, damage in (("truncated", lambda p: open(p, "r+b").truncate(60)),
+                         ("text", lambda p: open(p, "w").write("not an image\n"))):
+        folder = str(root / name)
+        shutil.copytree(image_folder, folder)
+        damage(os.path.join(folder, "train", "class01", "0003.png"))
+        files[name] = folder
+    renamed = str(root / "renamed")
+    shutil.copytree(image_folder, renamed)
+    os.rename(os.path.join(renamed, "test", "class02"), os.path.join(renamed, "test", "cats"))
+    files["renamed"] = renamed
+    (root / "empty.pt").write_bytes(b"")
+    files["empty"] = str(root / "empty.pt")
+    ck = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    torch.save(dict(ck, arch={}), root / "no_arch.pt")
+    files["no_arch"] = str(root / "no_arch.pt")
+    files["marker"] = str(root / "pwned")
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {files['marker']}",)
+    torch.save({"format": "clustr/1", "payload": Evil()}, root / "evil.pt")
+    files["evil"] = str(root / "evil.pt")
+    (root / "a_file").write_text("x")
+    files["under_a_file"] = str(root / "a_file" / "out.pt")
+    return files
+
+
+def nom(p, *extra):
+    return ["--data", "folder", "--data-dir", p["folder"], "--width", "8", "--epochs", "1",
+            "-b", "32", *extra]
+
+
+def mag(p, *extra):
+    return ["--data", "folder", "--data-dir", p["folder"], "--m", "3", "--d", "10", *extra]
+
+
+# label, stage, argv from the files above (--out is added: a fresh path), words the message has
+BAD_INPUTS = [
+    ("truncated PNG", nominal, lambda p: nom(p, "--data-dir", p["truncated"]), "class01/0003.png"),
+    ("text file named .png", nominal, lambda p: nom(p, "--data-dir", p["text"]), "cannot read the image"),
+    ("0-byte --ckpt", attack, lambda p: ["--ckpt", p["empty"]], "is empty (0 bytes)"),
+    ("0-byte --init", magnet, lambda p: mag(p, "--init", p["empty"]), "is empty (0 bytes)"),
+    ("0-byte --resume", nominal, lambda p: nom(p, "--resume", p["empty"]), "is empty (0 bytes)"),
+    ("empty arch", attack, lambda p: ["--ckpt", p["no_arch"]], "arch['name'] must be 'resnet18'"),
+    ("os.system pickle", attack, lambda p: ["--ckpt", p["evil"]], "holds pickled code (posix.system) that weights_only=True refuses (not loaded)"),
+    ("--eps nan", attack, lambda p: ["--ckpt", p["ckpt"], "--eps", "nan"], "not a finite number"),
+    ("--eps -8/255", attack, lambda p: ["--ckpt", p["ckpt"], "--eps", "-8/255"], "is negative"),
+    ("--step inf", qtrades, lambda p: mag(p, "--step", "inf"), "not a finite number"),
+    ("--limit 0 nominal", nominal, lambda p: nom(p, "--limit", "0"), "--limit: must be an integer >= 1"),
+    ("--limit 0 magnet", magnet, lambda p: mag(p, "--limit", "0"), "--limit: must be an integer >= 1"),
+    ("--limit 0 qtrades", qtrades, lambda p: mag(p, "--limit", "0"), "--limit: must be an integer >= 1"),
+    ("--limit 0 certify", certify, lambda p: ["--ckpt", p["ckpt"], "--limit", "0"], "--limit: must be an integer >= 1"),
+    ("--limit -5", nominal, lambda p: nom(p, "--limit", "-5"), "--limit: must be an integer >= 1, not -5"),
+    ("--epochs 0 nominal", nominal, lambda p: nom(p, "--epochs", "0"), "--epochs: must be an integer >= 1"),
+    ("-b 0", nominal, lambda p: nom(p, "-b", "0"), "--batch-size: must be an integer >= 1"),
+    ("--width 0", magnet, lambda p: mag(p, "--width", "0"), "--width: must be an integer >= 1"),
+    ("--lr 1e38", nominal, lambda p: nom(p, "--lr", "1e38"), "--lr: must be in (0, 1]"),
+    ("--lr nan", magnet, lambda p: mag(p, "--lr", "nan"), "--lr: must be in (0, 1]"),
+    ("unwritable --out folder", nominal, lambda p: nom(p, "--data-dir", "/nowhere", "--out", "/proc/c.pt"),
+     "cannot write in the folder /proc"),
+    ("--out under a file", certify, lambda p: ["--ckpt", p["ckpt"], "--out", p["under_a_file"]], "cannot create the folder"),
+    ("renamed test class", attack, lambda p: ["--ckpt", p["ckpt"], "--data-dir", p["renamed"]], "no class folder for the checkpoint's classes ['class02']"),
+    ("qtrades-ce to certify", certify, lambda p: ["--ckpt", p["q_ce"]], "qtrades.py --loss magnet, from a nominal.py"),
+    ("existing training --out", nominal, lambda p: nom(p, "--out", p["ckpt"]), "--resume, or replace it with --overwrite"),
+    ("live lock", magnet, lambda p: mag(p, "--out", p["locked"]), f"another run (process {os.getpid()})"),
+]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("label,stage,argv,words", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, words, bad_files, qtrades_runs,
+                                                       capsys, tmp_path):
+    out = str(tmp_path / "out.pt")
+    p = dict(bad_files, q_ce=qtrades_runs["ce"][1], locked=str(tmp_path / "locked.pt"))
+    with open(p["locked"] + ".lock", "w") as f:
+        f.write(f"{os.getpid()}\n")                                 # a live process holds it
+    before = {path: open(path, "rb").read() for path in (p["ckpt"],)}
+    err = exit_code_and_message(capsys, stage.main, ["--out", out] + argv(p))
+    assert words in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ") or "usage:" in err, err   # one line
+    assert not os.path.exists(out) and not os.path.exists(out + ".lock"), "nothing is written"
+    assert all(open(path, "rb").read() == data for path, data in before.items())
+    assert not os.path.exists(p["marker"]), "the pickled os.system ran"
+
+
+@pytest.mark.smoke
+def test_bad_input_from_the_shell_exits_2_without_a_traceback(bad_files, tmp_path):
+    for argv, words in ((["attack.py", "--ckpt", bad_files["empty"]], "is empty (0 bytes)"),
+                        (["qtrades.py", "--eps", "-8/255"], "is negative")):
+        code, _, err = run_script(*argv, "--out", tmp_path / "o.pt")
+        assert code == 2 and "Traceback" not in err and words in err, err
+
+
+def interrupted_at_call(real, n):
+    """`real`, except that its n-th call raises KeyboardInterrupt (a Ctrl-C at that point)."""
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return stand_in
+
+
+def train_lines(path):
+    with open(path + ".log.jsonl") as f:
+        return [json.loads(line)["epoch"] for line in f]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("stage", [nominal, magnet], ids=["nominal", "magnet"])
+def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage, nominal_run, image_folder,
+                                                                         tmp_path, capsys, monkeypatch):
+    import shutil
+    out = str(tmp_path / "ckpt.pt")
+    shutil.copy(nominal_run[1], out)
+    shutil.copy(nominal_run[1] + ".log.jsonl", out + ".log.jsonl")
+    old = open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()
+    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "1", "--out", out,
+            "--overwrite"] + (["-b", "32"] if stage is nominal else ["--m", "3", "--d", "10"])
+    monkeypatch.setattr(stage, "train_one_epoch", interrupted_at_call(stage.train_one_epoch, 1))
+    with pytest.raises(SystemExit) as info:
+        stage.main(argv)                                            # Ctrl-C inside epoch 1
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first epoch was saved; nothing was written" in err
+    assert (open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()) == old
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl", "ckpt.pt.log.jsonl.partial"
+                                            ][:2 + (stage is magnet)]   # magnet's epoch-0 row waits
+    monkeypatch.undo()
+    stage.main(argv)                                                # a finished overwrite: new files
+    assert train_lines(out) == ([1] if stage is nominal else [0, 1]) and open(out, "rb").read() != old[0]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]     # no lock, no partial
+
+
+@pytest.mark.smoke
+def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identically(
+        nominal_run, image_folder, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "ckpt.pt")
+    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
+            "-b", "32", "--out", out, "--overwrite"]
+    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 2))
+    with pytest.raises(SystemExit) as info:
+        nominal.main(argv)
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "interrupted in epoch 2; the checkpoint holds epoch 1" in err, err
+    command = shlex.split(err.split("continue with: ")[1])
+    assert command[:2] == ["python", "nominal.py"] and "--overwrite" not in command and "--resume" in command
+    monkeypatch.undo()
+    assert nominal.main(command[2:])["epochs_done"] == 3             # the command, as printed
+    a = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    b = torch.load(out, map_location="cpu", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert train_lines(out) == [1, 2, 3]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(image_folder, tmp_path, sig):
+    out = str(tmp_path / "ckpt.pt")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "nominal.py"), "--data", "folder",
+                             "--data-dir", image_folder, "--width", "4", "--epochs", "200", "-b", "64",
+                             "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            # a shell's background job inherits SIGINT ignored; a user's run does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:                                        # wait for the first epoch's row
+        if line.strip().startswith("1/200"):
+            break
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    held = torch.load(out, map_location="cpu", weights_only=True)["epoch"]
+    assert f"interrupted in epoch {held + 1}; the checkpoint holds epoch {held}" in err, err
+    assert err.strip().endswith("--resume") and not os.path.exists(out + ".lock")
+
+
+def synthetic_argv(out):
+    return ["--datasets", "moons", "--seeds", "1", "--n", "40", "--steps", "20", "--plot", "none",
+            "--out", out]
+
+
+@pytest.mark.smoke
+def test_evaluation_reruns_onto_its_results_and_a_killed_one_keeps_the_previous(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "s.json")
+    synthetic.main(synthetic_argv(out))
+    synthetic.main(synthetic_argv(out))                             # twice simply works
+    old = open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()
+    monkeypatch.setattr(synthetic, "evaluate", interrupted_at_call(synthetic.evaluate, 2))   # after one row
+    with pytest.raises(SystemExit) as info:
+        synthetic.main(synthetic_argv(out))
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "as the previous run left them" in err and "s.json.log.jsonl.partial" in err
+    assert (open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()) == old
+    with open(out + ".log.jsonl.partial") as f:
+        assert len(f.readlines()) == 1                              # its own rows, beside
+    assert not os.path.exists(out + ".lock")
+
+
+@pytest.mark.smoke
+def test_a_stale_lock_is_taken_over_with_a_note_and_a_live_one_refuses(tmp_path, capsys):
+    out = str(tmp_path / "s.json")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(out + ".lock", "w") as f:
+        f.write(f"{dead.pid}\n")
+    synthetic.main(synthetic_argv(out))
+    assert f"took over the stale lock {out}.lock (process {dead.pid} has ended)" in capsys.readouterr().out
+    assert os.path.exists(out) and not os.path.exists(out + ".lock")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(out + ".lock", "w") as f:
+            f.write(f"{sleeper.pid}\n")
+        err = exit_code_and_message(capsys, synthetic.main, synthetic_argv(out))
+        assert f"another run (process {sleeper.pid}) is writing {out}" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert open(out + ".lock").read() == f"{sleeper.pid}\n"        # not ours: left alone
+
+
+@pytest.mark.smoke
+def test_resume_extends_a_finished_run_and_refuses_fewer_epochs(nominal_run, image_folder, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / "ckpt.pt")
+    shutil.copy(nominal_run[1], out)
+    shutil.copy(nominal_run[1] + ".log.jsonl", out + ".log.jsonl")
+    common = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "-b", "32", "--out", out]
+    err = exit_code_and_message(capsys, nominal.main, common + ["--epochs", "2", "--resume"])
+    assert "already holds 3 epochs, more than --epochs 2" in err
+    results = nominal.main(common + ["--epochs", "5", "--resume"])   # its own default: 1 3
+    assert results["epochs_done"] == 5 and train_lines(out) == [1, 2, 3, 4, 5]
+    old = torch.load(nominal_run[1], map_location="cpu", weights_only=True)["args"]["milestones"]
+    assert torch.load(out, map_location="cpu", weights_only=True)["args"]["milestones"] == old
+
+
+@pytest.mark.smoke
+def test_printed_next_commands_run_as_printed(nominal_run, image_folder, tmp_path, capsys, monkeypatch):
+    """nominal.py's hint runs magnet.py (width and data from --init), whose hint runs attack.py
+    (data folder from the checkpoint); only budget flags are added, to keep the test short."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(nominal_run[1], "ckpt.pt")
+    nominal.main(["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
+                  "-b", "32", "--resume"])                          # finished: prints its summary only
+    hint = capsys.readouterr().out.split("next ")[-1].strip()
+    command = shlex.split(hint)
+    assert command[:4] == ["python", "magnet.py", "--init", "ckpt.pt"], hint
+    magnet.main(command[2:] + ["--epochs", "1", "--m", "3", "--d", "10"])
+    hint = capsys.readouterr().out.split("next ")[-1].strip()
+    command = shlex.split(hint)
+    assert command[:2] == ["python", "attack.py"], hint
+    results = attack.main(command[2:] + ["--steps", "1", "--loss", "ce", "--no-checks"])
+    assert results["images"] == 90 and os.path.exists("attack.json")
+
+
+@pytest.mark.smoke
+def test_evaluation_stages_create_the_out_folder_first(magnet_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = certify.main(["--ckpt", magnet_ckpt, "--out", "new/dir/c.json", "--limit", "4",
+                            "--attack-limit", "1", "--attack-steps", "1", "--bisect", "0",
+                            "--power-iters", "1", "--plot", "none"])
+    assert results["images"] == 4 and sorted(os.listdir("new/dir")) == ["c.json", "c.json.log.jsonl"]

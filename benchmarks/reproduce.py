@@ -213,7 +213,7 @@ def ablation_all(args, data_dir, extra):
 
     names = args.ablation or list(ABLATION)
     if "weak_warm_start" in names and not finished(weak, weak_epochs):
-        cmd = ["nominal.py", *common[1:], "--epochs", str(weak_epochs), "--out", weak]
+        cmd = ["nominal.py", *common[1:], "--epochs", str(weak_epochs), "--out", weak, "--overwrite"]
         log(f"ablation weak warm start: python {' '.join(cmd)}")
         run(cmd, weak + ".out.txt")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
