@@ -180,6 +180,10 @@ def parse_args(argv=None):
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
     g = p.add_argument_group("attack (Sec. 4.2, Eq. (5); App. B)")
     g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
+    g.add_argument("--export", default=None, metavar="PATH",
+                   help="attack nothing: write the checkpoint as one torch.export file (.pt2; images "
+                        "in [0, 1] -> class log-scores z_c, softmax(z) = Eq. (4)) for torchattacks, "
+                        "AutoAttack, RobustBench; load with torch.export.load(PATH).module()")
     g.add_argument("--out", default="attack.json", help="results (JSON, SPEC section 10)")
     g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
                    help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
@@ -758,27 +762,81 @@ class Classifier(nn.Module):
                                  self.variance, self.D)
 
 
-def load_classifier(path, device="cpu", D="stored"):
-    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities (SPEC section 9).
-    The module is in eval mode with gradients off for its parameters, so an attack never updates
-    batch-norm statistics (SPEC section 6, "evaluation never changes the model").  D="stored"
-    uses the checkpoint's D; None means all centres."""
-    ckpt = load_checkpoint(path)
+def read_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
+    attacks and certificates here work on.  The module is in eval mode with gradients off for its
+    parameters, so an attack never updates batch-norm statistics (README "Evaluation never changes
+    the model").  D="stored" uses the checkpoint's D; None means all centres.  A bad file raises
+    CheckpointError (the command line turns it into exit code 2)."""
+    ckpt = read_checkpoint(path)
     with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
     clusters = None if with_head else ckpt.get("clusters")
     if not with_head and clusters is None:
-        fail(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
     model = build_model(ckpt["arch"], ckpt["data"], with_head)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        fail(f"{path}: the weights do not fit the stored architecture ({str(e).splitlines()[0]})")
+        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0]})") from None
     if clusters is not None and D == "stored":
         D = clusters.get("D")
     module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     return module, ckpt
+
+
+class ClassScores(nn.Module):
+    """images in [0, 1] -> class scores [n, classes], the input other robustness tools expect
+    (torchattacks, AutoAttack, RobustBench treat a model's output as logits).
+    Clustering checkpoints: the class log-scores of Eq. (4),
+
+        z_c = logsumexp_{j in class c} s_j,   s_j = -||f - mu_j||^2 / (2 sigma^2)       # [n, classes]
+
+    so softmax(z) is Eq. (4) exactly and z_a - z_b = log p_a - log p_b: margins and the DLR loss
+    mean what they should.  The probabilities p of Eq. (4) are not logits: softmax(p) squeezes
+    every p in [0, 1] into a near-uniform distribution, whose cross-entropy gradient is tiny, so an
+    attack given p overstates robustness.  Head checkpoints: the head's logits.
+    With D (the D nearest centres, Sec. 4.2) a class with no centre among them has z = -inf in
+    Eq. (4); here it gets LOW, a large finite negative: softmax gives it 0 all the same, and
+    APGD's DLR loss, (z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), which is inf/inf = NaN with
+    -inf scores, stays finite."""
+
+    LOW = torch.finfo(torch.float32).min / 4          # -8.5e37: a difference of two stays finite
+
+    def __init__(self, clf):
+        super().__init__()
+        self.model = clf.model
+        self.clusters = clf.clusters
+        if self.clusters:
+            self.register_buffer("centers", clf.centers.clone())             # mu  [M, d]
+            member = clf.center_classes[None, :] == torch.arange(
+                int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
+            self.register_buffer("member", member)                          # [classes, M]
+            self.variance = clf.variance                                    # sigma^2
+            self.D = clf.D
+
+    def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
+        if not self.clusters:
+            return self.model(x).float()                                    # logits [n, classes]
+        f = self.model.features(x).float()                                  # [n, d]
+        s = -(f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1) / (2 * self.variance)  # [n, M]
+        if self.D is not None and self.D < s.shape[1]:                      # the D nearest, as Eq. (4)
+            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(self.D, dim=1).indices, True)
+            s = s.masked_fill(~keep, float("-inf"))
+        z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
+        return z.masked_fill(z == float("-inf"), self.LOW)
+
+
+def load_classifier(path, device="cpu", D="stored"):
+    """The library entry point: -> an eval-mode nn.Module mapping images in [0, 1] ([n, C, H, W],
+    float) to class scores [n, classes]: the class log-scores z_c of Eq. (4) for clustering
+    checkpoints (see ClassScores), the logits for head checkpoints; parameters frozen.  Give it to
+    torchattacks, AutoAttack or RobustBench as the model (README "Evaluate a ClusTR model with
+    other tools").  A bad file raises CheckpointError, never SystemExit.  D as in read_classifier."""
+    clf, _ = read_classifier(path, device, D)
+    return ClassScores(clf).to(device).eval()
 
 def data_dir_from_checkpoint(args, ckpt):
     """--data-dir left unset: the folder the checkpoint's run read (stored in its args), when it
@@ -1074,11 +1132,16 @@ def run_checks(net, images, labels, args, losses, results, natural, survivors, e
 @guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:                     # write one file for other tools, attack nothing (section 7)
+        return export_main(args)
     preflight(args, training=False)     # folder, lock: before any work
     device = setup_runtime(args, training=False)
     if device.type == "cuda":  # the batch shrinks as examples are fooled: no re-tuning per shape
         torch.backends.cudnn.benchmark = False
-    clf, ckpt = load_classifier(args.ckpt, device)
+    try:
+        clf, ckpt = read_classifier(args.ckpt, device)
+    except CheckpointError as e:                                    # the command line: exit 2
+        fail(str(e))
     data_dir_from_checkpoint(args, ckpt)
     info, arch = ckpt["data"], ckpt["arch"]
     if args.data is None:
@@ -1203,14 +1266,28 @@ def save_checkpoint(ckpt, path):
         commit_log()                        # the first saved epoch replaces the old run's log
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
+    the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
+
+
 def load_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
-    problem exits with code 2 and a message naming the file (README "Bad input and safety")."""
+    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
+    message (README "Bad input and safety")."""
+    try:
+        return read_checkpoint(path, stages)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def read_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any problem
+    raises CheckpointError with a message naming the file (the form to call from Python)."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        fail(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish writing "
-             f"it; copy it again or give another file")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not "
+                              f"finish writing it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
@@ -1224,14 +1301,16 @@ def load_checkpoint(path, stages=STAGES):
                 ("Weights only load failed", "Please file an issue", "Check the documentation"))]
             first = lines[0][:100] if lines else ""
             kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
-        fail(f"checkpoint {path} {kind}")
+        raise CheckpointError(f"checkpoint {path} {kind}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or "
+                              f"version)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        fail(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
     if ckpt["stage"] not in stages:
-        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
+                              f"{list(stages)}")
     check_schema(ckpt, path)
     RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
@@ -1239,12 +1318,14 @@ def load_checkpoint(path, stages=STAGES):
 
 def check_schema(ckpt, path):
     """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
-    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage."""
+    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
+    CheckpointError."""
     def need(ok, key, what):
         if not ok:
             found = repr(value(key))
-            fail(f"checkpoint {path}: {key} must be {what}, but it is "
-                 f"{found if len(found) < 60 else found[:57] + '...'}; not a checkpoint of these stages")
+            raise CheckpointError(f"checkpoint {path}: {key} must be {what}, but it is "
+                                  f"{found if len(found) < 60 else found[:57] + '...'}; not a "
+                                  f"checkpoint of these stages")
 
     def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
         v = ckpt
@@ -1349,6 +1430,74 @@ def report(out):
         state = {True: "ok", False: "FAILED", None: "skipped"}[c["ok"]]
         print(f"  check {name:<24} {state:<7} {numbers}")
     print(f"  results {out['config']['out']}  (headline: the worst-case rows)", flush=True)
+
+
+# ======================================================================================
+# 7. Export and library use: a ClusTR model for torchattacks, AutoAttack, RobustBench
+# ======================================================================================
+# From Python: load_classifier(path, device) (section 3) -> nn.Module, images in [0, 1] -> class
+# scores (z_c of Eq. (4), or the head's logits); CheckpointError on a bad file.
+# From the command line: python attack.py --ckpt magnet.pt --export clustr.pt2 writes one file that
+# holds the normalisation, the network, the centres mu, sigma^2 and D, loadable with torch alone:
+#     model = torch.export.load("clustr.pt2").module()        # model(x): [n, C, H, W] -> [n, classes]
+
+EXPORT_NOTE = ("images in [0, 1], float32 [n, C, H, W] -> class scores [n, classes]; clustering "
+               "checkpoints: z_c = logsumexp over class c's centres of -||f - mu||^2 / (2 sigma^2), "
+               "softmax(z) = Eq. (4) of ClusTR (BMVC 2021); a class outside the D nearest centres "
+               "gets -8.5e37 (finite, so the DLR loss has no NaN); head checkpoints: the logits")
+
+
+def export_classifier(path, out_path, D="stored"):
+    """Write the ClassScores module of checkpoint `path` to out_path as a torch.export program
+    (.pt2, any batch size), with a JSON note (meaning, classes, input shape) as the extra file
+    "clustr.json"; where torch.export cannot trace the module, a TorchScript trace instead (load it
+    with torch.jit.load).  The file is reloaded and checked against the in-memory module on batches
+    of 1, 2 and 5 random images (max |difference| <= 1e-5).  -> (format, max |difference|)."""
+    clf, ckpt = read_classifier(path, "cpu", D)
+    scores = ClassScores(clf).eval()
+    shape = [ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"]]        # [C, H, W]
+    g = torch.Generator().manual_seed(0)
+    example = torch.rand(2, *shape, generator=g)
+    note = json.dumps({"meaning": EXPORT_NOTE, "input_shape": ["n", *shape], "classes":
+                       ckpt["data"]["classes"], "dataset": ckpt["data"]["name"], "stage": ckpt["stage"],
+                       "D": scores.D if scores.clusters else None, "checkpoint": os.path.basename(path),
+                       "torch": torch.__version__})
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        program = torch.export.export(scores, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, out_path, extra_files={"clustr.json": note})
+        kind, reloaded = "torch.export", torch.export.load(out_path).module()
+    except Exception as e:  # an op torch.export cannot trace (older torch): TorchScript instead
+        print(f"note: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+              f"writing a TorchScript trace (load it with torch.jit.load)", flush=True)
+        traced = torch.jit.trace(scores, example, check_trace=False)
+        torch.jit.save(traced, out_path, _extra_files={"clustr.json": note})
+        kind, reloaded = "torchscript", torch.jit.load(out_path)
+    worst = 0.0
+    with torch.no_grad():
+        for n in (1, 2, 5):
+            x = torch.rand(n, *shape, generator=g)
+            worst = max(worst, (reloaded(x) - scores(x)).abs().max().item())
+    if not worst <= 1e-5:
+        raise RuntimeError(f"the exported {out_path} differs from the classifier by {worst:.3g}")
+    return kind, worst
+
+
+def export_main(args):
+    """attack.py --export PATH: write the file, print how to load it, attack nothing."""
+    if args.D is not None and len(args.D) > 1:
+        fail(f"--export writes one model: give one --D, not {len(args.D)}")
+    folder = os.path.dirname(os.path.abspath(args.export))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        fail(f"cannot write {args.export}: {folder} is not a writable folder")
+    try:
+        kind, worst = export_classifier(args.ckpt, args.export, "stored" if args.D is None else args.D[0])
+    except CheckpointError as e:
+        fail(str(e))
+    load = "torch.export.load(PATH).module()" if kind == "torch.export" else "torch.jit.load(PATH)"
+    print(f"exported {args.ckpt} -> {args.export} ({kind}, {os.path.getsize(args.export) / 1e6:.1f} MB; "
+          f"reloaded: max |difference| {worst:.1e}).\nLoad it with torch alone: {load}; {EXPORT_NOTE}")
+    return {"export": args.export, "format": kind, "max_abs_difference": worst}
 
 
 if __name__ == "__main__":

@@ -668,27 +668,81 @@ class Classifier(nn.Module):
                                  self.variance, self.D)
 
 
-def load_classifier(path, device="cpu", D="stored"):
-    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities (SPEC section 9).
-    The module is in eval mode with gradients off for its parameters, so an attack never updates
-    batch-norm statistics (SPEC section 6, "evaluation never changes the model").  D="stored"
-    uses the checkpoint's D; None means all centres."""
-    ckpt = load_checkpoint(path)
+def read_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
+    attacks and certificates here work on.  The module is in eval mode with gradients off for its
+    parameters, so an attack never updates batch-norm statistics (README "Evaluation never changes
+    the model").  D="stored" uses the checkpoint's D; None means all centres.  A bad file raises
+    CheckpointError (the command line turns it into exit code 2)."""
+    ckpt = read_checkpoint(path)
     with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
     clusters = None if with_head else ckpt.get("clusters")
     if not with_head and clusters is None:
-        fail(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
     model = build_model(ckpt["arch"], ckpt["data"], with_head)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        fail(f"{path}: the weights do not fit the stored architecture ({str(e).splitlines()[0]})")
+        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0]})") from None
     if clusters is not None and D == "stored":
         D = clusters.get("D")
     module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     return module, ckpt
+
+
+class ClassScores(nn.Module):
+    """images in [0, 1] -> class scores [n, classes], the input other robustness tools expect
+    (torchattacks, AutoAttack, RobustBench treat a model's output as logits).
+    Clustering checkpoints: the class log-scores of Eq. (4),
+
+        z_c = logsumexp_{j in class c} s_j,   s_j = -||f - mu_j||^2 / (2 sigma^2)       # [n, classes]
+
+    so softmax(z) is Eq. (4) exactly and z_a - z_b = log p_a - log p_b: margins and the DLR loss
+    mean what they should.  The probabilities p of Eq. (4) are not logits: softmax(p) squeezes
+    every p in [0, 1] into a near-uniform distribution, whose cross-entropy gradient is tiny, so an
+    attack given p overstates robustness.  Head checkpoints: the head's logits.
+    With D (the D nearest centres, Sec. 4.2) a class with no centre among them has z = -inf in
+    Eq. (4); here it gets LOW, a large finite negative: softmax gives it 0 all the same, and
+    APGD's DLR loss, (z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), which is inf/inf = NaN with
+    -inf scores, stays finite."""
+
+    LOW = torch.finfo(torch.float32).min / 4          # -8.5e37: a difference of two stays finite
+
+    def __init__(self, clf):
+        super().__init__()
+        self.model = clf.model
+        self.clusters = clf.clusters
+        if self.clusters:
+            self.register_buffer("centers", clf.centers.clone())             # mu  [M, d]
+            member = clf.center_classes[None, :] == torch.arange(
+                int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
+            self.register_buffer("member", member)                          # [classes, M]
+            self.variance = clf.variance                                    # sigma^2
+            self.D = clf.D
+
+    def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
+        if not self.clusters:
+            return self.model(x).float()                                    # logits [n, classes]
+        f = self.model.features(x).float()                                  # [n, d]
+        s = -(f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1) / (2 * self.variance)  # [n, M]
+        if self.D is not None and self.D < s.shape[1]:                      # the D nearest, as Eq. (4)
+            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(self.D, dim=1).indices, True)
+            s = s.masked_fill(~keep, float("-inf"))
+        z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
+        return z.masked_fill(z == float("-inf"), self.LOW)
+
+
+def load_classifier(path, device="cpu", D="stored"):
+    """The library entry point: -> an eval-mode nn.Module mapping images in [0, 1] ([n, C, H, W],
+    float) to class scores [n, classes]: the class log-scores z_c of Eq. (4) for clustering
+    checkpoints (see ClassScores), the logits for head checkpoints; parameters frozen.  Give it to
+    torchattacks, AutoAttack or RobustBench as the model (README "Evaluate a ClusTR model with
+    other tools").  A bad file raises CheckpointError, never SystemExit.  D as in read_classifier."""
+    clf, _ = read_classifier(path, device, D)
+    return ClassScores(clf).to(device).eval()
 
 def data_dir_from_checkpoint(args, ckpt):
     """--data-dir left unset: the folder the checkpoint's run read (stored in its args), when it
@@ -1009,14 +1063,28 @@ def save_checkpoint(ckpt, path):
         commit_log()                        # the first saved epoch replaces the old run's log
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
+    the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
+
+
 def load_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
-    problem exits with code 2 and a message naming the file (README "Bad input and safety")."""
+    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
+    message (README "Bad input and safety")."""
+    try:
+        return read_checkpoint(path, stages)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def read_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any problem
+    raises CheckpointError with a message naming the file (the form to call from Python)."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        fail(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish writing "
-             f"it; copy it again or give another file")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not "
+                              f"finish writing it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
@@ -1030,14 +1098,16 @@ def load_checkpoint(path, stages=STAGES):
                 ("Weights only load failed", "Please file an issue", "Check the documentation"))]
             first = lines[0][:100] if lines else ""
             kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
-        fail(f"checkpoint {path} {kind}")
+        raise CheckpointError(f"checkpoint {path} {kind}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or "
+                              f"version)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        fail(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
     if ckpt["stage"] not in stages:
-        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
+                              f"{list(stages)}")
     check_schema(ckpt, path)
     RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
@@ -1045,12 +1115,14 @@ def load_checkpoint(path, stages=STAGES):
 
 def check_schema(ckpt, path):
     """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
-    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage."""
+    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
+    CheckpointError."""
     def need(ok, key, what):
         if not ok:
             found = repr(value(key))
-            fail(f"checkpoint {path}: {key} must be {what}, but it is "
-                 f"{found if len(found) < 60 else found[:57] + '...'}; not a checkpoint of these stages")
+            raise CheckpointError(f"checkpoint {path}: {key} must be {what}, but it is "
+                                  f"{found if len(found) < 60 else found[:57] + '...'}; not a "
+                                  f"checkpoint of these stages")
 
     def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
         v = ckpt
@@ -1194,7 +1266,10 @@ def main(argv=None):
     if args.width is not None and args.width != ckpt["arch"]["width"]:
         fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
     args.width = ckpt["arch"]["width"]
-    module, ckpt = load_classifier(args.ckpt, device)
+    try:
+        module, ckpt = read_classifier(args.ckpt, device)
+    except CheckpointError as e:                                    # the command line: exit 2
+        fail(str(e))
     net = module.model
     # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
     mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]

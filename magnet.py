@@ -1060,14 +1060,28 @@ def save_checkpoint(ckpt, path):
         commit_log()                        # the first saved epoch replaces the old run's log
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
+    the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
+
+
 def load_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any
-    problem exits with code 2 and a message naming the file (README "Bad input and safety")."""
+    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
+    message (README "Bad input and safety")."""
+    try:
+        return read_checkpoint(path, stages)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def read_checkpoint(path, stages=STAGES):
+    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any problem
+    raises CheckpointError with a message naming the file (the form to call from Python)."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        fail(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish writing "
-             f"it; copy it again or give another file")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not "
+                              f"finish writing it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
@@ -1081,14 +1095,16 @@ def load_checkpoint(path, stages=STAGES):
                 ("Weights only load failed", "Please file an issue", "Check the documentation"))]
             first = lines[0][:100] if lines else ""
             kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
-        fail(f"checkpoint {path} {kind}")
+        raise CheckpointError(f"checkpoint {path} {kind}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        fail(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or "
+                              f"version)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        fail(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
     if ckpt["stage"] not in stages:
-        fail(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
+                              f"{list(stages)}")
     check_schema(ckpt, path)
     RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
@@ -1096,12 +1112,14 @@ def load_checkpoint(path, stages=STAGES):
 
 def check_schema(ckpt, path):
     """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
-    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage."""
+    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
+    CheckpointError."""
     def need(ok, key, what):
         if not ok:
             found = repr(value(key))
-            fail(f"checkpoint {path}: {key} must be {what}, but it is "
-                 f"{found if len(found) < 60 else found[:57] + '...'}; not a checkpoint of these stages")
+            raise CheckpointError(f"checkpoint {path}: {key} must be {what}, but it is "
+                                  f"{found if len(found) < 60 else found[:57] + '...'}; not a "
+                                  f"checkpoint of these stages")
 
     def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
         v = ckpt

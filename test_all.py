@@ -1173,7 +1173,7 @@ def test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers():
 @pytest.mark.oracle
 def test_pgd_on_a_checkpoint_stays_in_the_ball_keeps_batch_norm_and_eps_0_changes_nothing(
         clustering_ckpt, image_folder):
-    clf, _ = attack.load_classifier(clustering_ckpt)
+    clf, _ = attack.read_classifier(clustering_ckpt)
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
     x, y = nominal.to_float(images), labels
@@ -1312,7 +1312,7 @@ def test_attack_objectives_match_naive_float64_loops():
 @pytest.mark.oracle
 def test_folded_batch_norm_copy_is_the_same_classifier_and_its_fooled_claims_are_rechecked(
         clustering_ckpt, image_folder):
-    clf, _ = attack.load_classifier(clustering_ckpt)
+    clf, _ = attack.read_classifier(clustering_ckpt)
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     fast = attack.fold_batchnorm(clf)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in clf.modules()) == 20        # 1 + 8 x 2 + 3

@@ -144,7 +144,7 @@ def main():
     print(f"  {'model':<17} {'eps':>7} {'ours':>14} {'torchattacks':>14} {'ta, channels_last':>16} "
           f"{'speed-up':>9} {'vs same module':>15}")
     for name, eps in cases:
-        clf, _ = attack.load_classifier(paths[name])                          # frozen, eval
+        clf, _ = attack.read_classifier(paths[name])                          # frozen, eval
         plain = copy.deepcopy(clf)
         for q in plain.parameters():
             q.requires_grad_(True)                                             # as users pass models
@@ -185,7 +185,7 @@ def main():
           f"default set vs APGD-CE + APGD-T (9 targets)")
     for name in [m for m in ("nominal", "clustering-sharp", "magnet-trained") if m in paths
                  and "B" in args.parts]:
-        clf, _ = attack.load_classifier(paths[name])
+        clf, _ = attack.read_classifier(paths[name])
         run = attack.parse_args(["--steps", str(S), "-b", str(len(y))])   # main()'s defaults
         net = {"clf": copy.deepcopy(clf).to(memory_format=torch.channels_last),
                "fast": attack.fold_batchnorm(clf).to(memory_format=torch.channels_last), "re_attacked": 0}

@@ -311,7 +311,7 @@ def autoattack(args, data_dir, ckpt, eps, result_path):
     import torch
     import attack
     torch.set_num_threads(1)
-    clf, info = attack.load_classifier(ckpt, "cpu")
+    clf, info = attack.read_classifier(ckpt, "cpu")
     x, y, _ = attack.load_split(info["data"]["name"], data_dir, False, args.aa_images)
     x = attack.to_float(x)
     t0 = time.time()
