@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -1418,6 +1419,186 @@ def test_bad_input_exits_2_with_a_clear_message(nominal_run, clustering_ckpt, im
     assert code == 2 and "Traceback" not in err and "trained on 'folder'" in err
     code, out, _ = run_script("attack.py", "--help")
     assert code == 0 and "Sec. 4.2" in out and "Eq. (5)" in out and "8/255" in out
+
+
+# ======================================================================================
+# attack.py / certify.py: library use and --export (README "Evaluate a ClusTR model with other tools")
+# ======================================================================================
+
+def generated_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=16, seed=0):
+    """A clustr/1 checkpoint with random weights (no training): random eval-mode batch-norm
+    statistics, K = 2 centres per class near the features of random images, sigma^2 their feature
+    variance.  Enough to check that scores, export and loading agree; says nothing of robustness."""
+    g = torch.Generator().manual_seed(seed)
+    data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
+            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
+    arch = attack.arch_entry(width, 3)
+    head = stage in ("nominal", "qtrades-ce")
+    torch.manual_seed(seed)
+    model = attack.build_model(arch, data, head)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    ckpt = {"format": attack.FORMAT, "stage": stage, "arch": arch, "data": data,
+            "model": model.state_dict(), "args": {}, "epoch": 0, "metrics": {}}
+    if not head:
+        with torch.no_grad():
+            f = model.eval().features(torch.rand(2 * classes, 3, size, size, generator=g))
+        ckpt["clusters"] = clusters(f + 0.01 * torch.randn(f.shape, generator=g),
+                                    torch.arange(2 * classes) % classes, float(f.var(0).sum()) / 4, D)
+    attack.save_checkpoint(ckpt, path)
+    return path
+
+
+def readme_snippets():
+    """{name: code} of the README blocks marked `<!-- snippet: NAME -->`."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The README's export command, run as a user would in a folder holding magnet.pt (a generated
+    4-class checkpoint whose D = 3 leaves one class out of every prediction): the folder."""
+    folder = tmp_path_factory.mktemp("export")
+    generated_checkpoint(str(folder / "magnet.pt"), D=3)
+    command = shlex.split(readme_snippets()["export"].split("#")[0])
+    assert command[:2] == ["python", "attack.py"]
+    code, out, err = run_script("attack.py", *command[2:], cwd=str(folder))
+    assert code == 0, err
+    assert "torch.export" in out and os.path.isfile(folder / "clustr.pt2")
+    return folder
+
+
+@pytest.mark.oracle
+def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
+    """load_classifier's module: z_c = log sum_{j in c} exp(s_j) (a naive float64 loop), softmax(z)
+    = Eq. (4) computed naively and = exp of the stages' cluster_log_probs; with D the classes
+    outside the D nearest get the finite LOW and probability exactly 0; a head gives its logits."""
+    torch.manual_seed(0)
+    data = {"num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = attack.build_model(attack.arch_entry(2, 3), data, with_head=False).double().eval()
+    x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        f = model.features(x)
+    mu = f[[0, 1, 2, 3, 4, 0]] + 0.3 * torch.randn(6, f.shape[1], dtype=torch.float64)   # [6, d]
+    mu = mu.float().double()                          # the classifier keeps the centres in float32
+    mu_class = [0, 0, 1, 1, 2, 2]
+    sigma2 = float((f[:, None] - mu[None]).pow(2).sum(-1).mean()) / 8
+    for D in (None, 4, 1):
+        clf = attack.Classifier(model, clusters(mu, mu_class, sigma2), D)
+        scores = attack.ClassScores(clf).double().eval()
+        with torch.no_grad():
+            z, log_p = scores(x), clf(x)
+        for n in range(len(x)):
+            s = [-sum((float(a) - float(b)) ** 2 for a, b in zip(f[n], mu[j])) / (2 * sigma2) for j in range(6)]
+            nearest = sorted(range(6), key=lambda j: -s[j])[:D or 6]
+            total = sum(math.exp(s[j]) for j in nearest)
+            for c in range(3):
+                inside = [math.exp(s[j]) for j in nearest if mu_class[j] == c]
+                if inside:
+                    assert float(z[n, c]) == pytest.approx(math.log(sum(inside)), rel=1e-12, abs=1e-12)
+                else:
+                    assert float(z[n, c]) == attack.ClassScores.LOW
+                p = torch.softmax(z[n], 0)[c]
+                assert float(p) == pytest.approx(sum(inside) / total, rel=1e-10, abs=1e-300)  # Eq. (4)
+        assert torch.allclose(torch.softmax(z, 1), log_p.exp(), rtol=1e-12, atol=0)
+    head = attack.build_model(attack.arch_entry(2, 3), data, with_head=True).double().eval()
+    with torch.no_grad():
+        assert torch.equal(attack.ClassScores(attack.Classifier(head)).double()(x).float(), head(x).float())
+
+
+@pytest.mark.smoke
+def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_the_command_line(tmp_path, capsys):
+    good = generated_checkpoint(str(tmp_path / "magnet.pt"))
+    empty, foreign = tmp_path / "empty.pt", tmp_path / "foreign.pt"
+    empty.write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    for module in (attack, certify):
+        model = module.load_classifier(good)
+        assert isinstance(model, nn.Module) and not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        assert model(torch.rand(3, 3, 16, 16)).shape == (3, 4)
+        for path, words in ((tmp_path / "missing.pt", "does not exist"), (empty, "is empty"),
+                            (foreign, "not a clustr/1 checkpoint")):
+            with pytest.raises(module.CheckpointError, match=words):
+                module.load_classifier(str(path))
+            assert not issubclass(module.CheckpointError, SystemExit)
+    # the command line keeps exit code 2 and the same one-line message
+    err = exit_code_and_message(capsys, attack.main, ["--ckpt", str(empty), "--export", str(tmp_path / "m.pt2")])
+    assert "is empty" in err and err.count("\n") == 1
+    err = exit_code_and_message(capsys, attack.main, ["--ckpt", good, "--export", str(tmp_path / "m.pt2"),
+                                                      "--D", "1", "2"])
+    assert "one --D" in err
+
+
+@pytest.mark.smoke
+def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported):
+    """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
+    another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.rand(n, 3, 16, 16, generator=g) for n in (1, 3, 7)]
+    torch.save(xs, exported / "xs.pt")
+    child = ("import sys, torch\n"
+             "model = torch.export.load('clustr.pt2').module()\n"
+             "xs = torch.load('xs.pt')\n"
+             "with torch.no_grad():\n"
+             "    torch.save([model(x) for x in xs], 'zs.pt')\n"
+             "assert not any(n in sys.modules for n in ('attack', 'certify')), 'the repository was imported'\n"
+             "assert not any(p and __import__('os').path.isfile(p + '/attack.py') for p in sys.path)\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", child], cwd=str(exported), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    zs = torch.load(exported / "zs.pt")
+    model = attack.load_classifier(str(exported / "magnet.pt"))
+    with torch.no_grad():
+        for x, z in zip(xs, zs):
+            want = model(x)
+            assert z.shape == (len(x), 4) and (z - want).abs().max() <= 1e-5
+            assert bool((want == attack.ClassScores.LOW).any(1).all())      # D = 3 of 4 classes' centres
+            assert torch.isfinite(z).all()
+
+
+@pytest.mark.smoke
+def test_readme_snippets_run_on_a_generated_checkpoint(exported, tmp_path):
+    """Every snippet of the README section compiles; the ones that need torch and this repository
+    alone (data, load_classifier) run on the generated checkpoint, with `fashion-mnist` and
+    `./data` replaced by a generated 4-class image folder.  The torchattacks and AutoAttack
+    snippets need torchattacks, which test_all.py does not use: benchmarks/export_torchattacks.py
+    runs them (README "Evaluate a ClusTR model with other tools")."""
+    snippets = readme_snippets()
+    assert set(snippets) == {"export", "data", "torchattacks", "autoattack", "robustbench", "load_classifier"}
+    for name, code in snippets.items():
+        if name != "export":
+            compile(code, f"README snippet {name}", "exec")
+    folder = make_image_folder(str(tmp_path / "folder"), classes=4, n_train=1, n_test=3)
+    data = snippets["data"].replace('"fashion-mnist", "./data"', f'"folder", {folder!r}')
+    assert data != snippets["data"]
+    check = ("\nassert x.shape == (12, 3, 16, 16) and 0 <= x.min() and x.max() <= 1 and len(classes) == 4\n"
+             "assert model(x).shape == (12, 4)\n")
+    code = data + snippets["load_classifier"] + check
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(exported), capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "not loaded: checkpoint no-such-file.pt does not exist" in proc.stdout
+
+
+@pytest.mark.smoke
+def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
+    """RobustBench's benchmark() downloads the CIFAR10 test set and needs a CIFAR10 model, so the
+    README snippet cannot run offline on a generated checkpoint; where robustbench is installed,
+    the arguments it passes must exist."""
+    pytest.importorskip("robustbench", reason="robustbench is not installed (not a dependency of "
+                        "this repository; its benchmark() also downloads CIFAR10, which an offline "
+                        "test cannot)")
+    import inspect
+    from robustbench.eval import benchmark
+    call = readme_snippets()["robustbench"].split("benchmark(model,", 1)[1]
+    names = set(re.findall(r"(\w+)=", call))
+    assert names and names <= set(inspect.signature(benchmark).parameters), names
 
 
 # ######################################################################################
