@@ -30,12 +30,16 @@ Usage (copy-paste):
     python attack.py --ckpt c100.pt --D 1 4 20 60 all                   # Fig. 4 (App. B.3)
     python attack.py --ckpt magnet.pt --limit 500 --steps 20           # a quick CPU run
     python attack.py --ckpt qtrades.pt --loss ce scores-ce             # Eq. (5) vs the authors' code
+    python attack.py --ckpt magnet.pt --export clustr.pt2              # one file for torchattacks,
+                                                        # AutoAttack, RobustBench (section 7)
 
 Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
 checkpoint's own dataset.  Writes: --out (JSON, SPEC section 10) and <out>.log.jsonl (one object per
-finished row, so a killed run keeps its rows).  Needs torch, torchvision, numpy; imports no other
-file of this repository: copy it freely.  Blocks between "# --- shared: NAME ---" markers are
-identical copies of the same blocks in the other stages (test_all.py checks this).
+finished row, so a killed run keeps its rows); with --export, only that file.  From Python:
+load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores (section 7).
+Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
+Blocks between "# --- shared: NAME ---" markers are identical copies of the same blocks in the
+other stages (test_all.py checks this).
 
 Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CPU, 1 thread of a
 2-core machine shared with other jobs, torchattacks 3.5.1; width-8 ResNet18s on a generated
@@ -1497,7 +1501,8 @@ def export_main(args):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         fail(f"cannot write {args.export}: {folder} is not a writable folder")
     try:
-        kind, worst = export_classifier(args.ckpt, args.export, "stored" if args.D is None else args.D[0])
+        D = "stored" if args.D is None else args.D[0]
+        kind, worst = export_classifier(args.ckpt, args.export, D)
     except CheckpointError as e:
         fail(str(e))
     load = "torch.export.load(PATH).module()" if kind == "torch.export" else "torch.jit.load(PATH)"

@@ -41,16 +41,16 @@ t0 = time.time()
 print(f"  ({{time.time() - t0:.1f}} s)", flush=True)
 t0 = time.time()
 pgd = torchattacks.PGD(model, eps={eps}, alpha=2/255, steps=20, random_start=True)
-print("PGD-20 robust accuracy:", (model(pgd(x, y)).argmax(1) == y).float().mean().item(), flush=True)
+print(f"PGD-20 robust accuracy: {{(model(pgd(x, y)).argmax(1) == y).float().mean():.1%}}", flush=True)
 apgd_ce = torchattacks.APGD(model, norm="Linf", eps={eps}, steps=100, loss="ce")
-print("APGD-CE robust accuracy:", (model(apgd_ce(x, y)).argmax(1) == y).float().mean().item(), flush=True)
+print(f"APGD-CE robust accuracy: {{(model(apgd_ce(x, y)).argmax(1) == y).float().mean():.1%}}", flush=True)
 print(f"  ({{time.time() - t0:.1f}} s)", flush=True)
 t0 = time.time()
 {autoattack}
 print(f"  ({{time.time() - t0:.1f}} s)", flush=True)
 with torch.no_grad():
     torch.save(model(x), "z.pt")
-print("natural accuracy:", (torch.load("z.pt").argmax(1) == y).float().mean().item())
+print(f"natural accuracy: {{(torch.load('z.pt').argmax(1) == y).float().mean():.1%}}")
 assert not any(name in sys.modules for name in ("attack", "certify")), "the repository was imported"
 """
 
