@@ -829,7 +829,9 @@ class ClassScores(nn.Module):
             f = f.float()                                                   # bf16 under autocast
         s = -(f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1) / (2 * self.variance)  # [n, M]
         if self.D is not None and self.D < s.shape[1]:                      # the D nearest, as Eq. (4)
-            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(self.D, dim=1).indices, True)
+            nearest = s.topk(self.D, dim=1).indices                         # [n, D]
+            keep = torch.zeros_like(s, dtype=torch.bool).scatter(         # a tensor source: the
+                1, nearest, torch.ones_like(nearest, dtype=torch.bool))     # TorchScript fallback needs it
             s = s.masked_fill(~keep, float("-inf"))
         z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
         return z.masked_fill(z == float("-inf"), self.LOW)

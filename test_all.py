@@ -1562,6 +1562,20 @@ def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exporte
 
 
 @pytest.mark.smoke
+def test_export_falls_back_to_torchscript_where_torch_export_cannot_trace(tmp_path, monkeypatch, capsys):
+    ckpt = generated_checkpoint(str(tmp_path / "magnet.pt"), D=2)
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("an op torch.export cannot trace")
+    monkeypatch.setattr(torch.export, "export", cannot)
+    kind, worst = attack.export_classifier(ckpt, str(tmp_path / "m.pt"))
+    assert kind == "torchscript" and worst <= 1e-5 and "TorchScript" in capsys.readouterr().out
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert (torch.jit.load(str(tmp_path / "m.pt"))(x) - attack.load_classifier(ckpt)(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.smoke
 def test_readme_snippets_run_on_a_generated_checkpoint(exported, tmp_path):
     """Every snippet of the README section compiles; the ones that need torch and this repository
     alone (data, load_classifier) run on the generated checkpoint, with `fashion-mnist` and
