@@ -25,6 +25,8 @@ Usage (copy-paste):
 Reads: --ckpt (a clustering checkpoint, format "clustr/1") and its test split (--data-dir).
 Writes: --out (JSON, SPEC section 10), <out>.log.jsonl (one row per chunk), a PNG of certified
 accuracy against radius (--plot; needs matplotlib, skipped with a note otherwise).
+From Python: load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores of
+Eq. (4) (README "Evaluate a ClusTR model with other tools"); CheckpointError on a bad file.
 Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
 Evidence: not yet measured on CIFAR10/SVHN/CIFAR100 checkpoints (no trained clustering checkpoint
 existed when this file was written).

@@ -1429,6 +1429,11 @@ def generated_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=
     """A clustr/1 checkpoint with random weights (no training): random eval-mode batch-norm
     statistics, K = 2 centres per class near the features of random images, sigma^2 their feature
     variance.  Enough to check that scores, export and loading agree; says nothing of robustness."""
+    with torch.random.fork_rng(devices=[]):                              # leaves the global stream as it was
+        return _generated_checkpoint(path, stage, D, classes, width, size, seed)
+
+
+def _generated_checkpoint(path, stage, D, classes, width, size, seed):
     g = torch.Generator().manual_seed(seed)
     data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
             "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
@@ -1449,6 +1454,14 @@ def generated_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=
                                     torch.arange(2 * classes) % classes, float(f.var(0).sum()) / 4, D)
     attack.save_checkpoint(ckpt, path)
     return path
+
+
+@pytest.fixture
+def own_rng():
+    """The tests of this section leave torch's global random stream as they found it: later tests
+    (random_resnet's convolutions) draw from it."""
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 def readme_snippets():
@@ -1473,6 +1486,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.oracle
+@pytest.mark.usefixtures("own_rng")
 def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
     """load_classifier's module: z_c = log sum_{j in c} exp(s_j) (a naive float64 loop), softmax(z)
     = Eq. (4) computed naively and = exp of the stages' cluster_log_probs; with D the classes
@@ -1511,6 +1525,7 @@ def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
 
 
 @pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
 def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_the_command_line(tmp_path, capsys):
     good = generated_checkpoint(str(tmp_path / "magnet.pt"))
     empty, foreign = tmp_path / "empty.pt", tmp_path / "foreign.pt"
@@ -1535,6 +1550,7 @@ def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_th
 
 
 @pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
 def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported):
     """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
     another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
@@ -1562,6 +1578,7 @@ def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exporte
 
 
 @pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
 def test_export_falls_back_to_torchscript_where_torch_export_cannot_trace(tmp_path, monkeypatch, capsys):
     ckpt = generated_checkpoint(str(tmp_path / "magnet.pt"), D=2)
 
@@ -1576,6 +1593,7 @@ def test_export_falls_back_to_torchscript_where_torch_export_cannot_trace(tmp_pa
 
 
 @pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
 def test_readme_snippets_run_on_a_generated_checkpoint(exported, tmp_path):
     """Every snippet of the README section compiles; the ones that need torch and this repository
     alone (data, load_classifier) run on the generated checkpoint, with `fashion-mnist` and
