@@ -1620,6 +1620,15 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
         if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
             assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean())
     assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
+    # only sound radii sit under "certified_accuracy": the L2 attack's curve and the two-closest
+    # curve (the paper's text, not sound) are named for what they are
+    def keys(obj):
+        if isinstance(obj, dict):
+            return {k for k in obj} | {k for v in obj.values() for k in keys(v)}
+        return {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
+    assert "certified_accuracy" not in keys([saved["l2_attack"], saved["curve_two_closest"]])
+    assert all(set(p) == {"radius", "attacked_accuracy"} for p in saved["l2_attack"]["curve"])
+    assert all(set(p) == {"radius", "two_closest_not_sound"} for p in saved["curve_two_closest"])
     assert open(str(tmp_path / "certify.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with open(out + ".log.jsonl") as f:
         rows = [json.loads(line) for line in f]
