@@ -1211,16 +1211,18 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
     keys = {"loss", "eps", "step", "steps", "restarts", "D", "robust_accuracy", "seconds", "images_per_second"}
     assert all(keys <= set(r) for r in res["results"])
     rows = {(r["loss"], round(r["eps"] * 255)): r["robust_accuracy"] for r in res["results"]}
-    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "worst-case"}   # no magnet: a head
-    for loss in ("ce", "margin", "margin-t", "worst-case"):
+    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "square", "worst-case"}  # no magnet: a head
+    for loss in ("ce", "margin", "margin-t", "square", "worst-case"):
         assert rows[(loss, 0)] == res["natural_accuracy"]                  # eps 0 = natural
         assert rows[("worst-case", 128)] <= rows[(loss, 128)] <= rows[(loss, 2)] <= rows[(loss, 0)]
     assert rows[("worst-case", 128)] <= 0.05
     checks = res["checks"]
     assert set(checks) == {"robust_le_natural", "monotone_in_eps", "eps_zero_is_natural",
                            "near_zero_at_large_eps", "zero_gradient_share", "double_steps",
-                           "double_restarts"}
-    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps"):
+                           "double_restarts", "objective_rises", "square_finds_little",
+                           "beats_random_search", "in_ball"}
+    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps", "in_ball",
+                 "objective_rises", "square_finds_little", "beats_random_search"):
         assert checks[name]["ok"] is True, (name, checks[name])
     assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
     with open(out + ".log.jsonl") as f:
@@ -1232,7 +1234,7 @@ def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_
                        "--steps", "3", "--limit", "30", "--no-checks", "--out", str(tmp_path / "a.json")])
     assert res["checks"] == {} and res["images"] == 30
     losses = {r["loss"] for r in res["results"]}
-    assert losses == {"ce", "margin", "margin-t", "magnet", "worst-case"}
+    assert losses == {"ce", "margin", "margin-t", "magnet", "square", "worst-case"}
     for D in (None, 1):
         rows = {r["loss"]: r for r in res["results"] if r["D"] == D}
         assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
