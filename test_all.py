@@ -1279,6 +1279,155 @@ def test_bad_input_exits_2_with_a_clear_message(nominal_run, clustering_ckpt, im
     assert code == 0 and "Sec. 4.2" in out and "Eq. (5)" in out and "8/255" in out
 
 
+# ======================================================================================
+# attack.py: Square, targets, the checks against broken attacks, per-example results
+# ======================================================================================
+
+class Quantised(nn.Module):
+    """A binary linear classifier on inputs rounded to 1/8: the input gradient is exactly zero
+    everywhere (a masked gradient), yet a move of eps = 0.25 per pixel can cross the boundary."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        m = (x.flatten(1) * 8).round() / 8 @ self.w + self.b                # margin of class 0
+        return F.log_softmax(torch.stack([m, torch.zeros_like(m)], 1), 1)
+
+
+def test_square_fools_where_gradients_are_masked_stays_in_the_ball_and_is_seeded():
+    torch.manual_seed(0)
+    w = torch.randn(16).sign()
+    clf = Quantised(w, 1 - 0.5 * w.sum())                 # margin 1 at q(x) = 0.5, up to -3 in the ball
+    x = (0.5 + 0.02 * (2 * torch.rand(60, 1, 4, 4) - 1))   # rounds to 0.5: all correct, margin 1
+    x[:5] = torch.rand(5, 1, 4, 4).round()                 # a few images on the corners of [0, 1]
+    y = torch.zeros(60, dtype=torch.long)
+    y[:5] = clf(x[:5]).argmax(1)
+    eps = 0.25
+    _, every, correct = attack.zero_gradient_counts(clf, x, y, ["ce", "margin"])
+    assert every == correct == 60                                          # gradients fully masked
+    _, still_pgd = attack.pgd(clf, x, y, eps, 2 / 255, 20, 1, "margin", torch.Generator().manual_seed(0),
+                              schedule="cosine")
+    x_sq, still_sq = attack.square(clf, x, y, eps, 200, torch.Generator().manual_seed(0))
+    assert still_pgd[5:].float().mean() >= 0.8 and still_sq[5:].float().mean() <= 0.1
+    assert (x_sq - x).abs().max() <= eps + 1e-6 and x_sq.min() >= 0 and x_sq.max() <= 1
+    with torch.no_grad():
+        assert (clf(x_sq[~still_sq]).argmax(1) != y[~still_sq]).all()       # fooled ones are fooled
+    again = attack.square(clf, x, y, eps, 200, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x_sq) and torch.equal(again[1], still_sq)  # seeded: the same run
+    x0, s0 = attack.square(clf, x, y, 0.0, 200, torch.Generator().manual_seed(0))
+    assert torch.equal(x0, x) and torch.equal(s0, clf(x).argmax(1) == y)    # eps 0: nothing moves
+    assert [attack.square_side(i, 1000, 32) for i in (1, 10, 999)] == [29, 14, 1]  # p 0.8, 0.2, 0.8/512
+
+
+def test_targets_are_ranked_over_all_centres_and_never_the_true_class():
+    # 4 classes on a line; D = 1: only the nearest centre's class has a finite log p.  Ranking
+    # the wrong classes by the masked log p would tie at -inf and pick classes 0, 1, 2 (even y)
+    centers = [[0., 0.], [1., 0.], [2.5, 0.], [4., 0.]]
+    clf = attack.Classifier(Features(), clusters(centers, [0, 1, 2, 3], 0.5), D=1)
+    f = torch.tensor([[0.1, 0.], [3.9, 0.], [2.4, 0.]])
+    y = torch.tensor([0, 3, 2])
+    assert torch.isinf(clf(f)).sum() == 9                                  # 3 of 4 classes masked
+    ranked = attack.rank_targets(attack.class_scores(clf, f), y)
+    assert ranked.tolist() == [[1, 2, 3], [2, 1, 0], [1, 3, 0]]             # by distance, y removed
+    assert attack.parse_args([]).targets is None                           # resolved in main: min(9, C - 1)
+
+
+BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and the check that must fail
+    "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "objective_rises"),
+    "step 0": ("eta = step_size(step, eps, k, steps, schedule)",
+               "eta = 0 * step_size(step, eps, k, steps, schedule)", "objective_rises"),
+    "fooled only at the last iterate": ("new = live & (lp.detach().argmax(1) != y0)",
+                                        "new = live & (lp.detach().argmax(1) != y0) & (k == steps)",
+                                        "square_finds_little"),
+}
+
+
+class Band(nn.Module):
+    """3 classes on the mean pixel shift u: class 1 wins only in the band 0.03 < u < 0.07, class 2
+    (the top-ranked target) only beyond u = 0.15.  PGD towards class 2 crosses the band and ends
+    at u = eps = 0.1 classified as 0 again: only an attack that judges every iterate is fooled."""
+
+    def forward(self, x):
+        u = x.flatten(1).mean(1) - 128 / 255
+        z = torch.stack([torch.zeros_like(u), 10 * (1 - (u - 0.05).abs() / 0.02), 20 * u - 3], 1)
+        return F.log_softmax(z, 1)
+
+
+def checks_on_band(module):
+    clf = Band()
+    net = {"clf": clf, "fast": clf, "re_attacked": 0}
+    args = module.parse_args(["--eps", "0.1", "--steps", "10", "--step", "0.02", "--schedule", "constant",
+                              "--targets", "1", "--square-queries", "100", "--tolerance", "0.1",
+                              "--check-budget", "0", "--loss", "margin-t", "square"])
+    images, labels = torch.full((50, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
+    natural, stats = module.natural_mask(clf, images, labels, 500), {}
+    worst, fooled_by, rows = module.cascade(net, images, labels, args, 0.1, args.loss, natural, None, stats)
+    rows = [dict(r, eps=0.1, D=None) for r in rows]
+    checks = module.run_checks(net, images, labels, args, args.loss, rows, natural,
+                               [(None, 0.1, worst, fooled_by)], 0.1, 1.0, stats)
+    return {name: c["ok"] for name, c in checks.items()}
+
+
+def test_each_broken_attack_fails_a_check_and_the_correct_one_passes_them_all(tmp_path):
+    import importlib.util
+    text = open(os.path.join(ROOT, "attack.py")).read()
+    ok = checks_on_band(attack)
+    assert False not in ok.values(), ok                                    # the attack as it is
+    for i, (name, (old, new, catches)) in enumerate(BROKEN.items()):
+        assert text.count(old) == 1, name
+        path = tmp_path / f"attack_broken{i}.py"
+        path.write_text(text.replace(old, new))
+        spec = importlib.util.spec_from_file_location(f"attack_broken{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ok = checks_on_band(module)
+        assert ok[catches] is False, (name, ok)
+
+
+def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_folder, tmp_path, capsys):
+    _, ckpt = nominal_run
+    common = ["--ckpt", ckpt, "--data-dir", image_folder, "--limit", "30", "--steps", "3",
+              "--square-queries", "30", "--eps", "16/255"]
+    adv_path = str(tmp_path / "adv.pt")
+    res = attack.main(common + ["--no-checks", "--save-adv", adv_path, "--out", str(tmp_path / "a.json")])
+    assert res["config"]["targets"] == 2                                   # min(9, 3 - 1)
+    (ex,) = res["examples"]
+    assert ex["index"] == list(range(30)) and ex["eps"] == 16 / 255
+    rows = [r for r in res["results"] if r.get("cascade")]
+    assert [r["loss"] for r in rows] == ["ce", "margin", "margin-t", "square"]
+    assert [r["attacked"] for r in rows[1:]] == [int(30 * r["robust_accuracy"]) for r in rows[:-1]]
+    assert sum(r["fooled"] for r in rows) == sum(f is not None for f in ex["fooled_by"]) > 0
+    clf, _ = attack.load_classifier(ckpt)
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    x = nominal.to_float(images)
+    with torch.no_grad():
+        assert ex["correct"] == (clf(x).argmax(1) == labels).tolist()
+    assert ex["robust"] == [c and f is None for c, f in zip(ex["correct"], ex["fooled_by"])]
+    saved = torch.load(adv_path, weights_only=True)
+    (run,) = saved["runs"]
+    x_adv, robust = run["x_adv"], torch.tensor(ex["robust"])
+    assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and torch.equal(saved["labels"], labels)
+    with torch.no_grad():
+        fooled = torch.tensor([f is not None for f in ex["fooled_by"]])
+        assert (clf(x_adv[fooled]).argmax(1) != labels[fooled]).all()      # each one fools the model
+    assert torch.equal(x_adv[robust], x[robust]) and torch.equal(run["robust"], robust)
+    # --per-loss: every loss on every image, with its own mask per example
+    res = attack.main(common + ["--no-checks", "--per-loss", "--out", str(tmp_path / "b.json")])
+    assert all(r["attacked"] == 30 for r in res["results"] if r["loss"] != "worst-case")
+    assert set(res["examples"][0]["robust_by_loss"]) == {"ce", "margin", "margin-t", "square"}
+    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
+                              "--out", str(tmp_path / "c.json")])
+    assert info.value.code == 1
+    out = capsys.readouterr().out
+    assert "near_zero_at_large_eps   FAILED" in out and "cannot reach the decision boundary" in out
+    assert json.load(open(tmp_path / "c.json"))["checks"]["near_zero_at_large_eps"]["ok"] is False
+
+
 # ######################################################################################
 # certify.py
 # ######################################################################################
