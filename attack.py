@@ -1,4 +1,4 @@
-"""attack.py -- ClusTR evaluation: L-inf PGD of Eq. (5), worst case over several losses.
+"""attack.py -- ClusTR evaluation: L-inf PGD of Eq. (5) and Square, worst case over several losses.
 
 Paper: "Rethinking Clustering for Robustness" (Alfarra, Perez et al., BMVC 2021), Sec. 4.2
 (Eq. (5), "Adaptive Attacks"), Tables 1-3, Appendix B.2 (other eps), B.3 / Fig. 4 (D nearest).
@@ -7,7 +7,8 @@ PGD (Madry et al. 2018) as Eq. (5): a uniform random start in the eps-ball (clip
 then `--steps` signed-gradient steps of size `--step`, each projected onto the eps-ball and [0, 1].
 An example counts as robust only if it is classified correctly and no iterate of any restart of
 any loss fools the model (AutoAttack's convention); the first fooling iterate is kept and fooled
-examples leave the batch.  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
+examples leave the batch.  The losses run as AutoAttack's cascade: each only on the examples every
+earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
 Eq. (4) in log space; nominal and qtrades-ce checkpoints by their linear head.
 
 Why several losses.  The paper attacks cross-entropy on p of Eq. (4) (PGD-CE) and, in Sec. 4.2,
@@ -15,9 +16,20 @@ the Magnet loss.  On these models CE saturates: for a confidently clustered poin
 to 0 in float32 and its input gradient is exactly zero, so PGD-CE cannot move it.  RobustBench
 lists the authors' released ClusTR+QTRADES CIFAR10 model at 91.03% clean, 74.04% reported robust
 and 0.00% under AutoAttack.  The default loss set therefore adds the Carlini-Wagner margin on
-log-probabilities (untargeted, and targeted at the most likely wrong classes like AutoAttack's
-APGD-T) and a cosine step schedule; the headline is the per-example worst case over all of
-them.  `--loss ce --schedule constant --steps 100 --restarts 10` is the paper's protocol exactly.
+log-probabilities (untargeted, and targeted at the min(9, classes - 1) most likely wrong classes
+like AutoAttack's APGD-T, ranked over all centres even under a D mask), the Magnet loss, a cosine
+step schedule, and last, on the survivors, the gradient-free Square attack (Andriushchenko et al.
+2020) that AutoAttack uses against masked gradients: saturated Eq. (4) and D masks are exactly
+that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
+constant --steps 100 --restarts 10` is the paper's protocol exactly.
+
+Checks (README "attack.py: the checks"), each stored with its numbers and able to fail: every
+x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw masks; the objective
+rises on most attacked examples; Square fools at most --tolerance of what the gradient losses left;
+the attack beats as many random points in the ball; eps = 0 is natural accuracy; a large eps
+leaves at most 5% robust; twice the steps and more restarts, on fresh random streams, lower the
+figure by at most --tolerance.  The ones that attack again share --check-budget (0.5 x the
+attack's time).  A failed check prints what it means and what to try; `--strict` exits 1.
 
 Usage (copy-paste):
     python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
@@ -30,10 +42,13 @@ Usage (copy-paste):
     python attack.py --ckpt c100.pt --D 1 4 20 60 all                   # Fig. 4 (App. B.3)
     python attack.py --ckpt magnet.pt --limit 500 --steps 20           # a quick CPU run
     python attack.py --ckpt qtrades.pt --loss ce scores-ce             # Eq. (5) vs the authors' code
+    python attack.py --ckpt c100.pt --square-queries 5000 --save-adv adv.pt --strict
+                                                        # AutoAttack's Square budget, images kept
 
 Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
-checkpoint's own dataset.  Writes: --out (JSON, SPEC section 10) and <out>.log.jsonl (one object per
-finished row, so a killed run keeps its rows).  Needs torch, torchvision, numpy; imports no other
+checkpoint's own dataset.  Writes: --out (JSON: rows per loss, eps, D; checks; per-example
+results under "examples") and <out>.log.jsonl (one object per finished row, so a killed run keeps
+its rows); --save-adv PATH the adversarial images.  Needs torch, torchvision, numpy; imports no other
 file of this repository: copy it freely.  Blocks between "# --- shared: NAME ---" markers are
 identical copies of the same blocks in the other stages (test_all.py checks this).
 
@@ -48,11 +63,14 @@ Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CP
     (nominal), 66.0% vs 66.3% (clustering, confident sigma^2), 59.3% vs 59.3% (trained by
     magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
     confident model PGD-CE alone reports 99.3%: its input gradients are exactly zero.
+  - Default set (with Square, 9 targets, cascade) vs AutoAttack standard: benchmarks/autoattack.py
+    and README "attack.py against AutoAttack".
   - No GPU was available: no GPU timing has been measured.
 
 Lineage: PGD (Madry et al. 2018); margin loss (Carlini & Wagner 2017); targeted margin over the
-top classes and worst case over attacks (Croce & Hein 2020, AutoAttack); the sanity checks
-(Carlini et al. 2019, "On Evaluating Adversarial Robustness").
+top classes, the cascade and worst case over attacks (Croce & Hein 2020, AutoAttack); Square
+(Andriushchenko et al. 2020); the sanity checks (Carlini et al. 2019, "On Evaluating Adversarial
+Robustness").
 """
 
 import argparse
@@ -150,7 +168,7 @@ def parse_args(argv=None):
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     g = p.add_argument_group("attack (Sec. 4.2, Eq. (5); App. B)")
     g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
-    g.add_argument("--out", default="attack.json", help="results (JSON, SPEC section 10)")
+    g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
     g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
                    help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
                         "Table 3: 2/255 16/255 25.5/255")
@@ -230,7 +248,7 @@ def parse_args(argv=None):
 
 
 # ======================================================================================
-# 2. Data (SPEC section 3): only the test split is used; it lives on the device as uint8.
+# 2. Data (README "Data"): only the test split is used; it lives on the device as uint8.
 # ======================================================================================
 
 # --- shared: runtime ---
@@ -402,7 +420,7 @@ def to_float(x_uint8):
 
 
 # ======================================================================================
-# 3. Model (SPEC section 4) and the classifier: Eq. (4) for clustering checkpoints
+# 3. Model (App. A: ResNet18) and the classifier: Eq. (4) for clustering checkpoints
 # ======================================================================================
 
 # --- shared: model ---
@@ -555,7 +573,7 @@ def load_classifier(path, device="cpu", D="stored"):
 
 def fold_batchnorm(clf):
     """A copy of the classifier with each eval-mode batch norm folded into the convolution
-    before it (the model is in eval mode throughout, SPEC section 6):
+    before it (the model is in eval mode throughout):
         bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
         s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
     The same function up to float rounding, one pass fewer forward and backward: about 1.5x
@@ -813,7 +831,7 @@ def _tally(stats, end, start):
 
 
 def zero_gradient_counts(log_prob_fn, x, y, losses):
-    """Masked-gradient check (SPEC section 6): among correctly classified examples, how many have
+    """Masked-gradient check (Carlini et al. 2019): among correctly classified examples, how many have
     an input gradient that is exactly zero at the clean input, per loss and under every loss.
     -> ({loss: count}, count under every loss, correct count)."""
     with torch.no_grad():
@@ -847,7 +865,7 @@ def run_loss(model, x, y, eps, loss, generator, b, args, stats=None):
     if loss == "square":
         return square(model, x, y, eps, b["queries"], generator)
     return pgd(model, x, y, eps, b["step"], b["steps"], b["restarts"], loss, generator,
-               b["targets"], args.schedule, stats)
+               b["targets"] or 9, args.schedule, stats)              # None (unresolved): APGD-T's 9
 
 
 def attack_split(net, images, labels, args, eps, loss, seed, progress=None, adv=None, stats=None,
@@ -1298,7 +1316,7 @@ def evaluate(net, images, labels, args, losses, Ds):
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC sections 5, 10)
+# 6. Checkpoint and report
 # ======================================================================================
 
 # --- shared: checkpoint ---

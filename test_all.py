@@ -1202,7 +1202,7 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
     _, ckpt = nominal_run
     out = str(tmp_path / "attack.json")
     res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
-                       "128/255", "--steps", "5", "--out", out, "--check-images", "30",
+                       "128/255", "--steps", "5", "--square-queries", "50", "--out", out, "--check-images", "30",
                        "--large-eps", "128/255"])
     with open(out) as f:
         assert json.load(f) == json.loads(json.dumps(res))
@@ -1231,7 +1231,8 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
 
 def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_path):
     res = attack.main(["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--D", "all", "1",
-                       "--steps", "3", "--limit", "30", "--no-checks", "--out", str(tmp_path / "a.json")])
+                       "--steps", "3", "--square-queries", "50", "--limit", "30", "--no-checks",
+                       "--out", str(tmp_path / "a.json")])
     assert res["checks"] == {} and res["images"] == 30
     losses = {r["loss"] for r in res["results"]}
     assert losses == {"ce", "margin", "margin-t", "magnet", "square", "worst-case"}
@@ -2316,7 +2317,7 @@ def test_both_variants_write_spec_checkpoints_that_attack_py_evaluates(qtrades_r
         assert all(math.isfinite(r["train_loss"]) and r["consistency"] >= 0 for r in log[1:])
         assert results["test_accuracy"] > 0.8                              # chance is 1/3
         res = attack.main(["--ckpt", out, "--data-dir", image_folder, "--limit", "30", "--steps", "5",
-                           "--out", str(tmp_path / f"{loss}.json")])
+                           "--square-queries", "50", "--out", str(tmp_path / f"{loss}.json")])
         assert res["images"] == 30 and res["natural_accuracy"] > 0.8
         losses = {r["loss"] for r in res["results"]}
         assert ("magnet" in losses) == (loss == "magnet")                  # the adaptive attack needs clusters
