@@ -1187,19 +1187,7 @@ def main(argv=None):
         fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop "
              f"--width (attack.py takes the checkpoint's)")
     args.width = arch["width"]
-    default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet")
-               and (args.square_queries or l != "square")]
-    losses = list(dict.fromkeys(args.loss or default))
-    args.loss = losses
-    if args.targets is None:                                        # APGD-T: 9 targets
-        args.targets = min(9, info["num_classes"] - 1)
-    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
-             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
-    M = len(clf.centers) if clf.clusters else 0
-    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
-    if any(D is not None and D > M for D in Ds):
-        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
+    losses, Ds, M = resolve_losses(args, clf, ckpt)
     try:
         images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
     except DataError as e:
@@ -1251,6 +1239,26 @@ def main(argv=None):
         print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
         raise SystemExit(1)
     return out
+
+
+def resolve_losses(args, clf, ckpt):
+    """The loss list (the default set drops magnet for head checkpoints, square when
+    --square-queries is 0), --targets (APGD-T's min(9, classes - 1)) and the D list.
+    -> (losses, Ds, number of centres)."""
+    default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet")
+               and (args.square_queries or l != "square")]
+    losses = list(dict.fromkeys(args.loss or default))
+    args.loss = losses
+    if args.targets is None:
+        args.targets = min(9, ckpt["data"]["num_classes"] - 1)
+    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
+             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
+    M = len(clf.centers) if clf.clusters else 0
+    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
+    if any(D is not None and D > M for D in Ds):
+        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
+    return losses, Ds, M
 
 
 def evaluate(net, images, labels, args, losses, Ds):
