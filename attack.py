@@ -1029,23 +1029,31 @@ def random_search(clf, x, y, eps, points, generator):
 
 
 class Budget:
-    """The checks that attack again take chunks of images while their share of the time
-    --check-budget x (the attack's seconds) lasts; the first chunk always runs."""
+    """The checks that attack again share --check-budget x (the attack's seconds), counted from
+    the start of all checks, less 15% kept for the estimates' error: each gets an equal part of
+    what is left when it starts, and takes chunks of images sized by the time one image took so
+    far (the first chunk is one image and always runs; a chunk is never started that its estimate
+    says would end past the check's deadline)."""
 
-    def __init__(self, args, attack_seconds, names):
-        self.end = time.time() + (args.check_budget * attack_seconds if args.check_budget > 0 else math.inf)
-        self.left, self.chunk, self.t0 = list(names), max(1, min(args.batch_size, 16)), time.time()
+    def __init__(self, args, attack_seconds, names, t_begin):
+        self.end = t_begin + (0.85 * args.check_budget * attack_seconds if args.check_budget > 0 else math.inf)
+        self.left, self.cap, self.t0 = list(names), max(1, min(args.batch_size, 64)), time.time()
 
     def chunks(self, name, idx):
         """Yield parts of idx while this check's share of the remaining time lasts."""
         self.left.remove(name)
-        deadline = time.time() + (self.end - time.time()) / (len(self.left) + 1)
-        for start in range(0, len(idx), self.chunk):
-            yield idx[start:start + self.chunk]
-            print(f"check {name:<24} {min(start + self.chunk, len(idx)):>6}/{len(idx):<6} "
-                  f"{fmt_time(time.time() - self.t0):>9}", flush=True)
-            if time.time() > deadline:
+        t_start = time.time()
+        deadline = t_start + (self.end - t_start) / (len(self.left) + 1)
+        done, size = 0, 1
+        while done < len(idx):
+            yield idx[done:done + size]
+            done += len(idx[done:done + size])
+            per_image = (time.time() - t_start) / done
+            print(f"check {name:<24} {done:>6}/{len(idx):<6} {fmt_time(time.time() - self.t0):>9}", flush=True)
+            room = (deadline - time.time()) / max(per_image, 1e-9)
+            if room < 1:
                 break
+            size = int(min(self.cap, room))
 
 
 def run_checks(net, images, labels, args, losses, results, natural, runs, eps, attack_seconds, stats):
@@ -1053,7 +1061,7 @@ def run_checks(net, images, labels, args, losses, results, natural, runs, eps, a
     its numbers.  runs: [(D, eps, raw robust mask, fooled_by)] from the headline attack; natural:
     the first D's clean-correct mask; eps: the first eps > 0 (None: none).  The checks that attack
     again use the first --check-images images and the first D, under --check-budget."""
-    tol, checks, grad = args.tolerance, {}, [l for l in losses if l != "square"]
+    tol, checks, grad, t_begin = args.tolerance, {}, [l for l in losses if l != "square"], time.time()
     # robust <= natural, on the raw masks (nothing ANDed with natural accuracy before)
     bad = sum(int((m & ~natural).sum()) for D, e, m, _ in runs if D == runs[0][0])
     checks["robust_le_natural"] = {"ok": bad == 0, "robust_but_misclassified": bad}
@@ -1095,7 +1103,7 @@ def run_checks(net, images, labels, args, losses, results, natural, runs, eps, a
                                          **{l: v / max(1, n_correct) for l, v in counts.items()}}
     names = (["beats_random_search"] if eps is not None else []) + ["near_zero_at_large_eps"] + \
         (["double_steps", "double_restarts"] if eps is not None and grad else [])
-    budget = Budget(args, attack_seconds, names)
+    budget = Budget(args, attack_seconds, names, t_begin)
     if eps is not None:
         checks["beats_random_search"] = check_random(net, x, y, args, eps, runs, clean, budget)
     checks["near_zero_at_large_eps"] = check_large_eps(net, x, y, args, losses, clean, budget)
