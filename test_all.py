@@ -1225,6 +1225,9 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
                  "objective_rises", "square_finds_little", "beats_random_search"):
         assert checks[name]["ok"] is True, (name, checks[name])
     assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
+    for name in ("double_steps", "double_restarts"):                       # fresh random streams
+        assert checks[name]["seed"] != checks[name]["headline_seed"] == 0
+    assert checks["double_steps"]["seed"] != checks["double_restarts"]["seed"]
     with open(out + ".log.jsonl") as f:
         assert len(f.readlines()) == len(res["results"])
 
@@ -1342,6 +1345,8 @@ BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and 
     "fooled only at the last iterate": ("new = live & (lp.detach().argmax(1) != y0)",
                                         "new = live & (lp.detach().argmax(1) != y0) & (k == steps)",
                                         "square_finds_little"),
+    "no projection": ("xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)",
+                      "xk = xk + eta * grad.sign()", "in_ball"),
 }
 
 
@@ -1418,8 +1423,11 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
     res = attack.main(common + ["--no-checks", "--per-loss", "--out", str(tmp_path / "b.json")])
     assert all(r["attacked"] == 30 for r in res["results"] if r["loss"] != "worst-case")
     assert set(res["examples"][0]["robust_by_loss"]) == {"ce", "margin", "margin-t", "square"}
-    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
+    # one loss: no worst-case row, so no "headline" note
     capsys.readouterr()
+    res = attack.main(common + ["--no-checks", "--loss", "ce", "--out", str(tmp_path / "d.json")])
+    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in capsys.readouterr().out
+    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
     with pytest.raises(SystemExit) as info:
         attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
                               "--out", str(tmp_path / "c.json")])
