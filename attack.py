@@ -196,9 +196,10 @@ def parse_args(argv=None):
                         "on the class scores over all centres (not the D-masked p); default "
                         "min(9, classes - 1), as AutoAttack's APGD-T")
     g.add_argument("--square-queries", type=int, default=1000,
-                   help="square: model queries per example (AutoAttack's standard version uses "
-                        "5000; 1000 keeps the default run at about the cost of the gradient "
-                        "losses, benchmarks/autoattack.py); 0 drops square from the default set")
+                   help="square: model queries per example still robust after the gradient "
+                        "losses (AutoAttack's standard version uses 5000; with 1000 Square took "
+                        "26-53%% of the default run's time in benchmarks/autoattack.py); 0 drops "
+                        "square from the default set")
     g.add_argument("--per-loss", action="store_true",
                    help="also attack every example with every loss independently (one row per "
                         "loss over all images, as AutoAttack's per-attack figures); by default "
