@@ -926,7 +926,7 @@ def share(mask):
     return mask.float().mean().item() if len(mask) else float("nan")
 
 
-def cascade(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None):
+def cascade(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
     """The headline worst case as AutoAttack computes it: each loss runs only on the examples
     every earlier loss left robust, so an example counts as robust only if no loss and no
     restart fooled it (the same worst case as running every loss on every example, less work).
@@ -951,10 +951,12 @@ def cascade(net, images, labels, args, eps, losses, natural, progress, stats=Non
         rows.append({"loss": loss, "robust_accuracy": share(alive & natural), "attacked": len(idx),
                      "fooled": len(newly), "seconds": dt, "images_per_second": len(idx) / max(dt, 1e-9),
                      "re_attacked": net["re_attacked"] - before, "cascade": True})
+        if emit:
+            emit(rows[-1])                                                 # logged as it finishes
     return alive, fooled_by, rows
 
 
-def per_loss(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None):
+def per_loss(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
     """--per-loss: every loss on every example, independently (its own row over all images);
     the worst case is their per-example AND.  -> (robust [N] raw, fooled_by, rows, masks)."""
     worst = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
@@ -976,6 +978,8 @@ def per_loss(net, images, labels, args, eps, losses, natural, progress, stats=No
                      "fooled": int((~robust & natural).sum()), "seconds": dt,
                      "images_per_second": len(labels) / max(dt, 1e-9),
                      "re_attacked": net["re_attacked"] - before, "cascade": False})
+        if emit:
+            emit(rows[-1])
     return worst, fooled_by, rows, masks
 
 
@@ -1302,18 +1306,19 @@ def evaluate(net, images, labels, args, losses, Ds):
             adv = to_float(images).clone() if args.save_adv else None
             st = stats if D == Ds[0] and eps == headline else None
             masks = {}
-            if args.per_loss:
-                worst, fooled_by, rows, masks = per_loss(net, images, labels, args, eps, losses, natural[D],
-                                                         progress, st, adv)
-            else:
-                worst, fooled_by, rows = cascade(net, images, labels, args, eps, losses, natural[D],
-                                                 progress, st, adv)
-            for row in rows:
+
+            def emit(row):                                                  # one row per finished loss
                 row = {"loss": row["loss"], **common, **row,
                        **({"targets": args.targets} if row["loss"] == "margin-t" else {}),
                        **({"queries": args.square_queries} if row["loss"] == "square" else {})}
                 results.append(row)
                 append_jsonl(log_path, row)
+            if args.per_loss:
+                worst, fooled_by, rows, masks = per_loss(net, images, labels, args, eps, losses, natural[D],
+                                                         progress, st, adv, emit)
+            else:
+                worst, fooled_by, rows = cascade(net, images, labels, args, eps, losses, natural[D],
+                                                 progress, st, adv, emit)
             if len(losses) > 1:  # the headline: robust only if no loss and no restart fooled it
                 seconds = sum(r["seconds"] for r in rows)
                 row = {"loss": "worst-case", **common, "robust_accuracy": share(worst & natural[D]),
