@@ -1403,7 +1403,7 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
     assert ex["index"] == list(range(30)) and ex["eps"] == 16 / 255
     rows = [r for r in res["results"] if r.get("cascade")]
     assert [r["loss"] for r in rows] == ["ce", "margin", "margin-t", "square"]
-    assert [r["attacked"] for r in rows[1:]] == [int(30 * r["robust_accuracy"]) for r in rows[:-1]]
+    assert [r["attacked"] for r in rows[1:]] == [round(30 * r["robust_accuracy"]) for r in rows[:-1]]
     assert sum(r["fooled"] for r in rows) == sum(f is not None for f in ex["fooled_by"]) > 0
     clf, _ = attack.load_classifier(ckpt)
     images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
