@@ -3,7 +3,7 @@
 OPTIONAL DEPENDENCY, benchmark only: torchattacks (`pip install torchattacks==3.5.1`). attack.py and
 the tests never import it; this file imports no test code (it generates its own data).
 
-    python benchmarks/autoattack.py                          # both parts, ~1 h on one CPU thread
+    python benchmarks/autoattack.py                          # both parts, ~40 min on one CPU thread
     python benchmarks/autoattack.py --parts A --images 100   # quicker
     python benchmarks/autoattack.py --parts B                # the checks' cost only (~2 min)
 
