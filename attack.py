@@ -1,4 +1,4 @@
-"""attack.py -- ClusTR evaluation: L-inf PGD of Eq. (5), worst case over several losses.
+"""attack.py -- ClusTR evaluation: L-inf PGD of Eq. (5) and Square, worst case over several losses.
 
 Paper: "Rethinking Clustering for Robustness" (Alfarra, Perez et al., BMVC 2021), Sec. 4.2
 (Eq. (5), "Adaptive Attacks"), Tables 1-3, Appendix B.2 (other eps), B.3 / Fig. 4 (D nearest).
@@ -7,7 +7,8 @@ PGD (Madry et al. 2018) as Eq. (5): a uniform random start in the eps-ball (clip
 then `--steps` signed-gradient steps of size `--step`, each projected onto the eps-ball and [0, 1].
 An example counts as robust only if it is classified correctly and no iterate of any restart of
 any loss fools the model (AutoAttack's convention); the first fooling iterate is kept and fooled
-examples leave the batch.  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
+examples leave the batch.  The losses run as AutoAttack's cascade: each only on the examples every
+earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
 Eq. (4) in log space; nominal and qtrades-ce checkpoints by their linear head.
 
 Why several losses.  The paper attacks cross-entropy on p of Eq. (4) (PGD-CE) and, in Sec. 4.2,
@@ -15,9 +16,20 @@ the Magnet loss.  On these models CE saturates: for a confidently clustered poin
 to 0 in float32 and its input gradient is exactly zero, so PGD-CE cannot move it.  RobustBench
 lists the authors' released ClusTR+QTRADES CIFAR10 model at 91.03% clean, 74.04% reported robust
 and 0.00% under AutoAttack.  The default loss set therefore adds the Carlini-Wagner margin on
-log-probabilities (untargeted, and targeted at the most likely wrong classes like AutoAttack's
-APGD-T) and a cosine step schedule; the headline is the per-example worst case over all of
-them.  `--loss ce --schedule constant --steps 100 --restarts 10` is the paper's protocol exactly.
+log-probabilities (untargeted, and targeted at the min(9, classes - 1) most likely wrong classes
+like AutoAttack's APGD-T, ranked over all centres even under a D mask), the Magnet loss, a cosine
+step schedule, and last, on the survivors, the gradient-free Square attack (Andriushchenko et al.
+2020) that AutoAttack uses against masked gradients: saturated Eq. (4) and D masks are exactly
+that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
+constant --steps 100 --restarts 10` is the paper's protocol exactly.
+
+Checks (README "attack.py: the checks"), each stored with its numbers and able to fail: every
+x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw masks; the objective
+rises on most attacked examples; Square fools at most --tolerance of what the gradient losses left;
+the attack beats as many random points in the ball; eps = 0 is natural accuracy; a large eps
+leaves at most 5% robust; twice the steps and more restarts, on fresh random streams, lower the
+figure by at most --tolerance.  The ones that attack again share --check-budget (0.5 x the
+attack's time).  A failed check prints what it means and what to try; `--strict` exits 1.
 
 Usage (copy-paste):
     python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
@@ -30,12 +42,15 @@ Usage (copy-paste):
     python attack.py --ckpt c100.pt --D 1 4 20 60 all                   # Fig. 4 (App. B.3)
     python attack.py --ckpt magnet.pt --limit 500 --steps 20           # a quick CPU run
     python attack.py --ckpt qtrades.pt --loss ce scores-ce             # Eq. (5) vs the authors' code
+    python attack.py --ckpt c100.pt --square-queries 5000 --save-adv adv.pt --strict
+                                                        # AutoAttack's Square budget, images kept
     python attack.py --ckpt magnet.pt --export clustr.pt2              # one file for torchattacks,
                                                         # AutoAttack, RobustBench (section 7)
 
 Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
-checkpoint's own dataset.  Writes: --out (JSON, SPEC section 10) and <out>.log.jsonl (one object per
-finished row, so a killed run keeps its rows); with --export, only that file.  From Python:
+checkpoint's own dataset.  Writes: --out (JSON: rows per loss, eps, D; checks; per-example
+results under "examples") and <out>.log.jsonl (one object per finished row, so a killed run keeps
+its rows); --save-adv PATH the adversarial images; with --export, only that file.  From Python:
 load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores (section 7).
 Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
 Blocks between "# --- shared: NAME ---" markers are identical copies of the same blocks in the
@@ -52,11 +67,14 @@ Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CP
     (nominal), 66.0% vs 66.3% (clustering, confident sigma^2), 59.3% vs 59.3% (trained by
     magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
     confident model PGD-CE alone reports 99.3%: its input gradients are exactly zero.
+  - Default set (with Square, 9 targets, cascade) vs AutoAttack standard: benchmarks/autoattack.py
+    and README "attack.py against AutoAttack".
   - No GPU was available: no GPU timing has been measured.
 
 Lineage: PGD (Madry et al. 2018); margin loss (Carlini & Wagner 2017); targeted margin over the
-top classes and worst case over attacks (Croce & Hein 2020, AutoAttack); the sanity checks
-(Carlini et al. 2019, "On Evaluating Adversarial Robustness").
+top classes, the cascade and worst case over attacks (Croce & Hein 2020, AutoAttack); Square
+(Andriushchenko et al. 2020); the sanity checks (Carlini et al. 2019, "On Evaluating Adversarial
+Robustness").
 """
 
 import argparse
@@ -80,10 +98,13 @@ import torch.nn.functional as F
 # 1. Arguments
 # ======================================================================================
 
-LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce")
-# The default set: the strongest we could show (benchmarks/attack.py).  magnet needs centres,
-# so it joins only for clustering checkpoints; scores-ce (the authors' code) is never a default.
-DEFAULT_LOSSES = ("ce", "margin", "margin-t", "magnet")
+LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce", "square")
+# The default set, in the order the cascade runs it (AutoAttack's: APGD-CE, APGD-T, ..., Square
+# last): the gradient losses, then the gradient-free Square attack on whatever they left robust.
+# magnet needs centres, so it joins only for clustering checkpoints; scores-ce (the authors'
+# code) is never a default.  benchmarks/autoattack.py compares this set with AutoAttack.
+DEFAULT_LOSSES = ("ce", "margin", "margin-t", "magnet", "square")
+GRADIENT_LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce")
 
 # --- shared: args ---
 def add_common_args(p, data_default):
@@ -188,7 +209,7 @@ def parse_args(argv=None):
                    help="attack nothing: write the checkpoint as one torch.export file (.pt2; images "
                         "in [0, 1] -> class log-scores z_c, softmax(z) = Eq. (4)) for torchattacks, "
                         "AutoAttack, RobustBench; load with torch.export.load(PATH).module()")
-    g.add_argument("--out", default="attack.json", help="results (JSON, SPEC section 10)")
+    g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
     g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
                    help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
                         "Table 3: 2/255 16/255 25.5/255")
@@ -206,11 +227,29 @@ def parse_args(argv=None):
                         "margin towards each of the --targets most likely wrong classes "
                         "(APGD-T's idea); magnet = Sec. 4.2's adaptive attack (Eq. (3) against "
                         "the stored centres); scores-ce = the authors' code (CE over the "
-                        "unnormalised Eq. (4) scores), for comparison. Default: ce margin "
-                        "margin-t, plus magnet for clustering checkpoints")
-    g.add_argument("--targets", type=int, default=3,
-                   help="margin-t: how many of the most likely wrong classes to target "
-                        "(AutoAttack's APGD-T uses 9)")
+                        "unnormalised Eq. (4) scores, -log softmax_y(exp z), z_c = logsumexp "
+                        "over class c's kept centres of -||f - mu_j||^2 / (2 sigma^2)), for "
+                        "comparison; square = the gradient-free Square attack (Andriushchenko "
+                        "et al. 2020). Default: ce margin margin-t, magnet for clustering "
+                        "checkpoints, then square")
+    g.add_argument("--targets", type=int, default=None,
+                   help="margin-t: how many of the most likely wrong classes to target, ranked "
+                        "on the class scores over all centres (not the D-masked p); default "
+                        "min(9, classes - 1), as AutoAttack's APGD-T")
+    g.add_argument("--square-queries", type=int, default=1000,
+                   help="square: model queries per example still robust after the gradient "
+                        "losses (AutoAttack's standard version uses 5000; with 1000 Square took "
+                        "26-53%% of the default run's time in benchmarks/autoattack.py); 0 drops "
+                        "square from the default set")
+    g.add_argument("--per-loss", action="store_true",
+                   help="also attack every example with every loss independently (one row per "
+                        "loss over all images, as AutoAttack's per-attack figures); by default "
+                        "each loss runs only on the examples every earlier loss left robust "
+                        "(AutoAttack's cascade: the same worst case, less work)")
+    g.add_argument("--save-adv", default=None, metavar="PATH",
+                   help="save the adversarial images (torch.save: per (eps, D) the first fooling "
+                        "image of each fooled example, the clean image where none was found), "
+                        "as AutoAttack's save_dir does, to compare tools example by example")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
                    help="step size eta_k: constant = --step (Eq. (5), the paper's protocol); "
                         "cosine = eps (1 + cos(pi k / steps)), from 2 eps (APGD's first step) "
@@ -226,22 +265,32 @@ def parse_args(argv=None):
                    help="images attacked at once (memory, speed; the random starts are drawn per "
                         "batch, so figures move within noise with it)")
     g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the sanity checks of SPEC section 6 (Carlini et al. 2019)")
+                   help="run the sanity checks (Carlini et al. 2019; README \"attack.py: the "
+                        "checks\"): each states its numbers and can fail")
     g.add_argument("--check-images", type=int, default=500,
-                   help="the checks run on the first N evaluated images (bounds their cost)")
+                   help="the checks that attack again run on the first N evaluated images")
+    g.add_argument("--check-budget", type=float, default=0.5,
+                   help="the checks that attack again stop taking new chunks of images once "
+                        "they have used this fraction of the attack's time (each reports the "
+                        "images it covered); 0 = no limit, every check image")
     g.add_argument("--large-eps", type=parse_fraction, default=64 / 255,
-                   help="check: robust accuracy must be near 0 at this eps")
+                   help="check: robust accuracy must be at most 5%% at this eps")
     g.add_argument("--tolerance", type=float, default=0.01,
-                   help="checks: doubling steps or restarts may lower the robust accuracy, and "
-                        "a larger eps raise it, by at most this much (0.01 = 1 point)")
+                   help="checks: doubling steps or restarts may lower the robust accuracy, "
+                        "Square may fool survivors of the gradient losses, and a larger eps "
+                        "raise it, by at most this share of the images (0.01 = 1 point)")
+    g.add_argument("--strict", action="store_true",
+                   help="exit with code 1 when any check fails (after writing the results)")
     args = parse_with_fractions(p, argv)
-    if args.steps < 0 or args.restarts < 1 or args.targets < 1 or args.batch_size < 1:
-        p.error("--steps must be >= 0; --restarts, --targets and --batch-size >= 1")
+    if args.steps < 0 or args.restarts < 1 or (args.targets is not None and args.targets < 1) \
+            or args.batch_size < 1 or args.square_queries < 0 or args.check_budget < 0:
+        p.error("--steps, --square-queries and --check-budget must be >= 0; --restarts, "
+                "--targets and --batch-size >= 1")
     return args
 
 
 # ======================================================================================
-# 2. Data (SPEC section 3): only the test split is used; it lives on the device as uint8.
+# 2. Data (README "Data"): only the test split is used; it lives on the device as uint8.
 # ======================================================================================
 
 # --- shared: runtime ---
@@ -639,7 +688,7 @@ def to_float(x_uint8):
 
 
 # ======================================================================================
-# 3. Model (SPEC section 4) and the classifier: Eq. (4) for clustering checkpoints
+# 3. Model (App. A: ResNet18) and the classifier: Eq. (4) for clustering checkpoints
 # ======================================================================================
 
 # --- shared: model ---
@@ -875,7 +924,7 @@ def check_test_split(ckpt, path, classes, images, data_dir):
 
 def fold_batchnorm(clf):
     """A copy of the classifier with each eval-mode batch norm folded into the convolution
-    before it (the model is in eval mode throughout, SPEC section 6):
+    before it (the model is in eval mode throughout):
         bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
         s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
     The same function up to float rounding, one pass fewer forward and backward: about 1.5x
@@ -953,8 +1002,27 @@ def step_size(step, eps, k, steps, schedule):
     return eps * (1 + math.cos(math.pi * k / steps))
 
 
+def class_scores(log_prob_fn, x):
+    """Class scores that rank the targets of margin-t and guide Square: log p of Eq. (4) over
+    *all* centres, also when the classifier predicts from the D nearest.  Under a D mask the
+    classes outside the D nearest all have log p = -inf: ranked by it they tie, and the tie
+    broke as classes 0, 1, 2 for every example (with D = 1 or 2 an example then "targeted" its
+    own class).  Head classifiers and plain functions: their own log p.  -> [n, classes]."""
+    if getattr(log_prob_fn, "clusters", False) and log_prob_fn.D is not None:
+        return cluster_log_probs(log_prob_fn.model.features(x), log_prob_fn.centers,
+                                 log_prob_fn.center_classes, log_prob_fn.variance, None)
+    return log_prob_fn(x)
+
+
+def rank_targets(scores, y):
+    """The wrong classes, most likely first: the true class removed by its index (never by
+    setting its score to -inf, which ties with masked classes).  -> [n, classes - 1]."""
+    order = scores.sort(dim=1, descending=True, stable=True).indices         # [n, C]
+    return order[order != y[:, None]].view(len(y), -1)
+
+
 def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
-        targets=3, schedule="constant"):
+        targets=9, schedule="constant", stats=None):
     """L-inf PGD, ClusTR Eq. (5), with restarts:
 
         x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
@@ -965,9 +1033,13 @@ def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=No
     that first fooling iterate is kept and the example leaves the batch, so later steps and
     restarts attack only the rest (the same result as attacking everything, less work).  Restarts
     are merged by whether they fooled the model, never by which reached the higher loss.
-    margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes.
-    The random starts are drawn for the whole batch each restart, so the random stream (and the
-    result) does not depend on which examples were already fooled.
+    margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
+    (ranked by class_scores, i.e. over all centres).  The random starts are drawn for the whole
+    batch each restart, so the random stream (and the result) does not depend on which examples
+    were already fooled.  stats (a dict, optional) accumulates, over the runs of examples that
+    took at least one step, "runs", "rose" (objective higher at the end, the fooling iterate or
+    the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the check
+    "objective_rises".
     -> (x_adv [n, C, H, W], still_correct [n] bool: correct on x and on every iterate)."""
     x, y = x.detach(), y.detach()
     with torch.no_grad():
@@ -975,7 +1047,8 @@ def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=No
     still_correct = log_p.argmax(1) == y                                    # robust => clean-correct
     x_adv = x.clone()
     if loss == "margin-t":  # the most likely wrong classes at the clean input, best first
-        ranked = log_p.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+        with torch.no_grad():
+            ranked = rank_targets(class_scores(log_prob_fn, x), y)           # [n, C - 1]
         runs = [ranked[:, t] for t in range(min(targets, log_p.shape[1] - 1)) for _ in range(restarts)]
     else:
         runs = [None] * restarts
@@ -992,33 +1065,131 @@ def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=No
             xk.requires_grad_(True)
             with torch.enable_grad():
                 obj, lp = objective(log_prob_fn, xk, y0, loss, t0)
+            if k == 0:
+                start = obj.detach()                                        # the objective at x^0
             new = live & (lp.detach().argmax(1) != y0)                      # fooled at x^k
             if new.any():
                 x_adv[idx[new]] = xk.detach()[new]                          # first fooling iterate
                 still_correct[idx[new]] = False
+                if k > 0:
+                    _tally(stats, obj.detach()[new], start[new])
                 live &= ~new
             if k == steps or not live.any():
+                if k > 0:
+                    _tally(stats, obj.detach()[live], start[live])
                 break
             grad, = torch.autograd.grad(obj.sum(), xk)                      # rows are independent
             xk = xk.detach()
             if not live.all():                                              # drop the fooled rows
                 t0 = None if t0 is None else t0[live]
-                xk, x0, y0, idx, grad, live = xk[live], x0[live], y0[live], idx[live], grad[live], live[live]
+                xk, x0, y0, idx, grad, start, live = (xk[live], x0[live], y0[live], idx[live],
+                                                      grad[live], start[live], live[live])
             eta = step_size(step, eps, k, steps, schedule)
             xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
         x_adv[idx[live]] = xk.detach()[live]                                # survivors: last iterate
     return x_adv, still_correct
 
 
+def square_side(i, queries, size, p_init=0.8):
+    """Andriushchenko et al. 2020, L-inf Square: the share p of the image a square covers
+    starts at p_init = 0.8 and halves at queries 10, 50, 200, 500, 1000, 2000, 4000, 6000 and
+    8000 of a 10000-query run (their schedule, rescaled to `queries`); side = round(sqrt(p) *
+    size), at least 1, at most size - 1."""
+    at = int(i / max(queries, 1) * 10000)
+    halvings = sum(at > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return int(min(max(round(math.sqrt(p_init / 2 ** halvings) * size), 1), max(size - 1, 1)))
+
+
+@torch.no_grad()
+def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
+    """L-inf Square attack (Andriushchenko et al. 2020): gradient-free, score-based random search
+    at the vertices of the eps-ball, AutoAttack's guard against masked gradients (saturated
+    Eq. (4) probabilities, D masks).
+
+        x^0 = clip_[0,1](x + eps v),  v in {-1, +1} per (channel, column): vertical stripes
+        each query: a random s x s window (s by square_side), new values +-eps per channel in it,
+                    x' = clip_[0,1](x + delta'),  kept when the margin falls
+        margin(x) = z_y(x) - max_{c != y} z_c(x),   z = class_scores (log p over all centres)
+
+    The example is fooled when the classifier itself (with its D mask) no longer predicts y at
+    a queried point (kept even if its margin is higher); fooled examples leave.  Every point stays in the eps-ball and [0, 1].
+    The original also resamples a window whose new values equal the old ones; here such a query
+    is spent (at 3 channels, 1 in 8).  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
+    x, y = x.detach(), y.detach()
+    still = log_prob_fn(x).argmax(1) == y                                   # robust => clean-correct
+    x_adv = x.clone()
+    idx = still.nonzero().squeeze(1)
+    if eps == 0 or queries == 0 or len(idx) == 0:
+        return x_adv, still
+    n, C, H, W = x.shape
+    dev = x.device
+
+    def margin(v, yv):                                                      # -> (margin, fooled)
+        if getattr(log_prob_fn, "clusters", False):
+            f = log_prob_fn.model.features(v)
+            f = f if f.dtype in (torch.float32, torch.float64) else f.float()
+            z = cluster_log_probs(f, log_prob_fn.centers, log_prob_fn.center_classes,
+                                  log_prob_fn.variance, None)               # all centres
+            lp = z if log_prob_fn.D is None else cluster_log_probs(
+                f, log_prob_fn.centers, log_prob_fn.center_classes, log_prob_fn.variance, log_prob_fn.D)
+        else:
+            z = lp = log_prob_fn(v)
+        z = z.float()
+        z_y = z.gather(1, yv[:, None]).squeeze(1)
+        other = z.scatter(1, yv[:, None], float("-inf")).max(1).values      # y excluded by index
+        return z_y - other, lp.argmax(1) != yv
+
+    def signs(*shape):
+        return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
+
+    x0, y0 = x[idx], y[idx]
+    xk = (x0 + eps * signs(len(idx), C, 1, W)).clamp(0, 1)                  # stripes, [m, C, H, W]
+    m_k, fooled = margin(xk, y0)
+    rows = torch.arange(H, device=dev)[None, None, :, None]
+    cols = torch.arange(W, device=dev)[None, None, None, :]
+    for i in range(1, queries + 1):
+        if fooled.any():
+            x_adv[idx[fooled]] = xk[fooled]
+            still[idx[fooled]] = False
+            keep = ~fooled
+            x0, y0, xk, m_k, idx = x0[keep], y0[keep], xk[keep], m_k[keep], idx[keep]
+        if len(idx) == 0 or i == queries:
+            break
+        m = len(idx)
+        side = square_side(i, queries, min(H, W), p_init)
+        r = torch.randint(0, H - side + 1, (m,), generator=generator, device=dev)[:, None, None, None]
+        c = torch.randint(0, W - side + 1, (m,), generator=generator, device=dev)[:, None, None, None]
+        window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
+        x_new = torch.where(window, x0 + eps * signs(m, C, 1, 1), xk).clamp(0, 1)
+        x_new = torch.min(torch.max(x_new, x0 - eps), x0 + eps)             # clipped: still in S
+        m_new, f_new = margin(x_new, y0)
+        better = (m_new < m_k) | f_new                  # accepted: a lower margin, or fooled
+        xk = torch.where(better[:, None, None, None], x_new, xk)
+        m_k = torch.where(better, m_new, m_k)
+        fooled = f_new
+    x_adv[idx] = xk                                                         # survivors: last accepted
+    return x_adv, still
+
+
+def _tally(stats, end, start):
+    """Objective at the end of a run against its value at x^0 (the objective_rises check)."""
+    if stats is None or not len(end):
+        return
+    finite = torch.isfinite(end) & torch.isfinite(start)
+    stats["runs"] = stats.get("runs", 0) + int(finite.sum())
+    stats["rose"] = stats.get("rose", 0) + int((end > start)[finite].sum())
+    stats["not_finite"] = stats.get("not_finite", 0) + int((~finite).sum())
+
+
 def zero_gradient_counts(log_prob_fn, x, y, losses):
-    """Masked-gradient check (SPEC section 6): among correctly classified examples, how many have
+    """Masked-gradient check (Carlini et al. 2019): among correctly classified examples, how many have
     an input gradient that is exactly zero at the clean input, per loss and under every loss.
     -> ({loss: count}, count under every loss, correct count)."""
     with torch.no_grad():
         log_p = log_prob_fn(x)
     correct = log_p.argmax(1) == y
-    x, y, log_p = x[correct].detach(), y[correct], log_p[correct]
-    target = log_p.scatter(1, y[:, None], float("-inf")).argmax(1)          # top wrong class
+    x, y = x[correct].detach(), y[correct]
+    target = rank_targets(class_scores(log_prob_fn, x), y)[:, 0]             # top wrong class
     counts, every = {}, torch.ones(len(y), dtype=torch.bool, device=x.device)
     for loss in losses:
         xg = x.clone().requires_grad_(True)
@@ -1040,35 +1211,56 @@ def fmt_eps(eps):
     return f"{eps * 255:g}/255" if abs(eps * 510 - round(eps * 510)) < 1e-6 else f"{eps:.4g}"
 
 
-def attack_split(net, images, labels, args, eps, loss, seed, progress=None, **budget):
+def run_loss(model, x, y, eps, loss, generator, b, args, stats=None):
+    """One loss on one batch: PGD (Eq. (5)) for the gradient losses, Square for "square"."""
+    if loss == "square":
+        return square(model, x, y, eps, b["queries"], generator)
+    return pgd(model, x, y, eps, b["step"], b["steps"], b["restarts"], loss, generator,
+               b["targets"] or 9, args.schedule, stats)              # None (unresolved): APGD-T's 9
+
+
+def attack_split(net, images, labels, args, eps, loss, seed, progress=None, adv=None, stats=None,
+                 **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step.  Each row re-seeds its generator, so a loss's figure does not depend
-    on which other losses ran before it.  net = {"clf": the classifier, "fast": its batch-norm-
-    folded copy (or itself), "re_attacked": count}: fast runs the attack; each example it calls
-    fooled must be fooled by clf itself at x_adv, else clf is attacked again for it.
-    -> robust mask [N] bool."""
+    steps, restarts, step, queries, targets.  Each row re-seeds its generator, so a loss's
+    figure does not depend on which other losses ran before it.  net = {"clf": the classifier,
+    "fast": its batch-norm-folded copy (or itself), "re_attacked": count, "ball": {"batches",
+    "max_excess"}}: fast runs the attack; each example it calls fooled must be fooled by clf
+    itself at x_adv, else clf is attacked again for it, and each it calls robust must be
+    classified correctly by clf at x_adv.  Every batch's x_adv is measured against the eps-ball
+    and [0, 1] (net["ball"], the check "in_ball").  adv [N, C, H, W] float, when given, receives
+    x_adv.  -> robust mask [N] bool, raw (not ANDed with natural accuracy: the check
+    "robust_le_natural" compares the two)."""
     clf, fast = net["clf"], net["fast"]
-    b = {"step": args.step, "steps": args.steps, "restarts": args.restarts, **budget}
+    b = {"step": args.step, "steps": args.steps, "restarts": args.restarts,
+         "queries": args.square_queries, "targets": args.targets, **budget}
     generator = torch.Generator(device=images.device).manual_seed(seed)
     robust = torch.zeros(len(labels), dtype=torch.bool, device=images.device)
+    ball = net.setdefault("ball", {"batches": 0, "max_excess": 0.0})
     t0 = time.time()
     for start in range(0, len(labels), args.batch_size):
         x = to_float(images[start:start + args.batch_size]).contiguous(
             memory_format=torch.channels_last)  # measured 1.5x faster convolutions on CPU too
         y = labels[start:start + args.batch_size]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-            x_adv, still = pgd(fast, x, y, eps, b["step"], b["steps"], b["restarts"], loss,
-                               generator, args.targets, args.schedule)
+            x_adv, still = run_loss(fast, x, y, eps, loss, generator, b, args, stats)
             if fast is not clf:
                 with torch.no_grad():
-                    still &= clf(x).argmax(1) == y                          # robust => clean-correct
+                    still &= clf(x_adv).argmax(1) == y                      # robust claims, on clf
                     unsure = (~still).nonzero().squeeze(1)
                     unsure = unsure[clf(x_adv[unsure]).argmax(1) == y[unsure]]   # not fooled, really
                 if len(unsure):
                     net["re_attacked"] += len(unsure)
-                    still[unsure] = pgd(clf, x[unsure], y[unsure], eps, b["step"], b["steps"],
-                                        b["restarts"], loss, generator, args.targets, args.schedule)[1]
+                    x_adv[unsure], still[unsure] = run_loss(clf, x[unsure], y[unsure], eps, loss,
+                                                            generator, b, args)
+        # the eps-ball and the box, on every batch: ||x_adv - x||_inf <= eps, 0 <= x_adv <= 1
+        excess = max(float((x_adv - x).abs().amax()) - eps if len(y) else 0.0,
+                     -float(x_adv.min()) if len(y) else 0.0, float(x_adv.max()) - 1 if len(y) else 0.0)
+        ball["batches"] += 1
+        ball["max_excess"] = max(ball["max_excess"], excess)
         robust[start:start + len(y)] = still
+        if adv is not None:
+            adv[start:start + len(y)] = x_adv.float()
         if progress:
             progress(loss, eps, start + len(y), len(labels), robust[:start + len(y)], time.time() - t0)
     return robust
@@ -1084,14 +1276,163 @@ def share(mask):
     return mask.float().mean().item() if len(mask) else float("nan")
 
 
-def run_checks(net, images, labels, args, losses, results, natural, survivors, eps):
-    """SPEC section 6 sanity checks, each stored with its numbers (Carlini et al. 2019; Croce &
-    Hein 2020).  They run on the first --check-images images, with the first D of --D."""
-    x, y, tol, checks = images[:args.check_images], labels[:args.check_images], args.tolerance, {}
-    clean = natural[:len(y)]
-    # robust accuracy never exceeds natural accuracy (fooled-or-not bookkeeping)
-    excess = max(r["robust_accuracy"] - r["natural_accuracy"] for r in results)
-    checks["robust_le_natural"] = {"ok": excess <= 0, "max_excess": excess}
+def cascade(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
+    """The headline worst case as AutoAttack computes it: each loss runs only on the examples
+    every earlier loss left robust, so an example counts as robust only if no loss and no
+    restart fooled it (the same worst case as running every loss on every example, less work).
+    The first loss sees every image (pgd drops the misclassified ones itself), so the result is
+    the raw mask.  -> (robust [N] raw, fooled_by [N] int: index into losses or -1, rows)."""
+    n = len(labels)
+    alive = torch.ones(n, dtype=torch.bool, device=labels.device)
+    fooled_by = torch.full((n,), -1, dtype=torch.long, device=labels.device)
+    rows = []
+    for i, loss in enumerate(losses):
+        idx = alive.nonzero().squeeze(1)
+        t0, before = time.time(), net["re_attacked"]
+        part = None if adv is None else torch.empty((len(idx), *images.shape[1:]), device=images.device)
+        robust = attack_split(net, images[idx], labels[idx], args, eps, loss, args.seed, progress,
+                              part, None if loss == "square" else stats) if len(idx) else alive[idx]
+        alive[idx] = robust
+        newly = idx[~robust & natural[idx]]                                # fooled here, clean-correct
+        fooled_by[newly] = i
+        if adv is not None:
+            adv[idx[~robust]] = part[~robust]
+        dt = time.time() - t0
+        rows.append({"loss": loss, "robust_accuracy": share(alive & natural), "attacked": len(idx),
+                     "fooled": len(newly), "seconds": dt, "images_per_second": len(idx) / max(dt, 1e-9),
+                     "re_attacked": net["re_attacked"] - before, "cascade": True})
+        if emit:
+            emit(rows[-1])                                                 # logged as it finishes
+    return alive, fooled_by, rows
+
+
+def per_loss(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
+    """--per-loss: every loss on every example, independently (its own row over all images);
+    the worst case is their per-example AND.  -> (robust [N] raw, fooled_by, rows, masks)."""
+    worst = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    fooled_by = torch.full_like(labels, -1)
+    rows, masks = [], {}
+    for i, loss in enumerate(losses):
+        t0, before = time.time(), net["re_attacked"]
+        part = None if adv is None else torch.empty_like(adv)
+        robust = attack_split(net, images, labels, args, eps, loss, args.seed, progress, part,
+                              None if loss == "square" else stats)
+        first = worst & ~robust & natural                                   # first loss to fool it
+        fooled_by[first] = i
+        if adv is not None:
+            adv[first] = part[first]
+        worst &= robust
+        masks[loss] = robust
+        dt = time.time() - t0
+        rows.append({"loss": loss, "robust_accuracy": share(robust & natural), "attacked": len(labels),
+                     "fooled": int((~robust & natural).sum()), "seconds": dt,
+                     "images_per_second": len(labels) / max(dt, 1e-9),
+                     "re_attacked": net["re_attacked"] - before, "cascade": False})
+        if emit:
+            emit(rows[-1])
+    return worst, fooled_by, rows, masks
+
+
+# What a failed check means and what to try (printed under the summary, stored in the results).
+ADVICE = {
+    "in_ball": "an adversarial image left the eps-ball or [0, 1]: the figures are not L-inf "
+               "robust accuracy at this eps. A bug in the projection: report it.",
+    "robust_le_natural": "an example counted robust was misclassified on the clean image: the "
+                         "bookkeeping is wrong. With --fold-bn the folded copy may disagree with "
+                         "the model on it: try --no-fold-bn.",
+    "objective_rises": "on most attacked examples the objective did not rise from the random "
+                       "start: the steps do not follow the gradient (a sign, a zero step) or "
+                       "the gradients vanish. Try --schedule constant --step 2/255, or other "
+                       "losses (--loss margin magnet square).",
+    "square_finds_little": "the gradient-free Square attack fooled examples every gradient loss "
+                           "left robust: gradients are masked or the gradient attack is weak; "
+                           "the gradient rows overstate robustness. Raise --square-queries "
+                           "(AutoAttack: 5000), --steps and --restarts.",
+    "beats_random_search": "random points in the ball fooled examples the attack did not: the "
+                           "attack is broken or the gradients mislead it. Try --loss square "
+                           "and more --restarts.",
+    "monotone_in_eps": "robust accuracy rose with eps: the attack is not converged at the larger "
+                       "eps. Try more --steps or --restarts.",
+    "eps_zero_is_natural": "at eps = 0 nothing can move, yet robust accuracy differs from natural "
+                           "accuracy: the fooled test or the projection is wrong.",
+    "near_zero_at_large_eps": "at a large eps any image can be moved far, yet many stayed "
+                              "robust: the attack cannot reach the decision boundary (masked or "
+                              "vanishing gradients). Try --loss margin magnet square.",
+    "zero_gradient_share": "some correct examples have an input gradient that is exactly zero "
+                           "under every gradient loss: gradient attacks cannot move them (Eq. (4) "
+                           "saturates in float32). Keep square in the loss set.",
+    "double_steps": "twice the steps fooled more than the tolerance: the attack is not "
+                    "converged. Raise --steps.",
+    "double_restarts": "more restarts (a fresh random stream) fooled more than the tolerance: "
+                       "raise --restarts.",
+}
+
+
+def random_search(clf, x, y, eps, points, generator):
+    """`points` uniform random points in the eps-ball (clipped to [0, 1]) per example: the
+    baseline an attack must beat.  -> still_correct [n] bool."""
+    with torch.no_grad():
+        still = clf(x).argmax(1) == y
+        for _ in range(points):
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            idx = still.nonzero().squeeze(1)
+            if not len(idx):
+                break
+            xr = (x[idx] + (2 * noise[idx] - 1) * eps).clamp(0, 1)
+            still[idx] = clf(xr).argmax(1) == y[idx]
+    return still
+
+
+class Budget:
+    """The checks that attack again share --check-budget x (the attack's seconds), counted from
+    the start of all checks, less 15% kept for the estimates' error: each gets an equal part of
+    what is left when it starts, and takes chunks of images sized by the time one image took so
+    far (the first chunk is one image and always runs; a chunk is never started that its estimate
+    says would end past the check's deadline)."""
+
+    def __init__(self, args, attack_seconds, names, t_begin):
+        self.end = t_begin + (0.85 * args.check_budget * attack_seconds if args.check_budget > 0 else math.inf)
+        self.left, self.cap, self.t0 = list(names), max(1, min(args.batch_size, 64)), time.time()
+
+    def chunks(self, name, idx):
+        """Yield parts of idx while this check's share of the remaining time lasts."""
+        self.left.remove(name)
+        t_start = time.time()
+        deadline = t_start + (self.end - t_start) / (len(self.left) + 1)
+        done, size = 0, 1
+        while done < len(idx):
+            yield idx[done:done + size]
+            done += len(idx[done:done + size])
+            per_image = (time.time() - t_start) / done
+            print(f"check {name:<24} {done:>6}/{len(idx):<6} {fmt_time(time.time() - self.t0):>9}", flush=True)
+            room = (deadline - time.time()) / max(per_image, 1e-9)
+            if room < 1:
+                break
+            size = int(min(self.cap, room))
+
+
+def run_checks(net, images, labels, args, losses, results, natural, runs, eps, attack_seconds, stats):
+    """Sanity checks (Carlini et al. 2019; Croce & Hein 2020), each able to fail and stored with
+    its numbers.  runs: [(D, eps, raw robust mask, fooled_by)] from the headline attack; natural:
+    the first D's clean-correct mask; eps: the first eps > 0 (None: none).  The checks that attack
+    again use the first --check-images images and the first D, under --check-budget."""
+    tol, checks, grad, t_begin = args.tolerance, {}, [l for l in losses if l != "square"], time.time()
+    # robust <= natural, on the raw masks (nothing ANDed with natural accuracy before)
+    bad = sum(int((m & ~natural).sum()) for D, e, m, _ in runs if D == runs[0][0])
+    checks["robust_le_natural"] = {"ok": bad == 0, "robust_but_misclassified": bad}
+    # the objective rose from x^0 to the end of the run (the fooling iterate or the last one)
+    n_runs = stats.get("runs", 0)
+    checks["objective_rises"] = {"ok": stats["rose"] / n_runs > 0.5 if n_runs else None,
+                                 "runs": n_runs, "rose": stats.get("rose", 0),
+                                 "share_rose": stats["rose"] / n_runs if n_runs else None,
+                                 "not_finite": stats.get("not_finite", 0), "threshold": 0.5}
+    # Square on the survivors of the gradient losses fooled at most the tolerance
+    if "square" in losses and grad:
+        worst_share = 0.0
+        for D, e, m, fooled_by in runs:
+            worst_share = max(worst_share, share(fooled_by == losses.index("square")))
+        checks["square_finds_little"] = {"ok": worst_share <= tol, "share_fooled_by_square_only":
+                                         worst_share, "queries": args.square_queries, "tolerance": tol}
     # robust accuracy does not rise with eps (random starts: noise up to the tolerance)
     curves = {}
     for r in results:
@@ -1099,42 +1440,98 @@ def run_checks(net, images, labels, args, losses, results, natural, survivors, e
     rises = [b[1] - a[1] for c in curves.values() for a, b in zip(sorted(c), sorted(c)[1:])]
     checks["monotone_in_eps"] = {"ok": max(rises) <= tol if rises else None,
                                  "max_rise": max(rises) if rises else None, "tolerance": tol}
+    x, y = images[:args.check_images], labels[:args.check_images]
+    clean = natural[:len(y)]
     # eps = 0: nothing can move, so robust accuracy is natural accuracy, example by example
-    at0 = attack_split(net, x, y, args, 0.0, losses[0], args.seed, steps=1, restarts=1)
-    checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
-                                     "natural": share(clean), "robust_at_eps_0": share(at0)}
-    # a large eps can move any image far: robust accuracy must be near 0
-    big = clean.clone()
-    step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))  # Madry et al.: 2.5 eps/steps
-    for loss in losses:
-        big &= attack_split(net, x, y, args, args.large_eps, loss, args.seed, step=step, restarts=1)
-    checks["near_zero_at_large_eps"] = {"ok": share(big) <= 0.05, "eps": args.large_eps,
-                                        "robust_accuracy": share(big), "threshold": 0.05}
-    # masked gradients: correct examples whose input gradient is exactly zero at the clean input
-    counts, every, n_correct = dict.fromkeys(losses, 0), 0, 0
-    for i in range(0, len(y), args.batch_size):
-        c, e, n = zero_gradient_counts(net["clf"], to_float(x[i:i + args.batch_size]),
-                                       y[i:i + args.batch_size], losses)
-        counts = {k: counts[k] + c[k] for k in losses}
-        every, n_correct = every + e, n_correct + n
-    checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": n_correct,
-                                     "every_loss": every / max(1, n_correct),
-                                     **{k: v / max(1, n_correct) for k, v in counts.items()}}
-    # doubling steps, then restarts: attack the survivors of the headline (worst case at eps)
-    # again with fresh random starts.  Extra restarts on the survivors give exactly the
-    # 2R-restart figure; 2x steps on the survivors gives "K or 2K steps", at least as strong.
-    if eps is None:
-        return checks
-    survivors, before = survivors[:len(y)], share(survivors[:len(y)])
-    for name, budget in (("double_steps", dict(steps=2 * args.steps)), ("double_restarts", {})):
-        alive = survivors.clone()
-        for loss in losses:
-            idx = alive.nonzero().squeeze(1)
-            if len(idx):
-                alive[idx] &= attack_split(net, x[idx], y[idx], args, eps, loss, args.seed + 1, **budget)
-        checks[name] = {"ok": before - share(alive) <= tol, "eps": eps, "images": len(y),
-                        "robust_before": before, "robust_after": share(alive), "tolerance": tol}
+    if grad:
+        at0 = attack_split(net, x, y, args, 0.0, grad[0], args.seed, steps=1, restarts=1)
+        checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
+                                         "natural": share(clean), "robust_at_eps_0": share(at0)}
+        counts, every, n_correct = dict.fromkeys(grad, 0), 0, 0
+        for i in range(0, len(y), args.batch_size):
+            c, e, k = zero_gradient_counts(net["clf"], to_float(x[i:i + args.batch_size]),
+                                           y[i:i + args.batch_size], grad)
+            counts = {l: counts[l] + c[l] for l in grad}
+            every, n_correct = every + e, n_correct + k
+        checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": n_correct,
+                                         "every_loss": every / max(1, n_correct),
+                                         **{l: v / max(1, n_correct) for l, v in counts.items()}}
+    names = (["beats_random_search"] if eps is not None else []) + ["near_zero_at_large_eps"] + \
+        (["double_steps", "double_restarts"] if eps is not None and grad else [])
+    budget = Budget(args, attack_seconds, names, t_begin)
+    if eps is not None:
+        checks["beats_random_search"] = check_random(net, x, y, args, eps, runs, clean, budget)
+    checks["near_zero_at_large_eps"] = check_large_eps(net, x, y, args, losses, clean, budget)
+    if eps is not None and grad:
+        checks.update(check_doubling(net, x, y, args, eps, grad, runs, budget))
+    ball = net.get("ball", {"batches": 0, "max_excess": 0.0})
+    checks["in_ball"] = {"ok": ball["max_excess"] <= 1e-6, "batches": ball["batches"],
+                         "max_excess": ball["max_excess"], "tolerance": 1e-6}
+    for name, c in checks.items():
+        if c["ok"] is False:
+            c["advice"] = ADVICE[name]
     return checks
+
+
+def check_random(net, x, y, args, eps, runs, clean, budget):
+    """The attack beats random search: as many random points per example as one PGD run has
+    iterates (steps + 1), on the check images; ok when the attack fooled more of them, or at
+    least every example the random points fooled."""
+    attacked = next(m for D, e, m, _ in runs if e == eps)[:len(y)] & clean
+    found = torch.ones_like(clean)
+    points = args.steps + 1
+    generator = torch.Generator(device=x.device).manual_seed(args.seed + 3)
+    covered = torch.zeros_like(clean)
+    for part in budget.chunks("beats_random_search", torch.arange(len(y), device=y.device)):
+        found[part] = random_search(net["clf"], to_float(x[part]), y[part], eps, points, generator)
+        covered[part] = True
+    a, r = share(attacked[covered]), share(found[covered] & clean[covered])
+    random_only = int((~found & attacked & covered).sum())
+    return {"ok": a < r or random_only == 0, "eps": eps, "images": int(covered.sum()),
+            "points": points, "robust_attack": a, "robust_random": r, "random_only": random_only}
+
+
+def check_large_eps(net, x, y, args, losses, clean, budget):
+    """At --large-eps any image can be moved far: robust accuracy at most 5%."""
+    step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))  # Madry et al.: 2.5 eps/steps
+    alive, covered = clean.clone(), torch.zeros_like(clean)
+    for part in budget.chunks("near_zero_at_large_eps", torch.arange(len(y), device=y.device)):
+        for loss in losses:
+            idx = part[alive[part]]
+            if len(idx):
+                alive[idx] &= attack_split(net, x[idx], y[idx], args, args.large_eps, loss,
+                                           args.seed, step=step, restarts=1)
+        covered[part] = True
+    robust = share(alive[covered])
+    return {"ok": robust <= 0.05, "eps": args.large_eps, "images": int(covered.sum()),
+            "robust_accuracy": robust, "threshold": 0.05}
+
+
+def check_doubling(net, x, y, args, eps, grad, runs, budget):
+    """Twice the steps, then R more restarts, with random streams of their own (seeds + 1 and
+    + 2; the headline uses --seed), on the headline's survivors among the check images.  R more
+    restarts on the survivors give exactly the 2R-restart figure; 2x steps give "K or 2K steps",
+    at least as strong.  The drop is scaled to the check images: extra fooled / covered
+    survivors x survivors / images."""
+    robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]
+    survivors, out = robust.nonzero().squeeze(1), {}
+    for name, seed, budget_kw in (("double_steps", args.seed + 1, dict(steps=2 * args.steps)),
+                                  ("double_restarts", args.seed + 2, {})):
+        extra, covered = 0, 0
+        for part in budget.chunks(name, survivors):
+            alive = torch.ones(len(part), dtype=torch.bool, device=y.device)
+            for loss in grad:
+                idx = alive.nonzero().squeeze(1)
+                if len(idx):
+                    alive[idx] &= attack_split(net, x[part[idx]], y[part[idx]], args, eps, loss, seed,
+                                               **budget_kw)
+            extra, covered = extra + int((~alive).sum()), covered + len(part)
+        drop = extra / covered * len(survivors) / len(y) if covered else 0.0
+        out[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
+                     "survivors": len(survivors), "survivors_attacked": covered, "extra_fooled": extra,
+                     "robust_before": share(robust), "robust_after_estimate": share(robust) - drop,
+                     "tolerance": args.tolerance}
+    return out
 
 
 @guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
@@ -1161,15 +1558,7 @@ def main(argv=None):
         fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop "
              f"--width (attack.py takes the checkpoint's)")
     args.width = arch["width"]
-    losses = list(dict.fromkeys(args.loss or [l for l in DEFAULT_LOSSES if clf.clusters or l != "magnet"]))
-    args.loss = losses
-    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
-             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
-    M = len(clf.centers) if clf.clusters else 0
-    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
-    if any(D is not None and D > M for D in Ds):
-        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
+    losses, Ds, M = resolve_losses(args, clf, ckpt)
     try:
         images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
     except DataError as e:
@@ -1180,20 +1569,75 @@ def main(argv=None):
     images, labels = images.to(device), labels.to(device)
     fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
     clf = clf.to(memory_format=torch.channels_last)
-    net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0}
+    net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0,
+           "ball": {"batches": 0, "max_excess": 0.0}}
     n, log_path = len(labels), args.out + ".log.jsonl"
 
     print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}"
           f"{f', {M} centres' if M else ''}) | {args.data} test, {n} images | device {device} "
           f"amp {args.amp} | torch {torch.__version__}")
     print("config: " + json.dumps(vars(args)))
-    runs = {l: min(args.targets, info["num_classes"] - 1) if l == "margin-t" else 1 for l in losses}
-    total, done, t_run = len(Ds) * len(args.eps) * sum(runs.values()) * n, [0, 0], time.time()
+    t_run = time.time()
+    results, per_example, adv_runs, natural, runs, stats = evaluate(net, images, labels, args, losses, Ds)
+    t_attack = time.time() - t_run
+    clf.D = net["fast"].D = Ds[0] if clf.clusters else None
+    checks, t_checks = {}, 0.0
+    if args.checks and n:
+        t0 = time.time()
+        headline = next((e for e in args.eps if e > 0), None)
+        checks = run_checks(net, images, labels, args, losses, results, natural[Ds[0]],
+                            [r for r in runs if r[0] == Ds[0]], headline, t_attack, stats)
+        t_checks = time.time() - t0
+        print(f"checks: {fmt_time(t_checks)} ({t_checks / max(t_attack, 1e-9):.2f}x the attack's "
+              f"{fmt_time(t_attack)})", flush=True)
+    out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
+           "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
+           "config": vars(args), "device": str(device), "torch": torch.__version__,
+           "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run}
+    if args.save_adv:
+        save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
+                         "runs": adv_runs}, args.save_adv)
+    write_json(out, args.out)
+    commit_log()                        # now this run's log replaces the previous one
+    report(out)
+    if args.strict and any(c["ok"] is False for c in checks.values()):
+        print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return out
+
+
+def resolve_losses(args, clf, ckpt):
+    """The loss list (the default set drops magnet for head checkpoints, square when
+    --square-queries is 0), --targets (APGD-T's min(9, classes - 1)) and the D list.
+    -> (losses, Ds, number of centres)."""
+    default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet")
+               and (args.square_queries or l != "square")]
+    losses = list(dict.fromkeys(args.loss or default))
+    args.loss = losses
+    if args.targets is None:
+        args.targets = min(9, ckpt["data"]["num_classes"] - 1)
+    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
+             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
+    M = len(clf.centers) if clf.clusters else 0
+    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
+    if any(D is not None and D > M for D in Ds):
+        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
+    return losses, Ds, M
+
+
+def evaluate(net, images, labels, args, losses, Ds):
+    """Every (D, eps): the cascade (or --per-loss), one row per loss and the worst-case row,
+    per-example results.  -> (results, per_example, adv_runs, natural {D: mask}, runs
+    [(D, eps, raw robust mask, fooled_by)], stats of the first D at the first eps > 0)."""
+    clf, n = net["clf"], len(labels)
+    runs_per = {l: args.targets if l == "margin-t" else 1 for l in losses}
+    total, done, t_run = len(Ds) * len(args.eps) * sum(runs_per.values()) * n, [0, 0], time.time()
     print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} "
           f"{'elapsed':>9} {'ETA':>9}", flush=True)
 
     def progress(loss, eps, seen, count, robust, seconds):            # one row per chunk
-        done[0] += runs[loss] * (seen - done[1])
+        done[0] += runs_per[loss] * (seen - done[1])
         done[1] = 0 if seen == count else seen
         elapsed = time.time() - t_run
         print(f"{loss:<10} {fmt_eps(eps):>9} {'-' if not clf.clusters else clf.D or 'all':>4} "
@@ -1201,51 +1645,52 @@ def main(argv=None):
               f"{fmt_time(elapsed):>9} {fmt_time(elapsed / max(done[0], 1) * (total - done[0])):>9}",
               flush=True)
 
-    results, natural, survivors = [], {}, None
-    headline = next((e for e in args.eps if e > 0), None)            # the doubling checks' eps
+    results, per_example, adv_runs, natural, runs, stats = [], [], [], {}, [], {}
+    headline = next((e for e in args.eps if e > 0), None)
+    log_path = args.out + ".log.jsonl"
     for D in Ds:
         clf.D = net["fast"].D = D if clf.clusters else None
         natural[D] = natural_mask(clf, images, labels, args.batch_size)
         for eps in args.eps:
-            worst, seconds = natural[D].clone(), 0.0
             first_step = args.step if args.schedule == "constant" else 2 * eps
             common = {"eps": eps, "step": first_step, "schedule": args.schedule, "steps": args.steps,
                       "restarts": args.restarts, "D": D, "natural_accuracy": share(natural[D])}
-            for loss in losses:
-                t0, before = time.time(), net["re_attacked"]
-                robust = attack_split(net, images, labels, args, eps, loss, args.seed, progress) & natural[D]
-                dt = time.time() - t0
-                worst &= robust
-                seconds += dt
-                row = {"loss": loss, **common, "robust_accuracy": share(robust), "seconds": dt,
-                       "images_per_second": n / dt, "re_attacked": net["re_attacked"] - before,
-                       **({"targets": runs[loss]} if loss == "margin-t" else {})}
+            adv = to_float(images).clone() if args.save_adv else None
+            st = stats if D == Ds[0] and eps == headline else None
+            masks = {}
+
+            def emit(row):                                                  # one row per finished loss
+                row = {"loss": row["loss"], **common, **row,
+                       **({"targets": args.targets} if row["loss"] == "margin-t" else {}),
+                       **({"queries": args.square_queries} if row["loss"] == "square" else {})}
                 results.append(row)
                 append_jsonl(log_path, row)
+            if args.per_loss:
+                worst, fooled_by, rows, masks = per_loss(net, images, labels, args, eps, losses, natural[D],
+                                                         progress, st, adv, emit)
+            else:
+                worst, fooled_by, rows = cascade(net, images, labels, args, eps, losses, natural[D],
+                                                 progress, st, adv, emit)
             if len(losses) > 1:  # the headline: robust only if no loss and no restart fooled it
-                row = {"loss": "worst-case", **common, "robust_accuracy": share(worst),
-                       "seconds": seconds, "images_per_second": n / seconds}
+                seconds = sum(r["seconds"] for r in rows)
+                row = {"loss": "worst-case", **common, "robust_accuracy": share(worst & natural[D]),
+                       "seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
                 results.append(row)
                 append_jsonl(log_path, row)
-            if D == Ds[0] and eps == headline:
-                survivors = worst
-    clf.D = net["fast"].D = Ds[0] if clf.clusters else None
-    checks = {}
-    if args.checks and n:
-        t0 = time.time()
-        checks = run_checks(net, images, labels, args, losses, results, natural[Ds[0]], survivors, headline)
-        print(f"checks: {fmt_time(time.time() - t0)}", flush=True)
-    out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
-           "results": results, "checks": checks, "stage": ckpt["stage"], "config": vars(args),
-           "device": str(device), "torch": torch.__version__, "seconds": time.time() - t_run}
-    write_json(out, args.out)
-    commit_log()                        # now this run's log replaces the previous one
-    report(out)
-    return out
+            runs.append((D, eps, worst, fooled_by))
+            per_example.append({"eps": eps, "D": D, "index": list(range(n)),
+                                "correct": natural[D].tolist(), "robust": (worst & natural[D]).tolist(),
+                                "fooled_by": [losses[i] if i >= 0 else None for i in fooled_by.tolist()],
+                                **({"robust_by_loss": {l: (m & natural[D]).tolist() for l, m in masks.items()}}
+                                   if masks else {})})
+            if adv is not None:
+                adv_runs.append({"eps": eps, "D": D, "x_adv": adv.cpu(), "robust": (worst & natural[D]).cpu(),
+                                 "fooled_by": fooled_by.cpu(), "losses": list(losses)})
+    return results, per_example, adv_runs, natural, runs, stats
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC sections 5, 10)
+# 6. Checkpoint and report
 # ======================================================================================
 
 # --- shared: checkpoint ---
@@ -1428,20 +1873,30 @@ def write_json(obj, path):
 def report(out):
     print(f"\nsummary: {out['ckpt']} on {out['data']} test ({out['images']} images), "
           f"natural accuracy {out['natural_accuracy']:.2%}")
-    print(f"  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} {'natural':>8} {'robust':>8} "
-          f"{'seconds':>8} {'img/s':>8}")
+    cascade = any(r.get("cascade") for r in out["results"])
+    print(f"  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} {'natural':>8} "
+          f"{'robust' + (' after' if cascade else ''):>12} {'attacked':>8} {'seconds':>8} {'img/s':>8}")
     head = out["stage"] in ("nominal", "qtrades-ce")
     for r in out["results"]:
         D = "-" if head else "all" if r["D"] is None else r["D"]
-        print(f"  {r['loss']:<10} {fmt_eps(r['eps']):>9} {D:>4} "
-              f"{str(r['steps']) + ' x ' + str(r['restarts']):>16} {r['natural_accuracy']:8.2%} "
-              f"{r['robust_accuracy']:8.2%} {r['seconds']:8.1f} {r['images_per_second']:8.1f}")
+        budget = f"{r['queries']} queries" if r["loss"] == "square" else f"{r['steps']} x {r['restarts']}"
+        print(f"  {r['loss']:<10} {fmt_eps(r['eps']):>9} {D:>4} {budget:>16} {r['natural_accuracy']:8.2%} "
+              f"{r['robust_accuracy']:12.2%} {r.get('attacked', out['images']):>8} {r['seconds']:8.1f} "
+              f"{r['images_per_second']:8.1f}")
+    if cascade:
+        print("  (cascade: each loss attacks only what the earlier ones left robust; 'robust after' "
+              "= robust under it and every earlier loss; --per-loss for independent rows)")
     for name, c in out["checks"].items():
         numbers = ", ".join(f"{k} {fmt_eps(v)}" if k == "eps" else f"{k} {v:.4g}"
-                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
+                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                            if k not in ("ok", "advice"))
         state = {True: "ok", False: "FAILED", None: "skipped"}[c["ok"]]
         print(f"  check {name:<24} {state:<7} {numbers}")
-    print(f"  results {out['config']['out']}  (headline: the worst-case rows)", flush=True)
+        if c["ok"] is False:
+            print(f"        -> {c['advice']}")
+    headline = any(r["loss"] == "worst-case" for r in out["results"])
+    print(f"  results {out['config']['out']}" + ("  (headline: the worst-case rows)" if headline else ""),
+          flush=True)
 
 
 # ======================================================================================
@@ -1519,7 +1974,9 @@ ATTACK_MEANING = (
     "loss; loss 'worst-case' = not fooled by any loss run (the headline). eps, step: L-inf radius "
     "and PGD step in pixel units of images in [0, 1] (8/255 = 0.0314). D: centres per prediction "
     "(null = all). seconds: wall-clock; images_per_second: images / seconds. checks: sanity "
-    "checks, ok true (passed), false (failed), null (skipped), with their numbers.")
+    "checks, ok true (passed), false (failed), null (skipped), with their numbers. examples: per "
+    "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
+    "fooled it first, or null).")
 
 
 # --- shared: results-json ---

@@ -1344,7 +1344,7 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
     _, ckpt = nominal_run
     out = str(tmp_path / "attack.json")
     res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
-                       "128/255", "--steps", "5", "--out", out, "--check-images", "30",
+                       "128/255", "--steps", "5", "--square-queries", "50", "--out", out, "--check-images", "30",
                        "--large-eps", "128/255"])
     with open(out) as f:
         assert json.load(f) == json.loads(json.dumps(res))
@@ -1353,18 +1353,23 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
     keys = {"loss", "eps", "step", "steps", "restarts", "D", "robust_accuracy", "seconds", "images_per_second"}
     assert all(keys <= set(r) for r in res["results"])
     rows = {(r["loss"], round(r["eps"] * 255)): r["robust_accuracy"] for r in res["results"]}
-    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "worst-case"}   # no magnet: a head
-    for loss in ("ce", "margin", "margin-t", "worst-case"):
+    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "square", "worst-case"}  # no magnet: a head
+    for loss in ("ce", "margin", "margin-t", "square", "worst-case"):
         assert rows[(loss, 0)] == res["natural_accuracy"]                  # eps 0 = natural
         assert rows[("worst-case", 128)] <= rows[(loss, 128)] <= rows[(loss, 2)] <= rows[(loss, 0)]
     assert rows[("worst-case", 128)] <= 0.05
     checks = res["checks"]
     assert set(checks) == {"robust_le_natural", "monotone_in_eps", "eps_zero_is_natural",
                            "near_zero_at_large_eps", "zero_gradient_share", "double_steps",
-                           "double_restarts"}
-    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps"):
+                           "double_restarts", "objective_rises", "square_finds_little",
+                           "beats_random_search", "in_ball"}
+    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps", "in_ball",
+                 "objective_rises", "square_finds_little", "beats_random_search"):
         assert checks[name]["ok"] is True, (name, checks[name])
     assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
+    for name in ("double_steps", "double_restarts"):                       # fresh random streams
+        assert checks[name]["seed"] != checks[name]["headline_seed"] == 0
+    assert checks["double_steps"]["seed"] != checks["double_restarts"]["seed"]
     with open(out + ".log.jsonl") as f:
         assert len(f.readlines()) == len(res["results"])
 
@@ -1372,10 +1377,11 @@ def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_fol
 @pytest.mark.smoke
 def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_path):
     res = attack.main(["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--D", "all", "1",
-                       "--steps", "3", "--limit", "30", "--no-checks", "--out", str(tmp_path / "a.json")])
+                       "--steps", "3", "--square-queries", "50", "--limit", "30", "--no-checks",
+                       "--out", str(tmp_path / "a.json")])
     assert res["checks"] == {} and res["images"] == 30
     losses = {r["loss"] for r in res["results"]}
-    assert losses == {"ce", "margin", "margin-t", "magnet", "worst-case"}
+    assert losses == {"ce", "margin", "margin-t", "magnet", "square", "worst-case"}
     for D in (None, 1):
         rows = {r["loss"]: r for r in res["results"] if r["D"] == D}
         assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
@@ -1631,6 +1637,164 @@ def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
     call = readme_snippets()["robustbench"].split("benchmark(model,", 1)[1]
     names = set(re.findall(r"(\w+)=", call))
     assert names and names <= set(inspect.signature(benchmark).parameters), names
+
+
+# ======================================================================================
+# attack.py: Square, targets, the checks against broken attacks, per-example results
+# ======================================================================================
+
+class Quantised(nn.Module):
+    """A binary linear classifier on inputs rounded to 1/8: the input gradient is exactly zero
+    everywhere (a masked gradient), yet a move of eps = 0.25 per pixel can cross the boundary."""
+
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        m = (x.flatten(1) * 8).round() / 8 @ self.w + self.b                # margin of class 0
+        return F.log_softmax(torch.stack([m, torch.zeros_like(m)], 1), 1)
+
+@pytest.mark.oracle
+
+def test_square_fools_where_gradients_are_masked_stays_in_the_ball_and_is_seeded():
+    torch.manual_seed(0)
+    w = torch.randn(16).sign()
+    clf = Quantised(w, 1 - 0.5 * w.sum())                 # margin 1 at q(x) = 0.5, up to -3 in the ball
+    x = (0.5 + 0.02 * (2 * torch.rand(60, 1, 4, 4) - 1))   # rounds to 0.5: all correct, margin 1
+    x[:5] = torch.rand(5, 1, 4, 4).round()                 # a few images on the corners of [0, 1]
+    y = torch.zeros(60, dtype=torch.long)
+    y[:5] = clf(x[:5]).argmax(1)
+    eps = 0.25
+    _, every, correct = attack.zero_gradient_counts(clf, x, y, ["ce", "margin"])
+    assert every == correct == 60                                          # gradients fully masked
+    _, still_pgd = attack.pgd(clf, x, y, eps, 2 / 255, 20, 1, "margin", torch.Generator().manual_seed(0),
+                              schedule="cosine")
+    x_sq, still_sq = attack.square(clf, x, y, eps, 200, torch.Generator().manual_seed(0))
+    assert still_pgd[5:].float().mean() >= 0.8 and still_sq[5:].float().mean() <= 0.1
+    assert (x_sq - x).abs().max() <= eps + 1e-6 and x_sq.min() >= 0 and x_sq.max() <= 1
+    with torch.no_grad():
+        assert (clf(x_sq[~still_sq]).argmax(1) != y[~still_sq]).all()       # fooled ones are fooled
+    again = attack.square(clf, x, y, eps, 200, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x_sq) and torch.equal(again[1], still_sq)  # seeded: the same run
+    x0, s0 = attack.square(clf, x, y, 0.0, 200, torch.Generator().manual_seed(0))
+    assert torch.equal(x0, x) and torch.equal(s0, clf(x).argmax(1) == y)    # eps 0: nothing moves
+    assert [attack.square_side(i, 1000, 32) for i in (1, 10, 999)] == [29, 14, 1]  # p 0.8, 0.2, 0.8/512
+
+@pytest.mark.oracle
+
+def test_targets_are_ranked_over_all_centres_and_never_the_true_class():
+    # 4 classes on a line; D = 1: only the nearest centre's class has a finite log p.  Ranking
+    # the wrong classes by the masked log p would tie at -inf and pick classes 0, 1, 2 (even y)
+    centers = [[0., 0.], [1., 0.], [2.5, 0.], [4., 0.]]
+    clf = attack.Classifier(Features(), clusters(centers, [0, 1, 2, 3], 0.5), D=1)
+    f = torch.tensor([[0.1, 0.], [3.9, 0.], [2.4, 0.]])
+    y = torch.tensor([0, 3, 2])
+    assert torch.isinf(clf(f)).sum() == 9                                  # 3 of 4 classes masked
+    ranked = attack.rank_targets(attack.class_scores(clf, f), y)
+    assert ranked.tolist() == [[1, 2, 3], [2, 1, 0], [1, 3, 0]]             # by distance, y removed
+    assert attack.parse_args([]).targets is None                           # resolved in main: min(9, C - 1)
+
+
+BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and the check that must fail
+    "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "objective_rises"),
+    "step 0": ("eta = step_size(step, eps, k, steps, schedule)",
+               "eta = 0 * step_size(step, eps, k, steps, schedule)", "objective_rises"),
+    "fooled only at the last iterate": ("new = live & (lp.detach().argmax(1) != y0)",
+                                        "new = live & (lp.detach().argmax(1) != y0) & (k == steps)",
+                                        "square_finds_little"),
+    "no projection": ("xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)",
+                      "xk = xk + eta * grad.sign()", "in_ball"),
+}
+
+
+class Band(nn.Module):
+    """3 classes on the mean pixel shift u: class 1 wins only in the band 0.03 < u < 0.07, class 2
+    (the top-ranked target) only beyond u = 0.15.  PGD towards class 2 crosses the band and ends
+    at u = eps = 0.1 classified as 0 again: only an attack that judges every iterate is fooled."""
+
+    def forward(self, x):
+        u = x.flatten(1).mean(1) - 128 / 255
+        z = torch.stack([torch.zeros_like(u), 10 * (1 - (u - 0.05).abs() / 0.02), 20 * u - 3], 1)
+        return F.log_softmax(z, 1)
+
+
+def checks_on_band(module):
+    clf = Band()
+    net = {"clf": clf, "fast": clf, "re_attacked": 0}
+    args = module.parse_args(["--eps", "0.1", "--steps", "10", "--step", "0.02", "--schedule", "constant",
+                              "--targets", "1", "--square-queries", "100", "--tolerance", "0.1",
+                              "--check-budget", "0", "--loss", "margin-t", "square"])
+    images, labels = torch.full((50, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
+    natural, stats = module.natural_mask(clf, images, labels, 500), {}
+    worst, fooled_by, rows = module.cascade(net, images, labels, args, 0.1, args.loss, natural, None, stats)
+    rows = [dict(r, eps=0.1, D=None) for r in rows]
+    checks = module.run_checks(net, images, labels, args, args.loss, rows, natural,
+                               [(None, 0.1, worst, fooled_by)], 0.1, 1.0, stats)
+    return {name: c["ok"] for name, c in checks.items()}
+
+@pytest.mark.smoke
+
+def test_each_broken_attack_fails_a_check_and_the_correct_one_passes_them_all(tmp_path):
+    import importlib.util
+    text = open(os.path.join(ROOT, "attack.py")).read()
+    ok = checks_on_band(attack)
+    assert False not in ok.values(), ok                                    # the attack as it is
+    for i, (name, (old, new, catches)) in enumerate(BROKEN.items()):
+        assert text.count(old) == 1, name
+        path = tmp_path / f"attack_broken{i}.py"
+        path.write_text(text.replace(old, new))
+        spec = importlib.util.spec_from_file_location(f"attack_broken{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ok = checks_on_band(module)
+        assert ok[catches] is False, (name, ok)
+
+@pytest.mark.smoke
+
+def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_folder, tmp_path, capsys):
+    _, ckpt = nominal_run
+    common = ["--ckpt", ckpt, "--data-dir", image_folder, "--limit", "30", "--steps", "3",
+              "--square-queries", "30", "--eps", "16/255"]
+    adv_path = str(tmp_path / "adv.pt")
+    res = attack.main(common + ["--no-checks", "--save-adv", adv_path, "--out", str(tmp_path / "a.json")])
+    assert res["config"]["targets"] == 2                                   # min(9, 3 - 1)
+    (ex,) = res["examples"]
+    assert ex["index"] == list(range(30)) and ex["eps"] == 16 / 255
+    rows = [r for r in res["results"] if r.get("cascade")]
+    assert [r["loss"] for r in rows] == ["ce", "margin", "margin-t", "square"]
+    assert [r["attacked"] for r in rows[1:]] == [round(30 * r["robust_accuracy"]) for r in rows[:-1]]
+    assert sum(r["fooled"] for r in rows) == sum(f is not None for f in ex["fooled_by"]) > 0
+    clf, _ = attack.read_classifier(ckpt)
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    x = nominal.to_float(images)
+    with torch.no_grad():
+        assert ex["correct"] == (clf(x).argmax(1) == labels).tolist()
+    assert ex["robust"] == [c and f is None for c, f in zip(ex["correct"], ex["fooled_by"])]
+    saved = torch.load(adv_path, weights_only=True)
+    (run,) = saved["runs"]
+    x_adv, robust = run["x_adv"], torch.tensor(ex["robust"])
+    assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and torch.equal(saved["labels"], labels)
+    with torch.no_grad():
+        fooled = torch.tensor([f is not None for f in ex["fooled_by"]])
+        assert (clf(x_adv[fooled]).argmax(1) != labels[fooled]).all()      # each one fools the model
+    assert torch.equal(x_adv[robust], x[robust]) and torch.equal(run["robust"], robust)
+    # --per-loss: every loss on every image, with its own mask per example
+    res = attack.main(common + ["--no-checks", "--per-loss", "--out", str(tmp_path / "b.json")])
+    assert all(r["attacked"] == 30 for r in res["results"] if r["loss"] != "worst-case")
+    assert set(res["examples"][0]["robust_by_loss"]) == {"ce", "margin", "margin-t", "square"}
+    # one loss: no worst-case row, so no "headline" note
+    capsys.readouterr()
+    res = attack.main(common + ["--no-checks", "--loss", "ce", "--out", str(tmp_path / "d.json")])
+    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in capsys.readouterr().out
+    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
+    with pytest.raises(SystemExit) as info:
+        attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
+                              "--out", str(tmp_path / "c.json")])
+    assert info.value.code == 1
+    out = capsys.readouterr().out
+    assert "near_zero_at_large_eps   FAILED" in out and "cannot reach the decision boundary" in out
+    assert json.load(open(tmp_path / "c.json"))["checks"]["near_zero_at_large_eps"]["ok"] is False
 
 
 # ######################################################################################
@@ -1986,6 +2150,15 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
         if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
             assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean(), abs=1e-6)
     assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
+    # only sound radii sit under "certified_accuracy": the L2 attack's curve and the two-closest
+    # curve (the paper's text, not sound) are named for what they are
+    def keys(obj):
+        if isinstance(obj, dict):
+            return {k for k in obj} | {k for v in obj.values() for k in keys(v)}
+        return {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
+    assert "certified_accuracy" not in keys([saved["l2_attack"], saved["curve_two_closest"]])
+    assert all(set(p) == {"radius", "attacked_accuracy"} for p in saved["l2_attack"]["curve"])
+    assert all(set(p) == {"radius", "two_closest_not_sound"} for p in saved["curve_two_closest"])
     assert open(str(tmp_path / "certify.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with open(out + ".log.jsonl") as f:
         rows = [json.loads(line) for line in f]
@@ -2603,7 +2776,7 @@ def test_both_variants_write_spec_checkpoints_that_attack_py_evaluates(qtrades_r
         assert all(math.isfinite(r["train_loss"]) and r["consistency"] >= 0 for r in log[1:])
         assert results["test_accuracy"] > 0.8                              # chance is 1/3
         res = attack.main(["--ckpt", out, "--data-dir", image_folder, "--limit", "30", "--steps", "5",
-                           "--out", str(tmp_path / f"{loss}.json")])
+                           "--square-queries", "50", "--out", str(tmp_path / f"{loss}.json")])
         assert res["images"] == 30 and res["natural_accuracy"] > 0.8
         losses = {r["loss"] for r in res["results"]}
         assert ("magnet" in losses) == (loss == "magnet")                  # the adaptive attack needs clusters
