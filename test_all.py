@@ -1585,6 +1585,7 @@ def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exporte
 
 @pytest.mark.smoke
 @pytest.mark.usefixtures("own_rng")
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # TorchScript's own
 def test_export_falls_back_to_torchscript_where_torch_export_cannot_trace(tmp_path, monkeypatch, capsys):
     ckpt = generated_checkpoint(str(tmp_path / "magnet.pt"), D=2)
 
