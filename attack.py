@@ -1970,8 +1970,10 @@ def export_main(args):
 
 ATTACK_MEANING = (
     "attack.py result (README 'Result files'). natural_accuracy, robust_accuracy: fractions of the "
-    "'images' test images in [0, 1]; robust = correct and not fooled by any restart of the row's "
-    "loss; loss 'worst-case' = not fooled by any loss run (the headline). eps, step: L-inf radius "
+    "'images' test images in [0, 1]; robust = correct and not fooled by any restart; a loss row "
+    "counts its loss and every earlier one (the cascade; --per-loss: that loss alone); loss "
+    "'worst-case' = not fooled by any loss run (the headline); attacked, fooled: image counts. "
+    "eps, step: L-inf radius "
     "and PGD step in pixel units of images in [0, 1] (8/255 = 0.0314). D: centres per prediction "
     "(null = all). seconds: wall-clock; images_per_second: images / seconds. checks: sanity "
     "checks, ok true (passed), false (failed), null (skipped), with their numbers. examples: per "
