@@ -79,7 +79,7 @@ PROTOCOLS = {  # column -> attack.py flags (all on the same first --attack-image
               "--restarts", "10", "--no-checks"],
     "pgd100": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "100",
                "--restarts", "10", "--no-checks"],
-    "worst": [],                                    # attack.py's defaults, its checks included
+    "worst": [],                                    # attack.py's default losses (checks: --worst-checks)
 }
 IDX = {"fashion-mnist", "mnist"}
 
@@ -93,7 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--train", type=int, default=10000, help="training images (the first N)")
     p.add_argument("--test", type=int, default=1000, help="test images for per-epoch accuracy")
     p.add_argument("--attack-images", type=int, default=500, help="test images every attack runs on")
-    p.add_argument("--aa-images", type=int, default=200, help="test images AutoAttack runs on (0: skip)")
+    p.add_argument("--aa-images", type=int, default=200,
+                   help="test images AutoAttack standard (torchattacks' parts) runs on (0: skip)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--epochs-nominal", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6, help="epochs of every clustering/QTRADES stage")
@@ -109,6 +110,14 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="stage processes run at once (1 thread each)")
     p.add_argument("--workdir", default="runs/reproduce")
     p.add_argument("--redo", nargs="*", default=[], help="columns to recompute even when cached")
+    p.add_argument("--worst-checks", action="store_true",
+                   help="run attack.py's sanity checks with its default run (they cost up to 0.5x "
+                        "the attack; the figures are the same without them)")
+    p.add_argument("--aa-eps", nargs="*", default=None,
+                   help="the eps values AutoAttack runs at (default: every --eps)")
+    p.add_argument("--eval-minutes", type=float, default=None,
+                   help="start no new evaluation after this many minutes; cells not run are "
+                        "reported as '-' (cached results are always used)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the models, no evaluation")
     p.add_argument("--ablation", nargs="*", choices=list(ABLATION), default=None,
                    help="also run these magnet.py variants from the first seed's nominal checkpoint "
@@ -281,7 +290,7 @@ def clustering(ckpt):
 def attack_column(args, data_dir, ckpt, eps, column, result_path):
     if os.path.exists(result_path) and column not in args.redo:
         return json.load(open(result_path))
-    flags = PROTOCOLS[column]
+    flags = PROTOCOLS[column] + ([] if column != "worst" or args.worst_checks else ["--no-checks"])
     if column == "authors" and not clustering(ckpt):
         # a linear head's logits are logits: the authors' cross-entropy is Eq. (5)'s here
         flags = [("ce" if f == "scores-ce" else f) for f in flags]
@@ -315,8 +324,15 @@ def autoattack(args, data_dir, ckpt, eps, result_path):
     x, y, _ = attack.load_split(info["data"]["name"], data_dir, False, args.aa_images)
     x = attack.to_float(x)
     t0 = time.time()
-    aa = torchattacks.AutoAttack(clf, norm="Linf", eps=attack.parse_fraction(eps), version="standard",
-                                 n_classes=info["data"]["num_classes"], seed=0)
+    # AutoAttack standard from torchattacks' parts, as benchmarks/autoattack.py builds it (APGD-CE,
+    # APGD-T and FAB-T with 9 targets, 100 iterations each, Square 5000 queries, in a cascade):
+    # torchattacks.AutoAttack itself runs its APGDs for 10 iterations only.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("aa_bench", os.path.join(ROOT, "benchmarks", "autoattack.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    aa = bench.autoattack_standard(bench.Finite(clf), attack.parse_fraction(eps),
+                                   info["data"]["num_classes"], steps=100, queries=5000)
     x_adv = aa(x, y)
     with torch.no_grad():
         natural = clf(x).argmax(1) == y
@@ -349,38 +365,73 @@ def certified_at(res, r):
 
 
 def evaluate_all(args, data_dir, trained):
-    rows = []
+    """Every (model, eps, column) cell, cached per file, run --jobs at a time in the order 8/255 first,
+    the attack.py columns before AutoAttack, certificates last; -> one row per (seed, model)."""
+    t_start = time.time()
+    tasks = []                                       # (priority, seed, name, eps, column)
     for (seed, name), t in sorted(trained.items()):
+        for k, eps in enumerate(args.eps):
+            for column in args.protocols:
+                tasks.append(((k, 0), seed, name, eps, column))
+            if args.aa_images and (args.aa_eps is None or eps in args.aa_eps):
+                tasks.append(((k, 1), seed, name, eps, "autoattack"))
+        if name not in ("nominal", "qtrades"):
+            tasks.append(((len(args.eps), 2), seed, name, None, "certified"))
+    tasks.sort(key=lambda task: task[0])
+    results = {}
+
+    def one(task):
+        _, seed, name, eps, column = task
         folder = os.path.join(args.workdir, f"seed{seed}", "eval")
         os.makedirs(folder, exist_ok=True)
+        ckpt = trained[(seed, name)]["path"]
+        tag = eps.replace("/", "_") if eps else ""
+        path = {"autoattack": os.path.join(folder, f"{name}_aa_{tag}.json"),
+                "certified": os.path.join(folder, f"{name}_certify.json")}.get(
+            column, os.path.join(folder, f"{name}_{column}_{tag}.json"))
+        cached = os.path.exists(path) and column not in args.redo
+        if not cached and args.eval_minutes is not None and time.time() - t_start > 60 * args.eval_minutes:
+            log(f"skip seed {seed} {name} eps {eps} {column} (--eval-minutes)")
+            return
+        log(f"eval seed {seed} {name} eps {eps} {column}{' (cached)' if cached else ''}")
+        if column == "autoattack":
+            res = autoattack(args, data_dir, ckpt, eps, path)
+        elif column == "certified":
+            res = certify_column(args, data_dir, ckpt, path)
+        else:
+            res = attack_column(args, data_dir, ckpt, eps, column, path)
+        results[(seed, name, eps, column)] = res
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, tasks))
+    rows = []
+    for (seed, name), t in sorted(trained.items()):
         row = {"model": name, "label": MODELS[name][3], "seed": seed, "train_seconds": t["seconds"],
                "eps": {}}
         for eps in args.eps:
-            tag = eps.replace("/", "_")
             cell = {}
             for column in args.protocols:
-                log(f"eval seed {seed} {name} eps {eps} {column}")
-                res = attack_column(args, data_dir, t["path"], eps, column,
-                                    os.path.join(folder, f"{name}_{column}_{tag}.json"))
+                res = results.get((seed, name, eps, column))
+                if res is None:
+                    continue
                 cell["natural"] = res["natural_accuracy"]
                 cell[column] = robust_of(res)
                 cell[column + "_seconds"] = res.get("wall_seconds")
-                if column == "worst":
-                    cell["worst_checks_failed"] = [k for k, v in res.get("checks", {}).items()
+                if column == "worst" and res.get("checks"):
+                    cell["worst_checks_failed"] = [k for k, v in res["checks"].items()
                                                    if isinstance(v, dict) and v.get("ok") is False]
-            if args.aa_images:
-                log(f"eval seed {seed} {name} eps {eps} autoattack")
-                aa = autoattack(args, data_dir, t["path"], eps, os.path.join(folder, f"{name}_aa_{tag}.json"))
-                if aa is not None:
-                    cell["autoattack"], cell["autoattack_images"] = aa["robust_accuracy"], aa["images"]
-                    cell["autoattack_seconds"] = aa["seconds"]
+            aa = results.get((seed, name, eps, "autoattack"))
+            if aa is not None:
+                cell["autoattack"], cell["autoattack_images"] = aa["robust_accuracy"], aa["images"]
+                cell["autoattack_natural"] = aa["natural_accuracy"]
+                cell["autoattack_seconds"] = aa["seconds"]
             row["eps"][eps] = cell
-        if name not in ("nominal", "qtrades"):
-            log(f"certify seed {seed} {name}")
-            c = certify_column(args, data_dir, t["path"], os.path.join(folder, f"{name}_certify.json"))
+        c = results.get((seed, name, None, "certified"))
+        if c is not None:
             row["certified"] = {"lipschitz_bound": c["lipschitz"]["value"],
                                 "lipschitz_lower_estimate": c["lipschitz"]["lower_estimate"],
                                 "median_radius": c["radius"]["median_correct"],
+                                "clean_accuracy_nearest_centre": c["clean_accuracy"],
                                 "at": {str(r): certified_at(c, r) for r in args.radii}}
         rows.append(row)
     return rows
