@@ -108,7 +108,7 @@ GRADIENT_LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce")
 
 # --- shared: args ---
 def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
     g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
@@ -146,7 +146,8 @@ def positive_int(text):
 # --- shared: eps ---
 def parse_fraction(text):
     """argparse type for eps and step sizes in [0, 1] pixel units: '8/255' or '0.0314'.
-    A value > 1 is almost always a forgotten '/255' (SPEC section 2): an error that says so."""
+    A value > 1 is almost always a forgotten '/255' (README "Bad input and safety"): an error
+    that says so."""
     try:
         if "/" in text:
             num, den = text.split("/")
@@ -295,7 +296,7 @@ def parse_args(argv=None):
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -650,7 +651,7 @@ def load_split(name, root, train, limit=None):
 
 
 def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
     test_x, test_y, test_classes = load_split(name, root, False, limit)
     if test_classes != classes:
@@ -747,7 +748,8 @@ class ResNet18(nn.Module):
 
 
 def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
@@ -1701,7 +1703,8 @@ REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "m
 
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")

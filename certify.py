@@ -23,7 +23,7 @@ Usage (copy-paste):
     python certify.py --ckpt magnet.pt --limit 512 --attack-limit 64   # quick CPU run
 
 Reads: --ckpt (a clustering checkpoint, format "clustr/1") and its test split (--data-dir).
-Writes: --out (JSON, SPEC section 10), <out>.log.jsonl (one row per chunk), a PNG of certified
+Writes: --out (JSON, README "Result files"), <out>.log.jsonl (one row per chunk), a PNG of certified
 accuracy against radius (--plot; needs matplotlib, skipped with a note otherwise).
 From Python: load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores of
 Eq. (4) (README "Evaluate a ClusTR model with other tools"); CheckpointError on a bad file.
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 # --- shared: args ---
 def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
     g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
@@ -147,7 +147,7 @@ def parse_args(argv=None):
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -366,7 +366,7 @@ def guarded(main):
 # --- end shared: run-files ---
 
 # ======================================================================================
-# 2. Data (SPEC section 3): the test split only, one uint8 tensor on the device.
+# 2. Data (README "Data"): the test split only, one uint8 tensor on the device.
 # ======================================================================================
 
 # --- shared: data ---
@@ -506,7 +506,7 @@ def load_split(name, root, train, limit=None):
 
 
 def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
     test_x, test_y, test_classes = load_split(name, root, False, limit)
     if test_classes != classes:
@@ -543,7 +543,7 @@ def to_float(x_uint8):
 # --- end shared: data ---
 
 # ======================================================================================
-# 3. Model (SPEC section 4) and the clustering classifier (Eq. (4), SPEC section 9)
+# 3. Model (App. A "Architecture") and the clustering classifier (Eq. (4))
 # ======================================================================================
 
 # --- shared: model ---
@@ -602,7 +602,8 @@ class ResNet18(nn.Module):
 
 
 def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
@@ -790,7 +791,7 @@ def nearest_center(features, centers, center_classes):
 
 def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
     """Prop. 1 generalised to C classes x K clusters.  -> dict of [n] tensors: pred, radius (sound,
-    the SPEC's R(x)), tight (sound, best same-class centre), two_closest (the paper's text; NOT
+    R(x) of step 4), tight (sound, best same-class centre), two_closest (the paper's text; NOT
     sound, see step 6).
 
     Proof, step by step (App. C, Eq. (7)), for any centre mu_i and any centre mu_j:
@@ -806,7 +807,7 @@ def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
          nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
          other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
          has class c.  Same-class centres need no term: moving between them keeps the class.
-         -> the sound radius R(x) = min over other-class j of r_1j  (SPEC section 6).
+         -> the sound radius R(x) = min over other-class j of r_1j.
       5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
          mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
          radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
@@ -849,7 +850,7 @@ def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
 
 
 def certified_radius(features, centers, center_classes, lipschitz):
-    """SPEC section 9: -> (pred [n], sound radius R(x) [n], two-closest radius [n]), float64."""
+    """Prop. 1: -> (pred [n], sound radius R(x) [n], two-closest radius [n]), float64."""
     r = certified_radii(features, centers, center_classes, lipschitz)
     return r["pred"], r["radius"], r["two_closest"]
 
@@ -879,8 +880,9 @@ def conv_operator_norm_bound(weight, input_hw, padding):
          So ||circular conv|| = max_{u,v} ||P(u, v)||_2 exactly.  For a real kernel
          P(-u, -v) = conj(P(u, v)), with the same singular values, so the half spectrum of rfft2
          (v = 0 .. N_w / 2) holds every value: half the SVDs.
-    test_certify.py checks the bound against the exact SVD of the unrolled matrix, and the
-    equality for circular padding.  float64 throughout."""
+    test_all.py's test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding checks
+    the bound against the exact SVD of the unrolled matrix, and the equality for circular padding.
+    float64 throughout."""
     c_out, c_in, kh, kw = weight.shape
     n_h = max(input_hw[0] + 2 * padding[0], kh)                              # N >= n + 2p
     n_w = max(input_hw[1] + 2 * padding[1], kw)
@@ -896,9 +898,9 @@ def bn_scale(bn):
 
 
 def lipschitz_layers(model, input_shape, fold=True):
-    """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of SPEC section 4, eval mode)
+    """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of App. A, eval mode)
     for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
-    fold=False: the SPEC's literal list, each factor alone (normalisation 1 / min std; each conv
+    fold=False: the plain per-layer list, each factor alone (normalisation 1 / min std; each conv
     by conv_operator_norm_bound; batch norm max |s|).  fold=True (tighter, equally sound): the
     normalisation and each batch norm are per-channel scalings, so they are multiplied into the
     adjacent convolution's kernel and the composite linear map (bias-free part) is bounded at once:
@@ -942,7 +944,7 @@ def lipschitz_layers(model, input_shape, fold=True):
 
 
 def lipschitz_upper_bound(model, input_shape):
-    """SPEC section 9: a sound upper bound on the L2 Lipschitz constant of model.features in eval
+    """L_f of Prop. 1: a sound upper bound on the L2 Lipschitz constant of model.features in eval
     mode for inputs of shape input_shape ([C, H, W] or [B, C, H, W]), as a float."""
     return lipschitz_layers(model, input_shape, fold=True)[0]
 
@@ -1042,7 +1044,7 @@ def accuracy_curve(radius, correct, points, key="certified_accuracy"):
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC sections 5 and 10)
+# 6. Checkpoint and report (README "Where results and checkpoints go", "Result files")
 # ======================================================================================
 
 # --- shared: checkpoint ---
@@ -1053,7 +1055,8 @@ REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "m
 
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -1310,7 +1313,7 @@ def main(argv=None):
     for name, v in parts:
         print(f"  {name:<58} {v:12.5g}")
     print(f"  {'product (batch norm folded into the convolutions)':<58} {bound:12.5g}\n"
-          f"  {'product, every layer alone (SPEC list)':<58} {layerwise:12.5g}")
+          f"  {'product, every layer alone (nothing folded)':<58} {layerwise:12.5g}")
     L = bound if args.lipschitz == "bound" else args.lipschitz
 
     # --- Prop. 1 on every test image -------------------------------------------------------

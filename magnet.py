@@ -77,7 +77,7 @@ PAPER_DEFAULTS = {
 
 # --- shared: args ---
 def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
     g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
@@ -208,7 +208,7 @@ NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "determin
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -428,7 +428,7 @@ def guarded(main):
 
 
 # ======================================================================================
-# 2. Data (SPEC section 3): each split is one uint8 tensor [N, C, H, W] held on the device;
+# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
 #    batches are indexed from it and augmented there (no DataLoader in the hot path).
 # ======================================================================================
 
@@ -569,7 +569,7 @@ def load_split(name, root, train, limit=None):
 
 
 def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
     test_x, test_y, test_classes = load_split(name, root, False, limit)
     if test_classes != classes:
@@ -607,7 +607,7 @@ def to_float(x_uint8):
 
 
 # ======================================================================================
-# 3. Model (SPEC section 4; App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
 #    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
 # ======================================================================================
 
@@ -667,7 +667,8 @@ class ResNet18(nn.Module):
 
 
 def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
@@ -820,7 +821,8 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
 @torch.no_grad()
 def features_of(model, images, batch_size, amp):
     """Eval-mode features f(x) [N, 8w] (float32) of un-augmented uint8 images [N, C, H, W]: what
-    k-means, sigma^2 and Eq. (4) see (SPEC 6).  Batch-norm buffers are not touched."""
+    k-means, sigma^2 and Eq. (4) see (README "Where this differs from the paper and the authors' code",
+    "Consistent clusters").  Batch-norm buffers are not touched."""
     was_training = model.training
     model.eval()
     device = images.device
@@ -981,7 +983,7 @@ def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
 
 def update_clusters(model, train, num_classes, args, generator):
     """Sec. 4.2 / App. A: after every epoch, k-means++ per class on the eval-mode features of the
-    whole un-augmented training split; sigma^2 of Eq. (3) over the same features (SPEC 6).
+    whole un-augmented training split; sigma^2 of Eq. (3) over the same features.
     -> (centers [C*K, 8w], center_classes [C*K], assignment [N], sigma^2, train Eq. (4) accuracy)."""
     features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]
     if not torch.isfinite(features).all():
@@ -994,7 +996,8 @@ def update_clusters(model, train, num_classes, args, generator):
 
 
 def clusters_entry(centers, center_classes, variance, args):
-    """The `clusters` entry of SPEC 5 (plain floats/ints/tensors: weights_only-loadable)."""
+    """The `clusters` entry of a checkpoint (README "Where results and checkpoints go"): plain
+    floats/ints/tensors, weights_only-loadable."""
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
             "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
@@ -1022,7 +1025,7 @@ def train_one_epoch(model, opt, train, sampler, center_classes, args, generator,
         loss.backward()
         opt.step()
         per_example = per_example.detach().float().cpu()                # one host sync per step
-        if not torch.isfinite(per_example).all():                       # SPEC 7: NaN/inf guard
+        if not torch.isfinite(per_example).all():                       # NaN/inf guard
             return float("nan"), seen
         sampler.record(idx, per_example)                                # Rippel et al.: loss index
         loss_sum += float(per_example.sum())
@@ -1031,7 +1034,7 @@ def train_one_epoch(model, opt, train, sampler, center_classes, args, generator,
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC section 5)
+# 6. Checkpoint and report (README "Where results and checkpoints go")
 # ======================================================================================
 
 # --- shared: checkpoint ---
@@ -1042,7 +1045,8 @@ REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "m
 
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -1200,7 +1204,7 @@ def check_resume_args(ckpt, args, not_shaping):
 
 
 def load_init(path, args):
-    """--init: a nominal checkpoint whose width and dataset match the run (SPEC 7); the head is
+    """--init: a nominal checkpoint whose width and dataset match the run (else exit 2); the head is
     dropped (Sec. 3.3: 'it removes the last linear layer').  -> (ckpt, headless state_dict)."""
     ckpt = load_checkpoint(path, stages=("nominal",))
     width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
@@ -1237,7 +1241,7 @@ def defaults_from_init(args):
 
 
 def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
-    """SPEC 5, stage "magnet": no head.* in the model; the `clusters` entry holds what Eq. (4)
+    """Stage "magnet": no head.* in the model; the `clusters` entry holds what Eq. (4)
     needs.  ckpt["resume"] adds to the shared RNG state the sampler's loss index, its own
     generator and the cluster assignment of the training split, so --resume draws the same batches."""
     ckpt = {"format": FORMAT, "stage": "magnet",

@@ -67,7 +67,7 @@ PAPER_DEFAULTS = {
 
 # --- shared: args ---
 def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
     g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
@@ -175,7 +175,7 @@ NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "determin
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -395,7 +395,7 @@ def guarded(main):
 
 
 # ======================================================================================
-# 2. Data (SPEC section 3): each split is one uint8 tensor [N, C, H, W] held on the device;
+# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
 #    batches are indexed from it and augmented there (no DataLoader in the hot path).
 # ======================================================================================
 
@@ -536,7 +536,7 @@ def load_split(name, root, train, limit=None):
 
 
 def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
     test_x, test_y, test_classes = load_split(name, root, False, limit)
     if test_classes != classes:
@@ -574,7 +574,7 @@ def to_float(x_uint8):
 
 
 # ======================================================================================
-# 3. Model (SPEC section 4; App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
 # ======================================================================================
 
 # --- shared: model ---
@@ -633,7 +633,8 @@ class ResNet18(nn.Module):
 
 
 def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
@@ -688,7 +689,8 @@ def train_one_epoch(model, opt, train, args, generator, device):
 # --- shared: head-eval ---
 @torch.no_grad()
 def evaluate(model, split, batch_size, amp, device):
-    """Accuracy of the linear head in eval mode (batch-norm buffers untouched: SPEC 6, last part)."""
+    """Accuracy of the linear head in eval mode.  Batch-norm buffers are left untouched: README
+    "Where this differs from the paper and the authors' code", "Consistent clusters"."""
     images, labels = split
     was_training = model.training
     model.eval()
@@ -705,7 +707,7 @@ def evaluate(model, split, batch_size, amp, device):
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC section 5)
+# 6. Checkpoint and report (README "Where results and checkpoints go")
 # ======================================================================================
 
 # --- shared: checkpoint ---
@@ -716,7 +718,8 @@ REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "m
 
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")

@@ -81,7 +81,7 @@ PAPER_DEFAULTS = {
 
 # --- shared: args ---
 def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (SPEC section 2)."""
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
     g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
@@ -141,7 +141,8 @@ def add_overwrite_arg(g):
 # --- shared: eps ---
 def parse_fraction(text):
     """argparse type for eps and step sizes in [0, 1] pixel units: '8/255' or '0.0314'.
-    A value > 1 is almost always a forgotten '/255' (SPEC section 2): an error that says so."""
+    A value > 1 is almost always a forgotten '/255' (README "Bad input and safety"): an error
+    that says so."""
     try:
         if "/" in text:
             num, den = text.split("/")
@@ -219,7 +220,7 @@ def parse_args(argv=None):
                         "Sec. 4.2: 8/255")
     g.add_argument("--step", type=parse_fraction, default=10 / 255,
                    help="eta, the size of the adversary's one signed-gradient step; the paper gives "
-                        "none, the authors' code uses 10/255 (SPEC 6)")
+                        "none, the authors' code uses 10/255")
     g.add_argument("--epochs", type=int, default=None,
                    help="epochs; as magnet.py (App. A): 30 CIFAR10 and SVHN, 60 CIFAR100; folder 30")
     g.add_argument("--lr", type=parse_lr, default=None, help="Adam learning rate, in (0, 1]; App. A: 1e-4")
@@ -272,12 +273,12 @@ def parse_args(argv=None):
 # Arguments that do not change the trained weights: a resume may differ in these.
 NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
                "overwrite"}
-STAGE = {"magnet": "qtrades-magnet", "ce": "qtrades-ce"}                 # SPEC 5 stage names
+STAGE = {"magnet": "qtrades-magnet", "ce": "qtrades-ce"}                 # checkpoint stage names
 
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -497,7 +498,7 @@ def guarded(main):
 
 
 # ======================================================================================
-# 2. Data (SPEC section 3): each split is one uint8 tensor [N, C, H, W] held on the device;
+# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
 #    batches are indexed from it and augmented there (no DataLoader in the hot path).
 # ======================================================================================
 
@@ -638,7 +639,7 @@ def load_split(name, root, train, limit=None):
 
 
 def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (SPEC section 5)."""
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
     test_x, test_y, test_classes = load_split(name, root, False, limit)
     if test_classes != classes:
@@ -676,7 +677,7 @@ def to_float(x_uint8):
 
 
 # ======================================================================================
-# 3. Model (SPEC section 4; App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
 #    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
 # ======================================================================================
 
@@ -736,7 +737,8 @@ class ResNet18(nn.Module):
 
 
 def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries (SPEC section 5)."""
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
     if arch.get("name") != "resnet18":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
@@ -889,7 +891,8 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
 @torch.no_grad()
 def features_of(model, images, batch_size, amp):
     """Eval-mode features f(x) [N, 8w] (float32) of un-augmented uint8 images [N, C, H, W]: what
-    k-means, sigma^2 and Eq. (4) see (SPEC 6).  Batch-norm buffers are not touched."""
+    k-means, sigma^2 and Eq. (4) see (README "Where this differs from the paper and the authors' code",
+    "Consistent clusters").  Batch-norm buffers are not touched."""
     was_training = model.training
     model.eval()
     device = images.device
@@ -1050,7 +1053,7 @@ def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
 
 def update_clusters(model, train, num_classes, args, generator):
     """Sec. 4.2 / App. A: after every epoch, k-means++ per class on the eval-mode features of the
-    whole un-augmented training split; sigma^2 of Eq. (3) over the same features (SPEC 6).
+    whole un-augmented training split; sigma^2 of Eq. (3) over the same features.
     -> (centers [C*K, 8w], center_classes [C*K], assignment [N], sigma^2, train Eq. (4) accuracy)."""
     features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]
     if not torch.isfinite(features).all():
@@ -1063,7 +1066,8 @@ def update_clusters(model, train, num_classes, args, generator):
 
 
 def clusters_entry(centers, center_classes, variance, args):
-    """The `clusters` entry of SPEC 5 (plain floats/ints/tensors: weights_only-loadable)."""
+    """The `clusters` entry of a checkpoint (README "Where results and checkpoints go"): plain
+    floats/ints/tensors, weights_only-loadable."""
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
             "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
@@ -1229,7 +1233,7 @@ def train_one_epoch(model, opt, train, sampler, clusters, args, generator, devic
         opt.step()
         per_example = per_example.detach().float().cpu()
         total = per_example + args.lam * cons.detach().float().cpu()   # per-example Eq. (6)
-        if not torch.isfinite(total).all():                             # SPEC 7: NaN/inf guard
+        if not torch.isfinite(total).all():                             # NaN/inf guard
             return float("nan"), float("nan"), seen
         sampler.record(idx, per_example)            # Rippel et al.: the sampler ranks Magnet losses
         loss_sum += float(total.sum())
@@ -1261,7 +1265,7 @@ def train_one_epoch_ce(model, opt, train, args, generator, device):
         loss.backward()
         opt.step()
         loss = float(loss.detach())
-        if not math.isfinite(loss):                                     # SPEC 7: NaN/inf guard
+        if not math.isfinite(loss):                                     # NaN/inf guard
             return float("nan"), float("nan"), 0.0, start
         loss_sum += loss * len(idx)
         cons_sum += float(cons.detach().sum())
@@ -1272,7 +1276,8 @@ def train_one_epoch_ce(model, opt, train, args, generator, device):
 # --- shared: head-eval ---
 @torch.no_grad()
 def evaluate(model, split, batch_size, amp, device):
-    """Accuracy of the linear head in eval mode (batch-norm buffers untouched: SPEC 6, last part)."""
+    """Accuracy of the linear head in eval mode.  Batch-norm buffers are left untouched: README
+    "Where this differs from the paper and the authors' code", "Consistent clusters"."""
     images, labels = split
     was_training = model.training
     model.eval()
@@ -1289,7 +1294,7 @@ def evaluate(model, split, batch_size, amp, device):
 
 
 # ======================================================================================
-# 6. Checkpoint and report (SPEC section 5)
+# 6. Checkpoint and report (README "Where results and checkpoints go")
 # ======================================================================================
 
 # --- shared: checkpoint ---
@@ -1300,7 +1305,8 @@ REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "m
 
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint (SPEC section 5)."""
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -1458,7 +1464,7 @@ def check_resume_args(ckpt, args, not_shaping):
 
 
 def load_init(path, args):
-    """--init (SPEC 7: width and dataset must match the run).  --loss magnet: a nominal checkpoint
+    """--init (width and dataset must match the run, else exit 2).  --loss magnet: a nominal checkpoint
     (head dropped, Sec. 3.3) or a magnet checkpoint (its weights; the clusters are recomputed at
     epoch 0); --loss ce: a nominal checkpoint, head kept.  -> (ckpt, state_dict for the model)."""
     ckpt = load_checkpoint(path, stages=("nominal", "magnet") if args.loss == "magnet" else ("nominal",))
@@ -1497,7 +1503,7 @@ def defaults_from_init(args):
 
 
 def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
-    """SPEC 5: stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
+    """Stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
     "qtrades-ce" (head.*, no clusters).  ckpt["resume"]: optimizer, RNG and (magnet) the
     sampler's state, so --resume draws the same batches and adversaries."""
     ckpt = {"format": FORMAT, "stage": STAGE[args.loss],

@@ -36,7 +36,7 @@ Usage (copy-paste):
     python synthetic.py --alpha 12.5 --ft-lr 1e-2   # another Magnet margin / fine-tuning rate
     python synthetic.py --plot none              # no figure
 
-Reads nothing (no download).  Writes --out (JSON, SPEC section 10), <out>.log.jsonl (one object
+Reads nothing (no download).  Writes --out (JSON, README "Result files"), <out>.log.jsonl (one object
 per run) and --plot (PNG, 2x2 like Fig. 3; needs matplotlib, skipped with a note without it).
 Runs on the CPU in one thread (the networks are tiny: threads and GPUs only add overhead).
 Needs torch and numpy; imports no other file of this repository: copy it freely.  Blocks between
@@ -76,7 +76,7 @@ def parse_args(argv=None):
                     "random weights vs. ClusTR's warm start, on two 2-D datasets; exact Lipschitz "
                     "constant and Prop. 1 certified accuracy vs. radius, over several seeds.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # The common image flags of SPEC section 2 (--data, --width, --limit, --device, ...) do not
+    # The common image flags of README "Flags" (--data, --width, --limit, --device, ...) do not
     # apply: no images, no ResNet, always the CPU.
     g = p.add_argument_group("common")
     g.add_argument("--seed", type=int, default=0,
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("experiment (Sec. 4.1; the paper gives no hyper-parameters for it)")
     g.add_argument("--seeds", type=int, default=5,
                    help="number of seeds (--seed, --seed+1, ...): results are mean and std over them")
-    g.add_argument("--out", default="synthetic.json", help="results JSON (SPEC section 10)")
+    g.add_argument("--out", default="synthetic.json", help='results JSON (README "Result files")')
     g.add_argument("--plot", default="synthetic.png",
                    help="2x2 PNG like Fig. 3 ('none' to skip; needs matplotlib)")
     g.add_argument("--datasets", nargs="+", choices=["moons", "circles"], default=["moons", "circles"],
@@ -136,7 +136,7 @@ def parse_args(argv=None):
 
 # --- shared: runtime ---
 def fail(message):
-    """Bad input (SPEC section 7): one clear message on stderr, exit code 2, no traceback."""
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -722,7 +722,7 @@ def evaluate(net, data, loss):
 
 
 # ======================================================================================
-# 6. Report: table, JSON (SPEC section 10), figure
+# 6. Report: table, JSON (README "Result files"), figure
 # ======================================================================================
 
 def mean_std(values):
@@ -731,7 +731,7 @@ def mean_std(values):
 
 
 def summarise(per_seed, seeds, args):
-    """per_seed[name][run] = [evaluate() dict per seed] -> the JSON of SPEC section 10."""
+    """per_seed[name][run] = [evaluate() dict per seed] -> the JSON of README "Result files"."""
     out = {}
     for name, runs in per_seed.items():
         top = max(float(e["radius"][e["correct"]].max()) if e["correct"].any() else 0.0
@@ -745,7 +745,7 @@ def summarise(per_seed, seeds, args):
             mcr, mcr_std = mean_std([e["mean_certified_radius"] for e in evals])
             entry["runs"][run] = {
                 "accuracy": acc, "accuracy_std": acc_std,
-                "lipschitz": evals[0]["lipschitz"],                          # the first seed's (SPEC 10)
+                "lipschitz": evals[0]["lipschitz"],                          # the first seed's
                 "lipschitz_exact_mean": mean_std([e["lipschitz"]["exact"] for e in evals])[0],
                 "mean_certified_radius": mcr, "mean_certified_radius_std": mcr_std,
                 "curve": [{"radius": float(r), "certified_accuracy": float(m),

@@ -70,7 +70,7 @@ def run_script(script, *args, cwd=None):
 
 
 def exit_code_and_message(capsys, fn, *args):
-    """Call fn(*args) that must exit 2 (SPEC section 7); return its stderr."""
+    """Call fn(*args) that must exit 2 (README "Bad input and safety"); return its stderr."""
     with pytest.raises(SystemExit) as info:
         fn(*args)
     assert info.value.code == 2
@@ -112,7 +112,7 @@ def nominal_run(image_folder, tmp_path_factory):
 
 
 # ======================================================================================
-# shape: shared blocks (SPEC section 1) and the flat layout
+# shape: shared blocks and the flat layout
 # ======================================================================================
 
 BEGIN = re.compile(r"^# --- shared: ([\w-]+) ---$")
@@ -419,7 +419,7 @@ def test_tiny_training_run_learns(nominal_run):
 
 
 @pytest.mark.smoke
-def test_checkpoint_matches_spec_5_and_round_trips(nominal_run, image_folder):
+def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, image_folder):
     _, out = nominal_run
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "nominal" and ckpt["epoch"] == 3
@@ -482,7 +482,7 @@ def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch
 
 
 # ======================================================================================
-# nominal.py: bad input (SPEC section 7)
+# nominal.py: bad input (README "Bad input and safety")
 # ======================================================================================
 
 @pytest.mark.smoke
@@ -895,7 +895,7 @@ def test_sampler_state_dict_continues_the_same_stream():
 
 
 # ======================================================================================
-# magnet.py: end to end (SPEC sections 5, 6)
+# magnet.py: end to end (Sec. 3.3, 4.2, App. A; README "Where results and checkpoints go")
 # ======================================================================================
 
 def folder_args(folder, out, *extra):
@@ -1019,7 +1019,7 @@ def test_evaluation_leaves_the_model_untouched(nominal_run):
 
 
 # ======================================================================================
-# magnet.py: bad input (SPEC section 7)
+# magnet.py: bad input (README "Bad input and safety")
 # ======================================================================================
 
 @pytest.mark.smoke
@@ -1102,10 +1102,10 @@ def clusters(centers, center_classes, variance, D=None):
 
 @pytest.fixture(scope="session")
 def clustering_ckpt(nominal_run, image_folder, tmp_path_factory):
-    """A clustering checkpoint (stage magnet, SPEC section 5) made from the nominal one without
+    """A clustering checkpoint (stage magnet) made from the nominal one without
     magnet.py: eval-mode training features; K = 2 centres per class = the means of the two halves
     of the class split at the median of its first principal direction; sigma^2 = 1/(N-1) sum of
-    squared distances to the nearest own-class centre (SPEC section 6)."""
+    squared distances to the nearest own-class centre (Eq. (3))."""
     _, path = nominal_run
     ck = torch.load(path, map_location="cpu", weights_only=True)
     model = nominal.build_model(ck["arch"], ck["data"], with_head=True)
@@ -1336,7 +1336,7 @@ def test_folded_batch_norm_copy_is_the_same_classifier_and_its_fooled_claims_are
 
 
 # ======================================================================================
-# attack.py: end to end (SPEC sections 6 and 10)
+# attack.py: end to end (Sec. 4.2, Eq. (5); README "Result files")
 # ======================================================================================
 
 @pytest.mark.smoke
@@ -2425,7 +2425,7 @@ def test_both_runs_start_from_the_same_weights_and_take_the_same_steps(monkeypat
 
 
 @pytest.mark.smoke
-def test_short_run_writes_the_spec_json_with_non_increasing_curves(tmp_path):
+def test_short_run_writes_the_documented_json_with_non_increasing_curves(tmp_path):
     out, png = str(tmp_path / "s.json"), str(tmp_path / "s.png")
     argv = ["--steps", "40", "--seeds", "2", "--n", "200", "--radii", "11", "--out", out, "--plot", png]
     threads = torch.get_num_threads()
@@ -2440,7 +2440,7 @@ def test_short_run_writes_the_spec_json_with_non_increasing_curves(tmp_path):
             assert {"accuracy", "accuracy_std", "lipschitz", "curve", "seeds"} <= set(res)
             lip = res["lipschitz"]
             assert lip["lower"] <= lip["exact"] * (1 + 1e-12) and lip["exact"] <= lip["upper"] * (1 + 1e-12)
-            assert lip == res["seeds"][0]["lipschitz"]                     # the first seed's (SPEC 10)
+            assert lip == res["seeds"][0]["lipschitz"]                     # the first seed's (README "Result files")
             curve = [p["certified_accuracy"] for p in res["curve"]]
             assert len(curve) == 11 and res["curve"][0]["radius"] == 0.0
             assert all(a >= b for a, b in zip(curve, curve[1:])) and curve[0] <= res["accuracy"]
@@ -2736,7 +2736,7 @@ def test_paper_defaults_per_dataset_and_help():
 
 
 # ======================================================================================
-# qtrades.py: end to end (SPEC sections 5, 6) and attack.py on the checkpoints
+# qtrades.py: end to end (Eq. (6), App. A "QTRADES") and attack.py on the checkpoints
 # ======================================================================================
 
 @pytest.fixture(scope="module")
@@ -2751,7 +2751,7 @@ def qtrades_runs(nominal_run, image_folder, tmp_path_factory):
 
 
 @pytest.mark.smoke
-def test_both_variants_write_spec_checkpoints_that_attack_py_evaluates(qtrades_runs, nominal_run, image_folder, tmp_path):
+def test_both_variants_write_documented_checkpoints_that_attack_py_evaluates(qtrades_runs, nominal_run, image_folder, tmp_path):
     nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
     tracked = nominal_ckpt["model"]["bn1.num_batches_tracked"]
     for loss, stage, batches in (("magnet", "qtrades-magnet", math.ceil(180 / 30)),
@@ -2832,7 +2832,7 @@ def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp
 
 
 # ======================================================================================
-# qtrades.py: bad input (SPEC section 7)
+# qtrades.py: bad input (README "Bad input and safety")
 # ======================================================================================
 
 @pytest.mark.smoke

@@ -22,7 +22,7 @@ machine shared with other jobs, two OpenMP threads made timings 10-20x slower an
 Models (generated data, no download): a 10-class 16x16 ImageFolder (test_all.make_image_folder,
 noise 110), a width-8 nominal ResNet18 trained with nominal.py, and a clustering checkpoint built
 from it (K = 2 centres per class: the means of the class halves split at the median of the first
-principal direction; sigma^2 as SPEC section 6), evaluated by Eq. (4).  Its "sharp" variant divides
+principal direction; sigma^2 as in Eq. (3)), evaluated by Eq. (4).  Its "sharp" variant divides
 sigma^2 by 100: the same decisions with confident probabilities, as a trained ClusTR model has
 (gaps of hundreds in d^2 / 2 sigma^2), where cross-entropy gradients vanish in float32.
 When magnet.py is present, part B also attacks a model it trains from the nominal one (10 epochs,

@@ -3,7 +3,7 @@
 Optional dependency, for this benchmark only: scikit-learn (`pip install scikit-learn`).  No stage
 file and no test needs it; without it this script says so and exits with code 2.
 
-What it compares (issue 3, SPEC section 6 "k-means++"): magnet.kmeans_pp (torch; greedy k-means++
+What it compares (issue 3; the k-means++ of App. A "Magnet Loss"): magnet.kmeans_pp (torch; greedy k-means++
 seeding with 2 + ln k candidates per step, Lloyd until the assignment stops changing, cap 100)
 against sklearn.cluster.KMeans(init="k-means++", n_init=1) (the same greedy seeding, Lloyd with
 its default tol=1e-4, max_iter=300), on the same float32 data and the same number of threads
