@@ -425,6 +425,14 @@ def evaluate_all(args, data_dir, trained):
                 cell["autoattack"], cell["autoattack_images"] = aa["robust_accuracy"], aa["images"]
                 cell["autoattack_natural"] = aa["natural_accuracy"]
                 cell["autoattack_seconds"] = aa["seconds"]
+                worst = results.get((seed, name, eps, "worst"))
+                if worst is not None and worst.get("examples"):
+                    # the same first images, example by example: attack.py's worst case vs AutoAttack
+                    ours = worst["examples"][0]["robust"][:aa["images"]]
+                    theirs = aa["robust_mask"][:len(ours)]
+                    cell["worst_on_aa_images"] = sum(ours) / max(1, len(ours))
+                    cell["fooled_by_aa_only"] = sum(o and not a for o, a in zip(ours, theirs))
+                    cell["fooled_by_worst_only"] = sum(a and not o for o, a in zip(ours, theirs))
             row["eps"][eps] = cell
         c = results.get((seed, name, None, "certified"))
         if c is not None:
@@ -477,6 +485,14 @@ def print_table(table, rows, args):
               + "".join(f"{fmt(line[c], line[c + '_std']):>14}" for c in cols))
     print("\nnatural / robust accuracy in %, on the first --attack-images test images (AutoAttack "
           "on the first --aa-images); mean ± std over seeds where several ran.")
+    print(f"\n{'attack.py worst vs AutoAttack, same images':<44}{'eps':>7}{'images':>8}{'worst':>8}"
+          f"{'AA':>8}{'AA only':>9}{'worst only':>11}")
+    for r in rows:
+        for eps, cell in r["eps"].items():
+            if "worst_on_aa_images" in cell:
+                print(f"{r['label']:<44}{eps:>7}{cell['autoattack_images']:>8}"
+                      f"{100 * cell['worst_on_aa_images']:>7.1f}%{100 * cell['autoattack']:>7.1f}%"
+                      f"{cell['fooled_by_aa_only']:>9}{cell['fooled_by_worst_only']:>11}")
     cert = [r for r in rows if "certified" in r]
     if cert:
         print(f"\n{'certified (Prop. 1, sound bound)':<34}{'seed':>5}{'L bound':>12}{'L lower':>10}"
