@@ -331,9 +331,15 @@ def autoattack(args, data_dir, ckpt, eps, result_path):
     spec = importlib.util.spec_from_file_location("aa_bench", os.path.join(ROOT, "benchmarks", "autoattack.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    aa = bench.autoattack_standard(bench.Finite(clf), attack.parse_fraction(eps),
+    # eval mode on the wrapper too: torchattacks restores the mode it found after each attack, so a
+    # wrapper left in train mode would put the network's batch norm in train mode after the first
+    # attack (batch statistics, running buffers updated) -- every later figure would be wrong
+    model = bench.Finite(clf).eval()
+    aa = bench.autoattack_standard(model, attack.parse_fraction(eps),
                                    info["data"]["num_classes"], steps=100, queries=5000)
     x_adv = aa(x, y)
+    if clf.training or model.training:
+        raise SystemExit("AutoAttack left the classifier in train mode: its figures would be wrong")
     with torch.no_grad():
         natural = clf(x).argmax(1) == y
         robust = (clf(x_adv).argmax(1) == y) & natural
