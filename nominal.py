@@ -427,7 +427,7 @@ def _read_idx(path):
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
@@ -459,7 +459,7 @@ def _load_idx(name, root, train):
         except Exception as e:
             raise DataError(
                 f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-                f"({type(e).__name__}: {e}). Expected there: {TORCHVISION_FILES[name]}. Point "
+                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
                 f"--data-dir at the folder that holds them, or use --data folder.") from None
     images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -484,7 +484,7 @@ def _load_torchvision(name, root, train):
     except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
         raise DataError(
             f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-            f"({type(e).__name__}: {e}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
             f"Put the files there (--data-dir PATH), or use your own images with --data folder "
             f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
 
