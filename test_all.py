@@ -71,6 +71,12 @@ def run_script(script, *args, cwd=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def nominal_args(folder, out, *extra):
+    """nominal.py on a generated folder at the suite's size (width 8, batch 32), then extra."""
+    return ["--data", "folder", "--data-dir", folder, "--width", "8", "-b", "32", "--out", out,
+            *map(str, extra)]
+
+
 def run_scripts(commands):
     """{script: argv} run side by side as a user would; -> {script: (exit code, stdout, stderr)}."""
     procs = {script: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
@@ -120,8 +126,7 @@ def image_folder(tmp_path_factory):
 def nominal_run(image_folder, tmp_path_factory):
     """One tiny nominal training run shared by several tests: (results, checkpoint path)."""
     out = str(tmp_path_factory.mktemp("nominal") / "ckpt.pt")
-    results = nominal.main(["--data", "folder", "--data-dir", image_folder, "--width", "8",
-                            "--epochs", "3", "-b", "32", "--out", out])
+    results = nominal.main(nominal_args(image_folder, out, "--epochs", 3))
     return results, out
 
 
@@ -206,21 +211,39 @@ def test_shared_checker_catches_drift_and_bad_markers(tmp_path):
 
 
 @pytest.mark.shape
+def imported_modules(path):
+    """Top-level names of every module the Python file imports (anywhere in it)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    return imported
+
+
+@pytest.mark.shape
 def test_no_stage_imports_another_and_every_stage_has_a_main_guard():
     local = {s[:-3] for s in STAGES} | {"test_all"}
     for stage in PRESENT:
         with open(os.path.join(ROOT, stage)) as f:
             source = f.read()
-        tree = ast.parse(source)
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
+        imported = imported_modules(os.path.join(ROOT, stage))
         assert not imported & local, f"{stage} imports {imported & local}"
         assert 'if __name__ == "__main__":' in source, stage
         assert not re.search(r"torch\.load\((?![^)]*weights_only=True)", source), stage
+
+
+@pytest.mark.shape
+def test_benchmarks_do_not_import_the_test_file():
+    """A benchmark is a user of the stage files; the test file is not a library (its generators
+    for benchmarks live in benchmarks/generated.py)."""
+    scripts = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py"))
+    assert "generated.py" in scripts
+    for script in scripts:
+        assert "test_all" not in imported_modules(os.path.join(ROOT, "benchmarks", script)), script
 
 
 TIERS = ("oracle", "smoke", "shape", "wiring")
@@ -429,30 +452,10 @@ def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, imag
 
 
 @pytest.mark.smoke
-def test_resume_is_bit_identical_to_an_uninterrupted_run(nominal_run, image_folder, tmp_path):
-    _, full = nominal_run
-    out = str(tmp_path / "ckpt.pt")
-    common = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
-              "-b", "32", "--out", out]
-    first = nominal.main(common + ["--stop-after", "1"])
-    assert first["epochs_done"] == 1 and "stopped" in first["status"]
-    second = nominal.main(common + ["--resume"])
-    assert second["epochs_done"] == 3
-    a = torch.load(full, map_location="cpu", weights_only=True)
-    b = torch.load(out, map_location="cpu", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert a["metrics"]["test_accuracy"] == b["metrics"]["test_accuracy"]
-    with open(out + ".log.jsonl") as f:
-        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
-
-
-@pytest.mark.smoke
 def test_resume_refuses_changed_arguments(nominal_run, image_folder, capsys):
     _, out = nominal_run
     err = exit_code_and_message(capsys, nominal.main, [
-        "--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
-        "-b", "32", "--lr", "0.5", "--out", out, "--resume"])
+        *nominal_args(image_folder, out, "--epochs", 3, "--lr", 0.5, "--resume")])
     assert "--lr: 0.01 -> 0.5" in err
 
 
@@ -503,8 +506,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_pat
     # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
     monkeypatch.setattr(nominal, "train_one_epoch", lambda *a, **k: (torch.tensor(float("nan")), torch.tensor(0), 1))
     err = exit_code_and_message(capsys, nominal.main, [
-        "--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "2",
-        "-b", "32", "--out", out, "--overwrite"])
+        *nominal_args(image_folder, out, "--epochs", 2, "--overwrite")])
     assert "loss became" in err and "smaller" in err
     assert open(out, "rb").read() == before
 
@@ -931,27 +933,6 @@ def test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents(magnet_
 
 
 @pytest.mark.smoke
-def test_magnet_resume_is_bit_identical_to_an_uninterrupted_run(magnet_run, nominal_run, image_folder, tmp_path):
-    _, full = magnet_run
-    out = str(tmp_path / "m.pt")
-    args = folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2)
-    first = magnet.main(args + ["--stop-after", "1"])
-    assert first["epochs_done"] == 1 and "stopped" in first["status"]
-    assert magnet.main(args + ["--resume"])["epochs_done"] == 2
-    a = torch.load(full, map_location="cpu", weights_only=True)
-    b = torch.load(out, map_location="cpu", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert torch.equal(a["clusters"]["centers"], b["clusters"]["centers"])
-    assert a["clusters"]["variance"] == b["clusters"]["variance"]
-    la, lb = a["resume"]["sampler"]["losses"], b["resume"]["sampler"]["losses"]
-    assert torch.equal(la.isnan(), lb.isnan()) and torch.equal(la.nan_to_num(), lb.nan_to_num())
-    assert a["data"] == b["data"] and a["metrics"]["test_accuracy"] == b["metrics"]["test_accuracy"]
-    with open(out + ".log.jsonl") as fh:
-        assert [json.loads(line)["epoch"] for line in fh] == [0, 1, 2]
-
-
-@pytest.mark.smoke
 def test_epochs_0_clusters_nominal_features_without_fine_tuning(nominal_run, image_folder, tmp_path):
     """App. B.1: k-means on the nominal features and Eq. (4), no training; a valid checkpoint."""
     out = str(tmp_path / "b1.pt")
@@ -972,8 +953,7 @@ def test_warm_start_beats_random_init_at_equal_epochs(tmp_path):
     folder = make_image_folder(str(tmp_path / "hard"), classes=6, n_train=40, n_test=20,
                                noise=200.0, seed=1)
     ckpt = str(tmp_path / "nominal.pt")
-    nominal.main(["--data", "folder", "--data-dir", folder, "--width", "8", "--epochs", "3",
-                  "-b", "32", "--out", ckpt])
+    nominal.main(nominal_args(folder, ckpt, "--epochs", 3))
     warm = magnet.main(folder_args(folder, str(tmp_path / "w.pt"), "--init", ckpt, "--epochs", 2))
     cold = magnet.main(folder_args(folder, str(tmp_path / "c.pt"), "--epochs", 2))
     assert warm["test_accuracy"] > 2 / 6                                 # chance is 1/6
@@ -2703,24 +2683,46 @@ def test_both_variants_write_documented_checkpoints_that_attack_py_evaluates(qtr
     assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("loss", ["magnet", "ce"])
+RESUME = [  # stage, the fixture holding its uninterrupted run, its arguments (that run's), log epochs
+    ("nominal", nominal, "nominal_run",
+     lambda folder, out, init: nominal_args(folder, out, "--epochs", 3), [1, 2, 3]),
+    ("magnet", magnet, "magnet_run",
+     lambda folder, out, init: folder_args(folder, out, "--init", init, "--epochs", 2), [0, 1, 2]),
+    ("qtrades-magnet", qtrades, "qtrades_runs",
+     lambda folder, out, init: folder_args(folder, out, "--init", init, "--epochs", 2, "--loss", "magnet"), [0, 1, 2]),
+    ("qtrades-ce", qtrades, "qtrades_runs",
+     lambda folder, out, init: folder_args(folder, out, "--init", init, "--epochs", 2, "--loss", "ce"), [0, 1, 2]),
+]
+
+
 @pytest.mark.smoke
-def test_qtrades_resume_is_bit_identical_to_an_uninterrupted_run(qtrades_runs, nominal_run, image_folder, tmp_path, loss):
-    _, full = qtrades_runs[loss]
-    out = str(tmp_path / "q.pt")
-    args = folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2, "--loss", loss)
-    assert "stopped" in qtrades.main(args + ["--stop-after", "1"])["status"]
-    assert qtrades.main(args + ["--resume"])["epochs_done"] == 2
+@pytest.mark.parametrize("name,stage,fixture,argv,epochs", RESUME, ids=[row[0] for row in RESUME])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(name, stage, fixture, argv, epochs, request,
+                                                         nominal_run, image_folder, tmp_path):
+    """--stop-after 1, then --resume: the weights, the clusters, the sampler's losses, the metrics and
+    the log equal those of the uninterrupted run of the same arguments (a module fixture)."""
+    run = request.getfixturevalue(fixture)
+    _, full = run[name.split("-")[1]] if fixture == "qtrades_runs" else run
+    out = str(tmp_path / "resumed.pt")
+    args = argv(image_folder, out, nominal_run[1])
+    first = stage.main(args + ["--stop-after", "1"])
+    assert first["epochs_done"] == 1 and "stopped" in first["status"]
+    assert stage.main(args + ["--resume"])["epochs_done"] == epochs[-1]
     a = torch.load(full, map_location="cpu", weights_only=True)
     b = torch.load(out, map_location="cpu", weights_only=True)
+    assert a["stage"] == b["stage"] and set(a["model"]) == set(b["model"]) and a["data"] == b["data"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    if loss == "magnet":
+    assert ("clusters" in a) == ("clusters" in b) == (name != "nominal" and name != "qtrades-ce")
+    if "clusters" in a:
         assert torch.equal(a["clusters"]["centers"], b["clusters"]["centers"])
         assert a["clusters"]["variance"] == b["clusters"]["variance"]
-    assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+        la, lb = a["resume"]["sampler"]["losses"], b["resume"]["sampler"]["losses"]
+        assert torch.equal(la.isnan(), lb.isnan()) and torch.equal(la.nan_to_num(), lb.nan_to_num())
+    for metric in ("train_loss", "test_accuracy"):
+        assert a["metrics"][metric] == b["metrics"][metric], metric
     with open(out + ".log.jsonl") as fh:
-        assert [json.loads(line)["epoch"] for line in fh] == [0, 1, 2]
+        assert [json.loads(line)["epoch"] for line in fh] == epochs
 
 
 @pytest.mark.smoke
@@ -3741,8 +3743,7 @@ def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage,
 def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identically(
         nominal_run, image_folder, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "ckpt.pt")
-    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "3",
-            "-b", "32", "--out", out, "--overwrite"]
+    argv = nominal_args(image_folder, out, "--epochs", 3, "--overwrite")
     monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 2))
     with pytest.raises(SystemExit) as info:
         nominal.main(argv)
@@ -3836,7 +3837,7 @@ def test_resume_extends_a_finished_run_and_refuses_fewer_epochs(nominal_run, ima
     out = str(tmp_path / "ckpt.pt")
     shutil.copy(nominal_run[1], out)
     shutil.copy(nominal_run[1] + ".log.jsonl", out + ".log.jsonl")
-    common = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "-b", "32", "--out", out]
+    common = nominal_args(image_folder, out)
     err = exit_code_and_message(capsys, nominal.main, common + ["--epochs", "2", "--resume"])
     assert "already holds 3 epochs, more than --epochs 2" in err
     results = nominal.main(common + ["--epochs", "5", "--resume"])   # its own default: 1 3

@@ -19,7 +19,7 @@ machine shared with other jobs, two OpenMP threads made timings 10-20x slower an
      cosine steps) against AutoAttack's core in torchattacks: APGD (ce) + APGD-T (9 targets),
      the same number of iterations; per-example worst case of each side.
 
-Models (generated data, no download): a 10-class 16x16 ImageFolder (test_all.make_image_folder,
+Models (generated data, no download): a 10-class 16x16 ImageFolder (benchmarks/generated.py's make_image_folder,
 noise 110), a width-8 nominal ResNet18 trained with nominal.py, and a clustering checkpoint built
 from it (K = 2 centres per class: the means of the class halves split at the median of the first
 principal direction; sigma^2 as in Eq. (3)), evaluated by Eq. (4).  Its "sharp" variant divides
@@ -52,7 +52,7 @@ except ImportError:
 
 def build_models(workdir):
     """-> {name: checkpoint path}; built once in workdir and reused."""
-    from test_all import make_image_folder
+    from generated import make_image_folder
     data = os.path.join(workdir, "data")
     if not os.path.isdir(data):
         make_image_folder(data, classes=10, n_train=100, n_test=50, size=16, noise=110.0)

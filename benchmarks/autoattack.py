@@ -41,30 +41,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import attack  # noqa: E402
 import nominal  # noqa: E402
+from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py)
 
 try:
     import torchattacks
 except ImportError:
     torchattacks = None
-
-
-def make_folder(root, classes, n_train, n_test, size=16, noise=110.0, seed=0):
-    """Generated ImageFolder PNGs: class c = a noisy patch of a random colour with a bright quadrant
-    c mod 4 (learnable by a small CNN, not robust by construction at high noise)."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    colors = rng.uniform(40, 215, size=(classes, 3))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f"class{c:02d}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(n):
-                img = colors[c] + rng.normal(0, noise, (size, size, 3))
-                q = c % 4
-                img[(q // 2) * size // 2:(q // 2 + 1) * size // 2,
-                    (q % 2) * size // 2:(q % 2 + 1) * size // 2] += 40
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{i:04d}.png"))
 
 
 def clustering_from_nominal(nom, data, out, variance_scale=1.0, D=None):
@@ -99,7 +81,7 @@ def clustering_from_nominal(nom, data, out, variance_scale=1.0, D=None):
 def build(workdir, classes, n_train, n_test, epochs, noise=110.0):
     data = os.path.join(workdir, f"data{classes}")
     if not os.path.isdir(data):
-        make_folder(data, classes, n_train, n_test, noise=noise)
+        make_image_folder(data, classes, n_train, n_test, noise=noise)
     nom = os.path.join(workdir, f"nominal{classes}.pt")
     if not os.path.exists(nom):
         nominal.main(["--data", "folder", "--data-dir", data, "--width", "8", "--epochs", str(epochs),
@@ -183,7 +165,7 @@ def part_a(args):
 def part_b(args):
     data = os.path.join(args.workdir, "data3")
     if not os.path.isdir(data):
-        make_folder(data, 3, 60, 30, noise=60.0)
+        make_image_folder(data, 3, 60, 30, noise=60.0)
     nom = os.path.join(args.workdir, "nominal3.pt")
     if not os.path.exists(nom):
         nominal.main(["--data", "folder", "--data-dir", data, "--width", "8", "--epochs", "3",
