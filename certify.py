@@ -90,7 +90,40 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
     return value
+
 # --- end shared: args ---
+
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
+                           for block in text.split("\n\n"))
+
+
+def defaults_table(defaults, title):
+    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
+    the table its --help prints, one row per --data value, from the dict the run itself applies."""
+    keys = list(next(iter(defaults.values())))
+    shown = {True: "on", False: "off", None: "all"}
+    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
+    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
+                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
+# --- end shared: help ---
 
 def lipschitz_arg(text):
     """--lipschitz: 'bound' or a positive number."""
@@ -109,7 +142,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="certify.py",
         description="Certified L2 radii of ClusTR's nearest-centre classifier (Prop. 1, Sec. 3.1, "
-                    "App. C) with a sound Lipschitz bound, a lower estimate and an L2 attack.")
+                    "App. C) with a sound Lipschitz bound, a lower estimate and an L2 attack.",
+        formatter_class=HelpFormatter)
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)

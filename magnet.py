@@ -110,7 +110,40 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
     return value
+
 # --- end shared: args ---
+
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
+                           for block in text.split("\n\n"))
+
+
+def defaults_table(defaults, title):
+    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
+    the table its --help prints, one row per --data value, from the dict the run itself applies."""
+    keys = list(next(iter(defaults.values())))
+    shown = {True: "on", False: "off", None: "all"}
+    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
+    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
+                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
+# --- end shared: help ---
 
 # --- shared: train-args ---
 def parse_lr(text):
@@ -135,6 +168,7 @@ def add_overwrite_arg(g):
 
 
 def parse_args(argv=None):
+    formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (Sec. 4.2, App. A; a flag you set wins):")
     p = argparse.ArgumentParser(
         prog="magnet.py",
         description="ClusTR fine-tuning with the Magnet loss (Eq. (3)), k-means++ centres and the "
@@ -142,8 +176,8 @@ def parse_args(argv=None):
                     "Takes a nominal.py checkpoint (--init); without it trains the 'Magnet Loss' "
                     "baseline of Table 1 from random weights.",
         epilog="--data and --width default to those of --init (or of the checkpoint --resume "
-               "continues), else cifar10 and 64.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "continues), else cifar10 and 64.\n\n" + table,
+        formatter_class=formatter)
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # None: --init's (or --resume's) width, else 64 (defaults_from_init)
     g = p.add_argument_group("ClusTR fine-tuning (Sec. 3.3, 4.2; App. A 'Optimization', 'Magnet Loss')")

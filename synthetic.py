@@ -69,13 +69,46 @@ import torch.nn.functional as F
 RUNS = ("random_init", "warm_start")
 
 
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
+                           for block in text.split("\n\n"))
+
+
+def defaults_table(defaults, title):
+    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
+    the table its --help prints, one row per --data value, from the dict the run itself applies."""
+    keys = list(next(iter(defaults.values())))
+    shown = {True: "on", False: "off", None: "all"}
+    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
+    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
+                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
+# --- end shared: help ---
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="synthetic.py",
         description="ClusTR's controlled experiment (Sec. 4.1, Fig. 3): Magnet loss (Eq. (3)) from "
                     "random weights vs. ClusTR's warm start, on two 2-D datasets; exact Lipschitz "
                     "constant and Prop. 1 certified accuracy vs. radius, over several seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     # The common image flags of README "Flags" (--data, --width, --limit, --device, ...) do not
     # apply: no images, no ResNet, always the CPU.
     g = p.add_argument_group("common")
@@ -103,7 +136,7 @@ def parse_args(argv=None):
                    help="full-batch Adam steps per run, the same for both runs (the warm start's "
                         "cross-entropy steps included)")
     g.add_argument("--warm-steps", type=int, default=None,
-                   help="of --steps, the warm start's cross-entropy steps (None = half of --steps)")
+                   help="of --steps, the warm start's cross-entropy steps (default: half of --steps)")
     g.add_argument("--lr", type=float, default=1e-2,
                    help="Adam lr from random weights (both runs' first phase); App. A's nominal lr")
     g.add_argument("--ft-lr", type=float, default=1e-3,

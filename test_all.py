@@ -3694,6 +3694,32 @@ def test_help_cites_the_paper_and_exits_0(stage, words, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert all(word in out for word in words), [w for w in words if w not in out]
+    assert "(default: None)" not in out                             # the real default, or what sets it
+
+
+@pytest.mark.shape
+@pytest.mark.parametrize("stage", [nominal, magnet, qtrades], ids=["nominal", "magnet", "qtrades"])
+def test_help_prints_the_per_dataset_defaults_a_run_applies(stage, capsys):
+    """The table that ends a training stage's --help, read back from the printed text, equals what
+    parse_args sets for each --data; every flag it lists says so in its own line."""
+    with pytest.raises(SystemExit):
+        stage.parse_args(["--help"])
+    out = capsys.readouterr().out
+    lines = out[out.index("\n  --data  "):].strip().splitlines()
+    flags, rows = lines[0].split()[1:], [line.split() for line in lines[1:]]
+    assert [row[0] for row in rows] == list(stage.PAPER_DEFAULTS)
+    for name, *cells in rows:
+        args = stage.parse_args(["--data", name])
+        for flag, cell in zip(flags, cells, strict=True):
+            value = getattr(args, flag[2:].replace("-", "_"))
+            want = {True: "on", False: "off", None: "all"}[value] if isinstance(value, (bool, type(None))) else value
+            assert (float(cell) == want) if isinstance(want, (int, float)) else cell == want, (name, flag, cell, value)
+    entries = {}                                                    # "  -b N, --batch-size N   text..." per flag
+    for entry in re.split(r"\n(?=  -)", out[:out.index("\n  --data  ")]):
+        names = re.findall(r"(?:^|, )(-{1,2}[\w-]+)", entry.strip().split("  ")[0])
+        entries.update({name: " ".join(entry.split()) for name in names})
+    for flag in flags:
+        assert "(default: per --data, table below)" in entries[flag], (flag, entries[flag])
 
 
 def interrupted_at_call(real, n):
