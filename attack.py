@@ -23,7 +23,7 @@ step schedule, and last, on the survivors, the gradient-free Square attack (Andr
 that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
 constant --steps 100 --restarts 10` is the paper's protocol exactly.
 
-Checks (README "attack.py: the checks"), each stored with its numbers and able to fail: every
+Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and able to fail: every
 x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw masks; the objective
 rises on most attacked examples; Square fools at most --tolerance of what the gradient losses left;
 the attack beats as many random points in the ball; eps = 0 is natural accuracy; a large eps
@@ -853,9 +853,9 @@ class Classifier(nn.Module):
 def read_classifier(path, device="cpu", D="stored"):
     """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
     attacks and certificates here work on.  The module is in eval mode with gradients off for its
-    parameters, so an attack never updates batch-norm statistics (README "Evaluation never changes
-    the model").  D="stored" uses the checkpoint's D; None means all centres.  A bad file raises
-    CheckpointError (the command line turns it into exit code 2)."""
+    parameters, so an attack never updates batch-norm statistics (README "Where this differs
+    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
+    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
     ckpt = read_checkpoint(path)
     with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
     clusters = None if with_head else ckpt.get("clusters")
@@ -1806,7 +1806,7 @@ def read_checkpoint(path, stages=STAGES):
 
 
 def check_schema(ckpt, path):
-    """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
+    """The types and keys of the entries the stages read (README "Where results and checkpoints go"), so that a damaged
     or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
     CheckpointError."""
     def need(ok, key, what):

@@ -708,9 +708,9 @@ class Classifier(nn.Module):
 def read_classifier(path, device="cpu", D="stored"):
     """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
     attacks and certificates here work on.  The module is in eval mode with gradients off for its
-    parameters, so an attack never updates batch-norm statistics (README "Evaluation never changes
-    the model").  D="stored" uses the checkpoint's D; None means all centres.  A bad file raises
-    CheckpointError (the command line turns it into exit code 2)."""
+    parameters, so an attack never updates batch-norm statistics (README "Where this differs
+    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
+    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
     ckpt = read_checkpoint(path)
     with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
     clusters = None if with_head else ckpt.get("clusters")
@@ -1159,7 +1159,7 @@ def read_checkpoint(path, stages=STAGES):
 
 
 def check_schema(ckpt, path):
-    """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
+    """The types and keys of the entries the stages read (README "Where results and checkpoints go"), so that a damaged
     or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
     CheckpointError."""
     def need(ok, key, what):

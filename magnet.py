@@ -1149,7 +1149,7 @@ def read_checkpoint(path, stages=STAGES):
 
 
 def check_schema(ckpt, path):
-    """The types and keys of the entries the stages read (README "Checkpoints"), so that a damaged
+    """The types and keys of the entries the stages read (README "Where results and checkpoints go"), so that a damaged
     or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
     CheckpointError."""
     def need(ok, key, what):

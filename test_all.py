@@ -246,6 +246,29 @@ def test_benchmarks_do_not_import_the_test_file():
         assert "test_all" not in imported_modules(os.path.join(ROOT, "benchmarks", script)), script
 
 
+@pytest.mark.shape
+def test_every_readme_reference_names_a_heading_that_exists():
+    """A comment, docstring or help text that sends the reader to a README heading (the word
+    README, then the heading in double quotes) finds that heading there, word for word; and no file
+    cites a document a user of the repository does not have (the project's contract, a test file
+    that does not exist)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        headings = {line.lstrip("#").strip() for line in f if re.match(r"#{1,4} ", line)}
+    files = PRESENT + ["test_all.py"] + [os.path.join("benchmarks", f) for f in os.listdir(
+        os.path.join(ROOT, "benchmarks")) if f.endswith(".py")]
+    cited = 0
+    for name in files:
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        for ref in re.findall("README" + r' "([^"(][^"]*)"', text):
+            ref = " ".join(ref.split())                             # a reference may wrap a line
+            assert ref in headings, f"{name}: README \"{ref}\" is not a heading of README.md"
+            cited += 1
+        outside = ["SP" + "EC", "test_" + "certify.py"]                 # spelt apart: this file is read too
+        assert not any(word in text for word in outside), name
+    assert cited > 50
+
+
 TIERS = ("oracle", "smoke", "shape", "wiring")
 
 
@@ -3425,7 +3448,7 @@ PAPER_SETTINGS = {
     # App. A "Optimization": "we fine-tune the DNN with the Magnet Loss with a learning rate of
     #   10^{-4} for another 30 epochs for CIFAR10 and 60 epochs for CIFAR100 and SVHN."
     # Sec. 4.2: "Fine-tuning is done for 30 epochs on CIFAR10 and SVHN, and 60 epochs on CIFAR100."
-    #   (SVHN: the two disagree; the stages follow Sec. 4.2, README "Where this differs".)
+    #   (SVHN: the two disagree; the stages follow Sec. 4.2, README "Where this differs from the paper and the authors' code".)
     # App. A "Magnet Loss": "We use K = 2 as the number of clusters per class [...] we set the total
     #   number of sampled clusters to 12, and the number of samples per cluster to 20." and "We set
     #   alpha to 12.5 for ClusTR and ClusTR+QTRADES on CIFAR10; to 13 for ClusTR and to 10 for
