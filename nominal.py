@@ -100,7 +100,6 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
     return value
-
 # --- end shared: args ---
 
 # --- shared: help ---
@@ -120,19 +119,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _fill_text(self, text, width, indent):
         return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
                            for block in text.split("\n\n"))
-
-
-def defaults_table(defaults, title):
-    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
-    the table its --help prints, one row per --data value, from the dict the run itself applies."""
-    keys = list(next(iter(defaults.values())))
-    shown = {True: "on", False: "off", None: "all"}
-    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
-    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
-                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: help ---
 
 # --- shared: train-args ---
@@ -154,7 +140,21 @@ def add_overwrite_arg(g):
                    help="replace an existing --out checkpoint and its log; both stay as they are "
                         "until this run saves its first epoch. Without it an existing --out is "
                         "refused (continue it with --resume)")
+
+
+def defaults_table(defaults, title):
+    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
+    the table its --help prints, one row per --data value, from the dict the run itself applies."""
+    keys = list(next(iter(defaults.values())))
+    shown = {True: "on", False: "off", None: "all"}
+    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
+    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
+                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: train-args ---
+
 
 
 def parse_args(argv=None):
@@ -220,6 +220,18 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+# --- end shared: runtime ---
+
+# --- shared: setup ---
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but torch sees no CUDA device "
@@ -244,25 +256,7 @@ def setup_runtime(args, training):
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
-
-
-def fmt_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-# --- end shared: runtime ---
+# --- end shared: setup ---
 
 # --- shared: run-files ---
 # One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
@@ -366,16 +360,6 @@ def commit_log():
             os.remove(log)
 
 
-def save_results(obj, path):
-    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
-    the previous complete file; then this run's log replaces the previous one."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    commit_log()
-
-
 def interrupted():
     """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
     argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
@@ -445,6 +429,8 @@ TORCHVISION_FILES = {
     "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
              "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
 }
+
+
 # torchvision's class and folder names of the two 28x28 grey datasets.
 IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
 
@@ -569,6 +555,12 @@ def load_split(name, root, train, limit=None):
     return images.contiguous(), labels, classes
 
 
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+# --- shared: train-data ---
 def load_data(name, root, limit=None):
     """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
     train_x, train_y, classes = load_split(name, root, True, limit)
@@ -599,12 +591,7 @@ def augment(x, crop, flip, generator):
         mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
-
-
-def to_float(x_uint8):
-    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
-    return x_uint8.float().div_(255)
-# --- end shared: data ---
+# --- end shared: train-data ---
 
 
 # ======================================================================================
@@ -664,19 +651,6 @@ class ResNet18(nn.Module):
     def forward(self, x):
         f = self.features(x)
         return f if self.head is None else self.head(f)             # [B, classes] logits
-
-
-def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
-    (README "Where results and checkpoints go")."""
-    if arch.get("name") != "resnet18":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}")
-    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
-                    data["mean"], data["std"])
-
-
-def arch_entry(width, in_channels):
-    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
 # --- end shared: model ---
 
 
@@ -744,45 +718,19 @@ def evaluate(model, split, batch_size, amp, device):
 # 6. Checkpoint and report (README "Where results and checkpoints go")
 # ======================================================================================
 
-# --- shared: checkpoint ---
+# --- shared: checkpoint-load ---
 FORMAT = "clustr/1"
+
+
 STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+
+
 REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
-
-
-def save_checkpoint(ckpt, path):
-    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint
-    (README "Where results and checkpoints go")."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
-    if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
-        commit_log()                        # the first saved epoch replaces the old run's log
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
     the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
-
-
-def load_checkpoint(path, stages=STAGES):
-    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
-    message (README "Bad input and safety")."""
-    try:
-        return read_checkpoint(path, stages)
-    except CheckpointError as e:
-        fail(str(e))
 
 
 def read_checkpoint(path, stages=STAGES):
@@ -877,6 +825,55 @@ def check_schema(ckpt, path):
         need(isinstance(c.get("variance"), (int, float)) and math.isfinite(c["variance"])
              and c["variance"] > 0, "clusters['variance']", "a finite sigma^2 > 0")
         need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
+# --- end shared: checkpoint-load ---
+
+# --- shared: checkpoint-cli ---
+def load_checkpoint(path, stages=STAGES):
+    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
+    message (README "Bad input and safety")."""
+    try:
+        return read_checkpoint(path, stages)
+    except CheckpointError as e:
+        fail(str(e))
+# --- end shared: checkpoint-cli ---
+
+# --- shared: checkpoint-save ---
+def save_checkpoint(ckpt, path):
+    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
+    interrupted run always leaves the last complete checkpoint
+    (README "Where results and checkpoints go")."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
+    if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
+        commit_log()                        # the first saved epoch replaces the old run's log
+# --- end shared: checkpoint-save ---
+
+# --- shared: resume ---
+def check_resume_args(ckpt, args, not_shaping):
+    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them.
+    --epochs may grow, also past a finished run (as timm's resume allows): the epochs already
+    done stay as they were; fewer epochs than the checkpoint holds is refused."""
+    old, new = ckpt["args"], vars(args)
+    if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
+        fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
+             f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
+    if diff:
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
+             + "; ".join(diff))
 
 
 def rng_state(generator):
@@ -893,21 +890,16 @@ def set_rng_state(state, generator):
               f"its random stream continues from a fresh seed", flush=True)
 
 
-def check_resume_args(ckpt, args, not_shaping):
-    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them.
-    --epochs may grow, also past a finished run (as timm's resume allows): the epochs already
-    done stay as they were; fewer epochs than the checkpoint holds is refused."""
-    old, new = ckpt["args"], vars(args)
-    if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
-        fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
-             f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
-    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
-    if diff:
-        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
-             + "; ".join(diff))
-# --- end shared: checkpoint ---
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def arch_entry(width, in_channels):
+    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
+# --- end shared: resume ---
 
 
 def make_checkpoint(model, opt, generator, args, info, epoch, metrics, slim=False):

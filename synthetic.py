@@ -86,19 +86,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _fill_text(self, text, width, indent):
         return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
                            for block in text.split("\n\n"))
-
-
-def defaults_table(defaults, title):
-    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
-    the table its --help prints, one row per --data value, from the dict the run itself applies."""
-    keys = list(next(iter(defaults.values())))
-    shown = {True: "on", False: "off", None: "all"}
-    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
-    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
-                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: help ---
 
 
@@ -180,32 +167,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device "
-             f"(torch {torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def setup_runtime(args, training):
-    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.amp is None:
-        args.amp = device.type == "cuda" and training
-    if device.type != "cuda":
-        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
 def fmt_time(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -215,13 +176,6 @@ def append_jsonl(path, record):
     path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 # --- end shared: runtime ---
 
 # --- shared: run-files ---
@@ -326,16 +280,6 @@ def commit_log():
             os.remove(log)
 
 
-def save_results(obj, path):
-    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
-    the previous complete file; then this run's log replaces the previous one."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    commit_log()
-
-
 def interrupted():
     """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
     argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
@@ -386,6 +330,17 @@ def guarded(main):
     run.__doc__, run.__name__ = main.__doc__, main.__name__
     return run
 # --- end shared: run-files ---
+
+# --- shared: save-results ---
+def save_results(obj, path):
+    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
+    the previous complete file; then this run's log replaces the previous one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    commit_log()
+# --- end shared: save-results ---
 
 
 # ======================================================================================

@@ -191,7 +191,7 @@ def test_shared_blocks_identical_across_stages():
     assert not problems, "\n".join(problems)
     with open(os.path.join(ROOT, "nominal.py")) as f:
         names = set(shared_blocks(f.read())[0])
-    assert {"args", "runtime", "data", "model", "checkpoint"} <= names
+    assert {"args", "runtime", "data", "model", "checkpoint-load", "resume"} <= names
 
 
 @pytest.mark.shape
@@ -361,7 +361,7 @@ def test_fashion_mnist_loader_reads_raw_idx_files_in_both_layouts(tmp_path, layo
     assert torch.equal(test_y, torch.from_numpy(arrays["t10k"][1]).long())
     assert info["num_classes"] == 10 and info["classes"][0] == "T-shirt/top"
     assert len(info["mean"]) == 1 and abs(info["mean"][0] - arrays["train"][0].mean() / 255) < 1e-9
-    model = nominal.build_model(nominal.arch_entry(2, 1), info, with_head=True)
+    model = attack.build_model(nominal.arch_entry(2, 1), info, with_head=True)
     assert model(nominal.to_float(train_x[:3])).shape == (3, 10)   # one input channel
 
 
@@ -466,7 +466,7 @@ def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, imag
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["epochs"] == 3
     assert {"optimizer", "rng"} <= set(ckpt["resume"])
     # rebuild the model from the checkpoint alone and reproduce its stored test accuracy
-    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=True)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=True)
     model.load_state_dict(ckpt["model"], strict=True)
     _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
     acc = nominal.evaluate(model, (test_x, test_y), 64, False, torch.device("cpu"))
@@ -934,7 +934,7 @@ def test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents(magnet_
     nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
     assert not torch.equal(ckpt["model"]["conv1.weight"], nominal_ckpt["model"]["conv1.weight"])
     # rebuild from the checkpoint alone; recompute everything from eval-mode features
-    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
     model.load_state_dict(ckpt["model"], strict=True)
     (train_x, train_y), (test_x, test_y), _ = nominal.load_data("folder", image_folder)
     f = eval_features(model, train_x)
@@ -986,7 +986,7 @@ def test_warm_start_beats_random_init_at_equal_epochs(tmp_path):
 @pytest.mark.oracle
 def test_evaluation_leaves_the_model_untouched(nominal_run):
     ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
-    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
     model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("head.")})
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1078,7 +1078,7 @@ def clustering_ckpt(nominal_run, image_folder, tmp_path_factory):
     squared distances to the nearest own-class centre (Eq. (3))."""
     _, path = nominal_run
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = nominal.build_model(ck["arch"], ck["data"], with_head=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=True)
     model.load_state_dict(ck["model"])
     model.eval()
     (train_x, train_y), _, _ = nominal.load_data("folder", image_folder)
@@ -1357,7 +1357,7 @@ def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_
         assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
     # natural accuracy with D = 1 is that of the nearest centre (an independent float64 oracle)
     ck = torch.load(clustering_ckpt, map_location="cpu", weights_only=True)
-    model = nominal.build_model(ck["arch"], ck["data"], with_head=False)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=False)
     model.load_state_dict(ck["model"])
     images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
     with torch.no_grad():
@@ -1391,7 +1391,7 @@ def _generated_checkpoint(path, stage, D, classes, width, size, seed):
     g = torch.Generator().manual_seed(seed)
     data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
             "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
-    arch = attack.arch_entry(width, 3)
+    arch = nominal.arch_entry(width, 3)
     head = stage in ("nominal", "qtrades-ce")
     torch.manual_seed(seed)
     model = attack.build_model(arch, data, head)
@@ -1447,7 +1447,7 @@ def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
     outside the D nearest get the finite LOW and probability exactly 0; a head gives its logits."""
     torch.manual_seed(0)
     data = {"num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = attack.build_model(attack.arch_entry(2, 3), data, with_head=False).double().eval()
+    model = attack.build_model(nominal.arch_entry(2, 3), data, with_head=False).double().eval()
     x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         f = model.features(x)
@@ -1473,7 +1473,7 @@ def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
                 p = torch.softmax(z[n], 0)[c]
                 assert float(p) == pytest.approx(sum(inside) / total, rel=1e-10, abs=1e-300)  # Eq. (4)
         assert torch.allclose(torch.softmax(z, 1), log_p.exp(), rtol=1e-12, atol=0)
-    head = attack.build_model(attack.arch_entry(2, 3), data, with_head=True).double().eval()
+    head = attack.build_model(nominal.arch_entry(2, 3), data, with_head=True).double().eval()
     with torch.no_grad():
         assert torch.equal(attack.ClassScores(attack.Classifier(head)).double()(x).float(), head(x).float())
 
@@ -2073,7 +2073,7 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
     assert saved["l2_attack"]["flipped"] > 0 and saved["l2_attack"]["median_min_perturbation"] > 0
     # naive float64 recomputation: model from the checkpoint, nearest centre and Prop. 1 by loops
     ck = torch.load(magnet_ckpt, map_location="cpu", weights_only=True)
-    model = nominal.build_model(ck["arch"], ck["data"], with_head=False).eval()
+    model = attack.build_model(ck["arch"], ck["data"], with_head=False).eval()
     model.load_state_dict(ck["model"])
     _, (test_x, test_y), _ = nominal.load_data("folder", image_folder, limit=60)
     with torch.no_grad():
@@ -2697,7 +2697,7 @@ def test_both_variants_write_documented_checkpoints_that_attack_py_evaluates(qtr
         assert all(r["robust_accuracy"] <= res["natural_accuracy"] for r in res["results"])
     # the ce checkpoint's head is what attack.py evaluates: recompute its natural accuracy
     ckpt = torch.load(qtrades_runs["ce"][1], map_location="cpu", weights_only=True)
-    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=True)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=True)
     model.load_state_dict(ckpt["model"], strict=True)
     model.eval()
     _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
@@ -3494,7 +3494,7 @@ def split_accuracies(out, folder, limit):
     as a naive loop over the checkpoint's centres (with its D)."""
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     clusters = ckpt.get("clusters")
-    model = nominal.build_model(ckpt["arch"], ckpt["data"], with_head=clusters is None)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=clusters is None)
     model.load_state_dict(ckpt["model"], strict=True)
     model.eval()
     accuracies = []

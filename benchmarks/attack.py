@@ -61,7 +61,7 @@ def build_models(workdir):
         nominal.main(["--data", "folder", "--data-dir", data, "--width", "8", "--epochs", "10",
                       "-b", "64", "--out", nom, "--slim"])
     ck = torch.load(nom, map_location="cpu", weights_only=True)
-    model = nominal.build_model(ck["arch"], ck["data"], with_head=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=True)
     model.load_state_dict(ck["model"])
     model.eval()
     (train_x, train_y), _, _ = nominal.load_data("folder", data)

@@ -53,7 +53,7 @@ def clustering_from_nominal(nom, data, out, variance_scale=1.0, D=None):
     """A clustr/1 'magnet' checkpoint from a nominal one: K = 2 centres per class (median split of
     the first principal direction), sigma^2 = Eq. (3)'s over the training split x variance_scale."""
     ck = torch.load(nom, map_location="cpu", weights_only=True)
-    model = nominal.build_model(ck["arch"], ck["data"], with_head=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=True)
     model.load_state_dict(ck["model"])
     model.eval()
     (train_x, train_y), _, _ = nominal.load_data("folder", data)

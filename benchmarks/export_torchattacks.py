@@ -32,6 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import attack  # noqa: E402
+import nominal  # noqa: E402  (load_checkpoint: a bad file exits 2)
 
 CHILD = """
 import sys, time, torch, torchattacks
@@ -63,7 +64,7 @@ def readme_snippets():
 def test_images(ckpt_path, args):
     """(x in [0, 1], y, classes): the checkpoint's own test split, or random images for a
     generated checkpoint."""
-    ckpt = attack.load_checkpoint(ckpt_path)
+    ckpt = nominal.load_checkpoint(ckpt_path)
     info = ckpt["data"]
     if args.ckpt is None:
         g = torch.Generator().manual_seed(0)

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import attack  # noqa: E402  (build_model, arch_entry, save_checkpoint: the stages' own)
+import attack  # noqa: E402  (build_model, save_checkpoint: the stages' own)
+import nominal  # noqa: E402  (arch_entry: the entry a training stage writes)
 
 
 def make_image_folder(root, classes, n_train, n_test, size=16, noise=110.0, seed=0):
@@ -46,7 +47,7 @@ def random_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=16,
         g = torch.Generator().manual_seed(seed)
         data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
                 "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
-        arch = attack.arch_entry(width, 3)
+        arch = nominal.arch_entry(width, 3)
         head = stage in ("nominal", "qtrades-ce")
         torch.manual_seed(seed)
         model = attack.build_model(arch, data, head)
