@@ -2,7 +2,8 @@
 
 Runs the whole pipeline of a checkout on fixed seeds at toy scale, on a generated 3-class 16x16
 folder (no download): nominal.py, magnet.py, qtrades.py (both variants), attack.py (its default
-losses and checks, the checks with --check-budget 0: a budget in seconds depends on the machine's load), certify.py and synthetic.py, each as a user runs it (a subprocess in a work
+losses and checks; the checks with --check-budget 0, since a budget in seconds depends on the
+machine's load), certify.py and synthetic.py, each as a user runs it (a subprocess in a work
 folder).  Then prints one SHA-256 per output: every tensor of each checkpoint (weights, clusters,
 sampler and RNG state) and every number of each results JSON, with the entries that hold times,
 paths or the command line left out.  Two checkouts whose printed fingerprints are equal produced
