@@ -46,12 +46,16 @@ Usage (copy-paste):
                                                         # AutoAttack's Square budget, images kept
     python attack.py --ckpt magnet.pt --export clustr.pt2              # one file for torchattacks,
                                                         # AutoAttack, RobustBench (section 7)
+    torchrun --nproc_per_node 8 attack.py --ckpt c100.pt -b 250        # 8 GPUs (nccl), or CPU
+                                                        # processes (gloo): one process's result
 
 Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
 checkpoint's own dataset.  Writes: --out (JSON: rows per loss, eps, D; checks; per-example
 results under "examples") and <out>.log.jsonl (one object per finished row, so a killed run keeps
-its rows); --save-adv PATH the adversarial images; with --export, only that file.  From Python:
-load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores (section 7).
+its rows); --save-adv PATH the adversarial images; with --export, only that file.  Under
+torchrun (README "attack.py under torchrun") the processes share the work, rank 0 alone writes.
+From Python: load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores
+(section 7).
 Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
 Blocks between "# --- shared: NAME ---" markers are identical copies of the same blocks in the
 other stages (test_all.py checks this).
@@ -79,6 +83,8 @@ Robustness").
 
 import argparse
 import copy
+import datetime
+import io
 import json
 import math
 import os
@@ -283,7 +289,8 @@ def parse_args(argv=None):
                         "on the original model and re-attacked there if it is not fooled")
     g.add_argument("-b", "--batch-size", type=int, default=500,
                    help="images attacked at once (memory, speed; the random starts are drawn per "
-                        "batch, so figures move within noise with it)")
+                        "example, so figures move with it only by float rounding); under torchrun "
+                        "the unit of work: process r takes the chunks r, r + W, ... of each row")
     g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the sanity checks (Carlini et al. 2019; README \"attack.py: the "
                         "checks\"): each states its numbers and can fail")
@@ -301,11 +308,18 @@ def parse_args(argv=None):
                         "raise it, by at most this share of the images (0.01 = 1 point)")
     g.add_argument("--strict", action="store_true",
                    help="exit with code 1 when any check fails (after writing the results)")
+    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="under torchrun (README \"attack.py under torchrun\"): how long a process "
+                        "waits for the others (to join, and at each row's sum, i.e. for the "
+                        "slowest chunk) before it stops with an error; torch's own default for "
+                        "gloo")
     args = parse_with_fractions(p, argv)
     if args.steps < 0 or args.restarts < 1 or (args.targets is not None and args.targets < 1) \
             or args.batch_size < 1 or args.square_queries < 0 or args.check_budget < 0:
         p.error("--steps, --square-queries and --check-budget must be >= 0; --restarts, "
                 "--targets and --batch-size >= 1")
+    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
+        p.error(f"--dist-timeout must be a positive number of minutes, not {args.dist_timeout:g}")
     return args
 
 
@@ -994,6 +1008,91 @@ def rank_targets(scores, y):
     return order[order != y[:, None]].view(len(y), -1)
 
 
+# Random starts keyed by example.  attack.py's own runs draw every random number (PGD's start,
+# Square's stripes, windows and signs, the random-search points) as a hash of (--seed, the loss,
+# the example's index in the test split, the draw's number), never from one stream that walks
+# through the batches: an example gets the same start whichever batch, process (torchrun) or
+# earlier fooled examples surround it, so N processes give one process's result.
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A 32-bit integer hash (Wellons' "lowbias32": xor-shift, multiply, three times) of a Python
+    int or an int64 tensor in [0, 2^32).  Each product is formed from 16-bit halves, so no int64
+    multiplication overflows: the same bits on every device and platform.  Tensors are worked on
+    in place, on a copy (half the time of fresh temporaries: 0.1 s for 500 x 3072 values here)."""
+    if not torch.is_tensor(x):
+        def mul(v, m):                                              # (v * m) mod 2^32
+            return (((((v >> 16) * m) & 0xFFFF) << 16) + (v & 0xFFFF) * m) & MASK32
+        x = mul(x ^ (x >> 16), 0x7FEB352D)
+        x = mul(x ^ (x >> 15), 0x846CA68B)
+        return x ^ (x >> 16)
+
+    def mul_(v, m):                                                 # the same, in place on v
+        high = (v >> 16).mul_(m).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+        return v.bitwise_and_(0xFFFF).mul_(m).add_(high).bitwise_and_(MASK32)
+    x = x.clone()
+    x = mul_(x.bitwise_xor_(x >> 16), 0x7FEB352D)
+    x = mul_(x.bitwise_xor_(x >> 15), 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
+
+
+def stream_key(seed, *salt):
+    """The 32-bit key of a random stream: --seed (any Python int) folded with salts (the loss)."""
+    key = mix32(mix32(seed & MASK32) ^ ((seed >> 32) & MASK32))
+    for s in salt:
+        key = mix32(key ^ mix32(s & MASK32))
+    return key
+
+
+class Stream:
+    """Counter-based random numbers for the examples of one batch: draw number k for the example
+    of global index i is mix32(mix32(key ^ k) + mix32(i)), combined with each element's position,
+    so it depends on (key, k, i) alone.  `index` [n] int64: the examples' indices in the test
+    split; every call is one draw and advances k (also when it asks for no rows), as a
+    torch.Generator advances.  pgd, square and random_search take a Stream or a torch.Generator."""
+
+    def __init__(self, key, index, draw=0):
+        self.key, self.index, self.draw = key, index, draw
+
+    def subset(self, rows):
+        """The same stream for the examples rows of this batch (re-attacks continue it)."""
+        return Stream(self.key, self.index[rows], self.draw)
+
+    def bits(self, rows, shape):
+        """-> int64 [len(rows), *shape] of uniform 32-bit values."""
+        numel = math.prod(shape)
+        per_draw = mix32(self.key ^ (self.draw & MASK32))
+        self.draw += 1
+        base = mix32((mix32(self.index[rows]) + per_draw) & MASK32)           # [n]
+        position = mix32(torch.arange(numel, device=self.index.device) + 0x9E3779B9)  # [numel]
+        return mix32(base[:, None] ^ position[None, :]).view(len(base), *shape)
+
+    def uniform(self, rows, shape, dtype=torch.float32):
+        """-> U[0, 1) [len(rows), *shape], 24 random bits each (exact in float32)."""
+        return (self.bits(rows, shape) >> 8).to(dtype).mul_(2.0 ** -24)
+
+    def integers(self, high, rows, shape):
+        """-> int64 uniform in {0, ..., high - 1}, [len(rows), *shape] (floor(u * high))."""
+        return ((self.bits(rows, shape) >> 8) * high) >> 24
+
+
+def uniform_like(generator, x, rows):
+    """U[0, 1) noise shaped like x[rows]: from a Stream, per example; from a torch.Generator (or
+    None, torch's global one), drawn for all of x and then indexed, so the stream's position does
+    not depend on which rows are asked for."""
+    if isinstance(generator, Stream):
+        return generator.uniform(rows, x.shape[1:], x.dtype)
+    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)[rows]
+
+
+def integers(generator, high, rows, shape, device):
+    """Uniform integers in [0, high), [len(rows), *shape], from a Stream or a torch.Generator."""
+    if isinstance(generator, Stream):
+        return generator.integers(high, rows, shape)
+    return torch.randint(0, high, (len(rows), *shape), generator=generator, device=device)
+
+
 def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
         targets=9, schedule="constant", stats=None):
     """L-inf PGD, ClusTR Eq. (5), with restarts:
@@ -1007,9 +1106,11 @@ def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=No
     restarts attack only the rest (the same result as attacking everything, less work).  Restarts
     are merged by whether they fooled the model, never by which reached the higher loss.
     margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
-    (ranked by class_scores, i.e. over all centres).  The random starts are drawn for the whole
-    batch each restart, so the random stream (and the result) does not depend on which examples
-    were already fooled.  stats (a dict, optional) accumulates, over the runs of examples that
+    (ranked by class_scores, i.e. over all centres).  generator: a Stream (attack_split: each
+    example's start depends only on the seed, the loss, its index and the run) or a torch.Generator
+    (the noise of the whole batch is drawn each run); either way the random stream does not depend
+    on which examples were already fooled.  stats (a dict, optional) accumulates, over the runs of
+    examples that
     took at least one step, "runs", "rose" (objective higher at the end, the fooling iterate or
     the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the check
     "objective_rises".
@@ -1026,13 +1127,13 @@ def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=No
     else:
         runs = [None] * restarts
     for target in runs:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         idx = still_correct.nonzero().squeeze(1)                            # [m] still to attack
+        noise = uniform_like(generator, x, idx)                             # drawn even when m = 0
         if len(idx) == 0:
             continue
         x0, y0 = x[idx], y[idx]
         t0 = None if target is None else target[idx]
-        xk = (x0 + (2 * noise[idx] - 1) * eps).clamp(0, 1)                  # random start in S
+        xk = (x0 + (2 * noise - 1) * eps).clamp(0, 1)                       # random start in S
         live = torch.ones(len(idx), dtype=torch.bool, device=x.device)      # not fooled yet
         for k in range(steps + 1):
             xk.requires_grad_(True)
@@ -1087,7 +1188,8 @@ def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
     The example is fooled when the classifier itself (with its D mask) no longer predicts y at
     a queried point (kept even if its margin is higher); fooled examples leave.  Every point stays in the eps-ball and [0, 1].
     The original also resamples a window whose new values equal the old ones; here such a query
-    is spent (at 3 channels, 1 in 8).  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
+    is spent (at 3 channels, 1 in 8).  generator: a Stream (per example, as in pgd) or a
+    torch.Generator.  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
     x, y = x.detach(), y.detach()
     still = log_prob_fn(x).argmax(1) == y                                   # robust => clean-correct
     x_adv = x.clone()
@@ -1112,11 +1214,11 @@ def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
         other = z.scatter(1, yv[:, None], float("-inf")).max(1).values      # y excluded by index
         return z_y - other, lp.argmax(1) != yv
 
-    def signs(*shape):
-        return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
+    def signs(rows, *shape):                                                # [len(rows), *shape]
+        return integers(generator, 2, rows, shape, dev).to(x.dtype) * 2 - 1
 
     x0, y0 = x[idx], y[idx]
-    xk = (x0 + eps * signs(len(idx), C, 1, W)).clamp(0, 1)                  # stripes, [m, C, H, W]
+    xk = (x0 + eps * signs(idx, C, 1, W)).clamp(0, 1)                       # stripes, [m, C, H, W]
     m_k, fooled = margin(xk, y0)
     rows = torch.arange(H, device=dev)[None, None, :, None]
     cols = torch.arange(W, device=dev)[None, None, None, :]
@@ -1128,12 +1230,11 @@ def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
             x0, y0, xk, m_k, idx = x0[keep], y0[keep], xk[keep], m_k[keep], idx[keep]
         if len(idx) == 0 or i == queries:
             break
-        m = len(idx)
         side = square_side(i, queries, min(H, W), p_init)
-        r = torch.randint(0, H - side + 1, (m,), generator=generator, device=dev)[:, None, None, None]
-        c = torch.randint(0, W - side + 1, (m,), generator=generator, device=dev)[:, None, None, None]
+        r = integers(generator, H - side + 1, idx, (), dev)[:, None, None, None]
+        c = integers(generator, W - side + 1, idx, (), dev)[:, None, None, None]
         window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
-        x_new = torch.where(window, x0 + eps * signs(m, C, 1, 1), xk).clamp(0, 1)
+        x_new = torch.where(window, x0 + eps * signs(idx, C, 1, 1), xk).clamp(0, 1)
         x_new = torch.min(torch.max(x_new, x0 - eps), x0 + eps)             # clipped: still in S
         m_new, f_new = margin(x_new, y0)
         better = (m_new < m_k) | f_new                  # accepted: a lower margin, or fooled
@@ -1193,49 +1294,71 @@ def run_loss(model, x, y, eps, loss, generator, b, args, stats=None):
 
 
 def attack_split(net, images, labels, args, eps, loss, seed, progress=None, adv=None, stats=None,
-                 **budget):
+                 index=None, shard=True, **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step, queries, targets.  Each row re-seeds its generator, so a loss's
-    figure does not depend on which other losses ran before it.  net = {"clf": the classifier,
+    steps, restarts, step, queries, targets.  index [N] int64: the images' positions in the test
+    split (default 0..N-1); the random numbers of each image are a Stream keyed by (seed, loss,
+    its index), so a loss's figure does not depend on which other losses ran before it, nor on
+    the chunks.  net = {"clf": the classifier,
     "fast": its batch-norm-folded copy (or itself), "re_attacked": count, "ball": {"batches",
     "max_excess"}}: fast runs the attack; each example it calls fooled must be fooled by clf
     itself at x_adv, else clf is attacked again for it, and each it calls robust must be
     classified correctly by clf at x_adv.  Every batch's x_adv is measured against the eps-ball
     and [0, 1] (net["ball"], the check "in_ball").  adv [N, C, H, W] float, when given, receives
-    x_adv.  -> robust mask [N] bool, raw (not ANDed with natural accuracy: the check
-    "robust_le_natural" compares the two)."""
+    x_adv.  Under torchrun (shard=True) process r attacks the chunks r, r + W, r + 2W, ... and the
+    robust mask, the re-attacked count and (on rank 0) adv are summed over the processes; each
+    chunk holds the images it holds in one process, so the figures are one process's; the ball
+    and stats stay per process (run_checks sums them).  shard=False: this process does every
+    chunk (the checks give each process its own parts).  -> robust mask [N] bool, raw (not ANDed
+    with natural accuracy: the check "robust_le_natural" compares the two)."""
     clf, fast = net["clf"], net["fast"]
     b = {"step": args.step, "steps": args.steps, "restarts": args.restarts,
          "queries": args.square_queries, "targets": args.targets, **budget}
-    generator = torch.Generator(device=images.device).manual_seed(seed)
+    key = stream_key(seed, LOSSES.index(loss))
+    index = torch.arange(len(labels), device=images.device) if index is None else index
+    rank, world = (DIST["rank"], DIST["world"]) if shard else (0, 1)
     robust = torch.zeros(len(labels), dtype=torch.bool, device=images.device)
+    mine = torch.zeros_like(robust)                                         # this process's chunks
     ball = net.setdefault("ball", {"batches": 0, "max_excess": 0.0})
-    t0 = time.time()
-    for start in range(0, len(labels), args.batch_size):
+    re_attacked, t0 = 0, time.time()
+    for chunk, start in enumerate(range(0, len(labels), args.batch_size)):
+        if chunk % world != rank:
+            continue
         x = to_float(images[start:start + args.batch_size]).contiguous(
             memory_format=torch.channels_last)  # measured 1.5x faster convolutions on CPU too
         y = labels[start:start + args.batch_size]
+        draws = Stream(key, index[start:start + len(y)])
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-            x_adv, still = run_loss(fast, x, y, eps, loss, generator, b, args, stats)
+            x_adv, still = run_loss(fast, x, y, eps, loss, draws, b, args, stats)
             if fast is not clf:
                 with torch.no_grad():
                     still &= clf(x_adv).argmax(1) == y                      # robust claims, on clf
                     unsure = (~still).nonzero().squeeze(1)
                     unsure = unsure[clf(x_adv[unsure]).argmax(1) == y[unsure]]   # not fooled, really
                 if len(unsure):
-                    net["re_attacked"] += len(unsure)
+                    re_attacked += len(unsure)                              # the stream continues
                     x_adv[unsure], still[unsure] = run_loss(clf, x[unsure], y[unsure], eps, loss,
-                                                            generator, b, args)
+                                                            draws.subset(unsure), b, args)
         # the eps-ball and the box, on every batch: ||x_adv - x||_inf <= eps, 0 <= x_adv <= 1
         excess = max(float((x_adv - x).abs().amax()) - eps if len(y) else 0.0,
                      -float(x_adv.min()) if len(y) else 0.0, float(x_adv.max()) - 1 if len(y) else 0.0)
         ball["batches"] += 1
         ball["max_excess"] = max(ball["max_excess"], excess)
         robust[start:start + len(y)] = still
+        mine[start:start + len(y)] = True
         if adv is not None:
             adv[start:start + len(y)] = x_adv.float()
-        if progress:
-            progress(loss, eps, start + len(y), len(labels), robust[:start + len(y)], time.time() - t0)
+        if progress:                                # this process's chunks; seen: the chunk's end
+            progress(loss, eps, start + len(y), len(labels), robust[mine], time.time() - t0)
+    if world > 1:
+        robust = all_sum(robust) > 0
+        re_attacked = int(all_sum(torch.tensor(re_attacked, device=images.device)))
+        if adv is not None:
+            adv[~mine] = 0
+            root_sum(adv)                                                   # only rank 0 saves it
+        if progress and len(labels) and not mine[-1]:   # the last chunk was another's: the row's end
+            progress(loss, eps, len(labels), len(labels), robust, time.time() - t0)
+    net["re_attacked"] += re_attacked
     return robust
 
 
@@ -1263,8 +1386,8 @@ def cascade(net, images, labels, args, eps, losses, natural, progress, stats=Non
         idx = alive.nonzero().squeeze(1)
         t0, before = time.time(), net["re_attacked"]
         part = None if adv is None else torch.empty((len(idx), *images.shape[1:]), device=images.device)
-        robust = attack_split(net, images[idx], labels[idx], args, eps, loss, args.seed, progress,
-                              part, None if loss == "square" else stats) if len(idx) else alive[idx]
+        robust = attack_split(net, images[idx], labels[idx], args, eps, loss, args.seed, progress, part,
+                              None if loss == "square" else stats, index=idx) if len(idx) else alive[idx]
         alive[idx] = robust
         newly = idx[~robust & natural[idx]]                                # fooled here, clean-correct
         fooled_by[newly] = i
@@ -1347,11 +1470,11 @@ def random_search(clf, x, y, eps, points, generator):
     with torch.no_grad():
         still = clf(x).argmax(1) == y
         for _ in range(points):
-            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             idx = still.nonzero().squeeze(1)
+            noise = uniform_like(generator, x, idx)
             if not len(idx):
                 break
-            xr = (x[idx] + (2 * noise[idx] - 1) * eps).clamp(0, 1)
+            xr = (x[idx] + (2 * noise - 1) * eps).clamp(0, 1)
             still[idx] = clf(xr).argmax(1) == y[idx]
     return still
 
@@ -1361,7 +1484,10 @@ class Budget:
     the start of all checks, less 15% kept for the estimates' error: each gets an equal part of
     what is left when it starts, and takes chunks of images sized by the time one image took so
     far (the first chunk is one image and always runs; a chunk is never started that its estimate
-    says would end past the check's deadline)."""
+    says would end past the check's deadline).  Under torchrun the chunks are one image, then
+    min(--batch-size, 64) each (so that every process cuts the same chunks as one process does),
+    process r takes the chunks r, r + W, ..., and each process stops on its own estimate; the
+    checks sum their parts over the processes."""
 
     def __init__(self, args, attack_seconds, names, t_begin):
         self.end = t_begin + (0.85 * args.check_budget * attack_seconds if args.check_budget > 0 else math.inf)
@@ -1372,24 +1498,36 @@ class Budget:
         self.left.remove(name)
         t_start = time.time()
         deadline = t_start + (self.end - t_start) / (len(self.left) + 1)
-        done, size = 0, 1
-        while done < len(idx):
-            yield idx[done:done + size]
-            done += len(idx[done:done + size])
+        rank, world = DIST["rank"], DIST["world"]
+        at, chunk, done, size = 0, 0, 0, 1                  # at: the next chunk's start in idx
+        while at < len(idx):
+            part, at, chunk = idx[at:at + size], at + size, chunk + 1
+            if (chunk - 1) % world != rank:
+                size = self.cap
+                continue
+            yield part
+            done += len(part)
             per_image = (time.time() - t_start) / done
-            print(f"check {name:<24} {done:>6}/{len(idx):<6} {fmt_time(time.time() - self.t0):>9}", flush=True)
+            print(f"check {name:<24} {min(at, len(idx)) if world > 1 else done:>6}/{len(idx):<6} "
+                  f"{fmt_time(time.time() - self.t0):>9}", flush=True)
             room = (deadline - time.time()) / max(per_image, 1e-9)
-            if room < 1:
+            if room < (1 if world == 1 else self.cap):              # torchrun: its next chunk, whole
                 break
-            size = int(min(self.cap, room))
+            size = int(min(self.cap, room)) if world == 1 else self.cap
 
 
 def run_checks(net, images, labels, args, losses, results, natural, runs, eps, attack_seconds, stats):
     """Sanity checks (Carlini et al. 2019; Croce & Hein 2020), each able to fail and stored with
     its numbers.  runs: [(D, eps, raw robust mask, fooled_by)] from the headline attack; natural:
     the first D's clean-correct mask; eps: the first eps > 0 (None: none).  The checks that attack
-    again use the first --check-images images and the first D, under --check-budget."""
+    again use the first --check-images images and the first D, under --check-budget.  Under
+    torchrun every process runs this on the same gathered masks and rows; the tallies each
+    process keeps (stats, the ball, the checks' parts) are summed over the processes first."""
     tol, checks, grad, t_begin = args.tolerance, {}, [l for l in losses if l != "square"], time.time()
+    if DIST["world"] > 1:                                   # the headline's PGD runs, all processes
+        keys = ("runs", "rose", "not_finite")
+        stats = dict(zip(keys, all_sum(torch.tensor([stats.get(k, 0) for k in keys],
+                                                    device=labels.device)).tolist()))
     # robust <= natural, on the raw masks (nothing ANDed with natural accuracy before)
     bad = sum(int((m & ~natural).sum()) for D, e, m, _ in runs if D == runs[0][0])
     checks["robust_le_natural"] = {"ok": bad == 0, "robust_but_misclassified": bad}
@@ -1421,11 +1559,17 @@ def run_checks(net, images, labels, args, losses, results, natural, runs, eps, a
         checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
                                          "natural": share(clean), "robust_at_eps_0": share(at0)}
         counts, every, n_correct = dict.fromkeys(grad, 0), 0, 0
-        for i in range(0, len(y), args.batch_size):
+        for chunk, i in enumerate(range(0, len(y), args.batch_size)):
+            if chunk % DIST["world"] != DIST["rank"]:                       # torchrun: its chunks
+                continue
             c, e, k = zero_gradient_counts(net["clf"], to_float(x[i:i + args.batch_size]),
                                            y[i:i + args.batch_size], grad)
             counts = {l: counts[l] + c[l] for l in grad}
             every, n_correct = every + e, n_correct + k
+        if DIST["world"] > 1:
+            *c, every, n_correct = all_sum(torch.tensor([*counts.values(), every, n_correct],
+                                                        device=labels.device)).tolist()
+            counts = dict(zip(grad, c))
         checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": n_correct,
                                          "every_loss": every / max(1, n_correct),
                                          **{l: v / max(1, n_correct) for l, v in counts.items()}}
@@ -1437,7 +1581,11 @@ def run_checks(net, images, labels, args, losses, results, natural, runs, eps, a
     checks["near_zero_at_large_eps"] = check_large_eps(net, x, y, args, losses, clean, budget)
     if eps is not None and grad:
         checks.update(check_doubling(net, x, y, args, eps, grad, runs, budget))
-    ball = net.get("ball", {"batches": 0, "max_excess": 0.0})
+    ball = dict(net.get("ball", {"batches": 0, "max_excess": 0.0}))
+    if DIST["world"] > 1:                                   # each process measured its own batches
+        ball["batches"] = int(all_sum(torch.tensor(ball["batches"], device=labels.device)))
+        ball["max_excess"] = float(all_max(torch.tensor(ball["max_excess"], dtype=torch.float64,
+                                                        device=labels.device)))
     checks["in_ball"] = {"ok": ball["max_excess"] <= 1e-6, "batches": ball["batches"],
                          "max_excess": ball["max_excess"], "tolerance": 1e-6}
     for name, c in checks.items():
@@ -1453,11 +1601,15 @@ def check_random(net, x, y, args, eps, runs, clean, budget):
     attacked = next(m for D, e, m, _ in runs if e == eps)[:len(y)] & clean
     found = torch.ones_like(clean)
     points = args.steps + 1
-    generator = torch.Generator(device=x.device).manual_seed(args.seed + 3)
+    key = stream_key(args.seed + 3)
     covered = torch.zeros_like(clean)
     for part in budget.chunks("beats_random_search", torch.arange(len(y), device=y.device)):
-        found[part] = random_search(net["clf"], to_float(x[part]), y[part], eps, points, generator)
+        found[part] = random_search(net["clf"], to_float(x[part]), y[part], eps, points,
+                                    Stream(key, part))
         covered[part] = True
+    if DIST["world"] > 1:                                   # the parts of every process
+        fooled = all_sum(covered & ~found) > 0
+        covered, found = all_sum(covered) > 0, ~fooled
     a, r = share(attacked[covered]), share(found[covered] & clean[covered])
     random_only = int((~found & attacked & covered).sum())
     return {"ok": a < r or random_only == 0, "eps": eps, "images": int(covered.sum()),
@@ -1473,8 +1625,11 @@ def check_large_eps(net, x, y, args, losses, clean, budget):
             idx = part[alive[part]]
             if len(idx):
                 alive[idx] &= attack_split(net, x[idx], y[idx], args, args.large_eps, loss,
-                                           args.seed, step=step, restarts=1)
+                                           args.seed, index=idx, shard=False, step=step, restarts=1)
         covered[part] = True
+    if DIST["world"] > 1:
+        fooled = all_sum(covered & ~alive) > 0
+        covered, alive = all_sum(covered) > 0, clean & ~fooled
     robust = share(alive[covered])
     return {"ok": robust <= 0.05, "eps": args.large_eps, "images": int(covered.sum()),
             "robust_accuracy": robust, "threshold": 0.05}
@@ -1497,8 +1652,10 @@ def check_doubling(net, x, y, args, eps, grad, runs, budget):
                 idx = alive.nonzero().squeeze(1)
                 if len(idx):
                     alive[idx] &= attack_split(net, x[part[idx]], y[part[idx]], args, eps, loss, seed,
-                                               **budget_kw)
+                                               index=part[idx], shard=False, **budget_kw)
             extra, covered = extra + int((~alive).sum()), covered + len(part)
+        if DIST["world"] > 1:                               # the parts of every process
+            extra, covered = all_sum(torch.tensor([extra, covered], device=y.device)).tolist()
         drop = extra / covered * len(survivors) / len(y) if covered else 0.0
         out[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
                      "survivors": len(survivors), "survivors_attacked": covered, "extra_fooled": extra,
@@ -1507,12 +1664,146 @@ def check_doubling(net, x, y, args, eps, grad, runs, budget):
     return out
 
 
+# --------------------------------------------------------------------------------------
+# torchrun (README "attack.py under torchrun"): every process holds the whole test split and
+# attacks every W-th chunk of each row (attack_split); the masks are summed over the processes
+# after each row, so every process then holds the full result and runs the same cascade and
+# checks on it.  Rank 0 alone takes the lock, prints, and writes the result, log and --save-adv.
+# --------------------------------------------------------------------------------------
+DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")                # set by torchrun for each process
+
+
+def torchrun_env():
+    """-> (rank, local rank, world size) when torchrun started this process (WORLD_SIZE, RANK and
+    LOCAL_RANK all set), else None: a plain run, unchanged."""
+    if not all(v in os.environ for v in TORCHRUN_VARS):
+        return None
+    try:
+        world, rank, local = (int(os.environ[v]) for v in TORCHRUN_VARS)
+    except ValueError:
+        world = rank = local = -1
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as "
+             "torchrun sets them); unset them for a plain run")
+    return rank, local, world
+
+
+def start_torchrun(args, env):
+    """Join the process group: gloo on the CPU, nccl on CUDA with this process on GPU LOCAL_RANK.
+    --dist-timeout bounds every wait for the other processes (the rendezvous, each sum)."""
+    rank, local, world = env
+    cuda = pick_device(args.device).type == "cuda"      # --device cuda without CUDA: exit 2 here
+    if cuda:
+        if local >= torch.cuda.device_count():
+            fail(f"LOCAL_RANK {local}, but torch sees {torch.cuda.device_count()} CUDA devices; "
+                 f"start at most that many processes per node (--nproc_per_node)")
+        torch.cuda.set_device(local)                    # "cuda" below means cuda:LOCAL_RANK
+    backend = "nccl" if cuda else "gloo"
+    try:
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(minutes=args.dist_timeout))
+    except Exception as e:                              # no peers in time, a port in use, ...
+        fail(f"torchrun: process {rank} of {world} could not join the others within "
+             f"--dist-timeout {args.dist_timeout:g} minutes ({type(e).__name__}: "
+             f"{(str(e).splitlines() or [''])[0][:120]})")
+    DIST.update(rank=rank, world=world, backend=backend,
+                device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+
+def stop_torchrun():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    DIST.clear()
+    DIST.update(rank=0, world=1)
+
+
+def all_sum(t):
+    """t summed over the processes, on every process (a bool mask -> int64 counts)."""
+    t = t.to(torch.int64) if t.dtype == torch.bool else t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def all_max(t):
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def root_sum(t):
+    """t summed over the processes into rank 0's t, in place (the others' t: undefined after)."""
+    torch.distributed.reduce(t, dst=0)
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then (if it ended well) on the others: rank 0 takes the lock and may
+    download the data before anyone reads it.  If rank 0 stops (bad input: exit 2, which it
+    explains in one line), every process stops with its exit code, silently."""
+    if DIST["world"] == 1:
+        return fn()
+    result, code = None, 0
+    if DIST["rank"] == 0:
+        try:
+            result = fn()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if code == 0:
+                code = 1
+    told = torch.tensor([code], device=DIST["device"])
+    torch.distributed.broadcast(told, 0)
+    if int(told):
+        raise SystemExit(int(told))
+    return result if DIST["rank"] == 0 else fn()
+
+
+def quiet_unless_rank0(main):
+    """Under torchrun only rank 0 speaks: the others' stdout is dropped, and their stderr is held
+    back and shown only if they end otherwise than rank 0 does by itself (success, bad input 2,
+    --strict 1, an interrupt 130): a crash of theirs still prints its traceback."""
+    def run(argv=None):
+        world, rank, local = (os.environ.get(v, "") for v in TORCHRUN_VARS)
+        if not (local.isdigit() and world.isdigit() and rank.isdigit()
+                and 0 < int(rank) < int(world)):        # rank 0, a plain run, or variables to refuse
+            return main(argv)
+        held, stdout, stderr = io.StringIO(), sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = open(os.devnull, "w"), held
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if e.code not in (None, 0, 1, 2, 130):
+                stderr.write(held.getvalue())
+            raise
+        except BaseException:
+            stderr.write(held.getvalue())
+            raise
+        finally:
+            sys.stdout.close()
+            sys.stdout, sys.stderr = stdout, stderr
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+
+
+@quiet_unless_rank0                     # torchrun: only rank 0 prints
 @guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
+    env = torchrun_env()
     if args.export:                     # write one file for other tools, attack nothing (section 7)
-        return export_main(args)
-    preflight(args, training=False)     # folder, lock: before any work
+        return export_main(args) if env is None or env[0] == 0 else None
+    if env is not None:
+        start_torchrun(args, env)
+    try:
+        return attack_main(args)
+    finally:
+        stop_torchrun()
+
+
+def prepare(args):
+    """Everything before the attack: the lock of --out (rank 0), the device, the checkpoint, the
+    test split on the device, the losses.  -> (device, clf, ckpt, images, labels, losses, Ds, M)."""
+    if DIST["rank"] == 0:
+        preflight(args, training=False)     # folder, lock: before any work
     device = setup_runtime(args, training=False)
     if device.type == "cuda":  # the batch shrinks as examples are fooled: no re-tuning per shape
         torch.backends.cudnn.benchmark = False
@@ -1539,16 +1830,23 @@ def main(argv=None):
     check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
     if len(labels) == 0:
         fail(f"no test images to attack in {args.data_dir} (--limit {args.limit})")
-    images, labels = images.to(device), labels.to(device)
+    return device, clf, ckpt, images.to(device), labels.to(device), losses, Ds, M
+
+
+def attack_main(args):
+    device, clf, ckpt, images, labels, losses, Ds, M = rank0_first(lambda: prepare(args))
+    root, world, arch = DIST["rank"] == 0, DIST["world"], ckpt["arch"]
     fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
     clf = clf.to(memory_format=torch.channels_last)
     net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0,
            "ball": {"batches": 0, "max_excess": 0.0}}
-    n, log_path = len(labels), args.out + ".log.jsonl"
+    n = len(labels)
 
     print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}"
           f"{f', {M} centres' if M else ''}) | {args.data} test, {n} images | device {device} "
-          f"amp {args.amp} | torch {torch.__version__}")
+          f"amp {args.amp} | torch {torch.__version__}"
+          + (f" | torchrun: {world} processes ({DIST['backend']}), rows: rank 0's chunks"
+             if world > 1 else ""))
     print("config: " + json.dumps(vars(args)))
     t_run = time.time()
     results, per_example, adv_runs, natural, runs, stats = evaluate(net, images, labels, args, losses, Ds)
@@ -1566,13 +1864,17 @@ def main(argv=None):
     out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
            "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
            "config": vars(args), "device": str(device), "torch": torch.__version__,
+           "world_size": world,
            "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run}
-    if args.save_adv:
-        save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
-                         "runs": adv_runs}, args.save_adv)
-    write_json(out, args.out)
-    commit_log()                        # now this run's log replaces the previous one
-    report(out)
+    if root:                            # torchrun: the others hold the same figures, write nothing
+        if args.save_adv:
+            save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
+                             "runs": adv_runs}, args.save_adv)
+        write_json(out, args.out)
+        commit_log()                    # now this run's log replaces the previous one
+        report(out)
+    else:
+        out = described(out, ATTACK_MEANING)
     if args.strict and any(c["ok"] is False for c in checks.values()):
         print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
         raise SystemExit(1)
@@ -1609,7 +1911,7 @@ def evaluate(net, images, labels, args, losses, Ds):
     print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} "
           f"{'elapsed':>9} {'ETA':>9}", flush=True)
 
-    def progress(loss, eps, seen, count, robust, seconds):            # one row per chunk
+    def progress(loss, eps, seen, count, robust, seconds):            # one row per chunk (rank 0's)
         done[0] += runs_per[loss] * (seen - done[1])
         done[1] = 0 if seen == count else seen
         elapsed = time.time() - t_run
@@ -1637,19 +1939,22 @@ def evaluate(net, images, labels, args, losses, Ds):
                        **({"targets": args.targets} if row["loss"] == "margin-t" else {}),
                        **({"queries": args.square_queries} if row["loss"] == "square" else {})}
                 results.append(row)
-                append_jsonl(log_path, row)
+                if DIST["rank"] == 0:                                       # torchrun: rank 0 writes
+                    append_jsonl(log_path, row)
+            show = progress if DIST["rank"] == 0 else None
             if args.per_loss:
                 worst, fooled_by, rows, masks = per_loss(net, images, labels, args, eps, losses, natural[D],
-                                                         progress, st, adv, emit)
+                                                         show, st, adv, emit)
             else:
                 worst, fooled_by, rows = cascade(net, images, labels, args, eps, losses, natural[D],
-                                                 progress, st, adv, emit)
+                                                 show, st, adv, emit)
             if len(losses) > 1:  # the headline: robust only if no loss and no restart fooled it
                 seconds = sum(r["seconds"] for r in rows)
                 row = {"loss": "worst-case", **common, "robust_accuracy": share(worst & natural[D]),
                        "seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
                 results.append(row)
-                append_jsonl(log_path, row)
+                if DIST["rank"] == 0:
+                    append_jsonl(log_path, row)
             runs.append((D, eps, worst, fooled_by))
             per_example.append({"eps": eps, "D": D, "index": list(range(n)),
                                 "correct": natural[D].tolist(), "robust": (worst & natural[D]).tolist(),
@@ -1918,7 +2223,8 @@ ATTACK_MEANING = (
     "(null = all). seconds: wall-clock; images_per_second: images / seconds. checks: sanity "
     "checks, ok true (passed), false (failed), null (skipped), with their numbers. examples: per "
     "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
-    "fooled it first, or null).")
+    "fooled it first, or null). world_size: the processes that shared the work (torchrun; 1 for a "
+    "plain run); it changes no figure, only seconds.")
 
 
 # --- shared: results-json ---
