@@ -4057,7 +4057,7 @@ def test_torchrun_with_2_cpu_processes_writes_the_single_process_result(
     verdicts = [r for e in one["examples"] for r in e["robust"]]
     assert True in verdicts and any(f is not None for e in one["examples"] for f in e["fooled_by"])
     assert one["checks"]["in_ball"]["batches"] > 2 * 4 and one["checks"]["beats_random_search"]["images"] == 8
-    logs = [attack.read_jsonl(str(tmp_path / name / "attack.json.log.jsonl")) for name in ("one", "two")]
+    logs = [nominal.read_jsonl(str(tmp_path / name / "attack.json.log.jsonl")) for name in ("one", "two")]
     assert without_timing(logs[1]) == without_timing(logs[0]) and len(logs[0]) == len(one["results"])
     adv = [torch.load(tmp_path / name / "adv.pt", weights_only=True) for name in ("one", "two")]
     for a, b in zip(adv[0]["runs"], adv[1]["runs"]):
