@@ -89,7 +89,7 @@ PEAKS = [
 
 ROWS = ["nominal", "magnet", "qtrades", "pgd20", "pgd100", "certify"]
 PAPER = {"train": 50000, "test": 10000, "width": 64, "classes": 10}     # CIFAR10, App. A
-TINY = {"train": 256, "test": 64, "width": 4, "classes": 10}
+TINY = {"train": 128, "test": 64, "width": 4, "classes": 10}
 # the pipeline of README "The paper's pipeline, per dataset" for CIFAR10: epochs from the stages'
 # own App. A / Sec. 4.2 defaults, one attack of each protocol, one certificate
 COUNTS = {"nominal": nominal.PAPER_DEFAULTS["cifar10"]["epochs"],
@@ -105,15 +105,15 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available")
     p.add_argument("--tiny", action="store_true",
-                   help="the same code at a small size: width 4, 256 train and 64 test images, "
+                   help="the same code at a small size: width 4, 128 train and 64 test images, "
                         "PGD-2 x 2 and PGD-4 x 2 instead of 20 x 10 and 100 x 10; projections to "
                         "that size (a check of the plumbing, seconds on a CPU)")
     p.add_argument("--width", type=int, default=None, help="ResNet18 base width; App. A: 64 (--tiny: 4)")
     p.add_argument("--train-images", type=int, default=None,
-                   help="training images to time at most (CIFAR: 50000; --tiny: 256); the seconds "
+                   help="training images to time at most (CIFAR: 50000; --tiny: 128); the seconds "
                         "are projected to the full split")
     p.add_argument("--test-images", type=int, default=None,
-                   help="test images to time at most (CIFAR: 10000; --tiny: 128)")
+                   help="test images to time at most (CIFAR: 10000; --tiny: 64)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="time budget of the whole call; rows time fewer images to fit it")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="rows to run, in this order")
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     o.full = {"train": size["train"], "test": size["test"]}
     o.train_images = min(o.train_images or size["train"], size["train"])
     o.test_images = min(o.test_images or size["test"], size["test"])
-    for flag, v, low in (("--width", o.width, 1), ("--train-images", o.train_images, 256),
+    for flag, v, low in (("--width", o.width, 1), ("--train-images", o.train_images, 128),
                          ("--test-images", o.test_images, 64), ("--minutes", o.minutes, 0)):
         if not v >= low:
             p.error(f"{flag} must be at least {low}")
