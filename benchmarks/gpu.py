@@ -406,9 +406,7 @@ def row_pgd(ctx, steps, restarts):
     if o.amp is not None:
         args.amp = o.amp and dev.type == "cuda"
     args.compile = o.compile
-    model = attack.build_model(attack.arch_entry(o.width, 3),
-                               {"num_classes": PAPER["classes"], "mean": ctx.mean, "std": ctx.std},
-                               with_head=False).to(dev)
+    model = new_resnet(attack, ctx, head=False)       # a clustering checkpoint's network
     clf = attack.Classifier(model, random_clusters(model, ctx)).to(dev).eval()
     for p in clf.parameters():                        # as read_classifier leaves it
         p.requires_grad_(False)
