@@ -207,6 +207,75 @@ def parse_with_fractions(parser, argv):
     return parser.parse_args(merged)
 # --- end shared: eps ---
 
+# --- shared: compile ---
+# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
+# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
+COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+
+
+def add_compile_arg(g):
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
+                        "is given; aot_eager: the same graphs, no generated code); the same results "
+                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
+                        "or without gradients) compiles at its first call and first backward: their "
+                        "times are printed and logged as compile_seconds. Default: eager")
+
+
+def compile_features(model, backend):
+    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
+    through it) replaced on this instance by its torch.compile form, so that the module, its
+    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
+    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
+    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
+    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
+    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
+    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
+    backward through it (the backward graph compiles when it first runs) are timed (synchronised
+    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
+    COMPILED.clear()
+    if not backend:
+        return model
+    compiled = torch.compile(model.features, backend=backend)
+
+    def timed(kind, t0, tensor):
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        COMPILED[kind] = time.time() - t0
+        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
+              f"backend {backend})", flush=True)
+
+    def features(x):                                                # x: [B, C, H, W] in [0, 1]
+        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
+        if kind in COMPILED:
+            return compiled(x)
+        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
+            torch._dynamo.mark_dynamic(x, 0)
+        t0 = time.time()
+        out = compiled(x)                                           # [B, 8w]
+        timed(kind, t0, out)
+        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
+            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
+            start = []
+
+            def begin(grad):
+                start.append(time.time())
+
+            def end(grad):
+                if start and kind + ", backward" not in COMPILED:
+                    timed(kind + ", backward", start[0], grad)
+            out.register_hook(begin)
+            leaf.register_hook(end)
+        return out
+    model.features = features
+    return model
+
+
+def compile_seconds():
+    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
+    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+# --- end shared: compile ---
+
 
 def parse_D(text):
     """--D values: a positive integer (the D nearest centres, Sec. 4.2) or 'all'."""
@@ -313,6 +382,7 @@ def parse_args(argv=None):
                         "waits for the others (to join, and at each row's sum, i.e. for the "
                         "slowest chunk) before it stops with an error; torch's own default for "
                         "gloo")
+    add_compile_arg(g)
     args = parse_with_fractions(p, argv)
     if args.steps < 0 or args.restarts < 1 or (args.targets is not None and args.targets < 1) \
             or args.batch_size < 1 or args.square_queries < 0 or args.check_budget < 0:
@@ -1838,6 +1908,7 @@ def attack_main(args):
     root, world, arch = DIST["rank"] == 0, DIST["world"], ckpt["arch"]
     fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
     clf = clf.to(memory_format=torch.channels_last)
+    compile_features((clf if fast is None else fast).model, args.compile)  # --compile: the attacked f(x)
     net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0,
            "ball": {"batches": 0, "max_excess": 0.0}}
     n = len(labels)
@@ -1865,7 +1936,8 @@ def attack_main(args):
            "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
            "config": vars(args), "device": str(device), "torch": torch.__version__,
            "world_size": world,
-           "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run}
+           "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run,
+           **compile_seconds()}
     if root:                            # torchrun: the others hold the same figures, write nothing
         if args.save_adv:
             save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),

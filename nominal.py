@@ -155,6 +155,75 @@ def defaults_table(defaults, title):
     return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: train-args ---
 
+# --- shared: compile ---
+# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
+# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
+COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+
+
+def add_compile_arg(g):
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
+                        "is given; aot_eager: the same graphs, no generated code); the same results "
+                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
+                        "or without gradients) compiles at its first call and first backward: their "
+                        "times are printed and logged as compile_seconds. Default: eager")
+
+
+def compile_features(model, backend):
+    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
+    through it) replaced on this instance by its torch.compile form, so that the module, its
+    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
+    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
+    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
+    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
+    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
+    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
+    backward through it (the backward graph compiles when it first runs) are timed (synchronised
+    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
+    COMPILED.clear()
+    if not backend:
+        return model
+    compiled = torch.compile(model.features, backend=backend)
+
+    def timed(kind, t0, tensor):
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        COMPILED[kind] = time.time() - t0
+        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
+              f"backend {backend})", flush=True)
+
+    def features(x):                                                # x: [B, C, H, W] in [0, 1]
+        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
+        if kind in COMPILED:
+            return compiled(x)
+        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
+            torch._dynamo.mark_dynamic(x, 0)
+        t0 = time.time()
+        out = compiled(x)                                           # [B, 8w]
+        timed(kind, t0, out)
+        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
+            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
+            start = []
+
+            def begin(grad):
+                start.append(time.time())
+
+            def end(grad):
+                if start and kind + ", backward" not in COMPILED:
+                    timed(kind + ", backward", start[0], grad)
+            out.register_hook(begin)
+            leaf.register_hook(end)
+        return out
+    model.features = features
+    return model
+
+
+def compile_seconds():
+    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
+    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+# --- end shared: compile ---
+
 
 
 def parse_args(argv=None):
@@ -191,6 +260,7 @@ def parse_args(argv=None):
                    help="stop cleanly after epoch N, as if interrupted (for --resume)")
     g.add_argument("--slim", action="store_true",
                    help="drop optimizer/RNG state from the final checkpoint (no resume; smaller)")
+    add_compile_arg(g)
     args = p.parse_args(argv)
     for key, value in PAPER_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
@@ -204,7 +274,7 @@ def parse_args(argv=None):
 
 # Arguments that do not change the trained weights: a resume may differ in these.
 NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
-               "overwrite"}
+               "overwrite", "compile"}
 
 
 # --- shared: runtime ---
@@ -933,6 +1003,7 @@ def main(argv=None):
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
@@ -982,7 +1053,7 @@ def main(argv=None):
         eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / n,
                    "test_accuracy": test_acc, "lr": lr, "seconds": seconds,
-                   "images_per_second": n / seconds}
+                   "images_per_second": n / seconds, **compile_seconds()}
         final = epoch + 1 == args.epochs
         save_checkpoint(make_checkpoint(model, opt, generator, args, info, epoch + 1, metrics,
                                         slim=args.slim and final), args.out)

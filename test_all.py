@@ -4093,3 +4093,172 @@ def test_bad_input_under_torchrun_exits_2_on_every_process_with_one_line(
     assert err.strip() == f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"
     assert other.returncode == 2 and out_1 == err_1 == ""
     assert sorted(os.listdir(tmp_path)) == [] and attack.DIST == {"rank": 0, "world": 1}
+
+
+# ======================================================================================
+# ==== issue 15: the GPU benchmark, --compile, the CUDA layout and precision paths ====
+# ======================================================================================
+
+def resnet18_flops(width, classes, size=32, channels=3):
+    """2 x the multiply-adds of one image through the CIFAR ResNet18 of App. A, by layer from its
+    shapes alone: (all convolutions, the stem convolution, the linear head)."""
+    stem = 2 * channels * width * 9 * size * size
+    convs, hw, c_in = stem, size, width
+    for i, c_out in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        for block in range(2):
+            stride = 2 if i > 0 and block == 0 else 1
+            hw //= stride
+            convs += 2 * c_in * c_out * 9 * hw * hw + 2 * c_out * c_out * 9 * hw * hw
+            if stride != 1 or c_in != c_out:                        # 1x1 projection shortcut
+                convs += 2 * c_in * c_out * hw * hw
+            c_in = c_out
+    return convs, stem, 2 * 8 * width * classes
+
+
+@pytest.mark.smoke
+def test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row(tmp_path):
+    """benchmarks/gpu.py --tiny --device cpu: every row printed and in the JSON with finite
+    numbers; the nominal row's FLOPs equal a count from the layer shapes (a training image: the
+    forward, the input and weight gradients of every layer but the stem's input gradient; a test
+    image: the forward)."""
+    out = tmp_path / "gpu.json"
+    code, stdout, stderr = run_script("benchmarks/gpu.py", "--tiny", "--device", "cpu", "--out", out)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["key"] for r in rows] == ["nominal", "magnet", "qtrades", "pgd20", "pgd100", "certify"]
+    assert result["complete"] and result["device"] == "cpu" and result["peaks"] is None
+    lines = stdout.splitlines()
+    for r in rows:
+        printed = [l for l in lines if l.startswith(r["label"] + " ")]
+        assert len(printed) == 1, (r["label"], stdout)
+        assert printed[0].split()[-1] == f"{r['pipeline_seconds']:.1f}"
+        for key in ("images", "seconds", "images_per_second", "full_seconds", "flops", "tflops",
+                    "pipeline_seconds"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["key"], key, r[key])
+        assert math.isfinite(r["first_call_seconds"]) and r["compile_seconds"] == 0
+        assert r["share_of_peak"] is None and r["precision"] == "fp32" and not r["amp"]
+        assert r["pipeline_seconds"] == pytest.approx(r["full_seconds"] * r["count"])
+        assert r["tflops"] == pytest.approx(r["flops"] / r["seconds"] / 1e12)
+        assert r["full_seconds"] == pytest.approx(r["seconds"])   # all of --tiny's size was timed
+    assert result["pipeline_seconds"] == pytest.approx(sum(r["pipeline_seconds"] for r in rows))
+    assert [r["count"] for r in rows] == [nominal.PAPER_DEFAULTS["cifar10"]["epochs"],
+                                          magnet.PAPER_DEFAULTS["cifar10"]["epochs"],
+                                          qtrades.PAPER_DEFAULTS["cifar10"]["epochs"], 1, 1, 1]
+    assert all(r["not_fooled"] == 1 for r in rows if r["key"].startswith("pgd"))   # eps 0: full work
+    convs, stem, head = resnet18_flops(result["settings"]["width"], 10)
+    n = rows[0]
+    assert n["flops"] == pytest.approx(n["images"] * (3 * (convs + head) - stem)
+                                       + n["test_images"] * (convs + head), rel=1e-9)
+
+
+def fake_compile(calls):
+    """torch.compile stand-in that records what it was given and calls it unchanged."""
+    def compile(fn, backend="inductor", **kwargs):
+        record = {"module": fn.__self__, "backend": backend, "calls": 0}
+        calls.append(record)
+
+        def run(x):
+            record["calls"] += 1
+            return fn(x)
+        return run
+    return compile
+
+
+def same_record(a, b):
+    timing = {"seconds", "images_per_second", "cluster_seconds", "compile_seconds"}
+    return {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+@pytest.mark.wiring
+def test_compile_flag_reaches_the_network_each_stage_trains_and_attacks(
+        nominal_run, magnet_run, qtrades_runs, clustering_ckpt, image_folder, tmp_path, capsys, monkeypatch):
+    """--compile BACKEND hands the f(x) of the network that trains (whose weights are saved) or
+    that attack.py attacks (the batch-norm-folded copy) to torch.compile with that backend; every
+    kind of call of the loop goes through it (first calls reported, compile_seconds logged), and
+    the run is the eager run's: epoch 1 of each stage equals the shared fixtures' epoch 1."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", fake_compile(calls))
+
+    def check(record, ckpt_path, kinds):
+        out = capsys.readouterr().out
+        assert len(calls) == 1 and calls[0]["backend"] == "aot_eager" and calls[0]["calls"] > 0
+        for kind in kinds:
+            assert f"compile: f(x) {kind}: first call" in out, (kind, out)
+        assert "compile_seconds" in record
+        if ckpt_path:
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+            trained = calls[0]["module"].state_dict()
+            assert saved.keys() == trained.keys()
+            assert all(torch.equal(saved[k], trained[k]) for k in saved)
+        calls.clear()
+
+    def log(path, epoch):
+        with open(path + ".log.jsonl") as f:
+            return next(r for r in map(json.loads, f) if r["epoch"] == epoch)
+
+    out = str(tmp_path / "n.pt")
+    nominal.main(["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "1",
+                  "-b", "32", "--out", out, "--compile", "aot_eager"])
+    assert same_record(log(out, 1), log(nominal_run[1], 1))
+    check(log(out, 1), out, ["train, gradients", "train, gradients, backward", "eval"])
+    out = str(tmp_path / "m.pt")
+    magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 1, "--compile", "aot_eager"))
+    assert same_record(log(out, 1), log(magnet_run[1], 1)) and same_record(log(out, 0), log(magnet_run[1], 0))
+    check(log(out, 1), out, ["eval", "train, gradients", "train, gradients, backward"])
+    for loss, kinds in (("magnet", ["eval", "eval, gradients", "eval, gradients, backward", "train, gradients"]),
+                        ("ce", ["eval", "eval, gradients", "train, gradients, backward"])):
+        out = str(tmp_path / f"q{loss}.pt")
+        qtrades.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 1,
+                                 "--loss", loss, "--compile", "aot_eager"))
+        assert same_record(log(out, 1), log(qtrades_runs[loss][1], 1))
+        check(log(out, 1), out, kinds)
+    common = ["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--limit", "20", "--steps", "3",
+              "--loss", "ce", "--no-checks"]
+    compiled = attack.main(common + ["--out", str(tmp_path / "c.json"), "--compile", "aot_eager"])
+    folded = calls[0]["module"]
+    assert isinstance(folded.bn1, nn.Identity) and folded.conv1.bias is not None   # --fold-bn's copy
+    check(compiled, None, ["eval", "eval, gradients", "eval, gradients, backward"])
+    eager = attack.main(common + ["--out", str(tmp_path / "e.json")])
+    assert not calls and "compile_seconds" not in eager
+    assert compiled["examples"] == eager["examples"]
+    assert [same_record(a, b) for a, b in zip(compiled["results"], eager["results"])] == [True]
+
+
+@pytest.mark.oracle
+def test_compiled_training_step_and_attack_gradient_equal_eager(own_rng):
+    """Real torch.compile (backend aot_eager: Dynamo's graphs and AOTAutograd's forward and
+    backward, as inductor receives them, without generating code; the default inductor costs
+    minutes per graph on this CPU): two nominal.py training steps give the eager losses and
+    weights, and attack.py's objective and its input gradient (each PGD step) the eager ones,
+    within float rounding."""
+    torch.manual_seed(0)
+    eager = nominal.ResNet18(3, 4, 3, [0.5] * 3, [0.25] * 3)
+    compiled = copy.deepcopy(eager)
+    nominal.compile_features(compiled, "aot_eager")
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=g),
+             torch.randint(0, 3, (64,), generator=g))
+    args = nominal.parse_args(["--data", "cifar10", "-b", "32"])   # 2 steps; App. A crops and flips
+    args.amp = False                                               # as setup_runtime on a CPU
+    sums = []
+    for model in (eager, compiled):
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        loss_sum, correct, n = nominal.train_one_epoch(model, opt, train, args, torch.Generator().manual_seed(2),
+                                                       torch.device("cpu"))
+        sums.append((float(loss_sum), int(correct), n))
+    assert sums[0][1:] == sums[1][1:] and sums[0][0] == pytest.approx(sums[1][0], rel=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    assert set(nominal.COMPILED) == {"train, gradients", "train, gradients, backward"}
+    clfs = [attack.Classifier(m).eval() for m in (eager, compiled)]
+    x = nominal.to_float(train[0][:16]).requires_grad_(True)
+    y = train[1][:16]
+    grads = []
+    for clf in clfs:
+        obj, log_p = attack.objective(clf, x, y, "margin")
+        grads.append((obj.detach(), torch.autograd.grad(obj.sum(), x)[0]))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-3, atol=1e-6)
+    assert torch.equal(grads[0][1].sign(), grads[1][1].sign())       # the PGD step itself
+    assert set(nominal.COMPILED) >= {"eval, gradients", "eval, gradients, backward"}
