@@ -90,17 +90,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
+    """The command line -> checked args (bad input: one line, exit code 2)."""
     p = argparse.ArgumentParser(
         prog="synthetic.py",
         description="ClusTR's controlled experiment (Sec. 4.1, Fig. 3): Magnet loss (Eq. (3)) from "
                     "random weights vs. ClusTR's warm start, on two 2-D datasets; exact Lipschitz "
                     "constant and Prop. 1 certified accuracy vs. radius, over several seeds.",
         formatter_class=HelpFormatter)
+    add_common_args(p)
+    add_experiment_args(p)
+    return check_args(p.parse_args(argv))
+
+
+def add_common_args(p):
+    """The one flag shared with the image stages: --seed."""
     # The common image flags of README "Flags" (--data, --width, --limit, --device, ...) do not
     # apply: no images, no ResNet, always the CPU.
     g = p.add_argument_group("common")
     g.add_argument("--seed", type=int, default=0,
                    help="first seed; seed s generates the data and the initial weights of its runs")
+
+
+def add_experiment_args(p):
+    """Sec. 4.1's experiment: data, network, the two runs' training, the certified-accuracy curve."""
     g = p.add_argument_group("experiment (Sec. 4.1; the paper gives no hyper-parameters for it)")
     g.add_argument("--seeds", type=int, default=5,
                    help="number of seeds (--seed, --seed+1, ...): results are mean and std over them")
@@ -138,7 +150,10 @@ def parse_args(argv=None):
                    help="points of the certified-accuracy curve, 0 to the largest radius seen")
     g.add_argument("--table-radii", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
                    help="radii (input units) at which the summary table shows certified accuracy")
-    args = p.parse_args(argv)
+
+
+def check_args(args):
+    """--warm-steps' run-time default, then bad input -> one line, exit code 2."""
     if args.warm_steps is None:
         args.warm_steps = args.steps // 2
     if args.seeds < 1 or args.steps < 1:
@@ -154,197 +169,8 @@ def parse_args(argv=None):
     return args
 
 
-# --- shared: runtime ---
-def fail(message):
-    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def fmt_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-# --- end shared: runtime ---
-
-# --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
-# any work; a fresh log that waits beside the old one until the run has written --out; and a
-# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
-RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
-
-
-def preflight(args, training):
-    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
-    proves the folder writable), and for a training stage refuse an existing checkpoint unless
-    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
-    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
-    stopped before that leaves the previous run's files as they were."""
-    out = args.out
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
-    resume = training and args.resume is not None
-    if training and not resume and os.path.exists(out) and not args.overwrite:
-        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
-             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
-               replacing=training and not resume and os.path.exists(out))   # with --overwrite
-    take_lock(out + ".lock")
-    if not resume:
-        log = out + ".log.jsonl"
-        RUN["staged"] = {log: log + ".partial"}
-        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
-            os.remove(log + ".partial")
-
-
-def take_lock(path):
-    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
-    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
-    killed run) is stale: it is taken over with a note."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = lock_owner(path)
-            if pid is not None and pid_alive(pid):
-                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
-                     f"to end or choose another --out")
-            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
-                 f"({e.strerror or e}); make it writable or choose another --out")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        RUN["lock"] = path
-        return
-    fail(f"could not take the lock {path}: other runs keep taking it; try again")
-
-
-def lock_owner(path):
-    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
-    for _ in range(2):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.2)                                             # a run may be writing it now
-    return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)                                             # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                         # alive, another user's
-        return True
-    return True
-
-
-def release_lock():
-    path = RUN.pop("lock", None)
-    if path is not None and lock_owner(path) == os.getpid():
-        os.remove(path)
-
-
-def commit_log():
-    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
-    for log, staged in RUN.pop("staged", {}).items():
-        if os.path.exists(staged):
-            os.replace(staged, log)
-        elif os.path.exists(log):
-            os.remove(log)
-
-
-def interrupted():
-    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
-    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
-        else os.path.basename(__file__)
-    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
-    if out is None:
-        return "interrupted before the run started; nothing was written"
-    if not RUN["training"]:
-        staged = next(iter(RUN.get("staged", {}).values()), None)
-        return (f"interrupted; {out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
-                + f"; run it again with: {again}")
-    epochs = RUN.get("epochs", {})
-    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
-    if epoch is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
-                f"its log are as before); run it again with: {again}")
-    argv = [a for a in argv if a != "--overwrite"]
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        argv.append("--resume")
-    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
-            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
-
-
-def guarded(main):
-    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
-    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
-    def run(argv=None):
-        RUN.clear()
-        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-        try:
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:                                          # not the main thread
-            previous = None
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        finally:
-            release_lock()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
-# --- end shared: run-files ---
-
-# --- shared: save-results ---
-def save_results(obj, path):
-    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
-    the previous complete file; then this run's log replaces the previous one."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    commit_log()
-# --- end shared: save-results ---
-
-
 # ======================================================================================
-# 2. Data: two binary 2-D sets, generated with a seed (no download)
+# 2. Data and model: two binary 2-D sets made with a seed (no download); the net of Sec. 4.1
 # ======================================================================================
 
 def make_moons(n, noise, rng):
@@ -381,9 +207,7 @@ def make_dataset(name, n, noise, seed):
                  for a in (x, y, xt, yt))
 
 
-# ======================================================================================
-# 3. Model: the 3-layer ReLU feature map of Sec. 4.1 (and the warm start's linear head)
-# ======================================================================================
+# ---- the model: f of Sec. 4.1 (and the warm start's linear head) -----------------------
 
 def feature_net(hidden=20, d=2):
     """f: R^2 -> R^d, 2 -> hidden -> hidden -> d with ReLU (Sec. 4.1: 3 layers, 20 hidden units).
@@ -393,42 +217,8 @@ def feature_net(hidden=20, d=2):
 
 
 # ======================================================================================
-# 4. The method: Magnet loss (Eq. (3)), exact Lipschitz constant, Prop. 1 radii
+# 3. The method: exact Lipschitz constant (Sec. 4.1), Prop. 1 radii, Magnet loss (Eq. (3))
 # ======================================================================================
-
-# --- shared: magnet-loss ---
-def magnet_loss(features, cluster_ids, class_ids, alpha):
-    """ClusTR Eq. (3), the Magnet loss (Rippel et al. 2016, Eq. (5)), in its stochastic batch form
-    (App. A "Magnet Loss"): the cluster means are the batch means of the sampled clusters.
-
-        L = 1/N sum_n { alpha + ||r_n - mu(r_n)||^2 / (2 sigma^2)
-                        + log sum_{mu: class(mu) != c_n} exp(-||r_n - mu||^2 / (2 sigma^2)) }_+
-        sigma^2 = 1/(N - 1) sum_n ||r_n - mu(r_n)||^2          (over the batch)
-
-    features r [N, d]; cluster_ids [N] (any integer ids; the rows of one id form one cluster);
-    class_ids [N].  The denominator runs over clusters of *other classes only*: same-class
-    clusters are masked with -inf before the logsumexp (no exp(0) = 1 terms sneak in), and the
-    logsumexp keeps far-away clusters from underflowing.  sigma^2 is a function of the batch, so
-    gradients flow through it as through the rest of Eq. (3).
-    -> (mean loss, per-example losses [N], sigma^2 as a 0-d tensor)."""
-    if features.dtype not in (torch.float32, torch.float64):
-        features = features.float()                                        # bf16 under autocast
-    ids, member = torch.unique(cluster_ids, return_inverse=True)           # m clusters; [N] -> 0..m-1
-    m = len(ids)
-    counts = features.new_zeros(m).index_add_(0, member, features.new_ones(len(member)))  # [m]
-    mu = features.new_zeros(m, features.shape[1]).index_add_(
-        0, member, features) / counts[:, None]                             # [m, d] batch means
-    mu_class = torch.zeros(m, dtype=class_ids.dtype, device=features.device).scatter_(
-        0, member, class_ids)                                              # [m] class of each cluster
-    sq_dist = (features[:, None, :] - mu[None, :, :]).pow(2).sum(-1)       # [N, m] ||r_n - mu_k||^2
-    own = sq_dist.gather(1, member[:, None]).squeeze(1)                    # [N] ||r_n - mu(r_n)||^2
-    sigma2 = own.sum() / (len(features) - 1)                               # Eq. (3) sigma^2
-    other = mu_class[None, :] != class_ids[:, None]                        # [N, m] other-class clusters
-    log_denominator = (-sq_dist / (2 * sigma2)).masked_fill(~other, float("-inf")).logsumexp(1)
-    per_example = F.relu(alpha + own / (2 * sigma2) + log_denominator)     # {.}_+ of Eq. (3)
-    return per_example.mean(), per_example, sigma2
-# --- end shared: magnet-loss ---
-
 
 # ---- exact Lipschitz constant of a ReLU network on the plane -------------------------
 # f is continuous and piecewise affine: on each linear region (a convex polygon where every ReLU
@@ -644,8 +434,42 @@ def certified_accuracy(correct, radius, r):
     return float((correct & (radius > r)).double().mean())
 
 
+# --- shared: magnet-loss ---
+def magnet_loss(features, cluster_ids, class_ids, alpha):
+    """ClusTR Eq. (3), the Magnet loss (Rippel et al. 2016, Eq. (5)), in its stochastic batch form
+    (App. A "Magnet Loss"): the cluster means are the batch means of the sampled clusters.
+
+        L = 1/N sum_n { alpha + ||r_n - mu(r_n)||^2 / (2 sigma^2)
+                        + log sum_{mu: class(mu) != c_n} exp(-||r_n - mu||^2 / (2 sigma^2)) }_+
+        sigma^2 = 1/(N - 1) sum_n ||r_n - mu(r_n)||^2          (over the batch)
+
+    features r [N, d]; cluster_ids [N] (any integer ids; the rows of one id form one cluster);
+    class_ids [N].  The denominator runs over clusters of *other classes only*: same-class
+    clusters are masked with -inf before the logsumexp (no exp(0) = 1 terms sneak in), and the
+    logsumexp keeps far-away clusters from underflowing.  sigma^2 is a function of the batch, so
+    gradients flow through it as through the rest of Eq. (3).
+    -> (mean loss, per-example losses [N], sigma^2 as a 0-d tensor)."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    ids, member = torch.unique(cluster_ids, return_inverse=True)           # m clusters; [N] -> 0..m-1
+    m = len(ids)
+    counts = features.new_zeros(m).index_add_(0, member, features.new_ones(len(member)))  # [m]
+    mu = features.new_zeros(m, features.shape[1]).index_add_(
+        0, member, features) / counts[:, None]                             # [m, d] batch means
+    mu_class = torch.zeros(m, dtype=class_ids.dtype, device=features.device).scatter_(
+        0, member, class_ids)                                              # [m] class of each cluster
+    sq_dist = (features[:, None, :] - mu[None, :, :]).pow(2).sum(-1)       # [N, m] ||r_n - mu_k||^2
+    own = sq_dist.gather(1, member[:, None]).squeeze(1)                    # [N] ||r_n - mu(r_n)||^2
+    sigma2 = own.sum() / (len(features) - 1)                               # Eq. (3) sigma^2
+    other = mu_class[None, :] != class_ids[:, None]                        # [N, m] other-class clusters
+    log_denominator = (-sq_dist / (2 * sigma2)).masked_fill(~other, float("-inf")).logsumexp(1)
+    per_example = F.relu(alpha + own / (2 * sigma2) + log_denominator)     # {.}_+ of Eq. (3)
+    return per_example.mean(), per_example, sigma2
+# --- end shared: magnet-loss ---
+
+
 # ======================================================================================
-# 5. The loop: two runs from the same random weights, same number of steps
+# 4. The loop: two runs from the same random weights, same number of steps
 # ======================================================================================
 
 def train(net, head, x, y, steps, lr, alpha):
@@ -710,7 +534,7 @@ def evaluate(net, data, loss):
 
 
 # ======================================================================================
-# 6. Report: table, JSON (README "Result files"), figure
+# 5. Report and main: table, JSON (README "Result files"), figure
 # ======================================================================================
 
 def mean_std(values):
@@ -837,7 +661,6 @@ def plot_figure(path, datasets, first, args):
     return path
 
 
-@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 def main(argv=None):
     args = parse_args(argv)
     preflight(args, training=False)     # folder, lock: before any work
@@ -907,6 +730,198 @@ SYNTHETIC_MEANING = (
     "scratch, warm_start = ClusTR (cross-entropy warm start, then Magnet loss).")
 
 
+# ======================================================================================
+# 6. Plumbing: identical in every stage that carries it; checked by test_all.py
+# ======================================================================================
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+# --- end shared: runtime ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
+
+# --- shared: save-results ---
+def save_results(obj, path):
+    """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
+    the previous complete file; then this run's log replaces the previous one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    commit_log()
+# --- end shared: save-results ---
+
 # --- shared: results-json ---
 # Decimals kept in the result file, by what a key's name says it holds: float32 arithmetic writes
 # 0.38 as 0.3799999952316284.  An accuracy or share of n <= 10^6 images is exact at 1e-6.
@@ -931,6 +946,9 @@ def described(obj, meaning):
     """{"meaning": what the file's numbers are, in which units, **rounded(obj)}."""
     return {"meaning": meaning, **rounded(obj)}
 # --- end shared: results-json ---
+
+
+main = guarded(main)                    # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 
 
 if __name__ == "__main__":
