@@ -47,11 +47,13 @@ import shlex
 import signal
 import sys
 import time
+import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ======================================================================================
 # 1. Arguments
@@ -165,78 +167,10 @@ def defaults_table(defaults, title):
     return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: train-args ---
 
-# --- shared: compile ---
-# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
-# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
-
-
-def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
-                        "is given; aot_eager: the same graphs, no generated code); the same results "
-                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
-                        "or without gradients) compiles at its first call and first backward: their "
-                        "times are printed and logged as compile_seconds. Default: eager")
-
-
-def compile_features(model, backend):
-    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
-    through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
-    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
-    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
-    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
-    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
-    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
-    backward through it (the backward graph compiles when it first runs) are timed (synchronised
-    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
-    COMPILED.clear()
-    if not backend:
-        return model
-    compiled = torch.compile(model.features, backend=backend)
-
-    def timed(kind, t0, tensor):
-        if tensor.is_cuda:
-            torch.cuda.synchronize()
-        COMPILED[kind] = time.time() - t0
-        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
-              f"backend {backend})", flush=True)
-
-    def features(x):                                                # x: [B, C, H, W] in [0, 1]
-        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
-        if kind in COMPILED:
-            return compiled(x)
-        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
-            torch._dynamo.mark_dynamic(x, 0)
-        t0 = time.time()
-        out = compiled(x)                                           # [B, 8w]
-        timed(kind, t0, out)
-        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
-            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
-            start = []
-
-            def begin(grad):
-                start.append(time.time())
-
-            def end(grad):
-                if start and kind + ", backward" not in COMPILED:
-                    timed(kind + ", backward", start[0], grad)
-            out.register_hook(begin)
-            leaf.register_hook(end)
-        return out
-    model.features = features
-    return model
-
-
-def compile_seconds():
-    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
-    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
-# --- end shared: compile ---
-
-
 
 def parse_args(argv=None):
+    """The command line: the shared data/device flags, then ClusTR's fine-tuning flags; unset ones
+    take --init's data and width and the paper's per-dataset defaults, then are range-checked."""
     formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (Sec. 4.2, App. A; a flag you set wins):")
     p = argparse.ArgumentParser(
         prog="magnet.py",
@@ -249,6 +183,18 @@ def parse_args(argv=None):
         formatter_class=formatter)
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # None: --init's (or --resume's) width, else 64 (defaults_from_init)
+    add_finetune_args(p)
+    args = p.parse_args(argv)
+    defaults_from_init(args)
+    for key, value in PAPER_DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_args(args)
+    return args
+
+
+def add_finetune_args(p):
+    """The flags of Sec. 3.3, 4.2 and App. A ("Optimization", "Magnet Loss"), in --help's order."""
     g = p.add_argument_group("ClusTR fine-tuning (Sec. 3.3, 4.2; App. A 'Optimization', 'Magnet Loss')")
     g.add_argument("--init", default=None, metavar="PATH",
                    help="nominal.py checkpoint to start from; its head is removed (Sec. 3.3). "
@@ -289,11 +235,10 @@ def parse_args(argv=None):
     g.add_argument("--slim", action="store_true",
                    help="drop optimizer/sampler/RNG state from the final checkpoint (no resume)")
     add_compile_arg(g)
-    args = p.parse_args(argv)
-    defaults_from_init(args)
-    for key, value in PAPER_DEFAULTS[args.data].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+
+
+def check_args(args):
+    """Bad values -> one line and exit code 2, before any work."""
     for flag, value, low in (("--m", args.m, 2), ("--d", args.d, 2), ("--K", args.K, 1),
                              ("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1)):
         if value < low:  # m >= 2: a batch needs other-class clusters; d >= 2: sigma^2 > 0
@@ -302,7 +247,6 @@ def parse_args(argv=None):
         fail(f"--D must be at least 1 (got {args.D})")
     if not args.alpha >= 0:
         fail(f"--alpha must be >= 0 (Eq. (3)), got {args.alpha}")
-    return args
 
 
 # Arguments that do not change the trained weights: a resume may differ in these.
@@ -310,395 +254,8 @@ NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "determin
                "overwrite", "compile"}
 
 
-# --- shared: runtime ---
-def fail(message):
-    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def fmt_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-# --- end shared: runtime ---
-
-# --- shared: setup ---
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device "
-             f"(torch {torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def setup_runtime(args, training):
-    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.amp is None:
-        args.amp = device.type == "cuda" and training
-    if device.type != "cuda":
-        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
-# --- end shared: setup ---
-
-# --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
-# any work; a fresh log that waits beside the old one until the run has written --out; and a
-# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
-RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
-
-
-def preflight(args, training):
-    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
-    proves the folder writable), and for a training stage refuse an existing checkpoint unless
-    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
-    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
-    stopped before that leaves the previous run's files as they were."""
-    out = args.out
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
-    resume = training and args.resume is not None
-    if training and not resume and os.path.exists(out) and not args.overwrite:
-        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
-             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
-               replacing=training and not resume and os.path.exists(out))   # with --overwrite
-    take_lock(out + ".lock")
-    if not resume:
-        log = out + ".log.jsonl"
-        RUN["staged"] = {log: log + ".partial"}
-        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
-            os.remove(log + ".partial")
-
-
-def take_lock(path):
-    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
-    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
-    killed run) is stale: it is taken over with a note."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = lock_owner(path)
-            if pid is not None and pid_alive(pid):
-                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
-                     f"to end or choose another --out")
-            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
-                 f"({e.strerror or e}); make it writable or choose another --out")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        RUN["lock"] = path
-        return
-    fail(f"could not take the lock {path}: other runs keep taking it; try again")
-
-
-def lock_owner(path):
-    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
-    for _ in range(2):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.2)                                             # a run may be writing it now
-    return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)                                             # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                         # alive, another user's
-        return True
-    return True
-
-
-def release_lock():
-    path = RUN.pop("lock", None)
-    if path is not None and lock_owner(path) == os.getpid():
-        os.remove(path)
-
-
-def commit_log():
-    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
-    for log, staged in RUN.pop("staged", {}).items():
-        if os.path.exists(staged):
-            os.replace(staged, log)
-        elif os.path.exists(log):
-            os.remove(log)
-
-
-def interrupted():
-    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
-    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
-        else os.path.basename(__file__)
-    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
-    if out is None:
-        return "interrupted before the run started; nothing was written"
-    if not RUN["training"]:
-        staged = next(iter(RUN.get("staged", {}).values()), None)
-        return (f"interrupted; {out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
-                + f"; run it again with: {again}")
-    epochs = RUN.get("epochs", {})
-    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
-    if epoch is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
-                f"its log are as before); run it again with: {again}")
-    argv = [a for a in argv if a != "--overwrite"]
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        argv.append("--resume")
-    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
-            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
-
-
-def guarded(main):
-    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
-    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
-    def run(argv=None):
-        RUN.clear()
-        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-        try:
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:                                          # not the main thread
-            previous = None
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        finally:
-            release_lock()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
-# --- end shared: run-files ---
-
-
 # ======================================================================================
-# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
-#    batches are indexed from it and augmented there (no DataLoader in the hot path).
-# ======================================================================================
-
-# --- shared: data ---
-# What torchvision looks for under --data-dir (named in the error when it is missing).
-TORCHVISION_FILES = {
-    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
-    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
-    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
-    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
-                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
-    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
-}
-
-
-# torchvision's class and folder names of the two 28x28 grey datasets.
-IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
-
-
-class DataError(Exception):
-    """A dataset that cannot be found or read; main() turns it into exit code 2."""
-
-
-def _read_idx(path):
-    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
-    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
-    import gzip
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    count = int(np.prod(dims))
-    if len(raw) < 4 + 4 * len(dims) + count:
-        raise DataError(f"{path} is truncated: its header promises {dims}")
-    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
-    return torch.from_numpy(data.copy()).reshape(dims)
-
-
-def _load_idx(name, root, train):
-    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
-    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
-    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
-    import torchvision
-    cls_name, folder = IDX_DATASETS[name]
-    cls = getattr(torchvision.datasets, cls_name)
-    prefix = "train" if train else "t10k"
-    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
-        for where in (root, os.path.join(root, folder, "raw")):
-            for ext in (".gz", ""):
-                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
-                if os.path.isfile(path):
-                    return path
-        return None
-    if find("images-idx3") is None or find("labels-idx1") is None:
-        try:                                                        # torchvision's own layout
-            cls(root, train=train, download=True)
-        except Exception as e:
-            raise DataError(
-                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
-                f"--data-dir at the folder that holds them, or use --data folder.") from None
-    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
-                        f"labels {list(labels.shape)}")
-    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
-
-
-def _load_torchvision(name, root, train):
-    import torchvision
-    if name in IDX_DATASETS:
-        return _load_idx(name, root, train)
-    try:
-        if name == "svhn":
-            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
-            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
-                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        ds = cls(root, train=train, download=True)
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
-        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
-        raise DataError(
-            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
-            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
-            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
-
-
-def _load_folder(root, train):
-    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
-    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
-    import torchvision
-    split = os.path.join(root, "train" if train else "test")
-    if not os.path.isdir(split):
-        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
-                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
-    try:
-        ds = torchvision.datasets.ImageFolder(split)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot read the image folder {split}: {e}") from None
-    rank, seen = [], {}
-    for _, label in ds.samples:
-        rank.append((seen.get(label, 0), label))
-        seen[label] = seen.get(label, 0) + 1
-    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
-    images, labels, shape = [], [], None
-    for i in order:
-        path, label = ds.samples[i]
-        try:                                                        # a truncated or foreign file
-            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
-        except Exception as e:
-            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
-        if shape is None:
-            shape = array.shape
-        elif array.shape != shape:
-            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
-                            f"the first was {shape[:2]}")
-        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
-
-
-def load_split(name, root, train, limit=None):
-    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
-    if name == "folder":
-        images, labels, classes = _load_folder(root, train)
-    else:
-        images, labels, classes = _load_torchvision(name, root, train)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images.contiguous(), labels, classes
-
-
-def to_float(x_uint8):
-    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
-    return x_uint8.float().div_(255)
-# --- end shared: data ---
-
-# --- shared: train-data ---
-def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
-    train_x, train_y, classes = load_split(name, root, True, limit)
-    test_x, test_y, test_classes = load_split(name, root, False, limit)
-    if test_classes != classes:
-        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
-    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
-    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
-    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
-    info = {"name": name, "num_classes": len(classes), "classes": classes,
-            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
-            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
-    return (train_x, train_y), (test_x, test_y), info
-
-
-def augment(x, crop, flip, generator):
-    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
-    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
-    B, C, H, W = x.shape
-    if crop > 0:
-        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
-        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
-        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
-        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
-        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
-                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
-    if flip:
-        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
-        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-    return x
-# --- end shared: train-data ---
-
-
-# ======================================================================================
-# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# 2. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
 #    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
 # ======================================================================================
 
@@ -759,8 +316,37 @@ class ResNet18(nn.Module):
 
 
 # ======================================================================================
-# 4. The method: Eq. (4) inference, Eq. (3) Magnet loss, k-means++, neighbourhood sampler
+# 3. The method: the App. A epoch; Eq. (4) inference, Eq. (3) Magnet loss, k-means++, sampler
 # ======================================================================================
+
+def train_one_epoch(model, opt, train, sampler, center_classes, args, generator, device):
+    """App. A: an epoch passes as many images as the training split holds, ceil(N / (m d))
+    neighbourhood batches; each batch is one step of Adam on the Magnet loss of Eq. (3).
+    -> (mean per-example loss, images seen)."""
+    images, _ = train
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for _ in range(sampler.batches_per_epoch()):
+        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
+        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
+        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
+        # Eq. (3): cluster means and sigma^2 from this batch; the class of a row is its cluster's
+        loss, per_example, _ = magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        per_example = per_example.detach().float().cpu()                # one host sync per step
+        if not torch.isfinite(per_example).all():                       # NaN/inf guard
+            return float("nan"), seen
+        sampler.record(idx, per_example)                                # Rippel et al.: loss index
+        loss_sum += float(per_example.sum())
+        seen += len(idx)
+    return loss_sum / max(1, seen), seen
+
 
 # --- shared: eq4 ---
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
@@ -1082,38 +668,686 @@ def clusters_entry(centers, center_classes, variance, args):
 # --- end shared: cluster-update ---
 
 
-def train_one_epoch(model, opt, train, sampler, center_classes, args, generator, device):
-    """App. A: an epoch passes as many images as the training split holds, ceil(N / (m d))
-    neighbourhood batches; each batch is one step of Adam on the Magnet loss of Eq. (3).
-    -> (mean per-example loss, images seen)."""
-    images, _ = train
-    model.train()
-    loss_sum, seen = 0.0, 0
-    for _ in range(sampler.batches_per_epoch()):
-        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
-        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
-        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
-        # Eq. (3): cluster means and sigma^2 from this batch; the class of a row is its cluster's
-        loss, per_example, _ = magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        per_example = per_example.detach().float().cpu()                # one host sync per step
-        if not torch.isfinite(per_example).all():                       # NaN/inf guard
-            return float("nan"), seen
-        sampler.record(idx, per_example)                                # Rippel et al.: loss index
-        loss_sum += float(per_example.sum())
-        seen += len(idx)
-    return loss_sum / max(1, seen), seen
+# ======================================================================================
+# 4. The loop: load -> build -> resume or cluster the start -> epochs -> report
+#    (checkpoint and report: README "Where results and checkpoints go")
+# ======================================================================================
+
+SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
+
+
+def main(argv=None):
+    """ClusTR's fine-tuning (Sec. 3.3) as a run: arguments, --init, data, the model without its
+    head, the clusters of the start (epoch 0), the epochs of App. A, the summary.  Wrapped by
+    `guarded` below (Ctrl-C / SIGTERM: one line, exit 130; the lock released)."""
+    args = parse_args(argv)
+    preflight(args, training=True)      # folder, lock, no clobber: before any work
+    device = setup_runtime(args, training=True)
+    init = init_state = None
+    if args.init is not None and args.resume is None:
+        init, init_state = load_init(args.init, args)              # checked before any data load
+    train, test, info = load_device_data(args, init, device)
+    run = build_training(args, train, test, info, init_state, device)
+    print_header(run)
+    if args.resume is not None:
+        start_epoch, metrics, center_classes = resume_training(run)
+    else:
+        start_epoch, metrics, center_classes = cluster_the_start(run)
+    metrics = train_epochs(run, start_epoch, metrics, center_classes)
+    return report(run, metrics)
+
+
+def load_init(path, args):
+    """--init: a nominal checkpoint whose width and dataset match the run (else exit 2); the head is
+    dropped (Sec. 3.3: 'it removes the last linear layer').  -> (ckpt, headless state_dict)."""
+    ckpt = load_checkpoint(path, stages=("nominal",))
+    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
+    if width != args.width:
+        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
+             f"{args.width}; pass --width {width}")
+    if data != args.data:
+        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
+             f"pass --data {data}")
+    return ckpt, {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+
+
+def load_device_data(args, init, device):
+    """Step 1: both splits of --data (README "Data"), checked against Eq. (3)'s needs and --init's
+    classes, each moved whole onto the device."""
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    if info["num_classes"] < 2:
+        fail(f"the Magnet loss (Eq. (3)) needs at least 2 classes; {args.data} has "
+             f"{info['num_classes']}")
+    if init is not None:
+        check_init_classes(init, info, train[0].shape[1], args.init)
+        # the model keeps the nominal run's App. A normalisation buffers; record those
+        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
+    train = tuple(t.to(device) for t in train)                      # whole split on the device
+    test = tuple(t.to(device) for t in test)
+    return train, test, info
+
+
+def build_training(args, train, test, info, init_state, device):
+    """Step 2: the headless ResNet18 (from --init's weights), Adam of App. A, the seeded device
+    generator and the neighbourhood sampler.  -> the run's state, one namespace the steps share."""
+    # Sec. 3.3: the nominal network without its last linear layer; f(x) = model.features(x)
+    model = ResNet18(0, args.width, train[0].shape[1], info["mean"], info["std"])
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
+    generator = torch.Generator(device=device)                      # augmentation and k-means++
+    generator.manual_seed(args.seed)
+    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
+                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET))
+    return types.SimpleNamespace(
+        args=args, device=device, train=train, test=test, info=info,
+        num_classes=info["num_classes"], log_path=args.out + ".log.jsonl", model=model, opt=opt,
+        generator=generator, sampler=sampler, t_run=time.time(),
+        header=(f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} "
+                f"{'elapsed':>9} {'ETA':>9}"))
+
+
+def print_header(run):
+    """Step 3: what runs (data, model, --init, device, torch) and the resolved config."""
+    args = run.args
+    print(f"magnet.py | data {args.data} ({len(run.train[1])} train, {len(run.test[1])} test, "
+          f"{run.num_classes} classes, {run.info['image_size']}) | ResNet18 w={args.width} "
+          f"({8 * args.width}-d features) | init {args.init or 'random (Magnet Loss baseline)'} | "
+          f"device {run.device} amp {args.amp} | torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)))
+
+
+def report_epoch(run, record, elapsed, eta):
+    """One row of the epoch table."""
+    loss = record["train_loss"]
+    print(f"{record['epoch']:>4}/{run.args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
+          f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
+          f"{record['variance']:9.3g} {record.get('images_per_second', 0):8.0f} "
+          f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
+
+
+def cluster_and_evaluate(run, epoch):
+    """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`."""
+    args = run.args
+    t0 = time.time()
+    centers, center_classes, assignment, variance, train_acc = update_clusters(
+        run.model, run.train, run.num_classes, args, run.generator)
+    test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)
+    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)
+    run.sampler.set_clusters(assignment, centers, center_classes)
+    clusters = clusters_entry(centers, center_classes, variance, args)
+    return clusters, center_classes, {"epoch": epoch, "train_accuracy": train_acc,
+                                      "test_accuracy": test_acc, "variance": float(variance),
+                                      "cluster_seconds": time.time() - t0}
+
+
+def resume_training(run):
+    """Step 4a (--resume): weights, optimizer, RNG and sampler state and the clusters from the
+    checkpoint.  -> (the epoch it holds, its metrics, the centres' classes on the device)."""
+    args = run.args
+    path = args.resume or args.out
+    ckpt = load_checkpoint(path, stages=("magnet",))
+    check_resume_args(ckpt, args, NOT_SHAPING)
+    if "resume" not in ckpt:
+        fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
+    run.model.load_state_dict(ckpt["model"], strict=True)
+    run.opt.load_state_dict(ckpt["resume"]["optimizer"])
+    set_rng_state(ckpt["resume"]["rng"], run.generator)
+    run.sampler.load_state_dict(ckpt["resume"]["sampler"])
+    clusters, start_epoch, metrics = ckpt["clusters"], ckpt["epoch"], ckpt["metrics"]
+    run.info = dict(run.info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
+    center_classes = clusters["center_classes"].to(run.device)
+    kept = [r for r in read_jsonl(run.log_path) if r.get("epoch", 0) <= start_epoch]
+    with open(run.log_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
+    print(run.header, flush=True)
+    return start_epoch, metrics, center_classes
+
+
+def cluster_the_start(run):
+    """Step 4b (a fresh run): epoch 0, the clusters of the starting features (with --epochs 0,
+    App. B.1's experiment), saved and logged.  -> (0, its metrics, the centres' classes)."""
+    args = run.args
+    print(run.header, flush=True)
+    clusters, center_classes, metrics = cluster_and_evaluate(run, 0)
+    metrics = {**metrics, "train_loss": None, "lr": args.lr, **compile_seconds()}
+    if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
+        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, clusters,
+                                        args, run.info, 0, metrics,
+                                        slim=args.slim and args.epochs == 0), args.out)
+    append_jsonl(run.log_path, metrics)
+    report_epoch(run, metrics, time.time() - run.t_run, 0)
+    return 0, metrics, center_classes
+
+
+def train_epochs(run, start_epoch, metrics, center_classes):
+    """Step 5: the epochs of App. A: one Magnet-loss epoch (Eq. (3)), then the k-means++ update and
+    Eq. (4) accuracies; each saved to --out and logged before the next.  -> the last metrics."""
+    args = run.args
+    t_loop = time.time()
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        t0 = time.time()
+        train_loss, seen = train_one_epoch(run.model, run.opt, run.train, run.sampler, center_classes,
+                                           args, run.generator, run.device)
+        train_seconds = time.time() - t0
+        if not math.isfinite(train_loss):
+            fail(f"the Magnet loss became {train_loss} in epoch {epoch + 1}; stopped without writing "
+                 f"it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller --lr (now "
+                 f"{args.lr}) or --alpha (now {args.alpha}).")
+        clusters, center_classes, metrics = cluster_and_evaluate(run, epoch + 1)
+        metrics.update(train_loss=train_loss, lr=args.lr, seconds=time.time() - t0,
+                       images_per_second=seen / train_seconds, batches=run.sampler.batches_per_epoch(),
+                       **compile_seconds())
+        final = epoch + 1 == args.epochs
+        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, clusters, args,
+                                        run.info, epoch + 1, metrics, slim=args.slim and final), args.out)
+        append_jsonl(run.log_path, metrics)
+        elapsed = time.time() - t_loop
+        report_epoch(run, metrics, time.time() - run.t_run,
+                     elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
+    return metrics
+
+
+def report(run, metrics):
+    """Step 6: the summary beside the paper's accuracies, and the attack to run next."""
+    args = run.args
+    done = metrics.get("epoch", 0)
+    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
+    results = {"stage": "magnet", "out": args.out, "data": args.data, "init": args.init,
+               "status": status, "epochs_done": done, "epochs": args.epochs, **metrics,
+               "seconds_this_run": time.time() - run.t_run}
+    print(f"\nsummary: {status}\n"
+          f"  test accuracy   {metrics['test_accuracy']:.2%} by Eq. (4) with K={args.K}, "
+          f"D={args.D or 'all'}  (paper, w=64: ClusTR 87.34 CIFAR10, 94.28 SVHN; Magnet loss from "
+          f"random init 83.14 CIFAR10; k-means on nominal features, App. B.1: 21.6 CIFAR10)\n"
+          f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
+          f"  checkpoint      {args.out}   log {run.log_path}\n"
+          f"  next            {next_command(args)}", flush=True)
+    return results
+
+
+def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
+    """Stage "magnet": no head.* in the model; the `clusters` entry holds what Eq. (4)
+    needs.  ckpt["resume"] adds to the shared RNG state the sampler's loss index, its own
+    generator and the cluster assignment of the training split, so --resume draws the same batches."""
+    ckpt = {"format": FORMAT, "stage": "magnet",
+            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "clusters": clusters, "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
+    if not slim:
+        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator),
+                          "sampler": sampler.state_dict()}
+    return ckpt
 
 
 # ======================================================================================
-# 6. Checkpoint and report (README "Where results and checkpoints go")
+# 5. Copied plumbing (compile, runtime, setup, run-files, data, checkpoints, resume, init,
+#    next command): each block identical in every stage that carries it; checked by test_all.py
 # ======================================================================================
+
+# --- shared: compile ---
+# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
+# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
+COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+
+
+def add_compile_arg(g):
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
+                        "is given; aot_eager: the same graphs, no generated code); the same results "
+                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
+                        "or without gradients) compiles at its first call and first backward: their "
+                        "times are printed and logged as compile_seconds. Default: eager")
+
+
+def compile_features(model, backend):
+    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
+    through it) replaced on this instance by its torch.compile form, so that the module, its
+    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
+    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
+    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
+    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
+    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
+    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
+    backward through it (the backward graph compiles when it first runs) are timed (synchronised
+    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
+    COMPILED.clear()
+    if not backend:
+        return model
+    compiled = torch.compile(model.features, backend=backend)
+
+    def timed(kind, t0, tensor):
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        COMPILED[kind] = time.time() - t0
+        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
+              f"backend {backend})", flush=True)
+
+    def features(x):                                                # x: [B, C, H, W] in [0, 1]
+        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
+        if kind in COMPILED:
+            return compiled(x)
+        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
+            torch._dynamo.mark_dynamic(x, 0)
+        t0 = time.time()
+        out = compiled(x)                                           # [B, 8w]
+        timed(kind, t0, out)
+        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
+            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
+            start = []
+
+            def begin(grad):
+                start.append(time.time())
+
+            def end(grad):
+                if start and kind + ", backward" not in COMPILED:
+                    timed(kind + ", backward", start[0], grad)
+            out.register_hook(begin)
+            leaf.register_hook(end)
+        return out
+    model.features = features
+    return model
+
+
+def compile_seconds():
+    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
+    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+# --- end shared: compile ---
+
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+# --- end shared: runtime ---
+
+# --- shared: setup ---
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+# --- end shared: setup ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
+
+
+# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
+# batches are indexed from it and augmented there (no DataLoader in the hot path).
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
+                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
+    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
+}
+
+
+# torchvision's class and folder names of the two 28x28 grey datasets.
+IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _read_idx(path):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
+    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    count = int(np.prod(dims))
+    if len(raw) < 4 + 4 * len(dims) + count:
+        raise DataError(f"{path} is truncated: its header promises {dims}")
+    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
+    return torch.from_numpy(data.copy()).reshape(dims)
+
+
+def _load_idx(name, root, train):
+    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
+    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
+    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
+    import torchvision
+    cls_name, folder = IDX_DATASETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    prefix = "train" if train else "t10k"
+    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
+        for where in (root, os.path.join(root, folder, "raw")):
+            for ext in (".gz", ""):
+                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
+                if os.path.isfile(path):
+                    return path
+        return None
+    if find("images-idx3") is None or find("labels-idx1") is None:
+        try:                                                        # torchvision's own layout
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(
+                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
+                f"--data-dir at the folder that holds them, or use --data folder.") from None
+    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
+                        f"labels {list(labels.shape)}")
+    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    if name in IDX_DATASETS:
+        return _load_idx(name, root, train)
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        try:                                                        # a truncated or foreign file
+            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
+        except Exception as e:
+            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+# --- shared: train-data ---
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+# --- end shared: train-data ---
+
 
 # --- shared: checkpoint-load ---
 FORMAT = "clustr/1"
@@ -1299,20 +1533,6 @@ def arch_entry(width, in_channels):
 # --- end shared: resume ---
 
 
-def load_init(path, args):
-    """--init: a nominal checkpoint whose width and dataset match the run (else exit 2); the head is
-    dropped (Sec. 3.3: 'it removes the last linear layer').  -> (ckpt, headless state_dict)."""
-    ckpt = load_checkpoint(path, stages=("nominal",))
-    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
-    if width != args.width:
-        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
-             f"{args.width}; pass --width {width}")
-    if data != args.data:
-        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
-             f"pass --data {data}")
-    return ckpt, {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
-
-
 # --- shared: init-check ---
 def check_init_classes(init, info, channels, path):
     """The --init model must have seen the same classes and image channels as this run."""
@@ -1336,159 +1556,6 @@ def defaults_from_init(args):
 # --- end shared: init-check ---
 
 
-def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
-    """Stage "magnet": no head.* in the model; the `clusters` entry holds what Eq. (4)
-    needs.  ckpt["resume"] adds to the shared RNG state the sampler's loss index, its own
-    generator and the cluster assignment of the training split, so --resume draws the same batches."""
-    ckpt = {"format": FORMAT, "stage": "magnet",
-            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "clusters": clusters, "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
-    if not slim:
-        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator),
-                          "sampler": sampler.state_dict()}
-    return ckpt
-
-
-# ======================================================================================
-# 5. The loop
-# ======================================================================================
-
-SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
-
-
-@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
-def main(argv=None):
-    args = parse_args(argv)
-    preflight(args, training=True)      # folder, lock, no clobber: before any work
-    device = setup_runtime(args, training=True)
-    init = None
-    if args.init is not None and args.resume is None:
-        init, init_state = load_init(args.init, args)              # checked before any data load
-    try:
-        train, test, info = load_data(args.data, args.data_dir, args.limit)
-    except DataError as e:
-        fail(str(e))
-    if info["num_classes"] < 2:
-        fail(f"the Magnet loss (Eq. (3)) needs at least 2 classes; {args.data} has "
-             f"{info['num_classes']}")
-    if init is not None:
-        check_init_classes(init, info, train[0].shape[1], args.init)
-        # the model keeps the nominal run's App. A normalisation buffers; record those
-        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
-    train = tuple(t.to(device) for t in train)                      # whole split on the device
-    test = tuple(t.to(device) for t in test)
-    num_classes, log_path = info["num_classes"], args.out + ".log.jsonl"
-
-    # Sec. 3.3: the nominal network without its last linear layer; f(x) = model.features(x)
-    model = ResNet18(0, args.width, train[0].shape[1], info["mean"], info["std"])
-    if init is not None:
-        model.load_state_dict(init_state, strict=True)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
-    generator = torch.Generator(device=device)                      # augmentation and k-means++
-    generator.manual_seed(args.seed)
-    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
-                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET))
-    start_epoch, metrics, t_run = 0, {}, time.time()
-    header = (f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} "
-              f"{'elapsed':>9} {'ETA':>9}")
-
-    def report(record, elapsed, eta):
-        loss = record["train_loss"]
-        print(f"{record['epoch']:>4}/{args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
-              f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
-              f"{record['variance']:9.3g} {record.get('images_per_second', 0):8.0f} "
-              f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
-
-    def cluster_and_evaluate(epoch):
-        """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`."""
-        t0 = time.time()
-        centers, center_classes, assignment, variance, train_acc = update_clusters(
-            model, train, num_classes, args, generator)
-        test_features = features_of(model, test[0], args.batch_size, args.amp)
-        test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)
-        sampler.set_clusters(assignment, centers, center_classes)
-        clusters = clusters_entry(centers, center_classes, variance, args)
-        return clusters, center_classes, {"epoch": epoch, "train_accuracy": train_acc,
-                                          "test_accuracy": test_acc, "variance": float(variance),
-                                          "cluster_seconds": time.time() - t0}
-
-    print(f"magnet.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, "
-          f"{num_classes} classes, {info['image_size']}) | ResNet18 w={args.width} "
-          f"({8 * args.width}-d features) | init {args.init or 'random (Magnet Loss baseline)'} | "
-          f"device {device} amp {args.amp} | torch {torch.__version__}")
-    print("config: " + json.dumps(vars(args)))
-    if args.resume is not None:
-        path = args.resume or args.out
-        ckpt = load_checkpoint(path, stages=("magnet",))
-        check_resume_args(ckpt, args, NOT_SHAPING)
-        if "resume" not in ckpt:
-            fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["resume"]["optimizer"])
-        set_rng_state(ckpt["resume"]["rng"], generator)
-        sampler.load_state_dict(ckpt["resume"]["sampler"])
-        clusters, start_epoch, metrics = ckpt["clusters"], ckpt["epoch"], ckpt["metrics"]
-        info = dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
-        center_classes = clusters["center_classes"].to(device)
-        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
-        print(header, flush=True)
-    else:
-        print(header, flush=True)
-        # epoch 0: the clusters of the starting features (with --epochs 0, App. B.1's experiment)
-        clusters, center_classes, metrics = cluster_and_evaluate(0)
-        metrics = {**metrics, "train_loss": None, "lr": args.lr, **compile_seconds()}
-        if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
-            save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
-                                            metrics, slim=args.slim and args.epochs == 0), args.out)
-        append_jsonl(log_path, metrics)
-        report(metrics, time.time() - t_run, 0)
-
-    t_loop = time.time()
-    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        t0 = time.time()
-        train_loss, seen = train_one_epoch(model, opt, train, sampler, center_classes, args,
-                                           generator, device)
-        train_seconds = time.time() - t0
-        if not math.isfinite(train_loss):
-            fail(f"the Magnet loss became {train_loss} in epoch {epoch + 1}; stopped without writing "
-                 f"it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller --lr (now "
-                 f"{args.lr}) or --alpha (now {args.alpha}).")
-        clusters, center_classes, metrics = cluster_and_evaluate(epoch + 1)
-        metrics.update(train_loss=train_loss, lr=args.lr, seconds=time.time() - t0,
-                       images_per_second=seen / train_seconds, batches=sampler.batches_per_epoch(),
-                       **compile_seconds())
-        final = epoch + 1 == args.epochs
-        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info,
-                                        epoch + 1, metrics, slim=args.slim and final), args.out)
-        append_jsonl(log_path, metrics)
-        elapsed = time.time() - t_loop
-        report(metrics, time.time() - t_run,
-               elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
-
-    done = metrics.get("epoch", 0)
-    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
-    results = {"stage": "magnet", "out": args.out, "data": args.data, "init": args.init,
-               "status": status, "epochs_done": done, "epochs": args.epochs, **metrics,
-               "seconds_this_run": time.time() - t_run}
-    print(f"\nsummary: {status}\n"
-          f"  test accuracy   {metrics['test_accuracy']:.2%} by Eq. (4) with K={args.K}, "
-          f"D={args.D or 'all'}  (paper, w=64: ClusTR 87.34 CIFAR10, 94.28 SVHN; Magnet loss from "
-          f"random init 83.14 CIFAR10; k-means on nominal features, App. B.1: 21.6 CIFAR10)\n"
-          f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
-          f"  checkpoint      {args.out}   log {log_path}\n"
-          f"  next            {next_command(args)}", flush=True)
-    return results
-
-
 # --- shared: next-attack ---
 def next_command(args):
     """The evaluation of this checkpoint, runnable as printed: attack.py takes --data, --width
@@ -1496,6 +1563,10 @@ def next_command(args):
     cmd = ["python", "attack.py", "--ckpt", args.out] + (["--limit", str(args.limit)] if args.limit else [])
     return " ".join(shlex.quote(a) for a in cmd)
 # --- end shared: next-attack ---
+
+
+# Ctrl-C / SIGTERM: one line, exit 130; the lock released (run-files' `guarded`, defined above)
+main = guarded(main)
 
 
 if __name__ == "__main__":

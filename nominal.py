@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ======================================================================================
 # 1. Arguments
 # ======================================================================================
@@ -155,6 +156,335 @@ def defaults_table(defaults, title):
     return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: train-args ---
 
+
+def parse_args(argv=None):
+    formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (App. A; a flag you set wins):")
+    p = argparse.ArgumentParser(
+        prog="nominal.py",
+        description="ClusTR warm start: cross-entropy training of the CIFAR ResNet18 "
+                    "(Sec. 3.3, Appendix A). Writes a checkpoint that magnet.py --init takes.",
+        epilog=table, formatter_class=formatter)
+    add_common_args(p, data_default="cifar10")
+    g = p.add_argument_group("nominal training (Appendix A 'Optimization' and 'Pre-processing')")
+    g.add_argument("--out", default="ckpt.pt", help="checkpoint path; log goes to <out>.log.jsonl")
+    g.add_argument("--epochs", type=positive_int, default=None, help="epochs (>= 1); App. A: 90")
+    g.add_argument("--lr", type=parse_lr, default=None, help="Adam learning rate, in (0, 1]; App. A: 1e-2")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=None,
+                   help="batch size; 256 as in the authors' code (the paper gives none)")
+    g.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr is multiplied by --gamma; App. A: 30 60 for 90 "
+                        "epochs; default: epochs//3 and 2*epochs//3 (= 30 60 at 90 epochs), "
+                        "leaving out any below 1 and repeats, so the first epoch always trains at "
+                        "--lr (--epochs 1: no drop; --epochs 2: one drop, after epoch 1)")
+    g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor; App. A: 0.1")
+    g.add_argument("--crop", type=int, default=None,
+                   help="random crops from a zero padding of this many pixels; App. A: 4 for "
+                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder, fashion-mnist, mnist")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
+                        "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
+    add_overwrite_arg(g)
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop optimizer/RNG state from the final checkpoint (no resume; smaller)")
+    add_compile_arg(g)
+    args = p.parse_args(argv)
+    for key, value in PAPER_DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.milestones is None:  # App. A: 30, 60 of 90 -> the same fractions of --epochs;
+        # a milestone at 0 would drop lr before the first epoch (epochs 1 gave [0, 0], epochs 2
+        # [0, 1]: no epoch at --lr), so milestones below 1 and repeats are left out
+        args.milestones = sorted({m for m in (args.epochs // 3, 2 * args.epochs // 3) if m >= 1})
+    return args
+
+
+# Arguments that do not change the trained weights: a resume may differ in these.
+NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
+               "overwrite", "compile"}
+
+
+# ======================================================================================
+# 2. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
+
+
+# ======================================================================================
+# 3. The method: cross-entropy with Adam and a step schedule (Sec. 3.3, App. A "Optimization")
+# ======================================================================================
+
+def learning_rate(args, epoch):
+    """App. A: lr 1e-2, multiplied by 0.1 after epochs 30 and 60. `epoch` counts finished ones."""
+    return args.lr * args.gamma ** sum(epoch >= m for m in args.milestones)
+
+
+def train_one_epoch(model, opt, train, args, generator, device):
+    """One pass over a fresh permutation of the training split; returns device tensors
+    (sum of losses, correct count, images) so the epoch needs one host sync, at its end."""
+    images, labels = train
+    model.train()
+    n = len(labels)
+    perm = torch.randperm(n, device=device, generator=generator)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    t0 = last_note = time.time()
+    for start in range(0, n, args.batch_size):
+        if time.time() - last_note > 60:  # long epochs (width 64 on a CPU): a note every minute
+            last_note, rate = time.time(), start / (time.time() - t0)
+            print(f"          {start}/{n} images  {rate:.0f} img/s  epoch ETA "
+                  f"{fmt_time((n - start) / rate)}", flush=True)
+        idx = perm[start:start + args.batch_size]
+        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
+        y = labels[idx]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(x)                                        # [B, classes]
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum, correct, n
+
+
+# --- shared: head-eval ---
+@torch.no_grad()
+def evaluate(model, split, batch_size, amp, device):
+    """Accuracy of the linear head in eval mode.  Batch-norm buffers are left untouched: README
+    "Where this differs from the paper and the authors' code", "Consistent clusters"."""
+    images, labels = split
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start:start + batch_size])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / max(1, len(labels))
+# --- end shared: head-eval ---
+
+
+# ======================================================================================
+# 4. The loop: load -> build -> (resume) -> train epochs -> report
+#    (checkpoint and report: README "Where results and checkpoints go")
+# ======================================================================================
+
+def main(argv=None):
+    """The warm start of Sec. 3.3 as a run: arguments, data, model, the epochs of App. A, the
+    summary.  Wrapped by `guarded` below (Ctrl-C / SIGTERM: one line, exit 130; lock released)."""
+    args = parse_args(argv)
+    preflight(args, training=True)      # folder, lock, no clobber: before any work
+    device = setup_runtime(args, training=True)
+    train, test, info = load_device_data(args, device)
+    log_path = args.out + ".log.jsonl"
+    model, opt, generator = build_training(args, info, train, device)
+    start_epoch, metrics = 0, {}
+    if args.resume is not None:
+        start_epoch, metrics = resume_training(args, model, opt, generator, log_path)
+    print_header(args, train, test, info, device)
+    t_run = time.time()
+    metrics = train_epochs(args, model, opt, generator, train, test, info, device, log_path,
+                           start_epoch, metrics, t_run)
+    return report(args, metrics, log_path, t_run)
+
+
+def load_device_data(args, device):
+    """Step 1: both splits of --data, each moved whole onto the device (README "Data")."""
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    train = tuple(t.to(device) for t in train)                      # whole split on the device
+    test = tuple(t.to(device) for t in test)
+    return train, test, info
+
+
+def build_training(args, info, train, device):
+    """Step 2: the ResNet18 of App. A "Architecture", Adam (App. A "Optimization") and the
+    seeded generator that draws every permutation, crop and flip of the run."""
+    model = ResNet18(info["num_classes"], args.width, train[0].shape[1], info["mean"], info["std"])
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    return model, opt, generator
+
+
+def resume_training(args, model, opt, generator, log_path):
+    """Step 2b (--resume): weights, optimizer and RNG state from the checkpoint; returns the
+    epoch it holds and its metrics."""
+    path = args.resume or args.out
+    ckpt = load_checkpoint(path, stages=("nominal",))
+    if not any(str(a).startswith("--mil") for a in RUN["argv"]):   # a longer --epochs keeps the
+        args.milestones = ckpt["args"]["milestones"]           # finished epochs' schedule
+    check_resume_args(ckpt, args, NOT_SHAPING)
+    if "resume" not in ckpt:
+        fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
+    model.load_state_dict(ckpt["model"], strict=True)
+    opt.load_state_dict(ckpt["resume"]["optimizer"])
+    set_rng_state(ckpt["resume"]["rng"], generator)
+    start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
+    # keep the log lines of the epochs the checkpoint holds, drop any written after it
+    kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
+    with open(log_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
+    return start_epoch, metrics
+
+
+def print_header(args, train, test, info, device):
+    """Step 3: what runs (data, model, device, torch), the resolved config, the table's header."""
+    print(f"nominal.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, "
+          f"{info['num_classes']} classes, {info['image_size']}) | ResNet18 w={args.width} | "
+          f"device {device} amp {args.amp} | torch {torch.__version__}")
+    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
+    print(f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'lr':>8} {'img/s':>8} "
+          f"{'elapsed':>9} {'ETA':>9}", flush=True)
+
+
+def train_epochs(args, model, opt, generator, train, test, info, device, log_path, start_epoch,
+                 metrics, t_run):
+    """Step 4: the epochs of App. A "Optimization" (lr of the step schedule, one cross-entropy
+    pass, test accuracy), each saved to --out and logged before the next; returns the last
+    epoch's metrics."""
+    images_done = 0
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        lr = learning_rate(args, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        loss_sum, correct, n = train_one_epoch(model, opt, train, args, generator, device)
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            fail(f"the training loss became {train_loss} in epoch {epoch + 1}; stopped without "
+                 f"writing it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller "
+                 f"--lr (now {args.lr}).")
+        test_acc = evaluate(model, test, args.batch_size, args.amp, device)
+        seconds = time.time() - t0
+        images_done += n
+        elapsed = time.time() - t_run
+        eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / n,
+                   "test_accuracy": test_acc, "lr": lr, "seconds": seconds,
+                   "images_per_second": n / seconds, **compile_seconds()}
+        final = epoch + 1 == args.epochs
+        save_checkpoint(make_checkpoint(model, opt, generator, args, info, epoch + 1, metrics,
+                                        slim=args.slim and final), args.out)
+        append_jsonl(log_path, metrics)
+        print(f"{epoch + 1:>4}/{args.epochs:<4} {train_loss:8.4f} {metrics['train_accuracy']:7.2%} "
+              f"{test_acc:7.2%} {lr:8.1e} {n / seconds:8.0f} {fmt_time(elapsed):>9} "
+              f"{fmt_time(eta):>9}", flush=True)
+    return metrics
+
+
+def report(args, metrics, log_path, t_run):
+    """Step 5: the summary (beside the paper's accuracies) and the next ClusTR command."""
+    done = metrics.get("epoch", 0)
+    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
+    results = {"stage": "nominal", "out": args.out, "data": args.data, "status": status,
+               "epochs_done": done, "epochs": args.epochs, **metrics,
+               "seconds_this_run": time.time() - t_run}
+    print(f"\nsummary: {status}\n"
+          f"  test accuracy   {metrics.get('test_accuracy', float('nan')):.2%}  (paper, ResNet18 w=64: "
+          f"95.01 CIFAR10, 78.84 CIFAR100, 98.38 SVHN)\n"
+          f"  train loss      {metrics.get('train_loss', float('nan')):.4f}\n"
+          f"  checkpoint      {args.out}   log {log_path}\n"
+          f"  next            {next_command(args)}", flush=True)
+    return results
+
+
+def make_checkpoint(model, opt, generator, args, info, epoch, metrics, slim=False):
+    ckpt = {"format": FORMAT, "stage": "nominal",
+            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
+    if not slim:
+        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
+    return ckpt
+
+
+def next_command(args):
+    """The ClusTR step after this one, runnable as printed: magnet.py takes --data and --width
+    from --init; the data folder and --limit are passed on."""
+    cmd = ["python", "magnet.py", "--init", args.out]
+    cmd += ["--data-dir", args.data_dir] if args.data_dir != "./data" else []
+    cmd += ["--limit", str(args.limit)] if args.limit else []
+    return " ".join(shlex.quote(a) for a in cmd)
+
+
+# ======================================================================================
+# 5. Copied plumbing (compile, runtime, setup, run-files, data, checkpoints, resume): each block
+#    identical in every stage that carries it; checked by test_all.py
+# ======================================================================================
+
 # --- shared: compile ---
 # --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
 # it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
@@ -223,58 +553,6 @@ def compile_seconds():
     """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
     return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
 # --- end shared: compile ---
-
-
-
-def parse_args(argv=None):
-    formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (App. A; a flag you set wins):")
-    p = argparse.ArgumentParser(
-        prog="nominal.py",
-        description="ClusTR warm start: cross-entropy training of the CIFAR ResNet18 "
-                    "(Sec. 3.3, Appendix A). Writes a checkpoint that magnet.py --init takes.",
-        epilog=table, formatter_class=formatter)
-    add_common_args(p, data_default="cifar10")
-    g = p.add_argument_group("nominal training (Appendix A 'Optimization' and 'Pre-processing')")
-    g.add_argument("--out", default="ckpt.pt", help="checkpoint path; log goes to <out>.log.jsonl")
-    g.add_argument("--epochs", type=positive_int, default=None, help="epochs (>= 1); App. A: 90")
-    g.add_argument("--lr", type=parse_lr, default=None, help="Adam learning rate, in (0, 1]; App. A: 1e-2")
-    g.add_argument("-b", "--batch-size", type=positive_int, default=None,
-                   help="batch size; 256 as in the authors' code (the paper gives none)")
-    g.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="epochs after which lr is multiplied by --gamma; App. A: 30 60 for 90 "
-                        "epochs; default: epochs//3 and 2*epochs//3 (= 30 60 at 90 epochs), "
-                        "leaving out any below 1 and repeats, so the first epoch always trains at "
-                        "--lr (--epochs 1: no drop; --epochs 2: one drop, after epoch 1)")
-    g.add_argument("--gamma", type=float, default=0.1, help="lr decay factor; App. A: 0.1")
-    g.add_argument("--crop", type=int, default=None,
-                   help="random crops from a zero padding of this many pixels; App. A: 4 for "
-                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder, fashion-mnist, mnist")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
-                        "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue an interrupted run from PATH (default: --out); refused when the "
-                        "arguments that shape the run differ")
-    add_overwrite_arg(g)
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
-    g.add_argument("--slim", action="store_true",
-                   help="drop optimizer/RNG state from the final checkpoint (no resume; smaller)")
-    add_compile_arg(g)
-    args = p.parse_args(argv)
-    for key, value in PAPER_DEFAULTS[args.data].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.milestones is None:  # App. A: 30, 60 of 90 -> the same fractions of --epochs;
-        # a milestone at 0 would drop lr before the first epoch (epochs 1 gave [0, 0], epochs 2
-        # [0, 1]: no epoch at --lr), so milestones below 1 and repeats are left out
-        args.milestones = sorted({m for m in (args.epochs // 3, 2 * args.epochs // 3) if m >= 1})
-    return args
-
-
-# Arguments that do not change the trained weights: a resume may differ in these.
-NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
-               "overwrite", "compile"}
 
 
 # --- shared: runtime ---
@@ -482,10 +760,8 @@ def guarded(main):
 # --- end shared: run-files ---
 
 
-# ======================================================================================
-# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
-#    batches are indexed from it and augmented there (no DataLoader in the hot path).
-# ======================================================================================
+# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
+# batches are indexed from it and augmented there (no DataLoader in the hot path).
 
 # --- shared: data ---
 # What torchvision looks for under --data-dir (named in the error when it is missing).
@@ -663,130 +939,6 @@ def augment(x, crop, flip, generator):
     return x
 # --- end shared: train-data ---
 
-
-# ======================================================================================
-# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
-# ======================================================================================
-
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-
-# ======================================================================================
-# 4. The method: cross-entropy with Adam and a step schedule (Sec. 3.3, App. A "Optimization")
-# ======================================================================================
-
-def learning_rate(args, epoch):
-    """App. A: lr 1e-2, multiplied by 0.1 after epochs 30 and 60. `epoch` counts finished ones."""
-    return args.lr * args.gamma ** sum(epoch >= m for m in args.milestones)
-
-
-def train_one_epoch(model, opt, train, args, generator, device):
-    """One pass over a fresh permutation of the training split; returns device tensors
-    (sum of losses, correct count, images) so the epoch needs one host sync, at its end."""
-    images, labels = train
-    model.train()
-    n = len(labels)
-    perm = torch.randperm(n, device=device, generator=generator)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    t0 = last_note = time.time()
-    for start in range(0, n, args.batch_size):
-        if time.time() - last_note > 60:  # long epochs (width 64 on a CPU): a note every minute
-            last_note, rate = time.time(), start / (time.time() - t0)
-            print(f"          {start}/{n} images  {rate:.0f} img/s  epoch ETA "
-                  f"{fmt_time((n - start) / rate)}", flush=True)
-        idx = perm[start:start + args.batch_size]
-        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
-        y = labels[idx]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            logits = model(x)                                        # [B, classes]
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
-    return loss_sum, correct, n
-
-
-# --- shared: head-eval ---
-@torch.no_grad()
-def evaluate(model, split, batch_size, amp, device):
-    """Accuracy of the linear head in eval mode.  Batch-norm buffers are left untouched: README
-    "Where this differs from the paper and the authors' code", "Consistent clusters"."""
-    images, labels = split
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(labels), batch_size):
-        x = to_float(images[start:start + batch_size])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
-    model.train(was_training)
-    return correct.item() / max(1, len(labels))
-# --- end shared: head-eval ---
-
-
-# ======================================================================================
-# 6. Checkpoint and report (README "Where results and checkpoints go")
-# ======================================================================================
 
 # --- shared: checkpoint-load ---
 FORMAT = "clustr/1"
@@ -972,117 +1124,8 @@ def arch_entry(width, in_channels):
 # --- end shared: resume ---
 
 
-def make_checkpoint(model, opt, generator, args, info, epoch, metrics, slim=False):
-    ckpt = {"format": FORMAT, "stage": "nominal",
-            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
-    if not slim:
-        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
-    return ckpt
-
-
-# ======================================================================================
-# 5. The loop
-# ======================================================================================
-
-@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
-def main(argv=None):
-    args = parse_args(argv)
-    preflight(args, training=True)      # folder, lock, no clobber: before any work
-    device = setup_runtime(args, training=True)
-    try:
-        train, test, info = load_data(args.data, args.data_dir, args.limit)
-    except DataError as e:
-        fail(str(e))
-    train = tuple(t.to(device) for t in train)                      # whole split on the device
-    test = tuple(t.to(device) for t in test)
-    log_path = args.out + ".log.jsonl"
-
-    model = ResNet18(info["num_classes"], args.width, train[0].shape[1], info["mean"], info["std"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed)
-    start_epoch, metrics = 0, {}
-
-    if args.resume is not None:
-        path = args.resume or args.out
-        ckpt = load_checkpoint(path, stages=("nominal",))
-        if not any(str(a).startswith("--mil") for a in RUN["argv"]):   # a longer --epochs keeps the
-            args.milestones = ckpt["args"]["milestones"]           # finished epochs' schedule
-        check_resume_args(ckpt, args, NOT_SHAPING)
-        if "resume" not in ckpt:
-            fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["resume"]["optimizer"])
-        set_rng_state(ckpt["resume"]["rng"], generator)
-        start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
-        # keep the log lines of the epochs the checkpoint holds, drop any written after it
-        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
-
-    print(f"nominal.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, "
-          f"{info['num_classes']} classes, {info['image_size']}) | ResNet18 w={args.width} | "
-          f"device {device} amp {args.amp} | torch {torch.__version__}")
-    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
-    print(f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'lr':>8} {'img/s':>8} "
-          f"{'elapsed':>9} {'ETA':>9}", flush=True)
-    t_run, images_done = time.time(), 0
-    last_epoch = min(args.epochs, args.stop_after) if args.stop_after else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        lr = learning_rate(args, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        loss_sum, correct, n = train_one_epoch(model, opt, train, args, generator, device)
-        train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
-            fail(f"the training loss became {train_loss} in epoch {epoch + 1}; stopped without "
-                 f"writing it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller "
-                 f"--lr (now {args.lr}).")
-        test_acc = evaluate(model, test, args.batch_size, args.amp, device)
-        seconds = time.time() - t0
-        images_done += n
-        elapsed = time.time() - t_run
-        eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": correct.item() / n,
-                   "test_accuracy": test_acc, "lr": lr, "seconds": seconds,
-                   "images_per_second": n / seconds, **compile_seconds()}
-        final = epoch + 1 == args.epochs
-        save_checkpoint(make_checkpoint(model, opt, generator, args, info, epoch + 1, metrics,
-                                        slim=args.slim and final), args.out)
-        append_jsonl(log_path, metrics)
-        print(f"{epoch + 1:>4}/{args.epochs:<4} {train_loss:8.4f} {metrics['train_accuracy']:7.2%} "
-              f"{test_acc:7.2%} {lr:8.1e} {n / seconds:8.0f} {fmt_time(elapsed):>9} "
-              f"{fmt_time(eta):>9}", flush=True)
-
-    done = metrics.get("epoch", 0)
-    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
-    results = {"stage": "nominal", "out": args.out, "data": args.data, "status": status,
-               "epochs_done": done, "epochs": args.epochs, **metrics,
-               "seconds_this_run": time.time() - t_run}
-    print(f"\nsummary: {status}\n"
-          f"  test accuracy   {metrics.get('test_accuracy', float('nan')):.2%}  (paper, ResNet18 w=64: "
-          f"95.01 CIFAR10, 78.84 CIFAR100, 98.38 SVHN)\n"
-          f"  train loss      {metrics.get('train_loss', float('nan')):.4f}\n"
-          f"  checkpoint      {args.out}   log {log_path}\n"
-          f"  next            {next_command(args)}", flush=True)
-    return results
-
-
-def next_command(args):
-    """The ClusTR step after this one, runnable as printed: magnet.py takes --data and --width
-    from --init; the data folder and --limit are passed on."""
-    cmd = ["python", "magnet.py", "--init", args.out]
-    cmd += ["--data-dir", args.data_dir] if args.data_dir != "./data" else []
-    cmd += ["--limit", str(args.limit)] if args.limit else []
-    return " ".join(shlex.quote(a) for a in cmd)
+# Ctrl-C / SIGTERM: one line, exit 130; the lock released (run-files' `guarded`, defined above)
+main = guarded(main)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,13 @@ import shlex
 import signal
 import sys
 import time
+import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ======================================================================================
 # 1. Arguments
@@ -169,76 +171,6 @@ def defaults_table(defaults, title):
     return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
 # --- end shared: train-args ---
 
-# --- shared: compile ---
-# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
-# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
-
-
-def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
-                        "is given; aot_eager: the same graphs, no generated code); the same results "
-                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
-                        "or without gradients) compiles at its first call and first backward: their "
-                        "times are printed and logged as compile_seconds. Default: eager")
-
-
-def compile_features(model, backend):
-    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
-    through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
-    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
-    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
-    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
-    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
-    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
-    backward through it (the backward graph compiles when it first runs) are timed (synchronised
-    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
-    COMPILED.clear()
-    if not backend:
-        return model
-    compiled = torch.compile(model.features, backend=backend)
-
-    def timed(kind, t0, tensor):
-        if tensor.is_cuda:
-            torch.cuda.synchronize()
-        COMPILED[kind] = time.time() - t0
-        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
-              f"backend {backend})", flush=True)
-
-    def features(x):                                                # x: [B, C, H, W] in [0, 1]
-        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
-        if kind in COMPILED:
-            return compiled(x)
-        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
-            torch._dynamo.mark_dynamic(x, 0)
-        t0 = time.time()
-        out = compiled(x)                                           # [B, 8w]
-        timed(kind, t0, out)
-        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
-            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
-            start = []
-
-            def begin(grad):
-                start.append(time.time())
-
-            def end(grad):
-                if start and kind + ", backward" not in COMPILED:
-                    timed(kind + ", backward", start[0], grad)
-            out.register_hook(begin)
-            leaf.register_hook(end)
-        return out
-    model.features = features
-    return model
-
-
-def compile_seconds():
-    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
-    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
-# --- end shared: compile ---
-
-
 
 # --- shared: eps ---
 def parse_fraction(text):
@@ -290,6 +222,8 @@ def parse_D(text):
 
 
 def parse_args(argv=None):
+    """The command line: the shared data/device flags, then QTRADES's flags; unset ones take
+    --init's data and width and the paper's per-dataset defaults, then are range-checked."""
     formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (Sec. 4.2, App. A; a flag you set wins):")
     p = argparse.ArgumentParser(
         prog="qtrades.py",
@@ -303,6 +237,21 @@ def parse_args(argv=None):
         formatter_class=formatter)
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # None: --init's (or --resume's) width, else 64 (defaults_from_init)
+    add_qtrades_args(p)
+    args = parse_with_fractions(p, argv)
+    defaults_from_init(args)
+    for key, value in PAPER_DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.D == "all":
+        args.D = None
+    check_args(args)
+    return args
+
+
+def add_qtrades_args(p):
+    """The flags of Sec. 4.2, Eq. (6) and App. A ("QTRADES", "Magnet Loss", "Optimization"), in
+    --help's order."""
     g = p.add_argument_group("QTRADES (Sec. 4.2, Eq. (6); App. A 'QTRADES', 'Magnet Loss', 'Optimization')")
     g.add_argument("--loss", choices=["magnet", "ce"], default="magnet",
                    help="magnet = ClusTR+QTRADES (Eq. (6), clusters, stage qtrades-magnet); ce = "
@@ -356,13 +305,10 @@ def parse_args(argv=None):
     g.add_argument("--slim", action="store_true",
                    help="drop optimizer/sampler/RNG state from the final checkpoint (no resume)")
     add_compile_arg(g)
-    args = parse_with_fractions(p, argv)
-    defaults_from_init(args)
-    for key, value in PAPER_DEFAULTS[args.data].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.D == "all":
-        args.D = None
+
+
+def check_args(args):
+    """Bad values -> one line and exit code 2, before any work."""
     for flag, value, low in (("--m", args.m, 2), ("--d", args.d, 2), ("--K", args.K, 1),
                              ("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1)):
         if value < low:  # m >= 2: a batch needs other-class clusters; d >= 2: sigma^2 > 0
@@ -371,7 +317,6 @@ def parse_args(argv=None):
         fail(f"--alpha must be >= 0 (Eq. (3)), got {args.alpha}")
     if not args.lam >= 0:
         fail(f"--lam must be >= 0 (Eq. (6)), got {args.lam}")
-    return args
 
 
 # Arguments that do not change the trained weights: a resume may differ in these.
@@ -380,395 +325,8 @@ NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "determin
 STAGE = {"magnet": "qtrades-magnet", "ce": "qtrades-ce"}                 # checkpoint stage names
 
 
-# --- shared: runtime ---
-def fail(message):
-    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def fmt_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-# --- end shared: runtime ---
-
-# --- shared: setup ---
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device "
-             f"(torch {torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def setup_runtime(args, training):
-    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    if args.amp is None:
-        args.amp = device.type == "cuda" and training
-    if device.type != "cuda":
-        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
-# --- end shared: setup ---
-
-# --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
-# any work; a fresh log that waits beside the old one until the run has written --out; and a
-# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
-RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
-
-
-def preflight(args, training):
-    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
-    proves the folder writable), and for a training stage refuse an existing checkpoint unless
-    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
-    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
-    stopped before that leaves the previous run's files as they were."""
-    out = args.out
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
-    resume = training and args.resume is not None
-    if training and not resume and os.path.exists(out) and not args.overwrite:
-        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
-             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
-               replacing=training and not resume and os.path.exists(out))   # with --overwrite
-    take_lock(out + ".lock")
-    if not resume:
-        log = out + ".log.jsonl"
-        RUN["staged"] = {log: log + ".partial"}
-        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
-            os.remove(log + ".partial")
-
-
-def take_lock(path):
-    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
-    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
-    killed run) is stale: it is taken over with a note."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = lock_owner(path)
-            if pid is not None and pid_alive(pid):
-                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
-                     f"to end or choose another --out")
-            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
-                 f"({e.strerror or e}); make it writable or choose another --out")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        RUN["lock"] = path
-        return
-    fail(f"could not take the lock {path}: other runs keep taking it; try again")
-
-
-def lock_owner(path):
-    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
-    for _ in range(2):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.2)                                             # a run may be writing it now
-    return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)                                             # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                         # alive, another user's
-        return True
-    return True
-
-
-def release_lock():
-    path = RUN.pop("lock", None)
-    if path is not None and lock_owner(path) == os.getpid():
-        os.remove(path)
-
-
-def commit_log():
-    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
-    for log, staged in RUN.pop("staged", {}).items():
-        if os.path.exists(staged):
-            os.replace(staged, log)
-        elif os.path.exists(log):
-            os.remove(log)
-
-
-def interrupted():
-    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
-    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
-        else os.path.basename(__file__)
-    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
-    if out is None:
-        return "interrupted before the run started; nothing was written"
-    if not RUN["training"]:
-        staged = next(iter(RUN.get("staged", {}).values()), None)
-        return (f"interrupted; {out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
-                + f"; run it again with: {again}")
-    epochs = RUN.get("epochs", {})
-    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
-    if epoch is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
-                f"its log are as before); run it again with: {again}")
-    argv = [a for a in argv if a != "--overwrite"]
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        argv.append("--resume")
-    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
-            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
-
-
-def guarded(main):
-    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
-    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
-    def run(argv=None):
-        RUN.clear()
-        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-        try:
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:                                          # not the main thread
-            previous = None
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        finally:
-            release_lock()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
-# --- end shared: run-files ---
-
-
 # ======================================================================================
-# 2. Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
-#    batches are indexed from it and augmented there (no DataLoader in the hot path).
-# ======================================================================================
-
-# --- shared: data ---
-# What torchvision looks for under --data-dir (named in the error when it is missing).
-TORCHVISION_FILES = {
-    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
-    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
-    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
-    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
-                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
-    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
-}
-
-
-# torchvision's class and folder names of the two 28x28 grey datasets.
-IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
-
-
-class DataError(Exception):
-    """A dataset that cannot be found or read; main() turns it into exit code 2."""
-
-
-def _read_idx(path):
-    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
-    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
-    import gzip
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    count = int(np.prod(dims))
-    if len(raw) < 4 + 4 * len(dims) + count:
-        raise DataError(f"{path} is truncated: its header promises {dims}")
-    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
-    return torch.from_numpy(data.copy()).reshape(dims)
-
-
-def _load_idx(name, root, train):
-    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
-    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
-    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
-    import torchvision
-    cls_name, folder = IDX_DATASETS[name]
-    cls = getattr(torchvision.datasets, cls_name)
-    prefix = "train" if train else "t10k"
-    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
-        for where in (root, os.path.join(root, folder, "raw")):
-            for ext in (".gz", ""):
-                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
-                if os.path.isfile(path):
-                    return path
-        return None
-    if find("images-idx3") is None or find("labels-idx1") is None:
-        try:                                                        # torchvision's own layout
-            cls(root, train=train, download=True)
-        except Exception as e:
-            raise DataError(
-                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
-                f"--data-dir at the folder that holds them, or use --data folder.") from None
-    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
-                        f"labels {list(labels.shape)}")
-    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
-
-
-def _load_torchvision(name, root, train):
-    import torchvision
-    if name in IDX_DATASETS:
-        return _load_idx(name, root, train)
-    try:
-        if name == "svhn":
-            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
-            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
-                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        ds = cls(root, train=train, download=True)
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
-        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
-    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
-        raise DataError(
-            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
-            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
-            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
-
-
-def _load_folder(root, train):
-    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
-    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
-    import torchvision
-    split = os.path.join(root, "train" if train else "test")
-    if not os.path.isdir(split):
-        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
-                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
-    try:
-        ds = torchvision.datasets.ImageFolder(split)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot read the image folder {split}: {e}") from None
-    rank, seen = [], {}
-    for _, label in ds.samples:
-        rank.append((seen.get(label, 0), label))
-        seen[label] = seen.get(label, 0) + 1
-    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
-    images, labels, shape = [], [], None
-    for i in order:
-        path, label = ds.samples[i]
-        try:                                                        # a truncated or foreign file
-            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
-        except Exception as e:
-            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
-        if shape is None:
-            shape = array.shape
-        elif array.shape != shape:
-            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
-                            f"the first was {shape[:2]}")
-        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
-
-
-def load_split(name, root, train, limit=None):
-    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
-    if name == "folder":
-        images, labels, classes = _load_folder(root, train)
-    else:
-        images, labels, classes = _load_torchvision(name, root, train)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images.contiguous(), labels, classes
-
-
-def to_float(x_uint8):
-    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
-    return x_uint8.float().div_(255)
-# --- end shared: data ---
-
-# --- shared: train-data ---
-def load_data(name, root, limit=None):
-    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
-    train_x, train_y, classes = load_split(name, root, True, limit)
-    test_x, test_y, test_classes = load_split(name, root, False, limit)
-    if test_classes != classes:
-        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
-    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
-    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
-    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
-    info = {"name": name, "num_classes": len(classes), "classes": classes,
-            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
-            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
-    return (train_x, train_y), (test_x, test_y), info
-
-
-def augment(x, crop, flip, generator):
-    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
-    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
-    B, C, H, W = x.shape
-    if crop > 0:
-        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
-        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
-        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
-        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
-        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
-                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
-    if flip:
-        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
-        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-    return x
-# --- end shared: train-data ---
-
-
-# ======================================================================================
-# 3. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
+# 2. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
 #    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
 # ======================================================================================
 
@@ -829,8 +387,207 @@ class ResNet18(nn.Module):
 
 
 # ======================================================================================
-# 4. The method: Eq. (4) inference, Eq. (3) Magnet loss, k-means++, neighbourhood sampler
+# 3. The method: QTRADES, the consistency term of Eq. (6) and the quick adversary (Sec. 4.2,
+#    App. A), then the ClusTR blocks it builds on (Eq. (4), Eq. (3), k-means++, sampler)
 # ======================================================================================
+
+def nearest_mask(features, centers, D):
+    """[n, M] bool: the D centres nearest to each row (Sec. 4.2, App. B.3); all True when D is
+    None or >= M.  Same distances and topk as the eq4 block, so ties resolve the same way."""
+    features = features.detach().float()
+    centers = centers.to(features)
+    keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
+    if D is not None and D < centers.shape[0]:
+        s = -(features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)  # [n, M]
+        keep = torch.zeros_like(keep).scatter_(1, s.topk(D, dim=1).indices, True)
+    return keep
+
+
+def eq4_log_probs_on(features, centers, center_classes, variance, keep):
+    """log of Eq. (4) with both sums over the centres marked in keep [n, M]:
+        log p_c = logsumexp_{j in c, keep}(s_j) - logsumexp_{j in keep}(s_j),
+        s_j = -||f - mu_j||^2 / (2 sigma^2).
+    With keep = nearest_mask(f, centers, D) this is cluster_log_probs(f, ..., D) (a test checks
+    it).  Eq. (6) evaluates p(f(x)) and p(f(x_adv)) on the *same* set, the D nearest centres of
+    the clean f(x): with a set of its own, x_adv could drop a class that p(f(x)) holds, and
+    -p_c log 0 = +inf would end the run (with D = None both sets are all centres, Eq. (4)
+    itself).  Masks are -inf before each reduction, as in the eq4 block.  -> [n, classes]."""
+    return cluster_log_probs(features, centers, center_classes, variance, keep=keep)
+
+
+def consistency(log_p, log_q, kind="ce"):
+    """The consistency term per row, p the clean and q the adversarial distribution, both given as
+    log-probabilities [n, classes].  -> [n].
+        kind "ce", Eq. (6):  CE(q, p)   = -sum_c p_c log q_c
+        kind "kl", TRADES:   KL(p || q) =  sum_c p_c (log p_c - log q_c) = CE(q, p) - H(p)
+    Where p_c = 0 (log p_c = -inf: a class absent from the D nearest centres) the term is 0:
+    log p_c and log q_c are replaced by 0 *before* the product (masked_fill passes no gradient
+    there), since 0 * (-inf) = NaN, and torch.where after the product would still send NaN
+    gradients back."""
+    zero = torch.isneginf(log_p)                                           # p_c = 0 exactly
+    p = log_p.exp()                                                        # [n, classes]
+    log_ratio = -log_q.masked_fill(zero, 0.0)                              # -log q_c
+    if kind == "kl":
+        log_ratio = log_ratio + log_p.masked_fill(zero, 0.0)               # log p_c - log q_c
+    return (p * log_ratio).sum(1)
+
+
+def quick_adversary(log_q_fn, x, log_p, eps, step, generator=None):
+    """The quick adversary of Sec. 4.2 / App. A "QTRADES" (one step of Madry et al.'s PGD):
+
+        x'    = clip_[0,1](x + U[-eps, eps])                               (uniform start)
+        x_adv = Proj_S(x' + eta sign(grad_x' CE(p(f(x')), p(f(x)))))        S = B_inf(x, eps) n [0,1]^n
+
+    log_q_fn(z) -> log p(f(z)) [n, classes] (called exactly once, with gradients); log_p
+    [n, classes] the clean target, a constant here; eps, step (eta) in [0, 1] pixel units;
+    the uniform draw comes from `generator` (the run's, so --resume repeats it).  The gradient is
+    taken w.r.t. x' alone (torch.autograd.grad), so no parameter .grad is written.  The loss is
+    the *sum* over rows: in eval mode rows do not interact, so each row gets its own gradient.
+    -> (x_adv, x') both [n, C, H, W] in [0, 1]."""
+    noise = torch.rand(x.shape, device=x.device, generator=generator).mul_(2 * eps).sub_(eps)
+    x_start = (x + noise).clamp_(0, 1).requires_grad_(True)                # x'
+    # p is a constant here, so CE(q, p) and KL(p || q) = CE(q, p) - H(p) have the same gradient
+    # in x': the adversary is the same under --consistency ce and kl.
+    loss = consistency(log_p.detach(), log_q_fn(x_start)).sum()
+    grad, = torch.autograd.grad(loss, [x_start])
+    with torch.no_grad():
+        x_adv = x_start + step * grad.sign()                               # one signed step, eta
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0, 1)   # Proj_S
+    return x_adv, x_start.detach()
+
+
+def craft(model, x, clusters, args, generator):
+    """x_adv for a training batch x [B, C, H, W].  Mode: EVAL.  The adversary is crafted against
+    the function that inference and attack.py evaluate (running batch-norm statistics), rows do
+    not interact through batch statistics, and the crafting forwards leave every batch-norm buffer
+    as it was; the training forwards that follow (clean, then adversarial, in train mode) update
+    the running statistics once each.  The authors' code crafts in train mode, so each
+    adversarial batch moved the statistics twice (once while crafting, once in training).
+    clusters: (centers, center_classes, sigma^2, D) for --loss magnet (Eq. (4)), None for --loss ce
+    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant."""
+    model.eval()
+    device = x.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        if clusters is not None:
+            centers, center_classes, variance, D = clusters
+            with torch.no_grad():
+                f = model.features(x).float()                              # [B, 8w]
+            keep = nearest_mask(f, centers, D)                             # the clean D nearest
+            log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)
+
+            def log_q_fn(z):
+                return eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
+        else:
+            with torch.no_grad():
+                log_p = F.log_softmax(model(x).float(), 1)                 # [B, classes]
+
+            def log_q_fn(z):
+                return F.log_softmax(model(z).float(), 1)
+        x_adv, _ = quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)
+    model.train()
+    return x_adv
+
+
+def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
+                        variance, D, lam, kind="ce"):
+    """ClusTR+QTRADES, Eq. (6):  L = L_Magnet(f) + lam * mean_n CE(p(f(x_adv_n)), p(f(x_n)))
+    with L_Magnet the batch Magnet loss of Eq. (3) and p of Eq. (4) over the current centres and
+    sigma^2 (those of the last k-means, constants here) on the D nearest centres of f(x).
+    The clean p(f(x)) is NOT detached: Eq. (6) writes the term as a function of theta through
+    both arguments, and the authors' training code passes gradients through the clean
+    probabilities; only the adversary's crafting holds it constant.  TRADES (Zhang et al. 2019)
+    also keeps p attached, but its term is KL(p || q) = CE(q, p) - H(p): with p attached, Eq. (6)'s
+    cross-entropy adds the gradient of the clean entropy H(p), which pushes p towards confident
+    (one-hot) predictions.  kind="kl" (--consistency kl) is TRADES's term, an ablation.
+    -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
+    magnet, per_example, _ = magnet_loss(f, cluster_ids, class_ids, alpha)   # Eq. (3)
+    keep = nearest_mask(f, centers, D)                                     # [B, M]
+    log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)      # clean, [B, classes]
+    log_q = eq4_log_probs_on(f_adv, centers, center_classes, variance, keep)  # adversarial
+    cons = consistency(log_p, log_q, kind)                                 # [B]
+    return magnet + lam * cons.mean(), per_example, cons
+
+
+def qtrades_ce_loss(logits, logits_adv, labels, lam, kind="ce"):
+    """QTRADES alone (Table 1 row "QTRADES"; Sec. 4.2: TRADES with the Magnet loss replaced by
+    the cross-entropy on the linear head):  L = CE(softmax(z(x)), y) + lam * mean_n
+    CE(softmax(z(x_adv)), softmax(z(x))), the clean softmax not detached (as above).
+    -> (loss, consistency [B])."""
+    log_p, log_q = F.log_softmax(logits.float(), 1), F.log_softmax(logits_adv.float(), 1)
+    cons = consistency(log_p, log_q, kind)
+    return F.cross_entropy(logits.float(), labels) + lam * cons.mean(), cons
+
+
+def train_one_epoch(model, opt, train, sampler, clusters, args, generator, device):
+    """--loss magnet.  App. A: ceil(N / (m d)) neighbourhood batches; each is one Adam step on
+    Eq. (6).  clusters: the checkpoint's `clusters` entry of the last k-means update.
+    -> (mean per-example loss, mean consistency, images seen)."""
+    images, _ = train
+    centers = clusters["centers"].to(device)
+    center_classes = clusters["center_classes"].to(device)
+    eq4 = (centers, center_classes, clusters["variance"], args.D)
+    model.train()
+    loss_sum, cons_sum, seen = 0.0, 0.0, 0
+    for _ in range(sampler.batches_per_epoch()):
+        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
+        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
+        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = craft(model, x, eq4, args, generator)                   # Sec. 4.2, eval mode
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
+            f_adv = model.features(x_adv)                               # [B, 8w]
+        loss, per_example, cons = qtrades_magnet_loss(
+            f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam,
+            args.consistency)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        per_example = per_example.detach().float().cpu()
+        total = per_example + args.lam * cons.detach().float().cpu()   # per-example Eq. (6)
+        if not torch.isfinite(total).all():                             # NaN/inf guard
+            return float("nan"), float("nan"), seen
+        sampler.record(idx, per_example)            # Rippel et al.: the sampler ranks Magnet losses
+        loss_sum += float(total.sum())
+        cons_sum += float(cons.detach().sum())
+        seen += len(idx)
+    return loss_sum / max(1, seen), cons_sum / max(1, seen), seen
+
+
+def train_one_epoch_ce(model, opt, train, args, generator, device):
+    """--loss ce.  One pass over a fresh permutation of the training split in batches of m x d
+    (the magnet variant's batch size); each batch is one Adam step on QTRADES alone.
+    -> (mean loss, mean consistency, clean training accuracy, images seen)."""
+    images, labels = train
+    model.train()
+    n, B = len(labels), args.m * args.d
+    perm = torch.randperm(n, device=device, generator=generator)
+    loss_sum, cons_sum, correct = 0.0, 0.0, 0
+    for start in range(0, n, B):
+        idx = perm[start:start + B]
+        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
+        y = labels[idx]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_adv = craft(model, x, None, args, generator)                  # Sec. 4.2, eval mode
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits, logits_adv = model(x), model(x_adv)                 # [B, classes] each
+        loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam, args.consistency)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss = float(loss.detach())
+        if not math.isfinite(loss):                                     # NaN/inf guard
+            return float("nan"), float("nan"), 0.0, start
+        loss_sum += loss * len(idx)
+        cons_sum += float(cons.detach().sum())
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / n, cons_sum / n, correct / n, n
+
+
+# The ClusTR method blocks QTRADES builds on, as in magnet.py: Eq. (4) inference, Eq. (3) Magnet
+# loss, k-means++, neighbourhood sampler, the cluster update; then the linear head's accuracy.
 
 # --- shared: eq4 ---
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
@@ -1152,205 +909,6 @@ def clusters_entry(centers, center_classes, variance, args):
 # --- end shared: cluster-update ---
 
 
-# ======================================================================================
-# 4b. QTRADES: the consistency term of Eq. (6) and the quick adversary (Sec. 4.2, App. A)
-# ======================================================================================
-
-def nearest_mask(features, centers, D):
-    """[n, M] bool: the D centres nearest to each row (Sec. 4.2, App. B.3); all True when D is
-    None or >= M.  Same distances and topk as the eq4 block, so ties resolve the same way."""
-    features = features.detach().float()
-    centers = centers.to(features)
-    keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
-    if D is not None and D < centers.shape[0]:
-        s = -(features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        keep = torch.zeros_like(keep).scatter_(1, s.topk(D, dim=1).indices, True)
-    return keep
-
-
-def eq4_log_probs_on(features, centers, center_classes, variance, keep):
-    """log of Eq. (4) with both sums over the centres marked in keep [n, M]:
-        log p_c = logsumexp_{j in c, keep}(s_j) - logsumexp_{j in keep}(s_j),
-        s_j = -||f - mu_j||^2 / (2 sigma^2).
-    With keep = nearest_mask(f, centers, D) this is cluster_log_probs(f, ..., D) (a test checks
-    it).  Eq. (6) evaluates p(f(x)) and p(f(x_adv)) on the *same* set, the D nearest centres of
-    the clean f(x): with a set of its own, x_adv could drop a class that p(f(x)) holds, and
-    -p_c log 0 = +inf would end the run (with D = None both sets are all centres, Eq. (4)
-    itself).  Masks are -inf before each reduction, as in the eq4 block.  -> [n, classes]."""
-    return cluster_log_probs(features, centers, center_classes, variance, keep=keep)
-
-
-def consistency(log_p, log_q, kind="ce"):
-    """The consistency term per row, p the clean and q the adversarial distribution, both given as
-    log-probabilities [n, classes].  -> [n].
-        kind "ce", Eq. (6):  CE(q, p)   = -sum_c p_c log q_c
-        kind "kl", TRADES:   KL(p || q) =  sum_c p_c (log p_c - log q_c) = CE(q, p) - H(p)
-    Where p_c = 0 (log p_c = -inf: a class absent from the D nearest centres) the term is 0:
-    log p_c and log q_c are replaced by 0 *before* the product (masked_fill passes no gradient
-    there), since 0 * (-inf) = NaN, and torch.where after the product would still send NaN
-    gradients back."""
-    zero = torch.isneginf(log_p)                                           # p_c = 0 exactly
-    p = log_p.exp()                                                        # [n, classes]
-    log_ratio = -log_q.masked_fill(zero, 0.0)                              # -log q_c
-    if kind == "kl":
-        log_ratio = log_ratio + log_p.masked_fill(zero, 0.0)               # log p_c - log q_c
-    return (p * log_ratio).sum(1)
-
-
-def quick_adversary(log_q_fn, x, log_p, eps, step, generator=None):
-    """The quick adversary of Sec. 4.2 / App. A "QTRADES" (one step of Madry et al.'s PGD):
-
-        x'    = clip_[0,1](x + U[-eps, eps])                               (uniform start)
-        x_adv = Proj_S(x' + eta sign(grad_x' CE(p(f(x')), p(f(x)))))        S = B_inf(x, eps) n [0,1]^n
-
-    log_q_fn(z) -> log p(f(z)) [n, classes] (called exactly once, with gradients); log_p
-    [n, classes] the clean target, a constant here; eps, step (eta) in [0, 1] pixel units;
-    the uniform draw comes from `generator` (the run's, so --resume repeats it).  The gradient is
-    taken w.r.t. x' alone (torch.autograd.grad), so no parameter .grad is written.  The loss is
-    the *sum* over rows: in eval mode rows do not interact, so each row gets its own gradient.
-    -> (x_adv, x') both [n, C, H, W] in [0, 1]."""
-    noise = torch.rand(x.shape, device=x.device, generator=generator).mul_(2 * eps).sub_(eps)
-    x_start = (x + noise).clamp_(0, 1).requires_grad_(True)                # x'
-    # p is a constant here, so CE(q, p) and KL(p || q) = CE(q, p) - H(p) have the same gradient
-    # in x': the adversary is the same under --consistency ce and kl.
-    loss = consistency(log_p.detach(), log_q_fn(x_start)).sum()
-    grad, = torch.autograd.grad(loss, [x_start])
-    with torch.no_grad():
-        x_adv = x_start + step * grad.sign()                               # one signed step, eta
-        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0, 1)   # Proj_S
-    return x_adv, x_start.detach()
-
-
-def craft(model, x, clusters, args, generator):
-    """x_adv for a training batch x [B, C, H, W].  Mode: EVAL.  The adversary is crafted against
-    the function that inference and attack.py evaluate (running batch-norm statistics), rows do
-    not interact through batch statistics, and the crafting forwards leave every batch-norm buffer
-    as it was; the training forwards that follow (clean, then adversarial, in train mode) update
-    the running statistics once each.  The authors' code crafts in train mode, so each
-    adversarial batch moved the statistics twice (once while crafting, once in training).
-    clusters: (centers, center_classes, sigma^2, D) for --loss magnet (Eq. (4)), None for --loss ce
-    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant."""
-    model.eval()
-    device = x.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        if clusters is not None:
-            centers, center_classes, variance, D = clusters
-            with torch.no_grad():
-                f = model.features(x).float()                              # [B, 8w]
-            keep = nearest_mask(f, centers, D)                             # the clean D nearest
-            log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)
-
-            def log_q_fn(z):
-                return eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
-        else:
-            with torch.no_grad():
-                log_p = F.log_softmax(model(x).float(), 1)                 # [B, classes]
-
-            def log_q_fn(z):
-                return F.log_softmax(model(z).float(), 1)
-        x_adv, _ = quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)
-    model.train()
-    return x_adv
-
-
-def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
-                        variance, D, lam, kind="ce"):
-    """ClusTR+QTRADES, Eq. (6):  L = L_Magnet(f) + lam * mean_n CE(p(f(x_adv_n)), p(f(x_n)))
-    with L_Magnet the batch Magnet loss of Eq. (3) and p of Eq. (4) over the current centres and
-    sigma^2 (those of the last k-means, constants here) on the D nearest centres of f(x).
-    The clean p(f(x)) is NOT detached: Eq. (6) writes the term as a function of theta through
-    both arguments, and the authors' training code passes gradients through the clean
-    probabilities; only the adversary's crafting holds it constant.  TRADES (Zhang et al. 2019)
-    also keeps p attached, but its term is KL(p || q) = CE(q, p) - H(p): with p attached, Eq. (6)'s
-    cross-entropy adds the gradient of the clean entropy H(p), which pushes p towards confident
-    (one-hot) predictions.  kind="kl" (--consistency kl) is TRADES's term, an ablation.
-    -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
-    magnet, per_example, _ = magnet_loss(f, cluster_ids, class_ids, alpha)   # Eq. (3)
-    keep = nearest_mask(f, centers, D)                                     # [B, M]
-    log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)      # clean, [B, classes]
-    log_q = eq4_log_probs_on(f_adv, centers, center_classes, variance, keep)  # adversarial
-    cons = consistency(log_p, log_q, kind)                                 # [B]
-    return magnet + lam * cons.mean(), per_example, cons
-
-
-def qtrades_ce_loss(logits, logits_adv, labels, lam, kind="ce"):
-    """QTRADES alone (Table 1 row "QTRADES"; Sec. 4.2: TRADES with the Magnet loss replaced by
-    the cross-entropy on the linear head):  L = CE(softmax(z(x)), y) + lam * mean_n
-    CE(softmax(z(x_adv)), softmax(z(x))), the clean softmax not detached (as above).
-    -> (loss, consistency [B])."""
-    log_p, log_q = F.log_softmax(logits.float(), 1), F.log_softmax(logits_adv.float(), 1)
-    cons = consistency(log_p, log_q, kind)
-    return F.cross_entropy(logits.float(), labels) + lam * cons.mean(), cons
-
-
-def train_one_epoch(model, opt, train, sampler, clusters, args, generator, device):
-    """--loss magnet.  App. A: ceil(N / (m d)) neighbourhood batches; each is one Adam step on
-    Eq. (6).  clusters: the checkpoint's `clusters` entry of the last k-means update.
-    -> (mean per-example loss, mean consistency, images seen)."""
-    images, _ = train
-    centers = clusters["centers"].to(device)
-    center_classes = clusters["center_classes"].to(device)
-    eq4 = (centers, center_classes, clusters["variance"], args.D)
-    model.train()
-    loss_sum, cons_sum, seen = 0.0, 0.0, 0
-    for _ in range(sampler.batches_per_epoch()):
-        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
-        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
-        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        x_adv = craft(model, x, eq4, args, generator)                   # Sec. 4.2, eval mode
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
-            f_adv = model.features(x_adv)                               # [B, 8w]
-        loss, per_example, cons = qtrades_magnet_loss(
-            f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam,
-            args.consistency)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        per_example = per_example.detach().float().cpu()
-        total = per_example + args.lam * cons.detach().float().cpu()   # per-example Eq. (6)
-        if not torch.isfinite(total).all():                             # NaN/inf guard
-            return float("nan"), float("nan"), seen
-        sampler.record(idx, per_example)            # Rippel et al.: the sampler ranks Magnet losses
-        loss_sum += float(total.sum())
-        cons_sum += float(cons.detach().sum())
-        seen += len(idx)
-    return loss_sum / max(1, seen), cons_sum / max(1, seen), seen
-
-
-def train_one_epoch_ce(model, opt, train, args, generator, device):
-    """--loss ce.  One pass over a fresh permutation of the training split in batches of m x d
-    (the magnet variant's batch size); each batch is one Adam step on QTRADES alone.
-    -> (mean loss, mean consistency, clean training accuracy, images seen)."""
-    images, labels = train
-    model.train()
-    n, B = len(labels), args.m * args.d
-    perm = torch.randperm(n, device=device, generator=generator)
-    loss_sum, cons_sum, correct = 0.0, 0.0, 0
-    for start in range(0, n, B):
-        idx = perm[start:start + B]
-        x = to_float(augment(images[idx], args.crop, args.flip, generator))   # [B, C, H, W]
-        y = labels[idx]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        x_adv = craft(model, x, None, args, generator)                  # Sec. 4.2, eval mode
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            logits, logits_adv = model(x), model(x_adv)                 # [B, classes] each
-        loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam, args.consistency)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss = float(loss.detach())
-        if not math.isfinite(loss):                                     # NaN/inf guard
-            return float("nan"), float("nan"), 0.0, start
-        loss_sum += loss * len(idx)
-        cons_sum += float(cons.detach().sum())
-        correct += int((logits.argmax(1) == y).sum())
-    return loss_sum / n, cons_sum / n, correct / n, n
-
-
 # --- shared: head-eval ---
 @torch.no_grad()
 def evaluate(model, split, batch_size, amp, device):
@@ -1372,8 +930,758 @@ def evaluate(model, split, batch_size, amp, device):
 
 
 # ======================================================================================
-# 6. Checkpoint and report (README "Where results and checkpoints go")
+# 4. The loop: load -> build -> resume or evaluate the start -> epochs -> report; the two
+#    variants (--loss magnet, --loss ce) differ only in the three steps `variant_steps` picks
+#    (checkpoint and report: README "Where results and checkpoints go")
 # ======================================================================================
+
+SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
+
+
+def main(argv=None):
+    """QTRADES (Sec. 4.2, Eq. (6)) as a run: arguments, --init, data, the model, the starting point
+    (epoch 0), the epochs of App. A, the summary.  Wrapped by `guarded` below (Ctrl-C / SIGTERM:
+    one line, exit 130; the lock released)."""
+    args = parse_args(argv)
+    preflight(args, training=True)      # folder, lock, no clobber: before any work
+    device = setup_runtime(args, training=True)
+    init = init_state = None
+    if args.init is not None and args.resume is None:
+        init, init_state = load_init(args.init, args)              # checked before any data load
+    train, test, info = load_device_data(args, init, device)
+    run = build_training(args, train, test, info, init_state, device)
+    print_header(run)
+    if args.resume is not None:
+        start_epoch, metrics = resume_training(run)
+    else:
+        start_epoch, metrics = evaluate_the_start(run)
+    metrics = train_epochs(run, start_epoch, metrics)
+    return report(run, metrics)
+
+
+def load_device_data(args, init, device):
+    """Step 1: both splits of --data (README "Data"), checked against --init's classes, each moved
+    whole onto the device."""
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    if info["num_classes"] < 2:
+        fail(f"QTRADES needs at least 2 classes; {args.data} has {info['num_classes']}")
+    if init is not None:
+        check_init_classes(init, info, train[0].shape[1], args.init)
+        # the model keeps the starting run's App. A normalisation buffers; record those
+        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
+    train = tuple(t.to(device) for t in train)                      # whole split on the device
+    test = tuple(t.to(device) for t in test)
+    return train, test, info
+
+
+def build_training(args, train, test, info, init_state, device):
+    """Step 2: the ResNet18 (headless for --loss magnet, Sec. 3.3; with its head for --loss ce),
+    Adam of App. A, the seeded device generator, the neighbourhood sampler (magnet) and the
+    variant's steps.  -> the run's state, one namespace the steps share."""
+    magnet = args.loss == "magnet"
+    num_classes = info["num_classes"]
+    # magnet: Sec. 3.3, the network without its last linear layer; ce: the nominal network
+    model = ResNet18(0 if magnet else num_classes, args.width, train[0].shape[1], info["mean"], info["std"])
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
+    generator = torch.Generator(device=device)                      # augmentation, k-means++, x'
+    generator.manual_seed(args.seed)
+    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
+                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET)
+                                   ) if magnet else None
+    start, train_epoch, evaluate_epoch = variant_steps(args.loss)
+    return types.SimpleNamespace(
+        args=args, device=device, train=train, test=test, info=info, num_classes=num_classes,
+        log_path=args.out + ".log.jsonl", model=model, opt=opt, generator=generator,
+        sampler=sampler, clusters=None, t_run=time.time(), start=start, train_epoch=train_epoch,
+        evaluate_epoch=evaluate_epoch,
+        header=(f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} "
+                f"{'img/s':>8} {'elapsed':>9} {'ETA':>9}"))
+
+
+def variant_steps(loss):
+    """The three steps in which the variants differ: (the starting point's metrics, one training
+    epoch, the metrics after an epoch)."""
+    if loss == "magnet":
+        return start_magnet, train_epoch_magnet, evaluate_epoch_magnet
+    return start_ce, train_epoch_ce, evaluate_epoch_ce
+
+
+def cluster_and_evaluate(run, epoch):
+    """--loss magnet: k-means++ update (App. A), sigma^2 (Eq. (3)), Eq. (4) accuracies."""
+    args = run.args
+    t0 = time.time()
+    centers, center_classes, assignment, variance, train_acc = update_clusters(
+        run.model, run.train, run.num_classes, args, run.generator)
+    test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)
+    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)
+    run.sampler.set_clusters(assignment, centers, center_classes)
+    clusters = clusters_entry(centers, center_classes, variance, args)
+    return clusters, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
+                      "variance": float(variance), "cluster_seconds": time.time() - t0}
+
+
+def start_magnet(run):
+    """--loss magnet, epoch 0: the clusters of the starting features and their Eq. (4) accuracies."""
+    run.clusters, metrics = cluster_and_evaluate(run, 0)
+    return metrics
+
+
+def train_epoch_magnet(run):
+    """--loss magnet: one epoch of Eq. (6) on neighbourhood batches.  -> (loss, consistency,
+    images, None: the train accuracy comes from the cluster update)."""
+    train_loss, cons, seen = train_one_epoch(run.model, run.opt, run.train, run.sampler, run.clusters,
+                                             run.args, run.generator, run.device)
+    return train_loss, cons, seen, None
+
+
+def evaluate_epoch_magnet(run, epoch, train_acc):
+    """--loss magnet, after an epoch: the k-means++ update and Eq. (4) accuracies."""
+    run.clusters, metrics = cluster_and_evaluate(run, epoch)
+    metrics["batches"] = run.sampler.batches_per_epoch()
+    return metrics
+
+
+def start_ce(run):
+    """--loss ce, epoch 0: the linear head's accuracies on both splits."""
+    args = run.args
+    return {"epoch": 0, "train_accuracy": evaluate(run.model, run.train, args.batch_size, args.amp, run.device),
+            "test_accuracy": evaluate(run.model, run.test, args.batch_size, args.amp, run.device)}
+
+
+def train_epoch_ce(run):
+    """--loss ce: one epoch of cross-entropy plus the consistency term on the head's softmax.
+    -> (loss, consistency, images, train accuracy)."""
+    train_loss, cons, train_acc, seen = train_one_epoch_ce(run.model, run.opt, run.train, run.args,
+                                                           run.generator, run.device)
+    return train_loss, cons, seen, train_acc
+
+
+def evaluate_epoch_ce(run, epoch, train_acc):
+    """--loss ce, after an epoch: the head's test accuracy (the train one is the epoch's own)."""
+    args = run.args
+    return {"epoch": epoch, "train_accuracy": train_acc,
+            "test_accuracy": evaluate(run.model, run.test, args.batch_size, args.amp, run.device)}
+
+
+def print_header(run):
+    """Step 3: what runs (variant, data, model, --init, Eq. (6)'s lam, eps, step, device, torch)
+    and the resolved config."""
+    args = run.args
+    print(f"qtrades.py | {'ClusTR+QTRADES' if args.loss == 'magnet' else 'QTRADES alone'} (--loss {args.loss}) | "
+          f"data {args.data} ({len(run.train[1])} train, {len(run.test[1])} test, {run.num_classes} classes, "
+          f"{run.info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | "
+          f"lam {args.lam} eps {args.eps:.5f} step {args.step:.5f} | device {run.device} amp {args.amp} "
+          f"| torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)))
+
+
+def report_epoch(run, record, elapsed, eta):
+    """One row of the epoch table."""
+    loss, cons = record["train_loss"], record.get("consistency")
+    print(f"{record['epoch']:>4}/{run.args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
+          f"{'-' if cons is None else f'{cons:.4f}':>8} "
+          f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
+          f"{record['variance'] if 'variance' in record else '-':>9.3} "
+          f"{record.get('images_per_second', 0):8.0f} "
+          f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
+
+
+def resume_training(run):
+    """Step 4a (--resume): weights, optimizer, RNG state and (magnet) the sampler's state and the
+    clusters from the checkpoint.  -> (the epoch it holds, its metrics)."""
+    args = run.args
+    path = args.resume or args.out
+    ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
+    ckpt["args"].setdefault("consistency", "ce")             # runs saved before the flag
+    check_resume_args(ckpt, args, NOT_SHAPING)
+    if "resume" not in ckpt:
+        fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
+    run.model.load_state_dict(ckpt["model"], strict=True)
+    run.opt.load_state_dict(ckpt["resume"]["optimizer"])
+    set_rng_state(ckpt["resume"]["rng"], run.generator)
+    if run.sampler is not None:                              # --loss magnet
+        run.sampler.load_state_dict(ckpt["resume"]["sampler"])
+        run.clusters = ckpt["clusters"]
+    start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
+    run.info = dict(run.info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
+    kept = [r for r in read_jsonl(run.log_path) if r.get("epoch", 0) <= start_epoch]
+    with open(run.log_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
+    print(run.header, flush=True)
+    return start_epoch, metrics
+
+
+def evaluate_the_start(run):
+    """Step 4b (a fresh run): epoch 0, the starting point (magnet: the clusters of the starting
+    features), saved and logged.  -> (0, its metrics)."""
+    args = run.args
+    print(run.header, flush=True)
+    metrics = run.start(run)
+    metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr, **compile_seconds()}
+    if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
+        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, run.clusters,
+                                        args, run.info, 0, metrics,
+                                        slim=args.slim and args.epochs == 0), args.out)
+    append_jsonl(run.log_path, metrics)
+    report_epoch(run, metrics, time.time() - run.t_run, 0)
+    return 0, metrics
+
+
+def train_epochs(run, start_epoch, metrics):
+    """Step 5: the epochs of App. A: one epoch of the variant's loss, then its evaluation; each
+    saved to --out and logged before the next.  -> the last epoch's metrics."""
+    args = run.args
+    t_loop = time.time()
+    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        t0 = time.time()
+        train_loss, cons, seen, train_acc = run.train_epoch(run)
+        train_seconds = time.time() - t0
+        if not math.isfinite(train_loss):
+            fail(f"the training loss (Eq. (6)) became {train_loss} in epoch {epoch + 1}; stopped "
+                 f"without writing it, so {args.out} keeps the last good epoch ({epoch}). Try a "
+                 f"smaller --lr (now {args.lr}), --lam (now {args.lam})"
+                 + (f" or --alpha (now {args.alpha})." if args.loss == "magnet" else "."))
+        metrics = run.evaluate_epoch(run, epoch + 1, train_acc)
+        metrics.update(train_loss=train_loss, consistency=cons, lr=args.lr,
+                       seconds=time.time() - t0, images_per_second=seen / train_seconds,
+                       **compile_seconds())
+        final = epoch + 1 == args.epochs
+        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, run.clusters,
+                                        args, run.info, epoch + 1, metrics, slim=args.slim and final),
+                        args.out)
+        append_jsonl(run.log_path, metrics)
+        elapsed = time.time() - t_loop
+        report_epoch(run, metrics, time.time() - run.t_run,
+                     elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
+    return metrics
+
+
+def report(run, metrics):
+    """Step 6: the summary beside the paper's accuracies (Table 1), and the attack to run next."""
+    args = run.args
+    magnet = args.loss == "magnet"
+    done = metrics.get("epoch", 0)
+    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
+    results = {"stage": STAGE[args.loss], "out": args.out, "data": args.data, "init": args.init,
+               "loss": args.loss, "status": status, "epochs_done": done, "epochs": args.epochs,
+               **metrics, "seconds_this_run": time.time() - run.t_run}
+    rule = (f"Eq. (4) with K={args.K}, D={args.D or 'all'}  (paper, w=64: ClusTR+QTRADES 91.03 "
+            f"CIFAR10, 95.06 SVHN, 69.25 CIFAR100)") if magnet else \
+        "linear head  (paper, w=64: QTRADES 81.07 CIFAR10, 86.36 SVHN)"
+    print(f"\nsummary: {status}\n"
+          f"  test accuracy   {metrics['test_accuracy']:.2%} by {rule}\n"
+          + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
+             if magnet else "")
+          + f"  consistency     {'-' if metrics.get('consistency') is None else format(metrics['consistency'], '.4f')}"
+          f" (mean {'CE(p(f(x_adv)), p(f(x)))' if args.consistency == 'ce' else 'KL(p(f(x)) || p(f(x_adv)))'} of the last epoch, lam = {args.lam})\n"
+          f"  checkpoint      {args.out}   log {run.log_path}\n"
+          f"  next            {next_command(args)}", flush=True)
+    return results
+
+
+def load_init(path, args):
+    """--init (width and dataset must match the run, else exit 2).  --loss magnet: a nominal checkpoint
+    (head dropped, Sec. 3.3) or a magnet checkpoint (its weights; the clusters are recomputed at
+    epoch 0); --loss ce: a nominal checkpoint, head kept.  -> (ckpt, state_dict for the model)."""
+    ckpt = load_checkpoint(path, stages=("nominal", "magnet") if args.loss == "magnet" else ("nominal",))
+    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
+    if width != args.width:
+        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
+             f"{args.width}; pass --width {width}")
+    if data != args.data:
+        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
+             f"pass --data {data}")
+    keep_head = args.loss == "ce"
+    return ckpt, {k: v for k, v in ckpt["model"].items() if keep_head or not k.startswith("head.")}
+
+
+def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
+    """Stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
+    "qtrades-ce" (head.*, no clusters).  ckpt["resume"]: optimizer, RNG and (magnet) the
+    sampler's state, so --resume draws the same batches and adversaries."""
+    ckpt = {"format": FORMAT, "stage": STAGE[args.loss],
+            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
+    if clusters is not None:
+        ckpt["clusters"] = clusters
+    if not slim:
+        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
+        if sampler is not None:
+            ckpt["resume"]["sampler"] = sampler.state_dict()
+    return ckpt
+
+
+# ======================================================================================
+# 5. Copied plumbing (compile, runtime, setup, run-files, data, checkpoints, resume, init,
+#    next command): each block identical in every stage that carries it; checked by test_all.py
+# ======================================================================================
+
+# --- shared: compile ---
+# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
+# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
+COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+
+
+def add_compile_arg(g):
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
+                        "is given; aot_eager: the same graphs, no generated code); the same results "
+                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
+                        "or without gradients) compiles at its first call and first backward: their "
+                        "times are printed and logged as compile_seconds. Default: eager")
+
+
+def compile_features(model, backend):
+    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
+    through it) replaced on this instance by its torch.compile form, so that the module, its
+    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
+    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
+    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
+    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
+    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
+    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
+    backward through it (the backward graph compiles when it first runs) are timed (synchronised
+    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
+    COMPILED.clear()
+    if not backend:
+        return model
+    compiled = torch.compile(model.features, backend=backend)
+
+    def timed(kind, t0, tensor):
+        if tensor.is_cuda:
+            torch.cuda.synchronize()
+        COMPILED[kind] = time.time() - t0
+        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
+              f"backend {backend})", flush=True)
+
+    def features(x):                                                # x: [B, C, H, W] in [0, 1]
+        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
+        if kind in COMPILED:
+            return compiled(x)
+        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
+            torch._dynamo.mark_dynamic(x, 0)
+        t0 = time.time()
+        out = compiled(x)                                           # [B, 8w]
+        timed(kind, t0, out)
+        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
+            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
+            start = []
+
+            def begin(grad):
+                start.append(time.time())
+
+            def end(grad):
+                if start and kind + ", backward" not in COMPILED:
+                    timed(kind + ", backward", start[0], grad)
+            out.register_hook(begin)
+            leaf.register_hook(end)
+        return out
+    model.features = features
+    return model
+
+
+def compile_seconds():
+    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
+    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+# --- end shared: compile ---
+
+
+# --- shared: runtime ---
+def fail(message):
+    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fmt_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def append_jsonl(path, record):
+    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+# --- end shared: runtime ---
+
+# --- shared: setup ---
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device "
+             f"(torch {torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_runtime(args, training):
+    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    if args.amp is None:
+        args.amp = device.type == "cuda" and training
+    if device.type != "cuda":
+        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+# --- end shared: setup ---
+
+# --- shared: run-files ---
+# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
+# any work; a fresh log that waits beside the old one until the run has written --out; and a
+# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
+RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+
+
+def preflight(args, training):
+    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
+    proves the folder writable), and for a training stage refuse an existing checkpoint unless
+    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
+    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
+    stopped before that leaves the previous run's files as they were."""
+    out = args.out
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    resume = training and args.resume is not None
+    if training and not resume and os.path.exists(out) and not args.overwrite:
+        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
+             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
+               replacing=training and not resume and os.path.exists(out))   # with --overwrite
+    take_lock(out + ".lock")
+    if not resume:
+        log = out + ".log.jsonl"
+        RUN["staged"] = {log: log + ".partial"}
+        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
+            os.remove(log + ".partial")
+
+
+def take_lock(path):
+    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
+    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
+    killed run) is stale: it is taken over with a note."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock_owner(path)
+            if pid is not None and pid_alive(pid):
+                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
+                     f"to end or choose another --out")
+            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
+                 f"({e.strerror or e}); make it writable or choose another --out")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        RUN["lock"] = path
+        return
+    fail(f"could not take the lock {path}: other runs keep taking it; try again")
+
+
+def lock_owner(path):
+    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.2)                                             # a run may be writing it now
+    return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)                                             # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # alive, another user's
+        return True
+    return True
+
+
+def release_lock():
+    path = RUN.pop("lock", None)
+    if path is not None and lock_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def commit_log():
+    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
+    for log, staged in RUN.pop("staged", {}).items():
+        if os.path.exists(staged):
+            os.replace(staged, log)
+        elif os.path.exists(log):
+            os.remove(log)
+
+
+def interrupted():
+    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
+    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
+        else os.path.basename(__file__)
+    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+    if out is None:
+        return "interrupted before the run started; nothing was written"
+    if not RUN["training"]:
+        staged = next(iter(RUN.get("staged", {}).values()), None)
+        return (f"interrupted; {out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+                + f"; run it again with: {again}")
+    epochs = RUN.get("epochs", {})
+    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
+                f"its log are as before); run it again with: {again}")
+    argv = [a for a in argv if a != "--overwrite"]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        argv.append("--resume")
+    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
+            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+
+
+def guarded(main):
+    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
+    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
+    def run(argv=None):
+        RUN.clear()
+        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:                                          # not the main thread
+            previous = None
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        finally:
+            release_lock()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run
+# --- end shared: run-files ---
+
+
+# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
+# batches are indexed from it and augmented there (no DataLoader in the hot path).
+
+# --- shared: data ---
+# What torchvision looks for under --data-dir (named in the error when it is missing).
+TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
+    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
+                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
+    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
+}
+
+
+# torchvision's class and folder names of the two 28x28 grey datasets.
+IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
+
+
+class DataError(Exception):
+    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+
+
+def _read_idx(path):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
+    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
+    import gzip
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    count = int(np.prod(dims))
+    if len(raw) < 4 + 4 * len(dims) + count:
+        raise DataError(f"{path} is truncated: its header promises {dims}")
+    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
+    return torch.from_numpy(data.copy()).reshape(dims)
+
+
+def _load_idx(name, root, train):
+    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
+    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
+    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
+    import torchvision
+    cls_name, folder = IDX_DATASETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    prefix = "train" if train else "t10k"
+    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
+        for where in (root, os.path.join(root, folder, "raw")):
+            for ext in (".gz", ""):
+                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
+                if os.path.isfile(path):
+                    return path
+        return None
+    if find("images-idx3") is None or find("labels-idx1") is None:
+        try:                                                        # torchvision's own layout
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(
+                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
+                f"--data-dir at the folder that holds them, or use --data folder.") from None
+    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
+                        f"labels {list(labels.shape)}")
+    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
+
+
+def _load_torchvision(name, root, train):
+    import torchvision
+    if name in IDX_DATASETS:
+        return _load_idx(name, root, train)
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
+                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
+        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        raise DataError(
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
+            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
+            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
+            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+
+
+def _load_folder(root, train):
+    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
+    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
+    import torchvision
+    split = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split):
+        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
+                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
+    try:
+        ds = torchvision.datasets.ImageFolder(split)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    rank, seen = [], {}
+    for _, label in ds.samples:
+        rank.append((seen.get(label, 0), label))
+        seen[label] = seen.get(label, 0) + 1
+    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    images, labels, shape = [], [], None
+    for i in order:
+        path, label = ds.samples[i]
+        try:                                                        # a truncated or foreign file
+            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
+        except Exception as e:
+            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
+                            f"the first was {shape[:2]}")
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+
+
+def load_split(name, root, train, limit=None):
+    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
+    if name == "folder":
+        images, labels, classes = _load_folder(root, train)
+    else:
+        images, labels, classes = _load_torchvision(name, root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels, classes
+
+
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
+    return x_uint8.float().div_(255)
+# --- end shared: data ---
+
+# --- shared: train-data ---
+def load_data(name, root, limit=None):
+    """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
+    train_x, train_y, classes = load_split(name, root, True, limit)
+    test_x, test_y, test_classes = load_split(name, root, False, limit)
+    if test_classes != classes:
+        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
+    # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
+    pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
+    info = {"name": name, "num_classes": len(classes), "classes": classes,
+            "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
+            "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
+    return (train_x, train_y), (test_x, test_y), info
+
+
+def augment(x, crop, flip, generator):
+    """App. A: random HxW crops from a `crop`-pixel zero padding, plus optional horizontal flips,
+    for a whole uint8 batch [B, C, H, W] at once, on its device; randomness from `generator`."""
+    B, C, H, W = x.shape
+    if crop > 0:
+        padded = F.pad(x, (crop, crop, crop, crop))                  # [B, C, H+2p, W+2p], zeros
+        off = torch.randint(0, 2 * crop + 1, (2, B), device=x.device, generator=generator)
+        rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, None, :, None]  # [B,1,H,1]
+        cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, None, :]  # [B,1,1,W]
+        x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+                   torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+# --- end shared: train-data ---
+
 
 # --- shared: checkpoint-load ---
 FORMAT = "clustr/1"
@@ -1559,22 +1867,6 @@ def arch_entry(width, in_channels):
 # --- end shared: resume ---
 
 
-def load_init(path, args):
-    """--init (width and dataset must match the run, else exit 2).  --loss magnet: a nominal checkpoint
-    (head dropped, Sec. 3.3) or a magnet checkpoint (its weights; the clusters are recomputed at
-    epoch 0); --loss ce: a nominal checkpoint, head kept.  -> (ckpt, state_dict for the model)."""
-    ckpt = load_checkpoint(path, stages=("nominal", "magnet") if args.loss == "magnet" else ("nominal",))
-    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
-    if width != args.width:
-        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
-             f"{args.width}; pass --width {width}")
-    if data != args.data:
-        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
-             f"pass --data {data}")
-    keep_head = args.loss == "ce"
-    return ckpt, {k: v for k, v in ckpt["model"].items() if keep_head or not k.startswith("head.")}
-
-
 # --- shared: init-check ---
 def check_init_classes(init, info, channels, path):
     """The --init model must have seen the same classes and image channels as this run."""
@@ -1598,185 +1890,6 @@ def defaults_from_init(args):
 # --- end shared: init-check ---
 
 
-def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
-    """Stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
-    "qtrades-ce" (head.*, no clusters).  ckpt["resume"]: optimizer, RNG and (magnet) the
-    sampler's state, so --resume draws the same batches and adversaries."""
-    ckpt = {"format": FORMAT, "stage": STAGE[args.loss],
-            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
-    if clusters is not None:
-        ckpt["clusters"] = clusters
-    if not slim:
-        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
-        if sampler is not None:
-            ckpt["resume"]["sampler"] = sampler.state_dict()
-    return ckpt
-
-
-# ======================================================================================
-# 5. The loop
-# ======================================================================================
-
-SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
-
-
-@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
-def main(argv=None):
-    args = parse_args(argv)
-    preflight(args, training=True)      # folder, lock, no clobber: before any work
-    device = setup_runtime(args, training=True)
-    magnet = args.loss == "magnet"
-    init = None
-    if args.init is not None and args.resume is None:
-        init, init_state = load_init(args.init, args)              # checked before any data load
-    try:
-        train, test, info = load_data(args.data, args.data_dir, args.limit)
-    except DataError as e:
-        fail(str(e))
-    if info["num_classes"] < 2:
-        fail(f"QTRADES needs at least 2 classes; {args.data} has {info['num_classes']}")
-    if init is not None:
-        check_init_classes(init, info, train[0].shape[1], args.init)
-        # the model keeps the starting run's App. A normalisation buffers; record those
-        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
-    train = tuple(t.to(device) for t in train)                      # whole split on the device
-    test = tuple(t.to(device) for t in test)
-    num_classes, log_path = info["num_classes"], args.out + ".log.jsonl"
-
-    # magnet: Sec. 3.3, the network without its last linear layer; ce: the nominal network
-    model = ResNet18(0 if magnet else num_classes, args.width, train[0].shape[1], info["mean"], info["std"])
-    if init is not None:
-        model.load_state_dict(init_state, strict=True)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
-    generator = torch.Generator(device=device)                      # augmentation, k-means++, x'
-    generator.manual_seed(args.seed)
-    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
-                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET)
-                                   ) if magnet else None
-    start_epoch, metrics, clusters, t_run = 0, {}, None, time.time()
-    header = (f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} "
-              f"{'img/s':>8} {'elapsed':>9} {'ETA':>9}")
-
-    def report(record, elapsed, eta):
-        loss, cons = record["train_loss"], record.get("consistency")
-        print(f"{record['epoch']:>4}/{args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
-              f"{'-' if cons is None else f'{cons:.4f}':>8} "
-              f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
-              f"{record['variance'] if 'variance' in record else '-':>9.3} "
-              f"{record.get('images_per_second', 0):8.0f} "
-              f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
-
-    def cluster_and_evaluate(epoch):
-        """--loss magnet: k-means++ update (App. A), sigma^2 (Eq. (3)), Eq. (4) accuracies."""
-        t0 = time.time()
-        centers, center_classes, assignment, variance, train_acc = update_clusters(
-            model, train, num_classes, args, generator)
-        test_features = features_of(model, test[0], args.batch_size, args.amp)
-        test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)
-        sampler.set_clusters(assignment, centers, center_classes)
-        clusters = clusters_entry(centers, center_classes, variance, args)
-        return clusters, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
-                          "variance": float(variance), "cluster_seconds": time.time() - t0}
-
-    print(f"qtrades.py | {'ClusTR+QTRADES' if magnet else 'QTRADES alone'} (--loss {args.loss}) | "
-          f"data {args.data} ({len(train[1])} train, {len(test[1])} test, {num_classes} classes, "
-          f"{info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | "
-          f"lam {args.lam} eps {args.eps:.5f} step {args.step:.5f} | device {device} amp {args.amp} "
-          f"| torch {torch.__version__}")
-    print("config: " + json.dumps(vars(args)))
-    if args.resume is not None:
-        path = args.resume or args.out
-        ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
-        ckpt["args"].setdefault("consistency", "ce")             # runs saved before the flag
-        check_resume_args(ckpt, args, NOT_SHAPING)
-        if "resume" not in ckpt:
-            fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["resume"]["optimizer"])
-        set_rng_state(ckpt["resume"]["rng"], generator)
-        if magnet:
-            sampler.load_state_dict(ckpt["resume"]["sampler"])
-            clusters = ckpt["clusters"]
-        start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
-        info = dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
-        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
-        print(header, flush=True)
-    else:
-        print(header, flush=True)
-        # epoch 0: the starting point (magnet: the clusters of the starting features)
-        if magnet:
-            clusters, metrics = cluster_and_evaluate(0)
-        else:
-            metrics = {"epoch": 0, "train_accuracy": evaluate(model, train, args.batch_size, args.amp, device),
-                       "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
-        metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr, **compile_seconds()}
-        if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
-            save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info, 0,
-                                            metrics, slim=args.slim and args.epochs == 0), args.out)
-        append_jsonl(log_path, metrics)
-        report(metrics, time.time() - t_run, 0)
-
-    t_loop = time.time()
-    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        t0 = time.time()
-        if magnet:
-            train_loss, cons, seen = train_one_epoch(model, opt, train, sampler, clusters, args,
-                                                     generator, device)
-        else:
-            train_loss, cons, train_acc, seen = train_one_epoch_ce(model, opt, train, args,
-                                                                   generator, device)
-        train_seconds = time.time() - t0
-        if not math.isfinite(train_loss):
-            fail(f"the training loss (Eq. (6)) became {train_loss} in epoch {epoch + 1}; stopped "
-                 f"without writing it, so {args.out} keeps the last good epoch ({epoch}). Try a "
-                 f"smaller --lr (now {args.lr}), --lam (now {args.lam})"
-                 + (f" or --alpha (now {args.alpha})." if magnet else "."))
-        if magnet:
-            clusters, metrics = cluster_and_evaluate(epoch + 1)
-            metrics["batches"] = sampler.batches_per_epoch()
-        else:
-            metrics = {"epoch": epoch + 1, "train_accuracy": train_acc,
-                       "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
-        metrics.update(train_loss=train_loss, consistency=cons, lr=args.lr,
-                       seconds=time.time() - t0, images_per_second=seen / train_seconds,
-                       **compile_seconds())
-        final = epoch + 1 == args.epochs
-        save_checkpoint(make_checkpoint(model, opt, generator, sampler, clusters, args, info,
-                                        epoch + 1, metrics, slim=args.slim and final), args.out)
-        append_jsonl(log_path, metrics)
-        elapsed = time.time() - t_loop
-        report(metrics, time.time() - t_run,
-               elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
-
-    done = metrics.get("epoch", 0)
-    status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
-    results = {"stage": STAGE[args.loss], "out": args.out, "data": args.data, "init": args.init,
-               "loss": args.loss, "status": status, "epochs_done": done, "epochs": args.epochs,
-               **metrics, "seconds_this_run": time.time() - t_run}
-    rule = (f"Eq. (4) with K={args.K}, D={args.D or 'all'}  (paper, w=64: ClusTR+QTRADES 91.03 "
-            f"CIFAR10, 95.06 SVHN, 69.25 CIFAR100)") if magnet else \
-        "linear head  (paper, w=64: QTRADES 81.07 CIFAR10, 86.36 SVHN)"
-    print(f"\nsummary: {status}\n"
-          f"  test accuracy   {metrics['test_accuracy']:.2%} by {rule}\n"
-          + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
-             if magnet else "")
-          + f"  consistency     {'-' if metrics.get('consistency') is None else format(metrics['consistency'], '.4f')}"
-          f" (mean {'CE(p(f(x_adv)), p(f(x)))' if args.consistency == 'ce' else 'KL(p(f(x)) || p(f(x_adv)))'} of the last epoch, lam = {args.lam})\n"
-          f"  checkpoint      {args.out}   log {log_path}\n"
-          f"  next            {next_command(args)}", flush=True)
-    return results
-
-
 # --- shared: next-attack ---
 def next_command(args):
     """The evaluation of this checkpoint, runnable as printed: attack.py takes --data, --width
@@ -1784,6 +1897,10 @@ def next_command(args):
     cmd = ["python", "attack.py", "--ckpt", args.out] + (["--limit", str(args.limit)] if args.limit else [])
     return " ".join(shlex.quote(a) for a in cmd)
 # --- end shared: next-attack ---
+
+
+# Ctrl-C / SIGTERM: one line, exit 130; the lock released (run-files' `guarded`, defined above)
+main = guarded(main)
 
 
 if __name__ == "__main__":
