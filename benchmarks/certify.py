@@ -1,0 +1,326 @@
+"""benchmarks/certify.py -- certify.py's L2 attack and lower estimate of L, against the code they
+replaced (issue 15), on the same images in one run: images/s and the answers, image by image.
+
+No optional dependency.  This file imports no test code (it generates its own data).
+
+    python benchmarks/certify.py                          # README's generated folder, 200 images
+    python benchmarks/certify.py --images 50 --threads 1
+    python benchmarks/certify.py --ckpt fm_clustr.pt --data-dir DIR   # any clustering checkpoint
+
+Default inputs: README "A whole pipeline on generated images": a generated 10-class ImageFolder
+(16x16 noisy colour patches, 100 train and 50 test images per class, noise 110), a width-16
+nominal.py model (15 epochs, -b 64) and magnet.py from it (10 epochs); built once in --workdir.
+
+Compared on the first --images test images, in certify.py's chunks (-b), with certify.py's
+defaults on each side:
+  * before: the functions below under REFERENCE, copied verbatim from certify.py at commit
+    1d5f343: l2_attack = PGD-L2 at the box diameter, then --bisect 10 rounds of PGD-L2 (20 steps,
+    from delta = 0) at radii chosen by bisection, one round after the other (1 + 10 runs of 21
+    passes); jacobian_norm_lower = 20 power iterations, the last iterate's ||J v||.
+  * now: certify.l2_attack (one batched minimum-norm run of 40 steps in which every image's radius
+    moves every step, then 10 forward-only bisection rounds along the perturbation found) and
+    certify.jacobian_norm_lower (6 power iterations, the best vector of the iterates' span).
+The attack is a different algorithm, so "the same answer" is checked as: every perturbation now
+reported changes the prediction, lies in the box and at the distance reported; none lies inside a
+certified radius; and per image the ratio now / before of the smallest perturbation found (< 1:
+now stronger), its median, worst case, and the share of images where now <= before.  The lower
+estimate starts from the same random vector on both sides (the same generator draws); at equal
+iterations it is never below the plain power iteration (Rayleigh-Ritz over a space holding the
+last iterate: checked here at 20 iterations), and at the defaults the ratio now / before per
+image is printed.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import certify  # noqa: E402  (the code under test)
+import magnet  # noqa: E402
+import nominal  # noqa: E402
+
+# ======================================================================================
+# REFERENCE: certify.py's nearest_center, jacobian_norm_lower, attack_margin, pgd_l2 and l2_attack
+# as they were at commit 1d5f343 (before issue 15), copied verbatim.  Do not edit: they are the
+# baseline the figures in README "Benchmarks" compare against.
+# ======================================================================================
+
+def nearest_center(features, centers, center_classes):
+    """The classifier of Prop. 1 (Eq. (4) with D = 1): -> (index of the nearest centre, its class).
+    Squared distances at float64 from explicit differences.  [n, d], [M, d], [M] -> [n], [n]."""
+    sq = (features.double()[:, None, :] - centers.double().to(features.device)[None]).pow(2).sum(-1)
+    nearest = sq.argmin(1)                                                 # [n]
+    return nearest, center_classes.to(features.device)[nearest]
+
+
+def jacobian_norm_lower(feature_fn, x, iters=20, generator=None):
+    """Lower estimate of L: per image, power iteration on J(x)^T J(x); returns ||J v|| / ||v|| [B],
+    each <= ||J(x)||_2 <= L.  J^T w is one backward pass; J v is the derivative of u -> J^T u
+    (linear in u) in the direction v, a second backward through the first (no forward-mode AD,
+    whose first use in torch costs seconds of TorchScript compilation).  Eval-mode batch norm keeps
+    the images independent, so a batch holds B separate problems."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    x = x.detach().requires_grad_(True)
+    f = feature_fn(x)                                                        # [B, d]
+    u = torch.zeros_like(f, requires_grad=True)
+    jt_u, = torch.autograd.grad(f, x, u, create_graph=True)                  # J^T u  [B, C, H, W]
+    v = torch.randn(x.shape, generator=generator, device=x.device)
+    for t in range(iters + 1):
+        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(view)
+        jv, = torch.autograd.grad(jt_u, u, v, retain_graph=True)             # J v    [B, d]
+        if t == iters:
+            return jv.detach().double().norm(dim=1)
+        v, = torch.autograd.grad(f, x, jv, retain_graph=True)                # J^T J v
+
+
+def attack_margin(features, centers, center_classes, y):
+    """min_{i in class y} ||f - mu_i||^2 - min_{j not in y} ||f - mu_j||^2: > 0 once a centre of
+    another class is the nearest (the nearest-centre prediction changed).  [B]."""
+    sq = (features.float()[:, None, :] - centers[None]).pow(2).sum(-1)     # [B, M]
+    same = center_classes[None, :] == y[:, None]                           # [B, M]
+    inf = torch.tensor(float("inf"), device=sq.device)
+    return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values
+
+
+def pgd_l2(feature_fn, x, y, centers, center_classes, r, steps):
+    """PGD in L2 (Madry et al.) on the nearest-centre margin, radius r [B] per image: steps of
+    2.5 r / steps along the normalised gradient, projection onto the ball ||delta|| <= r and the box
+    [0, 1].  Every iterate is checked; -> norm [B] of the smallest iterate that changed the
+    prediction (inf if none)."""
+    delta = torch.zeros_like(x)
+    best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    alpha = (2.5 * r / steps).view(view).to(x)
+    for t in range(steps + 1):
+        delta.requires_grad_(True)
+        f = feature_fn(x + delta)                                            # [B, d]
+        with torch.no_grad():
+            _, pred = nearest_center(f, centers, center_classes)
+            norm = delta.detach().double().flatten(1).norm(dim=1)
+            best = torch.where((pred != y) & (norm < best), norm, best)
+        if t == steps:
+            break
+        g, = torch.autograd.grad(attack_margin(f, centers, center_classes, y).sum(), delta)
+        with torch.no_grad():
+            delta = delta + alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(view)
+            n = delta.flatten(1).norm(dim=1).view(view)
+            delta = delta * torch.clamp(r.view(view).to(x) / n.clamp_min(1e-30), max=1.0)  # ball
+            delta = (x + delta).clamp(0, 1) - x                                # box; norm only shrinks
+    return best
+
+
+def l2_attack(feature_fn, x, centers, center_classes, steps=20, bisect=10):
+    """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
+    (inf where none).  A first PGD at the box diameter sqrt(C H W), then `bisect` rounds on the
+    radius: r = hi / 4 until a miss, then the geometric mean of (miss, hit), hi being the smallest
+    flipping norm so far.  Every finite value returned is the norm of a perturbation that really
+    changed the prediction (an upper bound on the true minimal one)."""
+    centers = centers.float().to(x.device)
+    center_classes = center_classes.long().to(x.device)
+    with torch.no_grad():
+        _, y = nearest_center(feature_fn(x), centers, center_classes)
+    hi = torch.full((len(x),), math.sqrt(x[0].numel()), dtype=torch.float64, device=x.device)
+    best = pgd_l2(feature_fn, x, y, centers, center_classes, hi, steps)
+    lo = torch.zeros_like(hi)
+    for _ in range(bisect):
+        live = torch.isfinite(best)
+        if not live.any():
+            break
+        hi = torch.minimum(hi, best)
+        r = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 4)
+        idx = live.nonzero().squeeze(1)
+        found = pgd_l2(feature_fn, x[idx], y[idx], centers, center_classes, r[idx], steps)
+        best[idx] = torch.minimum(best[idx], found)
+        lo[idx] = torch.where(torch.isfinite(found), lo[idx], r[idx])
+    return best
+
+
+# ======================================================================================
+# end of REFERENCE
+# ======================================================================================
+
+
+def make_folder(root, classes=10, n_train=100, n_test=50, size=16, noise=110.0, seed=0):
+    """Generated ImageFolder PNGs (test_all.py's make_image_folder, README's pipeline): class c = a
+    noisy patch of a random colour with a bright quadrant c mod 4."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    colors = rng.uniform(40, 215, size=(classes, 3))
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c:02d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                img = colors[c] + rng.normal(0, noise, (size, size, 3))
+                q = c % 4
+                img[(q // 2) * size // 2:(q // 2 + 1) * size // 2,
+                    (q % 2) * size // 2:(q % 2 + 1) * size // 2] += 40
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                    os.path.join(folder, f"{i:04d}.png"))
+
+
+def build(workdir):
+    """README "A whole pipeline on generated images": folder, nominal (15 epochs), magnet (10)."""
+    data = os.path.join(workdir, "toy")
+    if not os.path.isdir(data):
+        make_folder(data)
+    nom, clu = os.path.join(workdir, "toy_nominal.pt"), os.path.join(workdir, "toy_clustr.pt")
+    if not os.path.exists(nom):
+        nominal.main(["--data", "folder", "--data-dir", data, "--width", "16", "--epochs", "15",
+                      "-b", "64", "--out", nom])
+    if not os.path.exists(clu):
+        magnet.main(["--data", "folder", "--data-dir", data, "--width", "16", "--epochs", "10",
+                     "--init", nom, "--out", clu])
+    return clu, data
+
+
+class Counted:
+    """feature_fn that counts the images it is given (each forward pass of one image = 1)."""
+
+    def __init__(self, fn):
+        self.fn, self.images = fn, 0
+
+    def __call__(self, x):
+        self.images += len(x)
+        return self.fn(x)
+
+
+def run(label, fn, chunks):
+    """fn(chunk, generator) over the chunks, one generator seeded 0 across them as certify.main
+    does; -> (its outputs concatenated (each, for a tuple), seconds)."""
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    out = [fn(x, gen) for x in chunks]
+    seconds = time.perf_counter() - t0
+    print(f"  {label:<44} {seconds:8.2f} s", flush=True)
+    if isinstance(out[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*out)), seconds
+    return torch.cat(out), seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="/tmp/clustr_bench_certify")
+    p.add_argument("--ckpt", default=None, help="a clustering checkpoint (default: build README's)")
+    p.add_argument("--data-dir", default=None, help="its data folder (with --ckpt)")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="certify.py's chunk (default 256)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON of the figures (default: <workdir>/certify.json)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt, data_dir = (args.ckpt, args.data_dir) if args.ckpt else build(args.workdir)
+    module, ck = certify.read_classifier(ckpt, "cpu")
+    net = module.model
+    mu = torch.as_tensor(ck["clusters"]["centers"])
+    cls = torch.as_tensor(ck["clusters"]["center_classes"]).long()
+    images, _, _ = certify.load_split(ck["data"]["name"], data_dir, False, args.images)
+    x = certify.to_float(images)
+    n = len(x)
+    chunks = [x[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+    print(f"benchmarks/certify.py | {ckpt} (width {ck['arch']['width']}, {len(mu)} centres) | "
+          f"{n} test images {tuple(x.shape[1:])} | torch {torch.__version__} | "
+          f"{torch.get_num_threads()} thread(s) | {platform.processor() or platform.machine()} | "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
+
+    passes = {}
+
+    def side(key, fn):
+        """fn(feature_fn, chunk, generator), its forward passes counted under key."""
+        passes[key] = Counted(net.features)
+        return lambda c, g: fn(passes[key], c, g)
+
+    old_low, t_old_low = run("before: power iteration (20)",
+                             lambda c, g: jacobian_norm_lower(net.features, c, 20, g), chunks)
+    new_low, t_new_low = run("now: jacobian_norm_lower (6)",
+                             lambda c, g: certify.jacobian_norm_lower(net.features, c, 6, g), chunks)
+    eq_low, _ = run("now at equal iterations (20)",
+                    lambda c, g: certify.jacobian_norm_lower(net.features, c, 20, g), chunks)
+    old_p, t_old_p = run("before: l2_attack (20 steps x 11 radii)", side(
+        "old_p", lambda F, c, g: l2_attack(F, c, mu, cls, 20, 10)), chunks)
+    (new_p, x_adv), t_new_p = run("now: l2_attack (40 steps, 10 bisection)", side(
+        "new_p", lambda F, c, g: certify.l2_attack(F, c, mu, cls, 40, 10, return_examples=True)), chunks)
+
+    # --- the answers -----------------------------------------------------------------------
+    with torch.no_grad():
+        f = torch.cat([net.features(c) for c in chunks]).double()
+        f_adv = torch.cat([net.features(x_adv[i:i + args.batch_size]) for i in range(0, n, args.batch_size)])
+    _, y = certify.nearest_center(f, mu, cls)
+    _, y_adv = certify.nearest_center(f_adv, mu, cls)
+    fin = torch.isfinite(new_p)
+    dist = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
+    valid = bool((y_adv[fin] != y[fin]).all() and torch.equal(dist[fin], new_p[fin])
+                 and x_adv.min() >= 0 and x_adv.max() <= 1 and torch.equal(x_adv[~fin], x[~fin]))
+    L = certify.lipschitz_upper_bound(net, x.shape[1:])
+    radius = certify.certified_radii(f, mu, cls, L)["radius"]
+    both = fin & torch.isfinite(old_p)
+    ratio = new_p[both] / old_p[both]
+    low_ratio = new_low / old_low
+    res = {
+        "ckpt": ckpt, "images": n, "image_shape": list(x.shape[1:]), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+        "images_per_second": {
+            "before": {"power_iteration": n / t_old_low, "l2_attack": n / t_old_p,
+                       "both": n / (t_old_low + t_old_p)},
+            "now": {"power_iteration": n / t_new_low, "l2_attack": n / t_new_p,
+                    "both": n / (t_new_low + t_new_p)}},
+        "forward_passes_per_image": {k: v.images / n for k, v in passes.items()},
+        "l2_attack": {
+            "flipped": {"before": int(torch.isfinite(old_p).sum()), "now": int(fin.sum())},
+            "median_min_perturbation": {"before": float(old_p.median()), "now": float(new_p.median())},
+            "inside_certified_radius": {"before": int((old_p < radius).sum()), "now": int((new_p < radius).sum())},
+            "now_examples_valid": valid,
+            "ratio_now_over_before": {"median": float(ratio.median()), "min": float(ratio.min()),
+                                      "max": float(ratio.max()),
+                                      "share_now_at_most_before": float((ratio <= 1).double().mean()),
+                                      "images_now_over_1.01x": int((ratio > 1.01).sum())}},
+        "lower_estimate": {
+            "before": float(old_low.max()), "now": float(new_low.max()),
+            "ratio_now_over_before": {"min": float(low_ratio.min()), "median": float(low_ratio.median()),
+                                      "max": float(low_ratio.max())},
+            "equal_iterations_min_ratio": float((eq_low / old_low).min())},
+    }
+    s = {k: res["images_per_second"]["now"][k] / res["images_per_second"]["before"][k]
+         for k in ("power_iteration", "l2_attack", "both")}
+    res["speed_up"] = s
+    ips = res["images_per_second"]
+    print("\n| part | before: img/s | now: img/s | speed-up | work per image, before / now |")
+    print("| --- | --- | --- | --- | --- |")
+    fp = res["forward_passes_per_image"]
+    work = {"power_iteration": "20 / 6 products with J^T J",
+            "l2_attack": f"{fp['old_p']:.0f} / {fp['new_p']:.0f} forward passes",
+            "both": ""}
+    for key, name in (("power_iteration", "lower estimate of L"), ("l2_attack", "L2 attack"),
+                      ("both", "both (certify.py's attack phase)")):
+        print(f"| {name} | {ips['before'][key]:.2f} | {ips['now'][key]:.2f} | {s[key]:.2f}x | {work[key]} |")
+    a, lo = res["l2_attack"], res["lower_estimate"]
+    r = a["ratio_now_over_before"]
+    print(f"\nL2 attack: flipped {a['flipped']['before']}/{n} before, {a['flipped']['now']}/{n} now; "
+          f"median smallest perturbation {a['median_min_perturbation']['before']:.4g} before, "
+          f"{a['median_min_perturbation']['now']:.4g} now; inside a certified radius "
+          f"{a['inside_certified_radius']['before']} / {a['inside_certified_radius']['now']}; every "
+          f"perturbation now reported flips, in the box, at its distance: {valid}")
+    print(f"  per image now / before: median {r['median']:.4f}, min {r['min']:.4f}, max {r['max']:.4f}; "
+          f"now <= before on {r['share_now_at_most_before']:.1%}; now > 1.01x before on "
+          f"{r['images_now_over_1.01x']} image(s)")
+    print(f"lower estimate of L: {lo['before']:.6g} before, {lo['now']:.6g} now; per image now / before "
+          f"min {lo['ratio_now_over_before']['min']:.7f}, median {lo['ratio_now_over_before']['median']:.7f}, "
+          f"max {lo['ratio_now_over_before']['max']:.7f}; at equal iterations (20) min ratio "
+          f"{lo['equal_iterations_min_ratio']:.7f}")
+    out = args.out or os.path.join(args.workdir, "certify.json")
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
