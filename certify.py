@@ -41,6 +41,7 @@ Krylov space as in Lanczos (1950).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -769,6 +770,33 @@ def load_classifier(path, device="cpu", D="stored"):
     return ClassScores(clf).to(device).eval()
 # --- end shared: library ---
 
+# --- shared: fold-bn ---
+def fold_batchnorm(clf):
+    """A copy of the classifier with each eval-mode batch norm folded into the convolution
+    before it (the model is in eval mode throughout):
+        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
+        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
+    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
+    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
+    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
+    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
+    clf = copy.deepcopy(clf)
+
+    def fold(conv, bn):
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
+        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
+        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
+        return conv
+    for m in list(clf.modules()):
+        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
+            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
+                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
+                setattr(m, b, nn.Identity())
+        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
+            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
+    return clf
+# --- end shared: fold-bn ---
+
 # ======================================================================================
 # 4. The method: Prop. 1 radii, a sound L, a lower estimate of L, an L2 attack
 # ======================================================================================
@@ -950,8 +978,8 @@ def jacobian_norm_lower(feature_fn, x, iters=6, generator=None):
     vector of their span K (Rayleigh-Ritz: the top eigenvector s of the Gram matrix (J Q)^T (J Q)
     of an orthonormal basis Q of K, as in Lanczos), so it is never below the plain answer for the
     same products and the same v_0 (K holds the last iterate), in exact arithmetic; it converges
-    far faster (6 products matched 20 plain iterations to 1e-6 on every image of the README's
-    certify benchmark).  The basis is built by orthogonalising each product against the earlier
+    far faster: 6 products matched 20 plain iterations to 1e-6 or better on every image of
+    benchmarks/certify.py (README "Benchmarks (`benchmarks/`)").  The basis is built by orthogonalising each product against the earlier
     ones (twice, float64), so nearly parallel iterates lose no precision; a product with nothing
     new (below 1e-6 of its norm, float32 noise: K is already A-invariant) adds a zero column.
     J^T w is one backward pass; J q is the derivative of u -> J^T u (linear in u) in the direction
@@ -1002,16 +1030,23 @@ def attack_margin(features, centers, center_classes, y):
 # The minimum-norm L2 attack's schedule (FMN, Pintor et al. 2021, with relative steps): the radius
 # moves by a factor 1 -/+ gamma_t per step, the step is alpha_t eps; both decay from their first
 # value to their last on a cosine.  A run with no adversarial iterate yet grows eps by at least
-# GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints (README "Benchmarks").
+# GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
+# bisection of fixed-radius PGD runs (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").
 GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
 
 
-def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False):
+def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False,
+              check_fn=None):
     """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
     float64 (inf where none); with return_examples also the images found [B, C, H, W] (x where
     none).  Every finite value is the float64 distance ||x_adv - x|| of an x_adv in the box [0, 1]
-    whose prediction was evaluated and differs from x's: an upper bound on the true minimal
-    perturbation.
+    whose prediction by check_fn (default feature_fn) was evaluated and differs from x's: an upper
+    bound on the true minimal perturbation.  The search runs on feature_fn (main: the copy with
+    batch norm folded, fold_batchnorm, the same function up to float rounding); the predictions
+    of x, of the perturbation found and of the bisection below are check_fn's (main: the network
+    of Prop. 1), and a perturbation that check_fn does not confirm is dropped (inf).  check_fn
+    sees standard-layout inputs (.contiguous()), as Prop. 1's features were computed, whatever the
+    layout of x (main: channels_last, the layout of the copy).
 
     One batched minimum-norm PGD-L2 run, each image with its own radius eps that moves at every
     step (the search over radii inside the run, in the manner of FMN, Pintor et al., NeurIPS 2021,
@@ -1027,10 +1062,13 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
     the smallest adversarial perturbation found, x + s delta with s in [0, 1] (inside the box:
     convex), forward passes only.  The check of every iterate is nearest_center at float64; eval-
     mode batch norm keeps the images independent, so the batch is B separate searches."""
+    check_fn = check_fn or feature_fn
     view = (-1,) + (1,) * (x.dim() - 1)
     x = x.detach()
     mu = centers.to(x.device, x.dtype)                                       # [M, d]
     cls = center_classes.long().to(x.device)                                 # [M]
+    with torch.no_grad():
+        _, y = nearest_center(check_fn(x.contiguous()), mu, cls)             # x's own class [B]
     delta = torch.zeros_like(x)
     eps = torch.zeros(len(x), dtype=torch.float64, device=x.device)          # radius per image
     best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
@@ -1040,8 +1078,6 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
         f = feature_fn(z)                                                    # [B, d]
         with torch.no_grad():
             _, pred = nearest_center(f, mu, cls)
-            if t == 0:
-                y = pred                                                     # delta = 0: x's own class
             adv = pred != y
             dist = (z.detach().double() - x.double()).flatten(1).norm(dim=1)
             better = adv & (dist < best)
@@ -1066,6 +1102,12 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
             shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
             delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
     hit = torch.isfinite(best).nonzero().squeeze(1)
+    if len(hit):                                                             # confirmed by check_fn
+        with torch.no_grad():
+            _, pred = nearest_center(check_fn(x_adv[hit].contiguous()), mu, cls)
+        lost = hit[pred == y[hit]]
+        best[lost], x_adv[lost] = float("inf"), x[lost]
+        hit = hit[pred != y[hit]]
     if bisect and len(hit):                                                  # along x_adv - x
         x0, d, y0 = x[hit], x_adv[hit] - x[hit], y[hit]
         lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)    # s not adversarial (x)
@@ -1074,7 +1116,7 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
             for _ in range(bisect):
                 s = (lo + hi) / 2
                 z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
-                _, pred = nearest_center(feature_fn(z), mu, cls)
+                _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
                 adv = pred != y0
                 dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
                 better = adv & (dist < best[hit])                            # not monotone in s
@@ -1290,6 +1332,10 @@ def main(argv=None):
     except CheckpointError as e:                                    # the command line: exit 2
         fail(str(e))
     net = module.model
+    # the L2 attack and the lower estimate run on a copy with batch norm folded into the
+    # convolutions (the same function up to float rounding, fewer passes); the attack's findings
+    # are confirmed on net, the network every certificate here is about
+    fast = fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # faster on CPU too
     # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
     mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]
     mu_class = torch.as_tensor(ckpt["clusters"]["center_classes"]).long().to(device)  # [M]
@@ -1359,9 +1405,11 @@ def main(argv=None):
     pert, lower, t0 = [], [], time.time()
     chunks = math.ceil(m / args.batch_size)
     for k, start in enumerate(range(0, m, args.batch_size)):
-        x = to_float(images[start:min(m, start + args.batch_size)])
-        lower.append(jacobian_norm_lower(net.features, x, args.power_iters, gen))
-        pert.append(l2_attack(net.features, x, mu, mu_class, args.attack_steps, args.bisect))
+        x = to_float(images[start:min(m, start + args.batch_size)]).contiguous(
+            memory_format=torch.channels_last)                     # the layout of fast's weights
+        lower.append(jacobian_norm_lower(fast.features, x, args.power_iters, gen))
+        pert.append(l2_attack(fast.features, x, mu, mu_class, args.attack_steps, args.bisect,
+                              check_fn=net.features))
         p, done = torch.cat(pert), sum(len(t) for t in pert)
         inside = int((p < r["radius"][:done]).sum())
         el = time.time() - t0
