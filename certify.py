@@ -979,9 +979,10 @@ def jacobian_norm_lower(feature_fn, x, iters=6, generator=None):
     of an orthonormal basis Q of K, as in Lanczos), so it is never below the plain answer for the
     same products and the same v_0 (K holds the last iterate), in exact arithmetic; it converges
     far faster: 6 products matched 20 plain iterations to 1e-6 or better on every image of
-    benchmarks/certify.py (README "Benchmarks (`benchmarks/`)").  The basis is built by orthogonalising each product against the earlier
-    ones (twice, float64), so nearly parallel iterates lose no precision; a product with nothing
-    new (below 1e-6 of its norm, float32 noise: K is already A-invariant) adds a zero column.
+    benchmarks/certify.py (README "Benchmarks (`benchmarks/`)").  The basis is built by
+    orthogonalising each product against the earlier ones (twice, float64), so nearly parallel
+    iterates lose no precision; a product with nothing new (below 1e-6 of its norm, float32
+    noise: K is already A-invariant) adds a zero column.
     J^T w is one backward pass; J q is the derivative of u -> J^T u (linear in u) in the direction
     q, a second backward through the first (no forward-mode AD, whose first use in torch costs
     seconds of TorchScript compilation).  Per product: the cost of one plain power iteration.
