@@ -1034,6 +1034,7 @@ def attack_margin(features, centers, center_classes, y):
 # GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
 # bisection of fixed-radius PGD runs (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").
 GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
+CONFIRM = (1.0, 1 + 2 ** -10, 1 + 2 ** -6, 1 + 2 ** -3, 1.5, 2.0)   # s tried along the finding's ray
 
 
 def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False,
@@ -1042,27 +1043,27 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
     float64 (inf where none); with return_examples also the images found [B, C, H, W] (x where
     none).  Every finite value is the float64 distance ||x_adv - x|| of an x_adv in the box [0, 1]
     whose prediction by check_fn (default feature_fn) was evaluated and differs from x's: an upper
-    bound on the true minimal perturbation.  The search runs on feature_fn (main: the copy with
-    batch norm folded, fold_batchnorm, the same function up to float rounding); the predictions
-    of x, of the perturbation found and of the bisection below are check_fn's (main: the network
-    of Prop. 1), and a perturbation that check_fn does not confirm is dropped (inf).  check_fn
-    sees standard-layout inputs (.contiguous()), as Prop. 1's features were computed, whatever the
-    layout of x (main: channels_last, the layout of the copy).
+    bound on the true minimal perturbation.
 
-    One batched minimum-norm PGD-L2 run, each image with its own radius eps that moves at every
-    step (the search over radii inside the run, in the manner of FMN, Pintor et al., NeurIPS 2021,
-    instead of 1 + bisect separate PGD runs at fixed radii), with m = attack_margin (> 0 once
-    adversarial) and its gradient g at the iterate x + delta:
+    One batched minimum-norm PGD-L2 run on feature_fn, each image with its own radius eps that
+    moves at every step (the search over radii inside the run, in the manner of FMN, Pintor et al.,
+    NeurIPS 2021, instead of 1 + bisect separate PGD runs at fixed radii), with m = attack_margin
+    (> 0 once adversarial) and its gradient g at the iterate x + delta:
       adversarial now:               eps <- min(eps (1 - gamma_t), best norm so far)    shrink
       not, but one found before:     eps <- eps (1 + gamma_t)                           grow back
       none found yet:                eps <- max(||delta|| + (-m) / ||g||, (1 + GROW) eps)
                                      (the first-order distance to the boundary m = 0, growing)
       delta <- delta + alpha_t eps g / ||g||, then onto the ball ||delta|| <= eps and the box.
     g drops the components that push a pixel already at 0 or 1 out of the box (they would be
-    clipped away and waste the step's norm).  Then `bisect` rounds of bisection on the radius along
-    the smallest adversarial perturbation found, x + s delta with s in [0, 1] (inside the box:
-    convex), forward passes only.  The check of every iterate is nearest_center at float64; eval-
-    mode batch norm keeps the images independent, so the batch is B separate searches."""
+    clipped away and waste the step's norm).  The check of every iterate is nearest_center at
+    float64; eval-mode batch norm keeps the images independent: B separate searches.
+    Then, forward passes only, on check_fn (main: the network of Prop. 1; feature_fn is its copy
+    with batch norm folded, fold_batchnorm, the same function up to float rounding): the smallest
+    adversarial iterate d = x_adv - x is confirmed at x + s d for the first s in CONFIRM that
+    check_fn calls adversarial (s = 1, or a little further: a finding on feature_fn's boundary can
+    round to the other side), else dropped (inf); then `bisect` rounds of bisection on s between
+    0 and that s.  check_fn sees standard-layout inputs (.contiguous()), as Prop. 1's features
+    were computed, whatever the layout of x (main: channels_last, the layout of the copy)."""
     check_fn = check_fn or feature_fn
     view = (-1,) + (1,) * (x.dim() - 1)
     x = x.detach()
@@ -1102,17 +1103,30 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
             delta = delta + (alpha * eps / g_norm).to(x.dtype).view(view) * g
             shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
             delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
+    # check_fn's verdict, along the ray x + s d, d = x_adv - x: s = 1 is the search's finding.  A
+    # finding on the boundary of feature_fn's decision can round to the other side for check_fn
+    # (another float program, or another batch), so s is pushed a little further (up to 2) before
+    # the finding is dropped (inf); the bisection below then looks for the smallest s it confirms.
+    d = x_adv - x                                                            # [B, C, H, W]
+    top = torch.full_like(best, float("inf"))                                # smallest s confirmed
+    todo = torch.isfinite(best).nonzero().squeeze(1)
+    with torch.no_grad():
+        for s in CONFIRM:
+            if not len(todo):
+                break
+            z = (x[todo] + s * d[todo]).clamp(0, 1)
+            _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
+            ok = pred != y[todo]
+            top[todo[ok]] = s
+            x_adv[todo[ok]] = z[ok]
+            best[todo[ok]] = (z[ok].double() - x[todo[ok]].double()).flatten(1).norm(dim=1)
+            todo = todo[~ok]
+    best[todo], x_adv[todo] = float("inf"), x[todo]
     hit = torch.isfinite(best).nonzero().squeeze(1)
-    if len(hit):                                                             # confirmed by check_fn
-        with torch.no_grad():
-            _, pred = nearest_center(check_fn(x_adv[hit].contiguous()), mu, cls)
-        lost = hit[pred == y[hit]]
-        best[lost], x_adv[lost] = float("inf"), x[lost]
-        hit = hit[pred != y[hit]]
-    if bisect and len(hit):                                                  # along x_adv - x
-        x0, d, y0 = x[hit], x_adv[hit] - x[hit], y[hit]
+    if bisect and len(hit):                                                  # along d
+        x0, d, y0 = x[hit], d[hit], y[hit]
         lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)    # s not adversarial (x)
-        hi = torch.ones_like(lo)                                             # s adversarial
+        hi = top[hit]                                                        # s adversarial
         with torch.no_grad():
             for _ in range(bisect):
                 s = (lo + hi) / 2

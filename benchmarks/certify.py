@@ -8,19 +8,21 @@ No optional dependency.  This file imports no test code (it generates its own da
     python benchmarks/certify.py --ckpt fm_clustr.pt --data-dir DIR   # any clustering checkpoint
 
 Default inputs: README "A whole pipeline on generated images (plumbing, not a robustness result)":
-a generated 10-class ImageFolder
-(16x16 noisy colour patches, 100 train and 50 test images per class, noise 110), a width-16
-nominal.py model (15 epochs, -b 64) and magnet.py from it (10 epochs); built once in --workdir.
+a generated 10-class ImageFolder (16x16 noisy colour patches, 100 train and 50 test images per
+class, noise 110), a width-16 nominal.py model (15 epochs, -b 64) and magnet.py from it (10
+epochs); built once in --workdir.
 
 Compared on the first --images test images, in certify.py's chunks (-b), with certify.py's
 defaults on each side:
   * before: the functions below under REFERENCE, copied verbatim from certify.py at commit
-    1d5f343: l2_attack = PGD-L2 at the box diameter, then --bisect 10 rounds of PGD-L2 (20 steps,
+    69ea42f: l2_attack = PGD-L2 at the box diameter, then --bisect 10 rounds of PGD-L2 (20 steps,
     from delta = 0) at radii chosen by bisection, one round after the other (1 + 10 runs of 21
     passes); jacobian_norm_lower = 20 power iterations, the last iterate's ||J v||.
   * now: certify.l2_attack (one batched minimum-norm run of 40 steps in which every image's radius
     moves every step, then 10 forward-only bisection rounds along the perturbation found) and
-    certify.jacobian_norm_lower (6 power iterations, the best vector of the iterates' span).
+    certify.jacobian_norm_lower (6 power iterations, the best vector of the iterates' span), both
+    on certify.main's batch-norm-folded channels_last copy, the attack's findings confirmed on the
+    original network.
 The attack is a different algorithm, so "the same answer" is checked as: every perturbation now
 reported changes the prediction, lies in the box and at the distance reported; none lies inside a
 certified radius; and per image the ratio now / before of the smallest perturbation found (< 1:
@@ -28,7 +30,8 @@ now stronger), its median, worst case, and the share of images where now <= befo
 estimate starts from the same random vector on both sides (the same generator draws); at equal
 iterations it is never below the plain power iteration (Rayleigh-Ritz over a space holding the
 last iterate: checked here at 20 iterations), and at the defaults the ratio now / before per
-image is printed.
+image is printed.  Last, the model's forward + backward cost per image at batch sizes 1 to 256:
+what batching more rows (radii beside images) could still save on this machine.
 """
 
 import argparse
@@ -51,7 +54,7 @@ from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py)
 
 # ======================================================================================
 # REFERENCE: certify.py's nearest_center, jacobian_norm_lower, attack_margin, pgd_l2 and l2_attack
-# as they were at commit 1d5f343 (before issue 15), copied verbatim.  Do not edit: they are the
+# as they were at commit 69ea42f (before issue 15), copied verbatim.  Do not edit: they are the
 # baseline the figures in README "Benchmarks" compare against.
 # ======================================================================================
 
@@ -190,6 +193,21 @@ def run(label, fn, chunks):
     return torch.cat(out), wall, cpu
 
 
+def per_image_cost(features, x, sizes=(1, 16, 64, 256)):
+    """ms per image of one forward + backward to the input at several batch sizes (the fastest of
+    3): how much a larger batch (e.g. radii batched beside the images) could save per image."""
+    out = {}
+    for b in sizes:
+        z = x[:b].repeat((b + len(x) - 1) // len(x), 1, 1, 1)[:b].clone().requires_grad_(True)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.autograd.grad(features(z).sum(), z)
+            times.append(time.perf_counter() - t0)
+        out[b] = min(times) / b * 1000
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/clustr_bench_certify")
@@ -240,6 +258,7 @@ def main():
     old_low, new_low, old_p, (new_p, x_adv) = (out[k] for k in ("old_low", "new_low", "old_p", "new_p"))
     eq_low, _, _ = run("now at equal iterations (20), untimed",
                        lambda c, g: certify.jacobian_norm_lower(net.features, c, 20, g), chunks)
+    cost = per_image_cost(net.features, x)
     passes = {"old_p": counts["old_p"].images / (n * args.repeats),
               "new_p": (counts["new_p"].images + counts["new_check"].images) / (n * args.repeats)}
 
@@ -263,6 +282,7 @@ def main():
         "ckpt": ckpt, "images": n, "image_shape": list(x.shape[1:]), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
         "seconds_wall": wall, "seconds_cpu": cpu, "forward_passes_per_image": passes,
+        "forward_backward_ms_per_image_by_batch": cost,
         "l2_attack": {
             "flipped": {"before": int(torch.isfinite(old_p).sum()), "now": int(fin.sum())},
             "median_min_perturbation": {"before": float(old_p.median()), "now": float(new_p.median())},
@@ -312,6 +332,8 @@ def main():
           f"min {lo['ratio_now_over_before']['min']:.7f}, median {lo['ratio_now_over_before']['median']:.7f}, "
           f"max {lo['ratio_now_over_before']['max']:.7f}; at equal iterations (20) min ratio "
           f"{lo['equal_iterations_min_ratio']:.7f}")
+    print("forward + backward, ms per image by batch size: "
+          + ", ".join(f"{b}: {v:.2f}" for b, v in cost.items()))
     out = args.out or os.path.join(args.workdir, "certify.json")
     with open(out, "w") as fh:
         json.dump(res, fh, indent=1)
