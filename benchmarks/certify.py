@@ -15,7 +15,7 @@ epochs); built once in --workdir.
 Compared on the first --images test images, in certify.py's chunks (-b), with certify.py's
 defaults on each side:
   * before: the functions below under REFERENCE, copied verbatim from certify.py at commit
-    69ea42f: l2_attack = PGD-L2 at the box diameter, then --bisect 10 rounds of PGD-L2 (20 steps,
+    816fd0e: l2_attack = PGD-L2 at the box diameter, then --bisect 10 rounds of PGD-L2 (20 steps,
     from delta = 0) at radii chosen by bisection, one round after the other (1 + 10 runs of 21
     passes); jacobian_norm_lower = 20 power iterations, the last iterate's ||J v||.
   * now: certify.l2_attack (one batched minimum-norm run of 40 steps in which every image's radius
@@ -54,8 +54,8 @@ from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py)
 
 # ======================================================================================
 # REFERENCE: certify.py's nearest_center, jacobian_norm_lower, attack_margin, pgd_l2 and l2_attack
-# as they were at commit 69ea42f (before issue 15), copied verbatim.  Do not edit: they are the
-# baseline the figures in README "Benchmarks" compare against.
+# as they were at commit 816fd0e (before issue 15), copied verbatim.  Do not edit: they are the
+# baseline the figures in README "Benchmarks (`benchmarks/`)" compare against.
 # ======================================================================================
 
 def nearest_center(features, centers, center_classes):
