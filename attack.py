@@ -418,14 +418,16 @@ def check_args(p, args):
 # 2. The model attacked: batch norm folded into the convolutions (the same function)
 # ======================================================================================
 
+# --- shared: fold-bn ---
 def fold_batchnorm(clf):
     """A copy of the classifier with each eval-mode batch norm folded into the convolution
     before it (the model is in eval mode throughout):
         bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
         s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
     The same function up to float rounding, one pass fewer forward and backward: about 1.5x
-    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; attack_split
-    re-checks every example the copy calls fooled on the original (--no-fold-bn: no copy)."""
+    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
+    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
+    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
     clf = copy.deepcopy(clf)
 
     def fold(conv, bn):
@@ -441,6 +443,7 @@ def fold_batchnorm(clf):
         if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
             m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
     return clf
+# --- end shared: fold-bn ---
 
 
 # ======================================================================================
