@@ -754,13 +754,29 @@ def magnet_loss(features, cluster_ids, class_ids, alpha):
 
 
 # --- shared: kmeans ---
-def _sq_dists(x, x_sq, c):
-    """||x_i - c_j||^2 [n, k] by the expanded form ||x||^2 - 2 x.c + ||c||^2 (one matmul, as
-    k-means libraries do; clamped at 0 against rounding).  x_sq = ||x_i||^2 [n]."""
-    return (x_sq[:, None] - x @ (2 * c).T + (c * c).sum(1)[None, :]).clamp_min_(0)
+def _scores(c, x):
+    """||c_j||^2 - 2 x_i.c_j as [k, n] for centres c [k, d] and rows x [n, d]: the squared
+    distance ||x_i - c_j||^2 less ||x_i||^2, by one matmul (the expanded form, as k-means
+    libraries do).  Centres along dim 0: reductions over them then run over the outer dimension,
+    which torch vectorises along the rows (a transposed copy of x, for another matmul layout,
+    costs more than it saves)."""
+    return torch.addmm((c * c).sum(1)[:, None], c, x.T, alpha=-2)
 
 
-def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
+def _nearest(scores):
+    """-> (lowest score [n], index of its centre [n]) of scores [k, n]: scores.min(0), ties to the
+    lower index, without torch's CPU argmin over the outer dimension, which runs element by
+    element (slower than the matmul itself): the index is the largest weight k - j among the
+    entries equal to the minimum (an exact test, sign(s - min) = 0), found by amax.
+    Overwrites scores."""
+    k = scores.shape[0]
+    low = scores.amin(0)                                                   # [n]
+    weight = torch.arange(k, 0, -1, dtype=scores.dtype, device=scores.device)[:, None]  # k - j
+    hit = scores.sub_(low).sign_().sub_(1).mul_(-weight)                   # k - j at the minimum, else 0
+    return low, (k - hit.amax(0)).long()
+
+
+def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     """k-means on the rows of x [n, d] (float, any device), all randomness from `generator`
     (a torch.Generator on x's device).  -> (centers [k, d], assignment [n] in 0..k-1).
 
@@ -771,51 +787,73 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
     D^2 seeding often misses clusters in 512-d).  When every D^2 is 0 (duplicates) draws are uniform.
     Lloyd: assign each row to its nearest centre, move each centre to the mean of its rows; stop
     when the assignment no longer changes, when the centres moved by at most tol x the mean
-    per-feature variance of x in total squared distance (scikit-learn's criterion; tol=0: only
-    the first), or after `iters` rounds.  A centre left without rows is reseeded with the row
-    farthest from its own centre (that row moves to it).  The returned assignment is each row's
-    nearest returned centre.  One host sync per Lloyd round."""
-    n = x.shape[0]
+    per-feature variance of x in total squared distance (scikit-learn's criterion), when a round
+    lowered the inertia (the sum of squared distances to the nearest centres) by at most rtol of
+    it, or after `iters` rounds (tol = rtol = 0: only when the assignment no longer changes).
+    The rtol rule ends the long tail of rounds in which a few rows on the borders change centre
+    for a negligible gain (README "Benchmarks": the inertia it leaves against running to
+    scikit-learn's criterion).  A centre left without rows is reseeded with the row farthest
+    from its own centre (that row moves to it).  The returned assignment is each row's nearest
+    returned centre; each centre is the mean of its rows when the assignment stopped changing.
+    Cost per round: one [k, d] x [d, n] matmul and a reduction over the k centres; the centre
+    sums are kept in float64 and updated by the rows that changed centre only (few after the
+    first rounds), not summed again.  Two host syncs per round."""
+    n, dim = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"kmeans_pp needs 1 <= k <= n rows, got k={k}, n={n}")
-    x_sq = torch.linalg.vector_norm(x, dim=1).square()                     # [n], no [n, d] temporary
+    # Distances do not change under a common translation: they are computed from the rows less
+    # their mean, so that the expanded form subtracts numbers of the size of the spread, not of
+    # ||x|| (ReLU features lie far from the origin), and loses fewer digits.  Centres and sums
+    # stay in x's own frame (a centre is the mean of its rows, not that mean shifted and back).
+    offset = x.mean(0)                                                     # [d]
+    xc = x - offset                                                        # [n, d], a copy
+    x_sq = torch.linalg.vector_norm(xc, dim=1).square()                    # [n] ||x - offset||^2
     first = torch.randint(n, (1,), device=x.device, generator=generator)
-    centers = x[first]                                                     # [1, d]
-    closest = _sq_dists(x, x_sq, centers)[:, 0]                           # [n] D(x)^2
+    centers = x.index_select(0, first)                                     # [1, d]
+    closest = _scores(centers - offset, xc)[0].add_(x_sq).clamp_min_(0)    # [n] D(x)^2
     trials = 2 + int(math.log(k))
     for _ in range(1, k):
         total = closest.sum()
         weights = torch.where(total > 0, closest, torch.ones_like(closest))   # all 0: uniform
         candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
-        d_cand = torch.minimum(closest[:, None], _sq_dists(x, x_sq, x[candidates]))  # [n, trials]
-        best = d_cand.sum(0).argmin()                                      # lowest potential
-        closest = d_cand[:, best]
+        d2 = _scores(x.index_select(0, candidates) - offset, xc).add_(x_sq).clamp_min_(0)
+        d_cand = torch.minimum(closest, d2)                                # [trials, n] D^2 with each
+        best = d_cand.sum(1).argmin()                                      # lowest potential
+        closest = d_cand[best]
         centers = torch.cat([centers, x[candidates[best]][None]])          # [c+1, d]
-    # scikit-learn's scaling: tol x the mean per-feature variance of x (from ||x||^2 and the mean)
-    mean_var = (x_sq.sum() - x.sum(0).square().sum() / n) / max(1, n - 1) / x.shape[1]
-    tol = tol * float(mean_var)
-    dist, new = _sq_dists(x, x_sq, centers).min(1)                         # [n], [n]
-    counts = torch.bincount(new, minlength=k)                              # [k]
+    # scikit-learn's scaling: tol x the mean per-feature variance of x (||x - mean||^2 summed)
+    tol = tol * float(x_sq.sum()) / max(1, n - 1) / dim
+    low, assignment = _nearest(_scores(centers - offset, xc))              # [n], [n]
+    inertia = (x_sq + low).sum(dtype=torch.float64)                        # ||x - c(x)||^2 summed
+    counts = torch.bincount(assignment, minlength=k)                       # [k]
+    sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()       # [k, d]
     has_empty = bool((counts == 0).any())
     for _ in range(iters):
-        assignment = new
         if has_empty:  # reseed: the rows farthest from their centres become the empty centres
             empty = (counts == 0).nonzero().flatten()
             assignment = assignment.clone()
-            assignment[dist.topk(len(empty)).indices] = empty
+            assignment[(x_sq + low).topk(len(empty)).indices] = empty       # D^2 = ||x||^2 + low
             counts = torch.bincount(assignment, minlength=k)
-        sums = x.new_zeros(k, x.shape[1]).index_add_(0, assignment, x)    # [k, d]
+            sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()
         # a centre still without rows (only with duplicate rows) stays where it was
-        moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        moved = torch.where(counts[:, None] > 0, (sums / counts.clamp_min(1)[:, None]).to(x.dtype),
+                            centers)
         shift = (moved - centers).pow(2).sum()
         centers = moved
-        dist, new = _sq_dists(x, x_sq, centers).min(1)
-        counts = torch.bincount(new, minlength=k)
-        changed, far, has_empty = torch.stack(
-            [(new != assignment).any(), shift > tol, (counts == 0).any()]).tolist()
-        if not changed or not far:                                         # converged
+        low, new = _nearest(_scores(centers - offset, xc))
+        switch = (new != assignment).nonzero().flatten()                   # rows changing centre
+        x_switch = x.index_select(0, switch).double()
+        to, fro = new.index_select(0, switch), assignment.index_select(0, switch)
+        sums.index_add_(0, to, x_switch).index_add_(0, fro, x_switch, alpha=-1)
+        ones = torch.ones_like(to)
+        counts.index_add_(0, to, ones).index_add_(0, fro, ones, alpha=-1)
+        assignment = new
+        last, inertia = inertia, (x_sq + low).sum(dtype=torch.float64)
+        far, gain, has_empty = torch.stack(
+            [shift > tol, last - inertia > rtol * inertia, (counts == 0).any()]).tolist()
+        if len(switch) == 0 or not far or (rtol > 0 and not gain):         # converged
             break
-    return centers, new
+    return centers, assignment
 
 
 @torch.no_grad()

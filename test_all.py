@@ -728,13 +728,14 @@ def test_kmeans_pp_finds_the_brute_force_optimum():
         x = np.repeat(blob, 3, 0) + rng.normal(size=(3 * k, 2))
         c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(trial))
         assert inertia(torch.tensor(x), c, a) == pytest.approx(brute_force_inertia(x, k), rel=1e-9)
-        # structureless data: every run with tol=0 is a Lloyd fixed point (centres = means, rows at their
+        # structureless data: every run with tol=rtol=0 is a Lloyd fixed point (centres = means, rows at their
         # nearest centre); the best of 5 seeds reaches the optimum in most problems (Lloyd has
         # local optima: scikit-learn's KMeans, 5 seeds, reached it in 34 of 40 such problems)
         x = rng.normal(size=(8, 2))
         runs = []
         for s in range(5):
-            c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(s), tol=0)
+            c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(s), tol=0,
+                                    rtol=0)
             for j in range(k):
                 assert np.allclose(c[j].numpy(), x[a.numpy() == j].mean(0), atol=1e-12)
             assert torch.equal(a, torch.cdist(torch.tensor(x), c).argmin(1))
