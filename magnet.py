@@ -685,6 +685,34 @@ def arch_entry(width, in_channels):
 # ======================================================================================
 
 # --- shared: eq4 ---
+def sq_distances(features, centers):
+    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d] (one dtype), by the
+    expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
+    tensor (README "Benchmarks": about a hundred times faster, forward and backward, at CIFAR100's
+    size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
+    from the origin (ReLU features do), and their difference loses those digits.  Distances
+    do not change when both sides move by the same vector, so both are first shifted by the
+    centres' mean: the products then have the size of the spread of features and centres
+    around the centre cloud, not of ||f||.  Not clamped at 0: a rounding below 0 (only at
+    f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
+    cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
+    test compares log-probabilities and input gradients with float64 explicit differences."""
+    shift = centers.detach().mean(0)                                       # [d], a constant
+    f = features - shift                                                   # [n, d]
+    mu = centers - shift                                                   # [M, d]
+    f_sq = f.square().sum(1, keepdim=True)                                 # [n, 1]
+    return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)       # [n, M]
+
+
+def nearest_centers_mask(sq_dist, D):
+    """[n, M] bool: the D centres nearest to each row of sq_dist [n, M] (Sec. 4.2, App. B.3), or
+    None when D is None or >= M (every centre)."""
+    if D is None or D >= sq_dist.shape[1]:
+        return None
+    nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+
+
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
@@ -699,23 +727,34 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
     given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes]."""
+    compares two distributions on the same set).  -> [n, classes].
+
+    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
+    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sum by index_add over
+    the centres' classes; the sum is >= 1 (its largest term is exp(0)), so nothing underflows.
+    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
+    that no 0 * inf reaches the gradient."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
-    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
-    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    sq_dist = sq_distances(features, centers)                              # [n, M]
     s = -sq_dist / (2 * variance)                                          # [n, M]
-    if keep is None and D is not None and D < centers.shape[0]:
-        nearest = s.topk(D, dim=1).indices                                 # [n, D]
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+    if keep is None:
+        keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    num_classes = int(center_classes.max()) + 1
-    member = center_classes.to(features.device)[None, :] == torch.arange(
-        num_classes, device=features.device)[:, None]                      # [classes, M]
-    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
-    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+    classes = center_classes.to(features.device).long()                    # [M]
+    num_classes = int(classes.max()) + 1
+    n, M = s.shape
+    peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
+        1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
+    present = peak > float("-inf")                                         # a kept centre in c
+    peak = peak.masked_fill(~present, 0.0)
+    terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
+    sums = terms.new_zeros(n, num_classes).index_add(1, classes, terms)    # [n, classes]
+    per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
+    return per_class - s.logsumexp(-1, keepdim=True)                       # [n, classes]
 # --- end shared: eq4 ---
 
 
@@ -1009,9 +1048,9 @@ class NeighbourhoodSampler:
 # --- shared: cluster-update ---
 @torch.no_grad()
 def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
-    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that the
-    [rows, centres, dim] differences inside cluster_log_probs stay under ~64 MB."""
-    chunk = max(1, 2 ** 24 // (centers.shape[0] * centers.shape[1]))
+    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that each
+    [rows, centres] temporary inside cluster_log_probs stays under ~64 MB."""
+    chunk = max(1, 2 ** 24 // centers.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=features.device)
     for start in range(0, len(labels), chunk):
         log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, variance, D)
