@@ -616,7 +616,7 @@ def arch_entry(width, in_channels):
 
 # --- shared: eq4 ---
 def sq_distances(features, centers):
-    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d] (one dtype), by the
+    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
     expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
     tensor (README "Benchmarks": about a hundred times faster, forward and backward, at CIFAR100's
     size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
@@ -627,11 +627,19 @@ def sq_distances(features, centers):
     f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
     cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
     test compares log-probabilities and input gradients with float64 explicit differences."""
-    shift = centers.detach().mean(0)                                       # [d], a constant
-    f = features - shift                                                   # [n, d]
-    mu = centers - shift                                                   # [M, d]
-    f_sq = f.square().sum(1, keepdim=True)                                 # [n, 1]
-    return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)       # [n, M]
+    # The matmul must run in float32 (or float64) itself: autocast, which would make it a
+    # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
+    # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
+    # torch.set_float32_matmul_precision("high")) would cost the same digits and stay off.
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 from autocast
+    centers = centers.to(features)
+    with torch.autocast(features.device.type, enabled=False):
+        shift = centers.detach().mean(0)                                   # [d], a constant
+        f = features - shift                                               # [n, d]
+        mu = centers - shift                                               # [M, d]
+        f_sq = f.square().sum(1, keepdim=True)                             # [n, 1]
+        return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)   # [n, M]
 
 
 def nearest_centers_mask(sq_dist, D):
@@ -661,10 +669,15 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
 
     The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
     largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
-    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sum by index_add over
-    the centres' classes; the sum is >= 1 (its largest term is exp(0)), so nothing underflows.
+    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
+    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
+    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
+    largest term is exp(0)), so nothing underflows.
     A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient."""
+    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
+    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
+    their rounding cancels: when one class holds all the probability, its log p is exactly 0
+    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -682,9 +695,11 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
     present = peak > float("-inf")                                         # a kept centre in c
     peak = peak.masked_fill(~present, 0.0)
     terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
-    sums = terms.new_zeros(n, num_classes).index_add(1, classes, terms)    # [n, classes]
+    one_hot = (classes[:, None] == torch.arange(num_classes, device=s.device)).to(s.dtype)
+    with torch.autocast(s.device.type, enabled=False):
+        sums = terms @ one_hot                                             # [n, classes]
     per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
-    return per_class - s.logsumexp(-1, keepdim=True)                       # [n, classes]
+    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
 # --- end shared: eq4 ---
 
 # --- shared: classifier ---

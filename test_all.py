@@ -4044,3 +4044,21 @@ def test_kmeans_pp_on_relu_like_float32_rows_float64_nearest_and_means():
         members = x.double()[a == j]
         assert len(members) and torch.allclose(c[j].double(), members.mean(0), atol=1e-5, rtol=0)
     assert runs["default"][2] >= inertia_converged * (1 - 1e-7)
+
+
+@pytest.mark.oracle
+def test_eq4_and_kmeans_distances_stay_float32_under_bfloat16_autocast():
+    """The training and attack steps run under autocast, which would turn the expanded form's
+    matmul into a bfloat16 one (8 significant bits); the eq4 and kmeans blocks switch it off."""
+    f, mu, cc, _, var = relu_like_clusters(7, 64, classes=10, spread=0.1)
+    f, mu = f.float(), mu.float()
+    x = relu_like_clusters(8, 400, classes=1, K=1, spread=1.0)[0].float()   # one blob: many borders
+
+    def run():
+        return (magnet.cluster_log_probs(f, mu, cc, var, 5), qtrades.nearest_mask(f, mu, 5),
+                *magnet.kmeans_pp(x, 4, generator=torch.Generator().manual_seed(0)))
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(f, mu.T).dtype == torch.bfloat16                 # autocast is live here
+        mixed = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
