@@ -630,7 +630,7 @@ def sq_distances(features, centers):
     # The matmul must run in float32 (or float64) itself: autocast, which would make it a
     # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
     # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
-    # torch.set_float32_matmul_precision("high")) would cost the same digits and stay off.
+    # torch.set_float32_matmul_precision("high")) would cost the same digits: leave them off.
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 from autocast
     centers = centers.to(features)
