@@ -801,6 +801,42 @@ def zero_gradient_counts(log_prob_fn, x, y, losses):
 
 
 # --- shared: eq4 ---
+def sq_distances(features, centers):
+    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
+    expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
+    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
+    from the origin (ReLU features do), and their difference loses those digits.  Distances
+    do not change when both sides move by the same vector, so both are first shifted by the
+    centres' mean: the products then have the size of the spread of features and centres
+    around the centre cloud, not of ||f||.  Not clamped at 0: a rounding below 0 (only at
+    f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
+    cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
+    test compares log-probabilities and input gradients with float64 explicit differences."""
+    # The matmul must run in float32 (or float64) itself: autocast, which would make it a
+    # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
+    # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
+    # torch.set_float32_matmul_precision("high")) would cost the same digits: leave them off.
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 from autocast
+    centers = centers.to(features)
+    with torch.autocast(features.device.type, enabled=False):
+        shift = centers.detach().mean(0)                                   # [d], a constant
+        f = features - shift                                               # [n, d]
+        mu = centers - shift                                               # [M, d]
+        f_sq = f.square().sum(1, keepdim=True)                             # [n, 1]
+        return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)   # [n, M]
+
+
+def nearest_centers_mask(sq_dist, D):
+    """[n, M] bool: the D centres nearest to each row of sq_dist [n, M] (Sec. 4.2, App. B.3), or
+    None when D is None or >= M (every centre)."""
+    if D is None or D >= sq_dist.shape[1]:
+        return None
+    nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+
+
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
@@ -815,23 +851,41 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
     given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes]."""
+    compares two distributions on the same set).  -> [n, classes].
+
+    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
+    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
+    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
+    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
+    largest term is exp(0)), so nothing underflows.
+    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
+    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
+    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
+    their rounding cancels: when one class holds all the probability, its log p is exactly 0
+    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
-    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
-    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    sq_dist = sq_distances(features, centers)                              # [n, M]
     s = -sq_dist / (2 * variance)                                          # [n, M]
-    if keep is None and D is not None and D < centers.shape[0]:
-        nearest = s.topk(D, dim=1).indices                                 # [n, D]
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+    if keep is None:
+        keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    num_classes = int(center_classes.max()) + 1
-    member = center_classes.to(features.device)[None, :] == torch.arange(
-        num_classes, device=features.device)[:, None]                      # [classes, M]
-    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
-    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+    classes = center_classes.to(features.device).long()                    # [M]
+    num_classes = int(classes.max()) + 1
+    n, M = s.shape
+    peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
+        1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
+    present = peak > float("-inf")                                         # a kept centre in c
+    peak = peak.masked_fill(~present, 0.0)
+    terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
+    one_hot = (classes[:, None] == torch.arange(num_classes, device=s.device)).to(s.dtype)
+    with torch.autocast(s.device.type, enabled=False):
+        sums = terms @ one_hot                                             # [n, classes]
+    per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
+    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
 # --- end shared: eq4 ---
 
 

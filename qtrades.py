@@ -393,13 +393,14 @@ class ResNet18(nn.Module):
 
 def nearest_mask(features, centers, D):
     """[n, M] bool: the D centres nearest to each row (Sec. 4.2, App. B.3); all True when D is
-    None or >= M.  Same distances and topk as the eq4 block, so ties resolve the same way."""
-    features = features.detach().float()
-    centers = centers.to(features)
-    keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
-    if D is not None and D < centers.shape[0]:
-        s = -(features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        keep = torch.zeros_like(keep).scatter_(1, s.topk(D, dim=1).indices, True)
+    None or >= M.  The eq4 block's distances and mask on the same dtype, so the set is the one
+    cluster_log_probs(features, ..., D) uses, ties included."""
+    features = features.detach()
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    keep = nearest_centers_mask(sq_distances(features, centers.detach().to(features)), D)
+    if keep is None:
+        keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
     return keep
 
 
@@ -590,6 +591,42 @@ def train_one_epoch_ce(model, opt, train, args, generator, device):
 # loss, k-means++, neighbourhood sampler, the cluster update; then the linear head's accuracy.
 
 # --- shared: eq4 ---
+def sq_distances(features, centers):
+    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
+    expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
+    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
+    from the origin (ReLU features do), and their difference loses those digits.  Distances
+    do not change when both sides move by the same vector, so both are first shifted by the
+    centres' mean: the products then have the size of the spread of features and centres
+    around the centre cloud, not of ||f||.  Not clamped at 0: a rounding below 0 (only at
+    f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
+    cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
+    test compares log-probabilities and input gradients with float64 explicit differences."""
+    # The matmul must run in float32 (or float64) itself: autocast, which would make it a
+    # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
+    # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
+    # torch.set_float32_matmul_precision("high")) would cost the same digits: leave them off.
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 from autocast
+    centers = centers.to(features)
+    with torch.autocast(features.device.type, enabled=False):
+        shift = centers.detach().mean(0)                                   # [d], a constant
+        f = features - shift                                               # [n, d]
+        mu = centers - shift                                               # [M, d]
+        f_sq = f.square().sum(1, keepdim=True)                             # [n, 1]
+        return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)   # [n, M]
+
+
+def nearest_centers_mask(sq_dist, D):
+    """[n, M] bool: the D centres nearest to each row of sq_dist [n, M] (Sec. 4.2, App. B.3), or
+    None when D is None or >= M (every centre)."""
+    if D is None or D >= sq_dist.shape[1]:
+        return None
+    nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+
+
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
@@ -604,23 +641,41 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
     given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes]."""
+    compares two distributions on the same set).  -> [n, classes].
+
+    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
+    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
+    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
+    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
+    largest term is exp(0)), so nothing underflows.
+    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
+    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
+    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
+    their rounding cancels: when one class holds all the probability, its log p is exactly 0
+    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
-    # ||f - mu_j||^2 from explicit differences (the expanded form loses precision):  [n, M]
-    sq_dist = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    sq_dist = sq_distances(features, centers)                              # [n, M]
     s = -sq_dist / (2 * variance)                                          # [n, M]
-    if keep is None and D is not None and D < centers.shape[0]:
-        nearest = s.topk(D, dim=1).indices                                 # [n, D]
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, nearest, True)
+    if keep is None:
+        keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    num_classes = int(center_classes.max()) + 1
-    member = center_classes.to(features.device)[None, :] == torch.arange(
-        num_classes, device=features.device)[:, None]                      # [classes, M]
-    per_class = s[:, None, :].masked_fill(~member[None], float("-inf"))    # [n, classes, M]
-    return per_class.logsumexp(-1) - s.logsumexp(-1, keepdim=True)         # [n, classes]
+    classes = center_classes.to(features.device).long()                    # [M]
+    num_classes = int(classes.max()) + 1
+    n, M = s.shape
+    peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
+        1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
+    present = peak > float("-inf")                                         # a kept centre in c
+    peak = peak.masked_fill(~present, 0.0)
+    terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
+    one_hot = (classes[:, None] == torch.arange(num_classes, device=s.device)).to(s.dtype)
+    with torch.autocast(s.device.type, enabled=False):
+        sums = terms @ one_hot                                             # [n, classes]
+    per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
+    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
 # --- end shared: eq4 ---
 
 
@@ -659,13 +714,31 @@ def magnet_loss(features, cluster_ids, class_ids, alpha):
 
 
 # --- shared: kmeans ---
-def _sq_dists(x, x_sq, c):
-    """||x_i - c_j||^2 [n, k] by the expanded form ||x||^2 - 2 x.c + ||c||^2 (one matmul, as
-    k-means libraries do; clamped at 0 against rounding).  x_sq = ||x_i||^2 [n]."""
-    return (x_sq[:, None] - x @ (2 * c).T + (c * c).sum(1)[None, :]).clamp_min_(0)
+def _scores(c, x):
+    """||c_j||^2 - 2 x_i.c_j as [k, n] for centres c [k, d] and rows x [n, d]: the squared
+    distance ||x_i - c_j||^2 less ||x_i||^2, by one matmul (the expanded form, as k-means
+    libraries do).  Centres along dim 0: reductions over them then run over the outer dimension,
+    which torch vectorises along the rows (a transposed copy of x, for another matmul layout,
+    costs more than it saves).  In float32 or float64 even under autocast (a bfloat16 matmul
+    would lose the digits that tell near centres apart)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.addmm((c * c).sum(1)[:, None], c, x.T, alpha=-2)
 
 
-def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
+def _nearest(scores):
+    """-> (lowest score [n], index of its centre [n]) of scores [k, n]: scores.min(0), ties to the
+    lower index, without torch's CPU argmin over the outer dimension, which runs element by
+    element (slower than the matmul itself): the index is the largest weight k - j among the
+    entries equal to the minimum (an exact test, sign(s - min) = 0), found by amax.
+    Overwrites scores."""
+    k = scores.shape[0]
+    low = scores.amin(0)                                                   # [n]
+    weight = torch.arange(k, 0, -1, dtype=scores.dtype, device=scores.device)[:, None]  # k - j
+    hit = scores.sub_(low).sign_().sub_(1).mul_(-weight)                   # k - j at the minimum, else 0
+    return low, (k - hit.amax(0)).long()
+
+
+def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     """k-means on the rows of x [n, d] (float, any device), all randomness from `generator`
     (a torch.Generator on x's device).  -> (centers [k, d], assignment [n] in 0..k-1).
 
@@ -676,51 +749,87 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4):
     D^2 seeding often misses clusters in 512-d).  When every D^2 is 0 (duplicates) draws are uniform.
     Lloyd: assign each row to its nearest centre, move each centre to the mean of its rows; stop
     when the assignment no longer changes, when the centres moved by at most tol x the mean
-    per-feature variance of x in total squared distance (scikit-learn's criterion; tol=0: only
-    the first), or after `iters` rounds.  A centre left without rows is reseeded with the row
-    farthest from its own centre (that row moves to it).  The returned assignment is each row's
-    nearest returned centre.  One host sync per Lloyd round."""
-    n = x.shape[0]
+    per-feature variance of x in total squared distance (scikit-learn's criterion), when a round
+    lowered the inertia (the sum of squared distances to the nearest centres) by at most rtol of
+    it, or after `iters` rounds (tol = rtol = 0: only when the assignment no longer changes).
+    The rtol rule ends the long tail of rounds in which a few rows on the borders change centre
+    for a negligible gain (README "Benchmarks (`benchmarks/`)": the inertia it leaves against running to
+    scikit-learn's criterion).  A centre left without rows is reseeded with the row farthest
+    from its own centre (that row moves to it).  The returned assignment is each row's nearest
+    returned centre; each centre is the mean of its rows when the assignment stopped changing.
+    Cost per round: one [k, d] x [d, n] matmul and a reduction over the k centres; the centre
+    sums are kept in float64 and updated by the rows that changed centre only (few after the
+    first rounds), not summed again.  Two host syncs per round."""
+    n, dim = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"kmeans_pp needs 1 <= k <= n rows, got k={k}, n={n}")
-    x_sq = torch.linalg.vector_norm(x, dim=1).square()                     # [n], no [n, d] temporary
+    # Distances do not change under a common translation: they are computed from the rows less
+    # their mean, so that the expanded form subtracts numbers of the size of the spread, not of
+    # ||x|| (ReLU features lie far from the origin), and loses fewer digits.  Centres and sums
+    # stay in x's own frame (a centre is the mean of its rows, not that mean shifted and back).
+    offset = x.mean(0)                                                     # [d]
+    xc = x - offset                                                        # [n, d], a copy
+    x_sq = torch.linalg.vector_norm(xc, dim=1).square()                    # [n] ||x - offset||^2
+    centers = _seed_pp(x, xc, x_sq, offset, k, generator)                  # [k, d]
+    # scikit-learn's scaling: tol x the mean per-feature variance of x (||x - mean||^2 summed)
+    tol = tol * float(x_sq.sum()) / max(1, n - 1) / dim
+    return _lloyd(x, xc, x_sq, offset, centers, iters, tol, rtol)
+
+
+def _seed_pp(x, xc, x_sq, offset, k, generator):
+    """kmeans_pp's greedy k-means++ seeding (its docstring): -> centers [k, d], rows of x."""
+    n = x.shape[0]
     first = torch.randint(n, (1,), device=x.device, generator=generator)
-    centers = x[first]                                                     # [1, d]
-    closest = _sq_dists(x, x_sq, centers)[:, 0]                           # [n] D(x)^2
+    centers = x.index_select(0, first)                                     # [1, d]
+    closest = _scores(centers - offset, xc)[0].add_(x_sq).clamp_min_(0)    # [n] D(x)^2
     trials = 2 + int(math.log(k))
     for _ in range(1, k):
         total = closest.sum()
         weights = torch.where(total > 0, closest, torch.ones_like(closest))   # all 0: uniform
         candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
-        d_cand = torch.minimum(closest[:, None], _sq_dists(x, x_sq, x[candidates]))  # [n, trials]
-        best = d_cand.sum(0).argmin()                                      # lowest potential
-        closest = d_cand[:, best]
+        d2 = _scores(x.index_select(0, candidates) - offset, xc).add_(x_sq).clamp_min_(0)
+        d_cand = torch.minimum(closest, d2)                                # [trials, n] D^2 with each
+        best = d_cand.sum(1).argmin()                                      # lowest potential
+        closest = d_cand[best]
         centers = torch.cat([centers, x[candidates[best]][None]])          # [c+1, d]
-    # scikit-learn's scaling: tol x the mean per-feature variance of x (from ||x||^2 and the mean)
-    mean_var = (x_sq.sum() - x.sum(0).square().sum() / n) / max(1, n - 1) / x.shape[1]
-    tol = tol * float(mean_var)
-    dist, new = _sq_dists(x, x_sq, centers).min(1)                         # [n], [n]
-    counts = torch.bincount(new, minlength=k)                              # [k]
+    return centers
+
+
+def _lloyd(x, xc, x_sq, offset, centers, iters, tol, rtol):
+    """kmeans_pp's Lloyd rounds from the seeded centers (its docstring; tol already scaled):
+    -> (centers [k, d], assignment [n])."""
+    k, dim = centers.shape
+    low, assignment = _nearest(_scores(centers - offset, xc))              # [n], [n]
+    inertia = (x_sq + low).sum(dtype=torch.float64)                        # ||x - c(x)||^2 summed
+    counts = torch.bincount(assignment, minlength=k)                       # [k]
+    sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()       # [k, d]
     has_empty = bool((counts == 0).any())
     for _ in range(iters):
-        assignment = new
         if has_empty:  # reseed: the rows farthest from their centres become the empty centres
             empty = (counts == 0).nonzero().flatten()
             assignment = assignment.clone()
-            assignment[dist.topk(len(empty)).indices] = empty
+            assignment[(x_sq + low).topk(len(empty)).indices] = empty       # D^2 = ||x||^2 + low
             counts = torch.bincount(assignment, minlength=k)
-        sums = x.new_zeros(k, x.shape[1]).index_add_(0, assignment, x)    # [k, d]
+            sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()
         # a centre still without rows (only with duplicate rows) stays where it was
-        moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        moved = torch.where(counts[:, None] > 0, (sums / counts.clamp_min(1)[:, None]).to(x.dtype),
+                            centers)
         shift = (moved - centers).pow(2).sum()
         centers = moved
-        dist, new = _sq_dists(x, x_sq, centers).min(1)
-        counts = torch.bincount(new, minlength=k)
-        changed, far, has_empty = torch.stack(
-            [(new != assignment).any(), shift > tol, (counts == 0).any()]).tolist()
-        if not changed or not far:                                         # converged
+        low, new = _nearest(_scores(centers - offset, xc))
+        switch = (new != assignment).nonzero().flatten()                   # rows changing centre
+        x_switch = x.index_select(0, switch).double()
+        to, fro = new.index_select(0, switch), assignment.index_select(0, switch)
+        sums.index_add_(0, to, x_switch).index_add_(0, fro, x_switch, alpha=-1)
+        ones = torch.ones_like(to)
+        counts.index_add_(0, to, ones).index_add_(0, fro, ones, alpha=-1)
+        assignment = new
+        last, inertia = inertia, (x_sq + low).sum(dtype=torch.float64)
+        far, gain, has_empty = torch.stack(
+            [shift > tol, last - inertia > rtol * inertia, (counts == 0).any()]).tolist()
+        if len(switch) == 0 or not far or (rtol > 0 and not gain):         # converged
             break
-    return centers, new
+    return centers, assignment
 
 
 @torch.no_grad()
@@ -876,9 +985,9 @@ class NeighbourhoodSampler:
 # --- shared: cluster-update ---
 @torch.no_grad()
 def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
-    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that the
-    [rows, centres, dim] differences inside cluster_log_probs stay under ~64 MB."""
-    chunk = max(1, 2 ** 24 // (centers.shape[0] * centers.shape[1]))
+    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that each
+    [rows, centres] temporary inside cluster_log_probs stays under ~64 MB."""
+    chunk = max(1, 2 ** 24 // centers.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=features.device)
     for start in range(0, len(labels), chunk):
         log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, variance, D)

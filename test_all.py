@@ -735,13 +735,14 @@ def test_kmeans_pp_finds_the_brute_force_optimum():
         x = np.repeat(blob, 3, 0) + rng.normal(size=(3 * k, 2))
         c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(trial))
         assert inertia(torch.tensor(x), c, a) == pytest.approx(brute_force_inertia(x, k), rel=1e-9)
-        # structureless data: every run with tol=0 is a Lloyd fixed point (centres = means, rows at their
+        # structureless data: every run with tol=rtol=0 is a Lloyd fixed point (centres = means, rows at their
         # nearest centre); the best of 5 seeds reaches the optimum in most problems (Lloyd has
         # local optima: scikit-learn's KMeans, 5 seeds, reached it in 34 of 40 such problems)
         x = rng.normal(size=(8, 2))
         runs = []
         for s in range(5):
-            c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(s), tol=0)
+            c, a = magnet.kmeans_pp(torch.tensor(x), k, generator=torch.Generator().manual_seed(s), tol=0,
+                                    rtol=0)
             for j in range(k):
                 assert np.allclose(c[j].numpy(), x[a.numpy() == j].mean(0), atol=1e-12)
             assert torch.equal(a, torch.cdist(torch.tensor(x), c).argmin(1))
@@ -4096,7 +4097,9 @@ def test_bad_input_under_torchrun_exits_2_on_every_process_with_one_line(
     assert sorted(os.listdir(tmp_path)) == [] and attack.DIST == {"rank": 0, "world": 1}
 
 
-# ======================================================================================
+# ===============================================================================
+
+
 # ==== issue 15: the GPU benchmark, --compile, the CUDA layout and precision paths ====
 # ======================================================================================
 
@@ -4438,3 +4441,181 @@ def test_power_iteration_span_beats_the_plain_iterate_and_reaches_the_explicit_j
                 assert float(got[b]) == pytest.approx(ritz, rel=1e-9)
             if T >= d:                                                      # rank(A) <= d: the span is invariant
                 assert float(got[b]) == pytest.approx(sigma, rel=1e-9)
+
+
+# ==== issue 15: k-means speed, Eq. (4) and QTRADES distances in the expanded form ====
+
+def relu_like_clusters(seed, n, dim=512, classes=100, K=2, spread=0.03, close=False):
+    """ReLU-like features around centres that share a non-negative base (norms about 25, as a
+    width-64 ResNet18's pooled features), sigma^2 from a tight clustering (Eq. (3)), so that the
+    exponents of Eq. (4) reach a few hundred.  close: the rows lie 2e-4 per feature from a centre
+    (squared distance about 2e-5, the size of float32 rounding in the expanded form).
+    -> float64 features [n, d], centres [M, d], centre classes [M], labels [n], sigma^2."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=g, dtype=torch.float64).abs()
+    centers = (base + 0.5 * torch.randn(classes * K, dim, generator=g, dtype=torch.float64)).clamp_min(0)
+    own = torch.randint(classes * K, (n,), generator=g)
+    noisy = (centers[own] + spread * torch.randn(n, dim, generator=g, dtype=torch.float64)).clamp_min(0)
+    variance = float((noisy - centers[own]).pow(2).sum() / (n - 1))
+    f = centers[own] + 2e-4 * torch.randn(n, dim, generator=g, dtype=torch.float64) if close else noisy
+    center_classes = torch.arange(classes).repeat_interleave(K)
+    return f, centers, center_classes, center_classes[own], variance
+
+
+def explicit_eq4(f, centers, center_classes, variance, D=None, sq=None):
+    """Eq. (4) in log space from explicit [n, M, d] differences and an [n, classes, M] masked
+    logsumexp (the form the eq4 block had before issue 15); sq: other squared distances."""
+    if sq is None:
+        sq = (f[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    s = -sq / (2 * variance)
+    if D is not None:
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, sq.detach().topk(D, 1, largest=False).indices, True)
+        s = s.masked_fill(~keep, float("-inf"))
+    member = center_classes[None, :] == torch.arange(int(center_classes.max()) + 1)[:, None]
+    return s[:, None, :].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
+
+
+def eq4_and_input_gradient(fn, f, weights):
+    """-> (log p [n, classes], d/df of sum(weights * log p) over the finite entries)."""
+    f = f.detach().clone().requires_grad_()
+    log_p = fn(f)
+    (log_p.masked_fill(~torch.isfinite(log_p), 0) * weights).sum().backward()
+    return log_p.detach(), f.grad
+
+
+@pytest.mark.oracle
+def test_eq4_expanded_form_in_float32_agrees_with_float64_explicit_differences():
+    """The eq4 block's float32 log-probabilities and input gradients against float64 explicit
+    differences, on tight clusters (exponents of about -300) and on rows next to a centre, with
+    all centres and with the D = 20 nearest.  Log-probabilities: within 8 float32 epsilons of the
+    row's largest |exponent| (measured: the explicit float32 form 1.2-1.7, the shifted expanded
+    form 2.5-3.3, less accurate by that factor because the matmul sums 512 products in a longer
+    chain than torch's cascaded sum; the same expanded form without the centre shift 20-27, which
+    this bound rejects).  Gradients: within 1e-4 relative per row, and on average at least as
+    accurate as explicit float32 (measured: 3-4x more accurate)."""
+    eps = torch.finfo(torch.float32).eps
+    for seed, close in ((0, False), (1, True)):
+        f, mu, cc, _, var = relu_like_clusters(seed, 32, close=close)
+        weights = torch.randn(f.shape[0], 100, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        s_max = ((f[:, None] - mu[None]).pow(2).sum(-1) / (2 * var)).amax(1, keepdim=True)   # [n, 1]
+        assert s_max.min() > 100                                         # large exponents
+        for D in (None, 20):
+            ref, ref_grad = eq4_and_input_gradient(lambda x: explicit_eq4(x, mu, cc, var, D), f, weights)
+            finite = torch.isfinite(ref)
+            bound = (8 * eps * s_max).expand_as(ref)[finite]
+
+            def check(fn):
+                log_p, grad = eq4_and_input_gradient(fn, f.float(), weights.float())
+                assert torch.equal(torch.isfinite(log_p), finite)
+                error = (log_p.double() - ref)[finite].abs()
+                rel = (grad.double() - ref_grad).norm(dim=1) / ref_grad.norm(dim=1)
+                return bool((error <= bound).all()), rel
+
+            ok, rel = check(lambda x: magnet.cluster_log_probs(x, mu.float(), cc, var, D))
+            assert ok and rel.max() < 1e-4
+            ok_explicit, rel_explicit = check(lambda x: explicit_eq4(x, mu.float(), cc, var, D))
+            assert ok_explicit and rel.mean() <= rel_explicit.mean()
+            # without the shift the same expanded form loses the digits the bound asks for
+            m32 = mu.float()
+            assert not check(lambda x: explicit_eq4(x, m32, cc, var, D, sq=x.square().sum(1, keepdim=True)
+                                                    - 2 * x @ m32.T + m32.square().sum(1)))[0]
+
+
+@pytest.mark.oracle
+def test_cluster_log_probs_per_class_sums_match_a_masked_logsumexp_without_underflow():
+    """The [n, M] per-class reduction against the [n, classes, M] masked logsumexp in float64:
+    unsorted centre classes of unequal sizes, a class id without centres, keep masks that empty
+    whole classes, and a class 2000 nats below the best (exp underflows there: the per-class
+    peak keeps it finite).  Gradients equal the masked form's, finite, and 0 at masked centres."""
+    g = torch.Generator().manual_seed(3)
+    cc = torch.tensor([2, 0, 3, 0, 2, 2, 0, 3])                         # class 1 has no centre
+    mu = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    f = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    mu[[2, 7]] += 80.0                                                   # class 3 far away
+    keep = torch.rand(10, 8, generator=g) < 0.6
+    keep[:, 1] = True                                                    # every row keeps a centre
+    for k in (None, keep):
+        fa, fb = f.clone().requires_grad_(), f.clone().requires_grad_()
+        ours = magnet.cluster_log_probs(fa, mu, cc, 0.7, keep=k)
+        sq = (fb[:, None] - mu[None]).pow(2).sum(-1)
+        s = -sq / 1.4 if k is None else (-sq / 1.4).masked_fill(~k, float("-inf"))
+        member = cc[None, :] == torch.arange(4)[:, None]
+        ref = s[:, None].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)) and torch.isinf(ours[:, 1]).all()
+        finite = torch.isfinite(ref)
+        assert torch.allclose(ours[finite], ref[finite], atol=1e-9, rtol=1e-12)
+        if k is None:
+            assert (ours[:, 3] < -2000).all()                            # finite, far below 0
+        w = torch.randn(10, 4, generator=g, dtype=torch.float64)
+        (ours.masked_fill(~finite, 0) * w).sum().backward()
+        (ref.masked_fill(~finite, 0) * w).sum().backward()
+        assert torch.isfinite(fa.grad).all() and torch.allclose(fa.grad, fb.grad, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.oracle
+def test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set():
+    f, mu, cc, _, var = relu_like_clusters(4, 40, classes=20, spread=0.3)
+    sq = (f[:, None] - mu[None]).pow(2).sum(-1)                          # float64, explicit
+    for D in (1, 5, 39):
+        keep = qtrades.nearest_mask(f.float(), mu.float(), D)
+        expected = torch.zeros_like(keep).scatter_(1, sq.topk(D, 1, largest=False).indices, True)
+        assert torch.equal(keep, expected)
+        log_p = magnet.cluster_log_probs(f.float(), mu.float(), cc, var, D)
+        assert torch.equal(log_p, qtrades.eq4_log_probs_on(f.float(), mu.float(), cc, var, keep))
+    assert qtrades.nearest_mask(f, mu, None).all() and qtrades.nearest_mask(f, mu, 40).all()
+
+
+@pytest.mark.oracle
+def test_kmeans_nearest_is_scores_min_with_ties_to_the_lower_index():
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.float64):
+        for k in (1, 2, 7):
+            scores = torch.randn(k, 500, generator=g, dtype=dtype).round(decimals=1)   # many ties
+            scores[:, :5] = 3.0                                          # all k tied
+            low, index = magnet._nearest(scores.clone())
+            expected = scores.min(0)
+            assert torch.equal(low, expected.values) and torch.equal(index, expected.indices)
+            first = torch.stack([(scores[:, i] == scores[:, i].min()).nonzero()[0, 0] for i in range(500)])
+            assert torch.equal(index, first) and index.dtype == torch.long
+
+
+@pytest.mark.oracle
+def test_kmeans_pp_on_relu_like_float32_rows_float64_nearest_and_means():
+    """float32 rows far from the origin (norm about 25, spread about 3): the returned assignment
+    is the nearest returned centre by float64 explicit differences (a different one only within
+    float32 rounding of a tie), the converged centres (tol = rtol = 0) are their rows' float64
+    means, and the default stop's inertia is at or above the converged run's (same seeding:
+    an earlier point of the same Lloyd trajectory)."""
+    f, mu, cc, labels, _ = relu_like_clusters(5, 3000, classes=3, K=2, spread=0.15)
+    x = f.float()
+    runs = {}
+    for name, kw in (("default", {}), ("converged", {"tol": 0, "rtol": 0})):
+        c, a = magnet.kmeans_pp(x, 6, generator=torch.Generator().manual_seed(0), **kw)
+        d64 = (x.double()[:, None] - c.double()[None]).pow(2).sum(-1)     # [n, k] explicit
+        best = d64.min(1).values
+        gap = d64.gather(1, a[:, None])[:, 0] - best
+        assert (gap <= 1e-5 * best).all() and (gap == 0).float().mean() > 0.999
+        runs[name] = (c, a, float(d64.gather(1, a[:, None]).sum()))
+    c, a, inertia_converged = runs["converged"]
+    for j in range(6):
+        members = x.double()[a == j]
+        assert len(members) and torch.allclose(c[j].double(), members.mean(0), atol=1e-5, rtol=0)
+    assert runs["default"][2] >= inertia_converged * (1 - 1e-7)
+
+
+@pytest.mark.oracle
+def test_eq4_and_kmeans_distances_stay_float32_under_bfloat16_autocast():
+    """The training and attack steps run under autocast, which would turn the expanded form's
+    matmul into a bfloat16 one (8 significant bits); the eq4 and kmeans blocks switch it off."""
+    f, mu, cc, _, var = relu_like_clusters(7, 64, classes=10, spread=0.1)
+    f, mu = f.float(), mu.float()
+    x = relu_like_clusters(8, 400, classes=1, K=1, spread=1.0)[0].float()   # one blob: many borders
+
+    def run():
+        return (magnet.cluster_log_probs(f, mu, cc, var, 5), qtrades.nearest_mask(f, mu, 5),
+                *magnet.kmeans_pp(x, 4, generator=torch.Generator().manual_seed(0)))
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(f, mu.T).dtype == torch.bfloat16                 # autocast is live here
+        mixed = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
