@@ -175,6 +175,828 @@ def parse_args(argv=None):
     return args
 
 
+# ======================================================================================
+# 2. The model (App. A "Architecture") and its batch-norm-folded copy for the attack
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
+
+# --- shared: fold-bn ---
+def fold_batchnorm(clf):
+    """A copy of the classifier with each eval-mode batch norm folded into the convolution
+    before it (the model is in eval mode throughout):
+        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
+        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
+    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
+    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
+    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
+    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
+    clf = copy.deepcopy(clf)
+
+    def fold(conv, bn):
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
+        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
+        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
+        return conv
+    for m in list(clf.modules()):
+        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
+            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
+                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
+                setattr(m, b, nn.Identity())
+        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
+            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
+    return clf
+# --- end shared: fold-bn ---
+
+
+# ======================================================================================
+# 3. The method: Prop. 1 radii, a sound L, a lower estimate of L, an L2 attack; Eq. (4)
+# ======================================================================================
+
+def nearest_center(features, centers, center_classes):
+    """The classifier of Prop. 1 (Eq. (4) with D = 1): -> (index of the nearest centre, its class).
+    Squared distances at float64 from explicit differences, not the eq4 block's expanded form:
+    this is the classifier a certificate speaks about, and a one-off cost (once per test image,
+    no gradient) next to the feature pass.  [n, d], [M, d], [M] -> [n], [n]."""
+    sq = (features.double()[:, None, :] - centers.double().to(features.device)[None]).pow(2).sum(-1)
+    nearest = sq.argmin(1)                                                 # [n]
+    return nearest, center_classes.to(features.device)[nearest]
+
+
+def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
+    """Prop. 1 generalised to C classes x K clusters.  -> dict of [n] tensors: pred, radius (sound,
+    R(x) of step 4), tight (sound, best same-class centre), two_closest (the paper's text; NOT
+    sound, see step 6).
+
+    Proof, step by step (App. C, Eq. (7)), for any centre mu_i and any centre mu_j:
+      1. ||f(x+d) - mu_j||^2 - ||f(x+d) - mu_i||^2, with f(x+d) = f(x) + e, e = f(x+d) - f(x),
+         expands to  ||f(x) - mu_j||^2 - ||f(x) - mu_i||^2 + 2 <e, mu_i - mu_j>
+         (the ||e||^2 terms cancel; this is the first two lines of Eq. (7)).
+      2. Cauchy-Schwarz: <e, mu_i - mu_j> >= -||e|| ||mu_i - mu_j||, and L-Lipschitz: ||e|| <= L ||d||.
+      3. So the difference is >= m_ij - 2 L ||d|| ||mu_i - mu_j||, m_ij = ||f-mu_j||^2 - ||f-mu_i||^2,
+         which is > 0 whenever ||d|| < r_ij = m_ij / (2 L ||mu_i - mu_j||)  (Eq. (1), Prop. 1):
+         f(x+d) stays strictly closer to mu_i than to mu_j.
+      4. Multi-class, multi-cluster (Sec. 3.1 leaves it to the appendix, which treats two centres):
+         the class changes only if some centre of ANOTHER class becomes the nearest.  Take i = the
+         nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
+         other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
+         has class c.  Same-class centres need no term: moving between them keeps the class.
+         -> the sound radius R(x) = min over other-class j of r_1j.
+      5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
+         mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
+         radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
+         then that i certifies nothing; i = mu_1 keeps the maximum >= R(x) >= 0).
+      6. The paper's text (Sec. 3.1) uses only the two closest centres, mu_2 = the closest centre
+         of another class here.  r_12 >= R(x) always, and it can be larger, already with K = 1:
+         a farther centre mu_j can have a nearer bisector when ||mu_j - mu_1|| is large (example:
+         f = (-0.5, 0), mu_1 = 0, mu_2 = (1, 0), mu_3 = (-0.5, 1.6): r_12 = 1.0, r_13 = 0.69).
+         Then the two-closest radius exceeds the exact distance to the decision boundary: not
+         a certificate.  It is reported beside R(x), with the count of images where they differ.
+    With L = 1 and f an isometry, r_1j is the exact distance from f(x) to the bisector hyperplane
+    of mu_1, mu_j, and R(x) the exact distance to the boundary of mu_1's Voronoi cell (tightness,
+    Sec. 3.1)."""
+    L = float(lipschitz)
+    mu = centers.double().to(features.device)                              # [M, d]
+    cls = center_classes.long().to(features.device)                        # [M]
+    cd = (mu[:, None, :] - mu[None, :, :]).pow(2).sum(-1).sqrt()   # [M, M]; 0: coinciding centres
+    out = {k: [] for k in ("pred", "radius", "tight", "two_closest")}
+    chunk = max(1, min(chunk, 2 ** 23 // len(mu) ** 2))                   # [chunk, M, M] <= 64 MiB
+    for start in range(0, len(features), chunk):
+        f = features[start:start + chunk].double()                          # [n, d]
+        # explicit float64 differences, not cluster_log_probs' expanded form: the margins m_1j are
+        # small differences of these near a decision boundary, where a radius must not come out
+        # too large; once per test image, below the cost of the [n, M, M] margins
+        sq = (f[:, None, :] - mu[None]).pow(2).sum(-1)                       # [n, M] ||f - mu_j||^2
+        nearest = sq.argmin(1)                                               # [n] mu_1
+        pred = cls[nearest]                                                  # [n] class c
+        other = cls[None, :] != pred[:, None]                                # [n, M] class(j) != c
+        # r_ij = (||f-mu_j||^2 - ||f-mu_i||^2) / (2 L ||mu_i - mu_j||), all pairs   [n, M(i), M(j)]
+        margin = sq[:, None, :] - sq[:, :, None]
+        r = margin / (2 * L * cd[None])
+        r = torch.where(cd[None] > 0, r, torch.zeros_like(r))               # coinciding centres: 0
+        r = r.masked_fill(~other[:, None, :], float("inf"))                  # j: other classes only
+        min_over_j = r.min(2).values                                         # [n, M] per centre i
+        radius = min_over_j.gather(1, nearest[:, None]).squeeze(1)           # step 4: i = mu_1
+        tight = min_over_j.masked_fill(other, float("-inf")).max(1).values   # step 5: best i in c
+        j2 = sq.masked_fill(~other, float("inf")).argmin(1)                  # step 6: mu_2
+        two = r[torch.arange(len(f)), nearest, j2]
+        for k, v in (("pred", pred), ("radius", radius), ("tight", tight), ("two_closest", two)):
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# A float64 SVD is accurate to a few units of 2^-52 relative; each layer's bound is inflated by
+# this much so that rounding cannot push it below the exact operator norm.
+SLACK = 1e-12
+
+
+def conv_operator_norm_bound(weight, input_hw, padding):
+    """A proven upper bound on the L2 operator norm of a zero-padded convolution (any stride) with
+    kernel `weight` [c_out, c_in, kh, kw] on inputs of spatial size input_hw.
+
+    Why it is an upper bound:
+      1. Put the n_h x n_w input at offset (p, p) of an N_h x N_w canvas of zeros, N >= n + 2p:
+         an isometric embedding (norm-preserving).
+      2. A CIRCULAR cross-correlation with the same kernel on that canvas never wraps around for
+         the outputs the padded convolution keeps (their windows end at index n + 2p - 1 <= N - 1),
+         so the padded convolution is that circular one followed by keeping some output
+         coordinates (cropping; stride s keeps every s-th one).  Keeping coordinates is a
+         projection, of norm <= 1; so ||conv|| <= ||circular conv on N x N||.
+      3. Sedghi, Gupta & Long (ICLR 2019, "The singular values of convolutional layers", Thm. 6):
+         the 2-D DFT, applied per channel, block-diagonalises the circular multi-channel
+         convolution; its singular values are those of the c_out x c_in matrices
+         P(u, v) = sum_{a,b} K[:, :, a, b] exp(-2 pi i (u a / N_h + v b / N_w)), over all N_h x N_w
+         frequencies (cross-correlation gives the conjugate matrices: same singular values).
+         So ||circular conv|| = max_{u,v} ||P(u, v)||_2 exactly.  For a real kernel
+         P(-u, -v) = conj(P(u, v)), with the same singular values, so the half spectrum of rfft2
+         (v = 0 .. N_w / 2) holds every value: half the SVDs.
+    test_all.py's test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding checks
+    the bound against the exact SVD of the unrolled matrix, and the equality for circular padding.
+    float64 throughout."""
+    c_out, c_in, kh, kw = weight.shape
+    n_h = max(input_hw[0] + 2 * padding[0], kh)                              # N >= n + 2p
+    n_w = max(input_hw[1] + 2 * padding[1], kw)
+    P = torch.fft.rfft2(weight.double(), s=(n_h, n_w))                       # [c_out, c_in, N_h, N_w/2+1]
+    sigma = torch.linalg.matrix_norm(P.permute(2, 3, 0, 1), ord=2)          # [N_h, N_w/2+1]
+    return float(sigma.max()) * (1 + SLACK)
+
+
+def bn_scale(bn):
+    """Eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)."""
+    s = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
+    return s * bn.weight.double() if bn.weight is not None else s
+
+
+def lipschitz_layers(model, input_shape, fold=True):
+    """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of App. A, eval mode)
+    for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
+    fold=False: the plain per-layer list, each factor alone (normalisation 1 / min std; each conv
+    by conv_operator_norm_bound; batch norm max |s|).  fold=True (tighter, equally sound): the
+    normalisation and each batch norm are per-channel scalings, so they are multiplied into the
+    adjacent convolution's kernel and the composite linear map (bias-free part) is bounded at once:
+    ||diag(s) K diag(1/std)|| <= max|s| ||K|| max(1/std).  Everywhere: ReLU 1 (1-Lipschitz);
+    a residual block relu(branch(x) + shortcut(x)) at most Lip(branch) + Lip(shortcut), the
+    identity shortcut 1; global average pooling over h x w its exact norm 1 / sqrt(h w)."""
+    net = model.model if isinstance(model, Classifier) else model
+    hw = tuple(input_shape[-2:])
+    parts = []
+
+    def conv_bn(conv, bn, hw, in_scale=None):
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("lipschitz_layers handles plain zero-padded convolutions only")
+        w = conv.weight.detach().double()                                    # [c_out, c_in, k, k]
+        s = bn_scale(bn).detach()                                            # [c_out]
+        if fold:
+            if in_scale is not None:
+                w = w * in_scale[None, :, None, None]
+            bound = conv_operator_norm_bound(s[:, None, None, None] * w, hw, conv.padding)
+        else:
+            bound = conv_operator_norm_bound(w, hw, conv.padding) * float(s.abs().max()) * (1 + SLACK)
+        out = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
+                    zip(hw, conv.padding, conv.kernel_size, conv.stride))
+        return bound, out
+
+    inv_std = 1 / net.std.detach().double().flatten()                       # [C]
+    if not fold:
+        parts.append(("normalise 1/min std", float(inv_std.max()) * (1 + SLACK)))
+    stem, hw = conv_bn(net.conv1, net.bn1, hw, inv_std if fold else None)
+    parts.append(("stem conv+bn" + (" (x 1/std)" if fold else ""), stem))
+    for li, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), 1):
+        for bi, block in enumerate(layer):
+            b1, mid = conv_bn(block.conv1, block.bn1, hw)
+            b2, out = conv_bn(block.conv2, block.bn2, mid)
+            short = 1.0 if len(block.shortcut) == 0 else conv_bn(block.shortcut[0], block.shortcut[1], hw)[0]
+            parts.append((f"layer{li}.{bi} branch {b1:.3g}*{b2:.3g} + shortcut {short:.3g}",
+                          (b1 * b2 + short) * (1 + SLACK)))
+            hw = out
+    parts.append((f"avg pool {hw[0]}x{hw[1]}", 1 / math.sqrt(hw[0] * hw[1]) * (1 + SLACK)))
+    return math.prod(v for _, v in parts), parts
+
+
+def jacobian_norm_lower(feature_fn, x, iters=6, generator=None):
+    """Lower estimate of L: per image, ||J v|| / ||v|| for the best v the power iteration on
+    A = J(x)^T J(x) reaches in `iters` products [B] float64, each <= ||J(x)||_2 <= L.
+
+    Power iteration from a random v_0 (the same draw as a plain power iteration) visits v_0, A v_0,
+    ..., A^iters v_0; the plain method answers with the last of them.  Here the answer is the best
+    vector of their span K (Rayleigh-Ritz: the top eigenvector s of the Gram matrix (J Q)^T (J Q)
+    of an orthonormal basis Q of K, as in Lanczos), so it is never below the plain answer for the
+    same products and the same v_0 (K holds the last iterate), in exact arithmetic; it converges
+    far faster: 6 products matched 20 plain iterations to 1e-6 or better on every image of
+    benchmarks/certify.py (README "Benchmarks (`benchmarks/`)").  The basis is built by
+    orthogonalising each product against the earlier ones (twice, float64), so nearly parallel
+    iterates lose no precision; a product with nothing new (below 1e-6 of its norm, float32
+    noise: K is already A-invariant) adds a zero column.
+    J^T w is one backward pass; J q is the derivative of u -> J^T u (linear in u) in the direction
+    q, a second backward through the first (no forward-mode AD, whose first use in torch costs
+    seconds of TorchScript compilation).  Per product: the cost of one plain power iteration.
+    Eval-mode batch norm keeps the images independent, so a batch holds B separate problems."""
+    x = x.detach().requires_grad_(True)
+    f = feature_fn(x)                                                        # [B, d]
+    u = torch.zeros_like(f, requires_grad=True)
+    jt_u, = torch.autograd.grad(f, x, u, create_graph=True)                  # J^T u  [B, C, H, W]
+    q = torch.randn(x.shape, generator=generator, device=x.device).flatten(1).double()   # v_0
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    basis, images = [], []                                                   # q_t as fed to J, J q_t
+    for t in range(iters + 1):
+        q_in = q.view(x.shape).to(x.dtype)
+        jq, = torch.autograd.grad(jt_u, u, q_in, retain_graph=True)         # J q_t  [B, d]
+        basis.append(q_in.flatten(1).double())
+        images.append(jq.detach().double())
+        if t == iters:
+            break
+        w, = torch.autograd.grad(f, x, jq, retain_graph=True)               # A q_t = J^T J q_t
+        w = w.flatten(1).double()
+        q = w
+        for _ in range(2):                                                   # Gram-Schmidt, twice
+            for b in basis:
+                q = q - (q * b).sum(1, keepdim=True) / (b * b).sum(1, keepdim=True).clamp_min(1e-300) * b
+        size = q.norm(dim=1, keepdim=True)
+        q = torch.where(size > 1e-6 * w.norm(dim=1, keepdim=True), q / size.clamp_min(1e-300),
+                        torch.zeros_like(q))
+    Q, JQ = torch.stack(basis, 2), torch.stack(images, 2)                   # [B, CHW, k], [B, d, k]
+    _, vecs = torch.linalg.eigh(JQ.transpose(1, 2) @ JQ)                     # [B, k, k] Gram of J Q
+    s = vecs[:, :, -1:]                                                      # top eigenvector [B, k, 1]
+    # ||J v|| / ||v|| for the explicit v = Q s (J is linear: J v = (J Q) s), with ||v|| measured,
+    # not assumed 1: the float32 copies of q_t fed to J are orthonormal only to ~1e-7
+    return (JQ @ s).squeeze(2).norm(dim=1) / (Q @ s).squeeze(2).norm(dim=1).clamp_min(1e-300)
+
+
+def attack_margin(features, centers, center_classes, y):
+    """min_{i in class y} ||f - mu_i||^2 - min_{j not in y} ||f - mu_j||^2: > 0 once a centre of
+    another class is the nearest (the nearest-centre prediction changed).  [B], in the features'
+    dtype (float32 in certify.py's runs)."""
+    sq = (features[:, None, :] - centers.to(features)[None]).pow(2).sum(-1)  # [B, M]
+    same = center_classes[None, :] == y[:, None]                           # [B, M]
+    inf = torch.tensor(float("inf"), device=sq.device, dtype=sq.dtype)
+    return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values
+
+
+# The minimum-norm L2 attack's schedule (FMN, Pintor et al. 2021, with relative steps): the radius
+# moves by a factor 1 -/+ gamma_t per step, the step is alpha_t eps; both decay from their first
+# value to their last on a cosine.  A run with no adversarial iterate yet grows eps by at least
+# GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
+# bisection of fixed-radius PGD runs (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").
+GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
+CONFIRM = (1.0, 1 + 2 ** -10, 1 + 2 ** -6, 1 + 2 ** -3, 1.5, 2.0)   # s tried along the finding's ray
+
+
+def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False,
+              check_fn=None):
+    """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
+    float64 (inf where none); with return_examples also the images found [B, C, H, W] (x where
+    none).  Every finite value is the float64 distance ||x_adv - x|| of an x_adv in the box [0, 1]
+    whose prediction by check_fn (default feature_fn) was evaluated and differs from x's: an upper
+    bound on the true minimal perturbation.
+
+    One batched minimum-norm PGD-L2 run on feature_fn, each image with its own radius eps that
+    moves at every step (the search over radii inside the run, in the manner of FMN, Pintor et al.,
+    NeurIPS 2021, instead of 1 + bisect separate PGD runs at fixed radii), with m = attack_margin
+    (> 0 once adversarial) and its gradient g at the iterate x + delta:
+      adversarial now:               eps <- min(eps (1 - gamma_t), best norm so far)    shrink
+      not, but one found before:     eps <- eps (1 + gamma_t)                           grow back
+      none found yet:                eps <- max(||delta|| + (-m) / ||g||, (1 + GROW) eps)
+                                     (the first-order distance to the boundary m = 0, growing)
+      delta <- delta + alpha_t eps g / ||g||, then onto the ball ||delta|| <= eps and the box.
+    g drops the components that push a pixel already at 0 or 1 out of the box (they would be
+    clipped away and waste the step's norm).  The check of every iterate is nearest_center at
+    float64; eval-mode batch norm keeps the images independent: B separate searches.
+    Then, forward passes only, on check_fn (main: the network of Prop. 1; feature_fn is its copy
+    with batch norm folded, fold_batchnorm, the same function up to float rounding): the smallest
+    adversarial iterate d = x_adv - x is confirmed at x + s d for the first s in CONFIRM that
+    check_fn calls adversarial (s = 1, or a little further: a finding on feature_fn's boundary can
+    round to the other side), else dropped (inf); then `bisect` rounds of bisection on s between
+    0 and that s.  check_fn sees standard-layout inputs (.contiguous()), as Prop. 1's features
+    were computed, whatever the layout of x (main: channels_last, the layout of the copy)."""
+    check_fn = check_fn or feature_fn
+    x = x.detach()
+    mu = centers.to(x.device, x.dtype)                                       # [M, d]
+    cls = center_classes.long().to(x.device)                                 # [M]
+    with torch.no_grad():
+        _, y = nearest_center(check_fn(x.contiguous()), mu, cls)             # x's own class [B]
+    best, x_adv = _l2_search(feature_fn, x, mu, cls, y, steps)
+    d = x_adv - x                                                            # [B, C, H, W] the rays
+    best, x_adv, top = _l2_confirm(check_fn, x, x_adv, d, best, y, mu, cls)
+    _l2_bisect(check_fn, x, x_adv, d, best, top, y, mu, cls, bisect)
+    return (best, x_adv) if return_examples else best
+
+
+def _l2_search(feature_fn, x, mu, cls, y, steps):
+    """l2_attack's minimum-norm PGD-L2 run (its docstring): -> (best distance [B] float64, inf
+    where none; the images found [B, C, H, W], x where none)."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    delta = torch.zeros_like(x)
+    eps = torch.zeros(len(x), dtype=torch.float64, device=x.device)          # radius per image
+    best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    x_adv = x.clone()
+    for t in range(steps + 1):
+        z = (x + delta).requires_grad_(True)                                 # the iterate [B, C, H, W]
+        f = feature_fn(z)                                                    # [B, d]
+        with torch.no_grad():
+            _, pred = nearest_center(f, mu, cls)
+            adv = pred != y
+            dist = (z.detach().double() - x.double()).flatten(1).norm(dim=1)
+            better = adv & (dist < best)
+            best = torch.where(better, dist, best)
+            x_adv[better] = z.detach()[better]
+        if t == steps:
+            break
+        m = attack_margin(f, mu, cls, y)                                     # [B]
+        g, = torch.autograd.grad(m.sum(), z)
+        with torch.no_grad():
+            z = z.detach()
+            g = g.masked_fill(((z <= 0) & (g < 0)) | ((z >= 1) & (g > 0)), 0)   # box-feasible
+            g_norm = g.flatten(1).norm(dim=1).double().clamp_min(1e-30)
+            c = 0.5 * (1 + math.cos(math.pi * t / steps))                    # cosine: 1 -> 0
+            gamma, alpha = GAMMA_END + (GAMMA - GAMMA_END) * c, ALPHA_END + (ALPHA - ALPHA_END) * c
+            norm = delta.double().flatten(1).norm(dim=1)
+            first_order = norm + (-m.double()).clamp_min(0) / g_norm
+            eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best),
+                              torch.where(torch.isfinite(best), eps * (1 + gamma),
+                                          torch.maximum(first_order, eps * (1 + GROW))))
+            delta = delta + (alpha * eps / g_norm).to(x.dtype).view(view) * g
+            shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+            delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
+    return best, x_adv
+
+
+def _l2_confirm(check_fn, x, x_adv, d, best, y, mu, cls):
+    """l2_attack's confirmation on check_fn along each finding's ray (its docstring): -> (best,
+    x_adv, top: the smallest s of CONFIRM check_fn calls adversarial, inf where none)."""
+    # check_fn's verdict, along the ray x + s d, d = x_adv - x: s = 1 is the search's finding.  A
+    # finding on the boundary of feature_fn's decision can round to the other side for check_fn
+    # (another float program, or another batch), so s is pushed a little further (up to 2) before
+    # the finding is dropped (inf); the bisection below then looks for the smallest s it confirms.
+    top = torch.full_like(best, float("inf"))                                # smallest s confirmed
+    todo = torch.isfinite(best).nonzero().squeeze(1)
+    with torch.no_grad():
+        for s in CONFIRM:
+            if not len(todo):
+                break
+            z = (x[todo] + s * d[todo]).clamp(0, 1)
+            _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
+            ok = pred != y[todo]
+            top[todo[ok]] = s
+            x_adv[todo[ok]] = z[ok]
+            best[todo[ok]] = (z[ok].double() - x[todo[ok]].double()).flatten(1).norm(dim=1)
+            todo = todo[~ok]
+    best[todo], x_adv[todo] = float("inf"), x[todo]
+    return best, x_adv, top
+
+
+def _l2_bisect(check_fn, x, x_adv, d, best, top, y, mu, cls, bisect):
+    """l2_attack's bisection on s in (0, top] along each confirmed ray x + s d (d: the search's
+    finding less x), on check_fn: updates best and x_adv in place where a smaller adversarial s is
+    found."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    hit = torch.isfinite(best).nonzero().squeeze(1)
+    if bisect and len(hit):                                                  # along d
+        x0, d, y0 = x[hit], d[hit], y[hit]
+        lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)    # s not adversarial (x)
+        hi = top[hit]                                                        # s adversarial
+        with torch.no_grad():
+            for _ in range(bisect):
+                s = (lo + hi) / 2
+                z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
+                _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
+                adv = pred != y0
+                dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
+                better = adv & (dist < best[hit])                            # not monotone in s
+                best[hit] = torch.where(better, dist, best[hit])
+                x_adv[hit[better]] = z[better]
+                hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
+
+
+def accuracy_curve(radius, correct, points, key="certified_accuracy"):
+    """Certified accuracy at r = share of images that are correct with radius > r (Sec. 4.1), on
+    `points` radii from 0 to the largest finite radius of a correct image (where it reaches 0).
+    `key` names the share: only a sound radius gives a "certified_accuracy"; the L2 attack's
+    smallest perturbation gives "attacked_accuracy" (an upper bound on robust accuracy, no
+    certificate) and the two-closest radius "two_closest_not_sound"."""
+    ok = correct & torch.isfinite(radius)
+    top = float(radius[ok].max()) if ok.any() else 0.0
+    grid = [top * i / (points - 1) for i in range(points - 1)] + [top] if top > 0 else [0.0]
+    return [{"radius": r, key: float((correct & (radius > r)).double().mean())} for r in grid]
+
+
+# --- shared: eq4 ---
+def sq_distances(features, centers):
+    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
+    expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
+    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
+    from the origin (ReLU features do), and their difference loses those digits.  Distances
+    do not change when both sides move by the same vector, so both are first shifted by the
+    centres' mean: the products then have the size of the spread of features and centres
+    around the centre cloud, not of ||f||.  Not clamped at 0: a rounding below 0 (only at
+    f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
+    cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
+    test compares log-probabilities and input gradients with float64 explicit differences."""
+    # The matmul must run in float32 (or float64) itself: autocast, which would make it a
+    # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
+    # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
+    # torch.set_float32_matmul_precision("high")) would cost the same digits: leave them off.
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 from autocast
+    centers = centers.to(features)
+    with torch.autocast(features.device.type, enabled=False):
+        shift = centers.detach().mean(0)                                   # [d], a constant
+        f = features - shift                                               # [n, d]
+        mu = centers - shift                                               # [M, d]
+        f_sq = f.square().sum(1, keepdim=True)                             # [n, 1]
+        return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)   # [n, M]
+
+
+def nearest_centers_mask(sq_dist, D):
+    """[n, M] bool: the D centres nearest to each row of sq_dist [n, M] (Sec. 4.2, App. B.3), or
+    None when D is None or >= M (every centre)."""
+    if D is None or D >= sq_dist.shape[1]:
+        return None
+    nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+
+
+def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
+    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+
+        p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
+                 / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
+        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
+    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    *before* each reduction (never multiplied into an exponent), and masked_fill passes no
+    gradient to masked entries, so gradients stay finite even for classes absent from the D
+    nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
+    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
+    compares two distributions on the same set).  -> [n, classes].
+
+    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
+    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
+    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
+    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
+    largest term is exp(0)), so nothing underflows.
+    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
+    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
+    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
+    their rounding cancels: when one class holds all the probability, its log p is exactly 0
+    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()                                        # bf16 under autocast
+    centers = centers.to(features)
+    sq_dist = sq_distances(features, centers)                              # [n, M]
+    s = -sq_dist / (2 * variance)                                          # [n, M]
+    if keep is None:
+        keep = nearest_centers_mask(sq_dist.detach(), D)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    classes = center_classes.to(features.device).long()                    # [M]
+    num_classes = int(classes.max()) + 1
+    n, M = s.shape
+    peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
+        1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
+    present = peak > float("-inf")                                         # a kept centre in c
+    peak = peak.masked_fill(~present, 0.0)
+    terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
+    one_hot = (classes[:, None] == torch.arange(num_classes, device=s.device)).to(s.dtype)
+    with torch.autocast(s.device.type, enabled=False):
+        sums = terms @ one_hot                                             # [n, classes]
+    per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
+    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
+# --- end shared: eq4 ---
+
+
+# ======================================================================================
+# 4. The loop: load, bound, radii, attack, report (README "Result files")
+# ======================================================================================
+
+def main(argv=None):
+    """certify.py: load, bound L, Prop. 1 radii on every test image, the L2 attack and the lower
+    estimate on the first --attack-limit, then the results file and the summary."""
+    args = parse_args(argv)
+    preflight(args, training=False)     # folder, lock: before any work
+    device = setup_runtime(args, training=False)
+    if args.amp:
+        print("note: --amp ignored: certificates and the attack run in fp32 (margins need it)")
+        args.amp = False
+    t_run = time.time()
+    module, ckpt, mu, mu_class, images, labels = load(args, device)
+    net = module.model
+    print_header(args, ckpt, mu, len(labels), device)
+    L, bound, layerwise = lipschitz_bound(net, images.shape[1:], args)
+    r, correct = certify_all(net, module, images, labels, mu, mu_class, L, args)
+    pert, lower_estimate = attack_first(module, net, images, mu, mu_class, r, args, device)
+    results = results_of(args, len(labels), L, bound, layerwise, r, correct, pert, lower_estimate)
+    results["seconds"] = time.time() - t_run
+    plot = args.plot or os.path.splitext(args.out)[0] + ".png"
+    note = "plot skipped (--plot none)" if plot == "none" else \
+        plot_curves(results, r["radius"][:len(pert)], pert, lower_estimate, plot)
+    results["plot"] = None if plot == "none" or "skipped" in note else plot
+    raw, results = results, described(results, CERTIFY_MEANING)   # rounded, with its units
+    save_results(results, args.out)     # atomic; then this run's log replaces the previous one
+    print_summary(args, raw, L, bound, layerwise, pert, lower_estimate, note)   # unrounded figures
+    return results
+
+
+def load(args, device):
+    """The checkpoint (read once; exit 2 with one line on a bad file or a mismatch) as the
+    classifier module, its stored centres, and the test split on the device."""
+    try:
+        module, ckpt = read_classifier(args.ckpt, device)
+    except CheckpointError as e:                                    # the command line: exit 2
+        fail(str(e))
+    data_dir_from_checkpoint(args, ckpt)
+    if ckpt["stage"] in ("nominal", "qtrades-ce"):
+        train = f"python magnet.py --init {shlex.quote(args.ckpt)}" if ckpt["stage"] == "nominal" else \
+            "magnet.py or qtrades.py --loss magnet, from a nominal.py checkpoint (--init)"
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint: it has no clusters (a linear head), "
+             f"and Prop. 1 certifies the nearest-cluster classifier; certify a clustering checkpoint "
+             f"(train one with {train})")
+    info = ckpt["data"]
+    args.data = args.data or info["name"]
+    if args.data != info["name"]:
+        fail(f"--data {args.data} but {args.ckpt} was trained on {info['name']}")
+    if args.width is not None and args.width != ckpt["arch"]["width"]:
+        fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
+    args.width = ckpt["arch"]["width"]
+    # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
+    mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]
+    mu_class = torch.as_tensor(ckpt["clusters"]["center_classes"]).long().to(device)  # [M]
+    if mu.dim() != 2 or mu.shape[1] != ckpt["arch"]["feat_dim"] or len(mu_class) != len(mu) \
+            or len(mu_class.unique()) < 2:
+        fail(f"{args.ckpt}: 'clusters' must hold centers [M, {ckpt['arch']['feat_dim']}] and "
+             f"center_classes [M] of at least two classes")
+    try:
+        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
+    except DataError as e:
+        fail(str(e))
+    check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
+    return module, ckpt, mu, mu_class, images.to(device), labels.to(device)
+
+
+def print_header(args, ckpt, mu, n, device):
+    print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, "
+          f"{len(mu)} centres) | data {args.data} ({n} test images) | device {device} | "
+          f"torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)), flush=True)
+    if ckpt["clusters"].get("D") != 1:
+        print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
+              f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
+
+
+def lipschitz_bound(net, input_shape, args):
+    """L: the sound bound (always computed, to compare), layer by layer, or --lipschitz's value.
+    -> (L used, the bound, the bound with nothing folded)."""
+    bound, parts = lipschitz_layers(net, input_shape, fold=True)
+    layerwise, _ = lipschitz_layers(net, input_shape, fold=False)
+    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
+    for name, v in parts:
+        print(f"  {name:<58} {v:12.5g}")
+    print(f"  {'product (batch norm folded into the convolutions)':<58} {bound:12.5g}\n"
+          f"  {'product, every layer alone (nothing folded)':<58} {layerwise:12.5g}")
+    return (bound if args.lipschitz == "bound" else args.lipschitz), bound, layerwise
+
+
+def certify_all(net, module, images, labels, mu, mu_class, L, args):
+    """Prop. 1 on every test image, in chunks (progress rows, log rows).  -> (radii dict of
+    certified_radii, correct [n] by the nearest centre)."""
+    n, log_path = len(labels), args.out + ".log.jsonl"
+    print(f"{'chunk':>11} {'images':>7} {'acc':>7} {'med R':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
+    parts_r, ties, t0 = [], 0, time.time()
+    chunks = math.ceil(n / args.batch_size)
+    with torch.no_grad():
+        for k, start in enumerate(range(0, n, args.batch_size)):
+            f = net.features(to_float(images[start:start + args.batch_size])).double()   # [b, d]
+            parts_r.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
+            # cross-check with Eq. (4) at D = 1 (the shared classifier): the same predictions
+            eq4 = cluster_log_probs(f, mu.double(), mu_class, module.variance, D=1).argmax(1)
+            ties += int((eq4 != parts_r[-1]["pred"]).sum())
+            r = {key: torch.cat([c[key] for c in parts_r]) for key in parts_r[0]}
+            done = len(r["pred"])
+            acc = float((r["pred"] == labels[:done]).double().mean())
+            med = float(r["radius"].median())
+            el = time.time() - t0
+            row = {"phase": "certify", "chunk": k + 1, "images": done, "accuracy": acc, "median_radius": med,
+                   "images_per_second": done / el}
+            append_jsonl(log_path, row)
+            print(f"{k + 1:>5}/{chunks:<5} {done:>7} {acc:7.2%} {med:10.3g} {done / el:8.0f} "
+                  f"{fmt_time(el):>9} {fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+    if ties:
+        print(f"note: Eq. (4) with D = 1 predicts another class for {ties} images: ties between "
+              f"centres of different classes, which Prop. 1 gives radius 0")
+    return r, r["pred"] == labels
+
+
+def attack_first(module, net, images, mu, mu_class, r, args, device):
+    """The lower estimate of L and the L2 attack on the first --attack-limit images, on a copy with
+    batch norm folded into the convolutions (the same function up to float rounding, fewer passes);
+    the attack's findings are confirmed on net, the network every certificate here is about.
+    -> (smallest perturbation found [m], inf where none; the lower estimate or None)."""
+    fast = fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # faster on CPU too
+    n, log_path = len(images), args.out + ".log.jsonl"
+    m = n if args.attack_limit == 0 else min(n, args.attack_limit)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"\nL2 attack and power iteration on {m} images ({args.attack_steps} PGD-L2 steps, "
+          f"{args.bisect} bisection rounds; {args.power_iters} power iterations)")
+    print(f"{'chunk':>11} {'images':>7} {'flipped':>8} {'med pert':>10} {'inside R':>9} "
+          f"{'max |J|':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
+    pert, lower, t0 = [], [], time.time()
+    chunks = math.ceil(m / args.batch_size)
+    for k, start in enumerate(range(0, m, args.batch_size)):
+        x = to_float(images[start:min(m, start + args.batch_size)]).contiguous(
+            memory_format=torch.channels_last)                     # the layout of fast's weights
+        lower.append(jacobian_norm_lower(fast.features, x, args.power_iters, gen))
+        pert.append(l2_attack(fast.features, x, mu, mu_class, args.attack_steps, args.bisect,
+                              check_fn=net.features))
+        p, done = torch.cat(pert), sum(len(t) for t in pert)
+        inside = int((p < r["radius"][:done]).sum())
+        el = time.time() - t0
+        row = {"phase": "attack", "chunk": k + 1, "images": done, "flipped": int(torch.isfinite(p).sum()),
+               "median_min_perturbation": finite(float(p.median())), "flipped_inside_radius": inside,
+               "lower_estimate": float(torch.cat(lower).max()), "images_per_second": done / el}
+        append_jsonl(log_path, row)
+        print(f"{k + 1:>5}/{chunks:<5} {done:>7} {row['flipped']:>8} {float(p.median()):10.4g} "
+              f"{inside:>9} {row['lower_estimate']:10.4g} {done / el:8.1f} {fmt_time(el):>9} "
+              f"{fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+    pert = torch.cat(pert) if m else torch.zeros(0, dtype=torch.float64)
+    return pert, (float(torch.cat(lower).max()) if m else None)
+
+
+def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
+    """The results dict (README "Result files"; its keys' meaning: CERTIFY_MEANING)."""
+    m = len(pert)
+    inside = int((pert < r["radius"][:m]).sum())
+    ok_r = r["radius"][correct]
+    med_r = float(ok_r.median()) if len(ok_r) else 0.0
+    max_r = float(ok_r.max()) if len(ok_r) else 0.0
+    med_p = float(pert.median()) if m else float("nan")
+    return {
+        "ckpt": args.ckpt, "data": args.data, "images": n,
+        "clean_accuracy": float(correct.double().mean()),
+        "lipschitz": {"value": float(L), "kind": "bound" if args.lipschitz == "bound" else "given",
+                      "lower_estimate": lower_estimate, "lower_estimate_images": m,
+                      "upper_bound": bound, "upper_bound_layerwise": layerwise},
+        "curve": accuracy_curve(r["radius"], correct, args.grid),
+        "curve_tight": accuracy_curve(r["tight"], correct, args.grid),
+        "curve_two_closest": accuracy_curve(r["two_closest"], correct, args.grid, "two_closest_not_sound"),
+        "two_closest_differs": int((r["two_closest"] > r["radius"]).sum()),
+        "tight_exceeds_sound": int((r["tight"] > r["radius"]).sum()),
+        "radius": {"median_correct": med_r, "max_correct": max_r, "vacuous": max_r < 1 / 255,
+                   "median_correct_tight": float(r["tight"][correct].median()) if len(ok_r) else 0.0,
+                   "median_correct_if_L_were_lower_estimate": med_r * L / lower_estimate
+                   if lower_estimate else None},
+        "l2_attack": {"median_min_perturbation": finite(med_p), "images": m,
+                      "flipped": int(torch.isfinite(pert).sum()), "flipped_inside_certified_radius": inside,
+                      "share_flipped_inside": inside / m if m else None,
+                      "steps": args.attack_steps, "bisect": args.bisect,
+                      "curve": accuracy_curve(pert, correct[:m], args.grid, "attacked_accuracy") if m else [],
+                      "gap_median_ratio": finite(med_p / float(r["radius"][:m].median()))
+                      if m and float(r["radius"][:m].median()) > 0 else None},
+    }
+
+
+def print_summary(args, results, L, bound, layerwise, pert, lower_estimate, note):
+    """The summary table, from the results before rounding (and the perturbations found)."""
+    att, rad, n = results["l2_attack"], results["radius"], results["images"]
+    m, inside = att["images"], att["flipped_inside_certified_radius"]
+    med_p = float(pert.median()) if m else float("nan")
+    med_r, max_r = rad["median_correct"], rad["max_correct"]
+    lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",
+             f"  clean accuracy (nearest centre, D = 1)   {results['clean_accuracy']:.2%}",
+             f"  L used ({results['lipschitz']['kind']:<5})                       {L:.4g}",
+             f"  L upper bound / lower estimate           {bound:.4g} / "
+             f"{lower_estimate if lower_estimate is None else format(lower_estimate, '.4g')}"
+             f"   (layer-wise product {layerwise:.4g})",
+             f"  radius R(x), correct images: median     {med_r:.4g}   max {max_r:.4g}   "
+             f"(best same-class centre: median {rad['median_correct_tight']:.4g})",
+             f"  ... median if L were the lower estimate  "
+             f"{rad['median_correct_if_L_were_lower_estimate'] or float('nan'):.4g}   (not sound)",
+             f"  L2 attack: median min. perturbation      {med_p:.4g}  ({att['flipped']}/{m} flipped)",
+             f"  flipped inside the certified radius      {inside}/{m}"
+             + ("   <- the given L is too small: these radii are NOT sound" if inside else "   (must be 0)"),
+             f"  two-closest radius > sound radius        {results['two_closest_differs']}/{n}",
+             f"  best same-class centre > sound radius    {results['tight_exceeds_sound']}/{n}",
+             f"  {'radius':>12} {'certified acc':>14}"]
+    step = max(1, (len(results["curve"]) - 1) // 10)
+    lines += [f"  {p['radius']:12.4g} {p['certified_accuracy']:14.2%}" for p in results["curve"][::step]]
+    if lower_estimate is not None and L < lower_estimate:
+        lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({lower_estimate:.4g}): "
+                     f"it is not a Lipschitz constant and the radii are not certificates")
+    if rad["vacuous"]:
+        lines.append(f"  VACUOUS: no correct image is certified beyond {max_r:.3g} < 1/255 (one grey "
+                     f"level on one pixel); the attack needs a median {med_p:.3g}, "
+                     f"{att['gap_median_ratio'] or float('nan'):.3g}x the median radius. "
+                     f"The layer-wise bound is that loose for a deep network.")
+    lines += [f"  {note}", f"  results {args.out}   log {args.out + '.log.jsonl'}"]
+    print("\n".join(lines), flush=True)
+
+
+def finite(v):
+    """JSON has no inf/nan: None instead."""
+    return v if v is None or math.isfinite(v) else None
+
+
+def plot_curves(results, radius, pert, lower, path):
+    """Certified accuracy vs radius (Fig. 3 b, d), and on a log axis the sound radii beside the
+    attack's perturbations (and R(x) with L = the lower estimate: the best any bound could do)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped (pip install matplotlib)"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("curve", "sound R(x)", "-"), ("curve_tight", "sound, best same-class centre", "--"),
+                              ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
+        c = results[key]
+        share = "two_closest_not_sound" if key == "curve_two_closest" else "certified_accuracy"
+        a.step([p["radius"] for p in c], [p[share] for p in c], style, where="post", label=label)
+    a.set(xlabel="L2 radius (pixels in [0,1])", ylabel="certified accuracy",
+          title=f"Prop. 1, L = {results['lipschitz']['value']:.3g} ({results['lipschitz']['kind']})")
+    a.legend(fontsize=8)
+    L = results["lipschitz"]["value"]
+    for values, label, style in ((radius, "sound radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
+                                 (radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")):
+        r = [float(v) for v in values.sort().values if 0 < v < float("inf")]
+        if r:
+            b.step(r, [1 - i / len(r) for i in range(len(r))], style, where="post", label=label)
+    b.set(xscale="log", xlabel="L2 radius (log)", ylabel="share of attacked images with radius > r",
+          title="gap between the certificate and the attack")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+CERTIFY_MEANING = (
+    "certify.py result (README 'Result files'). clean_accuracy, certified_accuracy: fractions of "
+    "the 'images' test images in [0, 1]; certified_accuracy at radius r = correct by the nearest "
+    "centre and Prop. 1 radius R(x) > r (sound). radius: L2 norm in pixel units of images in "
+    "[0, 1]. lipschitz: L of the network, L2 -> L2 (value used, kind given|bound, lower_estimate "
+    "by power iteration). curve_two_closest: the paper's two-closest-centres radius, not sound. "
+    "l2_attack: smallest L2 perturbations found (an upper bound on the true distance).")
+
+
+# ======================================================================================
+# 5. Plumbing: identical in every stage that carries it; checked by test_all.py (shared blocks)
+# ======================================================================================
+
 # --- shared: runtime ---
 def fail(message):
     """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
@@ -390,10 +1212,6 @@ def save_results(obj, path):
     commit_log()
 # --- end shared: save-results ---
 
-# ======================================================================================
-# 2. Data (README "Data"): the test split only, one uint8 tensor on the device.
-# ======================================================================================
-
 # --- shared: data ---
 # What torchvision looks for under --data-dir (named in the error when it is missing).
 TORCHVISION_FILES = {
@@ -537,153 +1355,6 @@ def to_float(x_uint8):
     return x_uint8.float().div_(255)
 # --- end shared: data ---
 
-# ======================================================================================
-# 3. Model (App. A "Architecture") and the clustering classifier (Eq. (4))
-# ======================================================================================
-
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-# --- shared: eq4 ---
-def sq_distances(features, centers):
-    """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
-    expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
-    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
-    size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
-    from the origin (ReLU features do), and their difference loses those digits.  Distances
-    do not change when both sides move by the same vector, so both are first shifted by the
-    centres' mean: the products then have the size of the spread of features and centres
-    around the centre cloud, not of ||f||.  Not clamped at 0: a rounding below 0 (only at
-    f ~ mu_j) makes s_j of Eq. (4) a hair above 0, harmless in a logsumexp, while a clamp would
-    cut the gradient 2 (f - mu_j) there and leave the other terms' sum unbalanced.  An oracle
-    test compares log-probabilities and input gradients with float64 explicit differences."""
-    # The matmul must run in float32 (or float64) itself: autocast, which would make it a
-    # bfloat16 matmul (8 significant bits, fine for a convolution, not for a difference of two
-    # large numbers), is switched off here; TF32 matmuls (torch.backends.cuda.matmul.allow_tf32,
-    # torch.set_float32_matmul_precision("high")) would cost the same digits: leave them off.
-    if features.dtype not in (torch.float32, torch.float64):
-        features = features.float()                                        # bf16 from autocast
-    centers = centers.to(features)
-    with torch.autocast(features.device.type, enabled=False):
-        shift = centers.detach().mean(0)                                   # [d], a constant
-        f = features - shift                                               # [n, d]
-        mu = centers - shift                                               # [M, d]
-        f_sq = f.square().sum(1, keepdim=True)                             # [n, 1]
-        return torch.addmm(f_sq + mu.square().sum(1), f, mu.T, alpha=-2)   # [n, M]
-
-
-def nearest_centers_mask(sq_dist, D):
-    """[n, M] bool: the D centres nearest to each row of sq_dist [n, M] (Sec. 4.2, App. B.3), or
-    None when D is None or >= M (every centre)."""
-    if D is None or D >= sq_dist.shape[1]:
-        return None
-    nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
-    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
-
-
-def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
-    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
-
-        p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
-                 / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
-        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
-
-    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
-    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
-    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
-    *before* each reduction (never multiplied into an exponent), and masked_fill passes no
-    gradient to masked entries, so gradients stay finite even for classes absent from the D
-    nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
-    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes].
-
-    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
-    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
-    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
-    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
-    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
-    largest term is exp(0)), so nothing underflows.
-    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
-    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
-    their rounding cancels: when one class holds all the probability, its log p is exactly 0
-    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
-    if features.dtype not in (torch.float32, torch.float64):
-        features = features.float()                                        # bf16 under autocast
-    centers = centers.to(features)
-    sq_dist = sq_distances(features, centers)                              # [n, M]
-    s = -sq_dist / (2 * variance)                                          # [n, M]
-    if keep is None:
-        keep = nearest_centers_mask(sq_dist.detach(), D)
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    classes = center_classes.to(features.device).long()                    # [M]
-    num_classes = int(classes.max()) + 1
-    n, M = s.shape
-    peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
-        1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
-    present = peak > float("-inf")                                         # a kept centre in c
-    peak = peak.masked_fill(~present, 0.0)
-    terms = (s - peak.index_select(1, classes)).exp()                      # [n, M], masked: 0
-    one_hot = (classes[:, None] == torch.arange(num_classes, device=s.device)).to(s.dtype)
-    with torch.autocast(s.device.type, enabled=False):
-        sums = terms @ one_hot                                             # [n, classes]
-    per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
-    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
-# --- end shared: eq4 ---
-
 # --- shared: classifier ---
 def build_model(arch, data, with_head):
     """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
@@ -824,399 +1495,6 @@ def load_classifier(path, device="cpu", D="stored"):
     return ClassScores(clf).to(device).eval()
 # --- end shared: library ---
 
-# --- shared: fold-bn ---
-def fold_batchnorm(clf):
-    """A copy of the classifier with each eval-mode batch norm folded into the convolution
-    before it (the model is in eval mode throughout):
-        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
-        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
-    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
-    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
-    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
-    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
-    clf = copy.deepcopy(clf)
-
-    def fold(conv, bn):
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
-        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
-        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
-        return conv
-    for m in list(clf.modules()):
-        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
-            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
-                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
-                setattr(m, b, nn.Identity())
-        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
-            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
-    return clf
-# --- end shared: fold-bn ---
-
-# ======================================================================================
-# 4. The method: Prop. 1 radii, a sound L, a lower estimate of L, an L2 attack
-# ======================================================================================
-
-def nearest_center(features, centers, center_classes):
-    """The classifier of Prop. 1 (Eq. (4) with D = 1): -> (index of the nearest centre, its class).
-    Squared distances at float64 from explicit differences, not the eq4 block's expanded form:
-    this is the classifier a certificate speaks about, and a one-off cost (once per test image,
-    no gradient) next to the feature pass.  [n, d], [M, d], [M] -> [n], [n]."""
-    sq = (features.double()[:, None, :] - centers.double().to(features.device)[None]).pow(2).sum(-1)
-    nearest = sq.argmin(1)                                                 # [n]
-    return nearest, center_classes.to(features.device)[nearest]
-
-
-def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
-    """Prop. 1 generalised to C classes x K clusters.  -> dict of [n] tensors: pred, radius (sound,
-    R(x) of step 4), tight (sound, best same-class centre), two_closest (the paper's text; NOT
-    sound, see step 6).
-
-    Proof, step by step (App. C, Eq. (7)), for any centre mu_i and any centre mu_j:
-      1. ||f(x+d) - mu_j||^2 - ||f(x+d) - mu_i||^2, with f(x+d) = f(x) + e, e = f(x+d) - f(x),
-         expands to  ||f(x) - mu_j||^2 - ||f(x) - mu_i||^2 + 2 <e, mu_i - mu_j>
-         (the ||e||^2 terms cancel; this is the first two lines of Eq. (7)).
-      2. Cauchy-Schwarz: <e, mu_i - mu_j> >= -||e|| ||mu_i - mu_j||, and L-Lipschitz: ||e|| <= L ||d||.
-      3. So the difference is >= m_ij - 2 L ||d|| ||mu_i - mu_j||, m_ij = ||f-mu_j||^2 - ||f-mu_i||^2,
-         which is > 0 whenever ||d|| < r_ij = m_ij / (2 L ||mu_i - mu_j||)  (Eq. (1), Prop. 1):
-         f(x+d) stays strictly closer to mu_i than to mu_j.
-      4. Multi-class, multi-cluster (Sec. 3.1 leaves it to the appendix, which treats two centres):
-         the class changes only if some centre of ANOTHER class becomes the nearest.  Take i = the
-         nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
-         other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
-         has class c.  Same-class centres need no term: moving between them keeps the class.
-         -> the sound radius R(x) = min over other-class j of r_1j.
-      5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
-         mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
-         radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
-         then that i certifies nothing; i = mu_1 keeps the maximum >= R(x) >= 0).
-      6. The paper's text (Sec. 3.1) uses only the two closest centres, mu_2 = the closest centre
-         of another class here.  r_12 >= R(x) always, and it can be larger, already with K = 1:
-         a farther centre mu_j can have a nearer bisector when ||mu_j - mu_1|| is large (example:
-         f = (-0.5, 0), mu_1 = 0, mu_2 = (1, 0), mu_3 = (-0.5, 1.6): r_12 = 1.0, r_13 = 0.69).
-         Then the two-closest radius exceeds the exact distance to the decision boundary: not
-         a certificate.  It is reported beside R(x), with the count of images where they differ.
-    With L = 1 and f an isometry, r_1j is the exact distance from f(x) to the bisector hyperplane
-    of mu_1, mu_j, and R(x) the exact distance to the boundary of mu_1's Voronoi cell (tightness,
-    Sec. 3.1)."""
-    L = float(lipschitz)
-    mu = centers.double().to(features.device)                              # [M, d]
-    cls = center_classes.long().to(features.device)                        # [M]
-    # ||mu_i - mu_j|| from explicit differences; 0 only for coinciding centres   [M, M]
-    cd = (mu[:, None, :] - mu[None, :, :]).pow(2).sum(-1).sqrt()
-    out = {k: [] for k in ("pred", "radius", "tight", "two_closest")}
-    chunk = max(1, min(chunk, 2 ** 23 // len(mu) ** 2))                   # [chunk, M, M] <= 64 MiB
-    for start in range(0, len(features), chunk):
-        f = features[start:start + chunk].double()                          # [n, d]
-        # explicit float64 differences, not the expanded form of cluster_log_probs: the margins
-        # m_1j below are differences of these squared distances, small next to them near a
-        # decision boundary, which is where a radius must not come out too large; the cost is
-        # once per test image, below the [n, M, M] margins' own
-        sq = (f[:, None, :] - mu[None]).pow(2).sum(-1)                       # [n, M] ||f - mu_j||^2
-        nearest = sq.argmin(1)                                               # [n] mu_1
-        pred = cls[nearest]                                                  # [n] class c
-        other = cls[None, :] != pred[:, None]                                # [n, M] class(j) != c
-        # r_ij = (||f-mu_j||^2 - ||f-mu_i||^2) / (2 L ||mu_i - mu_j||), all pairs   [n, M(i), M(j)]
-        margin = sq[:, None, :] - sq[:, :, None]
-        r = margin / (2 * L * cd[None])
-        r = torch.where(cd[None] > 0, r, torch.zeros_like(r))               # coinciding centres: 0
-        r = r.masked_fill(~other[:, None, :], float("inf"))                  # j: other classes only
-        min_over_j = r.min(2).values                                         # [n, M] per centre i
-        radius = min_over_j.gather(1, nearest[:, None]).squeeze(1)           # step 4: i = mu_1
-        tight = min_over_j.masked_fill(other, float("-inf")).max(1).values   # step 5: best i in c
-        j2 = sq.masked_fill(~other, float("inf")).argmin(1)                  # step 6: mu_2
-        two = r[torch.arange(len(f)), nearest, j2]
-        for k, v in (("pred", pred), ("radius", radius), ("tight", tight), ("two_closest", two)):
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def certified_radius(features, centers, center_classes, lipschitz):
-    """Prop. 1: -> (pred [n], sound radius R(x) [n], two-closest radius [n]), float64."""
-    r = certified_radii(features, centers, center_classes, lipschitz)
-    return r["pred"], r["radius"], r["two_closest"]
-
-
-# A float64 SVD is accurate to a few units of 2^-52 relative; each layer's bound is inflated by
-# this much so that rounding cannot push it below the exact operator norm.
-SLACK = 1e-12
-
-
-def conv_operator_norm_bound(weight, input_hw, padding):
-    """A proven upper bound on the L2 operator norm of a zero-padded convolution (any stride) with
-    kernel `weight` [c_out, c_in, kh, kw] on inputs of spatial size input_hw.
-
-    Why it is an upper bound:
-      1. Put the n_h x n_w input at offset (p, p) of an N_h x N_w canvas of zeros, N >= n + 2p:
-         an isometric embedding (norm-preserving).
-      2. A CIRCULAR cross-correlation with the same kernel on that canvas never wraps around for
-         the outputs the padded convolution keeps (their windows end at index n + 2p - 1 <= N - 1),
-         so the padded convolution is that circular one followed by keeping some output
-         coordinates (cropping; stride s keeps every s-th one).  Keeping coordinates is a
-         projection, of norm <= 1; so ||conv|| <= ||circular conv on N x N||.
-      3. Sedghi, Gupta & Long (ICLR 2019, "The singular values of convolutional layers", Thm. 6):
-         the 2-D DFT, applied per channel, block-diagonalises the circular multi-channel
-         convolution; its singular values are those of the c_out x c_in matrices
-         P(u, v) = sum_{a,b} K[:, :, a, b] exp(-2 pi i (u a / N_h + v b / N_w)), over all N_h x N_w
-         frequencies (cross-correlation gives the conjugate matrices: same singular values).
-         So ||circular conv|| = max_{u,v} ||P(u, v)||_2 exactly.  For a real kernel
-         P(-u, -v) = conj(P(u, v)), with the same singular values, so the half spectrum of rfft2
-         (v = 0 .. N_w / 2) holds every value: half the SVDs.
-    test_all.py's test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding checks
-    the bound against the exact SVD of the unrolled matrix, and the equality for circular padding.
-    float64 throughout."""
-    c_out, c_in, kh, kw = weight.shape
-    n_h = max(input_hw[0] + 2 * padding[0], kh)                              # N >= n + 2p
-    n_w = max(input_hw[1] + 2 * padding[1], kw)
-    P = torch.fft.rfft2(weight.double(), s=(n_h, n_w))                       # [c_out, c_in, N_h, N_w/2+1]
-    sigma = torch.linalg.matrix_norm(P.permute(2, 3, 0, 1), ord=2)          # [N_h, N_w/2+1]
-    return float(sigma.max()) * (1 + SLACK)
-
-
-def bn_scale(bn):
-    """Eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)."""
-    s = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-    return s * bn.weight.double() if bn.weight is not None else s
-
-
-def lipschitz_layers(model, input_shape, fold=True):
-    """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of App. A, eval mode)
-    for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
-    fold=False: the plain per-layer list, each factor alone (normalisation 1 / min std; each conv
-    by conv_operator_norm_bound; batch norm max |s|).  fold=True (tighter, equally sound): the
-    normalisation and each batch norm are per-channel scalings, so they are multiplied into the
-    adjacent convolution's kernel and the composite linear map (bias-free part) is bounded at once:
-    ||diag(s) K diag(1/std)|| <= max|s| ||K|| max(1/std).  Everywhere: ReLU 1 (1-Lipschitz);
-    a residual block relu(branch(x) + shortcut(x)) at most Lip(branch) + Lip(shortcut), the
-    identity shortcut 1; global average pooling over h x w its exact norm 1 / sqrt(h w)."""
-    net = model.model if isinstance(model, Classifier) else model
-    hw = tuple(input_shape[-2:])
-    parts = []
-
-    def conv_bn(conv, bn, hw, in_scale=None):
-        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-            raise ValueError("lipschitz_layers handles plain zero-padded convolutions only")
-        w = conv.weight.detach().double()                                    # [c_out, c_in, k, k]
-        s = bn_scale(bn).detach()                                            # [c_out]
-        if fold:
-            if in_scale is not None:
-                w = w * in_scale[None, :, None, None]
-            bound = conv_operator_norm_bound(s[:, None, None, None] * w, hw, conv.padding)
-        else:
-            bound = conv_operator_norm_bound(w, hw, conv.padding) * float(s.abs().max()) * (1 + SLACK)
-        out = tuple((n + 2 * p - k) // st + 1 for n, p, k, st in
-                    zip(hw, conv.padding, conv.kernel_size, conv.stride))
-        return bound, out
-
-    inv_std = 1 / net.std.detach().double().flatten()                       # [C]
-    if not fold:
-        parts.append(("normalise 1/min std", float(inv_std.max()) * (1 + SLACK)))
-    stem, hw = conv_bn(net.conv1, net.bn1, hw, inv_std if fold else None)
-    parts.append(("stem conv+bn" + (" (x 1/std)" if fold else ""), stem))
-    for li, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), 1):
-        for bi, block in enumerate(layer):
-            b1, mid = conv_bn(block.conv1, block.bn1, hw)
-            b2, out = conv_bn(block.conv2, block.bn2, mid)
-            short = 1.0 if len(block.shortcut) == 0 else conv_bn(block.shortcut[0], block.shortcut[1], hw)[0]
-            parts.append((f"layer{li}.{bi} branch {b1:.3g}*{b2:.3g} + shortcut {short:.3g}",
-                          (b1 * b2 + short) * (1 + SLACK)))
-            hw = out
-    parts.append((f"avg pool {hw[0]}x{hw[1]}", 1 / math.sqrt(hw[0] * hw[1]) * (1 + SLACK)))
-    return math.prod(v for _, v in parts), parts
-
-
-def lipschitz_upper_bound(model, input_shape):
-    """L_f of Prop. 1: a sound upper bound on the L2 Lipschitz constant of model.features in eval
-    mode for inputs of shape input_shape ([C, H, W] or [B, C, H, W]), as a float."""
-    return lipschitz_layers(model, input_shape, fold=True)[0]
-
-
-def jacobian_norm_lower(feature_fn, x, iters=6, generator=None):
-    """Lower estimate of L: per image, ||J v|| / ||v|| for the best v the power iteration on
-    A = J(x)^T J(x) reaches in `iters` products [B] float64, each <= ||J(x)||_2 <= L.
-
-    Power iteration from a random v_0 (the same draw as a plain power iteration) visits v_0, A v_0,
-    ..., A^iters v_0; the plain method answers with the last of them.  Here the answer is the best
-    vector of their span K (Rayleigh-Ritz: the top eigenvector s of the Gram matrix (J Q)^T (J Q)
-    of an orthonormal basis Q of K, as in Lanczos), so it is never below the plain answer for the
-    same products and the same v_0 (K holds the last iterate), in exact arithmetic; it converges
-    far faster: 6 products matched 20 plain iterations to 1e-6 or better on every image of
-    benchmarks/certify.py (README "Benchmarks (`benchmarks/`)").  The basis is built by
-    orthogonalising each product against the earlier ones (twice, float64), so nearly parallel
-    iterates lose no precision; a product with nothing new (below 1e-6 of its norm, float32
-    noise: K is already A-invariant) adds a zero column.
-    J^T w is one backward pass; J q is the derivative of u -> J^T u (linear in u) in the direction
-    q, a second backward through the first (no forward-mode AD, whose first use in torch costs
-    seconds of TorchScript compilation).  Per product: the cost of one plain power iteration.
-    Eval-mode batch norm keeps the images independent, so a batch holds B separate problems."""
-    x = x.detach().requires_grad_(True)
-    f = feature_fn(x)                                                        # [B, d]
-    u = torch.zeros_like(f, requires_grad=True)
-    jt_u, = torch.autograd.grad(f, x, u, create_graph=True)                  # J^T u  [B, C, H, W]
-    q = torch.randn(x.shape, generator=generator, device=x.device).flatten(1).double()   # v_0
-    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    basis, images = [], []                                                   # q_t as fed to J, J q_t
-    for t in range(iters + 1):
-        q_in = q.view(x.shape).to(x.dtype)
-        jq, = torch.autograd.grad(jt_u, u, q_in, retain_graph=True)         # J q_t  [B, d]
-        basis.append(q_in.flatten(1).double())
-        images.append(jq.detach().double())
-        if t == iters:
-            break
-        w, = torch.autograd.grad(f, x, jq, retain_graph=True)               # A q_t = J^T J q_t
-        w = w.flatten(1).double()
-        q = w
-        for _ in range(2):                                                   # Gram-Schmidt, twice
-            for b in basis:
-                q = q - (q * b).sum(1, keepdim=True) / (b * b).sum(1, keepdim=True).clamp_min(1e-300) * b
-        size = q.norm(dim=1, keepdim=True)
-        q = torch.where(size > 1e-6 * w.norm(dim=1, keepdim=True), q / size.clamp_min(1e-300),
-                        torch.zeros_like(q))
-    Q, JQ = torch.stack(basis, 2), torch.stack(images, 2)                   # [B, CHW, k], [B, d, k]
-    _, vecs = torch.linalg.eigh(JQ.transpose(1, 2) @ JQ)                     # [B, k, k] Gram of J Q
-    s = vecs[:, :, -1:]                                                      # top eigenvector [B, k, 1]
-    # ||J v|| / ||v|| for the explicit v = Q s (J is linear: J v = (J Q) s), with ||v|| measured,
-    # not assumed 1: the float32 copies of q_t fed to J are orthonormal only to ~1e-7
-    return (JQ @ s).squeeze(2).norm(dim=1) / (Q @ s).squeeze(2).norm(dim=1).clamp_min(1e-300)
-
-
-def attack_margin(features, centers, center_classes, y):
-    """min_{i in class y} ||f - mu_i||^2 - min_{j not in y} ||f - mu_j||^2: > 0 once a centre of
-    another class is the nearest (the nearest-centre prediction changed).  [B], in the features'
-    dtype (float32 in certify.py's runs)."""
-    sq = (features[:, None, :] - centers.to(features)[None]).pow(2).sum(-1)  # [B, M]
-    same = center_classes[None, :] == y[:, None]                           # [B, M]
-    inf = torch.tensor(float("inf"), device=sq.device, dtype=sq.dtype)
-    return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values
-
-
-# The minimum-norm L2 attack's schedule (FMN, Pintor et al. 2021, with relative steps): the radius
-# moves by a factor 1 -/+ gamma_t per step, the step is alpha_t eps; both decay from their first
-# value to their last on a cosine.  A run with no adversarial iterate yet grows eps by at least
-# GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
-# bisection of fixed-radius PGD runs (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").
-GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
-CONFIRM = (1.0, 1 + 2 ** -10, 1 + 2 ** -6, 1 + 2 ** -3, 1.5, 2.0)   # s tried along the finding's ray
-
-
-def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False,
-              check_fn=None):
-    """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
-    float64 (inf where none); with return_examples also the images found [B, C, H, W] (x where
-    none).  Every finite value is the float64 distance ||x_adv - x|| of an x_adv in the box [0, 1]
-    whose prediction by check_fn (default feature_fn) was evaluated and differs from x's: an upper
-    bound on the true minimal perturbation.
-
-    One batched minimum-norm PGD-L2 run on feature_fn, each image with its own radius eps that
-    moves at every step (the search over radii inside the run, in the manner of FMN, Pintor et al.,
-    NeurIPS 2021, instead of 1 + bisect separate PGD runs at fixed radii), with m = attack_margin
-    (> 0 once adversarial) and its gradient g at the iterate x + delta:
-      adversarial now:               eps <- min(eps (1 - gamma_t), best norm so far)    shrink
-      not, but one found before:     eps <- eps (1 + gamma_t)                           grow back
-      none found yet:                eps <- max(||delta|| + (-m) / ||g||, (1 + GROW) eps)
-                                     (the first-order distance to the boundary m = 0, growing)
-      delta <- delta + alpha_t eps g / ||g||, then onto the ball ||delta|| <= eps and the box.
-    g drops the components that push a pixel already at 0 or 1 out of the box (they would be
-    clipped away and waste the step's norm).  The check of every iterate is nearest_center at
-    float64; eval-mode batch norm keeps the images independent: B separate searches.
-    Then, forward passes only, on check_fn (main: the network of Prop. 1; feature_fn is its copy
-    with batch norm folded, fold_batchnorm, the same function up to float rounding): the smallest
-    adversarial iterate d = x_adv - x is confirmed at x + s d for the first s in CONFIRM that
-    check_fn calls adversarial (s = 1, or a little further: a finding on feature_fn's boundary can
-    round to the other side), else dropped (inf); then `bisect` rounds of bisection on s between
-    0 and that s.  check_fn sees standard-layout inputs (.contiguous()), as Prop. 1's features
-    were computed, whatever the layout of x (main: channels_last, the layout of the copy)."""
-    check_fn = check_fn or feature_fn
-    view = (-1,) + (1,) * (x.dim() - 1)
-    x = x.detach()
-    mu = centers.to(x.device, x.dtype)                                       # [M, d]
-    cls = center_classes.long().to(x.device)                                 # [M]
-    with torch.no_grad():
-        _, y = nearest_center(check_fn(x.contiguous()), mu, cls)             # x's own class [B]
-    delta = torch.zeros_like(x)
-    eps = torch.zeros(len(x), dtype=torch.float64, device=x.device)          # radius per image
-    best = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
-    x_adv = x.clone()
-    for t in range(steps + 1):
-        z = (x + delta).requires_grad_(True)                                 # the iterate [B, C, H, W]
-        f = feature_fn(z)                                                    # [B, d]
-        with torch.no_grad():
-            _, pred = nearest_center(f, mu, cls)
-            adv = pred != y
-            dist = (z.detach().double() - x.double()).flatten(1).norm(dim=1)
-            better = adv & (dist < best)
-            best = torch.where(better, dist, best)
-            x_adv[better] = z.detach()[better]
-        if t == steps:
-            break
-        m = attack_margin(f, mu, cls, y)                                     # [B]
-        g, = torch.autograd.grad(m.sum(), z)
-        with torch.no_grad():
-            z = z.detach()
-            g = g.masked_fill(((z <= 0) & (g < 0)) | ((z >= 1) & (g > 0)), 0)   # box-feasible
-            g_norm = g.flatten(1).norm(dim=1).double().clamp_min(1e-30)
-            c = 0.5 * (1 + math.cos(math.pi * t / steps))                    # cosine: 1 -> 0
-            gamma, alpha = GAMMA_END + (GAMMA - GAMMA_END) * c, ALPHA_END + (ALPHA - ALPHA_END) * c
-            norm = delta.double().flatten(1).norm(dim=1)
-            first_order = norm + (-m.double()).clamp_min(0) / g_norm
-            eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best),
-                              torch.where(torch.isfinite(best), eps * (1 + gamma),
-                                          torch.maximum(first_order, eps * (1 + GROW))))
-            delta = delta + (alpha * eps / g_norm).to(x.dtype).view(view) * g
-            shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
-            delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
-    # check_fn's verdict, along the ray x + s d, d = x_adv - x: s = 1 is the search's finding.  A
-    # finding on the boundary of feature_fn's decision can round to the other side for check_fn
-    # (another float program, or another batch), so s is pushed a little further (up to 2) before
-    # the finding is dropped (inf); the bisection below then looks for the smallest s it confirms.
-    d = x_adv - x                                                            # [B, C, H, W]
-    top = torch.full_like(best, float("inf"))                                # smallest s confirmed
-    todo = torch.isfinite(best).nonzero().squeeze(1)
-    with torch.no_grad():
-        for s in CONFIRM:
-            if not len(todo):
-                break
-            z = (x[todo] + s * d[todo]).clamp(0, 1)
-            _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
-            ok = pred != y[todo]
-            top[todo[ok]] = s
-            x_adv[todo[ok]] = z[ok]
-            best[todo[ok]] = (z[ok].double() - x[todo[ok]].double()).flatten(1).norm(dim=1)
-            todo = todo[~ok]
-    best[todo], x_adv[todo] = float("inf"), x[todo]
-    hit = torch.isfinite(best).nonzero().squeeze(1)
-    if bisect and len(hit):                                                  # along d
-        x0, d, y0 = x[hit], d[hit], y[hit]
-        lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)    # s not adversarial (x)
-        hi = top[hit]                                                        # s adversarial
-        with torch.no_grad():
-            for _ in range(bisect):
-                s = (lo + hi) / 2
-                z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
-                _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
-                adv = pred != y0
-                dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
-                better = adv & (dist < best[hit])                            # not monotone in s
-                best[hit] = torch.where(better, dist, best[hit])
-                x_adv[hit[better]] = z[better]
-                hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
-    return (best, x_adv) if return_examples else best
-
-
-def accuracy_curve(radius, correct, points, key="certified_accuracy"):
-    """Certified accuracy at r = share of images that are correct with radius > r (Sec. 4.1), on
-    `points` radii from 0 to the largest finite radius of a correct image (where it reaches 0).
-    `key` names the share: only a sound radius gives a "certified_accuracy"; the L2 attack's
-    smallest perturbation gives "attacked_accuracy" (an upper bound on robust accuracy, no
-    certificate) and the two-closest radius "two_closest_not_sound"."""
-    ok = correct & torch.isfinite(radius)
-    top = float(radius[ok].max()) if ok.any() else 0.0
-    grid = [top * i / (points - 1) for i in range(points - 1)] + [top] if top > 0 else [0.0]
-    return [{"radius": r, key: float((correct & (radius > r)).double().mean())} for r in grid]
-
-
-# ======================================================================================
-# 6. Checkpoint and report (README "Where results and checkpoints go", "Result files")
-# ======================================================================================
-
 # --- shared: checkpoint-load ---
 FORMAT = "clustr/1"
 
@@ -1326,257 +1604,6 @@ def check_schema(ckpt, path):
         need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
 # --- end shared: checkpoint-load ---
 
-# --- shared: checkpoint-cli ---
-def load_checkpoint(path, stages=STAGES):
-    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
-    message (README "Bad input and safety")."""
-    try:
-        return read_checkpoint(path, stages)
-    except CheckpointError as e:
-        fail(str(e))
-# --- end shared: checkpoint-cli ---
-
-def finite(v):
-    """JSON has no inf/nan: None instead."""
-    return v if v is None or math.isfinite(v) else None
-
-
-def plot_curves(results, radius, pert, lower, path):
-    """Certified accuracy vs radius (Fig. 3 b, d), and on a log axis the sound radii beside the
-    attack's perturbations (and R(x) with L = the lower estimate: the best any bound could do)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: plot skipped (pip install matplotlib)"
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, style in (("curve", "sound R(x)", "-"), ("curve_tight", "sound, best same-class centre", "--"),
-                              ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
-        c = results[key]
-        share = "two_closest_not_sound" if key == "curve_two_closest" else "certified_accuracy"
-        a.step([p["radius"] for p in c], [p[share] for p in c], style, where="post", label=label)
-    a.set(xlabel="L2 radius (pixels in [0,1])", ylabel="certified accuracy",
-          title=f"Prop. 1, L = {results['lipschitz']['value']:.3g} ({results['lipschitz']['kind']})")
-    a.legend(fontsize=8)
-    L = results["lipschitz"]["value"]
-    for values, label, style in ((radius, "sound radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
-                                 (radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")):
-        r = [float(v) for v in values.sort().values if 0 < v < float("inf")]
-        if r:
-            b.step(r, [1 - i / len(r) for i in range(len(r))], style, where="post", label=label)
-    b.set(xscale="log", xlabel="L2 radius (log)", ylabel="share of attacked images with radius > r",
-          title="gap between the certificate and the attack")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"plot written to {path}"
-
-
-# ======================================================================================
-# 5. The loop
-# ======================================================================================
-
-@guarded                                # Ctrl-C / SIGTERM: one line, exit 130; the lock released
-def main(argv=None):
-    args = parse_args(argv)
-    preflight(args, training=False)     # folder, lock: before any work
-    device = setup_runtime(args, training=False)
-    if args.amp:
-        print("note: --amp ignored: certificates and the attack run in fp32 (margins need it)")
-        args.amp = False
-    t_run = time.time()
-    ckpt = load_checkpoint(args.ckpt)
-    data_dir_from_checkpoint(args, ckpt)
-    if ckpt["stage"] in ("nominal", "qtrades-ce"):
-        train = f"python magnet.py --init {shlex.quote(args.ckpt)}" if ckpt["stage"] == "nominal" else \
-            "magnet.py or qtrades.py --loss magnet, from a nominal.py checkpoint (--init)"
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint: it has no clusters (a linear head), "
-             f"and Prop. 1 certifies the nearest-cluster classifier; certify a clustering checkpoint "
-             f"(train one with {train})")
-    info = ckpt["data"]
-    args.data = args.data or info["name"]
-    if args.data != info["name"]:
-        fail(f"--data {args.data} but {args.ckpt} was trained on {info['name']}")
-    if args.width is not None and args.width != ckpt["arch"]["width"]:
-        fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
-    args.width = ckpt["arch"]["width"]
-    try:
-        module, ckpt = read_classifier(args.ckpt, device)
-    except CheckpointError as e:                                    # the command line: exit 2
-        fail(str(e))
-    net = module.model
-    # the L2 attack and the lower estimate run on a copy with batch norm folded into the
-    # convolutions (the same function up to float rounding, fewer passes); the attack's findings
-    # are confirmed on net, the network every certificate here is about
-    fast = fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # faster on CPU too
-    # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
-    mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]
-    mu_class = torch.as_tensor(ckpt["clusters"]["center_classes"]).long().to(device)  # [M]
-    if mu.dim() != 2 or mu.shape[1] != ckpt["arch"]["feat_dim"] or len(mu_class) != len(mu) \
-            or len(mu_class.unique()) < 2:
-        fail(f"{args.ckpt}: 'clusters' must hold centers [M, {ckpt['arch']['feat_dim']}] and "
-             f"center_classes [M] of at least two classes")
-    try:
-        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
-    except DataError as e:
-        fail(str(e))
-    check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
-    images, labels = images.to(device), labels.to(device)
-    n = len(labels)
-    log_path = args.out + ".log.jsonl"
-    print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, "
-          f"{len(mu)} centres) | data {args.data} ({n} test images) | device {device} | "
-          f"torch {torch.__version__}")
-    print("config: " + json.dumps(vars(args)), flush=True)
-    if ckpt["clusters"].get("D") != 1:
-        print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
-              f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
-
-    # --- L: the sound bound (always computed, to compare), layer by layer -----------------
-    bound, parts = lipschitz_layers(net, images.shape[1:], fold=True)
-    layerwise, _ = lipschitz_layers(net, images.shape[1:], fold=False)
-    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
-    for name, v in parts:
-        print(f"  {name:<58} {v:12.5g}")
-    print(f"  {'product (batch norm folded into the convolutions)':<58} {bound:12.5g}\n"
-          f"  {'product, every layer alone (nothing folded)':<58} {layerwise:12.5g}")
-    L = bound if args.lipschitz == "bound" else args.lipschitz
-
-    # --- Prop. 1 on every test image -------------------------------------------------------
-    print(f"{'chunk':>11} {'images':>7} {'acc':>7} {'med R':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
-    parts_r, ties, t0 = [], 0, time.time()
-    chunks = math.ceil(n / args.batch_size)
-    with torch.no_grad():
-        for k, start in enumerate(range(0, n, args.batch_size)):
-            f = net.features(to_float(images[start:start + args.batch_size])).double()   # [b, d]
-            parts_r.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
-            # cross-check with Eq. (4) at D = 1 (the shared classifier): the same predictions
-            eq4 = cluster_log_probs(f, mu.double(), mu_class, module.variance, D=1).argmax(1)
-            ties += int((eq4 != parts_r[-1]["pred"]).sum())
-            r = {key: torch.cat([c[key] for c in parts_r]) for key in parts_r[0]}
-            done = len(r["pred"])
-            acc = float((r["pred"] == labels[:done]).double().mean())
-            med = float(r["radius"].median())
-            el = time.time() - t0
-            row = {"phase": "certify", "chunk": k + 1, "images": done, "accuracy": acc, "median_radius": med,
-                   "images_per_second": done / el}
-            append_jsonl(log_path, row)
-            print(f"{k + 1:>5}/{chunks:<5} {done:>7} {acc:7.2%} {med:10.3g} {done / el:8.0f} "
-                  f"{fmt_time(el):>9} {fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
-    correct = r["pred"] == labels
-    if ties:
-        print(f"note: Eq. (4) with D = 1 predicts another class for {ties} images: ties between "
-              f"centres of different classes, which Prop. 1 gives radius 0")
-
-    # --- lower estimate of L and the L2 attack on the first --attack-limit images -----------
-    m = n if args.attack_limit == 0 else min(n, args.attack_limit)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    print(f"\nL2 attack and power iteration on {m} images ({args.attack_steps} PGD-L2 steps, "
-          f"{args.bisect} bisection rounds; {args.power_iters} power iterations)")
-    print(f"{'chunk':>11} {'images':>7} {'flipped':>8} {'med pert':>10} {'inside R':>9} "
-          f"{'max |J|':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
-    pert, lower, t0 = [], [], time.time()
-    chunks = math.ceil(m / args.batch_size)
-    for k, start in enumerate(range(0, m, args.batch_size)):
-        x = to_float(images[start:min(m, start + args.batch_size)]).contiguous(
-            memory_format=torch.channels_last)                     # the layout of fast's weights
-        lower.append(jacobian_norm_lower(fast.features, x, args.power_iters, gen))
-        pert.append(l2_attack(fast.features, x, mu, mu_class, args.attack_steps, args.bisect,
-                              check_fn=net.features))
-        p, done = torch.cat(pert), sum(len(t) for t in pert)
-        inside = int((p < r["radius"][:done]).sum())
-        el = time.time() - t0
-        row = {"phase": "attack", "chunk": k + 1, "images": done, "flipped": int(torch.isfinite(p).sum()),
-               "median_min_perturbation": finite(float(p.median())), "flipped_inside_radius": inside,
-               "lower_estimate": float(torch.cat(lower).max()), "images_per_second": done / el}
-        append_jsonl(log_path, row)
-        print(f"{k + 1:>5}/{chunks:<5} {done:>7} {row['flipped']:>8} {float(p.median()):10.4g} "
-              f"{inside:>9} {row['lower_estimate']:10.4g} {done / el:8.1f} {fmt_time(el):>9} "
-              f"{fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
-    pert = torch.cat(pert) if m else torch.zeros(0, dtype=torch.float64)
-    lower_estimate = float(torch.cat(lower).max()) if m else None
-    inside = int((pert < r["radius"][:m]).sum())
-
-    # --- results -----------------------------------------------------------------------------
-    ok_r = r["radius"][correct]
-    med_r = float(ok_r.median()) if len(ok_r) else 0.0
-    max_r = float(ok_r.max()) if len(ok_r) else 0.0
-    med_p = float(pert.median()) if m else float("nan")
-    vacuous = max_r < 1 / 255
-    results = {
-        "ckpt": args.ckpt, "data": args.data, "images": n,
-        "clean_accuracy": float(correct.double().mean()),
-        "lipschitz": {"value": float(L), "kind": "bound" if args.lipschitz == "bound" else "given",
-                      "lower_estimate": lower_estimate, "lower_estimate_images": m,
-                      "upper_bound": bound, "upper_bound_layerwise": layerwise},
-        "curve": accuracy_curve(r["radius"], correct, args.grid),
-        "curve_tight": accuracy_curve(r["tight"], correct, args.grid),
-        "curve_two_closest": accuracy_curve(r["two_closest"], correct, args.grid, "two_closest_not_sound"),
-        "two_closest_differs": int((r["two_closest"] > r["radius"]).sum()),
-        "tight_exceeds_sound": int((r["tight"] > r["radius"]).sum()),
-        "radius": {"median_correct": med_r, "max_correct": max_r, "vacuous": vacuous,
-                   "median_correct_tight": float(r["tight"][correct].median()) if len(ok_r) else 0.0,
-                   "median_correct_if_L_were_lower_estimate": med_r * L / lower_estimate
-                   if lower_estimate else None},
-        "l2_attack": {"median_min_perturbation": finite(med_p), "images": m,
-                      "flipped": int(torch.isfinite(pert).sum()), "flipped_inside_certified_radius": inside,
-                      "share_flipped_inside": inside / m if m else None,
-                      "steps": args.attack_steps, "bisect": args.bisect,
-                      "curve": accuracy_curve(pert, correct[:m], args.grid, "attacked_accuracy") if m else [],
-                      "gap_median_ratio": finite(med_p / float(r["radius"][:m].median()))
-                      if m and float(r["radius"][:m].median()) > 0 else None},
-        "seconds": time.time() - t_run,
-    }
-    plot = args.plot or os.path.splitext(args.out)[0] + ".png"
-    note = "plot skipped (--plot none)" if plot == "none" else \
-        plot_curves(results, r["radius"][:m], pert, lower_estimate, plot)
-    results["plot"] = None if plot == "none" or "skipped" in note else plot
-    results = described(results, CERTIFY_MEANING)   # rounded, with its units (README 'Result files')
-    save_results(results, args.out)     # atomic; then this run's log replaces the previous one
-
-    # --- summary -----------------------------------------------------------------------------
-    lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",
-             f"  clean accuracy (nearest centre, D = 1)   {results['clean_accuracy']:.2%}",
-             f"  L used ({results['lipschitz']['kind']:<5})                       {L:.4g}",
-             f"  L upper bound / lower estimate           {bound:.4g} / "
-             f"{lower_estimate if lower_estimate is None else format(lower_estimate, '.4g')}"
-             f"   (layer-wise product {layerwise:.4g})",
-             f"  radius R(x), correct images: median     {med_r:.4g}   max {max_r:.4g}   "
-             f"(best same-class centre: median {results['radius']['median_correct_tight']:.4g})",
-             f"  ... median if L were the lower estimate  "
-             f"{results['radius']['median_correct_if_L_were_lower_estimate'] or float('nan'):.4g}   (not sound)",
-             f"  L2 attack: median min. perturbation      {med_p:.4g}  ({results['l2_attack']['flipped']}/{m} flipped)",
-             f"  flipped inside the certified radius      {inside}/{m}"
-             + ("   <- the given L is too small: these radii are NOT sound" if inside else "   (must be 0)"),
-             f"  two-closest radius > sound radius        {results['two_closest_differs']}/{n}",
-             f"  best same-class centre > sound radius    {results['tight_exceeds_sound']}/{n}",
-             f"  {'radius':>12} {'certified acc':>14}"]
-    step = max(1, (len(results["curve"]) - 1) // 10)
-    lines += [f"  {p['radius']:12.4g} {p['certified_accuracy']:14.2%}" for p in results["curve"][::step]]
-    if lower_estimate is not None and L < lower_estimate:
-        lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({lower_estimate:.4g}): "
-                     f"it is not a Lipschitz constant and the radii are not certificates")
-    if vacuous:
-        lines.append(f"  VACUOUS: no correct image is certified beyond {max_r:.3g} < 1/255 (one grey "
-                     f"level on one pixel); the attack needs a median {med_p:.3g}, "
-                     f"{results['l2_attack']['gap_median_ratio'] or float('nan'):.3g}x the median radius. "
-                     f"The layer-wise bound is that loose for a deep network.")
-    lines += [f"  {note}", f"  results {args.out}   log {log_path}"]
-    print("\n".join(lines), flush=True)
-    return results
-
-
-CERTIFY_MEANING = (
-    "certify.py result (README 'Result files'). clean_accuracy, certified_accuracy: fractions of "
-    "the 'images' test images in [0, 1]; certified_accuracy at radius r = correct by the nearest "
-    "centre and Prop. 1 radius R(x) > r (sound). radius: L2 norm in pixel units of images in "
-    "[0, 1]. lipschitz: L of the network, L2 -> L2 (value used, kind given|bound, lower_estimate "
-    "by power iteration). curve_two_closest: the paper's two-closest-centres radius, not sound. "
-    "l2_attack: smallest L2 perturbations found (an upper bound on the true distance).")
-
-
 # --- shared: results-json ---
 # Decimals kept in the result file, by what a key's name says it holds: float32 arithmetic writes
 # 0.38 as 0.3799999952316284.  An accuracy or share of n <= 10^6 images is exact at 1e-6.
@@ -1601,6 +1628,9 @@ def described(obj, meaning):
     """{"meaning": what the file's numbers are, in which units, **rounded(obj)}."""
     return {"meaning": meaning, **rounded(obj)}
 # --- end shared: results-json ---
+
+
+main = guarded(main)                    # Ctrl-C / SIGTERM: one line, exit 130; the lock released
 
 
 if __name__ == "__main__":

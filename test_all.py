@@ -78,6 +78,12 @@ def nominal_args(folder, out, *extra):
             *map(str, extra)]
 
 
+def certified_radius(features, centers, center_classes, lipschitz):
+    """Prop. 1 for the tests: -> (pred [n], sound radius R(x) [n], two-closest radius [n])."""
+    r = certify.certified_radii(features, centers, center_classes, lipschitz)
+    return r["pred"], r["radius"], r["two_closest"]
+
+
 def run_scripts(commands):
     """{script: argv} run side by side as a user would; -> {script: (exit code, stdout, stderr)}."""
     procs = {script: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
@@ -268,6 +274,55 @@ def test_every_readme_reference_names_a_heading_that_exists():
         outside = ["SP" + "EC", "test_" + "certify.py"]                 # spelt apart: this file is read too
         assert not any(word in text for word in outside), name
     assert cited > 50
+
+
+PUBLIC = {"main", "load_classifier"}                   # a stage's names for other programs
+
+
+@pytest.mark.shape
+@pytest.mark.parametrize("stage", PRESENT)
+def test_each_stage_reads_like_its_paper_section(stage):
+    """README "Design": the stage's own method begins (banner `# 3. The method`) within the first
+    35% of the file, its sections are numbered 1, 2, 3, ... in order, no function is longer than 60
+    lines, and every top-level definition is used in the file (or is public)."""
+    with open(os.path.join(ROOT, stage)) as f:
+        source = f.read()
+    lines, tree = source.splitlines(), ast.parse(source)
+    method = [i for i, line in enumerate(lines, 1) if line.startswith("# 3. The method")]
+    assert len(method) == 1 and method[0] <= 0.35 * len(lines), (method, len(lines))
+    numbers = [int(m.group(1)) for line in lines for m in [re.match(r"# (\d+)\. \S", line)] if m]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
+    assert not long, long
+    defined = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        defined.update({getattr(t, "name", getattr(t, "id", None)): (node.lineno, node.end_lineno) for t in targets})
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in defined
+            and not defined[n.id][0] <= n.lineno <= defined[n.id][1]}
+    assert set(defined) - used - PUBLIC == set(), sorted(set(defined) - used - PUBLIC)
+
+
+@pytest.mark.shape
+def test_readme_design_table_lists_the_blocks_each_stage_carries():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Design"):readme.index("## Flags")]
+    header = next(line for line in section.splitlines() if line.startswith("| block |"))
+    stages = [c.strip(" `") + ".py" for c in header.strip("|").split("|")[2:]]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):
+            table[cells[0].strip("`")] = {s for s, c in zip(stages, cells[2:]) if c == "x"}
+    carried = {}
+    for stage in stages:
+        with open(os.path.join(ROOT, stage)) as f:
+            for name in shared_blocks(f.read())[0]:
+                carried.setdefault(name, set()).add(stage)
+    assert table == carried
 
 
 TIERS = ("oracle", "smoke", "shape", "wiring")
@@ -1818,7 +1873,7 @@ def test_isometry_one_centre_per_class_radius_is_the_exact_distance_and_a_step_b
     mu = torch.randn(C, n, dtype=torch.float64, generator=g)
     cls = torch.arange(C)
     x = torch.randn(60, n, dtype=torch.float64, generator=g)
-    pred, radius, two = certify.certified_radius(feat(x), mu, cls, 1.0)
+    pred, radius, two = certified_radius(feat(x), mu, cls, 1.0)
     tight = certify.certified_radii(feat(x), mu, cls, 1.0)["tight"]
     assert torch.equal(tight, radius)                                  # K = 1: one same-class centre
     assert torch.all(two >= radius)
@@ -1876,17 +1931,17 @@ def test_radius_scales_as_1_over_L_and_ties_give_0():
     mu = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     cls = torch.tensor([0, 1, 2])
     f = torch.tensor([[0.5, 0.5], [1.0, 3.0]], dtype=torch.float64)
-    _, r1, _ = certify.certified_radius(f, mu, cls, 1.0)
-    _, r3, _ = certify.certified_radius(f, mu, cls, 3.0)
+    _, r1, _ = certified_radius(f, mu, cls, 1.0)
+    _, r3, _ = certified_radius(f, mu, cls, 3.0)
     assert torch.allclose(r1, 3 * r3)
     # f = (0.5, 0.5): bisector x = 1 at distance 0.5, bisector y = 2 at distance 1.5
     assert r1[0].item() == pytest.approx(0.5, abs=1e-15)
     # the two-closest form overstates with K = 1 (certified_radii docstring, step 6): closed form
     mu3 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-0.5, 1.6]], dtype=torch.float64)
-    _, r, two = certify.certified_radius(torch.tensor([[-0.5, 0.0]], dtype=torch.float64), mu3, cls, 1.0)
+    _, r, two = certified_radius(torch.tensor([[-0.5, 0.0]], dtype=torch.float64), mu3, cls, 1.0)
     assert two.item() == pytest.approx(1.0, rel=1e-12)                   # bisector x = 0.5
     assert r.item() == pytest.approx((2.56 - 0.25) / (2 * math.sqrt(0.25 + 2.56)), rel=1e-12)
-    _, r_tie, _ = certify.certified_radius(torch.tensor([[1.0, 0.0]], dtype=torch.float64), mu, cls, 1.0)
+    _, r_tie, _ = certified_radius(torch.tensor([[1.0, 0.0]], dtype=torch.float64), mu, cls, 1.0)
     assert r_tie.item() == 0.0
 
 
@@ -1944,7 +1999,7 @@ def test_lipschitz_bound_is_above_jacobian_norms_on_random_resnets(width, size, 
     net = random_resnet(width, seed)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     shape = (3, size, size)
-    L = certify.lipschitz_upper_bound(net, shape)
+    L = certify.lipschitz_layers(net, shape)[0]
     layerwise, _ = certify.lipschitz_layers(net, shape, fold=False)
     assert 0 < L <= layerwise
     g = torch.Generator().manual_seed(seed)
@@ -1997,7 +2052,7 @@ def delta_resnet(width, seed):
 @pytest.mark.oracle
 def test_lipschitz_bound_is_exact_where_the_network_is_a_composition_of_its_layer_norms():
     net = delta_resnet(4, seed=2)
-    L = certify.lipschitz_upper_bound(net, (3, 16, 16))                 # final map 2 x 2
+    L = certify.lipschitz_layers(net, (3, 16, 16))[0]                 # final map 2 x 2
     x = 0.5 + 0.5 * torch.rand(3, 16, 16, dtype=torch.float64)           # positive: ReLUs pass
     J = torch.autograd.functional.jacobian(lambda z: copy.deepcopy(net).double().features(z[None])[0], x)
     exact = torch.linalg.matrix_norm(J.flatten(1), 2).item()
@@ -2018,7 +2073,7 @@ def test_l2_attack_on_an_isometry_finds_the_exact_radius_and_never_goes_inside()
     x = 0.4 + 0.2 * torch.rand(16, 3, 4, 4, generator=g)                  # away from the box faces
     mu = feat(x[:4]) + 0.1 * torch.randn(4, n, generator=g)              # one centre per class
     cls = torch.arange(4)
-    _, radius, _ = certify.certified_radius(feat(x).double(), mu, cls, 1.0)
+    _, radius, _ = certified_radius(feat(x).double(), mu, cls, 1.0)
     pert = certify.l2_attack(feat, x, mu, cls, steps=20, bisect=10)
     assert torch.all(torch.isfinite(pert))
     assert torch.all(pert >= radius * (1 - 1e-4))                       # float32 features
@@ -2035,14 +2090,14 @@ def test_l2_attack_never_flips_inside_the_sound_radius_of_random_resnets(own_rng
     with torch.no_grad():
         f = net.features(x)
     mu, cls = f[:6] + 0.01 * torch.randn(6, f.shape[1], generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
-    L = certify.lipschitz_upper_bound(net, (3, 8, 8))
-    _, radius, _ = certify.certified_radius(f.double(), mu, cls, L)
+    L = certify.lipschitz_layers(net, (3, 8, 8))[0]
+    _, radius, _ = certified_radius(f.double(), mu, cls, L)
     pert = certify.l2_attack(net.features, x, mu, cls, steps=40, bisect=6)
     assert torch.isfinite(pert).sum() >= 6
     assert not torch.any(pert < radius)
     # the check is live: with an L 1000x below a Jacobian norm found, "radii" are broken
     low = certify.jacobian_norm_lower(net.features, x, iters=10, generator=g).max().item()
-    _, fake, _ = certify.certified_radius(f.double(), mu, cls, low / 1000)
+    _, fake, _ = certified_radius(f.double(), mu, cls, low / 1000)
     assert torch.any(pert < fake)
     assert not net.training and all(torch.equal(t, before[k]) for k, t in net.state_dict().items())
 
@@ -4401,7 +4456,7 @@ def test_l2_attack_on_a_folded_copy_reports_only_flips_of_the_original_outside_i
     assert torch.all(y_adv[fin] != y[fin]) and torch.equal(x_adv[~fin], x[~fin])
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert torch.equal((x_adv.double() - x.double()).flatten(1).norm(dim=1)[fin], best[fin])
-    _, radius, _ = certify.certified_radius(f.double(), mu, cls, certify.lipschitz_upper_bound(net, (3, 8, 8)))
+    _, radius, _ = certified_radius(f.double(), mu, cls, certify.lipschitz_layers(net, (3, 8, 8))[0])
     assert not torch.any(best < radius)
 
 

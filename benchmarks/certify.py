@@ -273,7 +273,7 @@ def main():
     dist = (x_adv.double() - x.double()).flatten(1).norm(dim=1)
     valid = bool((y_adv[fin] != y[fin]).all() and torch.equal(dist[fin], new_p[fin])
                  and x_adv.min() >= 0 and x_adv.max() <= 1 and torch.equal(x_adv[~fin], x[~fin]))
-    L = certify.lipschitz_upper_bound(net, x.shape[1:])
+    L = certify.lipschitz_layers(net, x.shape[1:])[0]
     radius = certify.certified_radii(f, mu, cls, L)["radius"]
     both = fin & torch.isfinite(old_p)
     ratio = new_p[both] / old_p[both]
