@@ -78,13 +78,13 @@ MUTANTS = [
     M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
       "        sampler.record(idx.flip(0), per_example)                        # Rippel",
       "magnet: losses recorded at the wrong rows"),
-    M("magnet.py", "        sampler.set_clusters(assignment, centers, center_classes)\n"
-                   "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
-                   "        return clusters, center_classes,",
-      "        if epoch == 0:\n"
-      "            sampler.set_clusters(assignment, centers, center_classes)\n"
-      "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
-      "        return clusters, center_classes,",
+    M("magnet.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
+                   "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                   "    return clusters, center_classes,",
+      "    if epoch == 0:\n"
+      "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
+      "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "    return clusters, center_classes,",
       "magnet: the sampler keeps the epoch-0 clusters forever"),
     M("magnet.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
       "        x = to_float(images[idx_dev])", "magnet trains without augmentation"),
@@ -100,8 +100,8 @@ MUTANTS = [
     M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
       "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
     M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
-    M("magnet.py", "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)",
-      "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, variance, None)",
+    M("magnet.py", "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)",
+      "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, None)",
       "magnet: --D ignored in the test accuracy"),
     M("magnet.py", "        loss_sum += float(per_example.sum())",
       "        loss_sum += float(per_example.mean())", "magnet: logged train loss wrong"),
@@ -132,16 +132,17 @@ MUTANTS = [
     # ---------------------------------------------------------------- qtrades.py (Eq. (6), Sec. 4.2)
     M("qtrades.py", "x_adv = craft(model, x, eq4, args, generator)", "x_adv = x",
       "ClusTR+QTRADES with no adversary"),
-    M("qtrades.py", "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam)",
-      "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, 0.0)",
+    M("qtrades.py", "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam,",
+      "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, 0.0,",
       "ClusTR+QTRADES with lambda = 0"),
     M("qtrades.py", "quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)",
       "quick_adversary(log_q_fn, x, log_p, args.eps, args.eps, generator)",
       "QTRADES: the step equals eps"),
     M("qtrades.py", "x_adv = craft(model, x, None, args, generator)", "x_adv = x",
       "QTRADES alone uses x as its own adversary"),
-    M("qtrades.py", "loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam)",
-      "loss, cons = qtrades_ce_loss(logits, logits_adv, y, 0.0)", "QTRADES alone with lambda = 0"),
+    M("qtrades.py", "loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam, args.consistency)",
+      "loss, cons = qtrades_ce_loss(logits, logits_adv, y, 0.0, args.consistency)",
+      "QTRADES alone with lambda = 0"),
     M("qtrades.py", "        x_adv = x_start + step * grad.sign()",
       "        x_adv = x_start - step * grad.sign()", "QTRADES: descent instead of ascent"),
     M("qtrades.py", "        sampler.record(idx, per_example)            # Rippel",
@@ -162,16 +163,16 @@ MUTANTS = [
     M("qtrades.py", "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n    model.eval()\n",
       "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
       "QTRADES: the adversary is crafted in train mode"),
-    M("qtrades.py", "        sampler.set_clusters(assignment, centers, center_classes)\n"
-                    "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
-                    "        return clusters, {",
-      "        if epoch == 0:\n"
-      "            sampler.set_clusters(assignment, centers, center_classes)\n"
-      "        clusters = clusters_entry(centers, center_classes, variance, args)\n"
-      "        return clusters, {",
+    M("qtrades.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
+                    "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                    "    return clusters, {",
+      "    if epoch == 0:\n"
+      "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
+      "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "    return clusters, {",
       "ClusTR+QTRADES: the sampler keeps the epoch-0 clusters forever"),
-    M("qtrades.py", "            clusters, metrics = cluster_and_evaluate(epoch + 1)",
-      "            _, metrics = cluster_and_evaluate(epoch + 1)",
+    M("qtrades.py", "    run.clusters, metrics = cluster_and_evaluate(run, epoch)",
+      "    _, metrics = cluster_and_evaluate(run, epoch)",
       "ClusTR+QTRADES: Eq. (6) keeps the epoch-0 centres"),
     M("qtrades.py", "logits, logits_adv = model(x), model(x_adv)", "logits, logits_adv = model(x), model(x)",
       "QTRADES alone: the adversarial logits are the clean ones"),
@@ -187,14 +188,14 @@ MUTANTS = [
       "        loss.backward()\n        opt.step()\n"
       "        per_example = per_example.detach().float().cpu()\n        total",
       "ClusTR+QTRADES: no zero_grad"),
-    M("magnet.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
-      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+    M("magnet.py", "test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)",
+      "test_features = features_of(run.model, run.train[0], args.batch_size, args.amp)",
       "magnet: 'test' accuracy from the training images"),
-    M("qtrades.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
-      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+    M("qtrades.py", "test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)",
+      "test_features = features_of(run.model, run.train[0], args.batch_size, args.amp)",
       "ClusTR+QTRADES: 'test' accuracy from the training images"),
-    M("qtrades.py", '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, test,',
-      '"train_accuracy": train_acc,\n                       "test_accuracy": evaluate(model, train,',
+    M("qtrades.py", '"train_accuracy": train_acc,\n            "test_accuracy": evaluate(run.model, run.test,',
+      '"train_accuracy": train_acc,\n            "test_accuracy": evaluate(run.model, run.train,',
       "QTRADES alone: 'test' accuracy on the training split"),
 ]
 
