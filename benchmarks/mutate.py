@@ -201,11 +201,14 @@ MUTANTS = [
 
 
 def copy_repo(dest):
-    """The top-level files the suite needs (stage files, test_all.py, pytest.ini, ...)."""
+    """What the suite needs: the top-level files (stage files, test_all.py, pytest.ini, README.md)
+    and benchmarks/ (the suite runs gpu.py --tiny and reads the benchmarks' imports)."""
     for name in os.listdir(ROOT):
         path = os.path.join(ROOT, name)
         if os.path.isfile(path) and not name.startswith("."):
             shutil.copy2(path, dest)
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), os.path.join(dest, "benchmarks"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def check(mutants):
