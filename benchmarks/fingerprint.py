@@ -24,27 +24,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py, this checkout's)
 
 SKIP = ("time", "seconds", "second", "per_second", "elapsed", "eta", "date", "argv", "command",
         "path", "ckpt", "out", "data_dir", "plot", "log", "host", "torch", "python", "cwd", "next")
-
-
-def make_folder(root, classes=3, n_train=60, n_test=30, size=16, noise=60.0, seed=0):
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    colors = rng.uniform(40, 215, size=(classes, 3))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(classes):
-            folder = os.path.join(root, split, f"class{c:02d}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(n):
-                img = colors[c] + rng.normal(0, noise, (size, size, 3))
-                q = c % 4
-                img[(q // 2) * size // 2:(q // 2 + 1) * size // 2,
-                    (q % 2) * size // 2:(q % 2 + 1) * size // 2] += 40
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.png"))
 
 
 def tensors(obj, prefix=""):
@@ -82,7 +68,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     folder = os.path.join(work, "folder")
     if not os.path.isdir(folder):
-        make_folder(folder)
+        make_image_folder(folder, classes=3, n_train=60, n_test=30, noise=60.0)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     data = ["--data", "folder", "--data-dir", folder]
     runs = [
