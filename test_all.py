@@ -67,8 +67,8 @@ def one_torch_thread():
 
 def run_script(script, *args, cwd=None):
     """Run a stage as a user would; returns (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -84,16 +84,41 @@ def certified_radius(features, centers, center_classes, lipschitz):
     return r["pred"], r["radius"], r["two_closest"]
 
 
-def run_scripts(commands):
-    """{script: argv} run side by side as a user would; -> {script: (exit code, stdout, stderr)}."""
-    procs = {script: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for script, argv in commands.items()}
-    results = {}
-    for script, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        results[script] = (proc.returncode, out, err)
-    return results
+# Fresh interpreters, started when the session starts.  A test that runs a stage as a user would
+# (its own interpreter: torch's import alone costs 3-4 s here) registers a job: `prepare(request)`
+# runs in the suite's own thread when the session starts (it may take fixtures) and returns the
+# function that starts the interpreters and waits for them; a worker thread runs these one after
+# another on the core the suite leaves idle (it runs on one torch thread), and the test takes the
+# job's result when its turn comes and checks it there.  Only the jobs of the selected tests start.
+BACKGROUND = {}                                     # job name -> (test name, prepare)
+
+
+def background_job(name, test):
+    def register(prepare):
+        BACKGROUND[name] = (test, prepare)
+        return prepare
+    return register
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, one_torch_thread):
+    """{job name: Future} of the selected tests' jobs, in the order they were registered."""
+    import concurrent.futures
+    tests = {f.__name__ for f in globals().values() if callable(f) and f.__name__.startswith("test_")}
+    assert all(test in tests for test, _ in BACKGROUND.values()), "a job names a test that does not exist"
+    selected = {item.originalname for item in request.session.items}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="background")
+    jobs = {}
+    for name, (test, prepare) in BACKGROUND.items():
+        if test in selected:
+            try:
+                with torch.random.fork_rng(devices=[]):     # the tests' global stream as it was
+                    jobs[name] = pool.submit(prepare(request))
+            except Exception as error:             # a fixture it needs failed: its test reports it
+                jobs[name] = concurrent.futures.Future()
+                jobs[name].set_exception(error)
+    yield jobs
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def exit_code_and_message(capsys, fn, *args):
@@ -1482,7 +1507,7 @@ def readme_snippets():
     return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """The README's export command, run as a user would in a folder holding magnet.pt (a generated
     4-class checkpoint whose D = 3 leaves one class out of every prediction): the folder."""
@@ -1560,14 +1585,15 @@ def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_th
     assert "one --D" in err
 
 
-@pytest.mark.smoke
-@pytest.mark.usefixtures("own_rng")
-def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported):
-    """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
-    another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
+@background_job("export", test="test_export_loads_in_a_clean_interpreter_and_matches_load_classifier")
+def start_export(request):
+    """The exported file alone, in a folder of its own, with three batches to score: -> (folder, xs, proc)."""
+    import shutil
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("clean")
+    shutil.copy(request.getfixturevalue("exported") / "clustr.pt2", folder)
     g = torch.Generator().manual_seed(1)
     xs = [torch.rand(n, 3, 16, 16, generator=g) for n in (1, 3, 7)]
-    torch.save(xs, exported / "xs.pt")
+    torch.save(xs, folder / "xs.pt")
     child = ("import sys, torch\n"
              "model = torch.export.load('clustr.pt2').module()\n"
              "xs = torch.load('xs.pt')\n"
@@ -1575,10 +1601,17 @@ def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exporte
              "    torch.save([model(x) for x in xs], 'zs.pt')\n"
              "assert not any(n in sys.modules for n in ('attack', 'certify')), 'the repository was imported'\n"
              "assert not any(p and __import__('os').path.isfile(p + '/attack.py') for p in sys.path)\n")
-    proc = subprocess.run([sys.executable, "-I", "-c", child], cwd=str(exported), capture_output=True,
-                          text=True, timeout=300)
+    return lambda: (folder, xs, subprocess.run([sys.executable, "-I", "-c", child], cwd=str(folder),
+                                               capture_output=True, text=True, timeout=300))
+
+
+@pytest.mark.smoke
+def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported, background):
+    """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
+    another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
+    folder, xs, proc = background["export"].result()
     assert proc.returncode == 0, proc.stderr
-    zs = torch.load(exported / "zs.pt")
+    zs = torch.load(folder / "zs.pt")
     model = attack.load_classifier(str(exported / "magnet.pt"))
     with torch.no_grad():
         for x, z in zip(xs, zs):
@@ -3603,7 +3636,7 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bad_files(nominal_run, image_folder, tmp_path_factory):
     """The bad inputs of the table below, made once: {name: path}."""
     import shutil
@@ -3735,12 +3768,10 @@ def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, word
     assert not os.path.exists(p["marker"]), "the pickled os.system ran"
 
 
-@pytest.mark.smoke
-def test_bad_input_from_the_shell_exits_2_without_a_traceback(bad_files, tmp_path):
-    """Each stage as a user runs it (its `__main__` entry point, a fresh interpreter): exit code
-    2, the reason, no traceback.  The reasons themselves are the table above, checked in-process;
-    the six interpreters run side by side (starting one costs seconds)."""
-    p = bad_files
+@background_job("shell", test="test_bad_input_from_the_shell_exits_2_without_a_traceback")
+def start_shell(request):
+    """One bad input per stage, each stage in its own interpreter: -> (out folder, cases, results)."""
+    p, out = request.getfixturevalue("bad_files"), request.getfixturevalue("tmp_path_factory").mktemp("shell")
     cases = {
         "nominal.py": (nom(p, "--resume", p["zeros"]), "corrupt"),
         "magnet.py": (mag(p, "--width", "4", "--init", p["ckpt"]), "--width 8"),
@@ -3749,12 +3780,20 @@ def test_bad_input_from_the_shell_exits_2_without_a_traceback(bad_files, tmp_pat
         "certify.py": (cer(p, p["ckpt"]), "no clusters"),
         "synthetic.py": (["--steps", "10", "--warm-steps", "11"], "--warm-steps"),
     }
-    results = run_scripts({script: [*argv, "--out", tmp_path / f"{script}.out"]
-                           for script, (argv, _) in cases.items()})
+    return lambda: (out, cases, {script: run_script(script, *argv, "--out", out / f"{script}.out")
+                                 for script, (argv, _) in cases.items()})
+
+
+@pytest.mark.smoke
+def test_bad_input_from_the_shell_exits_2_without_a_traceback(background):
+    """Each stage as a user runs it (its `__main__` entry point, a fresh interpreter): exit code
+    2, the reason, no traceback.  The reasons themselves are the table above, checked in-process."""
+    out, cases, results = background["shell"].result()
+    assert set(results) == set(STAGES)
     for script, (code, _, err) in results.items():
         words = cases[script][1]
         assert code == 2 and "Traceback" not in err and words in err, (script, code, err)
-        assert not os.path.exists(tmp_path / f"{script}.out")
+        assert not os.path.exists(out / f"{script}.out")
 
 
 HELP = [  # stage: what its --help must say (the paper's equations and sections, real defaults)
@@ -3867,17 +3906,23 @@ def test_interrupt_names_the_epoch_and_its_resume_command_continues_bit_identica
     assert train_lines(out) == [1, 2, 3]
 
 
-@pytest.mark.smoke
-def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(image_folder, tmp_path):
-    """Ctrl-C (SIGINT) and a scheduler's SIGTERM, each sent to its own training process; the two
-    run side by side (starting an interpreter costs seconds)."""
-    procs = {}
+@background_job("signals", test="test_a_signal_in_a_training_process_exits_130_with_the_resume_command")
+def start_signals(request):
+    """-> run(), which starts two training processes side by side, sends SIGINT to one and SIGTERM
+    to the other after their first epoch, and returns {signal: (checkpoint path, exit code, stderr)}."""
+    folder, tmp = request.getfixturevalue("image_folder"), request.getfixturevalue("tmp_path_factory").mktemp("signals")
+    return lambda: send_signals(folder, tmp)
+
+
+def send_signals(image_folder, tmp_path):
+    procs, done = {}, {}
     for sig in ("SIGINT", "SIGTERM"):
         out = str(tmp_path / f"{sig}.pt")
         procs[sig] = out, subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "nominal.py"), "--data", "folder", "--data-dir", image_folder,
              "--width", "4", "--epochs", "200", "-b", "64", "--out", out],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
             # a shell's background job inherits SIGINT ignored; a user's run does not
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for sig, (out, proc) in procs.items():
@@ -3886,8 +3931,17 @@ def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(image_
                 break
         proc.send_signal(getattr(signal, sig))
     for sig, (out, proc) in procs.items():
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130 and "Traceback" not in err, (sig, err)
+        done[sig] = out, proc.communicate(timeout=120)[1], proc.returncode
+    return done
+
+
+@pytest.mark.smoke
+def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(background):
+    """Ctrl-C (SIGINT) and a scheduler's SIGTERM, each sent to its own training process."""
+    done = background["signals"].result()
+    assert set(done) == {"SIGINT", "SIGTERM"}
+    for sig, (out, err, code) in done.items():
+        assert code == 130 and "Traceback" not in err, (sig, err)
         held = torch.load(out, map_location="cpu", weights_only=True)["epoch"]
         assert f"interrupted in epoch {held + 1}; the checkpoint holds epoch {held}" in err, (sig, err)
         assert err.strip().endswith("--resume") and not os.path.exists(out + ".lock"), sig
@@ -4096,16 +4150,28 @@ def test_dist_timeout_bounds_the_rendezvous_and_a_failed_one_is_one_line_exit_2(
     assert os.listdir(tmp_path) == [] and attack.DIST == {"rank": 0, "world": 1}
 
 
-@pytest.mark.smoke
-def test_torchrun_with_2_cpu_processes_writes_the_single_process_result(
-        nominal_run, image_folder, tmp_path, monkeypatch):
-    args = ["--ckpt", nominal_run[1], "--data-dir", image_folder, "--limit", "16", "-b", "4",
-            "--steps", "2", "--square-queries", "10", "--eps", "8/255", "32/255", "--large-eps", "64/255",
-            "--check-images", "8", "--check-budget", "0", "--save-adv", "adv.pt", "--out", "attack.json"]
+def torchrun_argv(request):
+    return ["--ckpt", request.getfixturevalue("nominal_run")[1], "--data-dir", request.getfixturevalue("image_folder"),
+            "--limit", "16", "-b", "4", "--steps", "2", "--square-queries", "10", "--eps", "8/255", "32/255",
+            "--large-eps", "64/255", "--check-images", "8", "--check-budget", "0", "--save-adv", "adv.pt",
+            "--out", "attack.json"]
+
+
+@background_job("torchrun", test="test_torchrun_with_2_cpu_processes_writes_the_single_process_result")
+def start_torchrun(request):
+    """attack.py under torchrun, 2 processes, in a folder "two": -> (its parent, code, stdout, stderr)."""
+    tmp_path = request.getfixturevalue("tmp_path_factory").mktemp("torchrun")
     for name in ("one", "two"):                     # the same relative --out: equal configs
         os.makedirs(tmp_path / name)
-    code, out, err = torchrun(2, args, tmp_path / "two")
+    args = torchrun_argv(request)
+    return lambda: (tmp_path, *torchrun(2, args, tmp_path / "two"))
+
+
+@pytest.mark.smoke
+def test_torchrun_with_2_cpu_processes_writes_the_single_process_result(request, background, monkeypatch):
+    tmp_path, code, out, err = background["torchrun"].result()
     assert code == 0, err[-3000:]
+    args = torchrun_argv(request)
     monkeypatch.chdir(tmp_path / "one")
     attack.main(args)
     one, two = (json.load(open(tmp_path / name / "attack.json")) for name in ("one", "two"))
@@ -4174,14 +4240,19 @@ def resnet18_flops(width, classes, size=32, channels=3):
     return convs, stem, 2 * 8 * width * classes
 
 
+@background_job("gpu", test="test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row")
+def start_gpu(request):
+    out = request.getfixturevalue("tmp_path_factory").mktemp("gpu") / "gpu.json"
+    return lambda: (out, *run_script("benchmarks/gpu.py", "--tiny", "--device", "cpu", "--out", out))
+
+
 @pytest.mark.smoke
-def test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row(tmp_path):
+def test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row(background):
     """benchmarks/gpu.py --tiny --device cpu: every row printed and in the JSON with finite
     numbers; the nominal row's FLOPs equal a count from the layer shapes (a training image: the
     forward, the input and weight gradients of every layer but the stem's input gradient; a test
     image: the forward)."""
-    out = tmp_path / "gpu.json"
-    code, stdout, stderr = run_script("benchmarks/gpu.py", "--tiny", "--device", "cpu", "--out", out)
+    out, code, stdout, stderr = background["gpu"].result()
     assert code == 0, stderr
     result = json.loads(out.read_text())
     rows = result["rows"]
