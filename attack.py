@@ -463,7 +463,8 @@ def objective(log_prob_fn, x, y, loss, target=None):
         f = clf.model.features(x)                                           # [n, d]
         f = f if f.dtype in (torch.float32, torch.float64) else f.float()   # bf16 under autocast
         log_p = cluster_log_probs(f, clf.centers, clf.center_classes, clf.variance, clf.D)
-        s = -(f[:, None, :] - clf.centers.to(f)[None]).pow(2).sum(-1) / (2 * clf.variance)  # [n, M]
+        sq_dist = (f[:, None, :] - clf.centers.to(f)[None]).pow(2).sum(-1)   # [n, M]
+        s = -sq_dist / (2 * clf.variance)                                   # [n, M]
         if loss == "magnet":
             # Sec. 4.2, adaptive attack: Eq. (3) per example against the stored centres and sigma^2,
             #   ||f - mu(f)||^2/(2 sigma^2) + log sum_{mu_j of other classes} exp(-||f - mu_j||^2/(2 sigma^2))
@@ -477,8 +478,8 @@ def objective(log_prob_fn, x, y, loss, target=None):
         # The authors' evaluation code: cross-entropy of a softmax over the unnormalised Eq. (4)
         # scores sum_{j in c} exp(s_j) = exp(z_c), i.e. probabilities used as logits.  Kept to
         # compare that protocol with Eq. (5); exp(z_c) underflows to 0 far from the centres.
-        if clf.D is not None and clf.D < s.shape[1]:                        # as in Eq. (4) above
-            keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(clf.D, dim=1).indices, True)
+        keep = nearest_centers_mask(sq_dist.detach(), clf.D)                # the D nearest, as Eq. (4)
+        if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         z = log_p + s.logsumexp(1, keepdim=True)                            # [n, C] class log-scores
         return F.cross_entropy(z.exp(), y, reduction="none"), log_p
@@ -834,7 +835,8 @@ def nearest_centers_mask(sq_dist, D):
     if D is None or D >= sq_dist.shape[1]:
         return None
     nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
-    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter(             # a tensor source: a
+        1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
@@ -2279,11 +2281,10 @@ class ClassScores(nn.Module):
         f = self.model.features(x)                                          # [n, d]
         if f.dtype not in (torch.float32, torch.float64):
             f = f.float()                                                   # bf16 under autocast
-        s = -(f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1) / (2 * self.variance)  # [n, M]
-        if self.D is not None and self.D < s.shape[1]:                      # the D nearest, as Eq. (4)
-            nearest = s.topk(self.D, dim=1).indices                         # [n, D]
-            keep = torch.zeros_like(s, dtype=torch.bool).scatter(         # a tensor source: the
-                1, nearest, torch.ones_like(nearest, dtype=torch.bool))     # TorchScript fallback needs it
+        sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
+        s = -sq_dist / (2 * self.variance)                                  # [n, M]
+        keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
+        if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
         return z.masked_fill(z == float("-inf"), self.LOW)

@@ -667,7 +667,8 @@ def nearest_centers_mask(sq_dist, D):
     if D is None or D >= sq_dist.shape[1]:
         return None
     nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
-    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter(             # a tensor source: a
+        1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
@@ -1476,11 +1477,10 @@ class ClassScores(nn.Module):
         f = self.model.features(x)                                          # [n, d]
         if f.dtype not in (torch.float32, torch.float64):
             f = f.float()                                                   # bf16 under autocast
-        s = -(f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1) / (2 * self.variance)  # [n, M]
-        if self.D is not None and self.D < s.shape[1]:                      # the D nearest, as Eq. (4)
-            nearest = s.topk(self.D, dim=1).indices                         # [n, D]
-            keep = torch.zeros_like(s, dtype=torch.bool).scatter(         # a tensor source: the
-                1, nearest, torch.ones_like(nearest, dtype=torch.bool))     # TorchScript fallback needs it
+        sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
+        s = -sq_dist / (2 * self.variance)                                  # [n, M]
+        keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
+        if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
         z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
         return z.masked_fill(z == float("-inf"), self.LOW)

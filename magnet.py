@@ -382,7 +382,8 @@ def nearest_centers_mask(sq_dist, D):
     if D is None or D >= sq_dist.shape[1]:
         return None
     nearest = sq_dist.topk(D, dim=1, largest=False).indices                # [n, D]
-    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter_(1, nearest, True)
+    return torch.zeros_like(sq_dist, dtype=torch.bool).scatter(             # a tensor source: a
+        1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
 def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
