@@ -455,16 +455,16 @@ def objective(log_prob_fn, x, y, loss, target=None):
     'fooled').  x [n, C, H, W] in [0, 1]; y [n]; target [n] for margin-t.
     ce, margin and margin-t need only log_prob_fn(x); magnet and scores-ce need the features and
     the stored centres, so they take a clustering Classifier (its .model.features, .centers,
-    .center_classes, .variance, .D).  -> (objective [n], log p [n, classes])."""
+    .center_classes, .sigma2, .D).  -> (objective [n], log p [n, classes])."""
     if loss in ("magnet", "scores-ce"):
         clf = log_prob_fn
         if not getattr(clf, "clusters", False):
             raise ValueError(f"loss {loss!r} needs a clustering classifier (stored centres)")
         f = clf.model.features(x)                                           # [n, d]
         f = f if f.dtype in (torch.float32, torch.float64) else f.float()   # bf16 under autocast
-        log_p = cluster_log_probs(f, clf.centers, clf.center_classes, clf.variance, clf.D)
+        log_p = cluster_log_probs(f, clf.centers, clf.center_classes, clf.sigma2, clf.D)
         sq_dist = (f[:, None, :] - clf.centers.to(f)[None]).pow(2).sum(-1)   # [n, M]
-        s = -sq_dist / (2 * clf.variance)                                   # [n, M]
+        s = -sq_dist / (2 * clf.sigma2)                                     # [n, M]
         if loss == "magnet":
             # Sec. 4.2, adaptive attack: Eq. (3) per example against the stored centres and sigma^2,
             #   ||f - mu(f)||^2/(2 sigma^2) + log sum_{mu_j of other classes} exp(-||f - mu_j||^2/(2 sigma^2))
@@ -510,7 +510,7 @@ def class_scores(log_prob_fn, x):
     own class).  Head classifiers and plain functions: their own log p.  -> [n, classes]."""
     if getattr(log_prob_fn, "clusters", False) and log_prob_fn.D is not None:
         return cluster_log_probs(log_prob_fn.model.features(x), log_prob_fn.centers,
-                                 log_prob_fn.center_classes, log_prob_fn.variance, None)
+                                 log_prob_fn.center_classes, log_prob_fn.sigma2, None)
     return log_prob_fn(x)
 
 
@@ -759,9 +759,9 @@ def square_margin(log_prob_fn, v, yv):
         f = log_prob_fn.model.features(v)
         f = f if f.dtype in (torch.float32, torch.float64) else f.float()
         z = cluster_log_probs(f, log_prob_fn.centers, log_prob_fn.center_classes,
-                              log_prob_fn.variance, None)               # all centres
+                              log_prob_fn.sigma2, None)                 # all centres
         lp = z if log_prob_fn.D is None else cluster_log_probs(
-            f, log_prob_fn.centers, log_prob_fn.center_classes, log_prob_fn.variance, log_prob_fn.D)
+            f, log_prob_fn.centers, log_prob_fn.center_classes, log_prob_fn.sigma2, log_prob_fn.D)
     else:
         z = lp = log_prob_fn(v)
     z = z.float()
@@ -839,14 +839,14 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
         log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
 
-    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
     (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
     a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
@@ -870,7 +870,7 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
     sq_dist = sq_distances(features, centers)                              # [n, M]
-    s = -sq_dist / (2 * variance)                                          # [n, M]
+    s = -sq_dist / (2 * sigma2)                                            # [n, M]
     if keep is None:
         keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
@@ -2183,14 +2183,14 @@ class Classifier(nn.Module):
         if self.clusters:
             self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
             self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
-            self.variance = float(clusters["variance"])
+            self.sigma2 = float(clusters["variance"])
             self.D = D
 
     def forward(self, x):
         if not self.clusters:
             return F.log_softmax(self.model(x).float(), dim=1)
         return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
-                                 self.variance, self.D)
+                                 self.sigma2, self.D)
 
 
 def read_classifier(path, device="cpu", D="stored"):
@@ -2272,7 +2272,7 @@ class ClassScores(nn.Module):
             member = clf.center_classes[None, :] == torch.arange(
                 int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
             self.register_buffer("member", member)                          # [classes, M]
-            self.variance = clf.variance                                    # sigma^2
+            self.sigma2 = clf.sigma2                                        # sigma^2
             self.D = clf.D
 
     def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
@@ -2282,7 +2282,7 @@ class ClassScores(nn.Module):
         if f.dtype not in (torch.float32, torch.float64):
             f = f.float()                                                   # bf16 under autocast
         sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        s = -sq_dist / (2 * self.variance)                                  # [n, M]
+        s = -sq_dist / (2 * self.sigma2)                                    # [n, M]
         keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))

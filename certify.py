@@ -671,14 +671,14 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
         log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
 
-    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
     (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
     a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
@@ -702,7 +702,7 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
     sq_dist = sq_distances(features, centers)                              # [n, M]
-    s = -sq_dist / (2 * variance)                                          # [n, M]
+    s = -sq_dist / (2 * sigma2)                                            # [n, M]
     if keep is None:
         keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
@@ -826,7 +826,7 @@ def certify_all(net, module, images, labels, mu, mu_class, L, args):
             f = net.features(to_float(images[start:start + args.batch_size])).double()   # [b, d]
             parts_r.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
             # cross-check with Eq. (4) at D = 1 (the shared classifier): the same predictions
-            eq4 = cluster_log_probs(f, mu.double(), mu_class, module.variance, D=1).argmax(1)
+            eq4 = cluster_log_probs(f, mu.double(), mu_class, module.sigma2, D=1).argmax(1)
             ties += int((eq4 != parts_r[-1]["pred"]).sum())
             r = {key: torch.cat([c[key] for c in parts_r]) for key in parts_r[0]}
             done = len(r["pred"])
@@ -1379,14 +1379,14 @@ class Classifier(nn.Module):
         if self.clusters:
             self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
             self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
-            self.variance = float(clusters["variance"])
+            self.sigma2 = float(clusters["variance"])
             self.D = D
 
     def forward(self, x):
         if not self.clusters:
             return F.log_softmax(self.model(x).float(), dim=1)
         return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
-                                 self.variance, self.D)
+                                 self.sigma2, self.D)
 
 
 def read_classifier(path, device="cpu", D="stored"):
@@ -1468,7 +1468,7 @@ class ClassScores(nn.Module):
             member = clf.center_classes[None, :] == torch.arange(
                 int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
             self.register_buffer("member", member)                          # [classes, M]
-            self.variance = clf.variance                                    # sigma^2
+            self.sigma2 = clf.sigma2                                        # sigma^2
             self.D = clf.D
 
     def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
@@ -1478,7 +1478,7 @@ class ClassScores(nn.Module):
         if f.dtype not in (torch.float32, torch.float64):
             f = f.float()                                                   # bf16 under autocast
         sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        s = -sq_dist / (2 * self.variance)                                  # [n, M]
+        s = -sq_dist / (2 * self.sigma2)                                    # [n, M]
         keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))

@@ -386,14 +386,14 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
         log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
 
-    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
     (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
     a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
@@ -417,7 +417,7 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
     sq_dist = sq_distances(features, centers)                              # [n, M]
-    s = -sq_dist / (2 * variance)                                          # [n, M]
+    s = -sq_dist / (2 * sigma2)                                            # [n, M]
     if keep is None:
         keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
@@ -640,8 +640,8 @@ def fit_clusters(features, labels, num_classes, K, generator=None, iters=100):
         for s in range(0, counts[c], chunk):                               # explicit differences
             own_sq += (x[s:s + chunk] - mu[a[s:s + chunk]]).pow_(2).sum().double()
     center_classes = torch.arange(num_classes, device=labels.device).repeat_interleave(K)
-    variance = float(own_sq) / max(1, len(labels) - 1)                     # Eq. (3) sigma^2
-    return centers, center_classes, assignment, variance
+    sigma2 = float(own_sq) / max(1, len(labels) - 1)                       # Eq. (3) sigma^2
+    return centers, center_classes, assignment, sigma2
 # --- end shared: kmeans ---
 
 
@@ -743,13 +743,13 @@ class NeighbourhoodSampler:
 
 # --- shared: cluster-update ---
 @torch.no_grad()
-def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
+def eq4_accuracy(features, labels, centers, center_classes, sigma2, D=None):
     """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that each
     [rows, centres] temporary inside cluster_log_probs stays under ~64 MB."""
     chunk = max(1, 2 ** 24 // centers.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=features.device)
     for start in range(0, len(labels), chunk):
-        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, variance, D)
+        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, sigma2, D)
         correct += (log_p.argmax(1) == labels[start:start + chunk]).sum()
     return correct.item() / max(1, len(labels))
 
@@ -762,17 +762,17 @@ def update_clusters(model, train, num_classes, args, generator):
     if not torch.isfinite(features).all():
         fail(f"the features became non-finite (inf/NaN): the weights diverged. {args.out} keeps "
              f"the last good epoch; try a smaller --lr (now {args.lr}) or --alpha (now {args.alpha})")
-    centers, center_classes, assignment, variance = fit_clusters(
+    centers, center_classes, assignment, sigma2 = fit_clusters(
         features, train[1], num_classes, args.K, generator)
-    accuracy = eq4_accuracy(features, train[1], centers, center_classes, variance, args.D)
-    return centers, center_classes, assignment, variance, accuracy
+    accuracy = eq4_accuracy(features, train[1], centers, center_classes, sigma2, args.D)
+    return centers, center_classes, assignment, sigma2, accuracy
 
 
-def clusters_entry(centers, center_classes, variance, args):
+def clusters_entry(centers, center_classes, sigma2, args):
     """The `clusters` entry of a checkpoint (README "Where results and checkpoints go"): plain
     floats/ints/tensors, weights_only-loadable."""
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
-            "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
+            "variance": float(sigma2), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
 # --- end shared: cluster-update ---
 
@@ -886,14 +886,14 @@ def cluster_and_evaluate(run, epoch):
     """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`."""
     args = run.args
     t0 = time.time()
-    centers, center_classes, assignment, variance, train_acc = update_clusters(
+    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
         run.model, run.train, run.num_classes, args, run.generator)
     test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)
+    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, args.D)
     run.sampler.set_clusters(assignment, centers, center_classes)
-    clusters = clusters_entry(centers, center_classes, variance, args)
+    clusters = clusters_entry(centers, center_classes, sigma2, args)
     return clusters, center_classes, {"epoch": epoch, "train_accuracy": train_acc,
-                                      "test_accuracy": test_acc, "variance": float(variance),
+                                      "test_accuracy": test_acc, "variance": float(sigma2),
                                       "cluster_seconds": time.time() - t0}
 
 

@@ -394,7 +394,10 @@ class ResNet18(nn.Module):
 def nearest_mask(features, centers, D):
     """[n, M] bool: the D centres nearest to each row (Sec. 4.2, App. B.3); all True when D is
     None or >= M.  The eq4 block's distances and mask on the same dtype, so the set is the one
-    cluster_log_probs(features, ..., D) uses, ties included."""
+    cluster_log_probs(features, ..., D) uses, ties included (a test checks it).  Eq. (6) evaluates
+    p(f(x)) and p(f(x_adv)) on the *same* set, cluster_log_probs(..., keep=nearest_mask(f(x), ...))
+    for both: with a set of its own, x_adv could drop a class that p(f(x)) holds, and
+    -p_c log 0 = +inf would end the run (with D = None both sets are all centres, Eq. (4) itself)."""
     features = features.detach()
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
@@ -402,18 +405,6 @@ def nearest_mask(features, centers, D):
     if keep is None:
         keep = torch.ones(features.shape[0], centers.shape[0], dtype=torch.bool, device=features.device)
     return keep
-
-
-def eq4_log_probs_on(features, centers, center_classes, variance, keep):
-    """log of Eq. (4) with both sums over the centres marked in keep [n, M]:
-        log p_c = logsumexp_{j in c, keep}(s_j) - logsumexp_{j in keep}(s_j),
-        s_j = -||f - mu_j||^2 / (2 sigma^2).
-    With keep = nearest_mask(f, centers, D) this is cluster_log_probs(f, ..., D) (a test checks
-    it).  Eq. (6) evaluates p(f(x)) and p(f(x_adv)) on the *same* set, the D nearest centres of
-    the clean f(x): with a set of its own, x_adv could drop a class that p(f(x)) holds, and
-    -p_c log 0 = +inf would end the run (with D = None both sets are all centres, Eq. (4)
-    itself).  Masks are -inf before each reduction, as in the eq4 block.  -> [n, classes]."""
-    return cluster_log_probs(features, centers, center_classes, variance, keep=keep)
 
 
 def consistency(log_p, log_q, kind="ce"):
@@ -470,14 +461,14 @@ def craft(model, x, clusters, args, generator):
     device = x.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         if clusters is not None:
-            centers, center_classes, variance, D = clusters
+            centers, center_classes, sigma2, D = clusters
             with torch.no_grad():
                 f = model.features(x).float()                              # [B, 8w]
             keep = nearest_mask(f, centers, D)                             # the clean D nearest
-            log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)
+            log_p = cluster_log_probs(f, centers, center_classes, sigma2, keep=keep)
 
             def log_q_fn(z):
-                return eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
+                return cluster_log_probs(model.features(z), centers, center_classes, sigma2, keep=keep)
         else:
             with torch.no_grad():
                 log_p = F.log_softmax(model(x).float(), 1)                 # [B, classes]
@@ -490,7 +481,7 @@ def craft(model, x, clusters, args, generator):
 
 
 def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
-                        variance, D, lam, kind="ce"):
+                        sigma2, D, lam, kind="ce"):
     """ClusTR+QTRADES, Eq. (6):  L = L_Magnet(f) + lam * mean_n CE(p(f(x_adv_n)), p(f(x_n)))
     with L_Magnet the batch Magnet loss of Eq. (3) and p of Eq. (4) over the current centres and
     sigma^2 (those of the last k-means, constants here) on the D nearest centres of f(x).
@@ -503,8 +494,8 @@ def qtrades_magnet_loss(f, f_adv, cluster_ids, class_ids, alpha, centers, center
     -> (loss, per-example Magnet losses [B] for the sampler, consistency [B])."""
     magnet, per_example, _ = magnet_loss(f, cluster_ids, class_ids, alpha)   # Eq. (3)
     keep = nearest_mask(f, centers, D)                                     # [B, M]
-    log_p = eq4_log_probs_on(f, centers, center_classes, variance, keep)      # clean, [B, classes]
-    log_q = eq4_log_probs_on(f_adv, centers, center_classes, variance, keep)  # adversarial
+    log_p = cluster_log_probs(f, centers, center_classes, sigma2, keep=keep)      # clean, [B, classes]
+    log_q = cluster_log_probs(f_adv, centers, center_classes, sigma2, keep=keep)  # adversarial
     cons = consistency(log_p, log_q, kind)                                 # [B]
     return magnet + lam * cons.mean(), per_example, cons
 
@@ -628,14 +619,14 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=None):
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
     """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
         log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
 
-    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), variance sigma^2
+    features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
     (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
     a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
@@ -659,7 +650,7 @@ def cluster_log_probs(features, centers, center_classes, variance, D=None, keep=
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
     sq_dist = sq_distances(features, centers)                              # [n, M]
-    s = -sq_dist / (2 * variance)                                          # [n, M]
+    s = -sq_dist / (2 * sigma2)                                            # [n, M]
     if keep is None:
         keep = nearest_centers_mask(sq_dist.detach(), D)
     if keep is not None:
@@ -882,8 +873,8 @@ def fit_clusters(features, labels, num_classes, K, generator=None, iters=100):
         for s in range(0, counts[c], chunk):                               # explicit differences
             own_sq += (x[s:s + chunk] - mu[a[s:s + chunk]]).pow_(2).sum().double()
     center_classes = torch.arange(num_classes, device=labels.device).repeat_interleave(K)
-    variance = float(own_sq) / max(1, len(labels) - 1)                     # Eq. (3) sigma^2
-    return centers, center_classes, assignment, variance
+    sigma2 = float(own_sq) / max(1, len(labels) - 1)                       # Eq. (3) sigma^2
+    return centers, center_classes, assignment, sigma2
 # --- end shared: kmeans ---
 
 
@@ -985,13 +976,13 @@ class NeighbourhoodSampler:
 
 # --- shared: cluster-update ---
 @torch.no_grad()
-def eq4_accuracy(features, labels, centers, center_classes, variance, D=None):
+def eq4_accuracy(features, labels, centers, center_classes, sigma2, D=None):
     """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that each
     [rows, centres] temporary inside cluster_log_probs stays under ~64 MB."""
     chunk = max(1, 2 ** 24 // centers.shape[0])
     correct = torch.zeros((), dtype=torch.long, device=features.device)
     for start in range(0, len(labels), chunk):
-        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, variance, D)
+        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, sigma2, D)
         correct += (log_p.argmax(1) == labels[start:start + chunk]).sum()
     return correct.item() / max(1, len(labels))
 
@@ -1004,17 +995,17 @@ def update_clusters(model, train, num_classes, args, generator):
     if not torch.isfinite(features).all():
         fail(f"the features became non-finite (inf/NaN): the weights diverged. {args.out} keeps "
              f"the last good epoch; try a smaller --lr (now {args.lr}) or --alpha (now {args.alpha})")
-    centers, center_classes, assignment, variance = fit_clusters(
+    centers, center_classes, assignment, sigma2 = fit_clusters(
         features, train[1], num_classes, args.K, generator)
-    accuracy = eq4_accuracy(features, train[1], centers, center_classes, variance, args.D)
-    return centers, center_classes, assignment, variance, accuracy
+    accuracy = eq4_accuracy(features, train[1], centers, center_classes, sigma2, args.D)
+    return centers, center_classes, assignment, sigma2, accuracy
 
 
-def clusters_entry(centers, center_classes, variance, args):
+def clusters_entry(centers, center_classes, sigma2, args):
     """The `clusters` entry of a checkpoint (README "Where results and checkpoints go"): plain
     floats/ints/tensors, weights_only-loadable."""
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
-            "variance": float(variance), "K": int(args.K), "alpha": float(args.alpha),
+            "variance": float(sigma2), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
 # --- end shared: cluster-update ---
 
@@ -1129,14 +1120,14 @@ def cluster_and_evaluate(run, epoch):
     """--loss magnet: k-means++ update (App. A), sigma^2 (Eq. (3)), Eq. (4) accuracies."""
     args = run.args
     t0 = time.time()
-    centers, center_classes, assignment, variance, train_acc = update_clusters(
+    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
         run.model, run.train, run.num_classes, args, run.generator)
     test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)
+    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, args.D)
     run.sampler.set_clusters(assignment, centers, center_classes)
-    clusters = clusters_entry(centers, center_classes, variance, args)
+    clusters = clusters_entry(centers, center_classes, sigma2, args)
     return clusters, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
-                      "variance": float(variance), "cluster_seconds": time.time() - t0}
+                      "variance": float(sigma2), "cluster_seconds": time.time() - t0}
 
 
 def start_magnet(run):

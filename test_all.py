@@ -268,6 +268,44 @@ def test_no_stage_imports_another_and_every_stage_has_a_main_guard():
         assert not re.search(r"torch\.load\((?![^)]*weights_only=True)", source), stage
 
 
+def code_names(tree):
+    """Every name a reader meets in code: variables, arguments, attributes, keyword arguments."""
+    for node in ast.walk(tree):
+        for name in (getattr(node, "id", None), getattr(node, "arg", None),
+                     node.attr if isinstance(node, ast.Attribute) else None,
+                     node.name if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None):
+            if name:
+                yield name
+
+
+@pytest.mark.shape
+def test_one_name_per_paper_symbol_and_one_helper_for_the_d_nearest_centres():
+    """README "Paper symbols, flags, variables": each name of its code column is a name in the
+    stages' code, and sigma^2 is never `variance` there (the checkpoint and log key stays
+    "variance"); the D nearest centres of Eq. (4) come from the eq4 block's nearest_centers_mask
+    alone (every other `.topk` of a stage is k-means re-seeding an empty cluster)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        table = f.read().split("### Paper symbols, flags, variables")[1].split("\n## ")[0]
+    documented = {name for row in table.splitlines()[4:] if row.startswith("|")
+                  for name in re.findall(r"`(\w+)`", row.split("|")[4])}
+    assert {"sigma2", "alpha", "lam", "eps", "step", "centers", "K", "D"} <= documented, documented
+    names, topk = set(), {}
+    for stage in PRESENT:
+        with open(os.path.join(ROOT, stage)) as f:
+            tree = ast.parse(f.read())
+        names |= set(code_names(tree))
+        assert "variance" not in set(code_names(tree)), stage
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Attribute) and node.attr == "topk":
+                        topk.setdefault(fn.name, set()).add(stage)
+    assert documented <= names, documented - names
+    assert set(topk) == {"nearest_centers_mask", "_lloyd"}, topk
+    users = [s for s in PRESENT if "nearest_centers_mask(" in open(os.path.join(ROOT, s)).read()]
+    assert topk["nearest_centers_mask"] == set(users) == {"magnet.py", "qtrades.py", "attack.py", "certify.py"}
+
+
 @pytest.mark.shape
 def test_benchmarks_do_not_import_the_test_file():
     """A benchmark is a user of the stage files; the test file is not a library (its generators
@@ -737,11 +775,11 @@ def test_magnet_loss_gradient_matches_finite_differences():
 # magnet.py: Eq. (4), soft nearest-cluster probabilities
 # ======================================================================================
 
-def naive_eq4(f, centers, center_classes, variance, D=None):
+def naive_eq4(f, centers, center_classes, sigma2, D=None):
     """Eq. (4) with Python floats; D nearest centres by distance."""
     out = []
     for row in f.double().tolist():
-        e = [math.exp(-sum((a - b) ** 2 for a, b in zip(row, mu)) / (2 * variance))
+        e = [math.exp(-sum((a - b) ** 2 for a, b in zip(row, mu)) / (2 * sigma2))
              for mu in centers.double().tolist()]
         keep = sorted(range(len(e)), key=lambda j: -e[j])[:D or len(e)]
         den = sum(e[j] for j in keep)
@@ -874,7 +912,7 @@ def test_fit_clusters_per_class_with_eq3_variance(capsys):
     g = torch.Generator().manual_seed(5)
     labels = torch.arange(60) % 3
     f = torch.randn(60, 6, generator=g, dtype=torch.float64) + labels[:, None] * 4.0
-    centers, center_classes, assignment, variance = magnet.fit_clusters(f, labels, 3, 2, g)
+    centers, center_classes, assignment, sigma2 = magnet.fit_clusters(f, labels, 3, 2, g)
     assert center_classes.tolist() == [0, 0, 1, 1, 2, 2] and centers.shape == (6, 6)
     assert torch.equal(center_classes[assignment], labels)              # own class's clusters only
     for j in range(6):                                                   # centres = means
@@ -884,7 +922,7 @@ def test_fit_clusters_per_class_with_eq3_variance(capsys):
         d2 = [float(((f[n] - centers[j].double()) ** 2).sum()) for j in own]
         assert own[int(np.argmin(d2))] == assignment[n]
     ref = sum(float(((f[n] - centers[assignment[n]].double()) ** 2).sum()) for n in range(60)) / 59
-    assert variance == pytest.approx(ref, rel=1e-5)
+    assert sigma2 == pytest.approx(ref, rel=1e-5)
     err = exit_code_and_message(capsys, magnet.fit_clusters, f[:7], labels[:7], 3, 3, g)
     assert "K=3" in err and "--K" in err
 
@@ -1147,9 +1185,9 @@ class Features(nn.Module):
         return x.flatten(1) * self.scale
 
 
-def clusters(centers, center_classes, variance, D=None):
+def clusters(centers, center_classes, sigma2, D=None):
     return {"centers": torch.as_tensor(centers), "center_classes": torch.as_tensor(center_classes),
-            "variance": variance, "K": 2, "alpha": 12.5, "D": D}
+            "variance": sigma2, "K": 2, "alpha": 12.5, "D": D}
 
 
 @pytest.fixture(scope="session")
@@ -2538,8 +2576,8 @@ def test_consistency_is_eq6_cross_entropy_with_finite_gradients(D):
     f = torch.randn(20, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     f_adv = (f.detach() + 0.7 * torch.randn(20, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
     keep = qtrades.nearest_mask(f, centers, D)
-    log_p = qtrades.eq4_log_probs_on(f, centers, center_classes, 1.5, keep)
-    log_q = qtrades.eq4_log_probs_on(f_adv, centers, center_classes, 1.5, keep)
+    log_p = qtrades.cluster_log_probs(f, centers, center_classes, 1.5, keep=keep)
+    log_q = qtrades.cluster_log_probs(f_adv, centers, center_classes, 1.5, keep=keep)
     # the clean distribution is Eq. (4) with D, exactly the shared block's
     assert torch.allclose(log_p, qtrades.cluster_log_probs(f, centers, center_classes, 1.5, D),
                           atol=1e-12, rtol=0)
@@ -2573,8 +2611,8 @@ def test_consistency_kl_is_trades_kl_and_ce_minus_the_clean_entropy(D):
     f = torch.randn(20, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     f_adv = (f.detach() + 0.7 * torch.randn(20, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
     keep = qtrades.nearest_mask(f, centers, D)
-    log_p = qtrades.eq4_log_probs_on(f, centers, center_classes, 1.5, keep)
-    log_q = qtrades.eq4_log_probs_on(f_adv, centers, center_classes, 1.5, keep)
+    log_p = qtrades.cluster_log_probs(f, centers, center_classes, 1.5, keep=keep)
+    log_q = qtrades.cluster_log_probs(f_adv, centers, center_classes, 1.5, keep=keep)
     kl = qtrades.consistency(log_p, log_q, "kl")
     assert torch.allclose(kl, naive_kl(log_p, log_q), atol=1e-12, rtol=1e-12)
     assert (kl.detach() >= -1e-12).all()                                   # Gibbs' inequality
@@ -2674,16 +2712,16 @@ def test_quick_adversary_is_one_signed_step_in_the_ball_and_raises_the_loss():
     x[4:8] = 1.0
     centers = model.features(torch.rand(6, 3, 8, 8, generator=g)).detach()
     center_classes = torch.tensor([0, 0, 1, 1, 2, 2])
-    variance = float(centers.var(0).sum()) / 4
+    sigma2 = float(centers.var(0).sum()) / 4
     with torch.no_grad():
         f = model.features(x)
     keep = qtrades.nearest_mask(f, centers, None)
-    log_p = qtrades.eq4_log_probs_on(f, centers, center_classes, variance, keep)
+    log_p = qtrades.cluster_log_probs(f, centers, center_classes, sigma2, keep=keep)
     calls = []
 
     def log_q_fn(z):
         calls.append(z.requires_grad)
-        return qtrades.eq4_log_probs_on(model.features(z), centers, center_classes, variance, keep)
+        return qtrades.cluster_log_probs(model.features(z), centers, center_classes, sigma2, keep=keep)
 
     eps, step = 8 / 255, 10 / 255
     state = g.get_state()
@@ -3046,7 +3084,7 @@ def traced_main(module, argv, given, snapshot=False):
             def traced_fit(features, labels, num_classes, K, generator=None, iters=100):
                 out = fit(features, labels, num_classes, K, generator, iters)
                 trace.add("fit", K=K, generator=generator, centers=out[0].clone(),
-                          center_classes=out[1].clone(), assignment=out[2].clone(), variance=out[3])
+                          center_classes=out[1].clone(), assignment=out[2].clone(), sigma2=out[3])
                 return out
             mp.setattr(cls, "sample", traced_sample)
             mp.setattr(cls, "record", traced_record)
@@ -3076,16 +3114,16 @@ def traced_main(module, argv, given, snapshot=False):
             qm, qce = qtrades.qtrades_magnet_loss, qtrades.qtrades_ce_loss
 
             def traced_qm(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
-                          variance, D, lam, kind="ce"):
+                          sigma2, D, lam, kind="ce"):
                 assert kind == given.get("consistency", "ce")
                 out = qm(f, f_adv, cluster_ids, class_ids, alpha, centers, center_classes,
-                         variance, D, lam, kind)
+                         sigma2, D, lam, kind)
                 # expected Eq. (6) from the settings the test gave, built from the oracle-tested
                 # magnet.py blocks and this file's own D-nearest mask
                 keep = nearest_keep(f, centers, given["D"])
                 cons = naive_eq6_consistency(
-                    magnet.cluster_log_probs(f, centers, center_classes, variance, keep=keep),
-                    magnet.cluster_log_probs(f_adv, centers, center_classes, variance, keep=keep))
+                    magnet.cluster_log_probs(f, centers, center_classes, sigma2, keep=keep),
+                    magnet.cluster_log_probs(f_adv, centers, center_classes, sigma2, keep=keep))
                 expected = magnet.magnet_loss(f, cluster_ids, class_ids, given["alpha"])[0] \
                     + given["lam"] * cons.mean()
                 trace.add("eq6", lam=lam, D=D, loss=out[0].detach(), expected=expected.detach(),
@@ -3336,7 +3374,7 @@ def test_magnet_sampler_draws_from_the_clusters_kmeans_made_after_the_previous_e
         assert torch.equal(trace.of("epoch", epoch)[0]["args"][4], classes)
     ckpt = torch.load(trace.results["out"], map_location="cpu", weights_only=True)
     assert torch.equal(ckpt["clusters"]["centers"], fits[2]["centers"])
-    assert ckpt["clusters"]["variance"] == fits[2]["variance"]
+    assert ckpt["clusters"]["variance"] == fits[2]["sigma2"]
 
 
 @pytest.mark.wiring
@@ -3441,12 +3479,12 @@ def test_qtrades_magnet_adversary_is_one_step_of_step_from_the_uniform_start(qtr
 
         def distribution_of_step(i, trace=trace, epochs=epochs, D=D):
             clusters = trace.of("epoch", epochs[i])[0]["args"][4]       # the epoch's clusters
-            centers, classes, variance = (clusters[k] for k in ("centers", "center_classes", "variance"))
+            centers, classes, sigma2 = (clusters[k] for k in ("centers", "center_classes", "variance"))
 
             def distribution(model, x):
                 keep = nearest_keep(model.features(x), centers, D)         # the clean D nearest
                 return lambda z: magnet.cluster_log_probs(model.features(z), centers, classes,
-                                                          variance, keep=keep)
+                                                          sigma2, keep=keep)
             return distribution
         check_adversaries(trace, distribution_of_step)
 
@@ -3494,7 +3532,7 @@ def test_qtrades_loop_wiring_sampler_clusters_D_and_augmentation(qtrades_traces,
     for epoch in (1, 2):                   # the clusters of the k-means after the previous epoch
         clusters = trace.of("epoch", epoch)[0]["args"][4]
         assert torch.equal(clusters["centers"], fits[epoch - 1]["centers"])
-        assert clusters["variance"] == fits[epoch - 1]["variance"]
+        assert clusters["variance"] == fits[epoch - 1]["sigma2"]
         assert all(torch.equal(s["assignment"], fits[epoch - 1]["assignment"])
                    for s in trace.of("sample", epoch))
     assert all(e["D"] == 4 for e in trace.of("eq6")) and all(e["D"] == 4 for e in trace.of("eq4") if e["keep"] is None)
@@ -4582,18 +4620,18 @@ def relu_like_clusters(seed, n, dim=512, classes=100, K=2, spread=0.03, close=Fa
     centers = (base + 0.5 * torch.randn(classes * K, dim, generator=g, dtype=torch.float64)).clamp_min(0)
     own = torch.randint(classes * K, (n,), generator=g)
     noisy = (centers[own] + spread * torch.randn(n, dim, generator=g, dtype=torch.float64)).clamp_min(0)
-    variance = float((noisy - centers[own]).pow(2).sum() / (n - 1))
+    sigma2 = float((noisy - centers[own]).pow(2).sum() / (n - 1))
     f = centers[own] + 2e-4 * torch.randn(n, dim, generator=g, dtype=torch.float64) if close else noisy
     center_classes = torch.arange(classes).repeat_interleave(K)
-    return f, centers, center_classes, center_classes[own], variance
+    return f, centers, center_classes, center_classes[own], sigma2
 
 
-def explicit_eq4(f, centers, center_classes, variance, D=None, sq=None):
+def explicit_eq4(f, centers, center_classes, sigma2, D=None, sq=None):
     """Eq. (4) in log space from explicit [n, M, d] differences and an [n, classes, M] masked
     logsumexp (the form the eq4 block had before issue 15); sq: other squared distances."""
     if sq is None:
         sq = (f[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
-    s = -sq / (2 * variance)
+    s = -sq / (2 * sigma2)
     if D is not None:
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, sq.detach().topk(D, 1, largest=False).indices, True)
         s = s.masked_fill(~keep, float("-inf"))
@@ -4687,7 +4725,7 @@ def test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set()
         expected = torch.zeros_like(keep).scatter_(1, sq.topk(D, 1, largest=False).indices, True)
         assert torch.equal(keep, expected)
         log_p = magnet.cluster_log_probs(f.float(), mu.float(), cc, var, D)
-        assert torch.equal(log_p, qtrades.eq4_log_probs_on(f.float(), mu.float(), cc, var, keep))
+        assert torch.equal(log_p, qtrades.cluster_log_probs(f.float(), mu.float(), cc, var, keep=keep))
     assert qtrades.nearest_mask(f, mu, None).all() and qtrades.nearest_mask(f, mu, 40).all()
 
 

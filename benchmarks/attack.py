@@ -76,9 +76,9 @@ def build_models(workdir):
         center_classes += [c, c]
         own.append((fc[:, None] - mu[None]).pow(2).sum(-1).min(1).values)
     own = torch.cat(own)
-    variance = float(own.sum() / (len(own) - 1))
+    sigma2 = float(own.sum() / (len(own) - 1))
     paths = {"nominal": nom}
-    for name, v in (("clustering", variance), ("clustering-sharp", variance / 100)):
+    for name, v in (("clustering", sigma2), ("clustering-sharp", sigma2 / 100)):
         path = os.path.join(workdir, f"{name}.pt")
         nominal.save_checkpoint(dict(ck, stage="magnet", model={k: t for k, t in ck["model"].items()
                                                                  if not k.startswith("head.")},

@@ -49,9 +49,9 @@ except ImportError:
     torchattacks = None
 
 
-def clustering_from_nominal(nom, data, out, variance_scale=1.0, D=None):
+def clustering_from_nominal(nom, data, out, sigma2_scale=1.0, D=None):
     """A clustr/1 'magnet' checkpoint from a nominal one: K = 2 centres per class (median split of
-    the first principal direction), sigma^2 = Eq. (3)'s over the training split x variance_scale."""
+    the first principal direction), sigma^2 = Eq. (3)'s over the training split x sigma2_scale."""
     ck = torch.load(nom, map_location="cpu", weights_only=True)
     model = attack.build_model(ck["arch"], ck["data"], with_head=True)
     model.load_state_dict(ck["model"])
@@ -69,10 +69,10 @@ def clustering_from_nominal(nom, data, out, variance_scale=1.0, D=None):
         center_classes += [c, c]
         own.append((fc[:, None] - mu[None]).pow(2).sum(-1).min(1).values)
     own = torch.cat(own)
-    variance = float(own.sum() / (len(own) - 1)) * variance_scale
+    sigma2 = float(own.sum() / (len(own) - 1)) * sigma2_scale
     ckpt = dict(ck, stage="magnet", model={k: v for k, v in ck["model"].items() if not k.startswith("head.")},
                 clusters={"centers": torch.cat(centers), "center_classes": torch.tensor(center_classes),
-                          "variance": variance, "K": 2, "alpha": 12.5, "D": D})
+                          "variance": sigma2, "K": 2, "alpha": 12.5, "D": D})
     ckpt.pop("resume", None)
     nominal.save_checkpoint(ckpt, out)
     return out

@@ -32,16 +32,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import magnet  # noqa: E402  (the eq4 block: sq_distances, cluster_log_probs)
 
 
-def explicit_log_probs(features, centers, center_classes, variance, D=None):
+def explicit_log_probs(features, centers, center_classes, sigma2, D=None):
     """The previous eq4 block: explicit [n, M, d] differences, [n, classes, M] logsumexp."""
     sq = (features[:, None, :] - centers[None, :, :]).pow(2).sum(-1)      # [n, M]
-    return _masked_logsumexp(-sq / (2 * variance), sq, center_classes, D)
+    return _masked_logsumexp(-sq / (2 * sigma2), sq, center_classes, D)
 
 
-def expanded_log_probs(features, centers, center_classes, variance, D=None):
+def expanded_log_probs(features, centers, center_classes, sigma2, D=None):
     """The expanded form of the eq4 block with the previous [n, classes, M] logsumexp."""
     sq = magnet.sq_distances(features, centers)
-    return _masked_logsumexp(-sq / (2 * variance), sq, center_classes, D)
+    return _masked_logsumexp(-sq / (2 * sigma2), sq, center_classes, D)
 
 
 def _masked_logsumexp(s, sq, center_classes, D):
@@ -66,15 +66,15 @@ def synthetic(n, dim, classes, K, device, seed=0):
     centers = (base + 0.5 * torch.randn(classes * K, dim, generator=g)).clamp_min(0)
     own = torch.randint(classes * K, (n,), generator=g)
     features = (centers[own] + 0.03 * torch.randn(n, dim, generator=g)).clamp_min(0)
-    variance = float((features - centers[own]).pow(2).sum() / (n - 1))
+    sigma2 = float((features - centers[own]).pow(2).sum() / (n - 1))
     center_classes = torch.arange(classes).repeat_interleave(K)
     return (features.to(device), centers.to(device), center_classes.to(device),
-            center_classes[own].to(device), variance)
+            center_classes[own].to(device), sigma2)
 
 
-def forward_backward(form, f, centers, center_classes, labels, variance, D):
+def forward_backward(form, f, centers, center_classes, labels, sigma2, D):
     f = f.detach().requires_grad_()
-    log_p = form(f, centers, center_classes, variance, D)
+    log_p = form(f, centers, center_classes, sigma2, D)
     (-log_p.gather(1, labels[:, None])).sum().backward()                   # cross-entropy on Eq. (4)
     return log_p.detach()
 
@@ -117,19 +117,19 @@ def main(argv=None):
           f"{args.classes} classes x K = {args.K} = {M} centres, d = {args.dim} | best of {args.repeats}")
     print(f"{'batch':>5} {'D':>4} {'form':<9} {'fwd+bwd ms':>10} {'speed-up':>8} {'max |dlog p|':>13}")
     for n in args.batch:
-        f, centers, center_classes, labels, variance = synthetic(
+        f, centers, center_classes, labels, sigma2 = synthetic(
             n, args.dim, args.classes, args.K, device)
         for D in args.D:
             D = D or None
             reference = explicit_log_probs(f.double(), centers.double(), center_classes,
-                                           variance, D)
+                                           sigma2, D)
             finite = torch.isfinite(reference)
             base = None
             for name, form in FORMS.items():
-                log_p = forward_backward(form, f, centers, center_classes, labels, variance, D)
+                log_p = forward_backward(form, f, centers, center_classes, labels, sigma2, D)
                 error = float((log_p.double() - reference)[finite].abs().max())
                 sec = timed(lambda: forward_backward(form, f, centers, center_classes, labels,
-                                                     variance, D), device, args.repeats)
+                                                     sigma2, D), device, args.repeats)
                 base = base or sec
                 print(f"{n:>5} {D or 'all':>4} {name:<9} {sec * 1e3:10.1f} {base / sec:7.1f}x "
                       f"{error:13.1e}", flush=True)

@@ -302,12 +302,12 @@ def cluster_update(stage, model, train, test, args, generator, sampler):
     """What magnet.py's and qtrades.py's cluster_and_evaluate (inside their main) run after every
     epoch: the stage's update_clusters, the test features and their Eq. (4) accuracy, the
     sampler's new clusters.  -> the checkpoint's `clusters` entry."""
-    centers, center_classes, assignment, variance, _ = stage.update_clusters(
+    centers, center_classes, assignment, sigma2, _ = stage.update_clusters(
         model, train, PAPER["classes"], args, generator)
     test_features = stage.features_of(model, test[0], args.batch_size, args.amp)
-    stage.eq4_accuracy(test_features, test[1], centers, center_classes, variance, args.D)
+    stage.eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
     sampler.set_clusters(assignment, centers, center_classes)
-    return stage.clusters_entry(centers, center_classes, variance, args)
+    return stage.clusters_entry(centers, center_classes, sigma2, args)
 
 
 def few_batches(sampler, k):

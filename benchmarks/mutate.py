@@ -79,11 +79,11 @@ MUTANTS = [
       "        sampler.record(idx.flip(0), per_example)                        # Rippel",
       "magnet: losses recorded at the wrong rows"),
     M("magnet.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
-                   "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                   "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
                    "    return clusters, center_classes,",
       "    if epoch == 0:\n"
       "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
       "    return clusters, center_classes,",
       "magnet: the sampler keeps the epoch-0 clusters forever"),
     M("magnet.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
@@ -100,8 +100,8 @@ MUTANTS = [
     M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
       "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
     M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
-    M("magnet.py", "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, args.D)",
-      "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, variance, None)",
+    M("magnet.py", "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, args.D)",
+      "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, None)",
       "magnet: --D ignored in the test accuracy"),
     M("magnet.py", "        loss_sum += float(per_example.sum())",
       "        loss_sum += float(per_example.mean())", "magnet: logged train loss wrong"),
@@ -164,11 +164,11 @@ MUTANTS = [
       "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
       "QTRADES: the adversary is crafted in train mode"),
     M("qtrades.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
-                    "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+                    "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
                     "    return clusters, {",
       "    if epoch == 0:\n"
       "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    clusters = clusters_entry(centers, center_classes, variance, args)\n"
+      "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
       "    return clusters, {",
       "ClusTR+QTRADES: the sampler keeps the epoch-0 clusters forever"),
     M("qtrades.py", "    run.clusters, metrics = cluster_and_evaluate(run, epoch)",
