@@ -1750,7 +1750,8 @@ ATTACK_MEANING = (
     "checks, ok true (passed), false (failed), null (skipped), with their numbers. examples: per "
     "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
     "fooled it first, or null). world_size: the processes that shared the work (torchrun; 1 for a "
-    "plain run); it changes no figure, only seconds.")
+    "plain run); it changes no figure, only seconds. compile_seconds (with --compile only): the "
+    "seconds of torch.compile's first calls, part of seconds.")
 
 
 # ======================================================================================
