@@ -2930,31 +2930,45 @@ def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run,
 # ======================================================================================
 
 FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
+
+
+@background_job("fashion-mnist", test="test_every_training_stage_learns_on_1000_real_fashion_mnist_images")
+def start_fashion_mnist(request):
+    """The three training stages' main() one after another in one fresh interpreter (one torch
+    import): -> (folder, process); the folder gets results.json, {stage: what its main returned}."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp("fashion")
+    common = ["--data", "fashion-mnist", "--data-dir", FASHION_MNIST_DIR, "--width", "8",
+              "--limit", "1000", "--device", "cpu"]
+    runs = {"nominal": common + ["--epochs", "1", "--milestones", "--lr", "1e-3", "-b", "32", "--out", f"{tmp}/n.pt"],
+            "magnet": common + ["--init", f"{tmp}/n.pt", "--epochs", "1", "--out", f"{tmp}/m.pt"],
+            "qtrades": common + ["--init", f"{tmp}/n.pt", "--loss", "magnet", "--epochs", "1", "--out", f"{tmp}/q.pt"]}
+    child = ("import importlib, json, sys\n"
+             "runs = json.loads(sys.argv[1])\n"
+             "done = {stage: importlib.import_module(stage).main(argv) for stage, argv in runs.items()}\n"
+             f"json.dump(done, open({str(tmp / 'results.json')!r}, 'w'), default=str)\n")
+    return lambda: (tmp, subprocess.run([sys.executable, "-c", child, json.dumps(runs)], cwd=ROOT, text=True,
+                                        capture_output=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")))
 
 
 @pytest.mark.smoke
-@pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")),
-                    reason=f"real Fashion-MNIST files not in {FASHION_MNIST_DIR}: `apt-get install "
-                           f"dataset-fashion-mnist` (Debian) or set FASHION_MNIST_DIR")
-def test_every_training_stage_learns_on_1000_real_fashion_mnist_images(tmp_path):
+@pytest.mark.skipif(not FASHION_MNIST, reason=f"real Fashion-MNIST files not in {FASHION_MNIST_DIR}: `apt-get "
+                                              f"install dataset-fashion-mnist` (Debian) or set FASHION_MNIST_DIR")
+def test_every_training_stage_learns_on_1000_real_fashion_mnist_images(background):
     """One short epoch per training stage on the first 1,000 real training images (and the first
     1,000 test images).  Chance is 10%; a width-8 ResNet18 reaches about 60-65% here after one
     nominal epoch; the clustering stages start from it and must keep well above chance.  qtrades.py
     runs its Magnet variant only: `--loss ce` reads the same data through the same code (its own
     wiring is tested on generated images), and each real-data run costs seconds."""
-    common = ["--data", "fashion-mnist", "--data-dir", FASHION_MNIST_DIR, "--width", "8",
-              "--limit", "1000", "--device", "cpu"]
-    nom = nominal.main(common + ["--epochs", "1", "--milestones", "--lr", "1e-3", "-b", "32",
-                                 "--out", str(tmp_path / "n.pt")])
-    assert nom["test_accuracy"] > 0.45, nom
-    ckpt = torch.load(tmp_path / "n.pt", map_location="cpu", weights_only=True)
+    tmp, proc = background["fashion-mnist"].result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.load(open(tmp / "results.json"))
+    assert done["nominal"]["test_accuracy"] > 0.45, done["nominal"]
+    ckpt = torch.load(tmp / "n.pt", map_location="cpu", weights_only=True)
     assert ckpt["arch"]["in_channels"] == 1 and ckpt["data"]["image_size"] == [28, 28]
-    mag = magnet.main(common + ["--init", str(tmp_path / "n.pt"), "--epochs", "1",
-                                "--out", str(tmp_path / "m.pt")])
-    assert mag["test_accuracy"] > 0.40, mag
-    q = qtrades.main(common + ["--init", str(tmp_path / "n.pt"), "--loss", "magnet", "--epochs", "1",
-                               "--out", str(tmp_path / "q.pt")])
-    assert q["test_accuracy"] > 0.40, q
+    assert done["magnet"]["test_accuracy"] > 0.40, done["magnet"]
+    assert done["qtrades"]["test_accuracy"] > 0.40, done["qtrades"]
+    assert proc.stdout.count("1000 train, 1000 test, 10 classes") == 3
 # ######################################################################################
 # wiring: every piece of each training loop reaches what it feeds (instrumented runs)
 # ######################################################################################
