@@ -3963,6 +3963,12 @@ def start_signals(request):
     """-> run(), which starts two training processes side by side, sends SIGINT to one and SIGTERM
     to the other after their first epoch, and returns {signal: (checkpoint path, exit code, stderr)}."""
     folder, tmp = request.getfixturevalue("image_folder"), request.getfixturevalue("tmp_path_factory").mktemp("signals")
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A shell's background job starts with SIGINT ignored, and a child inherits that; a user's
+        # run does not.  With Python's own handler here, exec gives the children the default (set
+        # here, in the main thread: a preexec_fn in the worker thread could deadlock the child).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     return lambda: send_signals(folder, tmp)
 
 
@@ -3974,9 +3980,7 @@ def send_signals(image_folder, tmp_path):
             [sys.executable, os.path.join(ROOT, "nominal.py"), "--data", "folder", "--data-dir", image_folder,
              "--width", "4", "--epochs", "200", "-b", "64", "--out", out],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
-            # a shell's background job inherits SIGINT ignored; a user's run does not
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
     for sig, (out, proc) in procs.items():
         for line in proc.stdout:                                    # wait for the first epoch's row
             if line.strip().startswith("1/200"):
