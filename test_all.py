@@ -65,10 +65,21 @@ def one_torch_thread():
 # helpers
 # ======================================================================================
 
+# The environment as the session found it: the background jobs below start their interpreters with
+# it, not with os.environ, which a test in the main thread may be changing at that moment
+# (monkeypatch.setenv("WORLD_SIZE", ...) would make a stage started then join a torchrun group).
+SESSION_ENV = dict(os.environ)
+
+
+def child_env():
+    """SESSION_ENV on one thread (OMP_NUM_THREADS=1: the suite's float sums, and a share of the cores)."""
+    return dict(SESSION_ENV, OMP_NUM_THREADS="1")
+
+
 def run_script(script, *args, cwd=None):
     """Run a stage as a user would; returns (exit code, stdout, stderr)."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          text=True, cwd=cwd or ROOT, timeout=600, env=child_env())
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -1639,7 +1650,7 @@ def start_export(request):
              "    torch.save([model(x) for x in xs], 'zs.pt')\n"
              "assert not any(n in sys.modules for n in ('attack', 'certify')), 'the repository was imported'\n"
              "assert not any(p and __import__('os').path.isfile(p + '/attack.py') for p in sys.path)\n")
-    return lambda: (folder, xs, subprocess.run([sys.executable, "-I", "-c", child], cwd=str(folder),
+    return lambda: (folder, xs, subprocess.run([sys.executable, "-I", "-c", child], cwd=str(folder), env=child_env(),
                                                capture_output=True, text=True, timeout=300))
 
 
@@ -2948,7 +2959,7 @@ def start_fashion_mnist(request):
              "done = {stage: importlib.import_module(stage).main(argv) for stage, argv in runs.items()}\n"
              f"json.dump(done, open({str(tmp / 'results.json')!r}, 'w'), default=str)\n")
     return lambda: (tmp, subprocess.run([sys.executable, "-c", child, json.dumps(runs)], cwd=ROOT, text=True,
-                                        capture_output=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")))
+                                        capture_output=True, timeout=600, env=child_env()))
 
 
 @pytest.mark.smoke
@@ -3980,7 +3991,7 @@ def send_signals(image_folder, tmp_path):
             [sys.executable, os.path.join(ROOT, "nominal.py"), "--data", "folder", "--data-dir", image_folder,
              "--width", "4", "--epochs", "200", "-b", "64", "--out", out],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=dict(os.environ, OMP_NUM_THREADS="1"))
+            env=child_env())
     for sig, (out, proc) in procs.items():
         for line in proc.stdout:                                    # wait for the first epoch's row
             if line.strip().startswith("1/200"):
@@ -4112,7 +4123,7 @@ def without_timing(result):
 
 def torchrun(nproc, args, cwd):
     """attack.py under `python -m torch.distributed.run --standalone` (torchrun) on CPU processes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")        # both runs on one thread: the same float sums
+    env = child_env()                                  # both runs on one thread: the same float sums
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", str(nproc), os.path.join(ROOT, "attack.py"), *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
