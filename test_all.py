@@ -125,8 +125,10 @@ def background(request, one_torch_thread):
             try:
                 with torch.random.fork_rng(devices=[]):     # the tests' global stream as it was
                     jobs[name] = pool.submit(prepare(request))
-            except Exception as error:             # a fixture it needs failed: its test reports it
-                jobs[name] = concurrent.futures.Future()
+            except (KeyboardInterrupt, pytest.exit.Exception):
+                raise
+            except BaseException as error:         # a fixture it needs failed, exited or skipped:
+                jobs[name] = concurrent.futures.Future()  # its test alone reports it
                 jobs[name].set_exception(error)
     yield jobs
     pool.shutdown(wait=True, cancel_futures=True)
@@ -294,7 +296,7 @@ def test_one_name_per_paper_symbol_and_one_helper_for_the_d_nearest_centres():
     """README "Paper symbols, flags, variables": each name of its code column is a name in the
     stages' code, and sigma^2 is never `variance` there (the checkpoint and log key stays
     "variance"); the D nearest centres of Eq. (4) come from the eq4 block's nearest_centers_mask
-    alone (every other `.topk` of a stage is k-means re-seeding an empty cluster)."""
+    alone: every other ranking (topk, sort, argsort, kthvalue) of a stage is one of those below."""
     with open(os.path.join(ROOT, "README.md")) as f:
         table = f.read().split("### Paper symbols, flags, variables")[1].split("\n## ")[0]
     documented = {name for row in table.splitlines()[4:] if row.startswith("|")
@@ -309,10 +311,14 @@ def test_one_name_per_paper_symbol_and_one_helper_for_the_d_nearest_centres():
         for fn in ast.walk(tree):
             if isinstance(fn, ast.FunctionDef):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.Attribute) and node.attr == "topk":
+                    if isinstance(node, ast.Attribute) and node.attr in ("topk", "sort", "argsort", "kthvalue"):
                         topk.setdefault(fn.name, set()).add(stage)
     assert documented <= names, documented - names
-    assert set(topk) == {"nearest_centers_mask", "_lloyd"}, topk
+    assert set(topk) == {"nearest_centers_mask",  # the D nearest centres (Eq. (4), Sec. 4.2)
+                         "_lloyd",                # k-means: the farthest points re-seed empty clusters
+                         "set_clusters",          # the sampler: rows by cluster, impostor clusters (App. A)
+                         "rank_targets",          # attack.py: target classes by score (APGD-T's order)
+                         "plot_curves"}, topk     # certify.py: radii sorted for the plot
     users = [s for s in PRESENT if "nearest_centers_mask(" in open(os.path.join(ROOT, s)).read()]
     assert topk["nearest_centers_mask"] == set(users) == {"magnet.py", "qtrades.py", "attack.py", "certify.py"}
 
@@ -2940,7 +2946,7 @@ def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run,
 # real images: Fashion-MNIST (Debian's dataset-fashion-mnist; .ci/run installs it when it can)
 # ======================================================================================
 
-FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = os.path.abspath(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
 
 
@@ -2948,6 +2954,8 @@ FASHION_MNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1
 def start_fashion_mnist(request):
     """The three training stages' main() one after another in one fresh interpreter (one torch
     import): -> (folder, process); the folder gets results.json, {stage: what its main returned}."""
+    if not FASHION_MNIST:
+        return lambda: None                         # its test is skipped: no interpreter, no download
     tmp = request.getfixturevalue("tmp_path_factory").mktemp("fashion")
     common = ["--data", "fashion-mnist", "--data-dir", FASHION_MNIST_DIR, "--width", "8",
               "--limit", "1000", "--device", "cpu"]
