@@ -1788,6 +1788,110 @@ def test_targets_are_ranked_over_all_centres_and_never_the_true_class():
     assert attack.parse_args([]).targets is None                           # resolved in main: min(9, C - 1)
 
 
+class Linear64(nn.Module):
+    """A 3-class linear classifier computed in float64 (each row's value independent of the batch
+    around it): an attack's per-example result is the same in a batch of 1 as in a batch of 40."""
+
+    def __init__(self, seed=0, classes=3, pixels=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W, self.b = torch.randn(classes, pixels, generator=g, dtype=torch.float64), torch.zeros(classes)
+
+    def forward(self, x):
+        return F.log_softmax(x.double().flatten(1) @ self.W.T * 8 + self.b, 1)
+
+
+def linear_setup(n=40, seed=0):
+    """uint8 images [n, 1, 4, 4] around mid-grey, labels = the clean prediction except every 7th
+    (misclassified), and args of short attacks that fool some examples, each loss others."""
+    clf = Linear64(seed)
+    g = torch.Generator().manual_seed(seed)
+    images = (128 + 40 * torch.randn(n, 1, 4, 4, generator=g)).clamp(0, 255).to(torch.uint8)
+    labels = clf(attack.to_float(images)).argmax(1)
+    labels[::7] = (labels[::7] + 1) % 3
+    args = attack.parse_args(["--eps", "12/255", "--steps", "2", "--step", "2/255", "--schedule", "constant",
+                              "--targets", "1", "--square-queries", "40", "--loss", "ce", "margin-t",
+                              "margin", "square", "--no-fold-bn"])
+    return {"clf": clf, "fast": clf, "re_attacked": 0}, images, labels, args
+
+
+@pytest.mark.oracle
+def test_cascade_and_per_loss_equal_a_naive_loop_of_each_example_alone():
+    net, images, labels, args = linear_setup()
+    eps, losses, n = args.eps[0], args.loss, len(labels)
+    natural = attack.natural_mask(net["clf"], images, labels, 500)
+
+    def alone(i, loss):                          # one example, one loss, its own stream (index i)
+        out = torch.zeros(1, 1, 4, 4)
+        still = attack.attack_split(net, images[i:i + 1], labels[i:i + 1], args, eps, loss, args.seed,
+                                    adv=out, index=torch.tensor([i]))
+        return bool(still), out[0]
+    single = {(i, l): alone(i, l) for i in range(n) for l in losses}
+    # the cascade: an example meets the losses in order until one fools it; that one's image is kept
+    robust, fooled_by, images_kept = [], [], attack.to_float(images).clone()
+    for i in range(n):
+        first = next((j for j, l in enumerate(losses) if not single[i, l][0]), -1)
+        robust.append(first == -1)
+        fooled_by.append(first if first >= 0 and natural[i] else -1)
+        if first >= 0:
+            images_kept[i] = single[i, losses[first]][1]
+    adv = torch.zeros(n, 1, 4, 4)
+    worst, got_by, rows = attack.cascade(net, images, labels, args, eps, losses, natural, None, adv=adv)
+    assert worst.tolist() == robust and got_by.tolist() == fooled_by and torch.equal(adv, images_kept)
+    for j, row in enumerate(rows):              # what each row counts, from the naive verdicts
+        before = [all(single[i, l][0] for l in losses[:j]) for i in range(n)]
+        after = [b and single[i, losses[j]][0] and bool(natural[i]) for i, b in enumerate(before)]
+        assert row["attacked"] == sum(before) and row["robust_accuracy"] == pytest.approx(sum(after) / n)
+        assert row["fooled"] == sum(b and not single[i, losses[j]][0] and bool(natural[i])
+                                    for i, b in enumerate(before)) and row["disagreements"] == 0
+    assert sum(r["fooled"] > 0 for r in rows) >= 3      # the order matters: three losses fool someone
+    # --per-loss: every loss on every example; the worst case's image is the first fooling loss's
+    adv = torch.zeros(n, 1, 4, 4)
+    worst, got_by, rows, masks = attack.per_loss(net, images, labels, args, eps, losses, natural, None, adv=adv)
+    assert worst.tolist() == robust and got_by.tolist() == fooled_by and torch.equal(adv, images_kept)
+    for l, row in zip(losses, rows):
+        mine = [single[i, l][0] and bool(natural[i]) for i in range(n)]
+        assert masks[l].tolist() == mine and row["robust_accuracy"] == pytest.approx(sum(mine) / n) and row["attacked"] == n
+        assert row["fooled"] == sum(not single[i, l][0] and bool(natural[i]) for i in range(n))
+    assert len({tuple(m.tolist()) for m in masks.values()}) >= 3      # the losses fool different examples
+
+
+class Shift(nn.Module):
+    """2 classes, margin of class 0 = 10 (mean pixel - 0.5): a verdict exactly as far from the
+    decision boundary as a test wants."""
+
+    def forward(self, x):
+        m = 10 * (x.flatten(1).mean(1) - 0.5)
+        return torch.stack([m, -m], 1) / 2
+
+
+@pytest.mark.oracle
+def test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them(capsys):
+    args = attack.parse_args(["--eps", "8/255"])
+    images, labels = torch.full((4, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    x = attack.to_float(images)                                            # margin 10 * (128/255 - 0.5) > 0
+    eps, tol = 8 / 255, attack.RECOMPUTE_MARGIN[False]
+    claimed = torch.tensor([True, True, False, False])
+    adv = x.clone()
+    adv[2:] -= x[2:].mean() - 0.5 - tol / 40      # margins +tol / 4: correct; the bookkeeping says fooled
+    robust, differ = attack.recompute(Shift(), adv, images, labels, eps, claimed, args, "test")
+    assert robust.tolist() == [True] * 4 and differ == 2                   # counted, within rounding
+    for bad in ("margin", "ball", "box", "nan"):
+        broken = adv.clone()
+        if bad == "margin":
+            broken[2:] += 4 * tol / 10                                     # margin 4.25 tol: beyond rounding
+        elif bad == "ball":
+            broken[0] += eps + 2e-6
+        elif bad == "box":                                                 # (checked at eps 1)
+            broken[1, 0, 0, 0] = -2e-6
+        else:
+            broken[3] = float("nan")
+        with pytest.raises(SystemExit) as info:
+            attack.recompute(Shift(), broken, images, labels, eps if bad != "box" else 1.0, claimed, args, "test")
+        assert info.value.code == 1, bad
+        assert "contradicts the attack's bookkeeping" in capsys.readouterr().err, bad
+
+
 BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and the check that must fail
     "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "objective_rises"),
     "step 0": ("eta = step_size(step, eps, k, steps, schedule)",
@@ -1796,7 +1900,7 @@ BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and 
                                         "new = live & (lp.detach().argmax(1) != y0) & (k == steps)",
                                         "square_finds_little"),
     "no projection": ("xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)",
-                      "xk = xk + eta * grad.sign()", "in_ball"),
+                      "xk = xk + eta * grad.sign()", "recompute"),
 }
 
 
@@ -1819,7 +1923,11 @@ def checks_on_band(module):
                               "--check-budget", "0", "--loss", "margin-t", "square"])
     images, labels = torch.full((50, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
     natural, stats = module.natural_mask(clf, images, labels, 500), {}
-    worst, fooled_by, rows = module.cascade(net, images, labels, args, 0.1, args.loss, natural, None, stats)
+    try:
+        worst, fooled_by, rows = module.cascade(net, images, labels, args, 0.1, args.loss, natural, None, stats)
+    except SystemExit as e:                         # the recomputed result contradicts the attack
+        assert e.code == 1
+        return {"recompute": False, "in_ball": module.check_in_ball(net, "cpu")["ok"]}
     rows = [dict(r, eps=0.1, D=None) for r in rows]
     checks = module.run_checks(net, images, labels, args, args.loss, rows, natural,
                                [(None, 0.1, worst, fooled_by)], 0.1, 1.0, stats)
@@ -1841,6 +1949,8 @@ def test_each_broken_attack_fails_a_check_and_the_correct_one_passes_them_all(tm
         spec.loader.exec_module(module)
         ok = checks_on_band(module)
         assert ok[catches] is False, (name, ok)
+        assert ok.get("recompute", True) is (catches != "recompute"), (name, ok)   # only for the ball
+    assert ok["in_ball"] is False                   # the ball check fails on its own too (no projection)
 
 
 @pytest.mark.smoke
@@ -1887,6 +1997,41 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
     out = capsys.readouterr().out
     assert "near_zero_at_large_eps   FAILED" in out and "cannot reach the decision boundary" in out
     assert json.load(open(tmp_path / "c.json"))["checks"]["near_zero_at_large_eps"]["ok"] is False
+
+
+BROKEN_BOOKKEEPING = {  # a copy of attack.py whose record of the attack is wrong in one place
+    "a fooled example kept as robust": ("        alive[idx] = robust\n", "        alive[idx] = robust | natural[idx]\n"),
+    "the fooling image never kept": ("        adv[idx[~robust]] = part[~robust]\n", ""),
+    "the image of another example kept": ("        adv[first] = part[first]\n", "        adv[first] = part[first].flip(0)\n"),
+}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("name", BROKEN_BOOKKEEPING)
+def test_a_run_whose_bookkeeping_is_broken_exits_1_and_writes_no_result(name, nominal_run, image_folder, tmp_path,
+                                                                         capsys):
+    import importlib.util
+    old, new = BROKEN_BOOKKEEPING[name]
+    text = open(os.path.join(ROOT, "attack.py")).read()
+    assert text.count(old) == 1
+    path = tmp_path / "attack_broken.py"
+    path.write_text(text.replace(old, new))
+    spec = importlib.util.spec_from_file_location("attack_broken", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out" / "a.json"
+    argv = ["--ckpt", nominal_run[1], "--data-dir", image_folder, "--limit", "30", "--steps", "3",
+            "--square-queries", "30", "--eps", "16/255", "--no-checks", "--out", str(out),
+            "--save-adv", str(tmp_path / "out" / "adv.pt")] + (["--per-loss"] if "another" in name else [])
+    res = attack.main(argv)                                                # the intact attack: no disagreement
+    assert all(r["disagreements"] == 0 for r in res["results"]) and res["results"][-1]["robust_accuracy"] < 1
+    for f in os.listdir(out.parent):
+        os.remove(out.parent / f)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 1 and "contradicts the attack's bookkeeping" in capsys.readouterr().err
+    assert os.listdir(out.parent) == []                     # no result, no log, no images, no lock
 
 
 # ######################################################################################
