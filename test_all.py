@@ -1774,6 +1774,109 @@ def test_square_fools_where_gradients_are_masked_stays_in_the_ball_and_is_seeded
     assert [attack.square_side(i, 1000, 32) for i in (1, 10, 999)] == [29, 14, 1]  # p 0.8, 0.2, 0.8/512
 
 
+class Recorder(nn.Module):
+    """2 classes; the margin of class 0 is c + w . x with w zero outside a few pixels, so a query
+    that changes only other pixels ties.  Keeps a copy of every batch it is asked about."""
+
+    def __init__(self, w, c):
+        super().__init__()
+        self.w, self.c, self.seen = w, c, []
+
+    def margin(self, x):
+        return self.c + x.flatten(1).double() @ self.w
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        m = self.margin(x)
+        return F.log_softmax(torch.stack([m, -m], 1) / 2, 1)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("c", [3.0, -0.1])                  # never fooled; fooled by some queries
+def test_square_accepts_exactly_the_queries_that_lower_the_margin_in_windows_of_its_schedule(c):
+    g = torch.Generator().manual_seed(1)
+    n, C, H, W, eps, queries = 12, 2, 4, 4, 0.1, 150
+    w = torch.zeros(C * H * W, dtype=torch.float64)
+    w[[5, 18, 31]] = torch.tensor([-1.0, 2.0, 1.5], dtype=torch.float64)   # three pixels matter
+    clf = Recorder(w, c)
+    x = torch.rand(n, C, H, W, generator=g)
+    x[:3] = x[:3].round()                                                  # corners of [0, 1]
+    if c < 0:                                    # clean margin 0.3 everywhere, -0.15 at the best vertex
+        x = x.flatten(1)
+        x[:, [5, 18, 31]] = torch.tensor([0.5, 0.3, 0.2])
+        x = x.view(n, C, H, W)
+    y = torch.zeros(n, dtype=torch.long)
+    x_adv, still = attack.square(clf, x, y, eps, queries, torch.Generator().manual_seed(0))
+    # the replay: the stripes, then query i (1-based) accepted iff its margin is below the best so
+    # far, or it fools; changes only inside one side x side window of square_side's schedule
+    rows = torch.arange(n)
+    current, best = clf.seen[1].clone(), clf.margin(clf.seen[1])
+    assert torch.equal(clf.seen[0], x) and ((current - x).abs() <= eps + 1e-6).all()
+    touched = torch.zeros(H, W, dtype=torch.bool)
+    fooled, kept = torch.zeros(n, dtype=torch.bool), x.clone()
+    fooled |= best < 0
+    kept[fooled] = current[fooled]
+    for i, q in enumerate(clf.seen[2:], 1):
+        live = rows[~fooled]                                                  # the rows asked about
+        assert len(q) == len(live)
+        diff = (q != current[live]).any(1)                                     # [m, H, W]
+        for d in diff:
+            if d.any():
+                r, cc = d.any(1).nonzero(), d.any(0).nonzero()
+                side = attack.square_side(i, queries, H)
+                assert r.max() - r.min() < side and cc.max() - cc.min() < side, i
+                touched |= d
+        assert ((q - x[live]).abs() <= eps + 1e-6).all() and q.min() >= 0 and q.max() <= 1
+        m = clf.margin(q)
+        better = (m < best[live]) | (m < 0)
+        current[live[better]], best[live[better]] = q[better], m[better]
+        newly = live[m < 0]
+        fooled[newly], kept[newly] = True, q[m < 0]
+    kept[~fooled] = current[~fooled]
+    assert torch.equal(x_adv, kept) and torch.equal(still, ~fooled)
+    assert touched.all()                                                       # every window position
+    if c > 1:
+        assert not fooled.any() and (best[3:] < clf.margin(clf.seen[1])[3:]).all()  # lowered off the corners
+        assert len(clf.seen) == queries + 1                                    # the clean pass + queries
+    else:
+        assert fooled.any()
+
+
+@pytest.mark.oracle
+def test_margin_t_targets_the_top_classes_of_a_naive_ranking_with_ties_and_d_masks(monkeypatch):
+    inf = float("inf")
+
+    def naive(scores, y):                        # most likely first, ties to the lower class, y out
+        return [[c for c in sorted(range(len(s)), key=lambda c: (-s[c], c)) if c != t]
+                for s, t in zip(scores.tolist(), y.tolist())]
+    table = torch.tensor([[0., -1., -1., -inf, -2.], [-inf, -inf, 0., -inf, -3.], [-1., -1., -1., -1., -1.],
+                          [-2., -inf, -inf, -0.5, -0.5]])
+    y = torch.tensor([1, 2, 4, 3])
+    assert attack.rank_targets(table, y).tolist() == naive(table, y)
+    # margin-t in pgd: 5 classes on a line, D = 2; each example ties two wrong classes
+    centers = [[0., 0.], [1., 0.], [2., 0.], [3., 0.], [4., 0.]]
+    clf = attack.Classifier(Features(4.0), clusters(centers, [0, 1, 2, 3, 4], 0.5), D=2)
+    f = torch.tensor([[1.0, 0.], [2.0, 0.4], [3.1, 0.], [0.4, 0.]]).view(4, 1, 1, 2) / 4   # in [0, 1]
+    y = clf(f).argmax(1)
+    full = attack.cluster_log_probs(4 * f.flatten(1), clf.centers, clf.center_classes, clf.sigma2, None)
+    expected = torch.tensor(naive(full, y))                                # over all centres, not the D nearest
+    assert expected.tolist() != naive(clf(f), y)                           # the masked ranking differs
+    seen = []
+    objective = attack.objective
+
+    def recording(fn, x, yy, loss, target=None):
+        seen.append(target.tolist())
+        return objective(fn, x, yy, loss, target)
+    monkeypatch.setattr(attack, "objective", recording)
+    targets, restarts = 3, 2
+    attack.pgd(clf, f, y, 0.0, 0.1, 1, restarts, "margin-t", torch.Generator().manual_seed(0), targets)
+    runs = seen[::2]                                                       # 2 iterates per run at steps 1
+    assert runs == [expected[:, t].tolist() for t in range(targets) for _ in range(restarts)]
+    seen.clear()
+    attack.pgd(clf, f, y, 0.0, 0.1, 1, 1, "margin-t", torch.Generator().manual_seed(0), 9)
+    assert seen[::2] == [expected[:, t].tolist() for t in range(4)]        # at most classes - 1
+
+
 @pytest.mark.oracle
 def test_targets_are_ranked_over_all_centres_and_never_the_true_class():
     # 4 classes on a line; D = 1: only the nearest centre's class has a finite log p.  Ranking
@@ -1892,15 +1995,34 @@ def test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them(c
         assert "contradicts the attack's bookkeeping" in capsys.readouterr().err, bad
 
 
-BROKEN = {  # three ways to break PGD, each applied to a copy of attack.py, and the check that must fail
-    "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "objective_rises"),
+# Attack configurations on Band (below): the intact attack passes every check in each of them.
+BAND_CONFIGS = {
+    "cascade": ["--steps", "10", "--loss", "margin-t", "square"],
+    "margin-t alone": ["--steps", "10", "--loss", "margin-t"],
+    "one step, 10 restarts": ["--steps", "1", "--restarts", "10", "--step", "0.015", "--loss", "margin-t"],
+}
+BROKEN = {  # ways to break the attack, each applied to a copy of attack.py: (old, new, config, the check that fails)
+    "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "cascade", "objective_rises"),
+    "sign flipped, no square": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "margin-t alone",
+                                "beats_random_search"),
     "step 0": ("eta = step_size(step, eps, k, steps, schedule)",
-               "eta = 0 * step_size(step, eps, k, steps, schedule)", "objective_rises"),
+               "eta = 0 * step_size(step, eps, k, steps, schedule)", "cascade", "objective_rises"),
+    "steps a tenth": ("eta = step_size(step, eps, k, steps, schedule)",
+                      "eta = step_size(step, eps, k, steps, schedule) / 10", "margin-t alone", "double_steps"),
+    "restarts ignored": ("for t in range(min(targets, log_p.shape[1] - 1)) for _ in range(restarts)]",
+                         "for t in range(min(targets, log_p.shape[1] - 1)) for _ in range(1)]", "one step, 10 restarts",
+                         "double_restarts"),
     "fooled only at the last iterate": ("new = live & (lp.detach().argmax(1) != y0)",
                                         "new = live & (lp.detach().argmax(1) != y0) & (k == steps)",
-                                        "square_finds_little"),
+                                        "cascade", "square_finds_little"),
+    "the start ignores eps = 0": ("xk = (x0 + (2 * noise - 1) * eps).clamp(0, 1)",
+                                  "xk = (x0 + (2 * noise - 1) * max(eps, 0.1)).clamp(0, 1)", "cascade",
+                                  "eps_zero_is_natural"),
+    "never moves beyond 0.02": ('    if loss == "square":\n        return square(model, x, y, eps,',
+                                '    eps = min(eps, 0.02)\n    if loss == "square":\n        return square(model, x, y, eps,',
+                                "cascade", "near_zero_at_large_eps"),
     "no projection": ("xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)",
-                      "xk = xk + eta * grad.sign()", "recompute"),
+                      "xk = xk + eta * grad.sign()", "cascade", "recompute"),
 }
 
 
@@ -1915,12 +2037,12 @@ class Band(nn.Module):
         return F.log_softmax(z, 1)
 
 
-def checks_on_band(module):
+def checks_on_band(module, config):
     clf = Band()
     net = {"clf": clf, "fast": clf, "re_attacked": 0}
-    args = module.parse_args(["--eps", "0.1", "--steps", "10", "--step", "0.02", "--schedule", "constant",
-                              "--targets", "1", "--square-queries", "100", "--tolerance", "0.1",
-                              "--check-budget", "0", "--loss", "margin-t", "square"])
+    args = module.parse_args(["--eps", "0.1", "--step", "0.02", "--schedule", "constant", "--targets", "1",
+                              "--square-queries", "100", "--tolerance", "0.1", "--check-budget", "0",
+                              *BAND_CONFIGS[config]])
     images, labels = torch.full((50, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
     natural, stats = module.natural_mask(clf, images, labels, 500), {}
     try:
@@ -1935,22 +2057,55 @@ def checks_on_band(module):
 
 
 @pytest.mark.smoke
-def test_each_broken_attack_fails_a_check_and_the_correct_one_passes_them_all(tmp_path):
+def test_each_broken_attack_fails_its_check_and_the_correct_one_passes_them_all(tmp_path):
     import importlib.util
     text = open(os.path.join(ROOT, "attack.py")).read()
-    ok = checks_on_band(attack)
-    assert False not in ok.values(), ok                                    # the attack as it is
-    for i, (name, (old, new, catches)) in enumerate(BROKEN.items()):
+    for config in BAND_CONFIGS:
+        ok = checks_on_band(attack, config)
+        assert False not in ok.values(), (config, ok)                      # the attack as it is
+    for i, (name, (old, new, config, catches)) in enumerate(BROKEN.items()):
         assert text.count(old) == 1, name
         path = tmp_path / f"attack_broken{i}.py"
         path.write_text(text.replace(old, new))
         spec = importlib.util.spec_from_file_location(f"attack_broken{i}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        ok = checks_on_band(module)
+        ok = checks_on_band(module, config)
         assert ok[catches] is False, (name, ok)
         assert ok.get("recompute", True) is (catches != "recompute"), (name, ok)   # only for the ball
     assert ok["in_ball"] is False                   # the ball check fails on its own too (no projection)
+
+
+@pytest.mark.oracle
+def test_the_bookkeeping_checks_fail_on_the_results_they_exist_to_catch():
+    clf = Band()
+    net = {"clf": clf, "fast": clf, "re_attacked": 0}
+    args = attack.parse_args(["--eps", "0.05", "0.1", "--steps", "10", "--step", "0.02", "--targets", "1",
+                              "--tolerance", "0.1", "--check-budget", "0", "--loss", "margin-t", "--no-checks"])
+    images, labels = torch.full((20, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(20, dtype=torch.long)
+    natural = attack.natural_mask(clf, images, labels, 500)
+    natural[:2] = False                                    # as if two were misclassified on clean images
+    robust = torch.zeros(20, dtype=torch.bool)
+
+    def checks(robust, rises):
+        rows = [{"loss": "margin-t", "eps": e, "D": None, "robust_accuracy": a}
+                for e, a in ((0.05, 0.5), (0.1, 0.5 + rises))]
+        return attack.run_checks(net, images, labels, args, args.loss, rows, natural,
+                                 [(None, 0.1, robust, torch.full((20,), -1))], 0.1, 1.0, {"runs": 0, "rose": 0})
+    ok = checks(robust, 0.1)                               # at the tolerance: not a failure
+    assert ok["robust_le_natural"]["ok"] and ok["monotone_in_eps"]["ok"]
+    robust[1] = True                                       # robust, yet misclassified on the clean image
+    ok = checks(robust, 0.1 + 1e-6)                        # robust accuracy rose with eps
+    assert ok["robust_le_natural"] == {"ok": False, "robust_but_misclassified": 1, "advice": attack.ADVICE[
+        "robust_le_natural"]} and ok["monotone_in_eps"]["ok"] is False
+    assert ok["monotone_in_eps"]["max_rise"] == pytest.approx(0.1 + 1e-6)
+    # masked gradients (Quantised: exactly zero input gradients) fail zero_gradient_share; Band's pass it
+    assert ok["zero_gradient_share"]["ok"] and ok["zero_gradient_share"]["every_loss"] == 0
+    w = torch.ones(4)
+    q = {"clf": Quantised(w, 1 - 0.5 * w.sum()), "re_attacked": 0}
+    q["fast"] = q["clf"]
+    c = attack.check_zero_gradient(q, images, labels, args, ["margin-t"])
+    assert c["ok"] is False and c["every_loss"] == 1.0 and c["correct_examples"] == 20
 
 
 @pytest.mark.smoke
