@@ -1911,18 +1911,30 @@ def save_checkpoint(ckpt, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    # Ctrl-C and SIGTERM wait until the file, the log and the epoch the run names (interrupted())
+    # agree, then are raised again (a mask would not do: torch's threads would take them).
+    caught = []
+    try:
+        held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:                                              # not the main thread
+        held = {}
     try:
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
+        if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
+            commit_log()                    # the first saved epoch replaces the old run's log
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
-    if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
-        commit_log()                        # the first saved epoch replaces the old run's log
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in caught[:1]:
+            signal.raise_signal(s)
 # --- end shared: checkpoint-save ---
 
 # --- shared: resume ---

@@ -4322,6 +4322,33 @@ def test_a_signal_in_a_training_process_exits_130_with_the_resume_command(backgr
         assert err.strip().endswith("--resume") and not os.path.exists(out + ".lock"), sig
 
 
+@pytest.mark.smoke
+def test_a_signal_during_a_checkpoint_write_waits_until_the_file_and_the_run_agree(tmp_path, monkeypatch):
+    """The race the signal test once lost under load, made to happen: SIGTERM arrives inside
+    torch.save; it is delivered only once the file, the log and the held epoch agree."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
+    save, out = torch.save, str(tmp_path / "c.pt")
+
+    def save_and_signal(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)                              # mid-write
+        save(obj, f)
+    monkeypatch.setattr(torch, "save", save_and_signal)
+    try:
+        nominal.RUN.clear()
+        nominal.RUN.update(out=out, staged={out + ".log.jsonl": out + ".log.jsonl.partial"})
+        open(out + ".log.jsonl.partial", "w").write("{}\n")
+        with pytest.raises(KeyboardInterrupt):
+            nominal.save_checkpoint({"epoch": 7}, out)
+        assert nominal.RUN["epochs"] == {os.path.abspath(out): 7}          # what interrupted() names
+        assert torch.load(out, weights_only=True) == {"epoch": 7} and os.path.exists(out + ".log.jsonl")
+        assert [f for f in os.listdir(tmp_path) if "tmp" in f] == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        nominal.RUN.clear()
+
+
 def synthetic_argv(out):
     return ["--datasets", "moons", "--seeds", "1", "--n", "40", "--steps", "20", "--plot", "none",
             "--out", out]
