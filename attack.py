@@ -1043,7 +1043,8 @@ def natural_mask(clf, images, labels, batch_size):
 
 
 def share(mask):
-    return mask.float().mean().item() if len(mask) else float("nan")
+    """The share of True in mask, in float64: k of n images at a threshold of k / n is at it."""
+    return mask.double().mean().item() if len(mask) else float("nan")
 
 
 def cascade(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
@@ -1790,9 +1791,14 @@ def export_main(args):
 
 ATTACK_MEANING = (
     "attack.py result (README 'Result files'). natural_accuracy, robust_accuracy: fractions of the "
-    "'images' test images in [0, 1]; robust = correct and not fooled by any restart; a loss row "
+    "'images' test images in [0, 1]; robust = correct and not fooled by any restart, recomputed "
+    "from the saved images (each example's first fooling image, else its clean image) by the "
+    "evaluated classifier; disagreements: examples whose recomputed verdict differs from the "
+    "attack's own record (only within float rounding of the decision boundary; beyond it the run "
+    "stops); a loss row "
     "counts its loss and every earlier one (the cascade; --per-loss: that loss alone); loss "
-    "'worst-case' = not fooled by any loss run (the headline); attacked, fooled: image counts. "
+    "'worst-case' = not fooled by any loss run (the headline: attack.py's own cascade of losses, "
+    "not AutoAttack's standard version); attacked, fooled: image counts. "
     "eps, step: L-inf radius "
     "and PGD step in pixel units of images in [0, 1] (8/255 = 0.0314). D: centres per prediction "
     "(null = all). seconds: wall-clock; images_per_second: images / seconds. checks: sanity "

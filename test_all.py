@@ -30,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1677,6 +1678,21 @@ def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exporte
 
 
 @pytest.mark.smoke
+def test_export_refuses_a_file_that_does_not_reload_as_the_classifier(clustering_ckpt, tmp_path, monkeypatch):
+    load = torch.export.load
+
+    class Reloaded:                                  # what torch.export.load gives, 2e-5 off
+        def __init__(self, path):
+            self.inner = load(path).module()
+
+        def module(self):
+            return lambda x: self.inner(x) + 2e-5
+    monkeypatch.setattr(torch.export, "load", Reloaded)
+    with pytest.raises(RuntimeError, match=r"differs from the classifier by 2\.\d+e-05"):
+        attack.export_classifier(clustering_ckpt, str(tmp_path / "m.pt2"))
+
+
+@pytest.mark.smoke
 @pytest.mark.usefixtures("own_rng")
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # TorchScript's own
 def test_export_falls_back_to_torchscript_where_torch_export_cannot_trace(tmp_path, monkeypatch, capsys):
@@ -1827,6 +1843,8 @@ def test_square_accepts_exactly_the_queries_that_lower_the_margin_in_windows_of_
                 assert r.max() - r.min() < side and cc.max() - cc.min() < side, i
                 touched |= d
         assert ((q - x[live]).abs() <= eps + 1e-6).all() and q.min() >= 0 and q.max() <= 1
+        vertex = torch.minimum((q - (x[live] - eps).clamp(0, 1)).abs(), (q - (x[live] + eps).clamp(0, 1)).abs())
+        assert (vertex[diff[:, None].expand_as(q)] < 1e-6).all()              # new values: x +- eps
         m = clf.margin(q)
         better = (m < best[live]) | (m < 0)
         current[live[better]], best[live[better]] = q[better], m[better]
@@ -2094,6 +2112,19 @@ def test_the_bookkeeping_checks_fail_on_the_results_they_exist_to_catch():
                                  [(None, 0.1, robust, torch.full((20,), -1))], 0.1, 1.0, {"runs": 0, "rose": 0})
     ok = checks(robust, 0.1)                               # at the tolerance: not a failure
     assert ok["robust_le_natural"]["ok"] and ok["monotone_in_eps"]["ok"]
+    for rose, passes in ((5, False), (6, True)):           # the objective rose on more than half
+        c = attack.run_checks(net, images, labels, args, args.loss, [], natural, [(None, 0.1, robust, -robust.long())],
+                              None, 1.0, {"runs": 10, "rose": rose})["objective_rises"]
+        assert c["ok"] is passes and c["share_rose"] == rose / 10
+    # Square fooled at most --tolerance (0.1) of the images: 2 of 20 passes, 3 fail
+    args.loss = ["margin-t", "square"]
+    for fooled, passes in ((2, True), (3, False)):
+        by = torch.full((20,), -1)
+        by[:fooled], by[fooled:fooled + 4] = 1, 0          # square (1) fooled `fooled`; margin-t four more
+        c = attack.run_checks(net, images, labels, args, args.loss, [], natural, [(None, 0.1, robust, by)],
+                              None, 1.0, {})["square_finds_little"]
+        assert c["ok"] is passes and c["share_fooled_by_square_only"] == fooled / 20
+    args.loss = ["margin-t"]
     robust[1] = True                                       # robust, yet misclassified on the clean image
     ok = checks(robust, 0.1 + 1e-6)                        # robust accuracy rose with eps
     assert ok["robust_le_natural"] == {"ok": False, "robust_but_misclassified": 1, "advice": attack.ADVICE[
@@ -2106,6 +2137,28 @@ def test_the_bookkeeping_checks_fail_on_the_results_they_exist_to_catch():
     q["fast"] = q["clf"]
     c = attack.check_zero_gradient(q, images, labels, args, ["margin-t"])
     assert c["ok"] is False and c["every_loss"] == 1.0 and c["correct_examples"] == 20
+
+
+class Bright(nn.Module):
+    """Class 0 when the mean pixel is above 0.5: an image at 1 stays class 0 within any eps < 0.5,
+    one at 0.6 is fooled from eps 0.1 on."""
+
+    def forward(self, x):
+        m = 10 * (x.flatten(1).mean(1) - 0.5)
+        return F.log_softmax(torch.stack([m, -m], 1), 1)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("stay, passes", [(1, True), (2, False)])
+def test_near_zero_at_large_eps_allows_exactly_5_percent(stay, passes):
+    images = torch.full((20, 1, 2, 2), 153, dtype=torch.uint8)             # 0.6: fooled at eps 64/255
+    images[:stay] = 255                                                    # cannot be moved below 0.5
+    labels = torch.zeros(20, dtype=torch.long)
+    net = {"clf": Bright(), "fast": Bright(), "re_attacked": 0}
+    args = attack.parse_args(["--steps", "5", "--check-budget", "0", "--loss", "margin"])
+    budget = attack.Budget(args, 1.0, ["near_zero_at_large_eps"], time.time())
+    c = attack.check_large_eps(net, images, labels, args, args.loss, torch.ones(20, dtype=torch.bool), budget)
+    assert c["ok"] is passes and c["robust_accuracy"] == stay / 20 and c["images"] == 20
 
 
 @pytest.mark.smoke
