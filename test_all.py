@@ -1574,6 +1574,10 @@ def exported(tmp_path_factory):
     with contextlib.chdir(folder), contextlib.redirect_stdout(io.StringIO()) as out:
         attack.main(command[2:])                                    # in-process: its own interpreter costs seconds
     assert "torch.export" in out.getvalue() and os.path.isfile(folder / "clustr.pt2")
+    note = {"clustr.json": ""}
+    torch.export.load(str(folder / "clustr.pt2"), extra_files=note)           # the note other tools read
+    note = json.loads(note["clustr.json"])
+    assert (note["D"], len(note["classes"]), note["input_shape"], note["stage"]) == (3, 4, ["n", 3, 16, 16], "magnet")
     return folder
 
 
@@ -2150,7 +2154,7 @@ class Bright(nn.Module):
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("stay, passes", [(1, True), (2, False)])
-def test_near_zero_at_large_eps_allows_exactly_5_percent(stay, passes):
+def test_check_near_zero_at_large_eps_allows_exactly_5_percent(stay, passes):
     images = torch.full((20, 1, 2, 2), 153, dtype=torch.uint8)             # 0.6: fooled at eps 64/255
     images[:stay] = 255                                                    # cannot be moved below 0.5
     labels = torch.zeros(20, dtype=torch.long)
