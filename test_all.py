@@ -2384,7 +2384,7 @@ def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(m
     """plot_curves' data, read back from its axes: on the left each curve of the results under its
     own key; on the right, sorted and without 0 and inf, the sound radii, the attack's
     perturbations and the radii R(x) L / lower estimate (what they would be with L = the lower
-    estimate: larger)."""
+    estimate: larger), each against the share of attacked images beyond it (the axis' label)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2405,6 +2405,11 @@ def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(m
          ("curve_two_closest", "two_closest_not_sound"))]
     assert [list(l.get_xdata()) for l in right.get_lines()] == [
         [0.125, 0.25, 0.375], [0.5, 0.75, 1.5], [0.25, 0.5, 0.75]]      # R(x) x 4 / 2
+    # its y axis: the share of ALL attacked images with radius > r, holding from each step on
+    # (an image with radius 0 or no flip found (inf) counts in the denominator; inf is > every r)
+    for line, values in zip(right.get_lines(), (radius, pert, radius * 2)):
+        assert list(line.get_ydata()) == [sum(float(v) > r for v in values) / len(values) for r in line.get_xdata()]
+    assert list(right.get_lines()[1].get_ydata()) == [0.75, 0.5, 0.25]
 
 
 # ======================================================================================
