@@ -974,9 +974,11 @@ def plot_curves(results, radius, pert, lower, path):
     L = results["lipschitz"]["value"]
     for values, label, style in ((radius, "sound radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
                                  (radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")):
-        r = [float(v) for v in values.sort().values if 0 < v < float("inf")]
-        if r:
-            b.step(r, [1 - i / len(r) for i in range(len(r))], style, where="post", label=label)
+        v = values.double().sort().values                                  # every attacked image
+        shown = v[(v > 0) & torch.isfinite(v)]                             # what a log axis can show
+        if len(shown):                                                     # share with radius > r
+            above = (len(v) - torch.searchsorted(v, shown, right=True)).double() / len(v)
+            b.step(shown.tolist(), above.tolist(), style, where="post", label=label)
     b.set(xscale="log", xlabel="L2 radius (log)", ylabel="share of attacked images with radius > r",
           title="gap between the certificate and the attack")
     b.legend(fontsize=8)

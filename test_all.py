@@ -2526,6 +2526,64 @@ def test_l2_attack_on_an_isometry_finds_the_exact_radius_and_never_goes_inside()
 
 
 @pytest.mark.oracle
+def test_l2_attack_on_a_linear_feature_map_finds_the_closed_form_distance_to_the_decision_hyperplane():
+    """f(x) = A x (not an isometry), two centres: the nearest-centre decision changes on the
+    hyperplane h(x) = ||A x - mu_1||^2 - ||A x - mu_0||^2 = 0, h linear in x (the ||A x||^2 terms
+    cancel), so the smallest perturbation is |h(x)| / ||grad h|| exactly (its foot inside the box
+    here).  Every image: found, never closer than that, and within 0.03% of it after bisection."""
+    g = torch.Generator().manual_seed(6)
+    n = 16
+    A = torch.randn(3, n, generator=g, dtype=torch.float64) * torch.tensor([[2.0], [1.0], [0.3]], dtype=torch.float64)
+    feat = lambda x: x.flatten(1) @ A.T                                  # noqa: E731
+    x = 0.45 + 0.1 * torch.rand(12, 1, 4, 4, generator=g, dtype=torch.float64)
+    f = feat(x)
+    mu = torch.stack([f[0], f[1]]) + 0.2 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+    cls = torch.tensor([0, 1])
+    h = ((f - mu[1]) ** 2).sum(1) - ((f - mu[0]) ** 2).sum(1)           # [12]
+    grad_h = 2 * A.T @ (mu[0] - mu[1])                                   # [16], the same for every x
+    exact = h.abs() / grad_h.norm()
+    foot = x.flatten(1) - (h / grad_h.norm() ** 2)[:, None] * grad_h[None]
+    assert 0 <= foot.min() and foot.max() <= 1                           # the nearest flip is in the box
+    best, x_adv = certify.l2_attack(feat, x, mu, cls, steps=20, bisect=12, return_examples=True)
+    # the search alone stops 4e-4 beyond; 12 rounds of bisection on s in (0, 1] leave < 2^-12
+    assert torch.all(best >= exact * (1 - 1e-9)) and torch.all(best <= exact * (1 + 3e-4)), (best / exact)
+    assert torch.all(torch.sign(((feat(x_adv) - mu[1]) ** 2).sum(1) - ((feat(x_adv) - mu[0]) ** 2).sum(1))
+                     == -torch.sign(h))                                  # on the other side
+
+
+@pytest.mark.oracle
+def test_l2_attack_measures_changes_of_check_fns_own_class_never_closer_than_its_exact_boundary():
+    """The search runs on feature_fn, the verdicts on check_fn (certify.main: a folded copy and the
+    network certified), and 'changes the prediction' means check_fn's class of x changes.  Here
+    both are isometries, check_fn = feature_fn shifted by 0.03 across the bisector of two centres,
+    so check_fn's exact distance to its boundary is |u . (check_fn(x) - m)| (u the unit normal, m
+    the midpoint); images within 0.03 of feature_fn's boundary have another class there."""
+    g = torch.Generator().manual_seed(4)
+    n = 16
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    mu = torch.stack([torch.zeros(n, dtype=torch.float64), 0.5 * Q[:, 0]]) + 0.5 * Q.sum(1)
+    cls = torch.tensor([0, 1])
+    u, mid = (mu[1] - mu[0]) / (mu[1] - mu[0]).norm(), mu.mean(0)
+    feat = lambda x: x.flatten(1) @ Q.T                                  # noqa: E731  isometry
+    check = lambda x: feat(x) + 0.03 * u                                  # noqa: E731  shifted
+    side = torch.tensor([-0.2, -0.1, -0.05, -0.025, -0.02, -0.01, -0.005, 0.01, 0.05, 0.1, 0.2],
+                        dtype=torch.float64)                              # u . (feat(x) - mid)
+    x0 = 0.5 + 0.05 * torch.rand(len(side), n, generator=g, dtype=torch.float64)
+    x0 = x0 + ((side - (feat(x0) - mid) @ u)[:, None] * (u @ Q)[None])    # move along Q^T u
+    x = x0.view(-1, 1, 4, 4)
+    assert torch.allclose((feat(x) - mid) @ u, side) and 0 < x.min() and x.max() < 1
+    best, x_adv = certify.l2_attack(feat, x, mu, cls, steps=20, bisect=12, return_examples=True, check_fn=check)
+    exact = ((check(x) - mid) @ u).abs()                                  # check_fn's boundary
+    fin = torch.isfinite(best)
+    assert int(fin.sum()) >= 5
+    for i in fin.nonzero().flatten().tolist():
+        assert naive_nearest_class(check(x_adv[i:i + 1])[0], mu, cls) != \
+            naive_nearest_class(check(x[i:i + 1])[0], mu, cls)
+        assert float((x_adv[i] - x[i]).norm()) == pytest.approx(float(best[i]), rel=1e-12)
+        assert best[i] >= exact[i] * (1 - 1e-9)
+
+
+@pytest.mark.oracle
 def test_l2_attack_never_flips_inside_the_sound_radius_of_random_resnets(own_rng):
     torch.manual_seed(7)                # random_resnet's convolutions: torch 2.14 seeds its default
     net = random_resnet(2, seed=7)      # generator at random, so -k runs drew other networks
@@ -2548,6 +2606,170 @@ def test_l2_attack_never_flips_inside_the_sound_radius_of_random_resnets(own_rng
 
 
 # ======================================================================================
+# the certified-accuracy curves and the results' bookkeeping, against plain loops
+# ======================================================================================
+
+def brute_force_share(radius, correct, r):
+    """Sec. 4.1 by a plain loop: the share of ALL images that are correct with radius > r."""
+    return sum(1 for v, c in zip(radius, correct) if c and v > r) / len(radius)
+
+
+def brute_force_curve(radius, correct, points):
+    """(radii, shares) of a certified-accuracy curve by plain loops: `points` evenly spaced radii
+    from 0 to the largest finite radius of a correct image (one point, 0, when that is 0)."""
+    top = max([v for v, c in zip(radius, correct) if c and math.isfinite(v)], default=0.0)
+    grid = [top * k / (points - 1) for k in range(points)] if top > 0 else [0.0]
+    return grid, [brute_force_share(radius, correct, r) for r in grid]
+
+
+@pytest.mark.oracle
+def test_certified_accuracy_curve_is_a_brute_force_count_of_correct_images_with_radius_above_r():
+    # wrong images with the largest radii, a correct image with no flip found (inf), radii on the
+    # grid's points (1, 2: not counted there, radius > r), 3 wrong images of 10 (the denominator)
+    radius = [0.0, 1.0, 2.0, 4.0, 3.5, 9.0, math.inf, 2.0, 0.5, 6.0]
+    correct = [True, True, True, True, True, False, True, False, True, False]
+    for points in (2, 5, 9):
+        curve = certify.accuracy_curve(torch.tensor(radius, dtype=torch.float64), torch.tensor(correct),
+                                       points, key="attacked_accuracy")
+        grid, shares = brute_force_curve(radius, correct, points)
+        assert len(curve) == points and all(set(p) == {"radius", "attacked_accuracy"} for p in curve)
+        assert [p["radius"] for p in curve] == pytest.approx(grid, rel=1e-15, abs=0)
+        assert curve[0]["radius"] == 0.0 and curve[-1]["radius"] == 4.0     # ends where it reaches 0
+        assert [p["attacked_accuracy"] for p in curve] == pytest.approx(shares, abs=1e-15)
+    assert [p["attacked_accuracy"] for p in curve][::2] == pytest.approx([0.6, 0.4, 0.3, 0.3, 0.1])
+    # no correct image with a radius above 0: one point, (0, 0), not an empty curve
+    for radius0, correct0 in (([0.0, 0.0, 3.0], [True, True, False]), ([1.0, 2.0], [False, False])):
+        curve = certify.accuracy_curve(torch.tensor(radius0, dtype=torch.float64), torch.tensor(correct0), 7)
+        assert curve == [{"radius": 0.0, "certified_accuracy": 0.0}]
+
+
+@pytest.mark.oracle
+def test_certify_results_pair_each_image_with_its_own_radius_and_recount_like_a_naive_loop():
+    """results_of against naive recounts: each curve from its own radius array, the attack's m
+    perturbations against the first m images' radius and correctness, the counts and medians
+    (torch's median of an even count is the lower middle value: statistics.median_low)."""
+    import argparse
+    import statistics
+    radius = [0.5, 2.0, 1.0, 3.0, 0.2, 0.1, 4.0, 0.3]
+    tight = [0.5, 2.5, 1.0, 3.5, 0.2, 0.1, 4.0, 0.3]                 # >= radius (best same-class centre)
+    two = [0.7, 2.0, 1.0, 5.0, 0.2, 0.4, 4.0, 0.3]                   # >= radius (two closest; some equal)
+    correct = [True, True, False, True, True, False, True, False]
+    pert = [0.6, 1.5, math.inf, 3.2]                                 # the first m = 4 images attacked
+    n, m, L, lower = len(radius), len(pert), 2.0, 0.5
+    t = lambda v: torch.tensor(v, dtype=torch.float64)               # noqa: E731
+    r = {"pred": torch.zeros(n, dtype=torch.long), "radius": t(radius), "tight": t(tight), "two_closest": t(two)}
+    args = argparse.Namespace(ckpt="c.pt", data="folder", lipschitz="bound", grid=5, attack_steps=3, bisect=2)
+    res = certify.results_of(args, n, L, 7.0, 9.0, r, torch.tensor(correct), t(pert), lower)
+    for key, values, share in (("curve", radius, "certified_accuracy"), ("curve_tight", tight, "certified_accuracy"),
+                               ("curve_two_closest", two, "two_closest_not_sound")):
+        grid, shares = brute_force_curve(values, correct, 5)
+        assert [p["radius"] for p in res[key]] == pytest.approx(grid, rel=1e-15), key
+        assert [p[share] for p in res[key]] == pytest.approx(shares, abs=1e-15), key
+    grid, shares = brute_force_curve(pert, correct[:m], 5)
+    assert [p["radius"] for p in res["l2_attack"]["curve"]] == pytest.approx(grid, rel=1e-15)
+    assert [p["attacked_accuracy"] for p in res["l2_attack"]["curve"]] == pytest.approx(shares, abs=1e-15)
+    assert res["clean_accuracy"] == sum(correct) / n
+    assert res["two_closest_differs"] == sum(a > b for a, b in zip(two, radius)) == 3
+    assert res["tight_exceeds_sound"] == sum(a > b for a, b in zip(tight, radius)) == 2
+    ok = [v for v, c in zip(radius, correct) if c]
+    med_r = statistics.median_low(ok)
+    assert res["radius"] == {"median_correct": med_r, "max_correct": max(ok), "vacuous": False,
+                             "median_correct_tight": statistics.median_low([v for v, c in zip(tight, correct) if c]),
+                             "median_correct_if_L_were_lower_estimate": pytest.approx(med_r * L / lower)}
+    att = res["l2_attack"]
+    assert att["images"] == m and res["lipschitz"]["lower_estimate_images"] == m
+    assert res["lipschitz"] == {"value": L, "kind": "bound", "lower_estimate": lower, "lower_estimate_images": m,
+                                "upper_bound": 7.0, "upper_bound_layerwise": 9.0}
+    assert att["flipped"] == sum(math.isfinite(p) for p in pert) == 3
+    assert att["flipped_inside_certified_radius"] == sum(p < v for p, v in zip(pert, radius)) == 1
+    assert att["share_flipped_inside"] == 1 / m
+    assert att["median_min_perturbation"] == statistics.median_low(pert)
+    assert att["gap_median_ratio"] == pytest.approx(statistics.median_low(pert) / statistics.median_low(radius[:m]))
+
+
+@pytest.mark.oracle
+def test_certify_attack_first_attacks_the_first_limit_images_in_order_and_keeps_the_largest_jacobian_norm(
+        monkeypatch, tmp_path):
+    """attack_first's bookkeeping, with the attack and the power iteration replaced by functions of
+    an image's number (written into its first pixel): chunks of -b up to --attack-limit (0: all),
+    each perturbation at its image's place, the lower estimate the LARGEST per-image norm (a
+    Jacobian norm found anywhere bounds L from below), every finding confirmed on the network
+    certified (net.features), not on the search's folded copy."""
+    import argparse
+    norms = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0]                       # per image: the largest is past the limit
+    calls = []
+
+    def number(x):                                                   # image k has first pixel 10 k / 255
+        return (x.flatten(1)[:, 0].double() * 25.5).round()
+
+    def fake_lower(feature_fn, x, iters, generator):
+        return torch.tensor([norms[int(k)] for k in number(x)], dtype=torch.float64)
+
+    def fake_attack(feature_fn, x, mu, cls, steps, bisect, check_fn=None):
+        calls.append((feature_fn, check_fn, steps, bisect))
+        return number(x) + 0.5
+    monkeypatch.setattr(certify, "jacobian_norm_lower", fake_lower)
+    monkeypatch.setattr(certify, "l2_attack", fake_attack)
+
+    class Net(nn.Module):
+        def features(self, x):
+            return x.flatten(1)[:, :2]
+    module = nn.Module()
+    module.model = net = Net()
+    images = torch.zeros(len(norms), 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = 10 * torch.arange(len(norms), dtype=torch.uint8)
+    mu, cls = torch.zeros(2, 2), torch.tensor([0, 1])
+    for limit, m in ((5, 5), (0, len(norms))):
+        out = str(tmp_path / f"c{limit}.json")
+        args = argparse.Namespace(out=out, attack_limit=limit, seed=0, attack_steps=3, bisect=2, power_iters=1,
+                                  batch_size=2)
+        calls.clear()
+        pert, lower = certify.attack_first(module, net, images, mu, cls, {"radius": torch.zeros(len(norms))},
+                                           args, "cpu")
+        assert pert.tolist() == [k + 0.5 for k in range(m)]
+        assert lower == max(norms[:m])
+        assert len(calls) == math.ceil(m / 2) and all(c[2:] == (3, 2) for c in calls)
+        assert all(check == net.features and feat != net.features for feat, check, *_ in calls)
+        with open(out + ".log.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        assert [(r["images"], r["lower_estimate"]) for r in rows] == \
+            [(min(m, k + 2), max(norms[:min(m, k + 2)])) for k in range(0, m, 2)]
+
+
+@pytest.mark.oracle
+def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(monkeypatch, tmp_path):
+    """plot_curves' data, read back from its axes: on the left each curve of the results under its
+    own key; on the right, sorted and without 0 and inf, the sound radii, the attack's
+    perturbations and the radii R(x) L / lower estimate (what they would be with L = the lower
+    estimate: larger), each against the share of attacked images beyond it (the axis' label)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made, subplots = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(subplots(*a, **k)) or made[-1])
+    curve = lambda key, points: [{"radius": r, key: v} for r, v in points]          # noqa: E731
+    results = {"curve": curve("certified_accuracy", [(0.0, 0.75), (1.0, 0.5), (2.0, 0.0)]),
+               "curve_tight": curve("certified_accuracy", [(0.0, 0.75), (1.5, 0.5), (3.0, 0.0)]),
+               "curve_two_closest": curve("two_closest_not_sound", [(0.0, 0.75), (2.5, 0.25), (5.0, 0.0)]),
+               "lipschitz": {"value": 4.0, "kind": "bound"}}
+    radius = torch.tensor([0.375, 0.0, 0.125, 0.25], dtype=torch.float64)
+    pert = torch.tensor([1.5, math.inf, 0.5, 0.75], dtype=torch.float64)
+    assert "written" in certify.plot_curves(results, radius, pert, 2.0, str(tmp_path / "p.png"))
+    (_, (left, right)), = made
+    assert [(list(l.get_xdata()), list(l.get_ydata())) for l in left.get_lines()] == [
+        ([p["radius"] for p in results[key]], [p[share] for p in results[key]]) for key, share in
+        (("curve", "certified_accuracy"), ("curve_tight", "certified_accuracy"),
+         ("curve_two_closest", "two_closest_not_sound"))]
+    assert [list(l.get_xdata()) for l in right.get_lines()] == [
+        [0.125, 0.25, 0.375], [0.5, 0.75, 1.5], [0.25, 0.5, 0.75]]      # R(x) x 4 / 2
+    # its y axis: the share of ALL attacked images with radius > r, holding from each step on
+    # (an image with radius 0 or no flip found (inf) counts in the denominator; inf is > every r)
+    for line, values in zip(right.get_lines(), (radius, pert, radius * 2)):
+        assert list(line.get_ydata()) == [sum(float(v) > r for v in values) / len(values) for r in line.get_xdata()]
+    assert list(right.get_lines()[1].get_ydata()) == [0.75, 0.5, 0.25]
+
+
+# ======================================================================================
 # certify.py end to end, and its bad input
 # ======================================================================================
 
@@ -2558,8 +2780,13 @@ def magnet_ckpt(clustering_ckpt):
 
 
 @pytest.mark.smoke
-def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_folder, tmp_path):
+def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_folder, tmp_path, capsys,
+                                                         monkeypatch):
     out = str(tmp_path / "certify.json")
+    plotted = []                                    # the radii and perturbations the plot is given
+    plot_curves = certify.plot_curves
+    monkeypatch.setattr(certify, "plot_curves", lambda results, radius, pert, lower, path: (
+        plotted.append((radius.clone(), pert.clone(), lower)), plot_curves(results, radius, pert, lower, path))[1])
     res = certify.main(["--ckpt", magnet_ckpt, "--data-dir", image_folder, "--limit", "60",
                         "--attack-limit", "8", "--attack-steps", "8", "--bisect", "5",
                         "--power-iters", "5", "-b", "25", "--out", out])
@@ -2574,6 +2801,7 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
     assert 0 < lip["lower_estimate"] <= lip["value"] <= lip["upper_bound_layerwise"]
     assert saved["l2_attack"]["flipped_inside_certified_radius"] == 0
     assert saved["l2_attack"]["flipped"] > 0 and saved["l2_attack"]["median_min_perturbation"] > 0
+    assert saved["l2_attack"]["images"] == lip["lower_estimate_images"] == 8      # --attack-limit
     # naive float64 recomputation: model from the checkpoint, nearest centre and Prop. 1 by loops
     ck = torch.load(magnet_ckpt, map_location="cpu", weights_only=True)
     model = attack.build_model(ck["arch"], ck["data"], with_head=False).eval()
@@ -2600,6 +2828,19 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
         if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
             assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean(), abs=1e-6)
     assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
+    assert len(curve) == 101                                                       # --grid's default
+    assert curve[-1]["radius"] == pytest.approx(radii[correct].max(), rel=1e-9)
+    # the plot gets the sound radii of the 8 attacked images beside their perturbations
+    (radius, pert, lower), = plotted
+    assert len(pert) == 8 and radius.numpy() == pytest.approx(radii[:8], rel=1e-9) and lower == lip["lower_estimate"]
+    # the summary's table is the result file's curve (every step-th point), with no warning on L
+    text = capsys.readouterr().out
+    table = re.findall(r"^ +(\S+) +(\S+)%$", text.split("certified acc\n")[1], re.M)
+    step = max(1, (len(curve) - 1) // 10)
+    assert [[float(v) for v in row] for row in table] == \
+        [[pytest.approx(p["radius"], rel=1e-3), pytest.approx(100 * p["certified_accuracy"], abs=0.006)]
+         for p in curve[::step]]
+    assert "WARNING" not in text and "(must be 0)" in text and ("VACUOUS" in text) == saved["radius"]["vacuous"]
     # only sound radii sit under "certified_accuracy": the L2 attack's curve and the two-closest
     # curve (the paper's text, not sound) are named for what they are
     def keys(obj):
