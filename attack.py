@@ -1001,7 +1001,9 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     precision), the reported figure recomputed from them.  Exit 1 with one line, writing nothing,
     when an image leaves the eps-ball or [0, 1] (up to 1e-6, as the check "in_ball"), or when an
     example's recomputed verdict differs from `claimed` (the bookkeeping's robust mask) by more
-    than rounding can: its margin z_y - max_{c != y} z_c must lie within RECOMPUTE_MARGIN of 0.
+    than rounding can: its margin z_y - max_{c != y} z_c must lie within RECOMPUTE_MARGIN of 0,
+    and at most max(2, N / 200) verdicts may differ (a first fooling iterate sits just across
+    the boundary, so a wrong record can hide within the margin: rounding flips only a few).
     -> (robust [N] bool, recomputed; how many verdicts differ from claimed)."""
     robust = torch.zeros_like(claimed)
     margin = torch.zeros(len(labels), device=labels.device)
@@ -1017,6 +1019,8 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
         margin[i:i + len(y)] = z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], -math.inf).amax(1)
     differ = robust != claimed
     unexplained = int((differ & ~(margin.abs() <= RECOMPUTE_MARGIN[bool(args.amp)])).sum())
+    if int(differ.sum()) > max(2, len(labels) // 200):
+        unexplained = int(differ.sum())
     if excess > 1e-6 or unexplained:
         for staged in RUN.get("staged", {}).values():       # this run's rows: no result of it stays
             if os.path.exists(staged):
@@ -1030,10 +1034,14 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
 
 
 # How far from the decision boundary (in class log-score units) a recomputed verdict may differ from
-# the attack's own: the attack judged each image inside a batch of other size and content, so its
-# logits differ from the recompute's by float rounding.  Measured (benchmarks/README.md
-# "Recomputed headline"): ... [fp32, bf16]
-RECOMPUTE_MARGIN = {False: 1e-3, True: 0.25}
+# the attack's own, {fp32: ..., bf16: ...}: the attack judged each image inside a batch of other
+# size and content, so its scores differ from the recompute's by rounding.  Measured on the CPU
+# (benchmarks/recompute.py, benchmarks/README.md "Recomputed figures"): batching moved margins by
+# at most 4.6e-5 in fp32 and bf16; bf16 itself moves a ClusTR model's margins near the boundary by
+# up to 0.78 from fp32 (Eq. (4)'s squared distances amplify the features' rounding), the bound on
+# what two bf16 kernels can disagree by (a GPU picks kernels per batch size; not measured here).
+# fp32 on a GPU convolves in TF32 by default (3 more mantissa bits than bf16): 0.05 allows that.
+RECOMPUTE_MARGIN = {False: 0.05, True: 2.0}
 
 
 @torch.no_grad()

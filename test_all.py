@@ -2001,6 +2001,9 @@ def test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them(c
     adv[2:] -= x[2:].mean() - 0.5 - tol / 40      # margins +tol / 4: correct; the bookkeeping says fooled
     robust, differ = attack.recompute(Shift(), adv, images, labels, eps, claimed, args, "test")
     assert robust.tolist() == [True] * 4 and differ == 2                   # counted, within rounding
+    with pytest.raises(SystemExit):                     # a third: more than rounding flips (2 of 4)
+        attack.recompute(Shift(), adv, images, labels, eps, torch.tensor([True, False, False, False]), args, "t")
+    assert "3 of 4 verdicts differ" in capsys.readouterr().err
     for bad in ("margin", "ball", "box", "nan"):
         broken = adv.clone()
         if bad == "margin":
