@@ -172,6 +172,8 @@ def parse_args(argv=None):
             or args.bisect < 0 or args.power_iters < 1:
         p.error("-b >= 1, --grid >= 2, --attack-limit >= 0, --attack-steps >= 1, --bisect >= 0, "
                 "--power-iters >= 1")
+    if args.plot is None:                                       # checked with the other outputs
+        args.plot = os.path.splitext(args.out)[0] + ".png"
     return args
 
 
@@ -745,10 +747,10 @@ def main(argv=None):
     pert, lower_estimate = attack_first(module, net, images, mu, mu_class, r, args, device)
     results = results_of(args, len(labels), L, bound, layerwise, r, correct, pert, lower_estimate)
     results["seconds"] = time.time() - t_run
-    plot = args.plot or os.path.splitext(args.out)[0] + ".png"
-    note = "plot skipped (--plot none)" if plot == "none" else \
+    plot = args.plot if args.plot.lower() not in ("", "none") else None
+    note = "plot skipped (--plot none)" if plot is None else \
         plot_curves(results, r["radius"][:len(pert)], pert, lower_estimate, plot)
-    results["plot"] = None if plot == "none" or "skipped" in note else plot
+    results["plot"] = None if plot is None or "skipped" in note else plot
     raw, results = results, described(results, CERTIFY_MEANING)   # rounded, with its units
     save_results(results, args.out)     # atomic; then this run's log replaces the previous one
     print_summary(args, raw, L, bound, layerwise, pert, lower_estimate, note)   # unrounded figures
@@ -1059,20 +1061,58 @@ def setup_runtime(args, training):
 RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
 
 
+# The files a run writes, by flag, with the suffixes their writer takes (None: any), and the
+# files it reads: check_outputs sees them all before any work.
+OUTPUTS = {"out": None, "save_adv": None, "export": None,
+           "plot": (".png", ".pdf", ".svg", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff")}
+INPUTS = ("ckpt", "init", "resume")
+
+
+def check_outputs(args, training, keys=tuple(OUTPUTS)):
+    """Every file the run will write (--out with its log, staged log and lock; --save-adv,
+    --export, --plot), before any work: named, not a folder, not a file this run reads (results
+    written over the checkpoint they came from), a suffix its writer takes; then its folder
+    created and writable.  One line and exit 2 for the first that is not."""
+    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in INPUTS) if p}
+    if training and args.resume is not None:
+        reads.discard(os.path.realpath(args.out))                   # a resumed run continues --out
+    paths = []
+    for key in keys:
+        given = getattr(args, key, None)
+        if given is None or (key == "plot" and given.lower() in ("", "none")):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if not given.strip():
+            fail(f"{flag} is empty; give a file name")
+        if OUTPUTS[key] and not given.lower().endswith(OUTPUTS[key]):
+            fail(f"{flag} {given}: the plot is written as one of {' '.join(OUTPUTS[key])}; give one")
+        for path in [given] + ([given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock")]
+                               if key == "out" else []):
+            if os.path.realpath(path) in reads:
+                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: "
+                     f"choose another {flag}")
+            if os.path.isdir(path):
+                fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
+                     f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
+            paths.append((flag, path))
+    for flag, path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the folder {folder} of {flag} ({e.strerror or e}); choose another {flag}")
+        if not os.access(folder, os.W_OK):
+            fail(f"cannot write in the folder {folder} of {flag}; make it writable or choose another {flag}")
+
+
 def preflight(args, training):
-    """Before any work (data, model): create the folder of --out, take <out>.lock (which also
-    proves the folder writable), and for a training stage refuse an existing checkpoint unless
-    --resume or --overwrite.  A fresh run writes its log to <out>.log.jsonl.partial; the first
-    checkpoint (training) or the result file (evaluation) moves it over <out>.log.jsonl, so a run
-    stopped before that leaves the previous run's files as they were."""
+    """Before any work (data, model): check every output (check_outputs), take <out>.lock, and
+    for a training stage refuse an existing checkpoint unless --resume or --overwrite.  A fresh
+    run writes its log to <out>.log.jsonl.partial; the first checkpoint (training) or the result
+    file (evaluation) moves it over <out>.log.jsonl, so a run stopped before that leaves the
+    previous run's files as they were."""
     out = args.out
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        fail(f"--out {out} is a folder; give a file name, e.g. --out {os.path.join(out, 'run.pt' if training else 'results.json')}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create the folder {folder} of --out ({e.strerror or e}); choose another --out")
+    check_outputs(args, training)
     resume = training and args.resume is not None
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
