@@ -2448,8 +2448,22 @@ def read_checkpoint(path, stages=STAGES):
         raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
                               f"{list(stages)}")
     check_schema(ckpt, path)
+    bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
+                              f"file); use an earlier checkpoint")
     RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
+
+
+def nonfinite(obj, key=""):
+    """The key (e.g. model['conv1.weight']) of the first tensor or number in obj that holds NaN or
+    inf, else None: every model is checked on load and before every save."""
+    if isinstance(obj, dict):
+        return next(filter(None, (nonfinite(v, f"{key}[{k!r}]" if key else k) for k, v in obj.items())), None)
+    if torch.is_tensor(obj) and obj.is_floating_point():
+        return None if bool(torch.isfinite(obj).all()) else key
+    return key if isinstance(obj, float) and not math.isfinite(obj) else None
 
 
 def check_schema(ckpt, path):
@@ -2514,7 +2528,13 @@ def check_schema(ckpt, path):
 def save_checkpoint(ckpt, path):
     """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
     interrupted run always leaves the last complete checkpoint
-    (README "Where results and checkpoints go")."""
+    (README "Where results and checkpoints go").  A model with NaN or inf is not written: the run
+    stops with one line (exit 2), and so does a failed write (a full disk), leaving no temporary
+    file and the previous file as it was."""
+    bad = nonfinite({k: ckpt[k] for k in ("model", "clusters") if k in ckpt})
+    if bad:
+        fail(f"{bad} holds NaN or inf: training diverged (try a smaller --lr); stopped without "
+             f"writing {path}, which keeps its last good epoch")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -2535,6 +2555,9 @@ def save_checkpoint(ckpt, path):
         RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
         if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
             commit_log()                    # the first saved epoch replaces the old run's log
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}); it is as it was before this write (free "
+             f"space or choose another path, then continue with --resume where it is a checkpoint)")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1585,8 +1585,22 @@ def read_checkpoint(path, stages=STAGES):
         raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
                               f"{list(stages)}")
     check_schema(ckpt, path)
+    bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
+                              f"file); use an earlier checkpoint")
     RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
+
+
+def nonfinite(obj, key=""):
+    """The key (e.g. model['conv1.weight']) of the first tensor or number in obj that holds NaN or
+    inf, else None: every model is checked on load and before every save."""
+    if isinstance(obj, dict):
+        return next(filter(None, (nonfinite(v, f"{key}[{k!r}]" if key else k) for k, v in obj.items())), None)
+    if torch.is_tensor(obj) and obj.is_floating_point():
+        return None if bool(torch.isfinite(obj).all()) else key
+    return key if isinstance(obj, float) and not math.isfinite(obj) else None
 
 
 def check_schema(ckpt, path):

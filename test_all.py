@@ -620,18 +620,23 @@ def test_resume_refuses_changed_arguments(nominal_run, image_folder, capsys):
 
 
 @pytest.mark.smoke
-def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "c.pt")
     nominal.save_checkpoint({"a": torch.ones(2)}, path)
     before = open(path, "rb").read()
 
     def broken(obj, f):
         f.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
-        nominal.save_checkpoint({"a": torch.zeros(2)}, path)
+    assert "(No space left on device); it is as it was" in exit_code_and_message(
+        capsys, nominal.save_checkpoint, {"a": torch.zeros(2)}, path)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
+    monkeypatch.undo()
+    for bad in ({"model": {"w": torch.tensor([1.0, float("nan")])}}, {"clusters": {"variance": float("inf")}}):
+        err = exit_code_and_message(capsys, nominal.save_checkpoint, bad, path)    # a diverged model
+        assert "holds NaN or inf: training diverged" in err and err.count("\n") == 1
+        assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
 
 
 # ======================================================================================
