@@ -1569,10 +1569,10 @@ def attack_main(args):
            "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run,
            **compile_seconds()}
     if root:                            # torchrun: the others hold the same figures, write nothing
+        write_json(out, args.out)       # first: a full disk then still prints the summary
         if args.save_adv:
             save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
                              "runs": adv_runs}, args.save_adv)
-        write_json(out, args.out)
         commit_log()                    # now this run's log replaces the previous one
         report(out)
     else:
@@ -1694,9 +1694,16 @@ def write_json(obj, path):
     obj.clear()
     obj.update(new)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:                                    # a full disk: the results are not lost
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        report(obj)
+        fail(f"cannot write {path} ({e.strerror or e}); the summary above is what this run found "
+             f"(rerun with another --out to keep the per-example results)")
 
 
 def report(out):
@@ -1839,8 +1846,9 @@ def fmt_time(seconds):
 
 def append_jsonl(path, record):
     path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    line = json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None))  # NaN, inf: null
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 # --- end shared: runtime ---
 
 # --- shared: setup ---
@@ -2576,7 +2584,7 @@ DECIMALS = (("accuracy", 6), ("share", 6), ("robust", 6), ("natural", 6), ("seco
 def rounded(obj, key=""):
     """A copy of a results object for its JSON file: floats under keys naming an accuracy or a
     share (fractions in [0, 1]) to 6 decimals, seconds and images/s to 3; every other number
-    (eps, radii, Lipschitz constants) as computed."""
+    (eps, radii, Lipschitz constants) as computed; NaN (no value) as None (JSON null)."""
     if isinstance(obj, dict):
         return {k: rounded(v, k) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -2584,7 +2592,7 @@ def rounded(obj, key=""):
     if isinstance(obj, float) and math.isfinite(obj):
         digits = next((d for word, d in DECIMALS if word in key), None)
         return obj if digits is None else round(obj, digits)
-    return obj
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 def described(obj, meaning):

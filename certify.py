@@ -1023,8 +1023,9 @@ def fmt_time(seconds):
 
 def append_jsonl(path, record):
     path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    line = json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None))  # NaN, inf: null
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 # --- end shared: runtime ---
 
 # --- shared: setup ---
@@ -1250,9 +1251,15 @@ def save_results(obj, path):
     """Evaluation results, atomically (a temporary file beside, os.replace): a killed run leaves
     the previous complete file; then this run's log replaces the previous one."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:                                    # a full disk: the results are not lost
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(json.dumps(obj, indent=1), flush=True)
+        fail(f"cannot write {path} ({e.strerror or e}); the results are printed above as JSON")
     commit_log()
 # --- end shared: save-results ---
 
@@ -1670,7 +1677,7 @@ DECIMALS = (("accuracy", 6), ("share", 6), ("robust", 6), ("natural", 6), ("seco
 def rounded(obj, key=""):
     """A copy of a results object for its JSON file: floats under keys naming an accuracy or a
     share (fractions in [0, 1]) to 6 decimals, seconds and images/s to 3; every other number
-    (eps, radii, Lipschitz constants) as computed."""
+    (eps, radii, Lipschitz constants) as computed; NaN (no value) as None (JSON null)."""
     if isinstance(obj, dict):
         return {k: rounded(v, k) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -1678,7 +1685,7 @@ def rounded(obj, key=""):
     if isinstance(obj, float) and math.isfinite(obj):
         digits = next((d for word, d in DECIMALS if word in key), None)
         return obj if digits is None else round(obj, digits)
-    return obj
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 def described(obj, meaning):

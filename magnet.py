@@ -1093,8 +1093,9 @@ def fmt_time(seconds):
 
 def append_jsonl(path, record):
     path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
+    line = json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None))  # NaN, inf: null
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 # --- end shared: runtime ---
 
 # --- shared: setup ---
