@@ -126,7 +126,7 @@ def add_common_args(p, data_default):
     g.add_argument("--width", type=positive_int, default=64,
                    help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
                         "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available (default: %(default)s)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -146,6 +146,14 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def seed_int(text):
+    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
+    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
     return value
 # --- end shared: args ---
 
@@ -214,12 +222,21 @@ COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first 
 
 
 def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
                    help="run the network f(x) through torch.compile (BACKEND: inductor when none "
                         "is given; aot_eager: the same graphs, no generated code); the same results "
                         "as eager up to float rounding. Each kind of call (train or eval mode, with "
                         "or without gradients) compiles at its first call and first backward: their "
                         "times are printed and logged as compile_seconds. Default: eager")
+
+
+def backend(name):
+    """argparse type of --compile: a backend torch.compile knows (torch._dynamo.list_backends)."""
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown backend {name!r}; e.g. {', '.join(torch._dynamo.list_backends())}")
+    return name
 
 
 def compile_features(model, backend):

@@ -80,7 +80,7 @@ def add_common_args(p, data_default):
     g.add_argument("--width", type=positive_int, default=64,
                    help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
                         "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available (default: %(default)s)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -100,6 +100,14 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def seed_int(text):
+    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
+    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
     return value
 # --- end shared: args ---
 
@@ -200,6 +208,12 @@ def parse_args(argv=None):
         # a milestone at 0 would drop lr before the first epoch (epochs 1 gave [0, 0], epochs 2
         # [0, 1]: no epoch at --lr), so milestones below 1 and repeats are left out
         args.milestones = sorted({m for m in (args.epochs // 3, 2 * args.epochs // 3) if m >= 1})
+    if not 0 < args.gamma <= 1:                                     # nan fails too
+        fail(f"--gamma must be in (0, 1] (lr is multiplied by it at each milestone), not {args.gamma}")
+    if not all(1 <= m <= args.epochs for m in args.milestones):
+        fail(f"--milestones must lie in [1, --epochs {args.epochs}], not {args.milestones}")
+    if args.stop_after is not None and args.stop_after < 1:
+        fail(f"--stop-after must be an epoch >= 1, not {args.stop_after}")
     return args
 
 
@@ -358,6 +372,7 @@ def load_device_data(args, device):
         train, test, info = load_data(args.data, args.data_dir, args.limit)
     except DataError as e:
         fail(str(e))
+    check_against_data(args, info)
     train = tuple(t.to(device) for t in train)                      # whole split on the device
     test = tuple(t.to(device) for t in test)
     return train, test, info
@@ -492,12 +507,21 @@ COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first 
 
 
 def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
                    help="run the network f(x) through torch.compile (BACKEND: inductor when none "
                         "is given; aot_eager: the same graphs, no generated code); the same results "
                         "as eager up to float rounding. Each kind of call (train or eval mode, with "
                         "or without gradients) compiles at its first call and first backward: their "
                         "times are printed and logged as compile_seconds. Default: eager")
+
+
+def backend(name):
+    """argparse type of --compile: a backend torch.compile knows (torch._dynamo.list_backends)."""
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown backend {name!r}; e.g. {', '.join(torch._dynamo.list_backends())}")
+    return name
 
 
 def compile_features(model, backend):
@@ -959,6 +983,16 @@ def load_data(name, root, limit=None):
             "mean": [float(v) for v in pixels.mean(1)], "std": [float(v) for v in pixels.std(1)],
             "image_size": [int(train_x.shape[2]), int(train_x.shape[3])]}
     return (train_x, train_y), (test_x, test_y), info
+
+
+def check_against_data(args, info):
+    """The flags the loaded data bounds, one line and exit 2: --crop by the image side, --D by
+    the --K x classes centres the run fits."""
+    if not 0 <= args.crop <= min(info["image_size"]):
+        fail(f"--crop {args.crop} must be in [0, {min(info['image_size'])}] (the image side); App. A pads 4")
+    if getattr(args, "D", None) is not None and args.D > args.K * info["num_classes"]:
+        fail(f"--D {args.D} exceeds the --K x classes = {args.K * info['num_classes']} centres this "
+             f"run fits; give --D at most that")
 
 
 def augment(x, crop, flip, generator):

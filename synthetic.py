@@ -158,6 +158,8 @@ def check_args(args):
         args.warm_steps = args.steps // 2
     if args.seeds < 1 or args.steps < 1:
         fail("--seeds and --steps must be at least 1")
+    if not 0 <= args.seed <= 2 ** 32 - args.seeds:                  # numpy seeds: [0, 2^32)
+        fail(f"--seed must be in [0, 2^32 - --seeds], not {args.seed}")
     if not 0 <= args.warm_steps <= args.steps:
         fail(f"--warm-steps must be in [0, --steps = {args.steps}], not {args.warm_steps}")
     if args.n < 4:
