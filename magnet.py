@@ -1130,6 +1130,8 @@ def pick_device(name):
 def setup_runtime(args, training):
     """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
     seed_everything(args.seed)
+    if getattr(args, "data_dir", None):                     # stored absolute in the checkpoint
+        args.data_dir = os.path.abspath(args.data_dir)
     device = pick_device(args.device)
     if args.amp is None:
         args.amp = device.type == "cuda" and training
@@ -1434,25 +1436,31 @@ def _load_torchvision(name, root, train):
 def _load_folder(root, train):
     """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
     (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
-    import torchvision
+    from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
     split = os.path.join(root, "train" if train else "test")
     if not os.path.isdir(split):
         raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
                         f"(ImageFolder layout, train/ and test/ with the same class folders)")
-    try:
-        ds = torchvision.datasets.ImageFolder(split)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot read the image folder {split}: {e}") from None
+    # torchvision's ImageFolder order (classes and files sorted), but links to folders inside a
+    # class folder are not followed: a link to its parent turned 60 images into 3,260
+    classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
+    samples = [(os.path.join(folder, name), c) for c, cls in enumerate(classes)
+               for folder, _, names in sorted(os.walk(os.path.join(split, cls)))
+               for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    empty = [cls for c, cls in enumerate(classes) if all(label != c for _, label in samples)]
+    if not classes or empty:
+        raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
+                        f"({', '.join(IMG_EXTENSIONS)}) in {empty}")
     rank, seen = [], {}
-    for _, label in ds.samples:
+    for _, label in samples:
         rank.append((seen.get(label, 0), label))
         seen[label] = seen.get(label, 0) + 1
-    order = sorted(range(len(ds.samples)), key=lambda i: rank[i])
+    order = sorted(range(len(samples)), key=lambda i: rank[i])
     images, labels, shape = [], [], None
     for i in order:
-        path, label = ds.samples[i]
+        path, label = samples[i]
         try:                                                        # a truncated or foreign file
-            array = np.asarray(ds.loader(path), dtype=np.uint8)     # [H, W, 3] (RGB)
+            array = np.asarray(pil_loader(path), dtype=np.uint8)    # [H, W, 3] (RGB)
         except Exception as e:
             raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
@@ -1463,7 +1471,7 @@ def _load_folder(root, train):
                             f"the first was {shape[:2]}")
         images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
         labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(ds.classes)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), classes
 
 
 def load_split(name, root, train, limit=None):
@@ -1472,6 +1480,10 @@ def load_split(name, root, train, limit=None):
         images, labels, classes = _load_folder(root, train)
     else:
         images, labels, classes = _load_torchvision(name, root, train)
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+        raise DataError(f"the {'train' if train else 'test'} labels of {name} in {root} lie in "
+                        f"[{int(labels.min())}, {int(labels.max())}], outside the {len(classes)} "
+                        f"classes: a damaged file; replace it")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.contiguous(), labels, classes
