@@ -2049,6 +2049,10 @@ def check_resume_args(ckpt, args, not_shaping):
     if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
         fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
              f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
+    source = args.resume or args.out
+    if new.get("epochs") == ckpt["epoch"] and os.path.abspath(source) != os.path.abspath(args.out):
+        fail(f"nothing to train: {source} holds all {ckpt['epoch']} epochs, so --out {args.out} would "
+             f"not be written; raise --epochs to continue the run into it")
     diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(set(old) | set(new))
             if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
@@ -2072,10 +2076,19 @@ def set_rng_state(state, generator):
 
 
 def read_jsonl(path):
+    """The log's records; a last line cut short (a run killed while writing it) is left out."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                fail(f"{path}: line {i + 1} is not JSON (a damaged log); repair or remove it")
+    return records
 
 
 def arch_entry(width, in_channels):
