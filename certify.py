@@ -897,14 +897,18 @@ def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
     med_r = float(ok_r.median()) if len(ok_r) else 0.0
     max_r = float(ok_r.max()) if len(ok_r) else 0.0
     med_p = float(pert.median()) if m else float("nan")
+    # A radius is a certificate only if L is a Lipschitz constant: not below a Jacobian norm
+    # found, and no image flipped inside its radius; else its curve says "not_sound".
+    sound = not inside and (not lower_estimate or L >= lower_estimate)
+    share = "certified_accuracy" if sound else "accuracy_not_sound"
     return {
-        "ckpt": args.ckpt, "data": args.data, "images": n,
+        "ckpt": args.ckpt, "data": args.data, "images": n, "sound": sound,
         "clean_accuracy": float(correct.double().mean()),
         "lipschitz": {"value": float(L), "kind": "bound" if args.lipschitz == "bound" else "given",
                       "lower_estimate": lower_estimate, "lower_estimate_images": m,
                       "upper_bound": bound, "upper_bound_layerwise": layerwise},
-        "curve": accuracy_curve(r["radius"], correct, args.grid),
-        "curve_tight": accuracy_curve(r["tight"], correct, args.grid),
+        "curve": accuracy_curve(r["radius"], correct, args.grid, share),
+        "curve_tight": accuracy_curve(r["tight"], correct, args.grid, share),
         "curve_two_closest": accuracy_curve(r["two_closest"], correct, args.grid, "two_closest_not_sound"),
         "two_closest_differs": int((r["two_closest"] > r["radius"]).sum()),
         "tight_exceeds_sound": int((r["tight"] > r["radius"]).sum()),
@@ -943,9 +947,10 @@ def print_summary(args, results, L, bound, layerwise, pert, lower_estimate, note
              + ("   <- the given L is too small: these radii are NOT sound" if inside else "   (must be 0)"),
              f"  two-closest radius > sound radius        {results['two_closest_differs']}/{n}",
              f"  best same-class centre > sound radius    {results['tight_exceeds_sound']}/{n}",
-             f"  {'radius':>12} {'certified acc':>14}"]
+             f"  {'radius':>12} {'certified acc' if results['sound'] else 'NOT certified':>14}"]
     step = max(1, (len(results["curve"]) - 1) // 10)
-    lines += [f"  {p['radius']:12.4g} {p['certified_accuracy']:14.2%}" for p in results["curve"][::step]]
+    share = "certified_accuracy" if results["sound"] else "accuracy_not_sound"
+    lines += [f"  {p['radius']:12.4g} {p[share]:14.2%}" for p in results["curve"][::step]]
     if lower_estimate is not None and L < lower_estimate:
         lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({lower_estimate:.4g}): "
                      f"it is not a Lipschitz constant and the radii are not certificates")
@@ -976,7 +981,8 @@ def plot_curves(results, radius, pert, lower, path):
     for key, label, style in (("curve", "sound R(x)", "-"), ("curve_tight", "sound, best same-class centre", "--"),
                               ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
         c = results[key]
-        share = "two_closest_not_sound" if key == "curve_two_closest" else "certified_accuracy"
+        share = "two_closest_not_sound" if key == "curve_two_closest" else \
+            "certified_accuracy" if results["sound"] else "accuracy_not_sound"
         a.step([p["radius"] for p in c], [p[share] for p in c], style, where="post", label=label)
     a.set(xlabel="L2 radius (pixels in [0,1])", ylabel="certified accuracy",
           title=f"Prop. 1, L = {results['lipschitz']['value']:.3g} ({results['lipschitz']['kind']})")
@@ -1001,7 +1007,9 @@ def plot_curves(results, radius, pert, lower, path):
 CERTIFY_MEANING = (
     "certify.py result (README 'Result files'). clean_accuracy, certified_accuracy: fractions of "
     "the 'images' test images in [0, 1]; certified_accuracy at radius r = correct by the nearest "
-    "centre and Prop. 1 radius R(x) > r (sound). radius: L2 norm in pixel units of images in "
+    "centre and Prop. 1 radius R(x) > r (sound). sound: false when the L used is below a Jacobian "
+    "norm found or an image flipped inside its radius; the curves' share is then "
+    "accuracy_not_sound, not a certificate. radius: L2 norm in pixel units of images in "
     "[0, 1]. lipschitz: L of the network, L2 -> L2 (value used, kind given|bound, lower_estimate "
     "by power iteration). curve_two_closest: the paper's two-closest-centres radius, not sound. "
     "l2_attack: smallest L2 perturbations found (an upper bound on the true distance).")

@@ -2668,7 +2668,8 @@ def test_certify_results_pair_each_image_with_its_own_radius_and_recount_like_a_
     r = {"pred": torch.zeros(n, dtype=torch.long), "radius": t(radius), "tight": t(tight), "two_closest": t(two)}
     args = argparse.Namespace(ckpt="c.pt", data="folder", lipschitz="bound", grid=5, attack_steps=3, bisect=2)
     res = certify.results_of(args, n, L, 7.0, 9.0, r, torch.tensor(correct), t(pert), lower)
-    for key, values, share in (("curve", radius, "certified_accuracy"), ("curve_tight", tight, "certified_accuracy"),
+    assert res["sound"] is False                          # image 1 flipped at 1.5 inside its radius 2
+    for key, values, share in (("curve", radius, "accuracy_not_sound"), ("curve_tight", tight, "accuracy_not_sound"),
                                ("curve_two_closest", two, "two_closest_not_sound")):
         grid, shares = brute_force_curve(values, correct, 5)
         assert [p["radius"] for p in res[key]] == pytest.approx(grid, rel=1e-15), key
@@ -2693,6 +2694,12 @@ def test_certify_results_pair_each_image_with_its_own_radius_and_recount_like_a_
     assert att["share_flipped_inside"] == 1 / m
     assert att["median_min_perturbation"] == statistics.median_low(pert)
     assert att["gap_median_ratio"] == pytest.approx(statistics.median_low(pert) / statistics.median_low(radius[:m]))
+    # a certificate only where L is one: nothing flipped inside, and L not below the Jacobian norm found
+    outside = t([0.6, 2.5, math.inf, 3.2])
+    for L_used, sound in ((lower, True), (0.99 * lower, False)):
+        res = certify.results_of(args, n, L_used, 7.0, 9.0, r, torch.tensor(correct), outside, lower)
+        key = "certified_accuracy" if sound else "accuracy_not_sound"
+        assert res["sound"] is sound and all(key in p for p in res["curve"] + res["curve_tight"])
 
 
 @pytest.mark.oracle
@@ -2759,7 +2766,7 @@ def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(m
     results = {"curve": curve("certified_accuracy", [(0.0, 0.75), (1.0, 0.5), (2.0, 0.0)]),
                "curve_tight": curve("certified_accuracy", [(0.0, 0.75), (1.5, 0.5), (3.0, 0.0)]),
                "curve_two_closest": curve("two_closest_not_sound", [(0.0, 0.75), (2.5, 0.25), (5.0, 0.0)]),
-               "lipschitz": {"value": 4.0, "kind": "bound"}}
+               "lipschitz": {"value": 4.0, "kind": "bound"}, "sound": True}
     radius = torch.tensor([0.375, 0.0, 0.125, 0.25], dtype=torch.float64)
     pert = torch.tensor([1.5, math.inf, 0.5, 0.75], dtype=torch.float64)
     assert "written" in certify.plot_curves(results, radius, pert, 2.0, str(tmp_path / "p.png"))
