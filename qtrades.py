@@ -1742,6 +1742,7 @@ def _load_torchvision(name, root, train):
     import torchvision
     if name in IDX_DATASETS:
         return _load_idx(name, root, train)
+    existed = os.path.exists(root)
     try:
         if name == "svhn":
             ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
@@ -1752,6 +1753,8 @@ def _load_torchvision(name, root, train):
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
         return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
     except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
+        if not existed and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)                          # the download's empty folder: nothing written
         raise DataError(
             f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
             f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "

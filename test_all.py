@@ -4452,6 +4452,163 @@ def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, word
     assert not os.path.exists(p["marker"]), "the pickled os.system ran"
 
 
+# ==== Faults by kind (README "Bad input and safety"): each handled by one general mechanism ====
+
+@pytest.fixture(scope="session")
+def faults(nominal_run, clustering_ckpt, image_folder, tmp_path_factory):
+    """The files of the FAULTS table, in one folder whose every byte the test compares after."""
+    import shutil
+    root = tmp_path_factory.mktemp("faults")
+    p = {"root": str(root), "folder": image_folder}
+    for name, src in (("v", nominal_run[1]), ("m", clustering_ckpt)):
+        shutil.copy(src, root / f"{name}.pt")
+        p[name] = str(root / f"{name}.pt")
+    ck = torch.load(nominal_run[1], weights_only=True)
+    ck["model"] = dict(ck["model"])
+    ck["model"]["conv1.weight"] = ck["model"]["conv1.weight"].clone()
+    ck["model"]["conv1.weight"][0, 0, 0, 0] = float("nan")                # NaN weights
+    torch.save(ck, root / "nan.pt")
+    ck = torch.load(clustering_ckpt, weights_only=True)
+    ck["clusters"]["centers"] = ck["clusters"]["centers"].clone()
+    ck["clusters"]["centers"][1, 3] = float("inf")                        # one centre not finite
+    torch.save(ck, root / "nan_centre.pt")
+    p.update(nan=str(root / "nan.pt"), nan_centre=str(root / "nan_centre.pt"), dir=str(root / "a_folder"))
+    os.makedirs(p["dir"])
+    arrays = make_idx_dataset(str(root / "fm"))
+    write_idx(root / "fm" / "t10k-labels-idx1-ubyte.gz", np.r_[arrays["t10k"][1][:-1], 10])   # label 10 of 10
+    p["fm"] = str(root / "fm")
+    os.makedirs(root / "locked.json.lock")                                 # the lock path is a folder
+    p["locked"] = str(root / "locked.json")
+    return p
+
+
+def nom_(p, *extra):
+    return ["--data", "folder", "--data-dir", p["folder"], "--width", "4", "--epochs", "2", "-b", "32", *extra]
+
+
+def att_(p, *extra):
+    return ["--ckpt", p["v"], "--data-dir", p["folder"], "--steps", "1", "--limit", "4", "--no-checks", *extra]
+
+
+def cer_(p, *extra):
+    return ["--ckpt", p["m"], "--data-dir", p["folder"], "--limit", "4", *extra]
+
+
+# label, stage, argv(p) (--out is prepended: a fresh path, so a later --out overrides it), words of
+# the one line, exit code
+FAULTS = [
+    # an output path that is an input
+    ("attack --out is the checkpoint", attack, lambda p: att_(p, "--out", p["v"]), "is also a file this run reads", 2),
+    ("attack --save-adv is the checkpoint", attack, lambda p: att_(p, "--save-adv", p["v"]), "--save-adv", 2),
+    ("attack --export is the checkpoint", attack, lambda p: ["--ckpt", p["v"], "--export", p["v"]], "--export", 2),
+    ("certify --out is the checkpoint", certify, lambda p: cer_(p, "--out", p["m"]), "is also a file this run reads", 2),
+    ("magnet --out is its --init", magnet, lambda p: mag(p, "--init", p["v"], "--out", p["v"], "--overwrite"),
+     "is also a file this run reads", 2),
+    # output paths checked before the work
+    ("certify --plot .bmp", certify, lambda p: cer_(p, "--plot", p["root"] + "/c.bmp"), ".png", 2),
+    ("attack --save-adv a folder", attack, lambda p: att_(p, "--save-adv", p["dir"]), "is a folder", 2),
+    ("attack --export a folder", attack, lambda p: ["--ckpt", p["v"], "--export", p["dir"]], "is a folder", 2),
+    ("attack --out ''", attack, lambda p: att_(p, "--out", ""), "--out is empty", 2),
+    ("the lock path is a folder", attack, lambda p: att_(p, "--out", p["locked"]), "locked.json.lock is a folder", 2),
+    # a model that is not finite
+    ("attack NaN weights", attack, lambda p: att_(p, "--ckpt", p["nan"]), "model['conv1.weight'] holds NaN or inf", 2),
+    ("certify an inf centre", certify, lambda p: cer_(p, "--ckpt", p["nan_centre"]), "clusters['centers'] holds NaN", 2),
+    ("magnet --init NaN weights", magnet, lambda p: mag(p, "--init", p["nan"]), "holds NaN or inf", 2),
+    # training that would go wrong
+    ("--gamma nan", nominal, lambda p: nom_(p, "--gamma", "nan"), "--gamma must be in (0, 1]", 2),
+    ("--gamma -1", nominal, lambda p: nom_(p, "--gamma", "-1"), "--gamma must be in (0, 1]", 2),
+    ("--stop-after -1 nominal", nominal, lambda p: nom_(p, "--stop-after", "-1"), "--stop-after", 2),
+    ("--stop-after -1 magnet", magnet, lambda p: mag(p, "--stop-after", "-1"), "--stop-after", 2),
+    ("resume a finished run to a new --out", nominal, lambda p: nom(p, "--resume", p["v"], "--epochs", "3"),
+     "nothing to train", 2),
+    # data that is not what it seems
+    ("a test label outside the classes", nominal, lambda p: ["--data", "fashion-mnist", "--data-dir", p["fm"],
+                                                            "--width", "2", "--epochs", "1"], "outside the 10 classes", 2),
+    # values outside their range
+    ("--seed -1 nominal", nominal, lambda p: nom_(p, "--seed", "-1"), "--seed", 2),
+    ("--seed -1 attack", attack, lambda p: att_(p, "--seed", "-1"), "--seed", 2),
+    ("--seed -1 certify", certify, lambda p: cer_(p, "--seed", "-1"), "--seed", 2),
+    ("--seed -1 synthetic", synthetic, lambda p: ["--seed", "-1"], "--seed", 2),
+    ("--compile nonsense", nominal, lambda p: nom_(p, "--compile", "nonsense"), "unknown backend 'nonsense'", 2),
+    ("--milestones 100", nominal, lambda p: nom_(p, "--milestones", "100"), "--milestones must lie in [1, --epochs 2]", 2),
+    ("--crop 100", nominal, lambda p: nom_(p, "--crop", "100"), "--crop 100 must be in [0, 16]", 2),
+    ("magnet --D 1000", magnet, lambda p: mag(p, "--init", p["v"], "--D", "1000"), "--D 1000 exceeds", 2),
+]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("label,stage,argv,words,code", FAULTS, ids=[row[0] for row in FAULTS])
+def test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_input(
+        label, stage, argv, words, code, faults, capsys, tmp_path):
+    out = str(tmp_path / "out" / "r.json")
+    files = [os.path.join(d, f) for d, _, names in os.walk(faults["root"]) for f in names]
+    before = {f: open(f, "rb").read() for f in files}
+    with pytest.raises(SystemExit) as info:
+        stage.main(["--out", out] + argv(faults))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error: " in line]       # argparse's usage aside
+    assert info.value.code == code and len(lines) == 1 and words in lines[0], (info.value.code, err)
+    assert "Traceback" not in err and (err.count("\n") == 1 or err.startswith("usage:")), err
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "out" / "r.json.lock"), "no result"
+    assert {os.path.join(d, f) for d, _, names in os.walk(faults["root"]) for f in names} == set(before)
+    assert all(open(f, "rb").read() == data for f, data in before.items()), "an input changed"
+
+
+@pytest.mark.smoke
+def test_data_is_what_it_seems_links_labels_and_the_stored_folder(image_folder, nominal_run, tmp_path, monkeypatch,
+                                                                  capsys):
+    import shutil
+    folder = str(tmp_path / "loop")
+    shutil.copytree(image_folder, folder)
+    os.symlink("..", os.path.join(folder, "train", "class00", "back"))     # a link to the split: a loop
+    (train_x, _), _, _ = nominal.load_data("folder", folder)
+    assert len(train_x) == len(nominal.load_data("folder", image_folder)[0][0]) == 180
+    # a stored relative --data-dir is not resolved against wherever attack.py runs from
+    ck = torch.load(nominal_run[1], weights_only=True)
+    assert os.path.isabs(ck["args"]["data_dir"])                           # the stages store it absolute
+    ck["args"]["data_dir"] = os.path.relpath(image_folder)
+    torch.save(ck, tmp_path / "rel.pt")
+    elsewhere = tmp_path / "elsewhere"
+    make_image_folder(str(elsewhere / os.path.relpath(image_folder)), classes=3, n_train=2, n_test=2, seed=5)
+    monkeypatch.chdir(elsewhere)
+    args = attack.parse_args(["--ckpt", str(tmp_path / "rel.pt")])
+    attack.data_dir_from_checkpoint(args, ck)
+    assert args.data_dir == os.path.abspath("./data")                      # not the look-alike folder
+    # an empty ./data is not left behind by a failed download
+    with pytest.raises(SystemExit):
+        nominal.main(["--epochs", "1", "--out", "c.pt"])
+    assert sorted(os.listdir(".")) == sorted(os.listdir(elsewhere)) and not os.path.exists("data")
+    capsys.readouterr()
+
+
+@pytest.mark.smoke
+def test_logs_are_valid_json_a_cut_last_line_resumes_and_a_full_disk_loses_no_result(
+        nominal_run, image_folder, tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "l.jsonl")
+    nominal.append_jsonl(path, {"a": float("nan"), "b": [float("inf"), 1.0]})
+    assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [None, 1.0]}
+    # a log whose last line was cut short (killed while writing it): --resume continues without it
+    out = str(tmp_path / "c.pt")
+    nominal.main(nominal_args(image_folder, out, "--epochs", 1))
+    with open(out + ".log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')
+    res = nominal.main(nominal_args(image_folder, out, "--epochs", 2, "--resume"))
+    assert res["epoch"] == 2 and [r["epoch"] for r in nominal.read_jsonl(out + ".log.jsonl")] == [1, 2]
+    # a full disk when the results are written: the summary is printed, no temporary file, exit 2
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        attack.main(["--ckpt", nominal_run[1], "--data-dir", image_folder, "--limit", "4", "--steps", "1",
+                     "--no-checks", "--loss", "ce", "--out", str(tmp_path / "a" / "a.json")])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and "summary:" in captured.out and "No space left" in captured.err
+    assert os.listdir(tmp_path / "a") == ["a.json.log.jsonl.partial"], "a temporary file or a lock stayed"
+    rows = nominal.read_jsonl(str(tmp_path / "a" / "a.json.log.jsonl.partial"))   # this run's rows, kept
+    assert [r["loss"] for r in rows] == ["ce"] and "a.json.log.jsonl.partial" in captured.err
+
+
 @background_job("shell", test="test_bad_input_from_the_shell_exits_2_without_a_traceback")
 def start_shell(request):
     """One bad input per stage, each stage in its own interpreter: -> (out folder, cases, results)."""
