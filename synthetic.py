@@ -944,6 +944,14 @@ def guarded(main):
         except KeyboardInterrupt:
             print(f"\n{interrupted()}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
+        except OSError as e:            # stdout on a full device (files: one line where written)
+            try:                                    # the buffered rest goes nowhere at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
+                  f"saved before it stays (--resume continues a training run)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         finally:
             release_lock()
             if previous is not None:

@@ -4607,6 +4607,17 @@ def test_logs_are_valid_json_a_cut_last_line_resumes_and_a_full_disk_loses_no_re
     assert os.listdir(tmp_path / "a") == ["a.json.log.jsonl.partial"], "a temporary file or a lock stayed"
     rows = nominal.read_jsonl(str(tmp_path / "a" / "a.json.log.jsonl.partial"))   # this run's rows, kept
     assert [r["loss"] for r in rows] == ["ce"] and "a.json.log.jsonl.partial" in captured.err
+    monkeypatch.undo()
+
+    class Full(io.StringIO):                                                # stdout on a full device
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sys, "stdout", Full())
+    with pytest.raises(SystemExit) as info:
+        nominal.main(nominal_args(image_folder, str(tmp_path / "d.pt"), "--epochs", 1))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: No space left on device") and err.count("\n") == 1
 
 
 @background_job("shell", test="test_bad_input_from_the_shell_exits_2_without_a_traceback")
