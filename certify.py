@@ -120,6 +120,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
         return super()._get_help_string(action)
 
+    def _expand_help(self, action):
+        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
+        def shown(v):
+            k = v * 255 if isinstance(v, float) else None
+            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
+        if isinstance(action.default, (float, list)):
+            value = action.default
+            action = argparse.Action(action.option_strings, action.dest, help=action.help,
+                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
+                                     else shown(value))
+        return super()._expand_help(action)
+
     def _fill_text(self, text, width, indent):
         return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
                            for block in text.split("\n\n"))
@@ -959,7 +971,8 @@ def print_summary(args, results, L, bound, layerwise, pert, lower_estimate, note
                      f"level on one pixel); the attack needs a median {med_p:.3g}, "
                      f"{att['gap_median_ratio'] or float('nan'):.3g}x the median radius. "
                      f"The layer-wise bound is that loose for a deep network.")
-    lines += [f"  {note}", f"  results {args.out}   log {args.out + '.log.jsonl'}"]
+    lines += [f"  {note}", f"  results {args.out}   log {args.out + '.log.jsonl'}",
+              f"  next    python attack.py --ckpt {shlex.quote(args.ckpt)}   (L-inf robustness, worst case)"]
     print("\n".join(lines), flush=True)
 
 

@@ -83,6 +83,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
         return super()._get_help_string(action)
 
+    def _expand_help(self, action):
+        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
+        def shown(v):
+            k = v * 255 if isinstance(v, float) else None
+            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
+        if isinstance(action.default, (float, list)):
+            value = action.default
+            action = argparse.Action(action.option_strings, action.dest, help=action.help,
+                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
+                                     else shown(value))
+        return super()._expand_help(action)
+
     def _fill_text(self, text, width, indent):
         return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
                            for block in text.split("\n\n"))

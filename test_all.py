@@ -2208,7 +2208,9 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
     # one loss: no worst-case row, so no "headline" note
     capsys.readouterr()
     res = attack.main(common + ["--no-checks", "--loss", "ce", "--out", str(tmp_path / "d.json")])
-    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in out
+    assert f"next     python magnet.py --init {ckpt}" in out                 # a nominal checkpoint's next step
     # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
     with pytest.raises(SystemExit) as info:
         attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
@@ -2850,6 +2852,7 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
     assert len(pert) == 8 and radius.numpy() == pytest.approx(radii[:8], rel=1e-9) and lower == lip["lower_estimate"]
     # the summary's table is the result file's curve (every step-th point), with no warning on L
     text = capsys.readouterr().out
+    assert f"next    python attack.py --ckpt {magnet_ckpt}" in text         # a copy-pasteable next step
     table = re.findall(r"^ +(\S+) +(\S+)%$", text.split("certified acc\n")[1], re.M)
     step = max(1, (len(curve) - 1) // 10)
     assert [[float(v) for v in row] for row in table] == \
@@ -4667,6 +4670,10 @@ def test_help_cites_the_paper_and_exits_0(stage, words, capsys):
     out = capsys.readouterr().out
     assert all(word in out for word in words), [w for w in words if w not in out]
     assert "(default: None)" not in out                             # the real default, or what sets it
+    assert "0.0313" not in out and "0.0078" not in out              # fractions as a user writes them
+    if stage is attack:
+        flat = " ".join(out.split())                                        # the wrapping aside
+        assert "(default: 8/255)" in flat and "(default: 64/255)" in flat and "(default: 0.01)" in flat
 
 
 @pytest.mark.shape
