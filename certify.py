@@ -42,6 +42,7 @@ Krylov space as in Lanczos (1950).
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
@@ -1126,6 +1127,9 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
             if os.path.isdir(path):
                 fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
                      f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
+            twin = next((f for f, q in paths if os.path.realpath(q) == os.path.realpath(path)), None)
+            if twin:
+                fail(f"{flag} {given} is also written as {twin}: one would replace the other; give two names")
             paths.append((flag, path))
     for flag, path in paths:
         folder = os.path.dirname(os.path.abspath(path))
@@ -1160,61 +1164,38 @@ def preflight(args, training):
 
 
 def take_lock(path):
-    """<out>.lock holds the pid of the run writing --out; O_CREAT | O_EXCL makes taking it atomic,
-    so of two runs started on one --out the second exits 2.  A lock whose process is gone (a
-    killed run) is stale: it is taken over with a note."""
-    for _ in range(3):
+    """<out>.lock, held with fcntl.flock for the life of the process: a second run on the same
+    --out exits 2, and the kernel releases the lock when the process ends, however it ends (a
+    killed run leaves at most the file, which the next run takes).  It holds the pid, for a person."""
+    while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = lock_owner(path)
-            if pid is not None and pid_alive(pid):
-                fail(f"another run (process {pid}) is writing {path[:-5]} now ({path}); wait for it "
-                     f"to end or choose another --out")
-            print(f"note: took over the stale lock {path} (process {pid} has ended)", flush=True)
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
                  f"({e.strerror or e}); make it writable or choose another --out")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        RUN["lock"] = path
-        return
-    fail(f"could not take the lock {path}: other runs keep taking it; try again")
-
-
-def lock_owner(path):
-    """The pid in a lock file, or None (empty: its run died between creating and writing it)."""
-    for _ in range(2):
         try:
-            with open(path) as f:
-                text = f.read().strip()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it "
+                 f"to end or choose another --out")
+        try:                                # the file its last holder removed meanwhile: again
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
         except FileNotFoundError:
-            return None
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.2)                                             # a run may be writing it now
-    return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)                                             # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                         # alive, another user's
-        return True
-    return True
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    RUN["lock"] = (path, fd)
 
 
 def release_lock():
-    path = RUN.pop("lock", None)
-    if path is not None and lock_owner(path) == os.getpid():
-        os.remove(path)
+    path, fd = RUN.pop("lock", (None, None))
+    if fd is not None:
+        os.remove(path)                     # while held: a run that opened it meanwhile retries
+        os.close(fd)
 
 
 def commit_log():

@@ -4444,10 +4444,16 @@ def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, word
     out = str(tmp_path / "out.pt")
     p = dict(bad_files, q_ce=qtrades_runs["ce"][1], locked=str(tmp_path / "locked.pt"),
              clustering=clustering_ckpt, magnet=magnet_ckpt)
-    with open(p["locked"] + ".lock", "w") as f:
-        f.write(f"{os.getpid()}\n")                                 # a live process holds it
+    import fcntl
+    lock = open(p["locked"] + ".lock", "w")
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    fcntl.flock(lock, fcntl.LOCK_EX)                                # a live run holds it (this one)
     before = {path: open(path, "rb").read() for path in (p["ckpt"],)}
-    err = exit_code_and_message(capsys, stage.main, ["--out", out] + argv(p))
+    try:
+        err = exit_code_and_message(capsys, stage.main, ["--out", out] + argv(p))
+    finally:
+        lock.close()
     assert all(w in err for w in ((words,) if isinstance(words, str) else words)), err
     assert err.count("\n") == 1 and err.startswith("error: ") or "usage:" in err, err   # one line
     assert not os.path.exists(out) and not os.path.exists(out + ".lock"), "nothing is written"
@@ -4512,6 +4518,8 @@ FAULTS = [
     ("attack --save-adv a folder", attack, lambda p: att_(p, "--save-adv", p["dir"]), "is a folder", 2),
     ("attack --export a folder", attack, lambda p: ["--ckpt", p["v"], "--export", p["dir"]], "is a folder", 2),
     ("attack --out ''", attack, lambda p: att_(p, "--out", ""), "--out is empty", 2),
+    ("attack --save-adv is --out", attack, lambda p: att_(p, "--out", p["root"] + "/x", "--save-adv", p["root"] + "/x"),
+     "is also written as --out", 2),
     ("the lock path is a folder", attack, lambda p: att_(p, "--out", p["locked"]), "locked.json.lock is a folder", 2),
     # a model that is not finite
     ("attack NaN weights", attack, lambda p: att_(p, "--ckpt", p["nan"]), "model['conv1.weight'] holds NaN or inf", 2),
@@ -4861,25 +4869,28 @@ def test_evaluation_reruns_onto_its_results_and_a_killed_one_keeps_the_previous(
 
 
 @pytest.mark.smoke
-def test_a_stale_lock_is_taken_over_with_a_note_and_a_live_one_refuses(tmp_path, capsys):
+def test_a_killed_runs_lock_is_free_and_a_live_one_refuses(tmp_path, capsys):
+    """<out>.lock is held with flock: the kernel frees it when its process dies (kill -9 too)."""
     out = str(tmp_path / "s.json")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    with open(out + ".lock", "w") as f:
-        f.write(f"{dead.pid}\n")
-    synthetic.main(synthetic_argv(out))
-    assert f"took over the stale lock {out}.lock (process {dead.pid} has ended)" in capsys.readouterr().out
-    assert os.path.exists(out) and not os.path.exists(out + ".lock")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        with open(out + ".lock", "w") as f:
-            f.write(f"{sleeper.pid}\n")
-        err = exit_code_and_message(capsys, synthetic.main, synthetic_argv(out))
-        assert f"another run (process {sleeper.pid}) is writing {out}" in err
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert open(out + ".lock").read() == f"{sleeper.pid}\n"        # not ours: left alone
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d\\n' % os.getpid()); print('held', flush=True); "
+            "time.sleep(60)")
+    for killed in (True, False):
+        holder = subprocess.Popen([sys.executable, "-c", hold, out + ".lock"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            if killed:
+                holder.kill()                                              # kill -9: no clean-up ran
+                holder.wait()
+                synthetic.main(synthetic_argv(out))                        # the file is there, the lock is not
+                assert os.path.exists(out) and not os.path.exists(out + ".lock")
+            else:
+                err = exit_code_and_message(capsys, synthetic.main, synthetic_argv(out))
+                assert f"another run (process {holder.pid}) is writing {out}" in err
+                assert open(out + ".lock").read() == f"{holder.pid}\n"     # not ours: left alone
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 @pytest.mark.smoke
