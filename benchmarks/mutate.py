@@ -44,6 +44,7 @@ def M(files, original, mutant, what, equivalent=None, first=None):
 # The evaluation's mutants first run the tests named after the evaluation stages.
 ATTACK = "attack or square or target or check or cascade or pgd or per_loss or export or recomput"
 CERTIFY = "certify or radius or radii or lipschitz or l2_attack or curve or prop1"
+FAULTS = "fault or data_is or logs_are or atomic or certify_results or lock"
 
 
 MUTANTS = [
@@ -308,8 +309,8 @@ MUTANTS = [
       "certify: the curve runs to the largest radius of any image, not of a correct one", first=CERTIFY),
     M("certify.py", "+ [top] if top > 0 else [0.0]", "+ [top] if top > 0 else []",
       "certify: no curve at all when no correct image has a radius above 0", first=CERTIFY),
-    M("certify.py", '"curve_tight": accuracy_curve(r["tight"], correct, args.grid)',
-      '"curve_tight": accuracy_curve(r["radius"], correct, args.grid)',
+    M("certify.py", '"curve_tight": accuracy_curve(r["tight"], correct, args.grid, share)',
+      '"curve_tight": accuracy_curve(r["radius"], correct, args.grid, share)',
       "certify: curve_tight built from the sound radius R(x)", first=CERTIFY),
     M("certify.py", 'accuracy_curve(r["two_closest"], correct, args.grid, "two_closest_not_sound")',
       'accuracy_curve(r["tight"], correct, args.grid, "two_closest_not_sound")',
@@ -386,6 +387,29 @@ MUTANTS = [
     M("certify.py", '(radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")',
       '(radius * (lower or L) / L, "R(x) if L = lower estimate (not sound)", "--")',
       "certify: the plot scales R(x) to the lower estimate of L the wrong way", first=CERTIFY),
+    # ---------------------------------------------------------------- faults (issue 23): every stage's copy
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
+      "            if os.path.realpath(path) in reads:\n", "            if False:\n",
+      "check_outputs: an output may be a file the run reads", first=FAULTS),
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
+      "    bad = nonfinite({\"model\": ckpt[\"model\"], \"clusters\": ckpt.get(\"clusters\")})\n",
+      "    bad = None\n", "read_checkpoint: NaN weights load", first=FAULTS),
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py"),
+      "    bad = nonfinite({k: ckpt[k] for k in (\"model\", \"clusters\") if k in ckpt})\n",
+      "    bad = None\n", "save_checkpoint: NaN weights are written", first=FAULTS),
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
+      "for folder, _, names in sorted(os.walk(os.path.join(split, cls)))",
+      "for folder, _, names in sorted(os.walk(os.path.join(split, cls), followlinks=True))",
+      "folder splits follow links to folders again", first=FAULTS),
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
+      "    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):\n",
+      "    if False:\n", "labels outside the classes accepted", first=FAULTS),
+    M("certify.py", "    sound = not inside and (not lower_estimate or L >= lower_estimate)\n",
+      "    sound = not inside\n", "certify: an L below the lower estimate still gives certificates",
+      first=FAULTS),
+    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
+      "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+      "the lock of --out is never taken", first=FAULTS),
 ]
 
 
