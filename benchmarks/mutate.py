@@ -1,6 +1,6 @@
 """benchmarks/mutate.py -- does the test suite notice when a piece of a training stage is broken?
 
-A mutation pass over the training stages: each mutant below is one small semantic edit of the
+A mutation pass over the stages: each mutant below is one small semantic edit of the
 kind a reviewer (or a hurried refactor) makes -- a loop line deleted, an argument swapped, a
 default of Appendix A changed.  Each is applied to a fresh temporary copy of the repository
 (the working files are never touched), and `python -m pytest test_all.py -x -q` runs there:
