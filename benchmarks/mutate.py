@@ -1,4 +1,4 @@
-"""benchmarks/mutate.py -- does the test suite notice when a piece of a training stage is broken?
+"""benchmarks/mutate.py -- does the test suite notice when a piece of a stage is broken?
 
 A mutation pass over the stages: each mutant below is one small semantic edit of the
 kind a reviewer (or a hurried refactor) makes -- a loop line deleted, an argument swapped, a
