@@ -244,11 +244,10 @@ def add_compile_arg(g):
 
 
 def backend(name):
-    """argparse type of --compile: a backend torch.compile knows (torch._dynamo.list_backends)."""
-    import torch._dynamo
-    known = torch._dynamo.list_backends(exclude_tags=())
+    """argparse type of --compile: a backend of torch.compile that needs no other package."""
+    known = ("inductor", "aot_eager", "eager", "cudagraphs")          # need no other package
     if name not in known:
-        raise argparse.ArgumentTypeError(f"unknown backend {name!r}; e.g. {', '.join(torch._dynamo.list_backends())}")
+        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of {', '.join(known)}")
     return name
 
 
@@ -1031,7 +1030,8 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     precision), the reported figure recomputed from them.  Exit 1 with one line, writing nothing,
     when an image leaves the eps-ball or [0, 1] (up to 1e-6, as the check "in_ball"), or when an
     example's recomputed verdict differs from `claimed` (the bookkeeping's robust mask) by more
-    than rounding can: its margin z_y - max_{c != y} z_c must lie within RECOMPUTE_MARGIN of 0,
+    than rounding can: its margin |z_y - max_{c != y} z_c| (under a D mask, or the gap between the
+    D-th and (D+1)-th nearest squared distances over 2 sigma^2) must be within RECOMPUTE_MARGIN,
     and at most max(2, N / 200) verdicts may differ (a first fooling iterate sits just across
     the boundary, so a wrong record can hide within the margin: rounding flips only a few).
     -> (robust [N] bool, recomputed; how many verdicts differ from claimed)."""
@@ -1045,10 +1045,15 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
             excess = max(excess, float((xa - x).abs().amax()) - eps, -float(xa.min()), float(xa.max()) - 1)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
             z = clf(xa).float()
+            m = (z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], -math.inf).amax(1)).abs()
+            if getattr(clf, "clusters", False) and clf.D is not None and clf.D < len(clf.centers):
+                # under a D mask log p jumps to -inf: how near the D nearest centres are to changing
+                sq = sq_distances(clf.model.features(xa).float(), clf.centers).topk(clf.D + 1, largest=False).values
+                m = torch.minimum(m, (sq[:, clf.D] - sq[:, clf.D - 1]) / (2 * clf.sigma2))
         robust[i:i + len(y)] = z.argmax(1) == y
-        margin[i:i + len(y)] = z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], -math.inf).amax(1)
+        margin[i:i + len(y)] = m
     differ = robust != claimed
-    unexplained = int((differ & ~(margin.abs() <= RECOMPUTE_MARGIN[bool(args.amp)])).sum())
+    unexplained = int((differ & ~(margin <= RECOMPUTE_MARGIN[bool(args.amp)])).sum())
     if int(differ.sum()) > max(2, len(labels) // 200):
         unexplained = int(differ.sum())
     if excess > 1e-6 or unexplained:
@@ -1901,8 +1906,9 @@ def pick_device(name):
 def setup_runtime(args, training):
     """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
     seed_everything(args.seed)
-    if getattr(args, "data_dir", None):                     # stored absolute in the checkpoint
-        args.data_dir = os.path.abspath(args.data_dir)
+    for key in ("data_dir", "init"):                        # stored absolute in the checkpoint
+        if getattr(args, key, None):
+            setattr(args, key, os.path.abspath(getattr(args, key)))
     device = pick_device(args.device)
     if args.amp is None:
         args.amp = device.type == "cuda" and training
@@ -1927,7 +1933,8 @@ RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per che
 # The files a run writes, by flag, with the suffixes their writer takes (None: any), and the
 # files it reads: check_outputs sees them all before any work.
 OUTPUTS = {"out": None, "save_adv": None, "export": None,
-           "plot": (".png", ".pdf", ".svg", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff")}
+           "plot": (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff",
+                    ".webp", ".gif", ".pgf", ".raw", ".rgba")}
 INPUTS = ("ckpt", "init", "resume")
 
 
@@ -1945,8 +1952,8 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
         if given is None or (key == "plot" and given.lower() in ("", "none")):
             continue
         flag = "--" + key.replace("_", "-")
-        if not given.strip():
-            fail(f"{flag} is empty; give a file name")
+        if not given.strip() or given.endswith((os.sep, "/")):
+            fail(f"{flag} {given!r} names no file; give a file name")
         if OUTPUTS[key] and not given.lower().endswith(OUTPUTS[key]):
             fail(f"{flag} {given}: the plot is written as one of {' '.join(OUTPUTS[key])}; give one")
         for path in [given] + ([given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock")]
@@ -1963,6 +1970,10 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
             paths.append((flag, path))
     for flag, path in paths:
         folder = os.path.dirname(os.path.abspath(path))
+        missing = folder
+        while not os.path.exists(missing):                  # removed again if the run writes nothing
+            RUN.setdefault("made", []).append(missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -1983,6 +1994,10 @@ def preflight(args, training):
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
              f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    if resume and args.resume and os.path.exists(out) and not args.overwrite \
+            and os.path.realpath(args.resume) != os.path.realpath(out):
+        fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
+             f"--out, or replace it with --overwrite")
     RUN.update(out=out, training=training, resume=resume and (args.resume or out),
                replacing=training and not resume and os.path.exists(out))   # with --overwrite
     take_lock(out + ".lock")
@@ -2026,6 +2041,11 @@ def release_lock():
     if fd is not None:
         os.remove(path)                     # while held: a run that opened it meanwhile retries
         os.close(fd)
+    for folder in RUN.pop("made", []):      # the folders check_outputs made, where still empty
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def commit_log():
@@ -2203,9 +2223,13 @@ def _load_folder(root, train):
     # torchvision's ImageFolder order (classes and files sorted), but links to folders inside a
     # class folder are not followed: a link to its parent turned 60 images into 3,260
     classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
-    samples = [(os.path.join(folder, name), c) for c, cls in enumerate(classes)
-               for folder, _, names in sorted(os.walk(os.path.join(split, cls)))
+    walks = [(c, sorted(os.walk(os.path.join(split, cls)))) for c, cls in enumerate(classes)]
+    samples = [(os.path.join(folder, name), c) for c, walk in walks for folder, _, names in walk
                for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
+    links = [os.path.join(folder, d) for _, walk in walks for folder, dirs, _ in walk for d in dirs
+             if os.path.islink(os.path.join(folder, d))]
+    if links:
+        print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
     empty = [cls for c, cls in enumerate(classes) if all(label != c for _, label in samples)]
     if not classes or empty:
         raise DataError(f"cannot read the image folder {split}: no class folder, or no image "

@@ -784,7 +784,8 @@ RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per che
 # The files a run writes, by flag, with the suffixes their writer takes (None: any), and the
 # files it reads: check_outputs sees them all before any work.
 OUTPUTS = {"out": None, "save_adv": None, "export": None,
-           "plot": (".png", ".pdf", ".svg", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff")}
+           "plot": (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff",
+                    ".webp", ".gif", ".pgf", ".raw", ".rgba")}
 INPUTS = ("ckpt", "init", "resume")
 
 
@@ -802,8 +803,8 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
         if given is None or (key == "plot" and given.lower() in ("", "none")):
             continue
         flag = "--" + key.replace("_", "-")
-        if not given.strip():
-            fail(f"{flag} is empty; give a file name")
+        if not given.strip() or given.endswith((os.sep, "/")):
+            fail(f"{flag} {given!r} names no file; give a file name")
         if OUTPUTS[key] and not given.lower().endswith(OUTPUTS[key]):
             fail(f"{flag} {given}: the plot is written as one of {' '.join(OUTPUTS[key])}; give one")
         for path in [given] + ([given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock")]
@@ -820,6 +821,10 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
             paths.append((flag, path))
     for flag, path in paths:
         folder = os.path.dirname(os.path.abspath(path))
+        missing = folder
+        while not os.path.exists(missing):                  # removed again if the run writes nothing
+            RUN.setdefault("made", []).append(missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -840,6 +845,10 @@ def preflight(args, training):
     if training and not resume and os.path.exists(out) and not args.overwrite:
         fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
              f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
+    if resume and args.resume and os.path.exists(out) and not args.overwrite \
+            and os.path.realpath(args.resume) != os.path.realpath(out):
+        fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
+             f"--out, or replace it with --overwrite")
     RUN.update(out=out, training=training, resume=resume and (args.resume or out),
                replacing=training and not resume and os.path.exists(out))   # with --overwrite
     take_lock(out + ".lock")
@@ -883,6 +892,11 @@ def release_lock():
     if fd is not None:
         os.remove(path)                     # while held: a run that opened it meanwhile retries
         os.close(fd)
+    for folder in RUN.pop("made", []):      # the folders check_outputs made, where still empty
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def commit_log():

@@ -319,6 +319,7 @@ def test_one_name_per_paper_symbol_and_one_helper_for_the_d_nearest_centres():
                          "_lloyd",                # k-means: the farthest points re-seed empty clusters
                          "set_clusters",          # the sampler: rows by cluster, impostor clusters (App. A)
                          "rank_targets",          # attack.py: target classes by score (APGD-T's order)
+                         "recompute",             # attack.py: how near the D nearest are to changing
                          "plot_curves"}, topk     # certify.py: radii sorted for the plot
     users = [s for s in PRESENT if "nearest_centers_mask(" in open(os.path.join(ROOT, s)).read()]
     assert topk["nearest_centers_mask"] == set(users) == {"magnet.py", "qtrades.py", "attack.py", "certify.py"}
@@ -2009,6 +2010,20 @@ def test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them(c
     with pytest.raises(SystemExit):                     # a third: more than rounding flips (2 of 4)
         attack.recompute(Shift(), adv, images, labels, eps, torch.tensor([True, False, False, False]), args, "t")
     assert "3 of 4 verdicts differ" in capsys.readouterr().err
+    # under a D mask log p jumps to -inf: a verdict that flips as the D nearest centres change
+    # is rounding when the D-th and (D+1)-th nearest distances are that close
+    D1 = attack.Classifier(Features(), clusters([[0., 0.], [1., 0.]], [0, 1], 0.5), D=1)
+    im = torch.full((1, 1, 1, 2), 0, dtype=torch.uint8)
+    for shift, fails in ((1e-4, False), (0.1, True)):                     # gap 2 shift / (2 sigma^2)
+        xa = torch.tensor([0.5 + shift, 0.0]).view(1, 1, 1, 2)            # nearest: class 1's centre
+        assert torch.isinf(D1(xa)).any()
+        call = lambda: attack.recompute(D1, xa, im, torch.zeros(1, dtype=torch.long), 1.0,   # noqa: E731
+                                        torch.tensor([True]), args, "D")
+        if fails:
+            with pytest.raises(SystemExit):
+                call()
+        else:
+            assert call() == (torch.tensor([False]), 1)
     for bad in ("margin", "ball", "box", "nan"):
         broken = adv.clone()
         if bad == "margin":
@@ -4517,7 +4532,11 @@ FAULTS = [
     ("certify --plot .bmp", certify, lambda p: cer_(p, "--plot", p["root"] + "/c.bmp"), ".png", 2),
     ("attack --save-adv a folder", attack, lambda p: att_(p, "--save-adv", p["dir"]), "is a folder", 2),
     ("attack --export a folder", attack, lambda p: ["--ckpt", p["v"], "--export", p["dir"]], "is a folder", 2),
-    ("attack --out ''", attack, lambda p: att_(p, "--out", ""), "--out is empty", 2),
+    ("attack --out ''", attack, lambda p: att_(p, "--out", ""), "names no file", 2),
+    ("attack --out a/", attack, lambda p: att_(p, "--out", p["root"] + "/new/"), "names no file", 2),
+    ("nominal --out a/", nominal, lambda p: nom_(p, "--out", p["root"] + "/new/"), "names no file", 2),
+    ("--resume onto another run's --out", nominal, lambda p: nom(p, "--resume", p["v"], "--epochs", "3", "--out", p["m"]),
+     "is not the run --resume", 2),
     ("attack --save-adv is --out", attack, lambda p: att_(p, "--out", p["root"] + "/x", "--save-adv", p["root"] + "/x"),
      "is also written as --out", 2),
     ("the lock path is a folder", attack, lambda p: att_(p, "--out", p["locked"]), "locked.json.lock is a folder", 2),
@@ -4540,7 +4559,8 @@ FAULTS = [
     ("--seed -1 attack", attack, lambda p: att_(p, "--seed", "-1"), "--seed", 2),
     ("--seed -1 certify", certify, lambda p: cer_(p, "--seed", "-1"), "--seed", 2),
     ("--seed -1 synthetic", synthetic, lambda p: ["--seed", "-1"], "--seed", 2),
-    ("--compile nonsense", nominal, lambda p: nom_(p, "--compile", "nonsense"), "unknown backend 'nonsense'", 2),
+    ("--compile nonsense", nominal, lambda p: nom_(p, "--compile", "nonsense"), "backend 'nonsense' is not one of", 2),
+    ("--compile tvm (needs a package)", attack, lambda p: att_(p, "--compile", "tvm"), "backend 'tvm'", 2),
     ("--milestones 100", nominal, lambda p: nom_(p, "--milestones", "100"), "--milestones must lie in [1, --epochs 2]", 2),
     ("--crop 100", nominal, lambda p: nom_(p, "--crop", "100"), "--crop 100 must be in [0, 16]", 2),
     ("magnet --D 1000", magnet, lambda p: mag(p, "--init", p["v"], "--D", "1000"), "--D 1000 exceeds", 2),
@@ -4560,7 +4580,7 @@ def test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_i
     lines = [line for line in err.splitlines() if "error: " in line]       # argparse's usage aside
     assert info.value.code == code and len(lines) == 1 and words in lines[0], (info.value.code, err)
     assert "Traceback" not in err and (err.count("\n") == 1 or err.startswith("usage:")), err
-    assert not os.path.exists(out) and not os.path.exists(tmp_path / "out" / "r.json.lock"), "no result"
+    assert not os.path.exists(tmp_path / "out"), "a result, a lock, or the folder made for them"
     assert {os.path.join(d, f) for d, _, names in os.walk(faults["root"]) for f in names} == set(before)
     assert all(open(f, "rb").read() == data for f, data in before.items()), "an input changed"
 
@@ -4572,7 +4592,9 @@ def test_data_is_what_it_seems_links_labels_and_the_stored_folder(image_folder, 
     folder = str(tmp_path / "loop")
     shutil.copytree(image_folder, folder)
     os.symlink("..", os.path.join(folder, "train", "class00", "back"))     # a link to the split: a loop
+    capsys.readouterr()
     (train_x, _), _, _ = nominal.load_data("folder", folder)
+    assert "note: 1 link(s) to folders inside the class folders not followed" in capsys.readouterr().out
     assert len(train_x) == len(nominal.load_data("folder", image_folder)[0][0]) == 180
     # a stored relative --data-dir is not resolved against wherever attack.py runs from
     ck = torch.load(nominal_run[1], weights_only=True)
