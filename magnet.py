@@ -973,7 +973,7 @@ def train_epochs(run, start_epoch, metrics, center_classes):
         train_seconds = time.time() - t0
         if not math.isfinite(train_loss):
             fail(f"the Magnet loss became {train_loss} in epoch {epoch + 1}; stopped without writing "
-                 f"it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller --lr (now "
+                 f"it, {kept_epoch(args, epoch)}. Try a smaller --lr (now "
                  f"{args.lr}) or --alpha (now {args.alpha}).")
         clusters, center_classes, metrics = cluster_and_evaluate(run, epoch + 1)
         metrics.update(train_loss=train_loss, lr=args.lr, seconds=time.time() - t0,
@@ -1755,6 +1755,14 @@ def check_resume_args(ckpt, args, not_shaping):
     if diff:
         fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
              + "; ".join(diff))
+
+
+def kept_epoch(args, epoch):
+    """Where the last good epoch is, for a run that stops: --out once this run has written or read
+    it, else the checkpoint --resume read; never a file this run did not write or read."""
+    held = RUN.get("epochs", {})
+    kept = next((p for p in (args.out, args.resume) if p and os.path.abspath(p) in held), None)
+    return f"so {kept} keeps the last good epoch ({epoch})" if kept else "so nothing of this run was saved"
 
 
 def rng_state(generator):

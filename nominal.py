@@ -453,7 +453,7 @@ def train_epochs(args, model, opt, generator, train, test, info, device, log_pat
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):
             fail(f"the training loss became {train_loss} in epoch {epoch + 1}; stopped without "
-                 f"writing it, so {args.out} keeps the last good epoch ({epoch}). Try a smaller "
+                 f"writing it, {kept_epoch(args, epoch)}. Try a smaller "
                  f"--lr (now {args.lr}).")
         test_acc = evaluate(model, test, args.batch_size, args.amp, device)
         seconds = time.time() - t0
@@ -1242,6 +1242,14 @@ def check_resume_args(ckpt, args, not_shaping):
     if diff:
         fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
              + "; ".join(diff))
+
+
+def kept_epoch(args, epoch):
+    """Where the last good epoch is, for a run that stops: --out once this run has written or read
+    it, else the checkpoint --resume read; never a file this run did not write or read."""
+    held = RUN.get("epochs", {})
+    kept = next((p for p in (args.out, args.resume) if p and os.path.abspath(p) in held), None)
+    return f"so {kept} keeps the last good epoch ({epoch})" if kept else "so nothing of this run was saved"
 
 
 def rng_state(generator):

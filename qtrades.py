@@ -1273,7 +1273,7 @@ def train_epochs(run, start_epoch, metrics):
         train_seconds = time.time() - t0
         if not math.isfinite(train_loss):
             fail(f"the training loss (Eq. (6)) became {train_loss} in epoch {epoch + 1}; stopped "
-                 f"without writing it, so {args.out} keeps the last good epoch ({epoch}). Try a "
+                 f"without writing it, {kept_epoch(args, epoch)}. Try a "
                  f"smaller --lr (now {args.lr}), --lam (now {args.lam})"
                  + (f" or --alpha (now {args.alpha})." if args.loss == "magnet" else "."))
         metrics = run.evaluate_epoch(run, epoch + 1, train_acc)
@@ -2081,6 +2081,14 @@ def check_resume_args(ckpt, args, not_shaping):
     if diff:
         fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
              + "; ".join(diff))
+
+
+def kept_epoch(args, epoch):
+    """Where the last good epoch is, for a run that stops: --out once this run has written or read
+    it, else the checkpoint --resume read; never a file this run did not write or read."""
+    held = RUN.get("epochs", {})
+    kept = next((p for p in (args.out, args.resume) if p and os.path.abspath(p) in held), None)
+    return f"so {kept} keeps the last good epoch ({epoch})" if kept else "so nothing of this run was saved"
 
 
 def rng_state(generator):

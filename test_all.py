@@ -674,6 +674,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_pat
     err = exit_code_and_message(capsys, nominal.main, [
         *nominal_args(image_folder, out, "--epochs", 2, "--overwrite")])
     assert "loss became" in err and "smaller" in err
+    assert "so nothing of this run was saved" in err                      # the old file is another run's
     assert open(out, "rb").read() == before
 
 
