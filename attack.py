@@ -72,7 +72,7 @@ Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CP
     magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
     confident model PGD-CE alone reports 99.3%: its input gradients are exactly zero.
   - Default set (with Square, 9 targets, cascade) vs AutoAttack standard: benchmarks/autoattack.py
-    and README "attack.py against AutoAttack".
+    and benchmarks/README.md "attack.py against AutoAttack".
   - No GPU was available: no GPU timing has been measured.
 
 Lineage: PGD (Madry et al. 2018); margin loss (Carlini & Wagner 2017); targeted margin over the
@@ -834,7 +834,7 @@ def zero_gradient_counts(log_prob_fn, x, y, losses):
 def sq_distances(features, centers):
     """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
     expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
-    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    tensor (benchmarks/README.md: about a hundred times faster, forward and backward, at CIFAR100's
     size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
     from the origin (ReLU features do), and their difference loses those digits.  Distances
     do not change when both sides move by the same vector, so both are first shifted by the

@@ -460,7 +460,7 @@ def jacobian_norm_lower(feature_fn, x, iters=6, generator=None):
     same products and the same v_0 (K holds the last iterate), in exact arithmetic; it converges
     far faster: on three checkpoints 6 products gave the maximum over 200 images (main's
     lower_estimate) of 20 plain iterations to 6 digits, and each image's within 6e-4
-    (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").  The basis is built by
+    (benchmarks/certify.py, benchmarks/README.md).  The basis is built by
     orthogonalising each product against the earlier ones (twice, float64), so nearly parallel
     iterates lose no precision; a product with nothing new (below 1e-6 of its norm, float32
     noise: K is already A-invariant) adds a zero column.
@@ -513,7 +513,7 @@ def attack_margin(features, centers, center_classes, y):
 # moves by a factor 1 -/+ gamma_t per step, the step is alpha_t eps; both decay from their first
 # value to their last on a cosine.  A run with no adversarial iterate yet grows eps by at least
 # GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
-# bisection of fixed-radius PGD runs (benchmarks/certify.py, README "Benchmarks (`benchmarks/`)").
+# bisection of fixed-radius PGD runs (benchmarks/certify.py, benchmarks/README.md).
 GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
 CONFIRM = (1.0, 1 + 2 ** -10, 1 + 2 ** -6, 1 + 2 ** -3, 1.5, 2.0)   # s tried along the finding's ray
 
@@ -660,7 +660,7 @@ def accuracy_curve(radius, correct, points, key="certified_accuracy"):
 def sq_distances(features, centers):
     """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
     expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
-    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    tensor (benchmarks/README.md: about a hundred times faster, forward and backward, at CIFAR100's
     size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
     from the origin (ReLU features do), and their difference loses those digits.  Distances
     do not change when both sides move by the same vector, so both are first shifted by the

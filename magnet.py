@@ -374,7 +374,7 @@ def train_one_epoch(model, opt, train, sampler, center_classes, args, generator,
 def sq_distances(features, centers):
     """||f_i - mu_j||^2 [n, M] of features [n, d] and centres [M, d], by the
     expanded form ||f||^2 - 2 f.mu + ||mu||^2: one matmul instead of an [n, M, d] difference
-    tensor (README "Benchmarks (`benchmarks/`)": about a hundred times faster, forward and backward, at CIFAR100's
+    tensor (benchmarks/README.md: about a hundred times faster, forward and backward, at CIFAR100's
     size).  Its weak point is cancellation: ||f||^2 and 2 f.mu are large when f and mu lie far
     from the origin (ReLU features do), and their difference loses those digits.  Distances
     do not change when both sides move by the same vector, so both are first shifted by the
@@ -534,7 +534,7 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     lowered the inertia (the sum of squared distances to the nearest centres) by at most rtol of
     it, or after `iters` rounds (tol = rtol = 0: only when the assignment no longer changes).
     The rtol rule ends the long tail of rounds in which a few rows on the borders change centre
-    for a negligible gain (README "Benchmarks (`benchmarks/`)": the inertia it leaves against running to
+    for a negligible gain (benchmarks/README.md: the inertia it leaves against running to
     scikit-learn's criterion).  A centre left without rows is reseeded with the row farthest
     from its own centre (that row moves to it).  The returned assignment is each row's nearest
     returned centre; each centre is the mean of its rows when the assignment stopped changing.

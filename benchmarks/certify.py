@@ -7,7 +7,7 @@ No optional dependency.  This file imports no test code (it generates its own da
     python benchmarks/certify.py --images 50 --threads 1
     python benchmarks/certify.py --ckpt fm_clustr.pt --data-dir DIR   # any clustering checkpoint
 
-Default inputs: README "A whole pipeline on generated images (plumbing, not a robustness result)":
+Default inputs: benchmarks/README.md "A whole pipeline on generated images (plumbing, not a robustness result)":
 a generated 10-class ImageFolder (16x16 noisy colour patches, 100 train and 50 test images per
 class, noise 110), a width-16 nominal.py model (15 epochs, -b 64) and magnet.py from it (10
 epochs); built once in --workdir.
@@ -55,7 +55,7 @@ from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py)
 # ======================================================================================
 # REFERENCE: certify.py's nearest_center, jacobian_norm_lower, attack_margin, pgd_l2 and l2_attack
 # as they were at commit 816fd0e (before issue 15), copied verbatim.  Do not edit: they are the
-# baseline the figures in README "Benchmarks (`benchmarks/`)" compare against.
+# baseline the figures in benchmarks/README.md compare against.
 # ======================================================================================
 
 def nearest_center(features, centers, center_classes):
@@ -154,7 +154,7 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=20, bisect=10):
 
 
 def build(workdir):
-    """README "A whole pipeline on generated images (plumbing, not a robustness result)": the
+    """benchmarks/README.md "A whole pipeline on generated images (plumbing, not a robustness result)": the
     folder, nominal.py (15 epochs), magnet.py from it (10)."""
     data = os.path.join(workdir, "toy")
     if not os.path.isdir(data):
