@@ -14,6 +14,44 @@ Four tiers, one pytest marker each (registered in pytest.ini; `-m NAME` runs one
              test); the per-dataset defaults against the paper's words.
 
     python -m pytest test_all.py -m oracle  # one tier
+
+Index: the paper's equations and the evaluation, in the paper's order, and the tests that check
+each against an independent computation (test_the_index_names_tests_that_exist keeps it true).
+  Eq. (3), Magnet loss       test_magnet_loss_equals_a_naive_loop_over_eq3,
+                             test_magnet_loss_gradient_matches_finite_differences,
+                             test_fit_clusters_per_class_with_eq3_variance
+  Eq. (4), soft clusters     test_cluster_log_probs_is_eq4, test_class_scores_are_eq4_log_scores_against_a_float64_loop,
+                             test_eq4_expanded_form_in_float32_agrees_with_float64_explicit_differences,
+                             test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set
+  k-means++ (Sec. 3.3)       test_kmeans_pp_finds_the_brute_force_optimum,
+                             test_kmeans_nearest_is_scores_min_with_ties_to_the_lower_index
+  sampler (App. A)           test_sampler_batches_are_m_clusters_of_d_with_the_nearest_impostors,
+                             test_sampler_seeds_in_proportion_to_the_recent_loss
+  Eq. (5), PGD               test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers,
+                             test_restarts_with_early_exit_equal_every_restart_on_every_example,
+                             test_attack_objectives_match_naive_float64_loops
+  the attacks' worst case    test_cascade_and_per_loss_equal_a_naive_loop_of_each_example_alone,
+                             test_square_accepts_exactly_the_queries_that_lower_the_margin_in_windows_of_its_schedule,
+                             test_margin_t_targets_the_top_classes_of_a_naive_ranking_with_ties_and_d_masks,
+                             test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them,
+                             test_each_broken_attack_fails_its_check_and_the_correct_one_passes_them_all
+  Prop. 1, radius            test_prop1_radius_matches_a_naive_loop,
+                             test_isometry_one_centre_per_class_radius_is_the_exact_distance_and_a_step_beyond_flips,
+                             test_several_centres_per_class_sound_radius_never_exceeds_the_exact_distance
+  Lipschitz bound            test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding,
+                             test_lipschitz_bound_is_above_jacobian_norms_on_random_resnets,
+                             test_exact_lipschitz_of_random_networks
+  certify.py's curves        test_certified_accuracy_curve_is_a_brute_force_count_of_correct_images_with_radius_above_r,
+                             test_l2_attack_on_a_linear_feature_map_finds_the_closed_form_distance_to_the_decision_hyperplane
+  Eq. (6), QTRADES           test_consistency_is_eq6_cross_entropy_with_finite_gradients,
+                             test_lam_0_is_magnet_py_loss_and_lam_adds_the_naive_consistency,
+                             test_quick_adversary_is_one_signed_step_in_the_ball_and_raises_the_loss
+  Sec. 4.1, Fig. 3           test_every_radius_is_sound, test_both_runs_start_from_the_same_weights_and_take_the_same_steps
+  bad input and faults       test_bad_input_exits_2_with_one_line_naming_the_fix,
+                             test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_input
+  resume, signals, locks     test_resume_is_bit_identical_to_an_uninterrupted_run,
+                             test_a_signal_during_a_checkpoint_write_waits_until_the_file_and_the_run_agree,
+                             test_a_killed_runs_lock_is_free_and_a_live_one_refuses
 """
 
 import ast
@@ -408,6 +446,16 @@ def test_readme_design_table_lists_the_blocks_each_stage_carries():
 
 
 TIERS = ("oracle", "smoke", "shape", "wiring")
+
+
+@pytest.mark.shape
+def test_the_index_names_tests_that_exist():
+    """The docstring's index names tests of this file, each once."""
+    index = __doc__.split("Index:", 1)[1]
+    named = re.findall(r"\b(test_\w+)", index)
+    tests = {name for name in globals() if name.startswith("test_")}
+    assert len(named) == len(set(named)) >= 20 and set(named) - {"test_the_index_names_tests_that_exist"} <= tests, \
+        set(named) - tests
 
 
 @pytest.mark.shape
