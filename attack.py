@@ -1037,12 +1037,11 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     -> (robust [N] bool, recomputed; how many verdicts differ from claimed)."""
     robust = torch.zeros_like(claimed)
     margin = torch.zeros(len(labels), device=labels.device)
-    excess = 0.0
+    ball = {"batches": 0, "max_excess": 0.0}
     for i in range(0, len(labels), args.batch_size):
         xa, x = x_adv[i:i + args.batch_size], to_float(images[i:i + args.batch_size])
         y = labels[i:i + args.batch_size]
-        if len(y):
-            excess = max(excess, float((xa - x).abs().amax()) - eps, -float(xa.min()), float(xa.max()) - 1)
+        measure_ball(ball, xa, x, eps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
             z = clf(xa).float()
             m = (z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], -math.inf).amax(1)).abs()
@@ -1052,7 +1051,7 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
                 m = torch.minimum(m, (sq[:, clf.D] - sq[:, clf.D - 1]) / (2 * clf.sigma2))
         robust[i:i + len(y)] = z.argmax(1) == y
         margin[i:i + len(y)] = m
-    differ = robust != claimed
+    differ, excess = robust != claimed, ball["max_excess"]
     unexplained = int((differ & ~(margin <= RECOMPUTE_MARGIN[bool(args.amp)])).sum())
     if int(differ.sum()) > max(2, len(labels) // 200):
         unexplained = int(differ.sum())
@@ -2230,7 +2229,7 @@ def _load_folder(root, train):
              if os.path.islink(os.path.join(folder, d))]
     if links:
         print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
-    empty = [cls for c, cls in enumerate(classes) if all(label != c for _, label in samples)]
+    empty = sorted(set(classes) - {classes[c] for _, c in samples})
     if not classes or empty:
         raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
                         f"({', '.join(IMG_EXTENSIONS)}) in {empty}")

@@ -1411,7 +1411,7 @@ def _load_folder(root, train):
              if os.path.islink(os.path.join(folder, d))]
     if links:
         print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
-    empty = [cls for c, cls in enumerate(classes) if all(label != c for _, label in samples)]
+    empty = sorted(set(classes) - {classes[c] for _, c in samples})
     if not classes or empty:
         raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
                         f"({', '.join(IMG_EXTENSIONS)}) in {empty}")
