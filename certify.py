@@ -910,7 +910,7 @@ def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
     med_r = float(ok_r.median()) if len(ok_r) else 0.0
     max_r = float(ok_r.max()) if len(ok_r) else 0.0
     med_p = float(pert.median()) if m else float("nan")
-    # A radius is a certificate only if L is a Lipschitz constant: not below a Jacobian norm
+    # A Prop. 1 radius is a certificate only if L is a Lipschitz constant: not below a Jacobian norm
     # found, and no image flipped inside its radius; else its curve says "not_sound".
     sound = not inside and (not lower_estimate or L >= lower_estimate)
     share = "certified_accuracy" if sound else "accuracy_not_sound"
