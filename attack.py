@@ -82,6 +82,7 @@ Robustness").
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import fcntl
@@ -117,7 +118,8 @@ DEFAULT_LOSSES = ("ce", "margin", "margin-t", "magnet", "square")
 def add_common_args(p, data_default):
     """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
                         "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
                         "default) (default: %(default)s)")
@@ -185,7 +187,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._expand_help(action)
 
     def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            block, width, indent)
                            for block in text.split("\n\n"))
 # --- end shared: help ---
 
@@ -1056,9 +1059,8 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     if int(differ.sum()) > max(2, len(labels) // 200):
         unexplained = int(differ.sum())
     if excess > 1e-6 or unexplained:
-        for staged in RUN.get("staged", {}).values():       # this run's rows: no result of it stays
-            if os.path.exists(staged):
-                os.remove(staged)
+        if os.path.exists(args.out + ".log.jsonl.partial"):     # this run's rows: no result of it stays
+            os.remove(args.out + ".log.jsonl.partial")
         print(f"attack.py: the recomputed {what} result at eps {fmt_eps(eps)} contradicts the attack's "
               f"bookkeeping (" + (f"an image {excess:.3g} outside the eps-ball or [0, 1]" if excess > 1e-6
               else f"{unexplained} of {len(labels)} verdicts differ beyond rounding") + "): a bug in "
@@ -1521,6 +1523,7 @@ def quiet_unless_rank0(main):
 
 
 def main(argv=None):
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
     env = torchrun_env()
     if args.export:                     # write one file for other tools, attack nothing (section 6)
@@ -1528,16 +1531,17 @@ def main(argv=None):
     if env is not None:
         start_torchrun(args, env)
     try:
-        return attack_main(args)
+        with contextlib.ExitStack() as hold:    # rank 0 holds --out (`owned`) from prepare on
+            return attack_main(args, lambda: hold.enter_context(owned(args, argv, training=False)))
     finally:
         stop_torchrun()
 
 
-def prepare(args):
+def prepare(args, own):
     """Everything before the attack: the lock of --out (rank 0), the device, the checkpoint, the
     test split on the device, the losses.  -> (device, clf, ckpt, images, labels, losses, Ds, M)."""
     if DIST["rank"] == 0:
-        preflight(args, training=False)     # folder, lock: before any work
+        own()                               # outputs checked, --out locked: before any work
     device = setup_runtime(args, training=False)
     if device.type == "cuda":  # the batch shrinks as examples are fooled: no re-tuning per shape
         torch.backends.cudnn.benchmark = False
@@ -1567,8 +1571,8 @@ def prepare(args):
     return device, clf, ckpt, images.to(device), labels.to(device), losses, Ds, M
 
 
-def attack_main(args):
-    device, clf, ckpt, images, labels, losses, Ds, M = rank0_first(lambda: prepare(args))
+def attack_main(args, own):
+    device, clf, ckpt, images, labels, losses, Ds, M = rank0_first(lambda: prepare(args, own))
     root, world, arch = DIST["rank"] == 0, DIST["world"], ckpt["arch"]
     fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
     clf = clf.to(memory_format=torch.channels_last)
@@ -1607,7 +1611,8 @@ def attack_main(args):
         if args.save_adv:
             save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
                              "runs": adv_runs}, args.save_adv)
-        commit_log()                    # now this run's log replaces the previous one
+        if os.path.exists(args.out + ".log.jsonl.partial"):     # now this run's log replaces the previous one
+            os.replace(args.out + ".log.jsonl.partial", args.out + ".log.jsonl")
         report(out)
     else:
         out = described(out, ATTACK_MEANING)
@@ -1645,7 +1650,7 @@ def evaluate(net, images, labels, args, losses, Ds):
     progress = progress_printer(clf, args, losses, Ds, n)
     results, per_example, adv_runs, natural, runs, stats = [], [], [], {}, [], {}
     headline = next((e for e in args.eps if e > 0), None)
-    log_path = args.out + ".log.jsonl"
+    log_path = args.out + ".log.jsonl.partial"              # moved over <out>.log.jsonl beside the result
     for D in Ds:
         clf.D = net["fast"].D = D if clf.clusters else None
         natural[D] = natural_mask(clf, images, labels, args.batch_size)
@@ -1727,18 +1732,12 @@ def write_json(obj, path):
     new = described(obj, ATTACK_MEANING)
     obj.clear()
     obj.update(new)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(obj, indent=1).encode())
     except OSError as e:                                    # a full disk: the results are not lost
-        if os.path.exists(tmp):
-            os.remove(tmp)
         report(obj)
-        rows = next(iter(RUN.get("staged", {}).values()), path + ".log.jsonl")
         fail(f"cannot write {path} ({e.strerror or e}); the summary above is what this run found, "
-             f"its rows are in {rows} (rerun with another --out to keep the per-example results)")
+             f"its rows are in {path}.log.jsonl.partial (rerun with another --out to keep the per-example results)")
 
 
 def report(out):
@@ -1831,7 +1830,7 @@ def export_main(args):
     """attack.py --export PATH: write the file, print how to load it, attack nothing."""
     if args.D is not None and len(args.D) > 1:
         fail(f"--export writes one model: give one --D, not {len(args.D)}")
-    check_outputs(args, False, ("export",))
+    check_outputs(args, False, [], ("export",))
     try:
         D = "stored" if args.D is None else args.D[0]
         kind, worst = export_classifier(args.ckpt, args.export, D)
@@ -1885,12 +1884,33 @@ def fmt_time(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    line = json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None))  # NaN, inf: null
-    with open(path, "a") as f:
-        f.write(line + "\n")
+def json_line(record):
+    """One line of a .log.jsonl file; NaN and inf become null (JSON has neither)."""
+    return json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None)) + "\n"
+
+
+
+def atomic_write(path, data):
+    """bytes to a temporary file beside `path`, flushed to disk, then os.replace: a killed run leaves
+    the previous complete file, never half a new one.  OSError (a full disk) leaves no temporary file."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 # --- end shared: runtime ---
+
+# --- shared: rows ---
+def append_jsonl(path, record):
+    """One row of an evaluation's <out>.log.jsonl.partial (moved over the log beside the result)."""
+    with open(path, "a") as f:
+        f.write(json_line(record))
+# --- end shared: rows ---
 
 # --- shared: setup ---
 def pick_device(name):
@@ -1923,55 +1943,45 @@ def setup_runtime(args, training):
 # --- end shared: setup ---
 
 # --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
-# any work; a fresh log that waits beside the old one until the run has written --out; and a
-# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
-RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+# One run owns its --out (README "Bad input and safety"): every file it writes is checked before any
+# work; <out>.lock is held with fcntl.flock for the life of the run (the kernel releases it however the
+# process ends); files are replaced atomically (atomic_write); Ctrl-C or SIGTERM ends in one line that
+# says what the files hold and how to continue, exit code 130 (the shell's 128 + SIGINT).
+PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif",
+         ".pgf", ".raw", ".rgba")                                   # the suffixes matplotlib writes
 
 
-# The files a run writes, by flag, with the suffixes their writer takes (None: any), and the
-# files it reads: check_outputs sees them all before any work.
-OUTPUTS = {"out": None, "save_adv": None, "export": None,
-           "plot": (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff",
-                    ".webp", ".gif", ".pgf", ".raw", ".rgba")}
-INPUTS = ("ckpt", "init", "resume")
-
-
-def check_outputs(args, training, keys=tuple(OUTPUTS)):
-    """Every file the run will write (--out with its log, staged log and lock; --save-adv,
-    --export, --plot), before any work: named, not a folder, not a file this run reads (results
-    written over the checkpoint they came from), a suffix its writer takes; then its folder
-    created and writable.  One line and exit 2 for the first that is not."""
-    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in INPUTS) if p}
+def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
+    """Every file the run writes (--out with its log, staged log and lock; --save-adv, --export, --plot):
+    named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
+    its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
+    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}
     if training and args.resume is not None:
         reads.discard(os.path.realpath(args.out))                   # a resumed run continues --out
-    paths = []
+    paths = {}
     for key in keys:
-        given = getattr(args, key, None)
+        given, flag = getattr(args, key, None), "--" + key.replace("_", "-")
         if given is None or (key == "plot" and given.lower() in ("", "none")):
             continue
-        flag = "--" + key.replace("_", "-")
         if not given.strip() or given.endswith((os.sep, "/")):
             fail(f"{flag} {given!r} names no file; give a file name")
-        if OUTPUTS[key] and not given.lower().endswith(OUTPUTS[key]):
-            fail(f"{flag} {given}: the plot is written as one of {' '.join(OUTPUTS[key])}; give one")
-        for path in [given] + ([given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock")]
-                               if key == "out" else []):
-            if os.path.realpath(path) in reads:
-                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: "
-                     f"choose another {flag}")
+        if key == "plot" and not given.lower().endswith(PLOTS):
+            fail(f"{flag} {given}: the plot is written as one of {' '.join(PLOTS)}; give one")
+        for path in [given] + [given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock") if key == "out"]:
+            real = os.path.realpath(path)
+            if real in reads:
+                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: choose "
+                     f"another {flag}")
             if os.path.isdir(path):
                 fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
                      f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
-            twin = next((f for f, q in paths if os.path.realpath(q) == os.path.realpath(path)), None)
-            if twin:
-                fail(f"{flag} {given} is also written as {twin}: one would replace the other; give two names")
-            paths.append((flag, path))
-    for flag, path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        missing = folder
-        while not os.path.exists(missing):                  # removed again if the run writes nothing
-            RUN.setdefault("made", []).append(missing)
+            if real in paths:
+                fail(f"{flag} {given} is also written as {paths[real]}: one would replace the other; give two names")
+            paths[real] = flag
+    for path, flag in paths.items():
+        folder = missing = os.path.dirname(path)
+        while not os.path.exists(missing):
+            made.append(missing)
             missing = os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1981,138 +1991,92 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
             fail(f"cannot write in the folder {folder} of {flag}; make it writable or choose another {flag}")
 
 
-def preflight(args, training):
-    """Before any work (data, model): check every output (check_outputs), take <out>.lock, and
-    for a training stage refuse an existing checkpoint unless --resume or --overwrite.  A fresh
-    run writes its log to <out>.log.jsonl.partial; the first checkpoint (training) or the result
-    file (evaluation) moves it over <out>.log.jsonl, so a run stopped before that leaves the
-    previous run's files as they were."""
-    out = args.out
-    check_outputs(args, training)
-    resume = training and args.resume is not None
-    if training and not resume and os.path.exists(out) and not args.overwrite:
-        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
-             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    if resume and args.resume and os.path.exists(out) and not args.overwrite \
-            and os.path.realpath(args.resume) != os.path.realpath(out):
-        fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
-             f"--out, or replace it with --overwrite")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
-               replacing=training and not resume and os.path.exists(out))   # with --overwrite
-    take_lock(out + ".lock")
-    if not resume:
-        log = out + ".log.jsonl"
-        RUN["staged"] = {log: log + ".partial"}
-        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
-            os.remove(log + ".partial")
-
-
 def take_lock(path):
-    """<out>.lock, held with fcntl.flock for the life of the process: a second run on the same
-    --out exits 2, and the kernel releases the lock when the process ends, however it ends (a
-    killed run leaves at most the file, which the next run takes).  It holds the pid, for a person."""
+    """<out>.lock, held with fcntl.flock (released by the kernel however the process ends); a lock
+    file its last holder removed meanwhile is taken again.  -> its descriptor, holding our pid."""
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
-                 f"({e.strerror or e}); make it writable or choose another --out")
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out ({e.strerror or e}); "
+                 f"make it writable or choose another --out")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it "
-                 f"to end or choose another --out")
-        try:                                # the file its last holder removed meanwhile: again
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
+            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
+                 f"or choose another --out")
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())              # for a person: who holds it
+            return fd
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    RUN["lock"] = (path, fd)
 
 
-def release_lock():
-    path, fd = RUN.pop("lock", (None, None))
-    if fd is not None:
-        os.remove(path)                     # while held: a run that opened it meanwhile retries
-        os.close(fd)
-    for folder in RUN.pop("made", []):      # the folders check_outputs made, where still empty
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
-
-
-def commit_log():
-    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
-    for log, staged in RUN.pop("staged", {}).items():
-        if os.path.exists(staged):
-            os.replace(staged, log)
-        elif os.path.exists(log):
-            os.remove(log)
-
-
-def interrupted():
-    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
-    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
-        else os.path.basename(__file__)
-    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
-    if out is None:
-        return "interrupted before the run started; nothing was written"
-    if not RUN["training"]:
-        staged = next(iter(RUN.get("staged", {}).values()), None)
-        return (f"interrupted; {out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+def stopped(args, argv, training, run):
+    """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
+    again = [a for a in argv if a != "--overwrite"]
+    if training and run["epoch"] is not None and not any(a.split("=")[0] == "--resume" for a in again):
+        again.append("--resume")
+    again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
+    if not training:
+        return (f"interrupted; {args.out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {rows}" if os.path.exists(rows) else "")
                 + f"; run it again with: {again}")
-    epochs = RUN.get("epochs", {})
-    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
-    if epoch is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
-                f"its log are as before); run it again with: {again}")
-    argv = [a for a in argv if a != "--overwrite"]
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        argv.append("--resume")
-    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
-            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+    if run["epoch"] is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({args.out} and its log "
+                f"are as before); run it again with: {again}")
+    return (f"interrupted in epoch {run['epoch'] + 1}; the checkpoint holds epoch {run['epoch']} ({run['file']}); "
+            f"continue with: {again}")
 
 
-def guarded(main):
-    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
-    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
-    def run(argv=None):
-        RUN.clear()
-        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-        try:
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:                                          # not the main thread
-            previous = None
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        except OSError as e:            # stdout on a full device (files: one line where written)
-            try:                                    # the buffered rest goes nowhere at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
-                  f"saved before it stays (--resume continues a training run)", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        finally:
-            release_lock()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
+@contextlib.contextmanager
+def owned(args, argv, training):
+    """The run's hold on its files, around all its work: outputs checked, an existing training --out
+    refused unless --resume or --overwrite, <out>.lock taken (a second run on --out exits 2), SIGTERM
+    treated as Ctrl-C.  Yields {"epoch", "file"}: the last epoch saved or resumed, and where it is.
+    Training stages keep their log inside the checkpoint and rewrite <out>.log.jsonl from it at each
+    save, so under --overwrite the old files stay until the first save; evaluation stages append rows
+    to <out>.log.jsonl.partial, which moves over the log beside the result."""
+    out, made, fd, run = args.out, [], None, {"epoch": None, "file": None}
+    resume = training and args.resume is not None
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:                                              # not the main thread
+        previous = None
+    try:
+        check_outputs(args, training, made)
+        if training and not resume and os.path.exists(out) and not args.overwrite:
+            fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
+                 f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
+        if resume and args.resume and os.path.exists(out) and not args.overwrite \
+                and os.path.realpath(args.resume) != os.path.realpath(out):
+            fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
+                 f"--out, or replace it with --overwrite")
+        fd = take_lock(out + ".lock")
+        if not resume and os.path.exists(out + ".log.jsonl.partial"):
+            os.remove(out + ".log.jsonl.partial")                   # rows of an earlier killed run
+        yield run
+    except KeyboardInterrupt:
+        print(f"\n{stopped(args, argv, training, run)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except OSError as e:                # stdout on a full device (files: one line where written)
+        with contextlib.suppress(OSError, ValueError):              # the buffered rest goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was saved before it "
+              f"stays (--resume continues a training run)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if fd is not None:
+            os.remove(out + ".lock")        # while held: a run that opened it meanwhile retries
+            os.close(fd)
+        for folder in made:                 # the folders check_outputs made, where still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 # --- end shared: run-files ---
 
 # Data (README "Data"): only the test split is used; it lives on the device as uint8.
@@ -2482,51 +2446,51 @@ FORMAT = "clustr/1"
 STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
 
 
-REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+# The entries every reader takes (README "Where results and checkpoints go"); test_all.py checks that each
+# stage writes them with the types the readers expect.
+REQUIRED = {"format": (), "stage": (), "arch": ("name", "width", "feat_dim", "in_channels"),
+            "data": ("name", "num_classes", "classes", "mean", "std", "image_size"), "model": (), "args": (),
+            "epoch": (), "metrics": ()}
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
-    the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
+    the wrong stage, a missing entry, NaN weights); str(e) is one line naming the file and the fix."""
 
 
 def read_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any problem
-    raises CheckpointError with a message naming the file (the form to call from Python)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not "
-                              f"finish writing it; copy it again or give another file")
+    """torch.load with weights_only=True (never unsafe loading), then the format, the stage, the
+    entries every reader takes and finite weights; any problem raises CheckpointError (the form to
+    call from Python)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish "
+                              f"writing it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        text = str(e)
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
-        if found:
-            kind = f"holds pickled code ({found.group(1)}) that weights_only=True refuses (not " \
-                   f"loaded): not a clustr checkpoint, or an untrusted one"
-        else:  # the first line of torch's text that is about the file (some errors have none)
-            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith(
-                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
-            first = lines[0][:100] if lines else ""
-            kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
-        raise CheckpointError(f"checkpoint {path} {kind}") from None
+        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        first = next((l.strip()[:100] for l in str(e).splitlines() if l.strip() and not l.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))), "")
+        raise CheckpointError(f"checkpoint {path} " + (
+            f"holds pickled code ({code.group(1)}) that weights_only=True refuses (not loaded): not a "
+            f"clustr checkpoint, or an untrusted one" if code else
+            f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})")) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or "
-                              f"version)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    missing += [f"{k}[{s!r}]" for k, subs in REQUIRED.items() if k in ckpt for s in subs
+                if not isinstance(ckpt[k], dict) or s not in ckpt[k]]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of these "
+                              f"stages, or a damaged one")
     if ckpt["stage"] not in stages:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
-                              f"{list(stages)}")
-    check_schema(ckpt, path)
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
     bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
     if bad:
         raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
                               f"file); use an earlier checkpoint")
-    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
 
 
@@ -2539,81 +2503,20 @@ def nonfinite(obj, key=""):
         return None if bool(torch.isfinite(obj).all()) else key
     return key if isinstance(obj, float) and not math.isfinite(obj) else None
 
-
-def check_schema(ckpt, path):
-    """The types and keys of the entries the stages read (README "Where results and checkpoints go"), so that a damaged
-    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
-    CheckpointError."""
-    def need(ok, key, what):
-        if not ok:
-            found = repr(value(key))
-            raise CheckpointError(f"checkpoint {path}: {key} must be {what}, but it is "
-                                  f"{found if len(found) < 60 else found[:57] + '...'}; not a "
-                                  f"checkpoint of these stages")
-
-    def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
-        v = ckpt
-        for part in re.findall(r"\w+", key):
-            v = v.get(part) if isinstance(v, dict) else None
-        return v
-
-    def count(v, low=1):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    def numbers(v, n):
-        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
-    arch, data = ckpt["arch"], ckpt["data"]
-    need(isinstance(arch, dict), "arch", "a dict")
-    need(arch.get("name") == "resnet18", "arch['name']", "'resnet18'")
-    for key in ("width", "in_channels"):
-        need(count(arch.get(key)), f"arch['{key}']", "an integer >= 1")
-    need(arch.get("feat_dim") == 8 * arch["width"], "arch['feat_dim']", f"8 x width = {8 * arch['width']}")
-    need(isinstance(data, dict), "data", "a dict")
-    need(isinstance(data.get("name"), str), "data['name']", "a dataset name")
-    need(count(data.get("num_classes")), "data['num_classes']", "an integer >= 1")
-    need(isinstance(data.get("classes"), list) and len(data["classes"]) == data["num_classes"]
-         and all(isinstance(c, str) for c in data["classes"]), "data['classes']",
-         f"a list of {data['num_classes']} class names")
-    for key in ("mean", "std"):
-        need(numbers(data.get(key), arch["in_channels"]), f"data['{key}']",
-             f"{arch['in_channels']} numbers (one per channel)")
-    need(isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2
-         and all(count(v) for v in data["image_size"]), "data['image_size']", "[height, width]")
-    need(isinstance(ckpt["model"], dict) and all(torch.is_tensor(v) for v in ckpt["model"].values()),
-         "model", "a state_dict (names -> tensors)")
-    need(isinstance(ckpt["args"], dict), "args", "a dict")
-    need(count(ckpt["epoch"], 0), "epoch", "an integer >= 0")
-    if ckpt["stage"] in ("magnet", "qtrades-magnet"):
-        c = ckpt.get("clusters")
-        need(isinstance(c, dict), "clusters", "a dict (the clustering stages' Eq. (4) entry)")
-        need(torch.is_tensor(c.get("centers")) and c["centers"].dim() == 2
-             and c["centers"].shape[1] == arch["feat_dim"], "clusters['centers']",
-             f"a tensor [M, {arch['feat_dim']}]")
-        need(torch.is_tensor(c.get("center_classes")) and c["center_classes"].shape == (len(c["centers"]),)
-             and not c["center_classes"].is_floating_point() and bool(((c["center_classes"] >= 0)
-             & (c["center_classes"] < data["num_classes"])).all()), "clusters['center_classes']",
-             f"{len(c['centers'])} class indices in [0, {data['num_classes']})")
-        need(isinstance(c.get("variance"), (int, float)) and math.isfinite(c["variance"])
-             and c["variance"] > 0, "clusters['variance']", "a finite sigma^2 > 0")
-        need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
 # --- end shared: checkpoint-load ---
 
 # --- shared: checkpoint-save ---
-def save_checkpoint(ckpt, path):
-    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint
-    (README "Where results and checkpoints go").  A model with NaN or inf is not written: the run
-    stops with one line (exit 2), and so does a failed write (a full disk), leaving no temporary
-    file and the previous file as it was."""
+def save_checkpoint(ckpt, path, run=None):
+    """Atomic write (atomic_write), so an interrupted run always leaves the last complete checkpoint;
+    then, for a training stage, <path>.log.jsonl rewritten from the epochs' records the checkpoint holds
+    (README "Where results and checkpoints go") and `run` told the epoch it holds.  A model with NaN or
+    inf is not written, nor is anything on a failed write (a full disk): one line, exit 2, the previous
+    files as they were.  Ctrl-C and SIGTERM wait until the files and `run` agree, then are raised again
+    (a signal mask would not do: torch's threads would take the signal)."""
     bad = nonfinite({k: ckpt[k] for k in ("model", "clusters") if k in ckpt})
     if bad:
         fail(f"{bad} holds NaN or inf: training diverged (try a smaller --lr); stopped without "
              f"writing {path}, which keeps its last good epoch")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    # Ctrl-C and SIGTERM wait until the file, the log and the epoch the run names (interrupted())
-    # agree, then are raised again (a mask would not do: torch's threads would take them).
     caught = []
     try:
         held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
@@ -2621,20 +2524,17 @@ def save_checkpoint(ckpt, path):
     except ValueError:                                              # not the main thread
         held = {}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
-        if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
-            commit_log()                    # the first saved epoch replaces the old run's log
+        data = io.BytesIO()
+        torch.save(ckpt, data)
+        atomic_write(path, data.getvalue())
+        if "log" in ckpt:
+            atomic_write(path + ".log.jsonl", "".join(json_line(r) for r in ckpt["log"]).encode())
+        if run is not None:
+            run.update(epoch=ckpt["epoch"], file=path)
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); it is as it was before this write (free "
              f"space or choose another path, then continue with --resume where it is a checkpoint)")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         for s, handler in held.items():
             signal.signal(s, handler)
         for s in caught[:1]:
@@ -2669,7 +2569,7 @@ def described(obj, meaning):
 
 # torchrun: only rank 0 prints (quiet_unless_rank0); Ctrl-C / SIGTERM: one line, exit 130, the
 # lock released (guarded).  Applied here, after the plumbing that defines guarded.
-main = quiet_unless_rank0(guarded(main))
+main = quiet_unless_rank0(main)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ Vassilvitskii 2007); PGD (Madry et al. 2018) for the signed-gradient step; ResNe
 """
 
 import argparse
+import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -53,7 +55,6 @@ import shlex
 import signal
 import sys
 import time
-import types
 
 import numpy as np
 import torch
@@ -86,7 +87,8 @@ PAPER_DEFAULTS = {
 def add_common_args(p, data_default):
     """Flags every stage shares, in the same order everywhere (README "Flags")."""
     g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"], default=data_default,
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data_default,
                    help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
                         "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
                         "default) (default: %(default)s)")
@@ -154,7 +156,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._expand_help(action)
 
     def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(block, width, indent)
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            block, width, indent)
                            for block in text.split("\n\n"))
 # --- end shared: help ---
 
@@ -1053,298 +1056,130 @@ def evaluate(model, split, batch_size, amp, device):
 
 
 # ======================================================================================
-# 4. The loop: load -> build -> resume or evaluate the start -> epochs -> report; the two
-#    variants (--loss magnet, --loss ce) differ only in the three steps `variant_steps` picks
-#    (checkpoint and report: README "Where results and checkpoints go")
+# 4. The run: --init, data, the model, the starting point (epoch 0) or --resume, the epochs of
+#    App. A, each saved and logged, the summary.  The two variants differ only where `magnet` is
+#    tested: --loss magnet (ClusTR+QTRADES: clusters, Eq. (6) on Eq. (4)) and --loss ce (QTRADES
+#    alone: the linear head).  Checkpoint and report: README "Where results and checkpoints go"
 # ======================================================================================
 
 SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
 
 
 def main(argv=None):
-    """QTRADES (Sec. 4.2, Eq. (6)) as a run: arguments, --init, data, the model, the starting point
-    (epoch 0), the epochs of App. A, the summary.  Wrapped by `guarded` below (Ctrl-C / SIGTERM:
-    one line, exit 130; the lock released)."""
+    """QTRADES (Sec. 4.2, Eq. (6)) as a run.  Ctrl-C / SIGTERM: one line with the resume command,
+    exit 130 (`owned`)."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
-    preflight(args, training=True)      # folder, lock, no clobber: before any work
-    device = setup_runtime(args, training=True)
-    init = init_state = None
-    if args.init is not None and args.resume is None:
-        init, init_state = load_init(args.init, args)              # checked before any data load
-    train, test, info = load_device_data(args, init, device)
-    run = build_training(args, train, test, info, init_state, device)
-    print_header(run)
-    if args.resume is not None:
-        start_epoch, metrics = resume_training(run)
-    else:
-        start_epoch, metrics = evaluate_the_start(run)
-    metrics = train_epochs(run, start_epoch, metrics)
-    return report(run, metrics)
-
-
-def load_device_data(args, init, device):
-    """Step 1: both splits of --data (README "Data"), checked against --init's classes, each moved
-    whole onto the device."""
-    try:
-        train, test, info = load_data(args.data, args.data_dir, args.limit)
-    except DataError as e:
-        fail(str(e))
-    check_against_data(args, info)
-    if info["num_classes"] < 2:
-        fail(f"QTRADES needs at least 2 classes; {args.data} has {info['num_classes']}")
-    if init is not None:
-        check_init_classes(init, info, train[0].shape[1], args.init)
-        # the model keeps the starting run's App. A normalisation buffers; record those
-        info = dict(info, mean=init["data"]["mean"], std=init["data"]["std"])
-    train = tuple(t.to(device) for t in train)                      # whole split on the device
-    test = tuple(t.to(device) for t in test)
-    return train, test, info
-
-
-def build_training(args, train, test, info, init_state, device):
-    """Step 2: the ResNet18 (headless for --loss magnet, Sec. 3.3; with its head for --loss ce),
-    Adam of App. A, the seeded device generator, the neighbourhood sampler (magnet) and the
-    variant's steps.  -> the run's state, one namespace the steps share."""
     magnet = args.loss == "magnet"
-    num_classes = info["num_classes"]
-    # magnet: Sec. 3.3, the network without its last linear layer; ce: the nominal network
-    model = ResNet18(0 if magnet else num_classes, args.width, train[0].shape[1], info["mean"], info["std"])
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)          # App. A: Adam, lr 1e-4
-    generator = torch.Generator(device=device)                      # augmentation, k-means++, x'
-    generator.manual_seed(args.seed)
-    sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
-                                   torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET)
-                                   ) if magnet else None
-    start, train_epoch, evaluate_epoch = variant_steps(args.loss)
-    return types.SimpleNamespace(
-        args=args, device=device, train=train, test=test, info=info, num_classes=num_classes,
-        log_path=args.out + ".log.jsonl", model=model, opt=opt, generator=generator,
-        sampler=sampler, clusters=None, t_run=time.time(), start=start, train_epoch=train_epoch,
-        evaluate_epoch=evaluate_epoch,
-        header=(f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} "
-                f"{'img/s':>8} {'elapsed':>9} {'ETA':>9}"))
+    with owned(args, argv, training=True) as run:      # outputs checked, --out locked, before any work
+        device = setup_runtime(args, training=True)
+        init = read_init(args, stages=("nominal", "magnet") if magnet else ("nominal",))
+        train, test, info = device_data(args, device)
+        info = check_init_data(init, info, train[0].shape[1], args)
+        # magnet: Sec. 3.3, the network without its last linear layer (a nominal checkpoint's head
+        # dropped, or a magnet checkpoint); ce: the nominal network with its head
+        model, opt, generator = build_training(args, info, 0 if magnet else info["num_classes"], device, init and {
+            k: v for k, v in init["model"].items() if not magnet or not k.startswith("head.")})
+        sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d, torch.Generator().manual_seed(
+            args.seed + SAMPLER_SEED_OFFSET)) if magnet else None
+        state = {"optimizer": opt, "generator": generator, **({"sampler": sampler} if magnet else {})}
+        t_run, ev = time.time(), (model, train, test, info, sampler, args, generator, device)
+        entries = (lambda clusters: {"clusters": clusters}) if magnet else (lambda clusters: {})   # Eq. (4)'s
+        print_title(args, train, test, info, device)
+        if args.resume is not None:
+            path = args.resume or args.out
+            ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
+            ckpt["args"].setdefault("consistency", "ce")           # runs saved before the flag
+            info = resume(path, ckpt, args, NOT_SHAPING, run, info, model, opt, generator)
+            if magnet:
+                sampler.load_state_dict(ckpt["resume"]["sampler"])
+            clusters, start, log = ckpt.get("clusters"), ckpt["epoch"], ckpt.get("log", [ckpt["metrics"]])
+            print(HEADER, flush=True)
+        else:   # epoch 0: the starting point (magnet: the clusters of the starting features)
+            replacing = os.path.exists(args.out)                    # --overwrite: old files stay until epoch 1
+            print(HEADER, flush=True)
+            clusters, metrics = evaluate_epoch(*ev, 0)
+            start, log = 0, [{**metrics, "train_loss": None, "consistency": None, "lr": args.lr, **compile_seconds()}]
+            if args.epochs == 0 or not replacing:
+                save_epoch(run, STAGE[args.loss], args, info, model, log, state, **entries(clusters))
+            print_row(args, log[-1], t_run, 0)
+        t_loop = time.time()
+        for epoch in range(start, min(args.epochs, args.stop_after or args.epochs)):
+            t0 = time.time()
+            if magnet:      # the train accuracy comes from the cluster update
+                (train_loss, cons, seen), train_acc = train_one_epoch(model, opt, train, sampler, clusters, args,
+                                                                      generator, device), None
+            else:
+                train_loss, cons, train_acc, seen = train_one_epoch_ce(model, opt, train, args, generator, device)
+            train_seconds = time.time() - t0
+            check_loss(train_loss, epoch, run, f"--lr (now {args.lr}), --lam (now {args.lam})"
+                       + (f" or --alpha (now {args.alpha})" if magnet else ""))
+            clusters, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)
+            log.append({**metrics, "train_loss": train_loss, "consistency": cons, "lr": args.lr,
+                        "seconds": time.time() - t0, "images_per_second": seen / train_seconds,
+                        **({"batches": sampler.batches_per_epoch()} if magnet else {}), **compile_seconds()})
+            save_epoch(run, STAGE[args.loss], args, info, model, log, state, **entries(clusters))
+            print_row(args, log[-1], t_run, (time.time() - t_loop) / (epoch + 1 - start) * (args.epochs - epoch - 1))
+        return report(args, log, t_run)
 
 
-def variant_steps(loss):
-    """The three steps in which the variants differ: (the starting point's metrics, one training
-    epoch, the metrics after an epoch)."""
-    if loss == "magnet":
-        return start_magnet, train_epoch_magnet, evaluate_epoch_magnet
-    return start_ce, train_epoch_ce, evaluate_epoch_ce
+def print_title(args, train, test, info, device):
+    """What runs: the variant, data, model, --init, Eq. (6)'s lam, eps and step, device, torch; the config."""
+    print(f"qtrades.py | {'ClusTR+QTRADES' if args.loss == 'magnet' else 'QTRADES alone'} (--loss {args.loss}) | "
+          f"data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} classes, "
+          f"{info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | lam {args.lam} "
+          f"eps {args.eps:.5f} step {args.step:.5f} | device {device} amp {args.amp} | torch {torch.__version__}"
+          f"\nconfig: {json.dumps(vars(args))}")
 
 
-def cluster_and_evaluate(run, epoch):
-    """--loss magnet: k-means++ update (App. A), sigma^2 (Eq. (3)), Eq. (4) accuracies."""
-    args = run.args
+HEADER = (f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} "
+          f"{'elapsed':>9} {'ETA':>9}")
+
+
+def print_row(args, r, t_run, eta):
+    """One row of the epoch table (HEADER)."""
+    loss, cons = ("-" if r[k] is None else f"{r[k]:.4f}" for k in ("train_loss", "consistency"))
+    print(f"{r['epoch']:>4}/{args.epochs:<4} {loss:>8} {cons:>8} {r['train_accuracy']:7.2%} "
+          f"{r['test_accuracy']:7.2%} {r['variance'] if 'variance' in r else '-':>9.3} "
+          f"{r.get('images_per_second', 0):8.0f} {fmt_time(time.time() - t_run):>9} {fmt_time(eta):>9}", flush=True)
+
+
+def evaluate_epoch(model, train, test, info, sampler, args, generator, device, epoch, train_acc=None):
+    """After `epoch`: --loss magnet, the k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4)
+    accuracies; --loss ce, the head's (the train one is the epoch's own).  -> (clusters or None, metrics)."""
+    if args.loss != "magnet":
+        train_acc = train_acc if epoch else evaluate(model, train, args.batch_size, args.amp, device)
+        return None, {"epoch": epoch, "train_accuracy": train_acc,
+                      "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
     t0 = time.time()
     centers, center_classes, assignment, sigma2, train_acc = update_clusters(
-        run.model, run.train, run.num_classes, args, run.generator)
-    test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, args.D)
-    run.sampler.set_clusters(assignment, centers, center_classes)
-    clusters = clusters_entry(centers, center_classes, sigma2, args)
-    return clusters, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
-                      "variance": float(sigma2), "cluster_seconds": time.time() - t0}
+        model, train, info["num_classes"], args, generator)
+    test_features = features_of(model, test[0], args.batch_size, args.amp)
+    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
+    sampler.set_clusters(assignment, centers, center_classes)
+    return clusters_entry(centers, center_classes, sigma2, args), {
+        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
+        "cluster_seconds": time.time() - t0}
 
 
-def start_magnet(run):
-    """--loss magnet, epoch 0: the clusters of the starting features and their Eq. (4) accuracies."""
-    run.clusters, metrics = cluster_and_evaluate(run, 0)
-    return metrics
-
-
-def train_epoch_magnet(run):
-    """--loss magnet: one epoch of Eq. (6) on neighbourhood batches.  -> (loss, consistency,
-    images, None: the train accuracy comes from the cluster update)."""
-    train_loss, cons, seen = train_one_epoch(run.model, run.opt, run.train, run.sampler, run.clusters,
-                                             run.args, run.generator, run.device)
-    return train_loss, cons, seen, None
-
-
-def evaluate_epoch_magnet(run, epoch, train_acc):
-    """--loss magnet, after an epoch: the k-means++ update and Eq. (4) accuracies."""
-    run.clusters, metrics = cluster_and_evaluate(run, epoch)
-    metrics["batches"] = run.sampler.batches_per_epoch()
-    return metrics
-
-
-def start_ce(run):
-    """--loss ce, epoch 0: the linear head's accuracies on both splits."""
-    args = run.args
-    return {"epoch": 0, "train_accuracy": evaluate(run.model, run.train, args.batch_size, args.amp, run.device),
-            "test_accuracy": evaluate(run.model, run.test, args.batch_size, args.amp, run.device)}
-
-
-def train_epoch_ce(run):
-    """--loss ce: one epoch of cross-entropy plus the consistency term on the head's softmax.
-    -> (loss, consistency, images, train accuracy)."""
-    train_loss, cons, train_acc, seen = train_one_epoch_ce(run.model, run.opt, run.train, run.args,
-                                                           run.generator, run.device)
-    return train_loss, cons, seen, train_acc
-
-
-def evaluate_epoch_ce(run, epoch, train_acc):
-    """--loss ce, after an epoch: the head's test accuracy (the train one is the epoch's own)."""
-    args = run.args
-    return {"epoch": epoch, "train_accuracy": train_acc,
-            "test_accuracy": evaluate(run.model, run.test, args.batch_size, args.amp, run.device)}
-
-
-def print_header(run):
-    """Step 3: what runs (variant, data, model, --init, Eq. (6)'s lam, eps, step, device, torch)
-    and the resolved config."""
-    args = run.args
-    print(f"qtrades.py | {'ClusTR+QTRADES' if args.loss == 'magnet' else 'QTRADES alone'} (--loss {args.loss}) | "
-          f"data {args.data} ({len(run.train[1])} train, {len(run.test[1])} test, {run.num_classes} classes, "
-          f"{run.info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | "
-          f"lam {args.lam} eps {args.eps:.5f} step {args.step:.5f} | device {run.device} amp {args.amp} "
-          f"| torch {torch.__version__}")
-    print("config: " + json.dumps(vars(args)))
-
-
-def report_epoch(run, record, elapsed, eta):
-    """One row of the epoch table."""
-    loss, cons = record["train_loss"], record.get("consistency")
-    print(f"{record['epoch']:>4}/{run.args.epochs:<4} {'-' if loss is None else f'{loss:.4f}':>8} "
-          f"{'-' if cons is None else f'{cons:.4f}':>8} "
-          f"{record['train_accuracy']:7.2%} {record['test_accuracy']:7.2%} "
-          f"{record['variance'] if 'variance' in record else '-':>9.3} "
-          f"{record.get('images_per_second', 0):8.0f} "
-          f"{fmt_time(elapsed):>9} {fmt_time(eta):>9}", flush=True)
-
-
-def resume_training(run):
-    """Step 4a (--resume): weights, optimizer, RNG state and (magnet) the sampler's state and the
-    clusters from the checkpoint.  -> (the epoch it holds, its metrics)."""
-    args = run.args
-    path = args.resume or args.out
-    ckpt = load_checkpoint(path, stages=(STAGE[args.loss],))
-    ckpt["args"].setdefault("consistency", "ce")             # runs saved before the flag
-    check_resume_args(ckpt, args, NOT_SHAPING)
-    if "resume" not in ckpt:
-        fail(f"{path} was saved with --slim and holds no optimizer/sampler state to resume from")
-    run.model.load_state_dict(ckpt["model"], strict=True)
-    run.opt.load_state_dict(ckpt["resume"]["optimizer"])
-    set_rng_state(ckpt["resume"]["rng"], run.generator)
-    if run.sampler is not None:                              # --loss magnet
-        run.sampler.load_state_dict(ckpt["resume"]["sampler"])
-        run.clusters = ckpt["clusters"]
-    start_epoch, metrics = ckpt["epoch"], ckpt["metrics"]
-    run.info = dict(run.info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])  # the model's buffers
-    kept = [r for r in read_jsonl(run.log_path) if r.get("epoch", 0) <= start_epoch]
-    with open(run.log_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    print(f"resumed {path} at epoch {start_epoch}/{args.epochs}")
-    print(run.header, flush=True)
-    return start_epoch, metrics
-
-
-def evaluate_the_start(run):
-    """Step 4b (a fresh run): epoch 0, the starting point (magnet: the clusters of the starting
-    features), saved and logged.  -> (0, its metrics)."""
-    args = run.args
-    print(run.header, flush=True)
-    metrics = run.start(run)
-    metrics = {**metrics, "train_loss": None, "consistency": None, "lr": args.lr, **compile_seconds()}
-    if args.epochs == 0 or not RUN["replacing"]:   # --overwrite: old files stay until epoch 1
-        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, run.clusters,
-                                        args, run.info, 0, metrics,
-                                        slim=args.slim and args.epochs == 0), args.out)
-    append_jsonl(run.log_path, metrics)
-    report_epoch(run, metrics, time.time() - run.t_run, 0)
-    return 0, metrics
-
-
-def train_epochs(run, start_epoch, metrics):
-    """Step 5: the epochs of App. A: one epoch of the variant's loss, then its evaluation; each
-    saved to --out and logged before the next.  -> the last epoch's metrics."""
-    args = run.args
-    t_loop = time.time()
-    last_epoch = min(args.epochs, args.stop_after) if args.stop_after is not None else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        t0 = time.time()
-        train_loss, cons, seen, train_acc = run.train_epoch(run)
-        train_seconds = time.time() - t0
-        if not math.isfinite(train_loss):
-            fail(f"the training loss (Eq. (6)) became {train_loss} in epoch {epoch + 1}; stopped "
-                 f"without writing it, {kept_epoch(args, epoch)}. Try a "
-                 f"smaller --lr (now {args.lr}), --lam (now {args.lam})"
-                 + (f" or --alpha (now {args.alpha})." if args.loss == "magnet" else "."))
-        metrics = run.evaluate_epoch(run, epoch + 1, train_acc)
-        metrics.update(train_loss=train_loss, consistency=cons, lr=args.lr,
-                       seconds=time.time() - t0, images_per_second=seen / train_seconds,
-                       **compile_seconds())
-        final = epoch + 1 == args.epochs
-        save_checkpoint(make_checkpoint(run.model, run.opt, run.generator, run.sampler, run.clusters,
-                                        args, run.info, epoch + 1, metrics, slim=args.slim and final),
-                        args.out)
-        append_jsonl(run.log_path, metrics)
-        elapsed = time.time() - t_loop
-        report_epoch(run, metrics, time.time() - run.t_run,
-                     elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1))
-    return metrics
-
-
-def report(run, metrics):
-    """Step 6: the summary beside the paper's accuracies (Table 1), and the attack to run next."""
-    args = run.args
-    magnet = args.loss == "magnet"
-    done = metrics.get("epoch", 0)
+def report(args, log, t_run):
+    """The summary beside the paper's accuracies (Table 1), and the attack to run next."""
+    metrics, magnet = log[-1], args.loss == "magnet"
+    done = metrics["epoch"]
     status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
-    results = {"stage": STAGE[args.loss], "out": args.out, "data": args.data, "init": args.init,
-               "loss": args.loss, "status": status, "epochs_done": done, "epochs": args.epochs,
-               **metrics, "seconds_this_run": time.time() - run.t_run}
-    rule = (f"Eq. (4) with K={args.K}, D={args.D or 'all'}  (paper, w=64: ClusTR+QTRADES 91.03 "
-            f"CIFAR10, 95.06 SVHN, 69.25 CIFAR100)") if magnet else \
-        "linear head  (paper, w=64: QTRADES 81.07 CIFAR10, 86.36 SVHN)"
+    rule = (f"Eq. (4) with K={args.K}, D={args.D or 'all'}  (paper, w=64: ClusTR+QTRADES 91.03 CIFAR10, 95.06 "
+            f"SVHN, 69.25 CIFAR100)") if magnet else "linear head  (paper, w=64: QTRADES 81.07 CIFAR10, 86.36 SVHN)"
+    cons = "-" if metrics.get("consistency") is None else format(metrics["consistency"], ".4f")
+    term = "CE(p(f(x_adv)), p(f(x)))" if args.consistency == "ce" else "KL(p(f(x)) || p(f(x_adv)))"
     print(f"\nsummary: {status}\n"
           f"  test accuracy   {metrics['test_accuracy']:.2%} by {rule}\n"
-          + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
-             if magnet else "")
-          + f"  consistency     {'-' if metrics.get('consistency') is None else format(metrics['consistency'], '.4f')}"
-          f" (mean {'CE(p(f(x_adv)), p(f(x)))' if args.consistency == 'ce' else 'KL(p(f(x)) || p(f(x_adv)))'} of the last epoch, lam = {args.lam})\n"
-          f"  checkpoint      {args.out}   log {run.log_path}\n"
+          + (f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n" if magnet else "")
+          + f"  consistency     {cons} (mean {term} of the last epoch, lam = {args.lam})\n"
+          f"  checkpoint      {args.out}   log {args.out}.log.jsonl\n"
           f"  next            {next_command(args)}", flush=True)
-    return results
-
-
-def load_init(path, args):
-    """--init (width and dataset must match the run, else exit 2).  --loss magnet: a nominal checkpoint
-    (head dropped, Sec. 3.3) or a magnet checkpoint (its weights; the clusters are recomputed at
-    epoch 0); --loss ce: a nominal checkpoint, head kept.  -> (ckpt, state_dict for the model)."""
-    ckpt = load_checkpoint(path, stages=("nominal", "magnet") if args.loss == "magnet" else ("nominal",))
-    width, data = ckpt["arch"].get("width"), ckpt["data"].get("name")
-    if width != args.width:
-        fail(f"--init {path} holds a ResNet18 of width {width}, but this run has --width "
-             f"{args.width}; pass --width {width}")
-    if data != args.data:
-        fail(f"--init {path} was trained on --data {data}, but this run has --data {args.data}; "
-             f"pass --data {data}")
-    keep_head = args.loss == "ce"
-    return ckpt, {k: v for k, v in ckpt["model"].items() if keep_head or not k.startswith("head.")}
-
-
-def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch, metrics, slim=False):
-    """Stage "qtrades-magnet" (no head.*, the `clusters` entry Eq. (4) needs) or
-    "qtrades-ce" (head.*, no clusters).  ckpt["resume"]: optimizer, RNG and (magnet) the
-    sampler's state, so --resume draws the same batches and adversaries."""
-    ckpt = {"format": FORMAT, "stage": STAGE[args.loss],
-            "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "args": dict(vars(args)), "epoch": epoch, "metrics": metrics}
-    if clusters is not None:
-        ckpt["clusters"] = clusters
-    if not slim:
-        ckpt["resume"] = {"optimizer": opt.state_dict(), "rng": rng_state(generator)}
-        if sampler is not None:
-            ckpt["resume"]["sampler"] = sampler.state_dict()
-    return ckpt
+    return {"stage": STAGE[args.loss], "out": args.out, "data": args.data, "init": args.init, "loss": args.loss,
+            "status": status, "epochs_done": done, "epochs": args.epochs, **metrics,
+            "seconds_this_run": time.time() - t_run}
 
 
 # ======================================================================================
@@ -1448,11 +1283,25 @@ def fmt_time(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def append_jsonl(path, record):
-    path = RUN.get("staged", {}).get(path, path)    # a fresh run's log waits beside the old one
-    line = json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None))  # NaN, inf: null
-    with open(path, "a") as f:
-        f.write(line + "\n")
+def json_line(record):
+    """One line of a .log.jsonl file; NaN and inf become null (JSON has neither)."""
+    return json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None)) + "\n"
+
+
+
+def atomic_write(path, data):
+    """bytes to a temporary file beside `path`, flushed to disk, then os.replace: a killed run leaves
+    the previous complete file, never half a new one.  OSError (a full disk) leaves no temporary file."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 # --- end shared: runtime ---
 
 # --- shared: setup ---
@@ -1486,55 +1335,45 @@ def setup_runtime(args, training):
 # --- end shared: setup ---
 
 # --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): a lock file beside it, checked before
-# any work; a fresh log that waits beside the old one until the run has written --out; and a
-# clean stop on Ctrl-C or SIGTERM that says what the files hold and how to continue.
-RUN = {}  # this process's run: out, lock, staged log, argv, epochs held per checkpoint path
+# One run owns its --out (README "Bad input and safety"): every file it writes is checked before any
+# work; <out>.lock is held with fcntl.flock for the life of the run (the kernel releases it however the
+# process ends); files are replaced atomically (atomic_write); Ctrl-C or SIGTERM ends in one line that
+# says what the files hold and how to continue, exit code 130 (the shell's 128 + SIGINT).
+PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif",
+         ".pgf", ".raw", ".rgba")                                   # the suffixes matplotlib writes
 
 
-# The files a run writes, by flag, with the suffixes their writer takes (None: any), and the
-# files it reads: check_outputs sees them all before any work.
-OUTPUTS = {"out": None, "save_adv": None, "export": None,
-           "plot": (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff",
-                    ".webp", ".gif", ".pgf", ".raw", ".rgba")}
-INPUTS = ("ckpt", "init", "resume")
-
-
-def check_outputs(args, training, keys=tuple(OUTPUTS)):
-    """Every file the run will write (--out with its log, staged log and lock; --save-adv,
-    --export, --plot), before any work: named, not a folder, not a file this run reads (results
-    written over the checkpoint they came from), a suffix its writer takes; then its folder
-    created and writable.  One line and exit 2 for the first that is not."""
-    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in INPUTS) if p}
+def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
+    """Every file the run writes (--out with its log, staged log and lock; --save-adv, --export, --plot):
+    named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
+    its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
+    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}
     if training and args.resume is not None:
         reads.discard(os.path.realpath(args.out))                   # a resumed run continues --out
-    paths = []
+    paths = {}
     for key in keys:
-        given = getattr(args, key, None)
+        given, flag = getattr(args, key, None), "--" + key.replace("_", "-")
         if given is None or (key == "plot" and given.lower() in ("", "none")):
             continue
-        flag = "--" + key.replace("_", "-")
         if not given.strip() or given.endswith((os.sep, "/")):
             fail(f"{flag} {given!r} names no file; give a file name")
-        if OUTPUTS[key] and not given.lower().endswith(OUTPUTS[key]):
-            fail(f"{flag} {given}: the plot is written as one of {' '.join(OUTPUTS[key])}; give one")
-        for path in [given] + ([given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock")]
-                               if key == "out" else []):
-            if os.path.realpath(path) in reads:
-                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: "
-                     f"choose another {flag}")
+        if key == "plot" and not given.lower().endswith(PLOTS):
+            fail(f"{flag} {given}: the plot is written as one of {' '.join(PLOTS)}; give one")
+        for path in [given] + [given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock") if key == "out"]:
+            real = os.path.realpath(path)
+            if real in reads:
+                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: choose "
+                     f"another {flag}")
             if os.path.isdir(path):
                 fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
                      f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
-            twin = next((f for f, q in paths if os.path.realpath(q) == os.path.realpath(path)), None)
-            if twin:
-                fail(f"{flag} {given} is also written as {twin}: one would replace the other; give two names")
-            paths.append((flag, path))
-    for flag, path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        missing = folder
-        while not os.path.exists(missing):                  # removed again if the run writes nothing
-            RUN.setdefault("made", []).append(missing)
+            if real in paths:
+                fail(f"{flag} {given} is also written as {paths[real]}: one would replace the other; give two names")
+            paths[real] = flag
+    for path, flag in paths.items():
+        folder = missing = os.path.dirname(path)
+        while not os.path.exists(missing):
+            made.append(missing)
             missing = os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1544,138 +1383,92 @@ def check_outputs(args, training, keys=tuple(OUTPUTS)):
             fail(f"cannot write in the folder {folder} of {flag}; make it writable or choose another {flag}")
 
 
-def preflight(args, training):
-    """Before any work (data, model): check every output (check_outputs), take <out>.lock, and
-    for a training stage refuse an existing checkpoint unless --resume or --overwrite.  A fresh
-    run writes its log to <out>.log.jsonl.partial; the first checkpoint (training) or the result
-    file (evaluation) moves it over <out>.log.jsonl, so a run stopped before that leaves the
-    previous run's files as they were."""
-    out = args.out
-    check_outputs(args, training)
-    resume = training and args.resume is not None
-    if training and not resume and os.path.exists(out) and not args.overwrite:
-        fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, "
-             f"or replace it with --overwrite (its files stay until the new run saves its first epoch)")
-    if resume and args.resume and os.path.exists(out) and not args.overwrite \
-            and os.path.realpath(args.resume) != os.path.realpath(out):
-        fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
-             f"--out, or replace it with --overwrite")
-    RUN.update(out=out, training=training, resume=resume and (args.resume or out),
-               replacing=training and not resume and os.path.exists(out))   # with --overwrite
-    take_lock(out + ".lock")
-    if not resume:
-        log = out + ".log.jsonl"
-        RUN["staged"] = {log: log + ".partial"}
-        if os.path.exists(log + ".partial"):                        # rows of an earlier killed run
-            os.remove(log + ".partial")
-
-
 def take_lock(path):
-    """<out>.lock, held with fcntl.flock for the life of the process: a second run on the same
-    --out exits 2, and the kernel releases the lock when the process ends, however it ends (a
-    killed run leaves at most the file, which the next run takes).  It holds the pid, for a person."""
+    """<out>.lock, held with fcntl.flock (released by the kernel however the process ends); a lock
+    file its last holder removed meanwhile is taken again.  -> its descriptor, holding our pid."""
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out "
-                 f"({e.strerror or e}); make it writable or choose another --out")
+            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out ({e.strerror or e}); "
+                 f"make it writable or choose another --out")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it "
-                 f"to end or choose another --out")
-        try:                                # the file its last holder removed meanwhile: again
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
+            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
+                 f"or choose another --out")
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())              # for a person: who holds it
+            return fd
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    RUN["lock"] = (path, fd)
 
 
-def release_lock():
-    path, fd = RUN.pop("lock", (None, None))
-    if fd is not None:
-        os.remove(path)                     # while held: a run that opened it meanwhile retries
-        os.close(fd)
-    for folder in RUN.pop("made", []):      # the folders check_outputs made, where still empty
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
-
-
-def commit_log():
-    """The run has written --out: its staged log replaces the previous run's (or that one goes)."""
-    for log, staged in RUN.pop("staged", {}).items():
-        if os.path.exists(staged):
-            os.replace(staged, log)
-        elif os.path.exists(log):
-            os.remove(log)
-
-
-def interrupted():
-    """The line printed on Ctrl-C or SIGTERM: where the run stood and the command that continues."""
-    argv, out = [str(a) for a in RUN.get("argv", [])], RUN.get("out")
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) \
-        else os.path.basename(__file__)
-    again = " ".join(shlex.quote(a) for a in ["python", script, *argv])
-    if out is None:
-        return "interrupted before the run started; nothing was written"
-    if not RUN["training"]:
-        staged = next(iter(RUN.get("staged", {}).values()), None)
-        return (f"interrupted; {out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {staged}" if staged and os.path.exists(staged) else "")
+def stopped(args, argv, training, run):
+    """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
+    again = [a for a in argv if a != "--overwrite"]
+    if training and run["epoch"] is not None and not any(a.split("=")[0] == "--resume" for a in again):
+        again.append("--resume")
+    again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
+    if not training:
+        return (f"interrupted; {args.out} and its log are as the previous run left them"
+                + (f"; this run's rows so far are in {rows}" if os.path.exists(rows) else "")
                 + f"; run it again with: {again}")
-    epochs = RUN.get("epochs", {})
-    epoch = epochs.get(os.path.abspath(out), epochs.get(os.path.abspath(RUN["resume"] or out)))
-    if epoch is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({out} and "
-                f"its log are as before); run it again with: {again}")
-    argv = [a for a in argv if a != "--overwrite"]
-    if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
-        argv.append("--resume")
-    return (f"interrupted in epoch {epoch + 1}; the checkpoint holds epoch {epoch} ({out}); "
-            f"continue with: " + " ".join(shlex.quote(a) for a in ["python", script, *argv]))
+    if run["epoch"] is None:
+        return (f"interrupted before the first epoch was saved; nothing was written ({args.out} and its log "
+                f"are as before); run it again with: {again}")
+    return (f"interrupted in epoch {run['epoch'] + 1}; the checkpoint holds epoch {run['epoch']} ({run['file']}); "
+            f"continue with: {again}")
 
 
-def guarded(main):
-    """main(argv) with SIGTERM treated as Ctrl-C, an interrupt turned into one line and exit code
-    130 (128 + SIGINT, the shell's convention), and the lock of --out released however it ends."""
-    def run(argv=None):
-        RUN.clear()
-        RUN["argv"] = list(sys.argv[1:] if argv is None else argv)
-
-        def on_sigterm(signum, frame):
-            raise KeyboardInterrupt
-        try:
-            previous = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:                                          # not the main thread
-            previous = None
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print(f"\n{interrupted()}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-        except OSError as e:            # stdout on a full device (files: one line where written)
-            try:                                    # the buffered rest goes nowhere at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was "
-                  f"saved before it stays (--resume continues a training run)", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        finally:
-            release_lock()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
+@contextlib.contextmanager
+def owned(args, argv, training):
+    """The run's hold on its files, around all its work: outputs checked, an existing training --out
+    refused unless --resume or --overwrite, <out>.lock taken (a second run on --out exits 2), SIGTERM
+    treated as Ctrl-C.  Yields {"epoch", "file"}: the last epoch saved or resumed, and where it is.
+    Training stages keep their log inside the checkpoint and rewrite <out>.log.jsonl from it at each
+    save, so under --overwrite the old files stay until the first save; evaluation stages append rows
+    to <out>.log.jsonl.partial, which moves over the log beside the result."""
+    out, made, fd, run = args.out, [], None, {"epoch": None, "file": None}
+    resume = training and args.resume is not None
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:                                              # not the main thread
+        previous = None
+    try:
+        check_outputs(args, training, made)
+        if training and not resume and os.path.exists(out) and not args.overwrite:
+            fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
+                 f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
+        if resume and args.resume and os.path.exists(out) and not args.overwrite \
+                and os.path.realpath(args.resume) != os.path.realpath(out):
+            fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
+                 f"--out, or replace it with --overwrite")
+        fd = take_lock(out + ".lock")
+        if not resume and os.path.exists(out + ".log.jsonl.partial"):
+            os.remove(out + ".log.jsonl.partial")                   # rows of an earlier killed run
+        yield run
+    except KeyboardInterrupt:
+        print(f"\n{stopped(args, argv, training, run)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except OSError as e:                # stdout on a full device (files: one line where written)
+        with contextlib.suppress(OSError, ValueError):              # the buffered rest goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was saved before it "
+              f"stays (--resume continues a training run)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if fd is not None:
+            os.remove(out + ".lock")        # while held: a run that opened it meanwhile retries
+            os.close(fd)
+        for folder in made:                 # the folders check_outputs made, where still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 # --- end shared: run-files ---
 
 
@@ -1893,51 +1686,51 @@ FORMAT = "clustr/1"
 STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
 
 
-REQUIRED_KEYS = ("format", "stage", "arch", "data", "model", "args", "epoch", "metrics")
+# The entries every reader takes (README "Where results and checkpoints go"); test_all.py checks that each
+# stage writes them with the types the readers expect.
+REQUIRED = {"format": (), "stage": (), "arch": ("name", "width", "feat_dim", "in_channels"),
+            "data": ("name", "num_classes", "classes", "mean", "std", "image_size"), "model": (), "args": (),
+            "epoch": (), "metrics": ()}
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
-    the wrong stage, a damaged entry); str(e) is one line naming the file and the fix."""
+    the wrong stage, a missing entry, NaN weights); str(e) is one line naming the file and the fix."""
 
 
 def read_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading) plus a schema check; any problem
-    raises CheckpointError with a message naming the file (the form to call from Python)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not "
-                              f"finish writing it; copy it again or give another file")
+    """torch.load with weights_only=True (never unsafe loading), then the format, the stage, the
+    entries every reader takes and finite weights; any problem raises CheckpointError (the form to
+    call from Python)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish "
+                              f"writing it; copy it again or give another file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        text = str(e)
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
-        if found:
-            kind = f"holds pickled code ({found.group(1)}) that weights_only=True refuses (not " \
-                   f"loaded): not a clustr checkpoint, or an untrusted one"
-        else:  # the first line of torch's text that is about the file (some errors have none)
-            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith(
-                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
-            first = lines[0][:100] if lines else ""
-            kind = f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})"
-        raise CheckpointError(f"checkpoint {path} {kind}") from None
+        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        first = next((l.strip()[:100] for l in str(e).splitlines() if l.strip() and not l.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))), "")
+        raise CheckpointError(f"checkpoint {path} " + (
+            f"holds pickled code ({code.group(1)}) that weights_only=True refuses (not loaded): not a "
+            f"clustr checkpoint, or an untrusted one" if code else
+            f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})")) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or "
-                              f"version)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    missing += [f"{k}[{s!r}]" for k, subs in REQUIRED.items() if k in ckpt for s in subs
+                if not isinstance(ckpt[k], dict) or s not in ckpt[k]]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of these "
+                              f"stages, or a damaged one")
     if ckpt["stage"] not in stages:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of "
-                              f"{list(stages)}")
-    check_schema(ckpt, path)
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
     bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
     if bad:
         raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
                               f"file); use an earlier checkpoint")
-    RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt["epoch"]
     return ckpt
 
 
@@ -1950,63 +1743,6 @@ def nonfinite(obj, key=""):
         return None if bool(torch.isfinite(obj).all()) else key
     return key if isinstance(obj, float) and not math.isfinite(obj) else None
 
-
-def check_schema(ckpt, path):
-    """The types and keys of the entries the stages read (README "Where results and checkpoints go"), so that a damaged
-    or hand-made checkpoint stops here, naming the key, instead of deep inside a stage; raises
-    CheckpointError."""
-    def need(ok, key, what):
-        if not ok:
-            found = repr(value(key))
-            raise CheckpointError(f"checkpoint {path}: {key} must be {what}, but it is "
-                                  f"{found if len(found) < 60 else found[:57] + '...'}; not a "
-                                  f"checkpoint of these stages")
-
-    def value(key):                                                 # "arch['width']" -> ckpt["arch"]["width"]
-        v = ckpt
-        for part in re.findall(r"\w+", key):
-            v = v.get(part) if isinstance(v, dict) else None
-        return v
-
-    def count(v, low=1):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    def numbers(v, n):
-        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
-    arch, data = ckpt["arch"], ckpt["data"]
-    need(isinstance(arch, dict), "arch", "a dict")
-    need(arch.get("name") == "resnet18", "arch['name']", "'resnet18'")
-    for key in ("width", "in_channels"):
-        need(count(arch.get(key)), f"arch['{key}']", "an integer >= 1")
-    need(arch.get("feat_dim") == 8 * arch["width"], "arch['feat_dim']", f"8 x width = {8 * arch['width']}")
-    need(isinstance(data, dict), "data", "a dict")
-    need(isinstance(data.get("name"), str), "data['name']", "a dataset name")
-    need(count(data.get("num_classes")), "data['num_classes']", "an integer >= 1")
-    need(isinstance(data.get("classes"), list) and len(data["classes"]) == data["num_classes"]
-         and all(isinstance(c, str) for c in data["classes"]), "data['classes']",
-         f"a list of {data['num_classes']} class names")
-    for key in ("mean", "std"):
-        need(numbers(data.get(key), arch["in_channels"]), f"data['{key}']",
-             f"{arch['in_channels']} numbers (one per channel)")
-    need(isinstance(data.get("image_size"), list) and len(data["image_size"]) == 2
-         and all(count(v) for v in data["image_size"]), "data['image_size']", "[height, width]")
-    need(isinstance(ckpt["model"], dict) and all(torch.is_tensor(v) for v in ckpt["model"].values()),
-         "model", "a state_dict (names -> tensors)")
-    need(isinstance(ckpt["args"], dict), "args", "a dict")
-    need(count(ckpt["epoch"], 0), "epoch", "an integer >= 0")
-    if ckpt["stage"] in ("magnet", "qtrades-magnet"):
-        c = ckpt.get("clusters")
-        need(isinstance(c, dict), "clusters", "a dict (the clustering stages' Eq. (4) entry)")
-        need(torch.is_tensor(c.get("centers")) and c["centers"].dim() == 2
-             and c["centers"].shape[1] == arch["feat_dim"], "clusters['centers']",
-             f"a tensor [M, {arch['feat_dim']}]")
-        need(torch.is_tensor(c.get("center_classes")) and c["center_classes"].shape == (len(c["centers"]),)
-             and not c["center_classes"].is_floating_point() and bool(((c["center_classes"] >= 0)
-             & (c["center_classes"] < data["num_classes"])).all()), "clusters['center_classes']",
-             f"{len(c['centers'])} class indices in [0, {data['num_classes']})")
-        need(isinstance(c.get("variance"), (int, float)) and math.isfinite(c["variance"])
-             and c["variance"] > 0, "clusters['variance']", "a finite sigma^2 > 0")
-        need(c.get("D") is None or count(c.get("D")), "clusters['D']", "None or an integer >= 1")
 # --- end shared: checkpoint-load ---
 
 # --- shared: checkpoint-cli ---
@@ -2020,21 +1756,17 @@ def load_checkpoint(path, stages=STAGES):
 # --- end shared: checkpoint-cli ---
 
 # --- shared: checkpoint-save ---
-def save_checkpoint(ckpt, path):
-    """Atomic write: a temporary file in the same folder, flushed to disk, then os.replace, so an
-    interrupted run always leaves the last complete checkpoint
-    (README "Where results and checkpoints go").  A model with NaN or inf is not written: the run
-    stops with one line (exit 2), and so does a failed write (a full disk), leaving no temporary
-    file and the previous file as it was."""
+def save_checkpoint(ckpt, path, run=None):
+    """Atomic write (atomic_write), so an interrupted run always leaves the last complete checkpoint;
+    then, for a training stage, <path>.log.jsonl rewritten from the epochs' records the checkpoint holds
+    (README "Where results and checkpoints go") and `run` told the epoch it holds.  A model with NaN or
+    inf is not written, nor is anything on a failed write (a full disk): one line, exit 2, the previous
+    files as they were.  Ctrl-C and SIGTERM wait until the files and `run` agree, then are raised again
+    (a signal mask would not do: torch's threads would take the signal)."""
     bad = nonfinite({k: ckpt[k] for k in ("model", "clusters") if k in ckpt})
     if bad:
         fail(f"{bad} holds NaN or inf: training diverged (try a smaller --lr); stopped without "
              f"writing {path}, which keeps its last good epoch")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    # Ctrl-C and SIGTERM wait until the file, the log and the epoch the run names (interrupted())
-    # agree, then are raised again (a mask would not do: torch's threads would take them).
     caught = []
     try:
         held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
@@ -2042,99 +1774,142 @@ def save_checkpoint(ckpt, path):
     except ValueError:                                              # not the main thread
         held = {}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        RUN.setdefault("epochs", {})[os.path.abspath(path)] = ckpt.get("epoch")
-        if RUN.get("out") is not None and os.path.abspath(path) == os.path.abspath(RUN["out"]):
-            commit_log()                    # the first saved epoch replaces the old run's log
+        data = io.BytesIO()
+        torch.save(ckpt, data)
+        atomic_write(path, data.getvalue())
+        if "log" in ckpt:
+            atomic_write(path + ".log.jsonl", "".join(json_line(r) for r in ckpt["log"]).encode())
+        if run is not None:
+            run.update(epoch=ckpt["epoch"], file=path)
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e}); it is as it was before this write (free "
              f"space or choose another path, then continue with --resume where it is a checkpoint)")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         for s, handler in held.items():
             signal.signal(s, handler)
         for s in caught[:1]:
             signal.raise_signal(s)
 # --- end shared: checkpoint-save ---
 
-# --- shared: resume ---
-def check_resume_args(ckpt, args, not_shaping):
-    """Refuse a resume whose run-shaping arguments differ from the stored run, listing them.
-    --epochs may grow, also past a finished run (as timm's resume allows): the epochs already
-    done stay as they were; fewer epochs than the checkpoint holds is refused."""
+# --- shared: training ---
+def load_weights(model, state, path):
+    """model.load_state_dict(state, strict=True); a mismatch is one line naming the file (exit 2)."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        fail(f"the weights in {path} do not fit this ResNet18 ({' '.join(str(e).split())[:200]}); not a "
+             f"checkpoint of these stages, or a damaged one")
+
+
+def device_data(args, device):
+    """Both splits of --data (README "Data"), checked against the flags they bound, each moved whole
+    onto the device."""
+    try:
+        train, test, info = load_data(args.data, args.data_dir, args.limit)
+    except DataError as e:
+        fail(str(e))
+    check_against_data(args, info)
+    return tuple(t.to(device) for t in train), tuple(t.to(device) for t in test), info
+
+
+def resume(path, ckpt, args, not_shaping, run, info, model, opt, generator):
+    """--resume: refuse a run whose run-shaping arguments differ from the stored run's (listing them),
+    then weights, optimizer and RNG state from `ckpt`.  --epochs may grow, also past a finished run (as
+    timm's resume allows): the epochs already done stay as they were; fewer than it holds is refused.
+    -> `info` with the checkpoint's normalisation (the model's buffers)."""
     old, new = ckpt["args"], vars(args)
-    if new.get("epochs") is not None and new["epochs"] < ckpt["epoch"]:
+    if new["epochs"] < ckpt["epoch"]:
         fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
              f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
-    source = args.resume or args.out
-    if new.get("epochs") == ckpt["epoch"] and os.path.abspath(source) != os.path.abspath(args.out):
-        fail(f"nothing to train: {source} holds all {ckpt['epoch']} epochs, so --out {args.out} would "
+    if new["epochs"] == ckpt["epoch"] and os.path.abspath(path) != os.path.abspath(args.out):
+        fail(f"nothing to train: {path} holds all {ckpt['epoch']} epochs, so --out {args.out} would "
              f"not be written; raise --epochs to continue the run into it")
-    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
+    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
     if diff:
-        fail("cannot resume: arguments that shape the run differ from the checkpoint's: "
-             + "; ".join(diff))
-
-
-def kept_epoch(args, epoch):
-    """Where the last good epoch is, for a run that stops: --out once this run has written or read
-    it, else the checkpoint --resume read; never a file this run did not write or read."""
-    held = RUN.get("epochs", {})
-    kept = next((p for p in (args.out, args.resume) if p and os.path.abspath(p) in held), None)
-    return f"so {kept} keeps the last good epoch ({epoch})" if kept else "so nothing of this run was saved"
-
-
-def rng_state(generator):
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-            "generator_device": str(generator.device)}
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    if state["generator_device"] == str(generator.device):
-        generator.set_state(state["generator"])
+        fail("cannot resume: arguments that shape the run differ from the checkpoint's: " + "; ".join(diff))
+    if "resume" not in ckpt:
+        fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
+    load_weights(model, ckpt["model"], path)
+    opt.load_state_dict(ckpt["resume"]["optimizer"])
+    torch.set_rng_state(ckpt["resume"]["rng"]["torch"])
+    if ckpt["resume"]["rng"]["generator_device"] == str(generator.device):
+        generator.set_state(ckpt["resume"]["rng"]["generator"])
     else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
-        print(f"note: the run moved from {state['generator_device']} to {generator.device}; "
+        print(f"note: the run moved from {ckpt['resume']['rng']['generator_device']} to {generator.device}; "
               f"its random stream continues from a fresh seed", flush=True)
+    run.update(epoch=ckpt["epoch"], file=path)
+    print(f"resumed {path} at epoch {ckpt['epoch']}/{args.epochs}")
+    return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
 
 
-def read_jsonl(path):
-    """The log's records; a last line cut short (a run killed while writing it) is left out."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                fail(f"{path}: line {i + 1} is not JSON (a damaged log); repair or remove it")
-    return records
+def check_loss(loss, epoch, run, hint):
+    """A training loss that became NaN or inf stops the run before the epoch is written: one line."""
+    if not math.isfinite(loss):
+        fail(f"the training loss became {loss} in epoch {epoch + 1}; stopped without writing it, "
+             + (f"so {run['file']} keeps the last good epoch ({epoch})" if run["file"] else
+                "so nothing of this run was saved") + f". Try a smaller {hint}.")
+
+
+def build_training(args, info, num_classes, device, init_state=None):
+    """The ResNet18 of App. A "Architecture" (num_classes 0: headless, Sec. 3.3) with --init's weights,
+    --compile's f(x), Adam (App. A "Optimization") and the seeded device generator that draws every
+    permutation, crop, flip, k-means++ seed and quick adversary of the run."""
+    model = ResNet18(num_classes, args.width, len(info["mean"]), info["mean"], info["std"])
+    if init_state is not None:
+        load_weights(model, init_state, args.init)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    return model, torch.optim.Adam(model.parameters(), lr=args.lr), generator
+
+
+def save_epoch(run, stage, args, info, model, log, state, **entries):
+    """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
+    weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
+    and `entries`; state() (optimizer, RNG, sampler) unless --slim and it is the final epoch."""
+    ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
+            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
+    if not (args.slim and ckpt["epoch"] == args.epochs):
+        ckpt["resume"] = {"rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
+                                  "generator_device": str(state["generator"].device)},
+                          **{k: v.state_dict() for k, v in state.items() if k != "generator"}}
+    save_checkpoint(ckpt, args.out, run)
 
 
 def arch_entry(width, in_channels):
     return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
-# --- end shared: resume ---
+# --- end shared: training ---
 
 
 # --- shared: init-check ---
-def check_init_classes(init, info, channels, path):
-    """The --init model must have seen the same classes and image channels as this run."""
-    if init["data"]["classes"] != info["classes"]:
-        fail(f"--init {path} was trained on the classes {init['data']['classes']}, but this "
+def read_init(args, stages):
+    """--init (None when resuming or without it): a checkpoint of `stages` whose width and dataset are
+    the run's, read before any data is loaded."""
+    init = load_checkpoint(args.init, stages) if args.init is not None and args.resume is None else None
+    for key, have in (("width", init and init["arch"]["width"]), ("data", init and init["data"]["name"])):
+        if init and have != getattr(args, key):
+            fail(f"--init {args.init} was trained with --{key} {have}, but this run has --{key} "
+                 f"{getattr(args, key)}; pass --{key} {have}")
+    return init
+
+
+def check_init_data(init, info, channels, args):
+    """At least 2 classes (Eq. (3) and the clusters' classes need them); the --init model must have seen
+    the same classes and image channels.  -> info with --init's normalisation (the model's buffers)."""
+    if info["num_classes"] < 2:
+        fail(f"clusters of different classes (Eq. (3)) need at least 2 classes; {args.data} has {info['num_classes']}")
+    if init and init["data"]["classes"] != info["classes"]:
+        fail(f"--init {args.init} was trained on the classes {init['data']['classes']}, but this "
              f"run's data has {info['classes']}")
-    if init["arch"].get("in_channels") != channels:
-        fail(f"--init {path} takes {init['arch'].get('in_channels')}-channel images, the data "
-             f"has {channels}")
+    if init and init["arch"].get("in_channels") != channels:
+        fail(f"--init {args.init} takes {init['arch'].get('in_channels')}-channel images, the data has {channels}")
+    return dict(info, mean=init["data"]["mean"], std=init["data"]["std"]) if init else info
+
 
 def defaults_from_init(args):
     """--data and --width left unset take those of the checkpoint the run starts from (--init, or
@@ -2157,9 +1932,6 @@ def next_command(args):
     return " ".join(shlex.quote(a) for a in cmd)
 # --- end shared: next-attack ---
 
-
-# Ctrl-C / SIGTERM: one line, exit 130; the lock released (run-files' `guarded`, defined above)
-main = guarded(main)
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def test_shared_blocks_identical_across_stages():
     assert not problems, "\n".join(problems)
     with open(os.path.join(ROOT, "nominal.py")) as f:
         names = set(shared_blocks(f.read())[0])
-    assert {"args", "runtime", "data", "model", "checkpoint-load", "resume"} <= names
+    assert {"args", "runtime", "data", "model", "checkpoint-load", "training"} <= names
 
 
 @pytest.mark.shape
@@ -2811,7 +2811,7 @@ def test_certify_attack_first_attacks_the_first_limit_images_in_order_and_keeps_
         assert lower == max(norms[:m])
         assert len(calls) == math.ceil(m / 2) and all(c[2:] == (3, 2) for c in calls)
         assert all(check == net.features and feat != net.features for feat, check, *_ in calls)
-        with open(out + ".log.jsonl") as f:
+        with open(out + ".log.jsonl.partial") as f:
             rows = [json.loads(line) for line in f]
         assert [(r["images"], r["lower_estimate"]) for r in rows] == \
             [(min(m, k + 2), max(norms[:min(m, k + 2)])) for k in range(0, m, 2)]
@@ -4441,7 +4441,7 @@ BAD_INPUTS = [
     ("0-byte --ckpt", attack, lambda p: ["--ckpt", p["empty"]], "is empty (0 bytes)"),
     ("0-byte --init", magnet, lambda p: mag(p, "--init", p["empty"]), "is empty (0 bytes)"),
     ("0-byte --resume", nominal, lambda p: nom(p, "--resume", p["empty"]), "is empty (0 bytes)"),
-    ("empty arch", attack, lambda p: ["--ckpt", p["no_arch"]], "arch['name'] must be 'resnet18'"),
+    ("empty arch", attack, lambda p: ["--ckpt", p["no_arch"]], "lacks arch['name'], arch['width']"),
     ("os.system pickle", attack, lambda p: ["--ckpt", p["evil"]], "holds pickled code (posix.system) that weights_only=True refuses (not loaded)"),
     ("--eps nan", attack, lambda p: ["--ckpt", p["ckpt"], "--eps", "nan"], "not a finite number"),
     ("--eps -8/255", attack, lambda p: ["--ckpt", p["ckpt"], "--eps", "-8/255"], "is negative"),
@@ -4667,19 +4667,20 @@ def test_data_is_what_it_seems_links_labels_and_the_stored_folder(image_folder, 
 def test_logs_are_valid_json_a_cut_last_line_resumes_and_a_full_disk_loses_no_result(
         nominal_run, image_folder, tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "l.jsonl")
-    nominal.append_jsonl(path, {"a": float("nan"), "b": [float("inf"), 1.0]})
+    attack.append_jsonl(path, {"a": float("nan"), "b": [float("inf"), 1.0]})
     assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [None, 1.0]}
-    # a log whose last line was cut short (killed while writing it): --resume continues without it
+    # a log whose last line was cut short (killed while writing it): the checkpoint holds the epochs'
+    # records, and --resume rewrites the log from them at its first save
     out = str(tmp_path / "c.pt")
     nominal.main(nominal_args(image_folder, out, "--epochs", 1))
     with open(out + ".log.jsonl", "a") as f:
         f.write('{"epoch": 2, "train_lo')
     res = nominal.main(nominal_args(image_folder, out, "--epochs", 2, "--resume"))
-    assert res["epoch"] == 2 and [r["epoch"] for r in nominal.read_jsonl(out + ".log.jsonl")] == [1, 2]
+    assert res["epoch"] == 2 and train_lines(out) == [1, 2]
     # a full disk when the results are written: the summary is printed, no temporary file, exit 2
     def full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(json, "dump", full)
+    monkeypatch.setattr(os, "fsync", full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         attack.main(["--ckpt", nominal_run[1], "--data-dir", image_folder, "--limit", "4", "--steps", "1",
@@ -4687,7 +4688,7 @@ def test_logs_are_valid_json_a_cut_last_line_resumes_and_a_full_disk_loses_no_re
     captured = capsys.readouterr()
     assert info.value.code == 2 and "summary:" in captured.out and "No space left" in captured.err
     assert os.listdir(tmp_path / "a") == ["a.json.log.jsonl.partial"], "a temporary file or a lock stayed"
-    rows = nominal.read_jsonl(str(tmp_path / "a" / "a.json.log.jsonl.partial"))   # this run's rows, kept
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "a.json.log.jsonl.partial")]  # this run's, kept
     assert [r["loss"] for r in rows] == ["ce"] and "a.json.log.jsonl.partial" in captured.err
     monkeypatch.undo()
 
@@ -4815,8 +4816,8 @@ def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage,
     err = capsys.readouterr().err
     assert "interrupted before the first epoch was saved; nothing was written" in err
     assert (open(out, "rb").read(), open(out + ".log.jsonl", "rb").read()) == old
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl", "ckpt.pt.log.jsonl.partial"
-                                            ][:2 + (stage is magnet)]   # magnet's epoch-0 row waits
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]   # magnet's epoch-0 row waits
+    # in memory: the log is rewritten from the records the first saved checkpoint holds
     monkeypatch.undo()
     stage.main(argv)                                                # a finished overwrite: new files
     assert train_lines(out) == ([1] if stage is nominal else [0, 1]) and open(out, "rb").read() != old[0]
@@ -4903,17 +4904,14 @@ def test_a_signal_during_a_checkpoint_write_waits_until_the_file_and_the_run_agr
         save(obj, f)
     monkeypatch.setattr(torch, "save", save_and_signal)
     try:
-        nominal.RUN.clear()
-        nominal.RUN.update(out=out, staged={out + ".log.jsonl": out + ".log.jsonl.partial"})
-        open(out + ".log.jsonl.partial", "w").write("{}\n")
+        run, ckpt = {"epoch": None, "file": None}, {"epoch": 7, "log": [{"epoch": 6}, {"epoch": 7}]}
         with pytest.raises(KeyboardInterrupt):
-            nominal.save_checkpoint({"epoch": 7}, out)
-        assert nominal.RUN["epochs"] == {os.path.abspath(out): 7}          # what interrupted() names
-        assert torch.load(out, weights_only=True) == {"epoch": 7} and os.path.exists(out + ".log.jsonl")
+            nominal.save_checkpoint(ckpt, out, run)
+        assert run == {"epoch": 7, "file": out}                            # what the interrupt line names
+        assert torch.load(out, weights_only=True) == ckpt and train_lines(out) == [6, 7]
         assert [f for f in os.listdir(tmp_path) if "tmp" in f] == []
     finally:
         signal.signal(signal.SIGTERM, previous)
-        nominal.RUN.clear()
 
 
 def synthetic_argv(out):
@@ -5152,7 +5150,7 @@ def test_torchrun_with_2_cpu_processes_writes_the_single_process_result(request,
     verdicts = [r for e in one["examples"] for r in e["robust"]]
     assert True in verdicts and any(f is not None for e in one["examples"] for f in e["fooled_by"])
     assert one["checks"]["in_ball"]["batches"] > 2 * 4 and one["checks"]["beats_random_search"]["images"] == 8
-    logs = [nominal.read_jsonl(str(tmp_path / name / "attack.json.log.jsonl")) for name in ("one", "two")]
+    logs = [[json.loads(line) for line in open(tmp_path / name / "attack.json.log.jsonl")] for name in ("one", "two")]
     assert without_timing(logs[1]) == without_timing(logs[0]) and len(logs[0]) == len(one["results"])
     adv = [torch.load(tmp_path / name / "adv.pt", weights_only=True) for name in ("one", "two")]
     for a, b in zip(adv[0]["runs"], adv[1]["runs"]):
