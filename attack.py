@@ -143,13 +143,9 @@ def add_common_args(p, data_default):
 
 def positive_int(text):
     """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
-    if value < 1:
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return value
+    return int(text)
 
 
 def seed_int(text):
@@ -1915,11 +1911,9 @@ def append_jsonl(path, record):
 # --- shared: setup ---
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device "
-             f"(torch {torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+        fail(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}); use "
+             f"--device cpu or auto")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def setup_runtime(args, training):

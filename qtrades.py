@@ -112,13 +112,9 @@ def add_common_args(p, data_default):
 
 def positive_int(text):
     """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
-    if value < 1:
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return value
+    return int(text)
 
 
 def seed_int(text):
@@ -165,13 +161,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_lr(text):
     """argparse type of --lr: a finite number in (0, 1].  Adam moves every weight by about lr per
     step; App. A's rates are 1e-2 and 1e-4, and above 1 the weights only overflow."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 "
-                                         f"fine-tuning), not {text}")
+    value = float(text)                     # not a number: argparse says "invalid parse_lr value"
+    if not 0 < value <= 1:                                          # nan fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 fine-tuning), not {text}")
     return value
 
 
@@ -1307,11 +1299,9 @@ def atomic_write(path, data):
 # --- shared: setup ---
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device "
-             f"(torch {torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+        fail(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}); use "
+             f"--device cpu or auto")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def setup_runtime(args, training):
