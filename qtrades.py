@@ -1865,9 +1865,10 @@ def save_epoch(run, stage, args, info, model, log, state, **entries):
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
             "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
     if not (args.slim and ckpt["epoch"] == args.epochs):
-        ckpt["resume"] = {"rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
+        ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
+                          "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
                                   "generator_device": str(state["generator"].device)},
-                          **{k: v.state_dict() for k, v in state.items() if k != "generator"}}
+                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")}}
     save_checkpoint(ckpt, args.out, run)
 
 
