@@ -55,8 +55,8 @@ MUTANTS = [
       "x = to_float(images[idx])", "nominal trains without augmentation"),
     M("nominal.py", "        opt.zero_grad(set_to_none=True)\n", "",
       "nominal: no zero_grad (gradients accumulate over steps)"),
-    M("nominal.py", "opt = torch.optim.Adam(model.parameters(), lr=args.lr)",
-      "opt = torch.optim.SGD(model.parameters(), lr=args.lr)", "nominal: SGD instead of Adam"),
+    M(("nominal.py", "magnet.py", "qtrades.py"), "torch.optim.Adam(model.parameters(), lr=args.lr), generator",
+      "torch.optim.SGD(model.parameters(), lr=args.lr), generator", "nominal: SGD instead of Adam"),
     M("nominal.py", "sum(epoch >= m for m in args.milestones)",
       "sum(epoch > m for m in args.milestones)", "nominal: lr drops one epoch late"),
     M("nominal.py", "return args.lr * args.gamma ** sum(", "return args.lr * 0.1 ** sum(",
@@ -86,13 +86,11 @@ MUTANTS = [
     M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
       "        sampler.record(idx.flip(0), per_example)                        # Rippel",
       "magnet: losses recorded at the wrong rows"),
-    M("magnet.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
-                   "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
-                   "    return clusters, center_classes,",
+    M("magnet.py", "    sampler.set_clusters(assignment, centers, center_classes)\n"
+                   "    return clusters_entry(centers, center_classes, sigma2, args), center_classes,",
       "    if epoch == 0:\n"
-      "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
-      "    return clusters, center_classes,",
+      "        sampler.set_clusters(assignment, centers, center_classes)\n"
+      "    return clusters_entry(centers, center_classes, sigma2, args), center_classes,",
       "magnet: the sampler keeps the epoch-0 clusters forever"),
     M("magnet.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
       "        x = to_float(images[idx_dev])", "magnet trains without augmentation"),
@@ -108,8 +106,8 @@ MUTANTS = [
     M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
       "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
     M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
-    M("magnet.py", "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, args.D)",
-      "test_acc = eq4_accuracy(test_features, run.test[1], centers, center_classes, sigma2, None)",
+    M("magnet.py", "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)",
+      "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, None)",
       "magnet: --D ignored in the test accuracy"),
     M("magnet.py", "        loss_sum += float(per_example.sum())",
       "        loss_sum += float(per_example.mean())", "magnet: logged train loss wrong"),
@@ -171,16 +169,14 @@ MUTANTS = [
     M("qtrades.py", "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n    model.eval()\n",
       "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
       "QTRADES: the adversary is crafted in train mode"),
-    M("qtrades.py", "    run.sampler.set_clusters(assignment, centers, center_classes)\n"
-                    "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
-                    "    return clusters, {",
+    M("qtrades.py", "    sampler.set_clusters(assignment, centers, center_classes)\n"
+                    "    return clusters_entry(centers, center_classes, sigma2, args), {",
       "    if epoch == 0:\n"
-      "        run.sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    clusters = clusters_entry(centers, center_classes, sigma2, args)\n"
-      "    return clusters, {",
+      "        sampler.set_clusters(assignment, centers, center_classes)\n"
+      "    return clusters_entry(centers, center_classes, sigma2, args), {",
       "ClusTR+QTRADES: the sampler keeps the epoch-0 clusters forever"),
-    M("qtrades.py", "    run.clusters, metrics = cluster_and_evaluate(run, epoch)",
-      "    _, metrics = cluster_and_evaluate(run, epoch)",
+    M("qtrades.py", "            clusters, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
+      "            _, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
       "ClusTR+QTRADES: Eq. (6) keeps the epoch-0 centres"),
     M("qtrades.py", "logits, logits_adv = model(x), model(x_adv)", "logits, logits_adv = model(x), model(x)",
       "QTRADES alone: the adversarial logits are the clean ones"),
@@ -196,14 +192,14 @@ MUTANTS = [
       "        loss.backward()\n        opt.step()\n"
       "        per_example = per_example.detach().float().cpu()\n        total",
       "ClusTR+QTRADES: no zero_grad"),
-    M("magnet.py", "test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)",
-      "test_features = features_of(run.model, run.train[0], args.batch_size, args.amp)",
+    M("magnet.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
       "magnet: 'test' accuracy from the training images"),
-    M("qtrades.py", "test_features = features_of(run.model, run.test[0], args.batch_size, args.amp)",
-      "test_features = features_of(run.model, run.train[0], args.batch_size, args.amp)",
+    M("qtrades.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
       "ClusTR+QTRADES: 'test' accuracy from the training images"),
-    M("qtrades.py", '"train_accuracy": train_acc,\n            "test_accuracy": evaluate(run.model, run.test,',
-      '"train_accuracy": train_acc,\n            "test_accuracy": evaluate(run.model, run.train,',
+    M("qtrades.py", '"test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}',
+      '"test_accuracy": evaluate(model, train, args.batch_size, args.amp, device)}',
       "QTRADES alone: 'test' accuracy on the training split"),
     # ---------------------------------------------------------------- attack.py (issue 21)
     # (attack.py's mutants go here)
@@ -389,7 +385,7 @@ MUTANTS = [
       "certify: the plot scales R(x) to the lower estimate of L the wrong way", first=CERTIFY),
     # ---------------------------------------------------------------- faults (issue 23): every stage's copy
     M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "            if os.path.realpath(path) in reads:\n", "            if False:\n",
+      "            if real in reads:\n", "            if False:\n",
       "check_outputs: an output may be a file the run reads", first=FAULTS),
     M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
       "    bad = nonfinite({\"model\": ckpt[\"model\"], \"clusters\": ckpt.get(\"clusters\")})\n",
