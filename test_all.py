@@ -3575,6 +3575,39 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(name, stage, fixture, a
 
 
 @pytest.mark.smoke
+def test_every_stage_writes_the_entries_and_types_every_reader_expects(nominal_run, magnet_run, qtrades_runs):
+    """The schema of a clustr/1 checkpoint, checked where it is written (the readers check only that
+    the entries exist): what magnet.py/qtrades.py --init, --resume, attack.py and certify.py read."""
+    def count(v, low=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    paths = {"nominal": nominal_run[1], "magnet": magnet_run[1], "qtrades-magnet": qtrades_runs["magnet"][1],
+             "qtrades-ce": qtrades_runs["ce"][1]}
+    for stage, path in paths.items():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        arch, data = ckpt["arch"], ckpt["data"]
+        assert ckpt["format"] == "clustr/1" and ckpt["stage"] == stage
+        assert arch["name"] == "resnet18" and count(arch["width"]) and arch["feat_dim"] == 8 * arch["width"]
+        assert count(arch["in_channels"]) and isinstance(data["name"], str) and count(data["num_classes"])
+        assert len(data["classes"]) == data["num_classes"] and all(isinstance(c, str) for c in data["classes"])
+        for key in ("mean", "std"):
+            assert len(data[key]) == arch["in_channels"] and all(isinstance(v, float) for v in data[key])
+        assert len(data["image_size"]) == 2 and all(count(v) for v in data["image_size"])
+        assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["model"].items())
+        assert isinstance(ckpt["args"], dict) and count(ckpt["epoch"], 0) and ckpt["metrics"] == ckpt["log"][-1]
+        assert [r["epoch"] for r in ckpt["log"]] == list(range(ckpt["epoch"] + 1 - len(ckpt["log"]), ckpt["epoch"] + 1))
+        assert {"optimizer", "rng"} <= set(ckpt["resume"]) and ("sampler" in ckpt["resume"]) == ("clusters" in ckpt)
+        assert any(k.startswith("head.") for k in ckpt["model"]) == (stage in ("nominal", "qtrades-ce"))
+        if "clusters" in ckpt:
+            c = ckpt["clusters"]
+            assert c["centers"].dtype == torch.float32 and c["centers"].shape[1] == arch["feat_dim"]
+            assert c["center_classes"].dtype == torch.long and c["center_classes"].shape == (len(c["centers"]),)
+            assert 0 <= int(c["center_classes"].min()) and int(c["center_classes"].max()) < data["num_classes"]
+            assert isinstance(c["variance"], float) and math.isfinite(c["variance"]) and c["variance"] > 0
+            assert c["D"] is None or count(c["D"])
+        for stage_file in (nominal, magnet, qtrades, attack, certify):  # each reader's copy takes it
+            assert stage_file.read_checkpoint(path)["epoch"] == ckpt["epoch"]
+
+@pytest.mark.smoke
 def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp_path):
     clustr = str(tmp_path / "magnet.pt")
     magnet.main(folder_args(image_folder, clustr, "--init", nominal_run[1], "--epochs", 1))
