@@ -231,78 +231,46 @@ def parse_with_fractions(parser, argv):
 # --- shared: compile ---
 # --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
 # it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+COMPILED = {}  # {"backend": BACKEND} while --compile is on (compile_seconds reads torch's compile timers)
 
 
 def add_compile_arg(g):
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
-                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
-                        "is given; aot_eager: the same graphs, no generated code); the same results "
-                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
-                        "or without gradients) compiles at its first call and first backward: their "
-                        "times are printed and logged as compile_seconds. Default: eager")
+                   help="run the network f(x) through torch.compile (BACKEND: inductor when none is given; "
+                        "aot_eager: the same graphs, no generated code); the same results as eager up to float "
+                        "rounding. The seconds torch spends compiling are logged as compile_seconds. Default: eager")
 
 
 def backend(name):
     """argparse type of --compile: a backend of torch.compile that needs no other package."""
-    known = ("inductor", "aot_eager", "eager", "cudagraphs")          # need no other package
-    if name not in known:
-        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of {', '.join(known)}")
+    if name not in ("inductor", "aot_eager", "eager", "cudagraphs"):
+        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of inductor, aot_eager, eager, cudagraphs")
     return name
 
 
 def compile_features(model, backend):
     """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
     through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
-    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
-    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
-    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
-    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
-    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
-    backward through it (the backward graph compiles when it first runs) are timed (synchronised
-    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
+    state_dict keys and the checkpoint stay those of eager.  Each kind of call (train or eval
+    mode, with or without gradients) compiles at its first call, its backward at the first
+    backward, and once more, with a dynamic batch size, at the first other batch size (torch's
+    default).  torch._dynamo.reset() first, so that torch's compile timers count this model's
+    compiles alone.  backend None: eager, nothing changes."""
     COMPILED.clear()
-    if not backend:
-        return model
-    compiled = torch.compile(model.features, backend=backend)
-
-    def timed(kind, t0, tensor):
-        if tensor.is_cuda:
-            torch.cuda.synchronize()
-        COMPILED[kind] = time.time() - t0
-        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
-              f"backend {backend})", flush=True)
-
-    def features(x):                                                # x: [B, C, H, W] in [0, 1]
-        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
-        if kind in COMPILED:
-            return compiled(x)
-        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
-            torch._dynamo.mark_dynamic(x, 0)
-        t0 = time.time()
-        out = compiled(x)                                           # [B, 8w]
-        timed(kind, t0, out)
-        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
-            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
-            start = []
-
-            def begin(grad):
-                start.append(time.time())
-
-            def end(grad):
-                if start and kind + ", backward" not in COMPILED:
-                    timed(kind + ", backward", start[0], grad)
-            out.register_hook(begin)
-            leaf.register_hook(end)
-        return out
-    model.features = features
+    if backend:
+        torch._dynamo.reset()                                       # torch's timers: this model's alone
+        model.features = torch.compile(model.features, backend=backend)
+        COMPILED["backend"] = backend
     return model
 
 
 def compile_seconds():
-    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
-    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+    """The log and results entry of --compile ({} without it): the seconds torch's own timers
+    recorded for compiling f(x) so far (Dynamo and the backend's forward graphs, and the backward
+    graphs, which compile at the first backward)."""
+    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED else {}   # no Dynamo import when eager
+    seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
+    return {"compile_seconds": round(seconds, 3)} if COMPILED else {}
 # --- end shared: compile ---
 
 
