@@ -1828,7 +1828,7 @@ ATTACK_MEANING = (
     "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
     "fooled it first, or null). world_size: the processes that shared the work (torchrun; 1 for a "
     "plain run); it changes no figure, only seconds. compile_seconds (with --compile only): the "
-    "seconds of torch.compile's first calls, part of seconds.")
+    "seconds torch spent compiling, part of seconds.")
 
 
 # ======================================================================================
