@@ -1355,14 +1355,13 @@ def make_checkpoint(model, opt, generator, sampler, clusters, args, info, epoch,
 # --- shared: compile ---
 # --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
 # it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {}  # {"backend": BACKEND} while --compile is on (compile_seconds reads torch's compile timers)
+COMPILED = {"backend": None}  # --compile's BACKEND of the model compiled last (None: eager)
 
 
 def add_compile_arg(g):
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
-                   help="run the network f(x) through torch.compile (BACKEND: inductor when none is given; "
-                        "aot_eager: the same graphs, no generated code); the same results as eager up to float "
-                        "rounding. The seconds torch spends compiling are logged as compile_seconds. Default: eager")
+                   help="f(x) through torch.compile (BACKEND: inductor when none is given; aot_eager: the same "
+                        "graphs, no generated code): eager's results up to float rounding. Default: eager")
 
 
 def backend(name):
@@ -1380,11 +1379,10 @@ def compile_features(model, backend):
     backward, and once more, with a dynamic batch size, at the first other batch size (torch's
     default).  torch._dynamo.reset() first, so that torch's compile timers count this model's
     compiles alone.  backend None: eager, nothing changes."""
-    COMPILED.clear()
+    COMPILED["backend"] = backend
     if backend:
         torch._dynamo.reset()                                       # torch's timers: this model's alone
         model.features = torch.compile(model.features, backend=backend)
-        COMPILED["backend"] = backend
     return model
 
 
@@ -1392,9 +1390,9 @@ def compile_seconds():
     """The log and results entry of --compile ({} without it): the seconds torch's own timers
     recorded for compiling f(x) so far (Dynamo and the backend's forward graphs, and the backward
     graphs, which compile at the first backward)."""
-    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED else {}   # no Dynamo import when eager
+    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED["backend"] else {}  # eager: no Dynamo import
     seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
-    return {"compile_seconds": round(seconds, 3)} if COMPILED else {}
+    return {"compile_seconds": round(seconds, 3)} if COMPILED["backend"] else {}
 # --- end shared: compile ---
 
 
