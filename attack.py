@@ -230,78 +230,44 @@ def parse_with_fractions(parser, argv):
 # --- shared: compile ---
 # --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
 # it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {}  # kind of call ("train, gradients", ...) -> seconds of its first call (it compiled)
+COMPILED = {"backend": None}  # --compile's BACKEND of the model compiled last (None: eager)
 
 
 def add_compile_arg(g):
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
-                   help="run the network f(x) through torch.compile (BACKEND: inductor when none "
-                        "is given; aot_eager: the same graphs, no generated code); the same results "
-                        "as eager up to float rounding. Each kind of call (train or eval mode, with "
-                        "or without gradients) compiles at its first call and first backward: their "
-                        "times are printed and logged as compile_seconds. Default: eager")
+                   help="f(x) through torch.compile (BACKEND: inductor when none is given; aot_eager: the same "
+                        "graphs, no generated code): eager's results up to float rounding. Default: eager")
 
 
 def backend(name):
     """argparse type of --compile: a backend of torch.compile that needs no other package."""
-    known = ("inductor", "aot_eager", "eager", "cudagraphs")          # need no other package
-    if name not in known:
-        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of {', '.join(known)}")
+    if name not in ("inductor", "aot_eager", "eager", "cudagraphs"):
+        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of inductor, aot_eager, eager, cudagraphs")
     return name
 
 
 def compile_features(model, backend):
     """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
     through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  The batch dimension of the first
-    call is marked dynamic (torch._dynamo.mark_dynamic, torch's documented switch for one
-    dimension), so a smaller last batch and attack batches that shrink as examples are fooled
-    reuse the graph: each kind of call (train or eval mode, with or without gradients) compiles
-    once (with torch's default, a second batch size compiles again, mid-epoch; with dynamic=True
-    every dimension is symbolic and tracing took 3x longer here).  Its first call and the first
-    backward through it (the backward graph compiles when it first runs) are timed (synchronised
-    on CUDA), printed and kept in COMPILED.  backend None: eager, nothing changes."""
-    COMPILED.clear()
-    if not backend:
-        return model
-    compiled = torch.compile(model.features, backend=backend)
-
-    def timed(kind, t0, tensor):
-        if tensor.is_cuda:
-            torch.cuda.synchronize()
-        COMPILED[kind] = time.time() - t0
-        print(f"          compile: f(x) {kind}: first call {COMPILED[kind]:.1f} s (torch.compile, "
-              f"backend {backend})", flush=True)
-
-    def features(x):                                                # x: [B, C, H, W] in [0, 1]
-        kind = ("train" if model.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
-        if kind in COMPILED:
-            return compiled(x)
-        if x.shape[0] > 1:                                         # a batch of 1 stays specialised
-            torch._dynamo.mark_dynamic(x, 0)
-        t0 = time.time()
-        out = compiled(x)                                           # [B, 8w]
-        timed(kind, t0, out)
-        if out.requires_grad:   # and the first backward: from f(x)'s gradient to its input's
-            leaf = x if x.requires_grad else next(p for p in model.parameters() if p.requires_grad)
-            start = []
-
-            def begin(grad):
-                start.append(time.time())
-
-            def end(grad):
-                if start and kind + ", backward" not in COMPILED:
-                    timed(kind + ", backward", start[0], grad)
-            out.register_hook(begin)
-            leaf.register_hook(end)
-        return out
-    model.features = features
+    state_dict keys and the checkpoint stay those of eager.  Each kind of call (train or eval
+    mode, with or without gradients) compiles at its first call, its backward at the first
+    backward, and once more, with a dynamic batch size, at the first other batch size (torch's
+    default).  torch._dynamo.reset() first, so that torch's compile timers count this model's
+    compiles alone.  backend None: eager, nothing changes."""
+    COMPILED["backend"] = backend
+    if backend:
+        torch._dynamo.reset()                                       # torch's timers: this model's alone
+        model.features = torch.compile(model.features, backend=backend)
     return model
 
 
 def compile_seconds():
-    """The log and results entry of --compile: the first calls' seconds so far ({} without it)."""
-    return {"compile_seconds": round(sum(COMPILED.values()), 3)} if COMPILED else {}
+    """The log and results entry of --compile ({} without it): the seconds torch's own timers
+    recorded for compiling f(x) so far (Dynamo and the backend's forward graphs, and the backward
+    graphs, which compile at the first backward)."""
+    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED["backend"] else {}  # eager: no Dynamo import
+    seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
+    return {"compile_seconds": round(seconds, 3)} if COMPILED["backend"] else {}
 # --- end shared: compile ---
 
 
@@ -1855,7 +1821,7 @@ ATTACK_MEANING = (
     "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
     "fooled it first, or null). world_size: the processes that shared the work (torchrun; 1 for a "
     "plain run); it changes no figure, only seconds. compile_seconds (with --compile only): the "
-    "seconds of torch.compile's first calls, part of seconds.")
+    "seconds torch spent compiling, part of seconds.")
 
 
 # ======================================================================================
@@ -2075,104 +2041,90 @@ def owned(args, argv, training):
 
 # Data (README "Data"): only the test split is used; it lives on the device as uint8.
 # --- shared: data ---
-# What torchvision looks for under --data-dir (named in the error when it is missing).
-TORCHVISION_FILES = {
-    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz",
-    "cifar100": "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz",
-    "svhn": "train_32x32.mat and test_32x32.mat (loading them needs scipy)",
-    "fashion-mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-                     "t10k-labels-idx1-ubyte.gz (directly, or under FashionMNIST/raw/); on Debian "
-                     "`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist",
-    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-             "t10k-labels-idx1-ubyte.gz (directly, or under MNIST/raw/)",
+# What torchvision looks for under --data-dir (named in the error when it is missing); the IDX
+# datasets' four files may also lie directly in --data-dir, the layout of Debian's package.
+IDX_FILES = ", ".join(f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
+TORCHVISION = {  # --data -> (its torchvision.datasets class, the files that class expects)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz"),
+    "cifar100": ("CIFAR100", "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz"),
+    "svhn": ("SVHN", "train_32x32.mat and test_32x32.mat (loading them needs scipy)"),
+    "fashion-mnist": ("FashionMNIST", f"{IDX_FILES} (directly, or under FashionMNIST/raw/); on Debian `apt-get "
+                      "install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist"),
+    "mnist": ("MNIST", f"{IDX_FILES} (directly, or under MNIST/raw/)"),
 }
-
-
-# torchvision's class and folder names of the two 28x28 grey datasets.
-IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
 
 
 class DataError(Exception):
     """A dataset that cannot be found or read; main() turns it into exit code 2."""
 
 
-def _read_idx(path):
-    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
-    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
-    import gzip
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:                                # not gzip, cut short, unreadable
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    count = int(np.prod(dims))
-    if len(raw) < 4 + 4 * len(dims) + count:
-        raise DataError(f"{path} is truncated: its header promises {dims}")
-    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=4 + 4 * len(dims))
-    return torch.from_numpy(data.copy()).reshape(dims)
-
-
-def _load_idx(name, root, train):
-    """Fashion-MNIST / MNIST: the four raw IDX files, read where they lie (directly in --data-dir,
-    the Debian layout, or under torchvision's <Class>/raw/), else downloaded by torchvision.
-    -> uint8 [N, 1, 28, 28] (one grey channel), labels, torchvision's class names."""
+def _download(name, root, **split):
+    """torchvision's dataset `name` from root, downloaded there when it is missing."""
     import torchvision
-    cls_name, folder = IDX_DATASETS[name]
-    cls = getattr(torchvision.datasets, cls_name)
-    prefix = "train" if train else "t10k"
-    def find(kind):                                                 # kind: "images-idx3", "labels-idx1"
-        for where in (root, os.path.join(root, folder, "raw")):
-            for ext in (".gz", ""):
-                path = os.path.join(where, f"{prefix}-{kind}-ubyte{ext}")
-                if os.path.isfile(path):
-                    return path
-        return None
-    if find("images-idx3") is None or find("labels-idx1") is None:
-        try:                                                        # torchvision's own layout
-            cls(root, train=train, download=True)
-        except Exception as e:
-            raise DataError(
-                f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-                f"({type(e).__name__}: {' '.join(str(e).split())}). Expected there: {TORCHVISION_FILES[name]}. Point "
-                f"--data-dir at the folder that holds them, or use --data folder.") from None
-    images, labels = _read_idx(find("images-idx3")), _read_idx(find("labels-idx1"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
-                        f"labels {list(labels.shape)}")
-    return images[:, None], labels.long(), list(cls.classes)       # [N, 1, 28, 28]
-
-
-def _load_torchvision(name, root, train):
-    import torchvision
-    if name in IDX_DATASETS:
-        return _load_idx(name, root, train)
     existed = os.path.exists(root)
     try:
-        if name == "svhn":
-            ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=True)
-            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.long), \
-                [str(c) for c in range(10)]                         # ds.data: [N, 3, 32, 32]
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        ds = cls(root, train=train, download=True)
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)      # [N, 32, 32, 3] -> [N, 3, 32, 32]
-        return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+        return getattr(torchvision.datasets, TORCHVISION[name][0])(root, download=True, **split)
     except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
         if not existed and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)                          # the download's empty folder: nothing written
         raise DataError(
-            f"{name} is not in {os.path.abspath(root)} and could not be downloaded "
-            f"({type(e).__name__}: {' '.join(str(e).split())}). torchvision expects there: {TORCHVISION_FILES[name]}. "
-            f"Put the files there (--data-dir PATH), or use your own images with --data folder "
-            f"--data-dir DIR, DIR holding train/<class>/*.png and test/<class>/*.png.") from None
+            f"{name} is not in {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}). torchvision expects there: {TORCHVISION[name][1]}. Put the files there "
+            f"(--data-dir PATH), or use your own images with --data folder --data-dir DIR, DIR holding "
+            f"train/<class>/*.png and test/<class>/*.png.") from None
 
 
-def _load_folder(root, train):
+def _load_torchvision(name, root, train):
+    """CIFAR10/100, SVHN -> uint8 [N, 3, 32, 32], labels, torchvision's class names."""
+    if name == "svhn":                                              # ds.data: [N, 3, 32, 32], digits
+        ds = _download(name, root, split="train" if train else "test")
+        return torch.from_numpy(ds.data), torch.from_numpy(ds.labels), [str(c) for c in range(10)]
+    ds = _download(name, root, train=train)                          # ds.data: [N, 32, 32, 3]
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
+
+
+def _read_idx(path):
+    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
+    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
+    import gzip
+    try:                                                            # not gzip, cut short, unreadable
+        with open(path, "rb") as f:
+            raw = gzip.decompress(f.read()) if path.endswith(".gz") else f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
+        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
+    start = 4 + 4 * raw[3]
+    dims = [int.from_bytes(raw[i:i + 4], "big") for i in range(4, start, 4)]
+    if len(raw) < start + int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: its header promises {dims}")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, int(np.prod(dims)), start).copy()).reshape(dims)
+
+
+def _load_idx(name, root, train):
+    """Fashion-MNIST / MNIST: the split's images and labels IDX files, read where they lie
+    (directly in --data-dir, the Debian layout, else under torchvision's <Class>/raw/; gzipped
+    first), else downloaded by torchvision.  -> uint8 [N, 1, 28, 28] (one grey channel), labels,
+    torchvision's class names."""
+    import torchvision
+    folder = TORCHVISION[name][0]
+    stems = [f"{'train' if train else 't10k'}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    paths = [[os.path.join(w, s + e) for w in (root, os.path.join(root, folder, "raw")) for e in (".gz", "")]
+             for s in stems]
+    if not all(any(map(os.path.isfile, p)) for p in paths):
+        _download(name, root, train=train)                          # into torchvision's own layout
+    images, labels = (_read_idx(next(filter(os.path.isfile, p))) for p in paths)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
+                        f"labels {list(labels.shape)}")
+    return images[:, None], labels.long(), list(getattr(torchvision.datasets, folder).classes)
+
+
+def _load_folder(name, root, train):
     """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
     (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+    from torchvision.transforms.functional import pil_to_tensor
     split = os.path.join(root, "train" if train else "test")
     if not os.path.isdir(split):
         raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
@@ -2180,53 +2132,40 @@ def _load_folder(root, train):
     # torchvision's ImageFolder order (classes and files sorted), but links to folders inside a
     # class folder are not followed: a link to its parent turned 60 images into 3,260
     classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
-    walks = [(c, sorted(os.walk(os.path.join(split, cls)))) for c, cls in enumerate(classes)]
-    samples = [(os.path.join(folder, name), c) for c, walk in walks for folder, _, names in walk
-               for name in sorted(names) if name.lower().endswith(IMG_EXTENSIONS)]
-    links = [os.path.join(folder, d) for _, walk in walks for folder, dirs, _ in walk for d in dirs
-             if os.path.islink(os.path.join(folder, d))]
+    walks = [sorted(os.walk(os.path.join(split, c))) for c in classes]
+    files = [[os.path.join(d, f) for d, _, names in walk for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+             for walk in walks]
+    links = [os.path.join(d, s) for walk in walks for d, subs, _ in walk for s in subs]
+    links = [path for path in links if os.path.islink(path)]
     if links:
         print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
-    empty = sorted(set(classes) - {classes[c] for _, c in samples})
+    empty = [c for c, paths in zip(classes, files) if not paths]
     if not classes or empty:
         raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
                         f"({', '.join(IMG_EXTENSIONS)}) in {empty}")
-    rank, seen = [], {}
-    for _, label in samples:
-        rank.append((seen.get(label, 0), label))
-        seen[label] = seen.get(label, 0) + 1
-    order = sorted(range(len(samples)), key=lambda i: rank[i])
-    images, labels, shape = [], [], None
-    for i in order:
-        path, label = samples[i]
+    samples = sorted((i, label, path) for label, paths in enumerate(files) for i, path in enumerate(paths))
+    images = []
+    for _, _, path in samples:
         try:                                                        # a truncated or foreign file
-            array = np.asarray(pil_loader(path), dtype=np.uint8)    # [H, W, 3] (RGB)
+            images.append(pil_to_tensor(pil_loader(path)))          # [3, H, W] (RGB)
         except Exception as e:
             raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
-        if shape is None:
-            shape = array.shape
-        elif array.shape != shape:
-            raise DataError(f"all images must have one size: {path} is {array.shape[:2]}, "
-                            f"the first was {shape[:2]}")
-        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), classes
+        if images[-1].shape != images[0].shape:
+            raise DataError(f"all images must have one size: {path} is {tuple(images[-1].shape[1:])}, "
+                            f"the first was {tuple(images[0].shape[1:])}")
+    return torch.stack(images), torch.tensor([label for _, label, _ in samples]), classes
 
 
 def load_split(name, root, train, limit=None):
     """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
-    if name == "folder":
-        images, labels, classes = _load_folder(root, train)
-    else:
-        images, labels, classes = _load_torchvision(name, root, train)
+    load = {"folder": _load_folder, "fashion-mnist": _load_idx, "mnist": _load_idx}.get(name, _load_torchvision)
+    images, labels, classes = load(name, root, train)
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
         raise DataError(f"the {'train' if train else 'test'} labels of {name} in {root} lie in "
                         f"[{int(labels.min())}, {int(labels.max())}], outside the {len(classes)} "
                         f"classes: a damaged file; replace it")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images.contiguous(), labels, classes
+    return images[:limit].contiguous(), labels[:limit], classes
 
 
 def to_float(x_uint8):

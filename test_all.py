@@ -5286,14 +5286,21 @@ def test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row(background):
 
 
 def fake_compile(calls):
-    """torch.compile stand-in that records what it was given and calls it unchanged."""
+    """torch.compile stand-in that records what it was given and calls it unchanged, and each kind
+    of call that goes through it (train or eval mode, with or without gradients, and the backward
+    from its output: "train, gradients, backward")."""
     def compile(fn, backend="inductor", **kwargs):
-        record = {"module": fn.__self__, "backend": backend, "calls": 0}
+        record = {"module": fn.__self__, "backend": backend, "calls": 0, "kinds": set()}
         calls.append(record)
 
         def run(x):
             record["calls"] += 1
-            return fn(x)
+            kind = ("train" if fn.__self__.training else "eval") + (", gradients" if torch.is_grad_enabled() else "")
+            record["kinds"].add(kind)
+            out = fn(x)
+            if out.requires_grad:
+                out.register_hook(lambda grad: record["kinds"].add(kind + ", backward"))
+            return out
         return run
     return compile
 
@@ -5308,17 +5315,16 @@ def test_compile_flag_reaches_the_network_each_stage_trains_and_attacks(
         nominal_run, magnet_run, qtrades_runs, clustering_ckpt, image_folder, tmp_path, capsys, monkeypatch):
     """--compile BACKEND hands the f(x) of the network that trains (whose weights are saved) or
     that attack.py attacks (the batch-norm-folded copy) to torch.compile with that backend; every
-    kind of call of the loop goes through it (first calls reported, compile_seconds logged), and
-    the run is the eager run's: epoch 1 of each stage equals the shared fixtures' epoch 1."""
+    kind of call of the loop goes through it (the stand-in records them; compile_seconds logged),
+    and the run is the eager run's: epoch 1 of each stage equals the shared fixtures' epoch 1."""
     calls = []
     monkeypatch.setattr(torch, "compile", fake_compile(calls))
 
     def check(record, ckpt_path, kinds):
-        out = capsys.readouterr().out
+        capsys.readouterr()
         assert len(calls) == 1 and calls[0]["backend"] == "aot_eager" and calls[0]["calls"] > 0
-        for kind in kinds:
-            assert f"compile: f(x) {kind}: first call" in out, (kind, out)
-        assert "compile_seconds" in record
+        assert set(kinds) <= calls[0]["kinds"], (kinds, calls[0]["kinds"])
+        assert record["compile_seconds"] >= 0                       # torch's compile timers (none here)
         if ckpt_path:
             saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
             trained = calls[0]["module"].state_dict()
@@ -5364,7 +5370,8 @@ def test_compiled_training_step_and_attack_gradient_equal_eager(own_rng):
     backward, as inductor receives them, without generating code; the default inductor costs
     minutes per graph on this CPU): two nominal.py training steps give the eager losses and
     weights, and attack.py's objective and its input gradient (each PGD step) the eager ones,
-    within float rounding."""
+    within float rounding; torch's own compile timers (what compile_seconds reports) show the
+    forward and backward graphs compiled for each."""
     torch.manual_seed(0)
     eager = nominal.ResNet18(3, 4, 3, [0.5] * 3, [0.25] * 3)
     compiled = copy.deepcopy(eager)
@@ -5383,7 +5390,9 @@ def test_compiled_training_step_and_attack_gradient_equal_eager(own_rng):
     assert sums[0][1:] == sums[1][1:] and sums[0][0] == pytest.approx(sums[1][0], rel=1e-5)
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
-    assert set(nominal.COMPILED) == {"train, gradients", "train, gradients, backward"}
+    timers = torch._dynamo.utils.compilation_time_metrics               # reset by compile_features
+    graphs = [len(timers.get(k, [])) for k in ("_compile.compile_inner", "backward._backward_impl")]
+    assert min(graphs) >= 1 and nominal.compile_seconds()["compile_seconds"] > 0   # train: forward, backward
     clfs = [attack.Classifier(m).eval() for m in (eager, compiled)]
     x = nominal.to_float(train[0][:16]).requires_grad_(True)
     y = train[1][:16]
@@ -5394,7 +5403,10 @@ def test_compiled_training_step_and_attack_gradient_equal_eager(own_rng):
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-3, atol=1e-6)
     assert torch.equal(grads[0][1].sign(), grads[1][1].sign())       # the PGD step itself
-    assert set(nominal.COMPILED) >= {"eval, gradients", "eval, gradients, backward"}
+    # eval with gradients: a forward graph more (its batch dynamic, so AOTAutograd compiles its
+    # backward with it), and the input gradient flows through the compiled backward
+    assert len(timers["_compile.compile_inner"]) > graphs[0]
+    assert type(clfs[1].model.features(x).grad_fn).__name__ == "CompiledFunctionBackward"
 
 
 # ==== issue 15: certify's L2 attack and power iteration batched (item 4) ====

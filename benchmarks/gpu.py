@@ -294,7 +294,7 @@ def row_nominal(ctx):
             "seconds": train_s + test_s, "train_seconds": train_s, "test_seconds": test_s,
             "full_seconds": train_s * o.full["train"] / n_train + test_s * o.full["test"] / n_test,
             "flops": per_train * n_train + per_test * n_test, "amp": args.amp, "channels_last": cl,
-            "first_call_seconds": first - second, "compile_seconds": sum(nominal.COMPILED.values()),
+            "first_call_seconds": first - second, "compile_seconds": sum(nominal.compile_seconds().values()),
             "batch_size": B}
 
 
@@ -371,7 +371,7 @@ def row_clustering(ctx, stage, label):
             "train_seconds": train_s, "cluster_seconds": cluster_s,
             "full_seconds": seconds * ctx.opts.full["train"] / n,
             "flops": step_flops * out[-1] + cluster_flops * n, "amp": args.amp, "channels_last": cl,
-            "first_call_seconds": first - second, "compile_seconds": sum(stage.COMPILED.values()),
+            "first_call_seconds": first - second, "compile_seconds": sum(stage.compile_seconds().values()),
             "batches": sampler.batches_per_epoch(), "batch_size": B}
 
 
@@ -436,7 +436,7 @@ def row_pgd(ctx, steps, restarts):
     return {"label": f"PGD-{steps} x {restarts}", "images": n, "seconds": seconds,
             "full_seconds": seconds * ctx.opts.full["test"] / n, "flops": per_image * n,
             "amp": bool(args.amp), "channels_last": cl, "first_call_seconds": first - second,
-            "compile_seconds": sum(attack.COMPILED.values()), "steps": steps, "restarts": restarts,
+            "compile_seconds": sum(attack.compile_seconds().values()), "steps": steps, "restarts": restarts,
             "batch_size": args.batch_size, "not_fooled": float(robust.float().mean()),
             "re_attacked": net["re_attacked"]}
 
