@@ -8,8 +8,9 @@ then `--steps` signed-gradient steps of size `--step`, each projected onto the e
 An example counts as robust only if it is classified correctly and no iterate of any restart of
 any loss fools the model (AutoAttack's convention); the first fooling iterate is kept and fooled
 examples leave the batch.  The losses run as AutoAttack's cascade: each only on the examples every
-earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
-Eq. (4) in log space; nominal and qtrades-ce checkpoints by their linear head.
+earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering
+checkpoints (magnet.py, qtrades.py --loss magnet) predict by Eq. (4) in log space; nominal and
+qtrades-ce checkpoints by their linear head.  eps = 0 is the natural accuracy: nothing is attacked.
 
 Why several losses.  The paper attacks cross-entropy on p of Eq. (4) (PGD-CE) and, in Sec. 4.2,
 the Magnet loss.  On these models CE saturates: for a confidently clustered point log p_y rounds
@@ -23,13 +24,14 @@ step schedule, and last, on the survivors, the gradient-free Square attack (Andr
 that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
 constant --steps 100 --restarts 10` is the paper's protocol exactly.
 
-Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and able to fail: every
-x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw masks; the objective
-rises on most attacked examples; Square fools at most --tolerance of what the gradient losses left;
-the attack beats as many random points in the ball; eps = 0 is natural accuracy; a large eps
-leaves at most 5% robust; twice the steps and more restarts, on fresh random streams, lower the
-figure by at most --tolerance.  The ones that attack again share --check-budget (0.5 x the
-attack's time).  A failed check prints what it means and what to try; `--strict` exits 1.
+Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and
+able to fail: every x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw
+masks; the objective rises on most attacked examples; Square fools at most --tolerance of what the
+gradient losses left; the attack beats as many random points in the ball; an attack at eps = 0
+changes nothing; a large eps leaves at most 5% robust; twice the steps and more restarts, on fresh
+random streams, lower the figure by at most --tolerance.  The ones that attack again run on a
+tenth of the images (--check-images), at most about half the attack's cost.  A failed check names
+the README entry that says what it means and what to try; `--strict` exits 1.
 
 Usage (copy-paste):
     python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
@@ -597,40 +599,31 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8):
     torch.Generator.  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
     x, y = x.detach(), y.detach()
     still = clf(x).argmax(1) == y                                           # robust => clean-correct
-    x_adv = x.clone()
-    idx = still.nonzero().squeeze(1)
+    x_adv, idx = x.clone(), still.nonzero().squeeze(1)
     if eps == 0 or queries == 0 or len(idx) == 0:
         return x_adv, still
     n, C, H, W = x.shape
-    dev = x.device
-
-    def signs(m, *shape):                                                   # [m, *shape] of +-1
-        return torch.randint(0, 2, (m, *shape), generator=generator, device=dev).to(x.dtype) * 2 - 1
-
     x0, y0 = x[idx], y[idx]
-    xk = (x0 + eps * signs(len(idx), C, 1, W)).clamp(0, 1)                  # stripes, [m, C, H, W]
+    stripes = torch.randint(0, 2, (len(idx), C, 1, W), generator=generator, device=x.device) * 2 - 1
+    xk = (x0 + eps * stripes).clamp(0, 1)                                   # [m, C, H, W]
     m_k, fooled = square_margin(clf, xk, y0)
-    rows = torch.arange(H, device=dev)[None, None, :, None]
-    cols = torch.arange(W, device=dev)[None, None, None, :]
+    rows, cols = torch.arange(H, device=x.device)[:, None], torch.arange(W, device=x.device)   # [H, 1], [W]
     for i in range(1, queries + 1):
         if fooled.any():
-            x_adv[idx[fooled]] = xk[fooled]
-            still[idx[fooled]] = False
-            keep = ~fooled
-            x0, y0, xk, m_k, idx = x0[keep], y0[keep], xk[keep], m_k[keep], idx[keep]
+            x_adv[idx[fooled]], still[idx[fooled]] = xk[fooled], False
+            x0, y0, xk, m_k, idx = x0[~fooled], y0[~fooled], xk[~fooled], m_k[~fooled], idx[~fooled]
         if len(idx) == 0 or i == queries:
             break
         side = square_side(i, queries, min(H, W), p_init)
-        r = torch.randint(0, H - side + 1, (len(idx), 1, 1, 1), generator=generator, device=dev)
-        c = torch.randint(0, W - side + 1, (len(idx), 1, 1, 1), generator=generator, device=dev)
+        r, c, sign = (torch.randint(0, hi, shape, generator=generator, device=x.device) for hi, shape in (
+            (H - side + 1, (len(idx), 1, 1, 1)), (W - side + 1, (len(idx), 1, 1, 1)), (2, (len(idx), C, 1, 1))))
         window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
-        x_new = torch.where(window, x0 + eps * signs(len(idx), C, 1, 1), xk).clamp(0, 1)
+        x_new = torch.where(window, x0 + eps * (sign * 2 - 1), xk).clamp(0, 1)
         x_new = torch.min(torch.max(x_new, x0 - eps), x0 + eps)             # clipped: still in S
-        m_new, f_new = square_margin(clf, x_new, y0)
-        better = (m_new < m_k) | f_new                  # accepted: a lower margin, or fooled
+        m_new, fooled = square_margin(clf, x_new, y0)
+        better = (m_new < m_k) | fooled                 # accepted: a lower margin, or fooled
         xk = torch.where(better[:, None, None, None], x_new, xk)
         m_k = torch.where(better, m_new, m_k)
-        fooled = f_new
     x_adv[idx] = xk                                                         # survivors: last accepted
     return x_adv, still
 
@@ -987,72 +980,57 @@ def run_checks(clf, images, labels, args, losses, results, natural, runs, eps, t
     checks["monotone_in_eps"] = {"ok": max(rises) <= tol if rises else None,
                                  "max_rise": max(rises) if rises else None, "tolerance": tol}
     n = args.check_images or max(1, len(labels) // 10)
-    x, y, clean = images[:n], labels[:n], natural[:n]
-    if grad:                                    # eps = 0: nothing can move, example by example
+    checks.update(checks_that_attack(clf, images[:n], labels[:n], args, eps, losses, runs, natural[:n], tally))
+    t = {"batches": 0, "max_excess": 0.0, "runs": 0, "rose": 0, "not_finite": 0} | tally
+    if DIST["world"] > 1:                       # each process tallied its own chunks: sums, the largest excess
+        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64, device=labels.device), "MAX"
+                                if k == "max_excess" else "SUM")) for k, v in t.items()}
+    checks["objective_rises"] = {"ok": t["rose"] / t["runs"] > 0.5 if t["runs"] else None, "runs": t["runs"],
+                                 "rose": t["rose"], "share_rose": t["rose"] / t["runs"] if t["runs"] else None,
+                                 "not_finite": t["not_finite"], "threshold": 0.5}
+    checks["in_ball"] = {"ok": t["max_excess"] <= 1e-6, "batches": t["batches"], "max_excess": t["max_excess"],
+                         "tolerance": 1e-6}
+    return checks
+
+
+def checks_that_attack(clf, x, y, args, eps, losses, runs, clean, tally):
+    """The checks that attack again, on the check images x, y (clean: their clean-correct mask):
+    eps_zero_is_natural (an attack at eps 0 changes nothing, example by example); zero_gradient_share;
+    beats_random_search (as many random points per example as one PGD run has iterates, seed
+    --seed + 3: ok when the attack's robust accuracy is lower, or it fooled every example the
+    points fooled); near_zero_at_large_eps; double_steps and double_restarts: twice the steps,
+    then R more restarts, on random streams of their own (seeds + 1 and + 2; the headline uses
+    --seed), on the headline's survivors among the check images (R more restarts on the survivors
+    give exactly the 2R-restart figure; 2x steps give "K or 2K steps", at least as strong); the
+    drop: extra fooled / check images."""
+    checks, grad = {}, [l for l in losses if l != "square"]
+    if grad:
         at0 = attack_split(clf, x, y, args, 0.0, grad[0], args.seed, tally=tally, steps=1, restarts=1)
         checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
                                          "natural": share(clean), "robust_at_eps_0": share(at0)}
-        checks["zero_gradient_share"] = check_zero_gradient(clf, x, y, args, grad)
-    if eps is not None:
-        checks["beats_random_search"] = check_random(clf, x, y, args, eps, runs, clean, tally)
+        c, every, k = zero_gradient_counts(clf, to_float(x), y, grad)       # one gradient per loss
+        checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": k, "every_loss": every / max(1, k),
+                                         **{l: v / max(1, k) for l, v in c.items()}}
     step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))   # Madry et al.: 2.5 eps / steps
     large = survivors(clf, x, y, args, args.large_eps, losses, args.seed, tally, step=step, restarts=1) & clean
     checks["near_zero_at_large_eps"] = {"ok": share(large) <= 0.05, "eps": args.large_eps, "images": len(y),
                                         "robust_accuracy": share(large), "threshold": 0.05}
-    if eps is not None and grad:
-        checks.update(check_doubling(clf, x, y, args, eps, grad, runs, tally))
-    keys = ("batches", "runs", "rose", "not_finite")
-    t = {k: tally.get(k, 0) for k in keys}
-    if DIST["world"] > 1:                       # each process tallied its own chunks
-        t = dict(zip(keys, all_sum(torch.tensor([t[k] for k in keys], device=y.device)).tolist()))
-    excess = tally.get("max_excess", 0.0) if DIST["world"] == 1 else float(
-        all_sum(torch.tensor(tally.get("max_excess", 0.0), dtype=torch.float64, device=y.device), "MAX"))
-    checks["objective_rises"] = {"ok": t["rose"] / t["runs"] > 0.5 if t["runs"] else None, "runs": t["runs"],
-                                 "rose": t["rose"], "share_rose": t["rose"] / t["runs"] if t["runs"] else None,
-                                 "not_finite": t["not_finite"], "threshold": 0.5}
-    checks["in_ball"] = {"ok": excess <= 1e-6, "batches": t["batches"], "max_excess": excess, "tolerance": 1e-6}
-    return checks
-
-
-def check_zero_gradient(clf, x, y, args, grad):
-    """The share of correct check images whose input gradient is exactly zero, per gradient loss
-    and under every one (zero_gradient_counts); cheap, so every process counts every image."""
-    counts, every, n_correct = dict.fromkeys(grad, 0), 0, 0
-    for i in range(0, len(y), args.batch_size):
-        c, e, k = zero_gradient_counts(clf, to_float(x[i:i + args.batch_size]), y[i:i + args.batch_size], grad)
-        counts = {l: counts[l] + c[l] for l in grad}
-        every, n_correct = every + e, n_correct + k
-    return {"ok": every == 0, "correct_examples": n_correct, "every_loss": every / max(1, n_correct),
-            **{l: v / max(1, n_correct) for l, v in counts.items()}}
-
-
-def check_random(clf, x, y, args, eps, runs, clean, tally):
-    """The attack beats random search: as many random points per example as one PGD run has
-    iterates (steps + 1), seed --seed + 3; ok when the attack's robust accuracy is lower, or it
-    fooled every example the random points fooled."""
-    attacked = next(m for D, e, m, _ in runs if e == eps)[:len(y)] & clean
+    if eps is None:
+        return checks
+    robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]           # the headline's raw mask
     found = attack_split(clf, x, y, args, eps, "random", args.seed + 3, tally=tally)
-    a, r = share(attacked), share(found & clean)
-    random_only = int((~found & attacked).sum())
-    return {"ok": a < r or random_only == 0, "eps": eps, "images": len(y), "points": args.steps + 1,
-            "robust_attack": a, "robust_random": r, "random_only": random_only}
-
-
-def check_doubling(clf, x, y, args, eps, grad, runs, tally):
-    """Twice the steps, then R more restarts, with random streams of their own (seeds + 1 and
-    + 2; the headline uses --seed), on the headline's survivors among the check images.  R more
-    restarts on the survivors give exactly the 2R-restart figure; 2x steps give "K or 2K steps",
-    at least as strong.  The drop: extra fooled / check images."""
-    robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]
-    idx, out = robust.nonzero().squeeze(1), {}
+    a, r, random_only = share(robust & clean), share(found & clean), int((~found & robust & clean).sum())
+    checks["beats_random_search"] = {"ok": a < r or random_only == 0, "eps": eps, "images": len(y), "points":
+                                     args.steps + 1, "robust_attack": a, "robust_random": r, "random_only": random_only}
+    idx = robust.nonzero().squeeze(1)
     for name, seed, budget in (("double_steps", args.seed + 1, {"steps": 2 * args.steps}),
-                               ("double_restarts", args.seed + 2, {})):
+                               ("double_restarts", args.seed + 2, {})) if grad else ():
         extra = int((~survivors(clf, x[idx], y[idx], args, eps, grad, seed, tally, idx, **budget)).sum())
         drop = extra / max(len(y), 1)
-        out[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
-                     "survivors": len(idx), "extra_fooled": extra, "robust_before": share(robust),
-                     "robust_after": share(robust) - drop, "tolerance": args.tolerance}
-    return out
+        checks[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
+                        "survivors": len(idx), "extra_fooled": extra, "robust_before": share(robust),
+                        "robust_after": share(robust) - drop, "tolerance": args.tolerance}
+    return checks
 
 
 # --------------------------------------------------------------------------------------
@@ -1069,25 +1047,23 @@ def start_torchrun(args):
     all set; else a plain run, unchanged): gloo on the CPU, nccl on CUDA with this process on GPU
     LOCAL_RANK.  --dist-timeout bounds every wait for the others.  Ranks other than 0 print nothing."""
     env = [os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]
+    world, rank, local = (int(v) if v and v.isdigit() else -1 for v in env)
+    if None not in env and not (0 <= rank < world and local >= 0):
+        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as torchrun sets them)")
     if None in env:
-        return
-    world, rank, local = (int(v) if v.isdigit() else -1 for v in env)
-    if not (0 <= rank < world and local >= 0):
-        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as "
-             "torchrun sets them); unset them for a plain run")
+        return                                          # a plain run, unchanged
     cuda = pick_device(args.device).type == "cuda"      # --device cuda without CUDA: exit 2 here
     if cuda:
         torch.cuda.set_device(local)                    # "cuda" below means cuda:LOCAL_RANK
-    DIST.update(rank=rank, world=world, backend="nccl" if cuda else "gloo",
-                device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+    DIST.update(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"),
+                backend="nccl" if cuda else "gloo")
     try:
         torch.distributed.init_process_group(DIST["backend"], rank=rank, world_size=world,
                                              timeout=datetime.timedelta(minutes=args.dist_timeout))
     except Exception as e:                              # no peers in time, a port in use, ...
         fail(f"torchrun: process {rank} of {world} could not join the others within --dist-timeout "
              f"{args.dist_timeout:g} minutes ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
-    if rank:
-        sys.stdout = open(os.devnull, "w")              # rank 0 alone prints
+    sys.stdout = open(os.devnull, "w") if rank else sys.stdout                # rank 0 alone prints
 
 
 def all_sum(t, op="SUM"):
@@ -1277,9 +1253,9 @@ def progress_printer(clf, args, losses, Ds, n):
 # 5. Report
 # ======================================================================================
 
-# The results file's "meaning" entry: each field and each check, what a failed one means and what to try, are
-# described in README.md "attack.py: losses, cascade, checks, results".
-ATTACK_MEANING = "attack.py result: README.md \"attack.py: losses, cascade, checks, results\" says what each field means"
+# The results file's "meaning" entry: each field and each check, what a failed one means and what to
+# try, are described in the README section it names.
+ATTACK_MEANING = "attack.py result: README.md, \"attack.py: losses, cascade, checks, results\", says what it holds"
 
 
 def write_json(obj, path):

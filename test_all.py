@@ -2187,7 +2187,8 @@ def test_the_bookkeeping_checks_fail_on_the_results_they_exist_to_catch():
     # masked gradients (Quantised: exactly zero input gradients) fail zero_gradient_share; Band's pass it
     assert ok["zero_gradient_share"]["ok"] and ok["zero_gradient_share"]["every_loss"] == 0
     w = torch.ones(4)
-    c = attack.check_zero_gradient(Quantised(w, 1 - 0.5 * w.sum()), images, labels, args, ["margin-t"])
+    c = attack.run_checks(Quantised(w, 1 - 0.5 * w.sum()), images, labels, args, ["margin-t"], [], natural, [], None,
+                          {})["zero_gradient_share"]
     assert c["ok"] is False and c["every_loss"] == 1.0 and c["correct_examples"] == 20
 
 
