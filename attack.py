@@ -320,13 +320,9 @@ def parse_D(text):
 def parse_args(argv=None):
     """The command line -> checked args (bad input: one line, exit code 2)."""
     p = argparse.ArgumentParser(
-        prog="attack.py",
-        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2) against a clustr/1 "
-                    "checkpoint, per loss and as the per-example worst case over losses.",
-        epilog="--data and --width default to the checkpoint's own; a different "
-               "value is an error. The paper's protocol: --loss ce --schedule constant --steps "
-               "20 (or 100) --restarts 10.",
-        formatter_class=HelpFormatter)
+        prog="attack.py", formatter_class=HelpFormatter,
+        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2), per loss and their worst case.",
+        epilog="--data and --width: the checkpoint's. The paper's protocol: --loss ce --schedule constant --restarts 10")
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
@@ -347,70 +343,49 @@ def add_attack_args(g):
     """The checkpoint, the files, Eq. (5)'s radius, step and iterations, the losses (Sec. 4.2)."""
     g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
     g.add_argument("--export", default=None, metavar="PATH",
-                   help="attack nothing: write the checkpoint as one torch.export file (.pt2; images "
-                        "in [0, 1] -> class log-scores z_c, softmax(z) = Eq. (4)) for torchattacks, "
-                        "AutoAttack, RobustBench; load with torch.export.load(PATH).module()")
+                   help="attack nothing: write the checkpoint as one torch.export file (.pt2: images in [0, 1] -> "
+                        "class log-scores z_c, softmax(z) = Eq. (4)); load with torch.export.load(PATH).module()")
     g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
     g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
-                   help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
-                        "Table 3: 2/255 16/255 25.5/255; 0 = natural accuracy (nothing attacked)")
-    g.add_argument("--step", type=parse_fraction, default=2 / 255,
-                   help="PGD step eta of the constant schedule; Sec. 4.2: 2/255")
-    g.add_argument("--steps", type=int, default=100,
-                   help="PGD iterations per run; the paper reports 20 and 100 (PGD-20, PGD-100)")
-    g.add_argument("--restarts", type=int, default=1,
-                   help="random restarts per loss (and per target of margin-t); the paper uses 10 "
-                        "with CE alone; the default loss set makes 5-6 runs per example")
+                   help="L-inf radii in [0, 1] pixel units; Sec. 4.2: 8/255; Table 3: 2/255 16/255 25.5/255; 0: "
+                        "natural accuracy, nothing attacked")
+    g.add_argument("--step", type=parse_fraction, default=2 / 255, help="PGD step eta (constant schedule); Sec. 4.2")
+    g.add_argument("--steps", type=int, default=100, help="PGD iterations per run; the paper: 20 and 100")
+    g.add_argument("--restarts", type=int, default=1, help="random restarts per loss (and per margin-t target); "
+                   "the paper: 10, CE alone")
     g.add_argument("--loss", nargs="+", choices=LOSSES, default=None,
-                   help="ce = Eq. (5); margin = Carlini-Wagner margin on log p; margin-t = the "
-                        "margin towards each of the --targets most likely wrong classes (APGD-T); "
-                        "magnet = Sec. 4.2's adaptive attack (Eq. (3)); scores-ce = the authors' "
-                        "code (CE over the unnormalised Eq. (4) scores); square = the gradient-free "
-                        "Square attack (README \"attack.py: losses, cascade, checks, results\"). "
+                   help="what is maximised (README \"attack.py: losses, cascade, checks, results\"); ce = Eq. (5). "
                         "Default: ce margin margin-t, magnet for clustering checkpoints, square")
     g.add_argument("--targets", type=int, default=None,
-                   help="margin-t: how many of the most likely wrong classes (over all centres) to "
-                        "target; default min(9, classes - 1), as AutoAttack's APGD-T")
+                   help="margin-t: the most likely wrong classes (over all centres) to target; default "
+                        "min(9, classes - 1), as APGD-T")
     g.add_argument("--square-queries", type=int, default=1000,
-                   help="square: queries per example left robust by the gradient losses "
-                        "(AutoAttack: 5000); 0 drops square from the default set")
-    g.add_argument("--per-loss", action="store_true",
-                   help="attack every example with every loss independently (one row per loss over "
-                        "all images); by default each loss attacks only what every earlier loss "
-                        "left robust (AutoAttack's cascade: the same worst case, less work)")
-    g.add_argument("--save-adv", default=None, metavar="PATH",
-                   help="save the adversarial images (torch.save: per (eps, D) each example's first "
-                        "fooling image, else its clean image), as AutoAttack's save_dir")
+                   help="square: queries per example (AutoAttack: 5000); 0 drops square from the default set")
+    g.add_argument("--per-loss", action="store_true", help="every loss on every example (one row each); "
+                   "default: each loss only on what the earlier ones left robust (AutoAttack's cascade)")
+    g.add_argument("--save-adv", default=None, metavar="PATH", help="save per (eps, D) each example's first "
+                   "fooling image, else its clean one (torch.save), as AutoAttack's save_dir")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
-                   help="step size eta_k: constant = --step (Eq. (5), the paper's protocol); "
-                        "cosine = eps (1 + cos(pi k / steps)), 2 eps down to 0 (benchmarks/attack.py)")
-    g.add_argument("--D", type=parse_D, nargs="+", default=None,
-                   help="clustering checkpoints: predict from the D nearest centres (Sec. 4.2, "
-                        "Fig. 4); a list, 'all' = every centre; default: the checkpoint's D")
+                   help="eta_k: constant = --step (Eq. (5), the paper's); cosine = eps (1 + cos(pi k / steps))")
+    g.add_argument("--D", type=parse_D, nargs="+", default=None, help="clustering checkpoints: predict from the "
+                   "D nearest centres (Sec. 4.2, Fig. 4); a list, 'all' = every centre; default: the checkpoint's")
 
 
 def add_run_args(g):
     """How the run is done: the batch, the checks (Carlini et al. 2019), torchrun, --compile."""
-    g.add_argument("-b", "--batch-size", type=int, default=500,
-                   help="images attacked at once, each chunk with a random generator of its own; "
-                        "under torchrun the unit of work: process r takes the chunks r, r + W, ...")
+    g.add_argument("-b", "--batch-size", type=int, default=500, help="images attacked at once, each chunk with "
+                   "its own random generator; under torchrun process r takes the chunks r, r + W, ...")
     g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the sanity checks (Carlini et al. 2019; README \"attack.py: losses, "
-                        "cascade, checks, results\"): each states its numbers and can fail")
-    g.add_argument("--check-images", type=int, default=None,
-                   help="the checks that attack again run on the first N evaluated images; default "
-                        "a tenth of them, at most about half the attack's cost")
+                   help="run the sanity checks (Carlini et al. 2019): each states its numbers and can fail")
+    g.add_argument("--check-images", type=int, default=None, help="the checks that attack again run on the first "
+                   "N images; default a tenth of them (about half the attack's cost at most)")
     g.add_argument("--large-eps", type=parse_fraction, default=64 / 255,
                    help="check: robust accuracy must be at most 5%% at this eps")
-    g.add_argument("--tolerance", type=float, default=0.01,
-                   help="checks: doubling steps or restarts may lower the robust accuracy, "
-                        "Square may fool survivors of the gradient losses, and a larger eps "
-                        "raise it, by at most this share of the images (0.01 = 1 point)")
-    g.add_argument("--strict", action="store_true",
-                   help="exit with code 1 when any check fails (after writing the results)")
+    g.add_argument("--tolerance", type=float, default=0.01, help="checks: what more steps, restarts, Square or "
+                   "a larger eps may change, as a share of the images (0.01 = 1 point)")
+    g.add_argument("--strict", action="store_true", help="exit 1 when a check fails (after writing the results)")
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="under torchrun: how long a process waits for the others (to join, and at "
-                        "each row's sum) before it stops with an error; torch's default for gloo")
+                   help="under torchrun: how long a process waits for the others before it stops with an error")
     add_compile_arg(g)
 
 
@@ -838,10 +813,9 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
         if progress:                                # this process's chunks; seen: the chunk's end
             progress(loss, eps, start + len(y), len(labels), robust[mine], time.time() - t0)
     if DIST["world"] > 1:                           # torchrun: every process holds the whole row
-        robust = all_sum(robust) > 0
+        robust = all_sum(robust).to(robust.device) > 0
         if adv is not None:
-            adv[~mine] = 0
-            torch.distributed.all_reduce(adv)
+            adv.copy_(all_sum(adv.masked_fill(~mine[:, None, None, None], 0)))
     return robust
 
 
@@ -983,8 +957,8 @@ def run_checks(clf, images, labels, args, losses, results, natural, runs, eps, t
     checks.update(checks_that_attack(clf, images[:n], labels[:n], args, eps, losses, runs, natural[:n], tally))
     t = {"batches": 0, "max_excess": 0.0, "runs": 0, "rose": 0, "not_finite": 0} | tally
     if DIST["world"] > 1:                       # each process tallied its own chunks: sums, the largest excess
-        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64, device=labels.device), "MAX"
-                                if k == "max_excess" else "SUM")) for k, v in t.items()}
+        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64), "MAX" if k == "max_excess" else "SUM"))
+             for k, v in t.items()}
     checks["objective_rises"] = {"ok": t["rose"] / t["runs"] > 0.5 if t["runs"] else None, "runs": t["runs"],
                                  "rose": t["rose"], "share_rose": t["rose"] / t["runs"] if t["runs"] else None,
                                  "not_finite": t["not_finite"], "threshold": 0.5}
@@ -1039,7 +1013,7 @@ def checks_that_attack(clf, x, y, args, eps, losses, runs, clean, tally):
 # after each row, so every process then holds the full result and runs the same cascade and
 # checks on it.  Rank 0 alone takes the lock, prints, and writes the result, log and --save-adv.
 # --------------------------------------------------------------------------------------
-DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun
+DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun (set by start_torchrun)
 
 
 def start_torchrun(args):
@@ -1047,28 +1021,29 @@ def start_torchrun(args):
     all set; else a plain run, unchanged): gloo on the CPU, nccl on CUDA with this process on GPU
     LOCAL_RANK.  --dist-timeout bounds every wait for the others.  Ranks other than 0 print nothing."""
     env = [os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]
-    world, rank, local = (int(v) if v and v.isdigit() else -1 for v in env)
-    if None not in env and not (0 <= rank < world and local >= 0):
-        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as torchrun sets them)")
     if None in env:
         return                                          # a plain run, unchanged
+    world, rank, local = (int(v) if v.isdigit() else -1 for v in env)
+    if not (0 <= rank < world and local >= 0):
+        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as torchrun sets them)")
     cuda = pick_device(args.device).type == "cuda"      # --device cuda without CUDA: exit 2 here
     if cuda:
         torch.cuda.set_device(local)                    # "cuda" below means cuda:LOCAL_RANK
-    DIST.update(rank=rank, world=world, device=torch.device("cuda", local) if cuda else torch.device("cpu"),
-                backend="nccl" if cuda else "gloo")
     try:
-        torch.distributed.init_process_group(DIST["backend"], rank=rank, world_size=world,
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                              timeout=datetime.timedelta(minutes=args.dist_timeout))
     except Exception as e:                              # no peers in time, a port in use, ...
         fail(f"torchrun: process {rank} of {world} could not join the others within --dist-timeout "
              f"{args.dist_timeout:g} minutes ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+    DIST.update(rank=rank, world=world)
     sys.stdout = open(os.devnull, "w") if rank else sys.stdout                # rank 0 alone prints
 
 
 def all_sum(t, op="SUM"):
-    """t summed (or op, a ReduceOp name) over the processes, on every process (bool -> int64 counts)."""
-    t = t.to(torch.int64) if t.dtype == torch.bool else t.clone()
+    """t summed (or op, a ReduceOp name) over the processes, on every process (bool -> int64 counts);
+    nccl reduces on the GPU of this process."""
+    t = t.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", torch.int64 if t.dtype == torch.bool
+             else t.dtype, copy=True)
     torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t
 
@@ -1084,9 +1059,7 @@ def rank0_first(fn):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) and e.code else 1
     if DIST["world"] > 1:
-        told = torch.tensor([code], device=DIST["device"])
-        torch.distributed.broadcast(told, 0)
-        code = int(told)
+        code = int(all_sum(torch.tensor(code), "MAX"))   # rank 0's exit code (the others': 0), to all
     if code:
         raise SystemExit(code)
     return result if DIST["rank"] == 0 else fn()
@@ -1100,9 +1073,8 @@ def main(argv=None):
             return export_main(args) if DIST["rank"] == 0 else None
         return attack_main(args)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        DIST.clear()
         DIST.update(rank=0, world=1)
 
 
@@ -1155,7 +1127,7 @@ def attack_main(args):
     centres = f", {len(clf.centers)} centres" if clf.clusters else ""
     print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}{centres}) | {args.data} test "
           f"in {args.data_dir}, {n} images | device {device} amp {args.amp} | torch {torch.__version__}"
-          + (f" | torchrun: {DIST['world']} processes ({DIST['backend']}), rows: rank 0's chunks"
+          + (f" | torchrun: {DIST['world']} processes ({torch.distributed.get_backend()}), rows: rank 0's chunks"
              if DIST["world"] > 1 else ""))
     print("config: " + json.dumps(vars(args)))
     t_run = time.time()
@@ -1193,7 +1165,7 @@ def evaluate(clf, images, labels, args, losses, Ds, tally):
     natural accuracy, nothing attacked: the worst-case row alone), per-example results.
     -> (results, per_example, adv_runs, natural {D: mask}, runs [(D, eps, raw robust mask, fooled_by)])."""
     n, log_path = len(labels), args.out + ".log.jsonl"
-    progress = progress_printer(clf, args, losses, Ds, n) if DIST["rank"] == 0 else None
+    progress = progress_printer(clf, args, losses, Ds, n)                   # rank 0 alone prints
     results, per_example, adv_runs, natural, runs = [], [], [], {}, []
     headline = next((e for e in args.eps if e > 0), None)
     for D in Ds:
