@@ -390,7 +390,153 @@ def add_run_args(g):
 
 
 # ======================================================================================
-# 2. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class scores
+# 2. The model attacked (App. A "Architecture"): ResNet18, and the classifier (Eq. (4) or the head)
+# ======================================================================================
+
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
+
+# --- shared: classifier ---
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+class Classifier(nn.Module):
+    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
+    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
+    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
+
+    def __init__(self, model, clusters=None, D=None):
+        super().__init__()
+        self.model = model
+        self.clusters = clusters is not None
+        if self.clusters:
+            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
+            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
+            self.sigma2 = float(clusters["variance"])
+            self.D = D
+
+    def forward(self, x):
+        if not self.clusters:
+            return F.log_softmax(self.model(x).float(), dim=1)
+        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
+                                 self.sigma2, self.D)
+
+
+def read_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
+    attacks and certificates here work on.  The module is in eval mode with gradients off for its
+    parameters, so an attack never updates batch-norm statistics (README "Where this differs
+    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
+    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
+    ckpt = read_checkpoint(path)
+    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
+    clusters = None if with_head else ckpt.get("clusters")
+    if not with_head and clusters is None:
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+    model = build_model(ckpt["arch"], ckpt["data"], with_head)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0]})") from None
+    if clusters is not None and D == "stored":
+        D = clusters.get("D")
+    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, ckpt
+
+
+def data_dir_from_checkpoint(args, ckpt):
+    """--data-dir left unset: the folder the checkpoint's run read (stored in its args, absolute
+    since the stages store it so) when it exists; else ./data.  A relative stored path is not
+    used: it counted from a folder that is not known here.  The header prints the folder used."""
+    if args.data_dir is None:
+        stored = ckpt["args"].get("data_dir")
+        usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
+        args.data_dir = stored if usable else "./data"
+    args.data_dir = os.path.abspath(args.data_dir)
+
+
+def check_test_split(ckpt, path, classes, images, data_dir):
+    """The test split must hold the classes (same names, same order) and image shape the
+    checkpoint was trained on; the message says which differ."""
+    info, arch = ckpt["data"], ckpt["arch"]
+    shape = [arch["in_channels"], *info["image_size"]]
+    if classes != info["classes"]:
+        missing = [c for c in info["classes"] if c not in classes]
+        extra = [c for c in classes if c not in info["classes"]]
+        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
+                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
+            or f"the same {len(classes)} class names in another order"
+        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
+             f"(class folders) the checkpoint was trained on")
+    if list(images.shape[1:]) != shape:
+        fail(f"the test split in {data_dir} does not match {path}: its images are "
+             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
+# --- end shared: classifier ---
+
+
+# ======================================================================================
+# 3. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class scores
 # ======================================================================================
 
 def objective(clf, x, y, loss, target=None):
@@ -752,7 +898,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
 
 
 # ======================================================================================
-# 3. The loop: every (D, eps, loss) over the test split in chunks, then the checks
+# 4. The loop: every (D, eps, loss) over the test split in chunks, then the checks
 # ======================================================================================
 
 def fmt_eps(eps):
@@ -1752,147 +1898,6 @@ def to_float(x_uint8):
     return x_uint8.float().div_(255)
 # --- end shared: data ---
 
-# The model (App. A: ResNet18) and the classifier: Eq. (4) (section 3) for clustering checkpoints
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-# --- shared: classifier ---
-def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
-    (README "Where results and checkpoints go")."""
-    if arch.get("name") != "resnet18":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}")
-    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
-                    data["mean"], data["std"])
-
-
-class Classifier(nn.Module):
-    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
-    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
-    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
-
-    def __init__(self, model, clusters=None, D=None):
-        super().__init__()
-        self.model = model
-        self.clusters = clusters is not None
-        if self.clusters:
-            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
-            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
-            self.sigma2 = float(clusters["variance"])
-            self.D = D
-
-    def forward(self, x):
-        if not self.clusters:
-            return F.log_softmax(self.model(x).float(), dim=1)
-        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
-                                 self.sigma2, self.D)
-
-
-def read_classifier(path, device="cpu", D="stored"):
-    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
-    attacks and certificates here work on.  The module is in eval mode with gradients off for its
-    parameters, so an attack never updates batch-norm statistics (README "Where this differs
-    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
-    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
-    ckpt = read_checkpoint(path)
-    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
-    clusters = None if with_head else ckpt.get("clusters")
-    if not with_head and clusters is None:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
-    model = build_model(ckpt["arch"], ckpt["data"], with_head)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0]})") from None
-    if clusters is not None and D == "stored":
-        D = clusters.get("D")
-    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module, ckpt
-
-
-def data_dir_from_checkpoint(args, ckpt):
-    """--data-dir left unset: the folder the checkpoint's run read (stored in its args, absolute
-    since the stages store it so) when it exists; else ./data.  A relative stored path is not
-    used: it counted from a folder that is not known here.  The header prints the folder used."""
-    if args.data_dir is None:
-        stored = ckpt["args"].get("data_dir")
-        usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
-        args.data_dir = stored if usable else "./data"
-    args.data_dir = os.path.abspath(args.data_dir)
-
-
-def check_test_split(ckpt, path, classes, images, data_dir):
-    """The test split must hold the classes (same names, same order) and image shape the
-    checkpoint was trained on; the message says which differ."""
-    info, arch = ckpt["data"], ckpt["arch"]
-    shape = [arch["in_channels"], *info["image_size"]]
-    if classes != info["classes"]:
-        missing = [c for c in info["classes"] if c not in classes]
-        extra = [c for c in classes if c not in info["classes"]]
-        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
-                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
-            or f"the same {len(classes)} class names in another order"
-        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
-             f"(class folders) the checkpoint was trained on")
-    if list(images.shape[1:]) != shape:
-        fail(f"the test split in {data_dir} does not match {path}: its images are "
-             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
-# --- end shared: classifier ---
 
 # --- shared: library ---
 class ClassScores(nn.Module):
