@@ -84,10 +84,8 @@ Robustness").
 """
 
 import argparse
-import copy
 import datetime
 import fcntl
-import io
 import json
 import math
 import os
@@ -1288,11 +1286,11 @@ def attack_main(args):
         t_checks = time.time() - t_run - t_attack
         print(f"checks: {fmt_time(t_checks)} ({t_checks / max(t_attack, 1e-9):.2f}x the attack's "
               f"{fmt_time(t_attack)})", flush=True)
-    out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
-           "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
-           "config": vars(args), "device": str(device), "torch": torch.__version__, "world_size": DIST["world"],
-           "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run,
-           **compile_seconds()}
+    out = described({"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
+                     "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
+                     "config": vars(args), "device": str(device), "torch": torch.__version__,
+                     "world_size": DIST["world"], "attack_seconds": t_attack, "check_seconds": t_checks,
+                     "seconds": time.time() - t_run, **compile_seconds()}, ATTACK_MEANING)
     if DIST["rank"] == 0:               # torchrun: the others hold the same figures, write nothing
         write_json(out, args.out)       # first: a full disk then still prints the summary
         if args.save_adv:
@@ -1303,7 +1301,7 @@ def attack_main(args):
     if args.strict and any(c["ok"] is False for c in checks.values()):
         print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
         raise SystemExit(1)
-    return out if DIST["rank"] == 0 else described(out, ATTACK_MEANING)
+    return out
 
 
 def evaluate(clf, images, labels, args, losses, Ds, tally):
@@ -1377,11 +1375,7 @@ ATTACK_MEANING = "attack.py result: README.md, \"attack.py: losses, cascade, che
 
 
 def write_json(obj, path):
-    """Atomic, like save_checkpoint: a killed run never leaves half a results file.  Rounds and
-    adds "meaning" in place, so the dict main returns is what the file holds."""
-    new = described(obj, ATTACK_MEANING)
-    obj.clear()
-    obj.update(new)
+    """Atomic, like save_checkpoint: a killed run never leaves half a results file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
