@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="attack.py", formatter_class=HelpFormatter,
         description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2), per loss and their worst case.",
-        epilog="--data and --width: the checkpoint's. The paper's protocol: --loss ce --schedule constant --restarts 10")
+        epilog="--data, --width: the checkpoint's. The paper's protocol: --loss ce --schedule constant --restarts 10")
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
@@ -966,9 +966,8 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
 def measure_ball(ball, x_adv, x, eps):
     """The eps-ball and the box, on every batch: ||x_adv - x||_inf <= eps, 0 <= x_adv <= 1 (the
     check "in_ball"); ball["max_excess"] keeps the largest excess over all batches."""
-    n = len(x)
-    excess = max(float((x_adv - x).abs().amax()) - eps if n else 0.0,
-                 -float(x_adv.min()) if n else 0.0, float(x_adv.max()) - 1 if n else 0.0)
+    # the chunks of attack_split and recompute are never empty
+    excess = max(float((x_adv - x).abs().amax()) - eps, -float(x_adv.min()), float(x_adv.max()) - 1)
     ball["batches"] = ball.get("batches", 0) + 1
     ball["max_excess"] = max(ball.get("max_excess", 0.0), excess)
 

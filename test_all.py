@@ -2005,7 +2005,8 @@ def test_cascade_and_per_loss_equal_a_naive_loop_of_each_example_alone():
     # --per-loss: every loss on every example; the worst case's image is the first fooling loss's
     adv, rows = attack.to_float(images).clone(), []
     args.per_loss = True
-    worst, got_by, masks = attack.run_losses(clf, images, labels, args, eps, losses, natural, adv, {}, True, rows.append)
+    worst, got_by, masks = attack.run_losses(clf, images, labels, args, eps, losses, natural, adv, {}, True,
+                                             rows.append)
     assert worst.tolist() == robust and got_by.tolist() == fooled_by and torch.equal(adv, images_kept)
     for l, row in zip(losses, rows):
         mine = [single[i, l][0] and bool(natural[i]) for i in range(n)]
@@ -2090,11 +2091,9 @@ BROKEN = {  # ways to break the attack, each applied to a copy of attack.py: (ol
     "the start ignores eps = 0": ("xk = (x0 + (2 * noise - 1) * eps).clamp(0, 1)",
                                   "xk = (x0 + (2 * noise - 1) * max(eps, 0.1)).clamp(0, 1)", "cascade",
                                   "eps_zero_is_natural"),
-    "never moves beyond 0.02": ('        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):\n'
-                                '            if loss == "square":',
-                                '        eps = min(eps, 0.02)\n'
-                                '        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):\n'
-                                '            if loss == "square":', "cascade", "near_zero_at_large_eps"),
+    "never moves beyond 0.02": ('            if loss == "square":\n                x_adv, still = square(',
+                                '            eps = min(eps, 0.02)\n            if loss == "square":\n'
+                                '                x_adv, still = square(', "cascade", "near_zero_at_large_eps"),
     "no projection": ("xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)",
                       "xk = xk + eta * grad.sign()", "cascade", "recompute"),
 }
@@ -2182,7 +2181,8 @@ def test_the_bookkeeping_checks_fail_on_the_results_they_exist_to_catch():
     args.loss = ["margin-t"]
     robust[1] = True                                       # robust, yet misclassified on the clean image
     ok = checks(robust, 0.1 + 1e-6)                        # robust accuracy rose with eps
-    assert ok["robust_le_natural"] == {"ok": False, "robust_but_misclassified": 1} and ok["monotone_in_eps"]["ok"] is False
+    assert ok["robust_le_natural"] == {"ok": False, "robust_but_misclassified": 1}
+    assert ok["monotone_in_eps"]["ok"] is False
     assert ok["monotone_in_eps"]["max_rise"] == pytest.approx(0.1 + 1e-6)
     # masked gradients (Quantised: exactly zero input gradients) fail zero_gradient_share; Band's pass it
     assert ok["zero_gradient_share"]["ok"] and ok["zero_gradient_share"]["every_loss"] == 0
@@ -2262,7 +2262,8 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
 
 
 BROKEN_BOOKKEEPING = {  # a copy of attack.py whose record of the attack is wrong in one place
-    "a fooled example kept as robust": ("        worst[idx] &= robust\n", "        worst[idx] &= robust | natural[idx]\n"),
+    "a fooled example kept as robust": ("        worst[idx] &= robust\n",
+                                        "        worst[idx] &= robust | natural[idx]\n"),
     "the fooling image never kept": ("        adv[idx[first]] = part[first]\n", ""),
     "the image of another example kept": ("        adv[idx[first]] = part[first]\n",
                                           "        adv[idx[first]] = part[first].flip(0)\n"),
