@@ -761,21 +761,6 @@ def square_margin(clf, v, yv):
     return z_y - other, lp.argmax(1) != yv
 
 
-@torch.no_grad()
-def random_search(clf, x, y, eps, points, generator):
-    """`points` uniform random points in the eps-ball (clipped to [0, 1]) per example: the
-    baseline an attack must beat (the check beats_random_search).  -> still_correct [n] bool."""
-    still = clf(x).argmax(1) == y
-    for _ in range(points):
-        idx = still.nonzero().squeeze(1)
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)[idx]
-        if not len(idx):
-            break
-        xr = (x[idx] + (2 * noise - 1) * eps).clamp(0, 1)
-        still[idx] = clf(xr).argmax(1) == y[idx]
-    return still
-
-
 def zero_gradient_counts(clf, x, y, losses):
     """Masked-gradient check (Carlini et al. 2019): among correctly classified examples, how many have
     an input gradient that is exactly zero at the clean input, per loss and under every loss.
@@ -918,8 +903,7 @@ def natural_mask(clf, images, labels, batch_size):
 def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=None, tally=None, stats=False,
                  progress=None, **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step, queries, targets.  loss "random": random_search's points (steps + 1 per
-    example).  index [N]: the images' positions in the test split (default 0..N-1).  Each chunk
+    steps, restarts, step, queries, targets.  index [N]: the images' positions in the test split (default 0..N-1).  Each chunk
     draws from a torch.Generator of its own, seeded by (seed, the loss, its first image's index),
     so a loss's figure does not depend on which losses ran before, nor on how many processes
     share the chunks.  tally (a dict): every chunk's x_adv measured against the eps-ball and
@@ -944,8 +928,6 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
             if loss == "square":
                 x_adv, still = square(clf, x, y, eps, b["queries"], g)
-            elif loss == "random":
-                x_adv, still = x, random_search(clf, x, y, eps, b["steps"] + 1, g)
             else:                                                           # PGD, Eq. (5)
                 x_adv, still = pgd(clf, x, y, eps, b["step"], b["steps"], b["restarts"], loss, g, b["targets"],
                                    args.schedule, tally if stats else None)
@@ -1135,7 +1117,8 @@ def checks_that_attack(clf, x, y, args, eps, losses, runs, clean, tally):
     if eps is None:
         return checks
     robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]           # the headline's raw mask
-    found = attack_split(clf, x, y, args, eps, "random", args.seed + 3, tally=tally)
+    # steps + 1 random points per example: PGD's random starts alone (0 steps, steps + 1 restarts)
+    found = attack_split(clf, x, y, args, eps, "ce", args.seed + 3, tally=tally, steps=0, restarts=args.steps + 1)
     a, r, random_only = share(robust & clean), share(found & clean), int((~found & robust & clean).sum())
     checks["beats_random_search"] = {"ok": a < r or random_only == 0, "eps": eps, "images": len(y), "points":
                                      args.steps + 1, "robust_attack": a, "robust_random": r, "random_only": random_only}
