@@ -903,15 +903,15 @@ def natural_mask(clf, images, labels, batch_size):
 def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=None, tally=None, stats=False,
                  progress=None, **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step, queries, targets.  index [N]: the images' positions in the test split (default 0..N-1).  Each chunk
-    draws from a torch.Generator of its own, seeded by (seed, the loss, its first image's index),
-    so a loss's figure does not depend on which losses ran before, nor on how many processes
-    share the chunks.  tally (a dict): every chunk's x_adv measured against the eps-ball and
-    [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives (objective_rises).
-    adv [N, C, H, W] float, when given, receives x_adv.  Under torchrun process r attacks the
-    chunks r, r + W, ...; the robust mask and adv are summed over the processes, so every one
-    holds one process's result (tally stays per process: run_checks sums it).
-    -> robust mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
+    steps, restarts, step, queries, targets. index [N]: the images' positions in the test split
+    (default 0..N-1). Each chunk draws from a torch.Generator of its own, seeded by (seed, the loss,
+    its first image's index), so a loss's figure does not depend on which losses ran before, nor on
+    how many processes share the chunks. tally (a dict): every chunk's x_adv measured against the
+    eps-ball and [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives
+    (objective_rises). adv [N, C, H, W] float, when given, receives x_adv. Under torchrun process r
+    attacks the chunks r, r + W, ...; the robust mask and adv are summed over the processes, so
+    every one holds one process's result (tally stays per process: run_checks sums it). -> robust
+    mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
     b = {"step": args.step, "steps": args.steps, "restarts": args.restarts, "queries": args.square_queries,
          "targets": args.targets or 9, **budget}                            # None (unresolved): APGD-T's 9
     index = torch.arange(len(labels), device=labels.device) if index is None else index
@@ -1219,19 +1219,16 @@ def prepare(args):
     data_dir_from_checkpoint(args, ckpt)
     info, arch = ckpt["data"], ckpt["arch"]
     if args.data not in (None, info["name"]):
-        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data "
-             f"(attack.py defaults to the checkpoint's own dataset)")
+        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data (the checkpoint's is used)")
     if args.width not in (None, arch["width"]):
-        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop "
-             f"--width (attack.py takes the checkpoint's)")
+        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop --width")
     args.data, args.width = info["name"], arch["width"]
     # the loss list: magnet only for clustering checkpoints, square unless --square-queries 0
     default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet") and (args.square_queries or l != "square")]
     args.loss = list(dict.fromkeys(args.loss or default))
     args.targets = args.targets or min(9, info["num_classes"] - 1)         # APGD-T's
     if not clf.clusters and (set(args.loss) & {"magnet", "scores-ce"} or args.D):
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
-             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' one: --loss magnet, scores-ce and --D need a clustering checkpoint")
     Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
     if clf.clusters and any(D is not None and D > len(clf.centers) for D in Ds):
         fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {len(clf.centers)} centres of {args.ckpt}")
