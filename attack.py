@@ -68,7 +68,9 @@ Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CP
   - PGD-CE 20 steps x 5 restarts vs torchattacks PGD + MultiAttack, same robust accuracy (mean of
     5 seeds): 1.5-1.6x faster where the model mostly resists (97% robust at 2/255), 2.2-2.4x
     where it is mostly fooled (10-13% at 16/255).  Not the 2x of issue 5 in the first case: the
-    work per step is the same; channels_last and the folded batch norm give the 1.5x.
+    work per step is the same; channels_last and the batch-norm-folded copy of that version gave
+    the 1.5x.  The copy is gone (issue 22: at width 64 it measured 0.8-1.1x, benchmarks/README.md
+    "attack.py without the folded copy"); these figures were not re-measured without it.
   - Default set vs APGD-CE + APGD-T (9 targets), 20 iterations, 8/255: worst case 64.3% vs 64.3%
     (nominal), 66.0% vs 66.3% (clustering, confident sigma^2), 59.3% vs 59.3% (trained by
     magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
