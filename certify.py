@@ -263,10 +263,11 @@ def fold_batchnorm(clf):
     before it (the model is in eval mode throughout):
         bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
         s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
-    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
-    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
-    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
-    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
+    The same function up to float rounding, one pass fewer forward and backward (certify.py's
+    attack: benchmarks/certify.py; attack.py no longer uses it, since at width 64 it did not pay
+    1.3x there: benchmarks/README.md, "attack.py without the folded copy").  The original is not
+    touched; the caller re-checks on the original every example the copy calls fooled
+    (certify.py: l2_attack's check_fn)."""
     clf = copy.deepcopy(clf)
 
     def fold(conv, bn):
