@@ -578,14 +578,6 @@ def objective(clf, x, y, loss, target=None):
     raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
 
 
-def step_size(step, eps, k, steps, schedule):
-    """eta_k for iteration k = 0..steps-1: constant (Eq. (5), Sec. 4.2: 2/255), or cosine from
-    2 eps (the first step of Croce & Hein's APGD) down to 0: long moves first, then refinement."""
-    if schedule == "constant":
-        return step
-    return eps * (1 + math.cos(math.pi * k / steps))
-
-
 def class_scores(clf, x, D=None):
     """Class scores that rank the targets of margin-t and guide Square: z of Eq. (4) over *all*
     centres (D = None), also when the classifier predicts from the D nearest.  Under a D mask the
@@ -677,7 +669,9 @@ def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, targ
             t0 = None if t0 is None else t0[live]
             xk, x0, y0, idx, grad, start, live = (xk[live], x0[live], y0[live], idx[live],
                                                   grad[live], start[live], live[live])
-        eta = step_size(step, eps, k, steps, schedule)
+        # eta_k for k = 0..steps-1: constant (Eq. (5), Sec. 4.2: 2/255), or cosine from 2 eps (the first
+        # step of Croce & Hein's APGD) down to 0: long moves first, then refinement
+        eta = step if schedule == "constant" else eps * (1 + math.cos(math.pi * k / steps))
         xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
     x_adv[idx[live]] = xk.detach()[live]                                    # survivors: last iterate
 
