@@ -8,8 +8,9 @@ then `--steps` signed-gradient steps of size `--step`, each projected onto the e
 An example counts as robust only if it is classified correctly and no iterate of any restart of
 any loss fools the model (AutoAttack's convention); the first fooling iterate is kept and fooled
 examples leave the batch.  The losses run as AutoAttack's cascade: each only on the examples every
-earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering checkpoints (magnet.py, qtrades.py --loss magnet) predict by
-Eq. (4) in log space; nominal and qtrades-ce checkpoints by their linear head.
+earlier one left robust (`--per-loss`: each on every example, for per-loss figures).  Clustering
+checkpoints (magnet.py, qtrades.py --loss magnet) predict by Eq. (4) in log space; nominal and
+qtrades-ce checkpoints by their linear head.  eps = 0 is the natural accuracy: nothing is attacked.
 
 Why several losses.  The paper attacks cross-entropy on p of Eq. (4) (PGD-CE) and, in Sec. 4.2,
 the Magnet loss.  On these models CE saturates: for a confidently clustered point log p_y rounds
@@ -23,13 +24,14 @@ step schedule, and last, on the survivors, the gradient-free Square attack (Andr
 that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
 constant --steps 100 --restarts 10` is the paper's protocol exactly.
 
-Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and able to fail: every
-x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw masks; the objective
-rises on most attacked examples; Square fools at most --tolerance of what the gradient losses left;
-the attack beats as many random points in the ball; eps = 0 is natural accuracy; a large eps
-leaves at most 5% robust; twice the steps and more restarts, on fresh random streams, lower the
-figure by at most --tolerance.  The ones that attack again share --check-budget (0.5 x the
-attack's time).  A failed check prints what it means and what to try; `--strict` exits 1.
+Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and
+able to fail: every x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw
+masks; the objective rises on most attacked examples; Square fools at most --tolerance of what the
+gradient losses left; the attack beats as many random points in the ball; an attack at eps = 0
+changes nothing; a large eps leaves at most 5% robust; twice the steps and more restarts, on fresh
+random streams, lower the figure by at most --tolerance.  The ones that attack again run on a
+tenth of the images (--check-images), at most about half the attack's cost.  A failed check names
+the README entry that says what it means and what to try; `--strict` exits 1.
 
 Usage (copy-paste):
     python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
@@ -66,7 +68,9 @@ Evidence (`python benchmarks/attack.py --repeats 5`, 2026-11-25, torch 2.14.1 CP
   - PGD-CE 20 steps x 5 restarts vs torchattacks PGD + MultiAttack, same robust accuracy (mean of
     5 seeds): 1.5-1.6x faster where the model mostly resists (97% robust at 2/255), 2.2-2.4x
     where it is mostly fooled (10-13% at 16/255).  Not the 2x of issue 5 in the first case: the
-    work per step is the same; channels_last and the folded batch norm give the 1.5x.
+    work per step is the same; channels_last and the batch-norm-folded copy of that version gave
+    the 1.5x.  The copy is gone (issue 22: at width 64 it measured 0.8-1.1x, benchmarks/README.md
+    "attack.py without the folded copy"); these figures were not re-measured without it.
   - Default set vs APGD-CE + APGD-T (9 targets), 20 iterations, 8/255: worst case 64.3% vs 64.3%
     (nominal), 66.0% vs 66.3% (clustering, confident sigma^2), 59.3% vs 59.3% (trained by
     magnet.py), 2-4x faster; at 100 iterations (--steps-b 100) equal on all three.  On the
@@ -83,7 +87,6 @@ Robustness").
 
 import argparse
 import contextlib
-import copy
 import datetime
 import fcntl
 import io
@@ -283,201 +286,254 @@ def parse_D(text):
 def parse_args(argv=None):
     """The command line -> checked args (bad input: one line, exit code 2)."""
     p = argparse.ArgumentParser(
-        prog="attack.py",
-        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2) against a clustr/1 "
-                    "checkpoint, per loss and as the per-example worst case over losses.",
-        epilog="--data and --width default to the checkpoint's own; a different "
-               "value is an error. The paper's protocol: --loss ce --schedule constant --steps "
-               "20 (or 100) --restarts 10.",
-        formatter_class=HelpFormatter)
+        prog="attack.py", formatter_class=HelpFormatter,
+        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2), per loss and their worst case.",
+        epilog="--data, --width: the checkpoint's. The paper's protocol: --loss ce --schedule constant --restarts 10")
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
     g = p.add_argument_group("attack (Sec. 4.2, Eq. (5); App. B)")
     add_attack_args(g)
-    add_loss_args(g)
     add_run_args(g)
-    return check_args(p, parse_with_fractions(p, argv))
-
-
-def add_attack_args(g):
-    """The checkpoint, the files, and Eq. (5)'s radius, step and iterations (Sec. 4.2)."""
-    g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
-    g.add_argument("--export", default=None, metavar="PATH",
-                   help="attack nothing: write the checkpoint as one torch.export file (.pt2; images "
-                        "in [0, 1] -> class log-scores z_c, softmax(z) = Eq. (4)) for torchattacks, "
-                        "AutoAttack, RobustBench; load with torch.export.load(PATH).module()")
-    g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
-    g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
-                   help="L-inf radii in [0, 1] pixel units, '8/255' accepted; Sec. 4.2: 8/255; "
-                        "Table 3: 2/255 16/255 25.5/255")
-    g.add_argument("--step", type=parse_fraction, default=2 / 255,
-                   help="PGD step eta of the constant schedule; Sec. 4.2: 2/255")
-    g.add_argument("--steps", type=int, default=100,
-                   help="PGD iterations per run; the paper reports 20 and 100 (PGD-20, PGD-100); "
-                        "default: the longer one")
-    g.add_argument("--restarts", type=int, default=1,
-                   help="random restarts per loss (and per target of margin-t); the paper uses 10 "
-                        "with CE alone. Default 1: the default loss set already makes 5-6 runs "
-                        "per example, as strong as APGD-CE + APGD-T (benchmarks/attack.py)")
-
-
-def add_loss_args(g):
-    """What is maximised (Eq. (5)'s CE and the stronger losses), the cascade, the step schedule and
-    Fig. 4's D."""
-    g.add_argument("--loss", nargs="+", choices=LOSSES, default=None,
-                   help="ce = Eq. (5); margin = Carlini-Wagner margin on log p; margin-t = the "
-                        "margin towards each of the --targets most likely wrong classes "
-                        "(APGD-T's idea); magnet = Sec. 4.2's adaptive attack (Eq. (3) against "
-                        "the stored centres); scores-ce = the authors' code (CE over the "
-                        "unnormalised Eq. (4) scores, -log softmax_y(exp z), z_c = logsumexp "
-                        "over class c's kept centres of -||f - mu_j||^2 / (2 sigma^2)), for "
-                        "comparison; square = the gradient-free Square attack (Andriushchenko "
-                        "et al. 2020). Default: ce margin margin-t, magnet for clustering "
-                        "checkpoints, then square")
-    g.add_argument("--targets", type=int, default=None,
-                   help="margin-t: how many of the most likely wrong classes to target, ranked "
-                        "on the class scores over all centres (not the D-masked p); default "
-                        "min(9, classes - 1), as AutoAttack's APGD-T")
-    g.add_argument("--square-queries", type=int, default=1000,
-                   help="square: model queries per example still robust after the gradient "
-                        "losses (AutoAttack's standard version uses 5000; with 1000 Square took "
-                        "26-53%% of the default run's time in benchmarks/autoattack.py); 0 drops "
-                        "square from the default set")
-    g.add_argument("--per-loss", action="store_true",
-                   help="also attack every example with every loss independently (one row per "
-                        "loss over all images, as AutoAttack's per-attack figures); by default "
-                        "each loss runs only on the examples every earlier loss left robust "
-                        "(AutoAttack's cascade: the same worst case, less work)")
-    g.add_argument("--save-adv", default=None, metavar="PATH",
-                   help="save the adversarial images (torch.save: per (eps, D) the first fooling "
-                        "image of each fooled example, the clean image where none was found), "
-                        "as AutoAttack's save_dir does, to compare tools example by example")
-    g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
-                   help="step size eta_k: constant = --step (Eq. (5), the paper's protocol); "
-                        "cosine = eps (1 + cos(pi k / steps)), from 2 eps (APGD's first step) "
-                        "down to 0, measured stronger (benchmarks/attack.py)")
-    g.add_argument("--D", type=parse_D, nargs="+", default=None,
-                   help="clustering checkpoints: predict from the D nearest centres (Sec. 4.2, "
-                        "Fig. 4); a list, 'all' = every centre; default: the checkpoint's D")
-
-
-def add_run_args(g):
-    """How the run is done: the folded copy, the batch, the checks (Carlini et al. 2019), torchrun."""
-    g.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="attack a copy with batch norm folded into the convolutions (same function "
-                        "up to rounding, ~1.5x faster on CPU); every fooled example is re-checked "
-                        "on the original model and re-attacked there if it is not fooled")
-    g.add_argument("-b", "--batch-size", type=int, default=500,
-                   help="images attacked at once (memory, speed; the random starts are drawn per "
-                        "example, so figures move with it only by float rounding); under torchrun "
-                        "the unit of work: process r takes the chunks r, r + W, ... of each row")
-    g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the sanity checks (Carlini et al. 2019; README \"attack.py: the "
-                        "checks\"): each states its numbers and can fail")
-    g.add_argument("--check-images", type=int, default=500,
-                   help="the checks that attack again run on the first N evaluated images")
-    g.add_argument("--check-budget", type=float, default=0.5,
-                   help="the checks that attack again stop taking new chunks of images once "
-                        "they have used this fraction of the attack's time (each reports the "
-                        "images it covered); 0 = no limit, every check image")
-    g.add_argument("--large-eps", type=parse_fraction, default=64 / 255,
-                   help="check: robust accuracy must be at most 5%% at this eps")
-    g.add_argument("--tolerance", type=float, default=0.01,
-                   help="checks: doubling steps or restarts may lower the robust accuracy, "
-                        "Square may fool survivors of the gradient losses, and a larger eps "
-                        "raise it, by at most this share of the images (0.01 = 1 point)")
-    g.add_argument("--strict", action="store_true",
-                   help="exit with code 1 when any check fails (after writing the results)")
-    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="under torchrun (README \"attack.py under torchrun\"): how long a process "
-                        "waits for the others (to join, and at each row's sum, i.e. for the "
-                        "slowest chunk) before it stops with an error; torch's own default for "
-                        "gloo")
-    add_compile_arg(g)
-
-
-def check_args(p, args):
-    """Bad input the flags' types cannot catch -> p.error: one line, exit code 2."""
+    args = parse_with_fractions(p, argv)
     if args.steps < 0 or args.restarts < 1 or (args.targets is not None and args.targets < 1) \
-            or args.batch_size < 1 or args.square_queries < 0 or args.check_budget < 0:
-        p.error("--steps, --square-queries and --check-budget must be >= 0; --restarts, "
-                "--targets and --batch-size >= 1")
+            or args.batch_size < 1 or args.square_queries < 0 or (args.check_images or 1) < 1:
+        p.error("--steps and --square-queries must be >= 0; --restarts, --targets, --batch-size "
+                "and --check-images >= 1")
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         p.error(f"--dist-timeout must be a positive number of minutes, not {args.dist_timeout:g}")
     return args
 
 
+def add_attack_args(g):
+    """The checkpoint, the files, Eq. (5)'s radius, step and iterations, the losses (Sec. 4.2)."""
+    g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
+    g.add_argument("--export", default=None, metavar="PATH",
+                   help="attack nothing: write the checkpoint as one torch.export file (.pt2: images in [0, 1] -> "
+                        "class log-scores z_c, softmax(z) = Eq. (4)); load with torch.export.load(PATH).module()")
+    g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
+    g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
+                   help="L-inf radii in [0, 1] pixel units; Sec. 4.2: 8/255; Table 3: 2/255 16/255 25.5/255; 0: "
+                        "natural accuracy, nothing attacked")
+    g.add_argument("--step", type=parse_fraction, default=2 / 255, help="PGD step eta (constant schedule); Sec. 4.2")
+    g.add_argument("--steps", type=int, default=100, help="PGD iterations per run; the paper: 20 and 100")
+    g.add_argument("--restarts", type=int, default=1, help="random restarts per loss (and per margin-t target); "
+                   "the paper: 10, CE alone")
+    g.add_argument("--loss", nargs="+", choices=LOSSES, default=None,
+                   help="what is maximised (README \"attack.py: losses, cascade, checks, results\"); ce = Eq. (5). "
+                        "Default: ce margin margin-t, magnet for clustering checkpoints, square")
+    g.add_argument("--targets", type=int, default=None,
+                   help="margin-t: the most likely wrong classes (over all centres) to target; default "
+                        "min(9, classes - 1), as APGD-T")
+    g.add_argument("--square-queries", type=int, default=1000,
+                   help="square: queries per example (AutoAttack: 5000); 0 drops square from the default set")
+    g.add_argument("--per-loss", action="store_true", help="every loss on every example (one row each); "
+                   "default: each loss only on what the earlier ones left robust (AutoAttack's cascade)")
+    g.add_argument("--save-adv", default=None, metavar="PATH", help="save per (eps, D) each example's first "
+                   "fooling image, else its clean one (torch.save), as AutoAttack's save_dir")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
+                   help="eta_k: constant = --step (Eq. (5), the paper's); cosine = eps (1 + cos(pi k / steps))")
+    g.add_argument("--D", type=parse_D, nargs="+", default=None, help="clustering checkpoints: predict from the "
+                   "D nearest centres (Sec. 4.2, Fig. 4); a list, 'all' = every centre; default: the checkpoint's")
+
+
+def add_run_args(g):
+    """How the run is done: the batch, the checks (Carlini et al. 2019), torchrun, --compile."""
+    g.add_argument("-b", "--batch-size", type=int, default=500, help="images attacked at once, each chunk with "
+                   "its own random generator; under torchrun process r takes the chunks r, r + W, ...")
+    g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the sanity checks (Carlini et al. 2019): each states its numbers and can fail")
+    g.add_argument("--check-images", type=int, default=None, help="the checks that attack again run on the first "
+                   "N images; default a tenth of them (about half the attack's cost at most)")
+    g.add_argument("--large-eps", type=parse_fraction, default=64 / 255,
+                   help="check: robust accuracy must be at most 5%% at this eps")
+    g.add_argument("--tolerance", type=float, default=0.01, help="checks: what more steps, restarts, Square or "
+                   "a larger eps may change, as a share of the images (0.01 = 1 point)")
+    g.add_argument("--strict", action="store_true", help="exit 1 when a check fails (after writing the results)")
+    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others before it stops with an error")
+    add_compile_arg(g)
+
+
 # ======================================================================================
-# 2. The model attacked: batch norm folded into the convolutions (the same function)
+# 2. The model attacked (App. A "Architecture"): ResNet18, and the classifier (Eq. (4) or the head)
 # ======================================================================================
 
-# --- shared: fold-bn ---
-def fold_batchnorm(clf):
-    """A copy of the classifier with each eval-mode batch norm folded into the convolution
-    before it (the model is in eval mode throughout):
-        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
-        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
-    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
-    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
-    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
-    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
-    clf = copy.deepcopy(clf)
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
 
-    def fold(conv, bn):
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
-        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
-        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
-        return conv
-    for m in list(clf.modules()):
-        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
-            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
-                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
-                setattr(m, b, nn.Identity())
-        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
-            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
-    return clf
-# --- end shared: fold-bn ---
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
+
+# --- shared: classifier ---
+def build_model(arch, data, with_head):
+    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
+    (README "Where results and checkpoints go")."""
+    if arch.get("name") != "resnet18":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}")
+    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
+                    data["mean"], data["std"])
+
+
+class Classifier(nn.Module):
+    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
+    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
+    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
+
+    def __init__(self, model, clusters=None, D=None):
+        super().__init__()
+        self.model = model
+        self.clusters = clusters is not None
+        if self.clusters:
+            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
+            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
+            self.sigma2 = float(clusters["variance"])
+            self.D = D
+
+    def forward(self, x):
+        if not self.clusters:
+            return F.log_softmax(self.model(x).float(), dim=1)
+        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
+                                 self.sigma2, self.D)
+
+
+def read_classifier(path, device="cpu", D="stored"):
+    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
+    attacks and certificates here work on.  The module is in eval mode with gradients off for its
+    parameters, so an attack never updates batch-norm statistics (README "Where this differs
+    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
+    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
+    ckpt = read_checkpoint(path)
+    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
+    clusters = None if with_head else ckpt.get("clusters")
+    if not with_head and clusters is None:
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
+    model = build_model(ckpt["arch"], ckpt["data"], with_head)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0]})") from None
+    if clusters is not None and D == "stored":
+        D = clusters.get("D")
+    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, ckpt
+
+
+def data_dir_from_checkpoint(args, ckpt):
+    """--data-dir left unset: the folder the checkpoint's run read (stored in its args, absolute
+    since the stages store it so) when it exists; else ./data.  A relative stored path is not
+    used: it counted from a folder that is not known here.  The header prints the folder used."""
+    if args.data_dir is None:
+        stored = ckpt["args"].get("data_dir")
+        usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
+        args.data_dir = stored if usable else "./data"
+    args.data_dir = os.path.abspath(args.data_dir)
+
+
+def check_test_split(ckpt, path, classes, images, data_dir):
+    """The test split must hold the classes (same names, same order) and image shape the
+    checkpoint was trained on; the message says which differ."""
+    info, arch = ckpt["data"], ckpt["arch"]
+    shape = [arch["in_channels"], *info["image_size"]]
+    if classes != info["classes"]:
+        missing = [c for c in info["classes"] if c not in classes]
+        extra = [c for c in classes if c not in info["classes"]]
+        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
+                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
+            or f"the same {len(classes)} class names in another order"
+        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
+             f"(class folders) the checkpoint was trained on")
+    if list(images.shape[1:]) != shape:
+        fail(f"the test split in {data_dir} does not match {path}: its images are "
+             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
+# --- end shared: classifier ---
 
 
 # ======================================================================================
-# 3. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class probabilities
+# 3. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class scores
 # ======================================================================================
 
-def objective(log_prob_fn, x, y, loss, target=None):
+def objective(clf, x, y, loss, target=None):
     """The per-example value an attack maximises, and the classifier's log p (which decides
     'fooled').  x [n, C, H, W] in [0, 1]; y [n]; target [n] for margin-t.
-    ce, margin and margin-t need only log_prob_fn(x); magnet and scores-ce need the features and
-    the stored centres, so they take a clustering Classifier (its .model.features, .centers,
-    .center_classes, .sigma2, .D).  -> (objective [n], log p [n, classes])."""
+    ce, margin and margin-t need only clf(x) (any function returning log p); magnet and scores-ce
+    need the features and the stored centres, so they take a clustering Classifier (its
+    .model.features, .centers, .center_classes, .sigma2, .D).  -> (objective [n], log p [n, classes])."""
     if loss in ("magnet", "scores-ce"):
-        clf = log_prob_fn
         if not getattr(clf, "clusters", False):
             raise ValueError(f"loss {loss!r} needs a clustering classifier (stored centres)")
         f = clf.model.features(x)                                           # [n, d]
-        f = f if f.dtype in (torch.float32, torch.float64) else f.float()   # bf16 under autocast
-        log_p = cluster_log_probs(f, clf.centers, clf.center_classes, clf.sigma2, clf.D)
-        sq_dist = (f[:, None, :] - clf.centers.to(f)[None]).pow(2).sum(-1)   # [n, M]
-        s = -sq_dist / (2 * clf.sigma2)                                     # [n, M]
-        if loss == "magnet":
-            # Sec. 4.2, adaptive attack: Eq. (3) per example against the stored centres and sigma^2,
-            #   ||f - mu(f)||^2/(2 sigma^2) + log sum_{mu_j of other classes} exp(-||f - mu_j||^2/(2 sigma^2))
-            # with mu(f) the nearest centre of the true class (Eq. (3)'s v*).  alpha is a constant
-            # and {.}_+ is dropped: the hinge has zero gradient exactly where the inner value is
-            # negative, i.e. on the well-clustered points the attack has to move.  All centres
-            # enter (not only the D nearest), so the gradient survives where D masks it.
-            own = clf.center_classes[None, :] == y[:, None]                 # [n, M]
-            nearest_own = s.masked_fill(~own, float("-inf")).max(1).values  # -||f - mu(f)||^2/(2 sigma^2)
-            return s.masked_fill(own, float("-inf")).logsumexp(1) - nearest_own, log_p
-        # The authors' evaluation code: cross-entropy of a softmax over the unnormalised Eq. (4)
-        # scores sum_{j in c} exp(s_j) = exp(z_c), i.e. probabilities used as logits.  Kept to
-        # compare that protocol with Eq. (5); exp(z_c) underflows to 0 far from the centres.
-        keep = nearest_centers_mask(sq_dist.detach(), clf.D)                # the D nearest, as Eq. (4)
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        z = log_p + s.logsumexp(1, keepdim=True)                            # [n, C] class log-scores
-        return F.cross_entropy(z.exp(), y, reduction="none"), log_p
-    log_p = log_prob_fn(x)                                                  # [n, classes]
+        z = class_log_scores(f, clf.centers, clf.center_classes, clf.sigma2, clf.D)   # Eq. (4), [n, C]
+        log_p = torch.log_softmax(z, 1)
+        if loss == "scores-ce":
+            # The authors' evaluation code: cross-entropy of a softmax over the unnormalised Eq. (4)
+            # scores sum_{j in c} exp(s_j) = exp(z_c) (the D nearest), i.e. probabilities used as
+            # logits.  Kept to compare that protocol with Eq. (5); exp(z_c) underflows to 0 far
+            # from the centres.
+            return F.cross_entropy(z.exp(), y, reduction="none"), log_p
+        # Sec. 4.2, adaptive attack: Eq. (3) per example against the stored centres and sigma^2,
+        #   ||f - mu(f)||^2/(2 sigma^2) + log sum_{mu_j of other classes} exp(-||f - mu_j||^2/(2 sigma^2))
+        # with mu(f) the nearest centre of the true class (Eq. (3)'s v*).  alpha is a constant
+        # and {.}_+ is dropped: the hinge has zero gradient exactly where the inner value is
+        # negative, i.e. on the well-clustered points the attack has to move.  All centres
+        # enter (not only the D nearest), so the gradient survives where D masks it.
+        s = -sq_distances(f, clf.centers) / (2 * clf.sigma2)               # [n, M] s_j
+        own = clf.center_classes[None, :] == y[:, None]                     # [n, M]
+        nearest_own = s.masked_fill(~own, float("-inf")).max(1).values      # -||f - mu(f)||^2/(2 sigma^2)
+        return s.masked_fill(own, float("-inf")).logsumexp(1) - nearest_own, log_p
+    log_p = clf(x)                                                          # [n, classes]
     log_p_y = log_p.gather(1, y[:, None]).squeeze(1)
     if loss == "ce":                                                        # Eq. (5): L_ce(p, y)
         return -log_p_y, log_p
@@ -488,24 +544,15 @@ def objective(log_prob_fn, x, y, loss, target=None):
     raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
 
 
-def step_size(step, eps, k, steps, schedule):
-    """eta_k for iteration k = 0..steps-1: constant (Eq. (5), Sec. 4.2: 2/255), or cosine from
-    2 eps (the first step of Croce & Hein's APGD) down to 0: long moves first, then refinement."""
-    if schedule == "constant":
-        return step
-    return eps * (1 + math.cos(math.pi * k / steps))
-
-
-def class_scores(log_prob_fn, x):
-    """Class scores that rank the targets of margin-t and guide Square: log p of Eq. (4) over
-    *all* centres, also when the classifier predicts from the D nearest.  Under a D mask the
+def class_scores(clf, x, D=None):
+    """Class scores that rank the targets of margin-t and guide Square: z of Eq. (4) over *all*
+    centres (D = None), also when the classifier predicts from the D nearest.  Under a D mask the
     classes outside the D nearest all have log p = -inf: ranked by it they tie, and the tie
     broke as classes 0, 1, 2 for every example (with D = 1 or 2 an example then "targeted" its
     own class).  Head classifiers and plain functions: their own log p.  -> [n, classes]."""
-    if getattr(log_prob_fn, "clusters", False) and log_prob_fn.D is not None:
-        return cluster_log_probs(log_prob_fn.model.features(x), log_prob_fn.centers,
-                                 log_prob_fn.center_classes, log_prob_fn.sigma2, None)
-    return log_prob_fn(x)
+    if getattr(clf, "clusters", False):
+        return class_log_scores(clf.model.features(x), clf.centers, clf.center_classes, clf.sigma2, D)
+    return clf(x)
 
 
 def rank_targets(scores, y):
@@ -515,135 +562,48 @@ def rank_targets(scores, y):
     return order[order != y[:, None]].view(len(y), -1)
 
 
-# Random starts keyed by example.  attack.py's own runs draw every random number (PGD's start,
-# Square's stripes, windows and signs, the random-search points) as a hash of (--seed, the loss,
-# the example's index in the test split, the draw's number), never from one stream that walks
-# through the batches: an example gets the same start whichever batch, process (torchrun) or
-# earlier fooled examples surround it, so N processes give one process's result.
-MASK32 = 0xFFFFFFFF
-
-
-def mix32(x):
-    """A 32-bit integer hash (Wellons' "lowbias32": xor-shift, multiply, three times) of a Python
-    int or an int64 tensor in [0, 2^32).  Each product is formed from 16-bit halves, so no int64
-    multiplication overflows: the same bits on every device and platform.  Tensors are worked on
-    in place, on a copy (half the time of fresh temporaries: 0.1 s for 500 x 3072 values here)."""
-    if not torch.is_tensor(x):
-        def mul(v, m):                                              # (v * m) mod 2^32
-            return (((((v >> 16) * m) & 0xFFFF) << 16) + (v & 0xFFFF) * m) & MASK32
-        x = mul(x ^ (x >> 16), 0x7FEB352D)
-        x = mul(x ^ (x >> 15), 0x846CA68B)
-        return x ^ (x >> 16)
-
-    def mul_(v, m):                                                 # the same, in place on v
-        high = (v >> 16).mul_(m).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-        return v.bitwise_and_(0xFFFF).mul_(m).add_(high).bitwise_and_(MASK32)
-    x = x.clone()
-    x = mul_(x.bitwise_xor_(x >> 16), 0x7FEB352D)
-    x = mul_(x.bitwise_xor_(x >> 15), 0x846CA68B)
-    return x.bitwise_xor_(x >> 16)
-
-
-def stream_key(seed, *salt):
-    """The 32-bit key of a random stream: --seed (any Python int) folded with salts (the loss)."""
-    key = mix32(mix32(seed & MASK32) ^ ((seed >> 32) & MASK32))
-    for s in salt:
-        key = mix32(key ^ mix32(s & MASK32))
-    return key
-
-
-class Stream:
-    """Counter-based random numbers for the examples of one batch: draw number k for the example
-    of global index i is mix32(mix32(key ^ k) + mix32(i)), combined with each element's position,
-    so it depends on (key, k, i) alone.  `index` [n] int64: the examples' indices in the test
-    split; every call is one draw and advances k (also when it asks for no rows), as a
-    torch.Generator advances.  pgd, square and random_search take a Stream or a torch.Generator."""
-
-    def __init__(self, key, index, draw=0):
-        self.key, self.index, self.draw = key, index, draw
-
-    def subset(self, rows):
-        """The same stream for the examples rows of this batch (re-attacks continue it)."""
-        return Stream(self.key, self.index[rows], self.draw)
-
-    def bits(self, rows, shape):
-        """-> int64 [len(rows), *shape] of uniform 32-bit values."""
-        numel = math.prod(shape)
-        per_draw = mix32(self.key ^ (self.draw & MASK32))
-        self.draw += 1
-        base = mix32((mix32(self.index[rows]) + per_draw) & MASK32)           # [n]
-        position = mix32(torch.arange(numel, device=self.index.device) + 0x9E3779B9)  # [numel]
-        return mix32(base[:, None] ^ position[None, :]).view(len(base), *shape)
-
-    def uniform(self, rows, shape, dtype=torch.float32):
-        """-> U[0, 1) [len(rows), *shape], 24 random bits each (exact in float32)."""
-        return (self.bits(rows, shape) >> 8).to(dtype).mul_(2.0 ** -24)
-
-    def integers(self, high, rows, shape):
-        """-> int64 uniform in {0, ..., high - 1}, [len(rows), *shape] (floor(u * high))."""
-        return ((self.bits(rows, shape) >> 8) * high) >> 24
-
-
-def uniform_like(generator, x, rows):
-    """U[0, 1) noise shaped like x[rows]: from a Stream, per example; from a torch.Generator (or
-    None, torch's global one), drawn for all of x and then indexed, so the stream's position does
-    not depend on which rows are asked for."""
-    if isinstance(generator, Stream):
-        return generator.uniform(rows, x.shape[1:], x.dtype)
-    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)[rows]
-
-
-def integers(generator, high, rows, shape, device):
-    """Uniform integers in [0, high), [len(rows), *shape], from a Stream or a torch.Generator."""
-    if isinstance(generator, Stream):
-        return generator.integers(high, rows, shape)
-    return torch.randint(0, high, (len(rows), *shape), generator=generator, device=device)
-
-
-def pgd(log_prob_fn, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
+def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
         targets=9, schedule="constant", stats=None):
     """L-inf PGD, ClusTR Eq. (5), with restarts:
 
         x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
         S = {x' in [0, 1]^n : ||x' - x||_inf <= eps}
 
-    log_prob_fn(x) -> log-probabilities [n, classes] (the model in eval mode, parameters frozen).
+    clf(x) -> log-probabilities [n, classes] (the model in eval mode, parameters frozen).
     An example is fooled as soon as one iterate (x^0 included) of one restart is misclassified;
     that first fooling iterate is kept and the example leaves the batch, so later steps and
     restarts attack only the rest (the same result as attacking everything, less work).  Restarts
     are merged by whether they fooled the model, never by which reached the higher loss.
     margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
-    (ranked by class_scores, i.e. over all centres).  generator: a Stream (attack_split: each
-    example's start depends only on the seed, the loss, its index and the run) or a torch.Generator
-    (the noise of the whole batch is drawn each run); either way the random stream does not depend
-    on which examples were already fooled.  stats (a dict, optional) accumulates, over the runs of
-    examples that
-    took at least one step, "runs", "rose" (objective higher at the end, the fooling iterate or
-    the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the check
-    "objective_rises".
+    (ranked by class_scores, i.e. over all centres).  generator: a torch.Generator (None: torch's
+    global one); each run draws the noise of the whole batch, so the stream does not depend on
+    which examples were already fooled.  stats (a dict, optional) accumulates, over the runs of
+    examples that took at least one step, "runs", "rose" (objective higher at the end, the fooling
+    iterate or the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the
+    check "objective_rises".
     -> (x_adv [n, C, H, W], still_correct [n] bool: correct on x and on every iterate)."""
     x, y = x.detach(), y.detach()
     with torch.no_grad():
-        log_p = log_prob_fn(x)
+        log_p = clf(x)
     still_correct = log_p.argmax(1) == y                                    # robust => clean-correct
     x_adv = x.clone()
     if loss == "margin-t":  # the most likely wrong classes at the clean input, best first
         with torch.no_grad():
-            ranked = rank_targets(class_scores(log_prob_fn, x), y)           # [n, C - 1]
+            ranked = rank_targets(class_scores(clf, x), y)                  # [n, C - 1]
         runs = [ranked[:, t] for t in range(min(targets, log_p.shape[1] - 1)) for _ in range(restarts)]
     else:
         runs = [None] * restarts
     for target in runs:
         idx = still_correct.nonzero().squeeze(1)                            # [m] still to attack
-        noise = uniform_like(generator, x, idx)                             # drawn even when m = 0
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)[idx]  # drawn even when m = 0
         if len(idx) == 0:
             continue
-        pgd_run(log_prob_fn, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
+        pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
                 x_adv, still_correct)
     return x_adv, still_correct
 
 
-def pgd_run(log_prob_fn, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
+def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
             x_adv, still_correct):
     """One run of pgd (a restart, or one target of margin-t) on the examples idx still correct:
     Eq. (5)'s iterates from the random start x^0 = clip(x + (2 noise - 1) eps); writes the first
@@ -655,7 +615,7 @@ def pgd_run(log_prob_fn, x, y, eps, step, steps, loss, schedule, stats, idx, noi
     for k in range(steps + 1):
         xk.requires_grad_(True)
         with torch.enable_grad():
-            obj, lp = objective(log_prob_fn, xk, y0, loss, t0)
+            obj, lp = objective(clf, xk, y0, loss, t0)
         if k == 0:
             start = obj.detach()                                            # the objective at x^0
         new = live & (lp.detach().argmax(1) != y0)                          # fooled at x^k
@@ -663,11 +623,11 @@ def pgd_run(log_prob_fn, x, y, eps, step, steps, loss, schedule, stats, idx, noi
             x_adv[idx[new]] = xk.detach()[new]                              # first fooling iterate
             still_correct[idx[new]] = False
             if k > 0:
-                _tally(stats, obj.detach()[new], start[new])
+                tally_rises(stats, obj.detach()[new], start[new])
             live &= ~new
         if k == steps or not live.any():
             if k > 0:
-                _tally(stats, obj.detach()[live], start[live])
+                tally_rises(stats, obj.detach()[live], start[live])
             break
         grad, = torch.autograd.grad(obj.sum(), xk)                          # rows are independent
         xk = xk.detach()
@@ -675,9 +635,21 @@ def pgd_run(log_prob_fn, x, y, eps, step, steps, loss, schedule, stats, idx, noi
             t0 = None if t0 is None else t0[live]
             xk, x0, y0, idx, grad, start, live = (xk[live], x0[live], y0[live], idx[live],
                                                   grad[live], start[live], live[live])
-        eta = step_size(step, eps, k, steps, schedule)
+        # eta_k for k = 0..steps-1: constant (Eq. (5), Sec. 4.2: 2/255), or cosine from 2 eps (the first
+        # step of Croce & Hein's APGD) down to 0: long moves first, then refinement
+        eta = step if schedule == "constant" else eps * (1 + math.cos(math.pi * k / steps))
         xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
     x_adv[idx[live]] = xk.detach()[live]                                    # survivors: last iterate
+
+
+def tally_rises(stats, end, start):
+    """Objective at the end of a run against its value at x^0 (the objective_rises check)."""
+    if stats is None or not len(end):
+        return
+    finite = torch.isfinite(end) & torch.isfinite(start)
+    stats["runs"] = stats.get("runs", 0) + int(finite.sum())
+    stats["rose"] = stats.get("rose", 0) + int((end > start)[finite].sum())
+    stats["not_finite"] = stats.get("not_finite", 0) + int((~finite).sum())
 
 
 def square_side(i, queries, size, p_init=0.8):
@@ -691,7 +663,7 @@ def square_side(i, queries, size, p_init=0.8):
 
 
 @torch.no_grad()
-def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
+def square(clf, x, y, eps, queries, generator=None, p_init=0.8):
     """L-inf Square attack (Andriushchenko et al. 2020): gradient-free, score-based random search
     at the vertices of the eps-ball, AutoAttack's guard against masked gradients (saturated
     Eq. (4) probabilities, D masks).
@@ -699,95 +671,73 @@ def square(log_prob_fn, x, y, eps, queries, generator=None, p_init=0.8):
         x^0 = clip_[0,1](x + eps v),  v in {-1, +1} per (channel, column): vertical stripes
         each query: a random s x s window (s by square_side), new values +-eps per channel in it,
                     x' = clip_[0,1](x + delta'),  kept when the margin falls
-        margin(x) = z_y(x) - max_{c != y} z_c(x),   z = class_scores (log p over all centres)
+        margin(x) = z_y(x) - max_{c != y} z_c(x),   z = class_scores (over all centres)
 
     The example is fooled when the classifier itself (with its D mask) no longer predicts y at
-    a queried point (kept even if its margin is higher); fooled examples leave.  Every point stays in the eps-ball and [0, 1].
-    The original also resamples a window whose new values equal the old ones; here such a query
-    is spent (at 3 channels, 1 in 8).  generator: a Stream (per example, as in pgd) or a
+    a queried point (kept even if its margin is higher); fooled examples leave.  Every point
+    stays in the eps-ball and [0, 1].  The original also resamples a window whose new values
+    equal the old ones; here such a query is spent (at 3 channels, 1 in 8).  generator: a
     torch.Generator.  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
     x, y = x.detach(), y.detach()
-    still = log_prob_fn(x).argmax(1) == y                                   # robust => clean-correct
-    x_adv = x.clone()
-    idx = still.nonzero().squeeze(1)
+    still = clf(x).argmax(1) == y                                           # robust => clean-correct
+    x_adv, idx = x.clone(), still.nonzero().squeeze(1)
     if eps == 0 or queries == 0 or len(idx) == 0:
         return x_adv, still
     n, C, H, W = x.shape
-    dev = x.device
-
-    def signs(rows, *shape):                                                # [len(rows), *shape]
-        return integers(generator, 2, rows, shape, dev).to(x.dtype) * 2 - 1
-
     x0, y0 = x[idx], y[idx]
-    xk = (x0 + eps * signs(idx, C, 1, W)).clamp(0, 1)                       # stripes, [m, C, H, W]
-    m_k, fooled = square_margin(log_prob_fn, xk, y0)
-    rows = torch.arange(H, device=dev)[None, None, :, None]
-    cols = torch.arange(W, device=dev)[None, None, None, :]
+    stripes = torch.randint(0, 2, (len(idx), C, 1, W), generator=generator, device=x.device) * 2 - 1
+    xk = (x0 + eps * stripes).clamp(0, 1)                                   # [m, C, H, W]
+    m_k, fooled = square_margin(clf, xk, y0)
+    rows, cols = torch.arange(H, device=x.device)[:, None], torch.arange(W, device=x.device)   # [H, 1], [W]
     for i in range(1, queries + 1):
         if fooled.any():
-            x_adv[idx[fooled]] = xk[fooled]
-            still[idx[fooled]] = False
-            keep = ~fooled
-            x0, y0, xk, m_k, idx = x0[keep], y0[keep], xk[keep], m_k[keep], idx[keep]
+            x_adv[idx[fooled]], still[idx[fooled]] = xk[fooled], False
+            x0, y0, xk, m_k, idx = x0[~fooled], y0[~fooled], xk[~fooled], m_k[~fooled], idx[~fooled]
         if len(idx) == 0 or i == queries:
             break
         side = square_side(i, queries, min(H, W), p_init)
-        r = integers(generator, H - side + 1, idx, (), dev)[:, None, None, None]
-        c = integers(generator, W - side + 1, idx, (), dev)[:, None, None, None]
+        r, c, sign = (torch.randint(0, hi, shape, generator=generator, device=x.device) for hi, shape in (
+            (H - side + 1, (len(idx), 1, 1, 1)), (W - side + 1, (len(idx), 1, 1, 1)), (2, (len(idx), C, 1, 1))))
         window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
-        x_new = torch.where(window, x0 + eps * signs(idx, C, 1, 1), xk).clamp(0, 1)
+        x_new = torch.where(window, x0 + eps * (sign * 2 - 1), xk).clamp(0, 1)
         x_new = torch.min(torch.max(x_new, x0 - eps), x0 + eps)             # clipped: still in S
-        m_new, f_new = square_margin(log_prob_fn, x_new, y0)
-        better = (m_new < m_k) | f_new                  # accepted: a lower margin, or fooled
+        m_new, fooled = square_margin(clf, x_new, y0)
+        better = (m_new < m_k) | fooled                 # accepted: a lower margin, or fooled
         xk = torch.where(better[:, None, None, None], x_new, xk)
         m_k = torch.where(better, m_new, m_k)
-        fooled = f_new
     x_adv[idx] = xk                                                         # survivors: last accepted
     return x_adv, still
 
 
-def square_margin(log_prob_fn, v, yv):
+def square_margin(clf, v, yv):
     """Square's objective: margin z_y - max_{c != y} z_c over the class scores of all centres,
     and whether the classifier (with its D mask) is fooled at v.  -> (margin [n], fooled [n])."""
-    if getattr(log_prob_fn, "clusters", False):
-        f = log_prob_fn.model.features(v)
-        f = f if f.dtype in (torch.float32, torch.float64) else f.float()
-        z = cluster_log_probs(f, log_prob_fn.centers, log_prob_fn.center_classes,
-                              log_prob_fn.sigma2, None)                 # all centres
-        lp = z if log_prob_fn.D is None else cluster_log_probs(
-            f, log_prob_fn.centers, log_prob_fn.center_classes, log_prob_fn.sigma2, log_prob_fn.D)
+    if getattr(clf, "clusters", False) and clf.D is not None:               # one f(x), two masks
+        f = clf.model.features(v)
+        z, lp = (class_log_scores(f, clf.centers, clf.center_classes, clf.sigma2, D) for D in (None, clf.D))
     else:
-        z = lp = log_prob_fn(v)
+        z = lp = class_scores(clf, v)
     z = z.float()
     z_y = z.gather(1, yv[:, None]).squeeze(1)
     other = z.scatter(1, yv[:, None], float("-inf")).max(1).values      # y excluded by index
     return z_y - other, lp.argmax(1) != yv
 
 
-def _tally(stats, end, start):
-    """Objective at the end of a run against its value at x^0 (the objective_rises check)."""
-    if stats is None or not len(end):
-        return
-    finite = torch.isfinite(end) & torch.isfinite(start)
-    stats["runs"] = stats.get("runs", 0) + int(finite.sum())
-    stats["rose"] = stats.get("rose", 0) + int((end > start)[finite].sum())
-    stats["not_finite"] = stats.get("not_finite", 0) + int((~finite).sum())
-
-
-def zero_gradient_counts(log_prob_fn, x, y, losses):
+def zero_gradient_counts(clf, x, y, losses):
     """Masked-gradient check (Carlini et al. 2019): among correctly classified examples, how many have
     an input gradient that is exactly zero at the clean input, per loss and under every loss.
     -> ({loss: count}, count under every loss, correct count)."""
     with torch.no_grad():
-        log_p = log_prob_fn(x)
+        log_p = clf(x)
     correct = log_p.argmax(1) == y
     x, y = x[correct].detach(), y[correct]
-    target = rank_targets(class_scores(log_prob_fn, x), y)[:, 0]             # top wrong class
+    with torch.no_grad():
+        target = rank_targets(class_scores(clf, x), y)[:, 0]                # top wrong class
     counts, every = {}, torch.ones(len(y), dtype=torch.bool, device=x.device)
     for loss in losses:
         xg = x.clone().requires_grad_(True)
         with torch.enable_grad():
-            obj, _ = objective(log_prob_fn, xg, y, loss, target)
+            obj, _ = objective(clf, xg, y, loss, target)
             grad, = torch.autograd.grad(obj.sum(), xg)
         zero = (grad.flatten(1) == 0).all(1)
         counts[loss] = int(zero.sum())
@@ -833,21 +783,22 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
-    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=None, num_classes=None):
+    """The class log-scores of ClusTR Eq. (4), the soft nearest-cluster classifier:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
-        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+        z_c = logsumexp_{j in c}(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2),   p = softmax(z)
 
     features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
-    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
-    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): the sums run over the D nearest centres only;
+    a class with no centre among them gets z = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
-    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes].
+    given, is the set of centres the sums run over instead of the D nearest (qtrades.py: Eq. (6)
+    compares two distributions on the same set).  num_classes: a Python int where the classes
+    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes].
 
     The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
     largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
@@ -856,10 +807,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
     largest term is exp(0)), so nothing underflows.
     A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
-    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
-    their rounding cancels: when one class holds all the probability, its log p is exactly 0
-    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
+    that no 0 * inf reaches the gradient."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -870,7 +818,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     classes = center_classes.to(features.device).long()                    # [M]
-    num_classes = int(classes.max()) + 1
+    num_classes = int(classes.max()) + 1 if num_classes is None else num_classes
     n, M = s.shape
     peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
         1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
@@ -881,7 +829,16 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     with torch.autocast(s.device.type, enabled=False):
         sums = terms @ one_hot                                             # [n, classes]
     per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
-    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
+    return per_class                                                       # [n, classes] z_c
+
+
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
+    """log of ClusTR Eq. (4) in log space, log p_c = z_c - logsumexp_c z_c (class_log_scores'
+    arguments): the denominator logsumexp_j s_j taken over the class scores (the same number:
+    logsumexp_c of logsumexp_{j in c}), a log_softmax, so that their rounding cancels: when one
+    class holds all the probability, its log p is exactly 0 and so is its gradient, even where
+    float32 cannot resolve s_j (|s_j| ~ 1e6).  -> [n, classes]."""
+    return torch.log_softmax(class_log_scores(features, centers, center_classes, sigma2, D, keep), dim=1)
 # --- end shared: eq4 ---
 
 
@@ -894,97 +851,102 @@ def fmt_eps(eps):
     return f"{eps * 255:g}/255" if abs(eps * 510 - round(eps * 510)) < 1e-6 else f"{eps:.4g}"
 
 
-def run_loss(model, x, y, eps, loss, generator, b, args, stats=None):
-    """One loss on one batch: PGD (Eq. (5)) for the gradient losses, Square for "square"."""
-    if loss == "square":
-        return square(model, x, y, eps, b["queries"], generator)
-    return pgd(model, x, y, eps, b["step"], b["steps"], b["restarts"], loss, generator,
-               b["targets"] or 9, args.schedule, stats)              # None (unresolved): APGD-T's 9
+def share(mask):
+    """The share of True in mask, in float64: k of n images at a threshold of k / n is at it."""
+    return mask.double().mean().item() if len(mask) else float("nan")
 
 
-def attack_split(net, images, labels, args, eps, loss, seed, progress=None, adv=None, stats=None,
-                 index=None, shard=True, **budget):
+@torch.no_grad()
+def natural_mask(clf, images, labels, batch_size):
+    return torch.cat([clf(to_float(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]
+                      for i in range(0, len(labels), batch_size)])
+
+
+def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=None, tally=None, stats=False,
+                 progress=None, **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step, queries, targets.  index [N] int64: the images' positions in the test
-    split (default 0..N-1); the random numbers of each image are a Stream keyed by (seed, loss,
-    its index), so a loss's figure does not depend on which other losses ran before it, nor on
-    the chunks.  net = {"clf": the classifier,
-    "fast": its batch-norm-folded copy (or itself), "re_attacked": count, "ball": {"batches",
-    "max_excess"}}: fast runs the attack; each example it calls fooled must be fooled by clf
-    itself at x_adv, else clf is attacked again for it, and each it calls robust must be
-    classified correctly by clf at x_adv.  Every batch's x_adv is measured against the eps-ball
-    and [0, 1] (net["ball"], the check "in_ball").  adv [N, C, H, W] float, when given, receives
-    x_adv.  Under torchrun (shard=True) process r attacks the chunks r, r + W, r + 2W, ... and the
-    robust mask, the re-attacked count and (on rank 0) adv are summed over the processes; each
-    chunk holds the images it holds in one process, so the figures are one process's; the ball
-    and stats stay per process (run_checks sums them).  shard=False: this process does every
-    chunk (the checks give each process its own parts).  -> robust mask [N] bool, raw (not ANDed
-    with natural accuracy: the check "robust_le_natural" compares the two)."""
-    clf, fast = net["clf"], net["fast"]
-    b = {"step": args.step, "steps": args.steps, "restarts": args.restarts,
-         "queries": args.square_queries, "targets": args.targets, **budget}
-    key = stream_key(seed, LOSSES.index(loss))
-    index = torch.arange(len(labels), device=images.device) if index is None else index
-    rank, world = (DIST["rank"], DIST["world"]) if shard else (0, 1)
-    robust = torch.zeros(len(labels), dtype=torch.bool, device=images.device)
-    mine = torch.zeros_like(robust)                                         # this process's chunks
-    ball = net.setdefault("ball", {"batches": 0, "max_excess": 0.0})
-    re_attacked, t0 = 0, time.time()
+    steps, restarts, step, queries, targets. index [N]: the images' positions in the test split
+    (default 0..N-1). Each chunk draws from a torch.Generator of its own, seeded by (seed, the loss,
+    its first image's index), so a loss's figure does not depend on which losses ran before, nor on
+    how many processes share the chunks. tally (a dict): every chunk's x_adv measured against the
+    eps-ball and [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives
+    (objective_rises). adv [N, C, H, W] float, when given, receives x_adv. Under torchrun process r
+    attacks the chunks r, r + W, ...; the robust mask and adv are summed over the processes, so
+    every one holds one process's result (tally stays per process: run_checks sums it). -> robust
+    mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
+    b = {"step": args.step, "steps": args.steps, "restarts": args.restarts, "queries": args.square_queries,
+         "targets": args.targets or 9, **budget}                            # None (unresolved): APGD-T's 9
+    index = torch.arange(len(labels), device=labels.device) if index is None else index
+    robust = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+    mine, t0 = torch.zeros_like(robust), time.time()                        # this process's chunks
     for chunk, start in enumerate(range(0, len(labels), args.batch_size)):
-        if chunk % world != rank:
+        if chunk % DIST["world"] != DIST["rank"]:                          # torchrun: chunks r, r + W, ...
             continue
         x = to_float(images[start:start + args.batch_size]).contiguous(
             memory_format=torch.channels_last)  # measured 1.5x faster convolutions on CPU too
         y = labels[start:start + args.batch_size]
-        draws = Stream(key, index[start:start + len(y)])
-        x_adv, still, again = attack_chunk(clf, fast, x, y, eps, loss, draws, b, args, stats)
-        re_attacked += again
-        measure_ball(ball, x_adv, x, eps)
-        robust[start:start + len(y)] = still
-        mine[start:start + len(y)] = True
+        key = np.random.SeedSequence([seed, int.from_bytes(loss.encode(), "little"), int(index[start])])
+        g = torch.Generator(x.device).manual_seed(int(key.generate_state(1)[0]))   # (seed, loss, chunk)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
+            if loss == "square":
+                x_adv, still = square(clf, x, y, eps, b["queries"], g)
+            else:                                                           # PGD, Eq. (5)
+                x_adv, still = pgd(clf, x, y, eps, b["step"], b["steps"], b["restarts"], loss, g, b["targets"],
+                                   args.schedule, tally if stats else None)
+        if tally is not None:
+            measure_ball(tally, x_adv, x, eps)
+        robust[start:start + len(y)], mine[start:start + len(y)] = still, True
         if adv is not None:
             adv[start:start + len(y)] = x_adv.float()
         if progress:                                # this process's chunks; seen: the chunk's end
             progress(loss, eps, start + len(y), len(labels), robust[mine], time.time() - t0)
-    if world > 1:
-        robust = all_sum(robust) > 0
-        re_attacked = int(all_sum(torch.tensor(re_attacked, device=images.device)))
+    if DIST["world"] > 1:                           # torchrun: every process holds the whole row
+        robust = all_sum(robust).to(robust.device) > 0
         if adv is not None:
-            adv[~mine] = 0
-            torch.distributed.all_reduce(adv)                       # every process recomputes
-        if progress and len(labels) and not mine[-1]:   # the last chunk was another's: the row's end
-            progress(loss, eps, len(labels), len(labels), robust, time.time() - t0)
-    net["re_attacked"] += re_attacked
+            adv.copy_(all_sum(adv.masked_fill(~mine[:, None, None, None], 0)))
     return robust
-
-
-def attack_chunk(clf, fast, x, y, eps, loss, draws, b, args, stats):
-    """One chunk of attack_split: the attack on fast (the folded copy, or clf itself), then every
-    claim checked on clf, and clf attacked again where fast's x_adv does not fool it.
-    -> (x_adv, still correct [n] bool, how many were attacked again)."""
-    re_attacked = 0
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-        x_adv, still = run_loss(fast, x, y, eps, loss, draws, b, args, stats)
-        if fast is not clf:
-            with torch.no_grad():
-                still &= clf(x_adv).argmax(1) == y                      # robust claims, on clf
-                unsure = (~still).nonzero().squeeze(1)
-                unsure = unsure[clf(x_adv[unsure]).argmax(1) == y[unsure]]   # not fooled, really
-            if len(unsure):
-                re_attacked += len(unsure)                              # the stream continues
-                x_adv[unsure], still[unsure] = run_loss(clf, x[unsure], y[unsure], eps, loss,
-                                                        draws.subset(unsure), b, args)
-    return x_adv, still, re_attacked
 
 
 def measure_ball(ball, x_adv, x, eps):
     """The eps-ball and the box, on every batch: ||x_adv - x||_inf <= eps, 0 <= x_adv <= 1 (the
     check "in_ball"); ball["max_excess"] keeps the largest excess over all batches."""
-    n = len(x)
-    excess = max(float((x_adv - x).abs().amax()) - eps if n else 0.0,
-                 -float(x_adv.min()) if n else 0.0, float(x_adv.max()) - 1 if n else 0.0)
-    ball["batches"] += 1
-    ball["max_excess"] = max(ball["max_excess"], excess)
+    # the chunks of attack_split and recompute are never empty
+    excess = max(float((x_adv - x).abs().amax()) - eps, -float(x_adv.min()), float(x_adv.max()) - 1)
+    ball["batches"] = ball.get("batches", 0) + 1
+    ball["max_excess"] = max(ball.get("max_excess", 0.0), excess)
+
+
+def run_losses(clf, images, labels, args, eps, losses, natural, adv, tally, stats, emit, progress=None):
+    """The losses in turn, as AutoAttack's cascade: each attacks only the examples every earlier
+    one left robust, so an example counts as robust only if no loss and no restart fooled it
+    (the same worst case as every loss on every example, less work); --per-loss: each attacks
+    every example (its own row over all images).  adv [N, C, H, W] (the clean images) receives
+    each example's first fooling image.  After each loss its images are classified again
+    (recompute): the row's robust accuracy is the recomputed one (the cascade's: robust under it
+    and every earlier loss).  emit(row) logs each row as it finishes.
+    -> (worst [N] raw robust mask, fooled_by [N]: index into losses or -1, {loss: mask} with --per-loss)."""
+    n, dev = len(labels), labels.device
+    worst = torch.ones(n, dtype=torch.bool, device=dev)
+    fooled_by = torch.full((n,), -1, dtype=torch.long, device=dev)
+    seen, masks = worst.clone(), {}                                         # seen: the recomputed verdicts
+    for i, loss in enumerate(losses):
+        idx = torch.arange(n, device=dev) if args.per_loss else worst.nonzero().squeeze(1)
+        t0 = time.time()
+        part = torch.empty((len(idx), *images.shape[1:]), device=images.device)
+        robust = attack_split(clf, images[idx], labels[idx], args, eps, loss, args.seed, idx, part, tally,
+                              stats and loss != "square", progress)
+        first = worst[idx] & ~robust                                        # the first loss to fool it
+        fooled_by[idx[first & natural[idx]]] = i
+        adv[idx[first]] = part[first]
+        worst[idx] &= robust
+        seen[idx], disagree = recompute(clf, part, images[idx], labels[idx], eps, robust & natural[idx], args, loss)
+        if args.per_loss:
+            masks[loss] = seen.clone()
+        dt = time.time() - t0
+        emit({"loss": loss, "robust_accuracy": share(seen), "attacked": len(idx),
+              "fooled": int((~robust & natural[idx]).sum()), "disagreements": disagree, "seconds": dt,
+              "images_per_second": len(idx) / max(dt, 1e-9)})
+    return worst, fooled_by, masks
 
 
 @torch.no_grad()
@@ -1042,331 +1004,94 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
 RECOMPUTE_MARGIN = {False: 0.05, True: 2.0}
 
 
-@torch.no_grad()
-def natural_mask(clf, images, labels, batch_size):
-    return torch.cat([clf(to_float(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]
-                      for i in range(0, len(labels), batch_size)])
-
-
-def share(mask):
-    """The share of True in mask, in float64: k of n images at a threshold of k / n is at it."""
-    return mask.double().mean().item() if len(mask) else float("nan")
-
-
-def cascade(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
-    """The headline worst case as AutoAttack computes it: each loss runs only on the examples
-    every earlier loss left robust, so an example counts as robust only if no loss and no
-    restart fooled it (the same worst case as running every loss on every example, less work).
-    The first loss sees every image (pgd drops the misclassified ones itself), so the result is
-    the raw mask.  adv [N, C, H, W] float (default: a new one) receives each example's first
-    fooling image and keeps the clean image where none was found; after each loss, the images
-    of the examples it attacked are classified again (recompute) and each row's robust accuracy
-    is the recomputed one.  -> (robust [N] raw, fooled_by [N] int: index into losses or -1, rows)."""
-    n = len(labels)
-    adv = to_float(images).clone() if adv is None else adv.copy_(to_float(images))   # clean until fooled
-    alive = torch.ones(n, dtype=torch.bool, device=labels.device)
-    seen = alive.clone()                                                   # recomputed: correct at adv
-    fooled_by = torch.full((n,), -1, dtype=torch.long, device=labels.device)
-    rows = []
-    for i, loss in enumerate(losses):
+def survivors(clf, images, labels, args, eps, losses, seed, tally, index=None, **budget):
+    """The checks' cascade: each loss on what every earlier one left robust.  -> robust [N] raw."""
+    index = torch.arange(len(labels), device=labels.device) if index is None else index
+    alive = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    for loss in losses:
         idx = alive.nonzero().squeeze(1)
-        t0, before = time.time(), net["re_attacked"]
-        part = torch.empty((len(idx), *images.shape[1:]), device=images.device)
-        robust = attack_split(net, images[idx], labels[idx], args, eps, loss, args.seed, progress, part,
-                              None if loss == "square" else stats, index=idx) if len(idx) else alive[idx]
-        alive[idx] = robust
-        newly = idx[~robust & natural[idx]]                                # fooled here, clean-correct
-        fooled_by[newly] = i
-        adv[idx[~robust]] = part[~robust]
-        seen[idx], disagree = recompute(net["clf"], adv[idx], images[idx], labels[idx], eps,
-                                        alive[idx] & natural[idx], args, loss)
-        dt = time.time() - t0
-        rows.append({"loss": loss, "robust_accuracy": share(seen), "attacked": len(idx),
-                     "fooled": len(newly), "disagreements": disagree, "seconds": dt,
-                     "images_per_second": len(idx) / max(dt, 1e-9),
-                     "re_attacked": net["re_attacked"] - before, "cascade": True})
-        if emit:
-            emit(rows[-1])                                                 # logged as it finishes
-    return alive, fooled_by, rows
+        alive[idx] = attack_split(clf, images[idx], labels[idx], args, eps, loss, seed, index[idx], tally=tally,
+                                  **budget)
+    return alive
 
 
-def per_loss(net, images, labels, args, eps, losses, natural, progress, stats=None, adv=None, emit=None):
-    """--per-loss: every loss on every example, independently (its own row over all images);
-    the worst case is their per-example AND, its image the first loss's that fooled.  Each
-    loss's images are classified again (recompute): its row and mask are the recomputed ones.
-    -> (robust [N] raw, fooled_by, rows, recomputed masks {loss: [N]})."""
-    adv = to_float(images).clone() if adv is None else adv.copy_(to_float(images))   # clean until fooled
-    worst = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
-    fooled_by = torch.full_like(labels, -1)
-    rows, masks = [], {}
-    for i, loss in enumerate(losses):
-        t0, before = time.time(), net["re_attacked"]
-        part = torch.empty_like(adv)
-        robust = attack_split(net, images, labels, args, eps, loss, args.seed, progress, part,
-                              None if loss == "square" else stats)
-        first = worst & ~robust & natural                                   # first loss to fool it
-        fooled_by[first] = i
-        adv[first] = part[first]
-        worst &= robust
-        masks[loss], disagree = recompute(net["clf"], part, images, labels, eps, robust & natural, args, loss)
-        dt = time.time() - t0
-        rows.append({"loss": loss, "robust_accuracy": share(masks[loss]), "attacked": len(labels),
-                     "fooled": int((~robust & natural).sum()), "disagreements": disagree, "seconds": dt,
-                     "images_per_second": len(labels) / max(dt, 1e-9),
-                     "re_attacked": net["re_attacked"] - before, "cascade": False})
-        if emit:
-            emit(rows[-1])
-    return worst, fooled_by, rows, masks
-
-
-# What a failed check means and what to try (printed under the summary, stored in the results).
-ADVICE = {
-    "in_ball": "an adversarial image left the eps-ball or [0, 1]: the figures are not L-inf "
-               "robust accuracy at this eps. A bug in the projection: report it.",
-    "robust_le_natural": "an example counted robust was misclassified on the clean image: the "
-                         "bookkeeping is wrong. With --fold-bn the folded copy may disagree with "
-                         "the model on it: try --no-fold-bn.",
-    "objective_rises": "on most attacked examples the objective did not rise from the random "
-                       "start: the steps do not follow the gradient (a sign, a zero step) or "
-                       "the gradients vanish. Try --schedule constant --step 2/255, or other "
-                       "losses (--loss margin magnet square).",
-    "square_finds_little": "the gradient-free Square attack fooled examples every gradient loss "
-                           "left robust: gradients are masked or the gradient attack is weak; "
-                           "the gradient rows overstate robustness. Raise --square-queries "
-                           "(AutoAttack: 5000), --steps and --restarts.",
-    "beats_random_search": "random points in the ball fooled examples the attack did not: the "
-                           "attack is broken or the gradients mislead it. Try --loss square "
-                           "and more --restarts.",
-    "monotone_in_eps": "robust accuracy rose with eps: the attack is not converged at the larger "
-                       "eps. Try more --steps or --restarts.",
-    "eps_zero_is_natural": "at eps = 0 nothing can move, yet robust accuracy differs from natural "
-                           "accuracy: the fooled test or the projection is wrong.",
-    "near_zero_at_large_eps": "at a large eps any image can be moved far, yet many stayed "
-                              "robust: the attack cannot reach the decision boundary (masked or "
-                              "vanishing gradients). Try --loss margin magnet square.",
-    "zero_gradient_share": "some correct examples have an input gradient that is exactly zero "
-                           "under every gradient loss: gradient attacks cannot move them (Eq. (4) "
-                           "saturates in float32). Keep square in the loss set.",
-    "double_steps": "twice the steps fooled more than the tolerance: the attack is not "
-                    "converged. Raise --steps.",
-    "double_restarts": "more restarts (a fresh random stream) fooled more than the tolerance: "
-                       "raise --restarts.",
-}
-
-
-def random_search(clf, x, y, eps, points, generator):
-    """`points` uniform random points in the eps-ball (clipped to [0, 1]) per example: the
-    baseline an attack must beat.  -> still_correct [n] bool."""
-    with torch.no_grad():
-        still = clf(x).argmax(1) == y
-        for _ in range(points):
-            idx = still.nonzero().squeeze(1)
-            noise = uniform_like(generator, x, idx)
-            if not len(idx):
-                break
-            xr = (x[idx] + (2 * noise - 1) * eps).clamp(0, 1)
-            still[idx] = clf(xr).argmax(1) == y[idx]
-    return still
-
-
-class Budget:
-    """The checks that attack again share --check-budget x (the attack's seconds), counted from
-    the start of all checks, less 15% kept for the estimates' error: each gets an equal part of
-    what is left when it starts, and takes chunks of images sized by the time one image took so
-    far (the first chunk is one image and always runs; a chunk is never started that its estimate
-    says would end past the check's deadline).  Under torchrun the chunks are one image, then
-    min(--batch-size, 64) each (so that every process cuts the same chunks as one process does),
-    process r takes the chunks r, r + W, ..., and each process stops on its own estimate; the
-    checks sum their parts over the processes."""
-
-    def __init__(self, args, attack_seconds, names, t_begin):
-        self.end = t_begin + (0.85 * args.check_budget * attack_seconds if args.check_budget > 0 else math.inf)
-        self.left, self.cap, self.t0 = list(names), max(1, min(args.batch_size, 64)), time.time()
-
-    def chunks(self, name, idx):
-        """Yield parts of idx while this check's share of the remaining time lasts."""
-        self.left.remove(name)
-        t_start = time.time()
-        deadline = t_start + (self.end - t_start) / (len(self.left) + 1)
-        rank, world = DIST["rank"], DIST["world"]
-        at, chunk, done, size = 0, 0, 0, 1                  # at: the next chunk's start in idx
-        while at < len(idx):
-            part, at, chunk = idx[at:at + size], at + size, chunk + 1
-            if (chunk - 1) % world != rank:
-                size = self.cap
-                continue
-            yield part
-            done += len(part)
-            per_image = (time.time() - t_start) / done
-            print(f"check {name:<24} {min(at, len(idx)) if world > 1 else done:>6}/{len(idx):<6} "
-                  f"{fmt_time(time.time() - self.t0):>9}", flush=True)
-            room = (deadline - time.time()) / max(per_image, 1e-9)
-            if room < (1 if world == 1 else self.cap):              # torchrun: its next chunk, whole
-                break
-            size = int(min(self.cap, room)) if world == 1 else self.cap
-
-
-def run_checks(net, images, labels, args, losses, results, natural, runs, eps, attack_seconds, stats):
-    """Sanity checks (Carlini et al. 2019; Croce & Hein 2020), each able to fail and stored with
-    its numbers.  runs: [(D, eps, raw robust mask, fooled_by)] from the headline attack; natural:
-    the first D's clean-correct mask; eps: the first eps > 0 (None: none).  The checks that attack
-    again use the first --check-images images and the first D, under --check-budget.  Under
-    torchrun every process runs this on the same gathered masks and rows; the tallies each
-    process keeps (stats, the ball, the checks' parts) are summed over the processes first."""
-    tol, checks, grad, t_begin = args.tolerance, {}, [l for l in losses if l != "square"], time.time()
-    if DIST["world"] > 1:                                   # the headline's PGD runs, all processes
-        keys = ("runs", "rose", "not_finite")
-        stats = dict(zip(keys, all_sum(torch.tensor([stats.get(k, 0) for k in keys],
-                                                    device=labels.device)).tolist()))
-    # robust <= natural, on the raw masks (nothing ANDed with natural accuracy before)
-    bad = sum(int((m & ~natural).sum()) for D, e, m, _ in runs if D == runs[0][0])
+def run_checks(clf, images, labels, args, losses, results, natural, runs, eps, tally):
+    """Sanity checks (Carlini et al. 2019; Croce & Hein 2020), each able to fail and stored with its
+    numbers; what a failed one means and what to try: README "attack.py: losses, cascade, checks,
+    results".  runs: [(D, eps, raw robust mask, fooled_by)] of the first D; natural: its clean-correct
+    mask; eps: the first eps > 0 (None: none); tally: attack_split's (the ball, the PGD runs'
+    objectives).  The checks that attack again run on the first --check-images images, by default
+    a tenth of them: per check image they cost at most about 4.3 headline runs (the large eps: one
+    loss run, most are fooled by it; twice the steps: 2, more restarts: 1, on survivors only, and
+    the headline attacked each survivor with every loss; random search and eps 0: 1/3), so about
+    0.43 x the headline row's attack.  Every process runs them on the same masks; their attacks
+    share the chunks as the headline's do, and the tallies are summed over the processes."""
+    tol, checks, grad = args.tolerance, {}, [l for l in losses if l != "square"]
+    bad = sum(int((m & ~natural).sum()) for D, e, m, _ in runs)             # on the raw masks
     checks["robust_le_natural"] = {"ok": bad == 0, "robust_but_misclassified": bad}
-    # the objective rose from x^0 to the end of the run (the fooling iterate or the last one)
-    n_runs = stats.get("runs", 0)
-    checks["objective_rises"] = {"ok": stats["rose"] / n_runs > 0.5 if n_runs else None,
-                                 "runs": n_runs, "rose": stats.get("rose", 0),
-                                 "share_rose": stats["rose"] / n_runs if n_runs else None,
-                                 "not_finite": stats.get("not_finite", 0), "threshold": 0.5}
-    # Square on the survivors of the gradient losses fooled at most the tolerance
-    if "square" in losses and grad:
-        worst_share = 0.0
-        for D, e, m, fooled_by in runs:
-            worst_share = max(worst_share, share(fooled_by == losses.index("square")))
+    if "square" in losses and grad:             # Square on the survivors of the gradient losses
+        worst_share = max(share(fooled_by == losses.index("square")) for D, e, m, fooled_by in runs)
         checks["square_finds_little"] = {"ok": worst_share <= tol, "share_fooled_by_square_only":
                                          worst_share, "queries": args.square_queries, "tolerance": tol}
-    # robust accuracy does not rise with eps (random starts: noise up to the tolerance)
-    curves = {}
+    curves = {}                                 # robust accuracy does not rise with eps (up to tol)
     for r in results:
         curves.setdefault((r["loss"], r["D"]), []).append((r["eps"], r["robust_accuracy"]))
     rises = [b[1] - a[1] for c in curves.values() for a, b in zip(sorted(c), sorted(c)[1:])]
     checks["monotone_in_eps"] = {"ok": max(rises) <= tol if rises else None,
                                  "max_rise": max(rises) if rises else None, "tolerance": tol}
-    x, y = images[:args.check_images], labels[:args.check_images]
-    clean = natural[:len(y)]
-    if grad:
-        checks["eps_zero_is_natural"] = check_eps_zero(net, x, y, args, grad, clean)
-        checks["zero_gradient_share"] = check_zero_gradient(net, x, y, args, grad)
-    names = (["beats_random_search"] if eps is not None else []) + ["near_zero_at_large_eps"] + \
-        (["double_steps", "double_restarts"] if eps is not None and grad else [])
-    budget = Budget(args, attack_seconds, names, t_begin)
-    if eps is not None:
-        checks["beats_random_search"] = check_random(net, x, y, args, eps, runs, clean, budget)
-    checks["near_zero_at_large_eps"] = check_large_eps(net, x, y, args, losses, clean, budget)
-    if eps is not None and grad:
-        checks.update(check_doubling(net, x, y, args, eps, grad, runs, budget))
-    checks["in_ball"] = check_in_ball(net, labels.device)
-    for name, c in checks.items():
-        if c["ok"] is False:
-            c["advice"] = ADVICE[name]
+    n = args.check_images or max(1, len(labels) // 10)
+    checks.update(checks_that_attack(clf, images[:n], labels[:n], args, eps, losses, runs, natural[:n], tally))
+    t = {"batches": 0, "max_excess": 0.0, "runs": 0, "rose": 0, "not_finite": 0} | tally
+    if DIST["world"] > 1:                       # each process tallied its own chunks: sums, the largest excess
+        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64), "MAX" if k == "max_excess" else "SUM"))
+             for k, v in t.items()}
+    checks["objective_rises"] = {"ok": t["rose"] / t["runs"] > 0.5 if t["runs"] else None, "runs": t["runs"],
+                                 "rose": t["rose"], "share_rose": t["rose"] / t["runs"] if t["runs"] else None,
+                                 "not_finite": t["not_finite"], "threshold": 0.5}
+    checks["in_ball"] = {"ok": t["max_excess"] <= 1e-6, "batches": t["batches"], "max_excess": t["max_excess"],
+                         "tolerance": 1e-6}
     return checks
 
 
-def check_eps_zero(net, x, y, args, grad, clean):
-    """eps = 0: nothing can move, so robust accuracy is natural accuracy, example by example."""
-    at0 = attack_split(net, x, y, args, 0.0, grad[0], args.seed, steps=1, restarts=1)
-    return {"ok": bool(torch.equal(at0, clean)), "images": len(y),
-            "natural": share(clean), "robust_at_eps_0": share(at0)}
-
-
-def check_zero_gradient(net, x, y, args, grad):
-    """The share of correct check images whose input gradient is exactly zero, per gradient loss
-    and under every one (zero_gradient_counts); under torchrun each process counts its chunks."""
-    counts, every, n_correct = dict.fromkeys(grad, 0), 0, 0
-    for chunk, i in enumerate(range(0, len(y), args.batch_size)):
-        if chunk % DIST["world"] != DIST["rank"]:                       # torchrun: its chunks
-            continue
-        c, e, k = zero_gradient_counts(net["clf"], to_float(x[i:i + args.batch_size]),
-                                       y[i:i + args.batch_size], grad)
-        counts = {l: counts[l] + c[l] for l in grad}
-        every, n_correct = every + e, n_correct + k
-    if DIST["world"] > 1:
-        *c, every, n_correct = all_sum(torch.tensor([*counts.values(), every, n_correct],
-                                                    device=y.device)).tolist()
-        counts = dict(zip(grad, c))
-    return {"ok": every == 0, "correct_examples": n_correct,
-            "every_loss": every / max(1, n_correct),
-            **{l: v / max(1, n_correct) for l, v in counts.items()}}
-
-
-def check_in_ball(net, device):
-    """Every x_adv of every batch (measure_ball) in the eps-ball and [0, 1], up to 1e-6."""
-    ball = dict(net.get("ball", {"batches": 0, "max_excess": 0.0}))
-    if DIST["world"] > 1:                                   # each process measured its own batches
-        ball["batches"] = int(all_sum(torch.tensor(ball["batches"], device=device)))
-        ball["max_excess"] = float(all_max(torch.tensor(ball["max_excess"], dtype=torch.float64,
-                                                        device=device)))
-    return {"ok": ball["max_excess"] <= 1e-6, "batches": ball["batches"],
-            "max_excess": ball["max_excess"], "tolerance": 1e-6}
-
-
-def check_random(net, x, y, args, eps, runs, clean, budget):
-    """The attack beats random search: as many random points per example as one PGD run has
-    iterates (steps + 1), on the check images; ok when the attack fooled more of them, or at
-    least every example the random points fooled."""
-    attacked = next(m for D, e, m, _ in runs if e == eps)[:len(y)] & clean
-    found = torch.ones_like(clean)
-    points = args.steps + 1
-    key = stream_key(args.seed + 3)
-    covered = torch.zeros_like(clean)
-    for part in budget.chunks("beats_random_search", torch.arange(len(y), device=y.device)):
-        found[part] = random_search(net["clf"], to_float(x[part]), y[part], eps, points,
-                                    Stream(key, part))
-        covered[part] = True
-    if DIST["world"] > 1:                                   # the parts of every process
-        fooled = all_sum(covered & ~found) > 0
-        covered, found = all_sum(covered) > 0, ~fooled
-    a, r = share(attacked[covered]), share(found[covered] & clean[covered])
-    random_only = int((~found & attacked & covered).sum())
-    return {"ok": a < r or random_only == 0, "eps": eps, "images": int(covered.sum()),
-            "points": points, "robust_attack": a, "robust_random": r, "random_only": random_only}
-
-
-def check_large_eps(net, x, y, args, losses, clean, budget):
-    """At --large-eps any image can be moved far: robust accuracy at most 5%."""
-    step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))  # Madry et al.: 2.5 eps/steps
-    alive, covered = clean.clone(), torch.zeros_like(clean)
-    for part in budget.chunks("near_zero_at_large_eps", torch.arange(len(y), device=y.device)):
-        for loss in losses:
-            idx = part[alive[part]]
-            if len(idx):
-                alive[idx] &= attack_split(net, x[idx], y[idx], args, args.large_eps, loss,
-                                           args.seed, index=idx, shard=False, step=step, restarts=1)
-        covered[part] = True
-    if DIST["world"] > 1:
-        fooled = all_sum(covered & ~alive) > 0
-        covered, alive = all_sum(covered) > 0, clean & ~fooled
-    robust = share(alive[covered])
-    return {"ok": robust <= 0.05, "eps": args.large_eps, "images": int(covered.sum()),
-            "robust_accuracy": robust, "threshold": 0.05}
-
-
-def check_doubling(net, x, y, args, eps, grad, runs, budget):
-    """Twice the steps, then R more restarts, with random streams of their own (seeds + 1 and
-    + 2; the headline uses --seed), on the headline's survivors among the check images.  R more
-    restarts on the survivors give exactly the 2R-restart figure; 2x steps give "K or 2K steps",
-    at least as strong.  The drop is scaled to the check images: extra fooled / covered
-    survivors x survivors / images."""
-    robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]
-    survivors, out = robust.nonzero().squeeze(1), {}
-    for name, seed, budget_kw in (("double_steps", args.seed + 1, dict(steps=2 * args.steps)),
-                                  ("double_restarts", args.seed + 2, {})):
-        extra, covered = 0, 0
-        for part in budget.chunks(name, survivors):
-            alive = torch.ones(len(part), dtype=torch.bool, device=y.device)
-            for loss in grad:
-                idx = alive.nonzero().squeeze(1)
-                if len(idx):
-                    alive[idx] &= attack_split(net, x[part[idx]], y[part[idx]], args, eps, loss, seed,
-                                               index=part[idx], shard=False, **budget_kw)
-            extra, covered = extra + int((~alive).sum()), covered + len(part)
-        if DIST["world"] > 1:                               # the parts of every process
-            extra, covered = all_sum(torch.tensor([extra, covered], device=y.device)).tolist()
-        drop = extra / covered * len(survivors) / len(y) if covered else 0.0
-        out[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
-                     "survivors": len(survivors), "survivors_attacked": covered, "extra_fooled": extra,
-                     "robust_before": share(robust), "robust_after_estimate": share(robust) - drop,
-                     "tolerance": args.tolerance}
-    return out
+def checks_that_attack(clf, x, y, args, eps, losses, runs, clean, tally):
+    """The checks that attack again, on the check images x, y (clean: their clean-correct mask):
+    eps_zero_is_natural (an attack at eps 0 changes nothing, example by example); zero_gradient_share;
+    beats_random_search (as many random points per example as one PGD run has iterates, seed
+    --seed + 3: ok when the attack's robust accuracy is lower, or it fooled every example the
+    points fooled); near_zero_at_large_eps; double_steps and double_restarts: twice the steps,
+    then R more restarts, on random streams of their own (seeds + 1 and + 2; the headline uses
+    --seed), on the headline's survivors among the check images (R more restarts on the survivors
+    give exactly the 2R-restart figure; 2x steps give "K or 2K steps", at least as strong); the
+    drop: extra fooled / check images."""
+    checks, grad = {}, [l for l in losses if l != "square"]
+    if grad:
+        at0 = attack_split(clf, x, y, args, 0.0, grad[0], args.seed, tally=tally, steps=1, restarts=1)
+        checks["eps_zero_is_natural"] = {"ok": bool(torch.equal(at0, clean)), "images": len(y),
+                                         "natural": share(clean), "robust_at_eps_0": share(at0)}
+        c, every, k = zero_gradient_counts(clf, to_float(x), y, grad)       # one gradient per loss
+        checks["zero_gradient_share"] = {"ok": every == 0, "correct_examples": k, "every_loss": every / max(1, k),
+                                         **{l: v / max(1, k) for l, v in c.items()}}
+    step = max(args.step, 2.5 * args.large_eps / max(args.steps, 1))   # Madry et al.: 2.5 eps / steps
+    large = survivors(clf, x, y, args, args.large_eps, losses, args.seed, tally, step=step, restarts=1) & clean
+    checks["near_zero_at_large_eps"] = {"ok": share(large) <= 0.05, "eps": args.large_eps, "images": len(y),
+                                        "robust_accuracy": share(large), "threshold": 0.05}
+    if eps is None:
+        return checks
+    robust = next(m for D, e, m, _ in runs if e == eps)[:len(y)]           # the headline's raw mask
+    # steps + 1 random points per example: PGD's random starts alone (0 steps, steps + 1 restarts)
+    found = attack_split(clf, x, y, args, eps, "ce", args.seed + 3, tally=tally, steps=0, restarts=args.steps + 1)
+    a, r, random_only = share(robust & clean), share(found & clean), int((~found & robust & clean).sum())
+    checks["beats_random_search"] = {"ok": a < r or random_only == 0, "eps": eps, "images": len(y), "points":
+                                     args.steps + 1, "robust_attack": a, "robust_random": r, "random_only": random_only}
+    idx = robust.nonzero().squeeze(1)
+    for name, seed, budget in (("double_steps", args.seed + 1, {"steps": 2 * args.steps}),
+                               ("double_restarts", args.seed + 2, {})) if grad else ():
+        extra = int((~survivors(clf, x[idx], y[idx], args, eps, grad, seed, tally, idx, **budget)).sum())
+        drop = extra / max(len(y), 1)
+        checks[name] = {"ok": drop <= args.tolerance, "eps": eps, "seed": seed, "headline_seed": args.seed,
+                        "survivors": len(idx), "extra_fooled": extra, "robust_before": share(robust),
+                        "robust_after": share(robust) - drop, "tolerance": args.tolerance}
+    return checks
 
 
 # --------------------------------------------------------------------------------------
@@ -1375,64 +1100,38 @@ def check_doubling(net, x, y, args, eps, grad, runs, budget):
 # after each row, so every process then holds the full result and runs the same cascade and
 # checks on it.  Rank 0 alone takes the lock, prints, and writes the result, log and --save-adv.
 # --------------------------------------------------------------------------------------
-DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")                # set by torchrun for each process
+DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun (set by start_torchrun)
 
 
-def torchrun_env():
-    """-> (rank, local rank, world size) when torchrun started this process (WORLD_SIZE, RANK and
-    LOCAL_RANK all set), else None: a plain run, unchanged."""
-    if not all(v in os.environ for v in TORCHRUN_VARS):
-        return None
-    try:
-        world, rank, local = (int(os.environ[v]) for v in TORCHRUN_VARS)
-    except ValueError:
-        world = rank = local = -1
-    if not (world >= 1 and 0 <= rank < world and local >= 0):
-        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as "
-             "torchrun sets them); unset them for a plain run")
-    return rank, local, world
-
-
-def start_torchrun(args, env):
-    """Join the process group: gloo on the CPU, nccl on CUDA with this process on GPU LOCAL_RANK.
-    --dist-timeout bounds every wait for the other processes (the rendezvous, each sum)."""
-    rank, local, world = env
+def start_torchrun(args):
+    """Join the process group when torchrun started this process (WORLD_SIZE, RANK and LOCAL_RANK
+    all set; else a plain run, unchanged): gloo on the CPU, nccl on CUDA with this process on GPU
+    LOCAL_RANK.  --dist-timeout bounds every wait for the others.  Ranks other than 0 print nothing."""
+    env = [os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]
+    if None in env:
+        return                                          # a plain run, unchanged
+    world, rank, local = (int(v) if v.isdigit() else -1 for v in env)
+    if not (0 <= rank < world and local >= 0):
+        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as torchrun sets them)")
     cuda = pick_device(args.device).type == "cuda"      # --device cuda without CUDA: exit 2 here
     if cuda:
-        if local >= torch.cuda.device_count():
-            fail(f"LOCAL_RANK {local}, but torch sees {torch.cuda.device_count()} CUDA devices; "
-                 f"start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local)                    # "cuda" below means cuda:LOCAL_RANK
-    backend = "nccl" if cuda else "gloo"
     try:
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world,
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                              timeout=datetime.timedelta(minutes=args.dist_timeout))
     except Exception as e:                              # no peers in time, a port in use, ...
-        fail(f"torchrun: process {rank} of {world} could not join the others within "
-             f"--dist-timeout {args.dist_timeout:g} minutes ({type(e).__name__}: "
-             f"{(str(e).splitlines() or [''])[0][:120]})")
-    DIST.update(rank=rank, world=world, backend=backend,
-                device=torch.device("cuda", local) if cuda else torch.device("cpu"))
+        fail(f"torchrun: process {rank} of {world} could not join the others within --dist-timeout "
+             f"{args.dist_timeout:g} minutes ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+    DIST.update(rank=rank, world=world)
+    sys.stdout = open(os.devnull, "w") if rank else sys.stdout                # rank 0 alone prints
 
 
-def stop_torchrun():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    DIST.clear()
-    DIST.update(rank=0, world=1)
-
-
-def all_sum(t):
-    """t summed over the processes, on every process (a bool mask -> int64 counts)."""
-    t = t.to(torch.int64) if t.dtype == torch.bool else t.clone()
-    torch.distributed.all_reduce(t)
-    return t
-
-
-def all_max(t):
-    t = t.clone()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+def all_sum(t, op="SUM"):
+    """t summed (or op, a ReduceOp name) over the processes, on every process (bool -> int64 counts);
+    nccl reduces on the GPU of this process."""
+    t = t.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", torch.int64 if t.dtype == torch.bool
+             else t.dtype, copy=True)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t
 
 
@@ -1440,68 +1139,37 @@ def rank0_first(fn):
     """fn() on rank 0, then (if it ended well) on the others: rank 0 takes the lock and may
     download the data before anyone reads it.  If rank 0 stops (bad input: exit 2, which it
     explains in one line), every process stops with its exit code, silently."""
-    if DIST["world"] == 1:
-        return fn()
     result, code = None, 0
     if DIST["rank"] == 0:
         try:
             result = fn()
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-            if code == 0:
-                code = 1
-    told = torch.tensor([code], device=DIST["device"])
-    torch.distributed.broadcast(told, 0)
-    if int(told):
-        raise SystemExit(int(told))
+            code = e.code if isinstance(e.code, int) and e.code else 1
+    if DIST["world"] > 1:
+        code = int(all_sum(torch.tensor(code), "MAX"))   # rank 0's exit code (the others': 0), to all
+    if code:
+        raise SystemExit(code)
     return result if DIST["rank"] == 0 else fn()
-
-
-def quiet_unless_rank0(main):
-    """Under torchrun only rank 0 speaks: the others' stdout is dropped, and their stderr is held
-    back and shown only if they end otherwise than rank 0 does by itself (success, bad input 2,
-    --strict 1, an interrupt 130): a crash of theirs still prints its traceback."""
-    def run(argv=None):
-        world, rank, local = (os.environ.get(v, "") for v in TORCHRUN_VARS)
-        if not (local.isdigit() and world.isdigit() and rank.isdigit()
-                and 0 < int(rank) < int(world)):        # rank 0, a plain run, or variables to refuse
-            return main(argv)
-        held, stdout, stderr = io.StringIO(), sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = open(os.devnull, "w"), held
-        try:
-            return main(argv)
-        except SystemExit as e:
-            if e.code not in (None, 0, 1, 2, 130):
-                stderr.write(held.getvalue())
-            raise
-        except BaseException:
-            stderr.write(held.getvalue())
-            raise
-        finally:
-            sys.stdout.close()
-            sys.stdout, sys.stderr = stdout, stderr
-    run.__doc__, run.__name__ = main.__doc__, main.__name__
-    return run
 
 
 def main(argv=None):
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
-    env = torchrun_env()
-    if args.export:                     # write one file for other tools, attack nothing (section 6)
-        return export_main(args) if env is None or env[0] == 0 else None
-    if env is not None:
-        start_torchrun(args, env)
     try:
+        start_torchrun(args)
+        if args.export:                 # write one file for other tools, attack nothing (section 6)
+            return export_main(args) if DIST["rank"] == 0 else None
         with contextlib.ExitStack() as hold:    # rank 0 holds --out (`owned`) from prepare on
             return attack_main(args, lambda: hold.enter_context(owned(args, argv, training=False)))
     finally:
-        stop_torchrun()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        DIST.update(rank=0, world=1)
 
 
 def prepare(args, own):
     """Everything before the attack: the lock of --out (rank 0), the device, the checkpoint, the
-    test split on the device, the losses.  -> (device, clf, ckpt, images, labels, losses, Ds, M)."""
+    test split on the device, the losses.  -> (device, clf, ckpt, images, labels, losses, Ds)."""
     if DIST["rank"] == 0:
         own()                               # outputs checked, --out locked: before any work
     device = setup_runtime(args, training=False)
@@ -1513,16 +1181,20 @@ def prepare(args, own):
         fail(str(e))
     data_dir_from_checkpoint(args, ckpt)
     info, arch = ckpt["data"], ckpt["arch"]
-    if args.data is None:
-        args.data = info["name"]
-    elif args.data != info["name"]:
-        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data "
-             f"(attack.py defaults to the checkpoint's own dataset)")
-    if args.width is not None and args.width != arch["width"]:
-        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop "
-             f"--width (attack.py takes the checkpoint's)")
-    args.width = arch["width"]
-    losses, Ds, M = resolve_losses(args, clf, ckpt)
+    if args.data not in (None, info["name"]):
+        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data (the checkpoint's is used)")
+    if args.width not in (None, arch["width"]):
+        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop --width")
+    args.data, args.width = info["name"], arch["width"]
+    # the loss list: magnet only for clustering checkpoints, square unless --square-queries 0
+    default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet") and (args.square_queries or l != "square")]
+    args.loss = list(dict.fromkeys(args.loss or default))
+    args.targets = args.targets or min(9, info["num_classes"] - 1)         # APGD-T's
+    if not clf.clusters and (set(args.loss) & {"magnet", "scores-ce"} or args.D):
+        fail(f"{args.ckpt} is a '{ckpt['stage']}' one: --loss magnet, scores-ce and --D need a clustering checkpoint")
+    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
+    if clf.clusters and any(D is not None and D > len(clf.centers) for D in Ds):
+        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {len(clf.centers)} centres of {args.ckpt}")
     try:
         images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
     except DataError as e:
@@ -1530,45 +1202,38 @@ def prepare(args, own):
     check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
     if len(labels) == 0:
         fail(f"no test images to attack in {args.data_dir} (--limit {args.limit})")
-    return device, clf, ckpt, images.to(device), labels.to(device), losses, Ds, M
+    return device, clf, ckpt, images.to(device), labels.to(device), args.loss, Ds
 
 
 def attack_main(args, own):
-    device, clf, ckpt, images, labels, losses, Ds, M = rank0_first(lambda: prepare(args, own))
-    root, world, arch = DIST["rank"] == 0, DIST["world"], ckpt["arch"]
-    fast = fold_batchnorm(clf).to(memory_format=torch.channels_last) if args.fold_bn else None
+    device, clf, ckpt, images, labels, losses, Ds = rank0_first(lambda: prepare(args, own))
     clf = clf.to(memory_format=torch.channels_last)
-    compile_features((clf if fast is None else fast).model, args.compile)  # --compile: the attacked f(x)
-    net = {"clf": clf, "fast": clf if fast is None else fast, "re_attacked": 0,
-           "ball": {"batches": 0, "max_excess": 0.0}}
-    n = len(labels)
-
-    print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}"
-          f"{f', {M} centres' if M else ''}) | {args.data} test in {args.data_dir}, {n} images | device {device} "
-          f"amp {args.amp} | torch {torch.__version__}"
-          + (f" | torchrun: {world} processes ({DIST['backend']}), rows: rank 0's chunks"
-             if world > 1 else ""))
+    compile_features(clf.model, args.compile)                       # --compile: the attacked f(x)
+    n, arch, tally = len(labels), ckpt["arch"], {}
+    centres = f", {len(clf.centers)} centres" if clf.clusters else ""
+    print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}{centres}) | {args.data} test "
+          f"in {args.data_dir}, {n} images | device {device} amp {args.amp} | torch {torch.__version__}"
+          + (f" | torchrun: {DIST['world']} processes ({torch.distributed.get_backend()}), rows: rank 0's chunks"
+             if DIST["world"] > 1 else ""))
     print("config: " + json.dumps(vars(args)))
     t_run = time.time()
-    results, per_example, adv_runs, natural, runs, stats = evaluate(net, images, labels, args, losses, Ds)
+    results, per_example, adv_runs, natural, runs = evaluate(clf, images, labels, args, losses, Ds, tally)
     t_attack = time.time() - t_run
-    clf.D = net["fast"].D = Ds[0] if clf.clusters else None
+    clf.D = Ds[0] if clf.clusters else None
     checks, t_checks = {}, 0.0
-    if args.checks and n:
-        t0 = time.time()
+    if args.checks:
         headline = next((e for e in args.eps if e > 0), None)
-        checks = run_checks(net, images, labels, args, losses, results, natural[Ds[0]],
-                            [r for r in runs if r[0] == Ds[0]], headline, t_attack, stats)
-        t_checks = time.time() - t0
+        checks = run_checks(clf, images, labels, args, losses, results, natural[Ds[0]],
+                            [r for r in runs if r[0] == Ds[0]], headline, tally)
+        t_checks = time.time() - t_run - t_attack
         print(f"checks: {fmt_time(t_checks)} ({t_checks / max(t_attack, 1e-9):.2f}x the attack's "
               f"{fmt_time(t_attack)})", flush=True)
-    out = {"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
-           "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
-           "config": vars(args), "device": str(device), "torch": torch.__version__,
-           "world_size": world,
-           "attack_seconds": t_attack, "check_seconds": t_checks, "seconds": time.time() - t_run,
-           **compile_seconds()}
-    if root:                            # torchrun: the others hold the same figures, write nothing
+    out = described({"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
+                     "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
+                     "config": vars(args), "device": str(device), "torch": torch.__version__,
+                     "world_size": DIST["world"], "attack_seconds": t_attack, "check_seconds": t_checks,
+                     "seconds": time.time() - t_run, **compile_seconds()}, ATTACK_MEANING)
+    if DIST["rank"] == 0:               # torchrun: the others hold the same figures, write nothing
         write_json(out, args.out)       # first: a full disk then still prints the summary
         if args.save_adv:
             save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
@@ -1576,90 +1241,59 @@ def attack_main(args, own):
         if os.path.exists(args.out + ".log.jsonl.partial"):     # now this run's log replaces the previous one
             os.replace(args.out + ".log.jsonl.partial", args.out + ".log.jsonl")
         report(out)
-    else:
-        out = described(out, ATTACK_MEANING)
     if args.strict and any(c["ok"] is False for c in checks.values()):
         print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
         raise SystemExit(1)
     return out
 
 
-def resolve_losses(args, clf, ckpt):
-    """The loss list (the default set drops magnet for head checkpoints, square when
-    --square-queries is 0), --targets (APGD-T's min(9, classes - 1)) and the D list.
-    -> (losses, Ds, number of centres)."""
-    default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet")
-               and (args.square_queries or l != "square")]
-    losses = list(dict.fromkeys(args.loss or default))
-    args.loss = losses
-    if args.targets is None:
-        args.targets = min(9, ckpt["data"]["num_classes"] - 1)
-    if not clf.clusters and (set(losses) & {"magnet", "scores-ce"} or args.D):
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint (a linear head, no centres): "
-             f"--loss magnet, --loss scores-ce and --D need a clustering checkpoint")
-    M = len(clf.centers) if clf.clusters else 0
-    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
-    if any(D is not None and D > M for D in Ds):
-        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {M} centres of {args.ckpt}")
-    return losses, Ds, M
-
-
-def evaluate(net, images, labels, args, losses, Ds):
-    """Every (D, eps): the cascade (or --per-loss), one row per loss and the worst-case row,
-    per-example results.  -> (results, per_example, adv_runs, natural {D: mask}, runs
-    [(D, eps, raw robust mask, fooled_by)], stats of the first D at the first eps > 0)."""
-    clf, n = net["clf"], len(labels)
-    progress = progress_printer(clf, args, losses, Ds, n)
-    results, per_example, adv_runs, natural, runs, stats = [], [], [], {}, [], {}
+def evaluate(clf, images, labels, args, losses, Ds, tally):
+    """Every (D, eps): the losses (run_losses), one row per loss and the worst-case row (eps = 0:
+    natural accuracy, nothing attacked: the worst-case row alone), per-example results.
+    -> (results, per_example, adv_runs, natural {D: mask}, runs [(D, eps, raw robust mask, fooled_by)])."""
+    n, log_path = len(labels), args.out + ".log.jsonl.partial"  # moved over <out>.log.jsonl beside the result
+    progress = progress_printer(clf, args, losses, Ds, n)                   # rank 0 alone prints
+    results, per_example, adv_runs, natural, runs = [], [], [], {}, []
     headline = next((e for e in args.eps if e > 0), None)
-    log_path = args.out + ".log.jsonl.partial"              # moved over <out>.log.jsonl beside the result
     for D in Ds:
-        clf.D = net["fast"].D = D if clf.clusters else None
+        clf.D = D if clf.clusters else None
         natural[D] = natural_mask(clf, images, labels, args.batch_size)
         for eps in args.eps:
-            first_step = args.step if args.schedule == "constant" else 2 * eps
-            common = {"eps": eps, "step": first_step, "schedule": args.schedule, "steps": args.steps,
-                      "restarts": args.restarts, "D": D, "natural_accuracy": share(natural[D])}
-            adv = torch.empty(images.shape, device=images.device)  # each example's worst-case image
-            st = stats if D == Ds[0] and eps == headline else None
-            masks = {}
+            common = {"eps": eps, "D": D, "natural_accuracy": share(natural[D])}
 
-            def emit(row):                                                  # one row per finished loss
-                row = {"loss": row["loss"], **common, **row,
-                       **({"targets": args.targets} if row["loss"] == "margin-t" else {}),
-                       **({"queries": args.square_queries} if row["loss"] == "square" else {})}
-                results.append(row)
+            def emit(row):                                                  # logged as it finishes
+                results.append({"loss": row["loss"], **common, **row})
                 if DIST["rank"] == 0:                                       # torchrun: rank 0 writes
-                    append_jsonl(log_path, row)
-            show = progress if DIST["rank"] == 0 else None
-            if args.per_loss:
-                worst, fooled_by, rows, masks = per_loss(net, images, labels, args, eps, losses, natural[D],
-                                                         show, st, adv, emit)
-            else:
-                worst, fooled_by, rows = cascade(net, images, labels, args, eps, losses, natural[D],
-                                                 show, st, adv, emit)
+                    append_jsonl(log_path, results[-1])
+            adv = to_float(images).clone()                  # each example's worst-case image, clean until fooled
+            todo = losses if eps > 0 else []
+            worst, fooled_by, masks = run_losses(clf, images, labels, args, eps, todo, natural[D], adv, tally,
+                                                 D == Ds[0] and eps == headline, emit, progress)
+            worst = worst if todo else natural[D].clone()   # the raw mask at eps = 0: the natural one
             # The figure reported: every saved image classified once more (what --save-adv writes)
             robust, disagree = recompute(clf, adv, images, labels, eps, worst & natural[D], args, "worst-case")
-            if len(losses) > 1:  # the headline: robust only if no loss and no restart fooled it
-                seconds = sum(r["seconds"] for r in rows)
-                row = {"loss": "worst-case", **common, "robust_accuracy": share(robust),
-                       "disagreements": disagree, "seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
-                results.append(row)
-                if DIST["rank"] == 0:
-                    append_jsonl(log_path, row)
+            if len(todo) != 1:  # the headline: robust only if no loss and no restart fooled it
+                seconds = sum(r["seconds"] for r in results if r["eps"] == eps and r["D"] == D)
+                emit({"loss": "worst-case", "robust_accuracy": share(robust), "disagreements": disagree,
+                      "seconds": seconds, "images_per_second": n / max(seconds, 1e-9)})
             runs.append((D, eps, worst, fooled_by))
-            per_example.append(example_record(eps, D, n, natural[D], robust, fooled_by, losses, masks))
+            per_example.append({"eps": eps, "D": D, "index": list(range(n)), "correct": natural[D].tolist(),
+                                "robust": robust.tolist(),
+                                "fooled_by": [losses[i] if i >= 0 else None for i in fooled_by.tolist()],
+                                **({"robust_by_loss": {l: (m & natural[D]).tolist() for l, m in masks.items()}}
+                                   if masks else {})})
             if args.save_adv:
                 adv_runs.append({"eps": eps, "D": D, "x_adv": adv.cpu(), "robust": robust.cpu(),
                                  "fooled_by": fooled_by.cpu(), "losses": list(losses)})
-    return results, per_example, adv_runs, natural, runs, stats
+    return results, per_example, adv_runs, natural, runs
 
 
 def progress_printer(clf, args, losses, Ds, n):
     """evaluate's progress: prints the header now and returns progress(loss, eps, seen, count,
     robust, seconds), one line per chunk (rank 0's) with img/s, elapsed time and ETA."""
     runs_per = {l: args.targets if l == "margin-t" else 1 for l in losses}
-    total, done, t_run = len(Ds) * len(args.eps) * sum(runs_per.values()) * n, [0, 0], time.time()
+    attacked = sum(e > 0 for e in args.eps)
+    total, done, t_run = len(Ds) * attacked * sum(runs_per.values()) * n, [0, 0], time.time()
     print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} "
           f"{'elapsed':>9} {'ETA':>9}", flush=True)
 
@@ -1674,26 +1308,17 @@ def progress_printer(clf, args, losses, Ds, n):
     return progress
 
 
-def example_record(eps, D, n, natural, worst, fooled_by, losses, masks):
-    """One (eps, D)'s per-example results: clean-correct, robust (worst case over the losses), the
-    loss that fooled each example first, and with --per-loss each loss's own robust mask."""
-    return {"eps": eps, "D": D, "index": list(range(n)),
-            "correct": natural.tolist(), "robust": (worst & natural).tolist(),
-            "fooled_by": [losses[i] if i >= 0 else None for i in fooled_by.tolist()],
-            **({"robust_by_loss": {l: (m & natural).tolist() for l, m in masks.items()}}
-               if masks else {})}
-
-
 # ======================================================================================
 # 5. Report
 # ======================================================================================
 
+# The results file's "meaning" entry: each field and each check, what a failed one means and what to
+# try, are described in the README section it names.
+ATTACK_MEANING = "attack.py result: README.md, \"attack.py: losses, cascade, checks, results\", says what it holds"
+
+
 def write_json(obj, path):
-    """Atomic, like save_checkpoint: a killed run never leaves half a results file.  Rounds and
-    adds "meaning" in place (section 6), so the dict main returns is what the file holds."""
-    new = described(obj, ATTACK_MEANING)
-    obj.clear()
-    obj.update(new)
+    """Atomic, like save_checkpoint: a killed run never leaves half a results file."""
     try:
         atomic_write(path, json.dumps(obj, indent=1).encode())
     except OSError as e:                                    # a full disk: the results are not lost
@@ -1703,15 +1328,15 @@ def write_json(obj, path):
 
 
 def report(out):
+    cfg = out["config"]
+    cascade = not cfg["per_loss"] and len(cfg["loss"]) > 1
     print(f"\nsummary: {out['ckpt']} on {out['data']} test ({out['images']} images), "
           f"natural accuracy {out['natural_accuracy']:.2%}")
-    cascade = any(r.get("cascade") for r in out["results"])
     print(f"  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} {'natural':>8} "
           f"{'robust' + (' after' if cascade else ''):>12} {'attacked':>8} {'seconds':>8} {'img/s':>8}")
-    head = out["stage"] in ("nominal", "qtrades-ce")
     for r in out["results"]:
-        D = "-" if head else "all" if r["D"] is None else r["D"]
-        budget = f"{r['queries']} queries" if r["loss"] == "square" else f"{r['steps']} x {r['restarts']}"
+        D = "-" if out["stage"] in ("nominal", "qtrades-ce") else "all" if r["D"] is None else r["D"]
+        budget = f"{cfg['square_queries']} queries" if r["loss"] == "square" else f"{cfg['steps']} x {cfg['restarts']}"
         print(f"  {r['loss']:<10} {fmt_eps(r['eps']):>9} {D:>4} {budget:>16} {r['natural_accuracy']:8.2%} "
               f"{r['robust_accuracy']:12.2%} {r.get('attacked', out['images']):>8} {r['seconds']:8.1f} "
               f"{r['images_per_second']:8.1f}")
@@ -1720,14 +1345,13 @@ def report(out):
               "= robust under it and every earlier loss; --per-loss for independent rows)")
     for name, c in out["checks"].items():
         numbers = ", ".join(f"{k} {fmt_eps(v)}" if k == "eps" else f"{k} {v:.4g}"
-                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
-                            if k not in ("ok", "advice"))
-        state = {True: "ok", False: "FAILED", None: "skipped"}[c["ok"]]
-        print(f"  check {name:<24} {state:<7} {numbers}")
+                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
+        print(f"  check {name:<24} {({True: 'ok', False: 'FAILED', None: 'skipped'})[c['ok']]:<7} {numbers}")
         if c["ok"] is False:
-            print(f"        -> {c['advice']}")
+            print(f"        -> what it means, what to try: README.md \"attack.py: losses, cascade, checks, "
+                  f"results\", {name}")
     headline = any(r["loss"] == "worst-case" for r in out["results"])
-    print(f"  results {out['config']['out']}" + ("  (headline: the worst-case rows)" if headline else ""))
+    print(f"  results {cfg['out']}" + ("  (headline: the worst-case rows)" if headline else ""))
     ckpt = shlex.quote(out["ckpt"])
     print("  next     " + (f"python certify.py --ckpt {ckpt}   (Prop. 1's certified radii, L2)"
                            if out["stage"] in ("magnet", "qtrades-magnet") else
@@ -1755,37 +1379,26 @@ EXPORT_NOTE = ("images in [0, 1], float32 [n, C, H, W] -> class scores [n, class
 def export_classifier(path, out_path, D="stored"):
     """Write the ClassScores module of checkpoint `path` to out_path as a torch.export program
     (.pt2, any batch size), with a JSON note (meaning, classes, input shape) as the extra file
-    "clustr.json"; where torch.export cannot trace the module, a TorchScript trace instead (load it
-    with torch.jit.load).  The file is reloaded and checked against the in-memory module on batches
-    of 1, 2 and 5 random images (max |difference| <= 1e-5).  -> (format, max |difference|)."""
+    "clustr.json".  The file is reloaded and checked against the in-memory module on batches
+    of 1, 2 and 5 random images (max |difference| <= 1e-5).  -> max |difference|."""
     clf, ckpt = read_classifier(path, "cpu", D)
     scores = ClassScores(clf).eval()
     shape = [ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"]]        # [C, H, W]
     g = torch.Generator().manual_seed(0)
-    example = torch.rand(2, *shape, generator=g)
     note = json.dumps({"meaning": EXPORT_NOTE, "input_shape": ["n", *shape], "classes":
                        ckpt["data"]["classes"], "dataset": ckpt["data"]["name"], "stage": ckpt["stage"],
                        "D": scores.D if scores.clusters else None, "checkpoint": os.path.basename(path),
                        "torch": torch.__version__})
-    try:
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        program = torch.export.export(scores, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, out_path, extra_files={"clustr.json": note})
-        kind, reloaded = "torch.export", torch.export.load(out_path).module()
-    except Exception as e:  # an op torch.export cannot trace (older torch): TorchScript instead
-        print(f"note: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-              f"writing a TorchScript trace (load it with torch.jit.load)", flush=True)
-        traced = torch.jit.trace(scores, example, check_trace=False)
-        torch.jit.save(traced, out_path, _extra_files={"clustr.json": note})
-        kind, reloaded = "torchscript", torch.jit.load(out_path)
-    worst = 0.0
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(scores, (torch.rand(2, *shape, generator=g),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, out_path, extra_files={"clustr.json": note})
+    reloaded = torch.export.load(out_path).module()
     with torch.no_grad():
-        for n in (1, 2, 5):
-            x = torch.rand(n, *shape, generator=g)
-            worst = max(worst, (reloaded(x) - scores(x)).abs().max().item())
+        worst = max((reloaded(x) - scores(x)).abs().max().item()
+                    for x in (torch.rand(n, *shape, generator=g) for n in (1, 2, 5)))
     if not worst <= 1e-5:
         raise RuntimeError(f"the exported {out_path} differs from the classifier by {worst:.3g}")
-    return kind, worst
+    return worst
 
 
 def export_main(args):
@@ -1794,34 +1407,13 @@ def export_main(args):
         fail(f"--export writes one model: give one --D, not {len(args.D)}")
     check_outputs(args, False, [], ("export",))
     try:
-        D = "stored" if args.D is None else args.D[0]
-        kind, worst = export_classifier(args.ckpt, args.export, D)
+        worst = export_classifier(args.ckpt, args.export, "stored" if args.D is None else args.D[0])
     except CheckpointError as e:
         fail(str(e))
-    load = "torch.export.load(PATH).module()" if kind == "torch.export" else "torch.jit.load(PATH)"
-    print(f"exported {args.ckpt} -> {args.export} ({kind}, {os.path.getsize(args.export) / 1e6:.1f} MB; "
-          f"reloaded: max |difference| {worst:.1e}).\nLoad it with torch alone: {load}; {EXPORT_NOTE}")
-    return {"export": args.export, "format": kind, "max_abs_difference": worst}
-
-
-ATTACK_MEANING = (
-    "attack.py result (README 'Result files'). natural_accuracy, robust_accuracy: fractions of the "
-    "'images' test images in [0, 1]; robust = correct and not fooled by any restart, recomputed "
-    "from the saved images (each example's first fooling image, else its clean image) by the "
-    "evaluated classifier; disagreements: examples whose recomputed verdict differs from the "
-    "attack's own record (only within float rounding of the decision boundary; beyond it the run "
-    "stops); a loss row "
-    "counts its loss and every earlier one (the cascade; --per-loss: that loss alone); loss "
-    "'worst-case' = not fooled by any loss run (the headline: attack.py's own cascade of losses, "
-    "not AutoAttack's standard version); attacked, fooled: image counts. "
-    "eps, step: L-inf radius "
-    "and PGD step in pixel units of images in [0, 1] (8/255 = 0.0314). D: centres per prediction "
-    "(null = all). seconds: wall-clock; images_per_second: images / seconds. checks: sanity "
-    "checks, ok true (passed), false (failed), null (skipped), with their numbers. examples: per "
-    "(eps, D), for each test image by index: correct, robust (true/false), fooled_by (the loss that "
-    "fooled it first, or null). world_size: the processes that shared the work (torchrun; 1 for a "
-    "plain run); it changes no figure, only seconds. compile_seconds (with --compile only): the "
-    "seconds torch spent compiling, part of seconds.")
+    print(f"exported {args.ckpt} -> {args.export} (torch.export, {os.path.getsize(args.export) / 1e6:.1f} MB; "
+          f"reloaded: max |difference| {worst:.1e}).\nLoad it with torch alone: "
+          f"torch.export.load(PATH).module(); {EXPORT_NOTE}")
+    return {"export": args.export, "format": "torch.export", "max_abs_difference": worst}
 
 
 # ======================================================================================
@@ -2173,147 +1765,6 @@ def to_float(x_uint8):
     return x_uint8.float().div_(255)
 # --- end shared: data ---
 
-# The model (App. A: ResNet18) and the classifier: Eq. (4) (section 3) for clustering checkpoints
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-# --- shared: classifier ---
-def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
-    (README "Where results and checkpoints go")."""
-    if arch.get("name") != "resnet18":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}")
-    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
-                    data["mean"], data["std"])
-
-
-class Classifier(nn.Module):
-    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
-    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
-    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
-
-    def __init__(self, model, clusters=None, D=None):
-        super().__init__()
-        self.model = model
-        self.clusters = clusters is not None
-        if self.clusters:
-            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
-            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
-            self.sigma2 = float(clusters["variance"])
-            self.D = D
-
-    def forward(self, x):
-        if not self.clusters:
-            return F.log_softmax(self.model(x).float(), dim=1)
-        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
-                                 self.sigma2, self.D)
-
-
-def read_classifier(path, device="cpu", D="stored"):
-    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
-    attacks and certificates here work on.  The module is in eval mode with gradients off for its
-    parameters, so an attack never updates batch-norm statistics (README "Where this differs
-    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
-    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
-    ckpt = read_checkpoint(path)
-    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
-    clusters = None if with_head else ckpt.get("clusters")
-    if not with_head and clusters is None:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
-    model = build_model(ckpt["arch"], ckpt["data"], with_head)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0]})") from None
-    if clusters is not None and D == "stored":
-        D = clusters.get("D")
-    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module, ckpt
-
-
-def data_dir_from_checkpoint(args, ckpt):
-    """--data-dir left unset: the folder the checkpoint's run read (stored in its args, absolute
-    since the stages store it so) when it exists; else ./data.  A relative stored path is not
-    used: it counted from a folder that is not known here.  The header prints the folder used."""
-    if args.data_dir is None:
-        stored = ckpt["args"].get("data_dir")
-        usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
-        args.data_dir = stored if usable else "./data"
-    args.data_dir = os.path.abspath(args.data_dir)
-
-
-def check_test_split(ckpt, path, classes, images, data_dir):
-    """The test split must hold the classes (same names, same order) and image shape the
-    checkpoint was trained on; the message says which differ."""
-    info, arch = ckpt["data"], ckpt["arch"]
-    shape = [arch["in_channels"], *info["image_size"]]
-    if classes != info["classes"]:
-        missing = [c for c in info["classes"] if c not in classes]
-        extra = [c for c in classes if c not in info["classes"]]
-        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
-                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
-            or f"the same {len(classes)} class names in another order"
-        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
-             f"(class folders) the checkpoint was trained on")
-    if list(images.shape[1:]) != shape:
-        fail(f"the test split in {data_dir} does not match {path}: its images are "
-             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
-# --- end shared: classifier ---
 
 # --- shared: library ---
 class ClassScores(nn.Module):
@@ -2340,24 +1791,16 @@ class ClassScores(nn.Module):
         self.clusters = clf.clusters
         if self.clusters:
             self.register_buffer("centers", clf.centers.clone())             # mu  [M, d]
-            member = clf.center_classes[None, :] == torch.arange(
-                int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
-            self.register_buffer("member", member)                          # [classes, M]
+            self.register_buffer("center_classes", clf.center_classes.clone())   # [M]
+            self.num_classes = int(clf.center_classes.max()) + 1            # a Python int: torch.export
             self.sigma2 = clf.sigma2                                        # sigma^2
             self.D = clf.D
 
     def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
         if not self.clusters:
             return self.model(x).float()                                    # logits [n, classes]
-        f = self.model.features(x)                                          # [n, d]
-        if f.dtype not in (torch.float32, torch.float64):
-            f = f.float()                                                   # bf16 under autocast
-        sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        s = -sq_dist / (2 * self.sigma2)                                    # [n, M]
-        keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
+        z = class_log_scores(self.model.features(x), self.centers, self.center_classes, self.sigma2, self.D,
+                             num_classes=self.num_classes)                  # Eq. (4), [n, classes]
         return z.masked_fill(z == float("-inf"), self.LOW)
 
 
@@ -2498,11 +1941,6 @@ def described(obj, meaning):
     """{"meaning": what the file's numbers are, in which units, **rounded(obj)}."""
     return {"meaning": meaning, **rounded(obj)}
 # --- end shared: results-json ---
-
-
-# torchrun: only rank 0 prints (quiet_unless_rank0); Ctrl-C / SIGTERM: one line, exit 130, the
-# lock released (guarded).  Applied here, after the plumbing that defines guarded.
-main = quiet_unless_rank0(main)
 
 
 if __name__ == "__main__":

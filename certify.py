@@ -262,10 +262,11 @@ def fold_batchnorm(clf):
     before it (the model is in eval mode throughout):
         bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
         s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
-    The same function up to float rounding, one pass fewer forward and backward: about 1.5x
-    faster attacks on a CPU (benchmarks/attack.py).  The original is not touched; the caller
-    re-checks on the original every example the copy calls fooled (attack.py: attack_split, and
-    --no-fold-bn for no copy; certify.py: l2_attack's check_fn)."""
+    The same function up to float rounding, one pass fewer forward and backward (certify.py's
+    attack: benchmarks/certify.py; attack.py no longer uses it, since at width 64 it did not pay
+    1.3x there: benchmarks/README.md, "attack.py without the folded copy").  The original is not
+    touched; the caller re-checks on the original every example the copy calls fooled
+    (certify.py: l2_attack's check_fn)."""
     clf = copy.deepcopy(clf)
 
     def fold(conv, bn):
@@ -693,21 +694,22 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
-    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=None, num_classes=None):
+    """The class log-scores of ClusTR Eq. (4), the soft nearest-cluster classifier:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
-        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+        z_c = logsumexp_{j in c}(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2),   p = softmax(z)
 
     features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
-    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
-    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): the sums run over the D nearest centres only;
+    a class with no centre among them gets z = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
-    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes].
+    given, is the set of centres the sums run over instead of the D nearest (qtrades.py: Eq. (6)
+    compares two distributions on the same set).  num_classes: a Python int where the classes
+    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes].
 
     The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
     largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
@@ -716,10 +718,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
     largest term is exp(0)), so nothing underflows.
     A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
-    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
-    their rounding cancels: when one class holds all the probability, its log p is exactly 0
-    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
+    that no 0 * inf reaches the gradient."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -730,7 +729,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     classes = center_classes.to(features.device).long()                    # [M]
-    num_classes = int(classes.max()) + 1
+    num_classes = int(classes.max()) + 1 if num_classes is None else num_classes
     n, M = s.shape
     peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
         1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
@@ -741,7 +740,16 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     with torch.autocast(s.device.type, enabled=False):
         sums = terms @ one_hot                                             # [n, classes]
     per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
-    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
+    return per_class                                                       # [n, classes] z_c
+
+
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
+    """log of ClusTR Eq. (4) in log space, log p_c = z_c - logsumexp_c z_c (class_log_scores'
+    arguments): the denominator logsumexp_j s_j taken over the class scores (the same number:
+    logsumexp_c of logsumexp_{j in c}), a log_softmax, so that their rounding cancels: when one
+    class holds all the probability, its log p is exactly 0 and so is its gradient, even where
+    float32 cannot resolve s_j (|s_j| ~ 1e6).  -> [n, classes]."""
+    return torch.log_softmax(class_log_scores(features, centers, center_classes, sigma2, D, keep), dim=1)
 # --- end shared: eq4 ---
 
 
@@ -1508,24 +1516,16 @@ class ClassScores(nn.Module):
         self.clusters = clf.clusters
         if self.clusters:
             self.register_buffer("centers", clf.centers.clone())             # mu  [M, d]
-            member = clf.center_classes[None, :] == torch.arange(
-                int(clf.center_classes.max()) + 1, device=clf.centers.device)[:, None]
-            self.register_buffer("member", member)                          # [classes, M]
+            self.register_buffer("center_classes", clf.center_classes.clone())   # [M]
+            self.num_classes = int(clf.center_classes.max()) + 1            # a Python int: torch.export
             self.sigma2 = clf.sigma2                                        # sigma^2
             self.D = clf.D
 
     def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
         if not self.clusters:
             return self.model(x).float()                                    # logits [n, classes]
-        f = self.model.features(x)                                          # [n, d]
-        if f.dtype not in (torch.float32, torch.float64):
-            f = f.float()                                                   # bf16 under autocast
-        sq_dist = (f[:, None, :] - self.centers[None, :, :]).pow(2).sum(-1)  # [n, M]
-        s = -sq_dist / (2 * self.sigma2)                                    # [n, M]
-        keep = nearest_centers_mask(sq_dist, self.D)                        # the D nearest, as Eq. (4)
-        if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
-        z = s[:, None, :].masked_fill(~self.member[None], float("-inf")).logsumexp(-1)  # [n, classes]
+        z = class_log_scores(self.model.features(x), self.centers, self.center_classes, self.sigma2, self.D,
+                             num_classes=self.num_classes)                  # Eq. (4), [n, classes]
         return z.masked_fill(z == float("-inf"), self.LOW)
 
 

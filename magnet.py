@@ -403,21 +403,22 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
-def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
-    """log of ClusTR Eq. (4), the soft nearest-cluster classifier, in log space:
+def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=None, num_classes=None):
+    """The class log-scores of ClusTR Eq. (4), the soft nearest-cluster classifier:
 
         p_c(x) = sum_{j in class c} exp(-||f - mu_j||^2 / (2 sigma^2))
                  / sum_{all j}      exp(-||f - mu_j||^2 / (2 sigma^2))
-        log p_c = logsumexp_{j in c}(s_j) - logsumexp_j(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2)
+        z_c = logsumexp_{j in c}(s_j),   s_j = -||f - mu_j||^2 / (2 sigma^2),   p = softmax(z)
 
     features [n, d], centers [M, d] (M = classes x K), center_classes [M] (int), sigma2 = sigma^2
-    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): both sums run over the D nearest centres only;
-    a class with no centre among them gets log p = -inf (p = 0).  Masks are applied as -inf
+    (float or 0-d tensor).  D (Sec. 4.2, App. B.3): the sums run over the D nearest centres only;
+    a class with no centre among them gets z = -inf (p = 0).  Masks are applied as -inf
     *before* each reduction (never multiplied into an exponent), and masked_fill passes no
     gradient to masked entries, so gradients stay finite even for classes absent from the D
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
-    given, is the set of centres both sums run over instead of the D nearest (qtrades.py: Eq. (6)
-    compares two distributions on the same set).  -> [n, classes].
+    given, is the set of centres the sums run over instead of the D nearest (qtrades.py: Eq. (6)
+    compares two distributions on the same set).  num_classes: a Python int where the classes
+    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes].
 
     The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
     largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
@@ -426,10 +427,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
     largest term is exp(0)), so nothing underflows.
     A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient.  The denominator logsumexp_j s_j is taken over these
-    class scores (the same number: logsumexp_c of logsumexp_{j in c}), a log_softmax, so that
-    their rounding cancels: when one class holds all the probability, its log p is exactly 0
-    and so is its gradient, even where float32 cannot resolve s_j (|s_j| ~ 1e6)."""
+    that no 0 * inf reaches the gradient."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -440,7 +438,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     classes = center_classes.to(features.device).long()                    # [M]
-    num_classes = int(classes.max()) + 1
+    num_classes = int(classes.max()) + 1 if num_classes is None else num_classes
     n, M = s.shape
     peak = s.detach().new_full((n, num_classes), float("-inf")).scatter_reduce_(
         1, classes.expand(n, M), s.detach(), "amax")                       # [n, classes] m_c
@@ -451,7 +449,16 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     with torch.autocast(s.device.type, enabled=False):
         sums = terms @ one_hot                                             # [n, classes]
     per_class = torch.where(present, torch.where(present, sums, 1.0).log() + peak, float("-inf"))
-    return torch.log_softmax(per_class, dim=1)                             # [n, classes]
+    return per_class                                                       # [n, classes] z_c
+
+
+def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=None):
+    """log of ClusTR Eq. (4) in log space, log p_c = z_c - logsumexp_c z_c (class_log_scores'
+    arguments): the denominator logsumexp_j s_j taken over the class scores (the same number:
+    logsumexp_c of logsumexp_{j in c}), a log_softmax, so that their rounding cancels: when one
+    class holds all the probability, its log p is exactly 0 and so is its gradient, even where
+    float32 cannot resolve s_j (|s_j| ~ 1e6).  -> [n, classes]."""
+    return torch.log_softmax(class_log_scores(features, centers, center_classes, sigma2, D, keep), dim=1)
 # --- end shared: eq4 ---
 
 

@@ -13,8 +13,9 @@ machine shared with other jobs, two OpenMP threads made timings 10-20x slower an
      mostly resists and at one where it is fooled almost everywhere.  Robust accuracy and median
      wall time over --repeats interleaved runs.  torchattacks is timed as commonly used (weights
      with requires_grad, NCHW tensors) and given attack.py's frozen module in channels_last layout,
-     so the gain of each part shows.  "ours" runs main()'s path: attack_split with the batch-norm-
-     folded copy, every fooled example re-checked on the original model.
+     so the gain of each part shows.  "ours" runs main()'s path: attack_split on the classifier in
+     channels_last (the batch-norm-folded copy of earlier versions is gone: benchmarks/README.md,
+     "attack.py without the folded copy").
   B. attack.py's default loss set (ce, margin, 3-target margin, + magnet for clustering models;
      cosine steps) against AutoAttack's core in torchattacks: APGD (ce) + APGD-T (9 targets),
      the same number of iterations; per-example worst case of each side.
@@ -155,10 +156,8 @@ def main():
         run = attack.parse_args(["--steps", str(S), "--restarts", str(R), "--schedule", "constant",
                                  "-b", str(len(y))])
 
-        def ours(seed):  # exactly main()'s path: folded copy, channels_last, fooled ones re-checked
-            net = {"clf": same, "fast": attack.fold_batchnorm(clf).to(memory_format=torch.channels_last),
-                   "re_attacked": 0}
-            return attack.attack_split(net, images, y, run, eps, "ce", seed)
+        def ours(seed):  # exactly main()'s path: channels_last, one generator per chunk
+            return attack.attack_split(same, images, y, run, eps, "ce", seed)
 
         def theirs(model, inputs, seed):
             torch.manual_seed(seed)                                            # their random starts
@@ -187,8 +186,7 @@ def main():
                  and "B" in args.parts]:
         clf, _ = attack.read_classifier(paths[name])
         run = attack.parse_args(["--steps", str(S), "-b", str(len(y))])   # main()'s defaults
-        net = {"clf": copy.deepcopy(clf).to(memory_format=torch.channels_last),
-               "fast": attack.fold_batchnorm(clf).to(memory_format=torch.channels_last), "re_attacked": 0}
+        net = copy.deepcopy(clf).to(memory_format=torch.channels_last)
         with torch.no_grad():
             log_p = clf(x)
         natural, C = log_p.argmax(1) == y, log_p.shape[1]

@@ -2,8 +2,7 @@
 
 Runs the whole pipeline of a checkout on fixed seeds at toy scale, on a generated 3-class 16x16
 folder (no download): nominal.py, magnet.py, qtrades.py (both variants), attack.py (its default
-losses and checks; the checks with --check-budget 0, since a budget in seconds depends on the
-machine's load), certify.py and synthetic.py, each as a user runs it (a subprocess in a work
+losses and checks, the checks on all 30 images), certify.py and synthetic.py, each as a user runs it (a subprocess in a work
 folder).  Then prints one SHA-256 per output: every tensor of each checkpoint (weights, clusters,
 sampler and RNG state) and every number of each results JSON, with the entries that hold times,
 paths or the command line left out.  Two checkouts whose printed fingerprints are equal produced
@@ -80,9 +79,9 @@ def main():
         ("qtrades.py", data + ["--init", "n.pt", "--loss", "ce", "--epochs", "1", "--m", "3", "--d", "10",
                                "--out", "qc.pt"], "qc.pt"),
         ("attack.py", ["--ckpt", "m.pt", "--data-dir", folder, "--limit", "30", "--steps", "5",
-                       "--square-queries", "20", "--check-budget", "0", "--out", "a.json"], "a.json"),
+                       "--square-queries", "20", "--check-images", "30", "--out", "a.json"], "a.json"),
         ("attack.py", ["--ckpt", "n.pt", "--data-dir", folder, "--limit", "30", "--steps", "5",
-                       "--square-queries", "20", "--check-budget", "0", "--out", "an.json"], "an.json"),
+                       "--square-queries", "20", "--check-images", "30", "--out", "an.json"], "an.json"),
         ("certify.py", ["--ckpt", "m.pt", "--data-dir", folder, "--limit", "30", "--attack-limit", "10",
                         "--out", "c.json", "--plot", "none"], "c.json"),
         ("synthetic.py", ["--steps", "20", "--seeds", "1", "--n", "40", "--datasets", "moons",

@@ -14,7 +14,7 @@ random data time the work and nothing else (no accuracy is meant).
   qtrades   one qtrades.py epoch (ClusTR+QTRADES, --loss magnet: Eq. (6), the one-step adversary
             of Sec. 4.2), then the same cluster update
   pgd20     attack.py's attack_split: PGD-20 x 10 restarts (Eq. (5), cross-entropy, constant step
-            2/255, batches of 500, the batch-norm-folded copy and its re-check) on the test split
+            2/255, batches of 500, on the classifier itself) on the test split
   pgd100    the same with 100 steps
   certify   certify.py's bound: the Lipschitz upper bound of the features (lipschitz_layers,
             folded and per layer, as its main() prints both), the test features and Prop. 1's
@@ -410,19 +410,15 @@ def row_pgd(ctx, steps, restarts):
     clf = attack.Classifier(model, random_clusters(model, ctx)).to(dev).eval()
     for p in clf.parameters():                        # as read_classifier leaves it
         p.requires_grad_(False)
-    fast = attack.fold_batchnorm(clf) if args.fold_bn else clf
+    fast = clf                                        # attack.py attacks the classifier itself
     cl = layout(fast.model, ctx, True)
-    if fast is not clf:
-        layout(clf.model, ctx, True)
     images, b = ctx.test[0], args.batch_size
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
         # labels: the attacked classifier's own predictions, as attack_split computes them
         labels = torch.cat([fast(attack.to_float(images[i:i + b]).contiguous(
             memory_format=torch.channels_last)).argmax(1) for i in range(0, len(images), b)])
-    net = {"clf": clf, "fast": fast, "re_attacked": 0, "ball": {"batches": 0, "max_excess": 0.0}}
-
     def run(n, **budget):
-        return attack.attack_split(net, images[:n], labels[:n], args, 0.0, "ce", o.seed, **budget)
+        return attack.attack_split(clf, images[:n], labels[:n], args, 0.0, "ce", o.seed, **budget)
     k = 8
     per_image = flops_of(lambda: run(k)) / k          # eager: before --compile
     attack.compile_features(fast.model, args.compile)
@@ -437,8 +433,7 @@ def row_pgd(ctx, steps, restarts):
             "full_seconds": seconds * ctx.opts.full["test"] / n, "flops": per_image * n,
             "amp": bool(args.amp), "channels_last": cl, "first_call_seconds": first - second,
             "compile_seconds": sum(attack.compile_seconds().values()), "steps": steps, "restarts": restarts,
-            "batch_size": args.batch_size, "not_fooled": float(robust.float().mean()),
-            "re_attacked": net["re_attacked"]}
+            "batch_size": args.batch_size, "not_fooled": float(robust.float().mean())}
 
 
 def row_pgd20(ctx):
