@@ -208,6 +208,45 @@ def per_image_cost(features, x, sizes=(1, 16, 64, 256)):
     return out
 
 
+def fold_comparison(ckpt, data_dir, args):
+    """--fold (issue 22): certify.py's attack phase (jacobian_norm_lower with 6 products, then
+    l2_attack with 40 steps and 10 bisection rounds) on the network as loaded against the same calls
+    on attack.py's batch-norm-folded copy in channels_last layout, the attack's findings confirmed
+    on the network (check_fn), as certify.main runs it.  The fastest of --repeats alternating
+    timings per side."""
+    import attack  # noqa: E402  (fold_batchnorm, the shared block)
+    module, ck = certify.read_classifier(ckpt, "cpu")
+    net = module.model
+    fast = attack.fold_batchnorm(module).model.to(memory_format=torch.channels_last)
+    mu = torch.as_tensor(ck["clusters"]["centers"])
+    cls = torch.as_tensor(ck["clusters"]["center_classes"]).long()
+    images, _, _ = certify.load_split(ck["data"]["name"], data_dir, False, args.images)
+    x = certify.to_float(images)
+    chunks = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+    chunks_cl = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
+    print(f"benchmarks/certify.py --fold | {ckpt} (width {ck['arch']['width']}) | {len(x)} test images "
+          f"{tuple(x.shape[1:])} | torch {torch.__version__} | {torch.get_num_threads()} thread(s) | "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+
+    def phase(features, check_fn=None):
+        return lambda c, g: (certify.jacobian_norm_lower(features, c, 6, g),
+                             certify.l2_attack(features, c, mu, cls, 40, 10, check_fn=check_fn))
+    sides = [("plain", "network as loaded", chunks, phase(net.features)),
+             ("folded", "folded, channels_last, checked on the network", chunks_cl,
+              phase(fast.features, net.features))]
+    wall, out = {k: [] for k, *_ in sides}, {}
+    for rep in range(args.repeats):
+        for key, label, data, fn in (sides if rep % 2 == 0 else sides[::-1]):
+            out[key], w, _ = run(label, fn, data)
+            wall[key].append(w)
+    best = {k: min(v) for k, v in wall.items()}
+    (low_p, pert_p), (low_f, pert_f) = out["plain"], out["folded"]
+    print(f"attack phase, images/s: network {len(x) / best['plain']:.2f}, folded copy "
+          f"{len(x) / best['folded']:.2f}: the copy is {best['plain'] / best['folded']:.2f}x faster; "
+          f"lower estimate {float(low_p.max()):.7g} / {float(low_f.max()):.7g}; attack median "
+          f"{float(pert_p.median()):.4g} / {float(pert_f.median()):.4g}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/clustr_bench_certify")
@@ -218,10 +257,15 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timings per side, alternating; the fastest counts")
     p.add_argument("--out", default=None, help="JSON of the figures (default: <workdir>/certify.json)")
+    p.add_argument("--fold", action="store_true",
+                   help="only: certify.py's attack phase on the network against a batch-norm-folded "
+                        "channels_last copy (issue 22)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
     ckpt, data_dir = (args.ckpt, args.data_dir) if args.ckpt else build(args.workdir)
+    if args.fold:
+        return fold_comparison(ckpt, data_dir, args)
     module, ck = certify.read_classifier(ckpt, "cpu")
     net = module.model
     fast = certify.fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # as certify.main
