@@ -139,14 +139,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def lipschitz_arg(text):
     """--lipschitz: 'bound' or a positive, finite number (argparse: exit 2 with one line)."""
-    if text == "bound":
-        return text
     try:
-        value = float(text)
+        value = text if text == "bound" else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'bound' nor a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--lipschitz must be positive and finite, not {text}")
+        value = None
+    if value != "bound" and not (isinstance(value, float) and 0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be 'bound' or a positive, finite number, not {text!r}")
     return value
 
 
@@ -505,12 +503,28 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
     clipped away and waste the step's norm).  The check of every iterate is nearest_center at
     float64; x's own class is the check of the first iterate (delta = 0).  Eval-mode batch norm
     keeps the images independent: B separate searches.  Then, forward passes only, `bisect`
-    rounds of bisection on s in (0, 1] along the smallest adversarial iterate d = x_adv - x."""
+    rounds of bisection on s in (0, 1] along the smallest adversarial iterate d = x_adv - x (s = 1:
+    the finding), keeping the smallest adversarial point (the distance is not monotone in s)."""
     x = x.detach()
     mu = centers.to(x.device, x.dtype)                                       # [M, d]
     cls = center_classes.long().to(x.device)                                 # [M]
     best, x_adv, y = _l2_search(feature_fn, x, mu, cls, steps)
-    _l2_bisect(feature_fn, x, x_adv, best, y, mu, cls, bisect)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    hit = torch.isfinite(best).nonzero().squeeze(1)                          # bisection along d
+    x0, d, y0 = x[hit], x_adv[hit] - x[hit], y[hit]                          # d: the search's finding
+    lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)        # s not adversarial (x)
+    hi = torch.ones(len(hit), dtype=torch.float64, device=x.device)         # s adversarial (finding)
+    with torch.no_grad():
+        for _ in range(bisect if len(hit) else 0):
+            s = (lo + hi) / 2
+            z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
+            _, pred = nearest_center(feature_fn(z), mu, cls)
+            adv = pred != y0
+            dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
+            better = adv & (dist < best[hit])                                # not monotone in s
+            best[hit] = torch.where(better, dist, best[hit])
+            x_adv[hit[better]] = z[better]
+            hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
     return (best, x_adv) if return_examples else best
 
 
@@ -552,28 +566,6 @@ def _l2_search(feature_fn, x, mu, cls, steps):
             shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
             delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
     return best, x_adv, y
-
-
-def _l2_bisect(feature_fn, x, x_adv, best, y, mu, cls, bisect):
-    """l2_attack's bisection on s in (0, 1] along each finding's ray x + s d, d = x_adv - x (s = 1:
-    the search's finding), forward passes only: updates best and x_adv in place where a smaller
-    adversarial s is found."""
-    view = (-1,) + (1,) * (x.dim() - 1)
-    hit = torch.isfinite(best).nonzero().squeeze(1)
-    x0, d, y0 = x[hit], x_adv[hit] - x[hit], y[hit]
-    lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)        # s not adversarial (x)
-    hi = torch.ones(len(hit), dtype=torch.float64, device=x.device)         # s adversarial
-    with torch.no_grad():
-        for _ in range(bisect if len(hit) else 0):
-            s = (lo + hi) / 2
-            z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
-            _, pred = nearest_center(feature_fn(z), mu, cls)
-            adv = pred != y0
-            dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
-            better = adv & (dist < best[hit])                                # not monotone in s
-            best[hit] = torch.where(better, dist, best[hit])
-            x_adv[hit[better]] = z[better]
-            hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
 
 
 def accuracy_curve(radius, correct, points, key="certified_accuracy"):

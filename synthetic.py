@@ -409,14 +409,6 @@ def lipschitz_grid_lower(net, lo, hi, n=201):
 # ---- Prop. 1 ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def class_centres(net, x, y, classes=2):
-    """K = 1 (Sec. 4.1): each class is one cluster, its centre the mean feature of its training
-    points (eval mode, float64) -> [classes, d]."""
-    f = net(x.double())
-    return torch.stack([f[y == k].mean(0) for k in range(classes)])
-
-
-@torch.no_grad()
 def prop1_radius(features, centres, lipschitz):
     """Prop. 1 with K = 1 (centre k = class k), nearest-centre prediction (D = 1):
         R(x) = min_{j != pred} (||f - mu_j||^2 - ||f - mu_pred||^2) / (2 L ||mu_j - mu_pred||)
@@ -523,8 +515,11 @@ def evaluate(net, data, loss):
     x, y, xt, yt = data
     regions = linear_regions(net)
     L = exact_lipschitz(net, regions)
-    mu = class_centres(net, x, y)                                           # K = 1 centres [2, d]
     with torch.no_grad():
+        # K = 1 (Sec. 4.1): each class is one cluster, its centre the mean feature of its training
+        # points (eval mode, float64)
+        f = net(x.double())
+        mu = torch.stack([f[y == k].mean(0) for k in range(2)])             # [2, d]
         pred, radius = prop1_radius(net(xt.double()), mu, L)                # Prop. 1, exact L
     correct = pred == yt
     span = float(torch.cat([x, xt]).abs().max()) + 1.0                      # grid: data +- 1
