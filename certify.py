@@ -158,31 +158,25 @@ def parse_args(argv=None):
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
     g = p.add_argument_group("certification (Prop. 1, App. C)")
-    g.add_argument("--ckpt", default="magnet.pt",
-                   help="clustering checkpoint (stage magnet or qtrades-magnet) (default: %(default)s); "
-                        "--data and --width default to the checkpoint's own")
+    g.add_argument("--ckpt", default="magnet.pt", help="clustering checkpoint (stage magnet or qtrades-magnet) "
+                   "(default: %(default)s); --data and --width default to the checkpoint's own")
     g.add_argument("--out", default="certify.json", help="results JSON (default: %(default)s)")
     g.add_argument("--lipschitz", type=lipschitz_arg, default="bound", metavar="VALUE|bound",
-                   help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the "
-                        "ResNet18 in eval mode, or a number you vouch for (default: %(default)s)")
+                   help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the ResNet18 in eval "
+                        "mode, or a number you vouch for (default: %(default)s)")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per chunk (default: %(default)s)")
-    g.add_argument("--grid", type=int, default=101,
-                   help="radii of the certified-accuracy curve, from 0 to where it reaches 0 "
-                        "(Fig. 3 b, d) (default: %(default)s)")
-    g.add_argument("--attack-limit", type=int, default=500,
-                   help="test images for the L2 attack and the lower estimate of L; 0 = all "
-                        "(default: %(default)s, a choice: the paper runs no L2 attack)")
+    g.add_argument("--grid", type=int, default=101, help="radii of the certified-accuracy curve, from 0 to where "
+                   "it reaches 0 (Fig. 3 b, d) (default: %(default)s)")
+    g.add_argument("--attack-limit", type=int, default=500, help="test images for the L2 attack and the lower "
+                   "estimate of L; 0 = all (default: %(default)s, a choice: the paper runs no L2 attack)")
     g.add_argument("--attack-steps", type=positive_int, default=40,
-                   help="steps of the minimum-norm PGD-L2 attack, one batched run in which each "
-                        "image's radius moves every step (FMN-style; a choice, the paper runs no "
-                        "L2 attack) (default: %(default)s)")
-    g.add_argument("--bisect", type=int, default=10,
-                   help="bisection rounds on the radius along the smallest adversarial "
-                        "perturbation the attack found (forward passes only) (default: %(default)s)")
+                   help="steps of the minimum-norm PGD-L2 attack, one batched run in which each image's radius "
+                        "moves every step (FMN-style; a choice, the paper runs no L2 attack) (default: %(default)s)")
+    g.add_argument("--bisect", type=int, default=10, help="bisection rounds on the radius along the smallest "
+                   "adversarial perturbation the attack found (forward passes only) (default: %(default)s)")
     g.add_argument("--power-iters", type=positive_int, default=6,
-                   help="power iterations per image for the lower estimate of L (products with "
-                        "J^T J), answered by the best vector of the iterates' span "
-                        "(default: %(default)s)")
+                   help="power iterations per image for the lower estimate of L (products with J^T J), answered "
+                        "by the best vector of the iterates' span (default: %(default)s)")
     g.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of certified accuracy vs radius (default: --out with .png; 'none' skips)")
     args = p.parse_args(argv)
@@ -691,7 +685,14 @@ def main(argv=None):
     if ckpt["clusters"].get("D") != 1:
         print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
               f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
-    L, bound, layerwise = lipschitz_bound(net, images.shape[1:], args)
+    # L: the sound bound (always computed, to compare), layer by layer, or --lipschitz's value
+    bound, parts = lipschitz_layers(net, images.shape[1:], fold=True)
+    layerwise, _ = lipschitz_layers(net, images.shape[1:], fold=False)
+    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
+    for name, v in parts + [("product (batch norm folded into the convolutions)", bound),
+                            ("product, every layer alone (nothing folded)", layerwise)]:
+        print(f"  {name:<58} {v:12.5g}")
+    L = bound if args.lipschitz == "bound" else args.lipschitz
     r, correct = certify_all(net, module, images, labels, mu, mu_class, L, args)
     pert, lower_estimate = attack_first(net, images, mu, mu_class, r, args, device)
     results = results_of(args, len(labels), L, bound, layerwise, r, correct, pert, lower_estimate)
@@ -740,18 +741,6 @@ def load(args, device):
         fail(str(e))
     check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
     return module, ckpt, mu, mu_class, images.to(device), labels.to(device)
-
-
-def lipschitz_bound(net, input_shape, args):
-    """L: the sound bound (always computed, to compare), layer by layer, or --lipschitz's value.
-    -> (L used, the bound, the bound with nothing folded)."""
-    bound, parts = lipschitz_layers(net, input_shape, fold=True)
-    layerwise, _ = lipschitz_layers(net, input_shape, fold=False)
-    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
-    for name, v in parts + [("product (batch norm folded into the convolutions)", bound),
-                            ("product, every layer alone (nothing folded)", layerwise)]:
-        print(f"  {name:<58} {v:12.5g}")
-    return (bound if args.lipschitz == "bound" else args.lipschitz), bound, layerwise
 
 
 def progress(args, phase, k, chunks, t0, row, cells):

@@ -140,35 +140,30 @@ def add_args(p):
     g.add_argument("--seeds", type=int, default=5,
                    help="number of seeds (--seed, --seed+1, ...): results are mean and std over them")
     g.add_argument("--out", default="synthetic.json", help='results JSON (README "Result files")')
-    g.add_argument("--plot", default="synthetic.png",
-                   help="2x2 PNG like Fig. 3 ('none' to skip; needs matplotlib)")
+    g.add_argument("--plot", default="synthetic.png", help="2x2 PNG like Fig. 3 ('none' to skip; needs matplotlib)")
     g.add_argument("--datasets", nargs="+", choices=["moons", "circles"], default=["moons", "circles"],
                    help="which toy datasets (Fig. 3 (a), (c): two binary 2-D sets)")
     g.add_argument("--n", type=int, default=1000, help="points per split (train and test), balanced")
-    g.add_argument("--noise-moons", type=float, default=0.15,
-                   help="Gaussian noise std of the moons; chosen so that ~99%% test accuracy is the "
-                        "ceiling, the accuracy Sec. 4.1 reports")
+    g.add_argument("--noise-moons", type=float, default=0.15, help="Gaussian noise std of the moons; chosen so "
+                   "that ~99%% test accuracy is the ceiling, the accuracy Sec. 4.1 reports")
     g.add_argument("--noise-circles", type=float, default=0.1,
                    help="Gaussian noise std of the circles (radii 1 and 0.5); ~99%% ceiling as above")
     g.add_argument("--hidden", type=int, default=20, help="hidden units per layer (Sec. 4.1: 20)")
-    g.add_argument("--feat-dim", type=int, default=2,
-                   help="feature dimension d (not in the paper); 2 separates two clusters with room "
-                        "to spare and keeps every region Jacobian a 2x2 matrix")
-    g.add_argument("--steps", type=int, default=1000,
-                   help="full-batch Adam steps per run, the same for both runs (the warm start's "
-                        "cross-entropy steps included)")
+    g.add_argument("--feat-dim", type=int, default=2, help="feature dimension d (not in the paper); 2 separates "
+                   "two clusters with room to spare and keeps every region Jacobian a 2x2 matrix")
+    g.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps per run, the same for both runs "
+                   "(the warm start's cross-entropy steps included)")
     g.add_argument("--warm-steps", type=int, default=None,
                    help="of --steps, the warm start's cross-entropy steps (default: half of --steps)")
     g.add_argument("--lr", type=float, default=1e-2,
                    help="Adam lr from random weights (both runs' first phase); App. A's nominal lr")
-    g.add_argument("--ft-lr", type=float, default=1e-3,
-                   help="Adam lr of the warm start's Magnet fine-tuning; smaller than --lr as in "
-                        "App. A (1e-4 after 1e-2 on CIFAR)")
+    g.add_argument("--ft-lr", type=float, default=1e-3, help="Adam lr of the warm start's Magnet fine-tuning; "
+                   "smaller than --lr as in App. A (1e-4 after 1e-2 on CIFAR)")
     g.add_argument("--alpha", type=float, default=1.0,
-                   help="Magnet margin alpha of Eq. (3); Sec. 4.1 gives none. With App. A's CIFAR10 "
-                        "value 12.5 the Magnet loss from random weights collapsed on 1 of 5 moons "
-                        "seeds (78%% accuracy) in 1000 steps, so the runs were not at equal accuracy "
-                        "as Sec. 4.1 has them; with 1 all runs reach ~99%%")
+                   help="Magnet margin alpha of Eq. (3); Sec. 4.1 gives none. With App. A's CIFAR10 value 12.5 the "
+                        "Magnet loss from random weights collapsed on 1 of 5 moons seeds (78%% accuracy) in 1000 "
+                        "steps, so the runs were not at equal accuracy as Sec. 4.1 has them; with 1 all runs reach "
+                        "~99%%")
     g.add_argument("--radii", type=int, default=41,
                    help="points of the certified-accuracy curve, 0 to the largest radius seen")
     g.add_argument("--table-radii", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
