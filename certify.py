@@ -469,6 +469,7 @@ def attack_margin(features, centers, center_classes, y):
     inf = torch.tensor(float("inf"), device=sq.device, dtype=sq.dtype)
     return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values
 
+
 # The minimum-norm L2 attack's schedule (FMN, Pintor et al. 2021, with relative steps): the radius
 # moves by a factor 1 -/+ gamma_t per step, the step is alpha_t eps; both decay from their first
 # value to their last on a cosine.  A run with no adversarial iterate yet grows eps by at least
@@ -663,6 +664,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
     return torch.log_softmax(per_class, dim=1)                             # [n, classes]
 # --- end shared: eq4 ---
 
+
 # ======================================================================================
 # 4. The loop: load, bound, radii, attack, report (README "Result files")
 # ======================================================================================
@@ -779,9 +781,9 @@ def certify_all(net, module, images, labels, mu, mu_class, L, args):
 
 def attack_first(net, images, mu, mu_class, r, args, device):
     """The lower estimate of L and the L2 attack on the first --attack-limit images, on net, the
-    network every certificate here is about.  (A copy with batch norm folded into the convolutions
-    was 1.08x faster here with its findings confirmed on net, below the 1.3x that would pay for
-    it: benchmarks/README.md.)  -> (smallest perturbation found [m], inf where none; the lower
+    network every certificate here is about.  (A copy with batch norm folded into the convolutions,
+    its findings confirmed on net, was 1.08x-1.40x faster in three runs, not clearly the 1.3x that
+    would pay for a second network: benchmarks/README.md, issue 22.)  -> (smallest perturbation found [m], inf where none; the lower
     estimate or None)."""
     m = len(images) if args.attack_limit == 0 else min(len(images), args.attack_limit)
     gen = torch.Generator(device=device).manual_seed(args.seed)
