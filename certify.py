@@ -358,12 +358,6 @@ def conv_operator_norm_bound(weight, input_hw, padding):
     return float(sigma.max()) * (1 + SLACK)
 
 
-def bn_scale(bn):
-    """Eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)."""
-    s = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-    return s * bn.weight.double() if bn.weight is not None else s
-
-
 def lipschitz_layers(model, input_shape, fold=True):
     """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of App. A, eval mode)
     for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
@@ -382,7 +376,9 @@ def lipschitz_layers(model, input_shape, fold=True):
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
             raise ValueError("lipschitz_layers handles plain zero-padded convolutions only")
         w = conv.weight.detach().double()                                    # [c_out, c_in, k, k]
-        s = bn_scale(bn).detach()                                            # [c_out]
+        # eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)
+        s = 1 / torch.sqrt(bn.running_var.detach().double() + bn.eps)        # [c_out]
+        s = s * bn.weight.detach().double() if bn.weight is not None else s
         if fold:
             if in_scale is not None:
                 w = w * in_scale[None, :, None, None]
