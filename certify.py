@@ -779,8 +779,8 @@ def attack_first(net, images, mu, mu_class, r, args, device):
     """The lower estimate of L and the L2 attack on the first --attack-limit images, on net, the
     network every certificate here is about.  (A copy with batch norm folded into the convolutions,
     its findings confirmed on net, was 1.08x-1.40x faster in three runs, not clearly the 1.3x that
-    would pay for a second network: benchmarks/README.md, issue 22.)  -> (smallest perturbation found [m], inf where none; the lower
-    estimate or None)."""
+    would pay for a second network: benchmarks/README.md, issue 22.)  -> (smallest perturbation
+    found [m], inf where none; the lower estimate or None)."""
     m = len(images) if args.attack_limit == 0 else min(len(images), args.attack_limit)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"\nL2 attack and power iteration on {m} images ({args.attack_steps} PGD-L2 steps, "
