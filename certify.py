@@ -42,7 +42,6 @@ Krylov space as in Lanczos (1950).
 
 import argparse
 import contextlib
-import copy
 import fcntl
 import json
 import math
@@ -138,15 +137,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # --- end shared: help ---
 
 def lipschitz_arg(text):
-    """--lipschitz: 'bound' or a positive number."""
-    if text == "bound":
-        return text
+    """--lipschitz: 'bound' or a positive, finite number (argparse: exit 2 with one line)."""
     try:
-        value = float(text)
+        value = text if text == "bound" else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'bound' nor a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"--lipschitz must be positive and finite, not {text}")
+        value = None
+    if value != "bound" and not (isinstance(value, float) and 0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be 'bound' or a positive, finite number, not {text!r}")
     return value
 
 
@@ -160,45 +157,37 @@ def parse_args(argv=None):
     p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
     p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
     g = p.add_argument_group("certification (Prop. 1, App. C)")
-    g.add_argument("--ckpt", default="magnet.pt",
-                   help="clustering checkpoint (stage magnet or qtrades-magnet) (default: %(default)s); "
-                        "--data and --width default to the checkpoint's own")
+    g.add_argument("--ckpt", default="magnet.pt", help="clustering checkpoint (stage magnet or qtrades-magnet) "
+                   "(default: %(default)s); --data and --width default to the checkpoint's own")
     g.add_argument("--out", default="certify.json", help="results JSON (default: %(default)s)")
     g.add_argument("--lipschitz", type=lipschitz_arg, default="bound", metavar="VALUE|bound",
-                   help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the "
-                        "ResNet18 in eval mode, or a number you vouch for (default: %(default)s)")
-    g.add_argument("-b", "--batch-size", type=int, default=256, help="images per chunk (default: %(default)s)")
-    g.add_argument("--grid", type=int, default=101,
-                   help="radii of the certified-accuracy curve, from 0 to where it reaches 0 "
-                        "(Fig. 3 b, d) (default: %(default)s)")
-    g.add_argument("--attack-limit", type=int, default=500,
-                   help="test images for the L2 attack and the lower estimate of L; 0 = all "
-                        "(default: %(default)s, a choice: the paper runs no L2 attack)")
-    g.add_argument("--attack-steps", type=int, default=40,
-                   help="steps of the minimum-norm PGD-L2 attack, one batched run in which each "
-                        "image's radius moves every step (FMN-style; a choice, the paper runs no "
-                        "L2 attack) (default: %(default)s)")
-    g.add_argument("--bisect", type=int, default=10,
-                   help="bisection rounds on the radius along the smallest adversarial "
-                        "perturbation the attack found (forward passes only) (default: %(default)s)")
-    g.add_argument("--power-iters", type=int, default=6,
-                   help="power iterations per image for the lower estimate of L (products with "
-                        "J^T J), answered by the best vector of the iterates' span "
-                        "(default: %(default)s)")
+                   help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the ResNet18 in eval "
+                        "mode, or a number you vouch for (default: %(default)s)")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per chunk (default: %(default)s)")
+    g.add_argument("--grid", type=int, default=101, help="radii of the certified-accuracy curve, from 0 to where "
+                   "it reaches 0 (Fig. 3 b, d) (default: %(default)s)")
+    g.add_argument("--attack-limit", type=int, default=500, help="test images for the L2 attack and the lower "
+                   "estimate of L; 0 = all (default: %(default)s, a choice: the paper runs no L2 attack)")
+    g.add_argument("--attack-steps", type=positive_int, default=40,
+                   help="steps of the minimum-norm PGD-L2 attack, one batched run in which each image's radius "
+                        "moves every step (FMN-style; a choice, the paper runs no L2 attack) (default: %(default)s)")
+    g.add_argument("--bisect", type=int, default=10, help="bisection rounds on the radius along the smallest "
+                   "adversarial perturbation the attack found (forward passes only) (default: %(default)s)")
+    g.add_argument("--power-iters", type=positive_int, default=6,
+                   help="power iterations per image for the lower estimate of L (products with J^T J), answered "
+                        "by the best vector of the iterates' span (default: %(default)s)")
     g.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG of certified accuracy vs radius (default: --out with .png; 'none' skips)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.grid < 2 or args.attack_limit < 0 or args.attack_steps < 1 \
-            or args.bisect < 0 or args.power_iters < 1:
-        p.error("-b >= 1, --grid >= 2, --attack-limit >= 0, --attack-steps >= 1, --bisect >= 0, "
-                "--power-iters >= 1")
+    if args.grid < 2 or args.attack_limit < 0 or args.bisect < 0:
+        p.error("--grid >= 2, --attack-limit >= 0, --bisect >= 0")
     if args.plot is None:                                       # checked with the other outputs
         args.plot = os.path.splitext(args.out)[0] + ".png"
     return args
 
 
 # ======================================================================================
-# 2. The model (App. A "Architecture") and its batch-norm-folded copy for the attack
+# 2. The model (App. A "Architecture")
 # ======================================================================================
 
 # --- shared: model ---
@@ -256,35 +245,6 @@ class ResNet18(nn.Module):
         return f if self.head is None else self.head(f)             # [B, classes] logits
 # --- end shared: model ---
 
-# --- shared: fold-bn ---
-def fold_batchnorm(clf):
-    """A copy of the classifier with each eval-mode batch norm folded into the convolution
-    before it (the model is in eval mode throughout):
-        bn(conv(x)) = gamma (W * x - m) / sqrt(v + e) + beta = (s W) * x + (beta - s m),
-        s = gamma / sqrt(v + e)   (per output channel; m, v the running statistics)
-    The same function up to float rounding, one pass fewer forward and backward (certify.py's
-    attack: benchmarks/certify.py; attack.py no longer uses it, since at width 64 it did not pay
-    1.3x there: benchmarks/README.md, "attack.py without the folded copy").  The original is not
-    touched; the caller re-checks on the original every example the copy calls fooled
-    (certify.py: l2_attack's check_fn)."""
-    clf = copy.deepcopy(clf)
-
-    def fold(conv, bn):
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)                 # [c_out]
-        conv.weight = nn.Parameter(conv.weight * s[:, None, None, None], requires_grad=False)
-        conv.bias = nn.Parameter(bn.bias - s * bn.running_mean, requires_grad=False)
-        return conv
-    for m in list(clf.modules()):
-        for c, b in (("conv1", "bn1"), ("conv2", "bn2")):                  # stem and BasicBlocks
-            if isinstance(getattr(m, b, None), nn.BatchNorm2d):
-                setattr(m, c, fold(getattr(m, c), getattr(m, b)))
-                setattr(m, b, nn.Identity())
-        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
-            m[0], m[1] = fold(m[0], m[1]), nn.Identity()                   # 1x1 projection shortcut
-    return clf
-# --- end shared: fold-bn ---
-
-
 # ======================================================================================
 # 3. The method: Prop. 1 radii, a sound L, a lower estimate of L, an L2 attack; Eq. (4)
 # ======================================================================================
@@ -299,43 +259,44 @@ def nearest_center(features, centers, center_classes):
     return nearest, center_classes.to(features.device)[nearest]
 
 
-def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
-    """Prop. 1 generalised to C classes x K clusters.  -> dict of [n] tensors: pred, radius (sound,
-    R(x) of step 4), tight (sound, best same-class centre), two_closest (the paper's text; NOT
-    sound, see step 6).
+# Prop. 1 generalised to C classes x K clusters, the proof step by step (App. C, Eq. (7)), for any
+# centre mu_i and any centre mu_j:
+#   1. ||f(x+d) - mu_j||^2 - ||f(x+d) - mu_i||^2, with f(x+d) = f(x) + e, e = f(x+d) - f(x),
+#      expands to  ||f(x) - mu_j||^2 - ||f(x) - mu_i||^2 + 2 <e, mu_i - mu_j>
+#      (the ||e||^2 terms cancel; this is the first two lines of Eq. (7)).
+#   2. Cauchy-Schwarz: <e, mu_i - mu_j> >= -||e|| ||mu_i - mu_j||, and L-Lipschitz: ||e|| <= L ||d||.
+#   3. So the difference is >= m_ij - 2 L ||d|| ||mu_i - mu_j||, m_ij = ||f-mu_j||^2 - ||f-mu_i||^2,
+#      which is > 0 whenever ||d|| < r_ij = m_ij / (2 L ||mu_i - mu_j||)  (Eq. (1), Prop. 1):
+#      f(x+d) stays strictly closer to mu_i than to mu_j.
+#   4. Multi-class, multi-cluster (Sec. 3.1 leaves it to the appendix, which treats two centres):
+#      the class changes only if some centre of ANOTHER class becomes the nearest.  Take i = the
+#      nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
+#      other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
+#      has class c.  Same-class centres need no term: moving between them keeps the class.
+#      -> the sound radius R(x) = min over other-class j of r_1j.
+#   5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
+#      mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
+#      radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
+#      then that i certifies nothing; i = mu_1 keeps the maximum >= R(x) >= 0).
+#   6. The paper's text (Sec. 3.1) uses only the two closest centres, mu_2 = the closest centre
+#      of another class here.  r_12 >= R(x) always, and it can be larger, already with K = 1:
+#      a farther centre mu_j can have a nearer bisector when ||mu_j - mu_1|| is large (example:
+#      f = (-0.5, 0), mu_1 = 0, mu_2 = (1, 0), mu_3 = (-0.5, 1.6): r_12 = 1.0, r_13 = 0.69).
+#      Then the two-closest radius exceeds the exact distance to the decision boundary: not
+#      a certificate.  It is reported beside R(x), with the count of images where they differ.
+# With L = 1 and f an isometry, r_1j is the exact distance from f(x) to the bisector hyperplane
+# of mu_1, mu_j, and R(x) the exact distance to the boundary of mu_1's Voronoi cell (tightness,
+# Sec. 3.1).
 
-    Proof, step by step (App. C, Eq. (7)), for any centre mu_i and any centre mu_j:
-      1. ||f(x+d) - mu_j||^2 - ||f(x+d) - mu_i||^2, with f(x+d) = f(x) + e, e = f(x+d) - f(x),
-         expands to  ||f(x) - mu_j||^2 - ||f(x) - mu_i||^2 + 2 <e, mu_i - mu_j>
-         (the ||e||^2 terms cancel; this is the first two lines of Eq. (7)).
-      2. Cauchy-Schwarz: <e, mu_i - mu_j> >= -||e|| ||mu_i - mu_j||, and L-Lipschitz: ||e|| <= L ||d||.
-      3. So the difference is >= m_ij - 2 L ||d|| ||mu_i - mu_j||, m_ij = ||f-mu_j||^2 - ||f-mu_i||^2,
-         which is > 0 whenever ||d|| < r_ij = m_ij / (2 L ||mu_i - mu_j||)  (Eq. (1), Prop. 1):
-         f(x+d) stays strictly closer to mu_i than to mu_j.
-      4. Multi-class, multi-cluster (Sec. 3.1 leaves it to the appendix, which treats two centres):
-         the class changes only if some centre of ANOTHER class becomes the nearest.  Take i = the
-         nearest centre mu_1 (class c): for ||d|| < min_{j: class(j) != c} r_1j, mu_1 beats every
-         other-class centre, so the nearest centre of f(x+d) (mu_1 or another centre of class c)
-         has class c.  Same-class centres need no term: moving between them keeps the class.
-         -> the sound radius R(x) = min over other-class j of r_1j.
-      5. Step 4 holds for ANY centre i of class c, not only the nearest one: if ||d|| < min_j r_ij,
-         mu_i beats every other-class centre, and the class stays c.  Hence the tighter sound
-         radius max_{i in c} min_{j not in c} r_ij >= R(x)  (for i != mu_1 some r_ij may be < 0,
-         then that i certifies nothing; i = mu_1 keeps the maximum >= R(x) >= 0).
-      6. The paper's text (Sec. 3.1) uses only the two closest centres, mu_2 = the closest centre
-         of another class here.  r_12 >= R(x) always, and it can be larger, already with K = 1:
-         a farther centre mu_j can have a nearer bisector when ||mu_j - mu_1|| is large (example:
-         f = (-0.5, 0), mu_1 = 0, mu_2 = (1, 0), mu_3 = (-0.5, 1.6): r_12 = 1.0, r_13 = 0.69).
-         Then the two-closest radius exceeds the exact distance to the decision boundary: not
-         a certificate.  It is reported beside R(x), with the count of images where they differ.
-    With L = 1 and f an isometry, r_1j is the exact distance from f(x) to the bisector hyperplane
-    of mu_1, mu_j, and R(x) the exact distance to the boundary of mu_1's Voronoi cell (tightness,
-    Sec. 3.1)."""
+def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
+    """Prop. 1 generalised to C classes x K clusters (the proof above).  -> dict of [n] tensors:
+    pred, radius (sound, R(x) of step 4), tight (sound, best same-class centre, step 5),
+    two_closest (the paper's text; NOT sound, step 6)."""
     L = float(lipschitz)
     mu = centers.double().to(features.device)                              # [M, d]
     cls = center_classes.long().to(features.device)                        # [M]
     cd = (mu[:, None, :] - mu[None, :, :]).pow(2).sum(-1).sqrt()   # [M, M]; 0: coinciding centres
-    out = {k: [] for k in ("pred", "radius", "tight", "two_closest")}
+    parts = []
     chunk = max(1, min(chunk, 2 ** 23 // len(mu) ** 2))                   # [chunk, M, M] <= 64 MiB
     for start in range(0, len(features), chunk):
         f = features[start:start + chunk].double()                          # [n, d]
@@ -356,9 +317,8 @@ def certified_radii(features, centers, center_classes, lipschitz, chunk=256):
         tight = min_over_j.masked_fill(other, float("-inf")).max(1).values   # step 5: best i in c
         j2 = sq.masked_fill(~other, float("inf")).argmin(1)                  # step 6: mu_2
         two = r[torch.arange(len(f)), nearest, j2]
-        for k, v in (("pred", pred), ("radius", radius), ("tight", tight), ("two_closest", two)):
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
+        parts.append({"pred": pred, "radius": radius, "tight": tight, "two_closest": two})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # A float64 SVD is accurate to a few units of 2^-52 relative; each layer's bound is inflated by
@@ -397,12 +357,6 @@ def conv_operator_norm_bound(weight, input_hw, padding):
     return float(sigma.max()) * (1 + SLACK)
 
 
-def bn_scale(bn):
-    """Eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)."""
-    s = 1 / torch.sqrt(bn.running_var.double() + bn.eps)
-    return s * bn.weight.double() if bn.weight is not None else s
-
-
 def lipschitz_layers(model, input_shape, fold=True):
     """Per-layer L2 Lipschitz bounds of model.features (the ResNet18 of App. A, eval mode)
     for inputs [C, H, W] = input_shape[-3:].  -> (bound, [(name, factor)]).
@@ -421,7 +375,9 @@ def lipschitz_layers(model, input_shape, fold=True):
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
             raise ValueError("lipschitz_layers handles plain zero-padded convolutions only")
         w = conv.weight.detach().double()                                    # [c_out, c_in, k, k]
-        s = bn_scale(bn).detach()                                            # [c_out]
+        # eval-mode batch norm is x -> s * x + b per channel, s = gamma / sqrt(running_var + eps)
+        s = 1 / torch.sqrt(bn.running_var.detach().double() + bn.eps)        # [c_out]
+        s = s * bn.weight.detach().double() if bn.weight is not None else s
         if fold:
             if in_scale is not None:
                 w = w * in_scale[None, :, None, None]
@@ -515,16 +471,14 @@ def attack_margin(features, centers, center_classes, y):
 # GROW per step.  Chosen on generated 16x16 and Fashion-MNIST checkpoints against the earlier
 # bisection of fixed-radius PGD runs (benchmarks/certify.py, benchmarks/README.md).
 GAMMA, GAMMA_END, ALPHA, ALPHA_END, GROW = 0.1, 0.001, 0.25, 0.01, 0.2
-CONFIRM = (1.0, 1 + 2 ** -10, 1 + 2 ** -6, 1 + 2 ** -3, 1.5, 2.0)   # s tried along the finding's ray
 
 
-def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False,
-              check_fn=None):
+def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, return_examples=False):
     """Smallest L2 perturbation found that changes the nearest-centre prediction, per image [B]
     float64 (inf where none); with return_examples also the images found [B, C, H, W] (x where
     none).  Every finite value is the float64 distance ||x_adv - x|| of an x_adv in the box [0, 1]
-    whose prediction by check_fn (default feature_fn) was evaluated and differs from x's: an upper
-    bound on the true minimal perturbation.
+    whose prediction by feature_fn was evaluated and differs from x's: an upper bound on the true
+    minimal perturbation.
 
     One batched minimum-norm PGD-L2 run on feature_fn, each image with its own radius eps that
     moves at every step (the search over radii inside the run, in the manner of FMN, Pintor et al.,
@@ -537,30 +491,36 @@ def l2_attack(feature_fn, x, centers, center_classes, steps=40, bisect=10, retur
       delta <- delta + alpha_t eps g / ||g||, then onto the ball ||delta|| <= eps and the box.
     g drops the components that push a pixel already at 0 or 1 out of the box (they would be
     clipped away and waste the step's norm).  The check of every iterate is nearest_center at
-    float64; eval-mode batch norm keeps the images independent: B separate searches.
-    Then, forward passes only, on check_fn (main: the network of Prop. 1; feature_fn is its copy
-    with batch norm folded, fold_batchnorm, the same function up to float rounding): the smallest
-    adversarial iterate d = x_adv - x is confirmed at x + s d for the first s in CONFIRM that
-    check_fn calls adversarial (s = 1, or a little further: a finding on feature_fn's boundary can
-    round to the other side), else dropped (inf); then `bisect` rounds of bisection on s between
-    0 and that s.  check_fn sees standard-layout inputs (.contiguous()), as Prop. 1's features
-    were computed, whatever the layout of x (main: channels_last, the layout of the copy)."""
-    check_fn = check_fn or feature_fn
+    float64; x's own class is the check of the first iterate (delta = 0).  Eval-mode batch norm
+    keeps the images independent: B separate searches.  Then, forward passes only, `bisect`
+    rounds of bisection on s in (0, 1] along the smallest adversarial iterate d = x_adv - x (s = 1:
+    the finding), keeping the smallest adversarial point (the distance is not monotone in s)."""
     x = x.detach()
     mu = centers.to(x.device, x.dtype)                                       # [M, d]
     cls = center_classes.long().to(x.device)                                 # [M]
+    best, x_adv, y = _l2_search(feature_fn, x, mu, cls, steps)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    hit = torch.isfinite(best).nonzero().squeeze(1)                          # bisection along d
+    x0, d, y0 = x[hit], x_adv[hit] - x[hit], y[hit]                          # d: the search's finding
+    lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)        # s not adversarial (x)
+    hi = torch.ones(len(hit), dtype=torch.float64, device=x.device)         # s adversarial (finding)
     with torch.no_grad():
-        _, y = nearest_center(check_fn(x.contiguous()), mu, cls)             # x's own class [B]
-    best, x_adv = _l2_search(feature_fn, x, mu, cls, y, steps)
-    d = x_adv - x                                                            # [B, C, H, W] the rays
-    best, x_adv, top = _l2_confirm(check_fn, x, x_adv, d, best, y, mu, cls)
-    _l2_bisect(check_fn, x, x_adv, d, best, top, y, mu, cls, bisect)
+        for _ in range(bisect if len(hit) else 0):
+            s = (lo + hi) / 2
+            z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
+            _, pred = nearest_center(feature_fn(z), mu, cls)
+            adv = pred != y0
+            dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
+            better = adv & (dist < best[hit])                                # not monotone in s
+            best[hit] = torch.where(better, dist, best[hit])
+            x_adv[hit[better]] = z[better]
+            hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
     return (best, x_adv) if return_examples else best
 
 
-def _l2_search(feature_fn, x, mu, cls, y, steps):
+def _l2_search(feature_fn, x, mu, cls, steps):
     """l2_attack's minimum-norm PGD-L2 run (its docstring): -> (best distance [B] float64, inf
-    where none; the images found [B, C, H, W], x where none)."""
+    where none; the images found [B, C, H, W], x where none; x's own class [B])."""
     view = (-1,) + (1,) * (x.dim() - 1)
     delta = torch.zeros_like(x)
     eps = torch.zeros(len(x), dtype=torch.float64, device=x.device)          # radius per image
@@ -571,6 +531,7 @@ def _l2_search(feature_fn, x, mu, cls, y, steps):
         f = feature_fn(z)                                                    # [B, d]
         with torch.no_grad():
             _, pred = nearest_center(f, mu, cls)
+            y = pred if t == 0 else y                                        # x's own class [B]
             adv = pred != y
             dist = (z.detach().double() - x.double()).flatten(1).norm(dim=1)
             better = adv & (dist < best)
@@ -594,54 +555,7 @@ def _l2_search(feature_fn, x, mu, cls, y, steps):
             delta = delta + (alpha * eps / g_norm).to(x.dtype).view(view) * g
             shrink = (eps / delta.double().flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
             delta = (x + delta * shrink.to(x.dtype).view(view)).clamp(0, 1) - x     # ball, box
-    return best, x_adv
-
-
-def _l2_confirm(check_fn, x, x_adv, d, best, y, mu, cls):
-    """l2_attack's confirmation on check_fn along each finding's ray (its docstring): -> (best,
-    x_adv, top: the smallest s of CONFIRM check_fn calls adversarial, inf where none)."""
-    # check_fn's verdict, along the ray x + s d, d = x_adv - x: s = 1 is the search's finding.  A
-    # finding on the boundary of feature_fn's decision can round to the other side for check_fn
-    # (another float program, or another batch), so s is pushed a little further (up to 2) before
-    # the finding is dropped (inf); the bisection below then looks for the smallest s it confirms.
-    top = torch.full_like(best, float("inf"))                                # smallest s confirmed
-    todo = torch.isfinite(best).nonzero().squeeze(1)
-    with torch.no_grad():
-        for s in CONFIRM:
-            if not len(todo):
-                break
-            z = (x[todo] + s * d[todo]).clamp(0, 1)
-            _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
-            ok = pred != y[todo]
-            top[todo[ok]] = s
-            x_adv[todo[ok]] = z[ok]
-            best[todo[ok]] = (z[ok].double() - x[todo[ok]].double()).flatten(1).norm(dim=1)
-            todo = todo[~ok]
-    best[todo], x_adv[todo] = float("inf"), x[todo]
-    return best, x_adv, top
-
-
-def _l2_bisect(check_fn, x, x_adv, d, best, top, y, mu, cls, bisect):
-    """l2_attack's bisection on s in (0, top] along each confirmed ray x + s d (d: the search's
-    finding less x), on check_fn: updates best and x_adv in place where a smaller adversarial s is
-    found."""
-    view = (-1,) + (1,) * (x.dim() - 1)
-    hit = torch.isfinite(best).nonzero().squeeze(1)
-    if bisect and len(hit):                                                  # along d
-        x0, d, y0 = x[hit], d[hit], y[hit]
-        lo = torch.zeros(len(hit), dtype=torch.float64, device=x.device)    # s not adversarial (x)
-        hi = top[hit]                                                        # s adversarial
-        with torch.no_grad():
-            for _ in range(bisect):
-                s = (lo + hi) / 2
-                z = (x0 + s.to(x.dtype).view(view) * d).clamp(0, 1)
-                _, pred = nearest_center(check_fn(z.contiguous()), mu, cls)
-                adv = pred != y0
-                dist = (z.double() - x0.double()).flatten(1).norm(dim=1)
-                better = adv & (dist < best[hit])                            # not monotone in s
-                best[hit] = torch.where(better, dist, best[hit])
-                x_adv[hit[better]] = z[better]
-                hi, lo = torch.where(adv, s, hi), torch.where(adv, lo, s)
+    return best, x_adv, y
 
 
 def accuracy_curve(radius, correct, points, key="certified_accuracy"):
@@ -775,19 +689,32 @@ def certify(args):
     t_run = time.time()
     module, ckpt, mu, mu_class, images, labels = load(args, device)
     net = module.model
-    print_header(args, ckpt, mu, len(labels), device)
-    L, bound, layerwise = lipschitz_bound(net, images.shape[1:], args)
+    print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, {len(mu)} centres) | data "
+          f"{args.data} ({len(labels)} test images in {args.data_dir}) | device {device} | torch {torch.__version__}")
+    print("config: " + json.dumps(vars(args)), flush=True)
+    if ckpt["clusters"].get("D") != 1:
+        print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
+              f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
+    # L: the sound bound (always computed, to compare), layer by layer, or --lipschitz's value
+    bound, parts = lipschitz_layers(net, images.shape[1:], fold=True)
+    layerwise, _ = lipschitz_layers(net, images.shape[1:], fold=False)
+    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
+    for name, v in parts + [("product (batch norm folded into the convolutions)", bound),
+                            ("product, every layer alone (nothing folded)", layerwise)]:
+        print(f"  {name:<58} {v:12.5g}")
+    L = bound if args.lipschitz == "bound" else args.lipschitz
     r, correct = certify_all(net, module, images, labels, mu, mu_class, L, args)
-    pert, lower_estimate = attack_first(module, net, images, mu, mu_class, r, args, device)
+    pert, lower_estimate = attack_first(net, images, mu, mu_class, r, args, device)
     results = results_of(args, len(labels), L, bound, layerwise, r, correct, pert, lower_estimate)
     results["seconds"] = time.time() - t_run
     plot = args.plot if args.plot.lower() not in ("", "none") else None
     note = "plot skipped (--plot none)" if plot is None else \
         plot_curves(results, r["radius"][:len(pert)], pert, lower_estimate, plot)
     results["plot"] = None if plot is None or "skipped" in note else plot
-    raw, results = results, described(results, CERTIFY_MEANING)   # rounded, with its units
+    # rounded; its "meaning" entry points to README "Result files", which says what each key means
+    raw, results = results, described(results, "certify.py result: README.md 'Result files' gives each key's meaning")
     save_results(results, args.out)     # atomic; then this run's log replaces the previous one
-    print_summary(args, raw, L, bound, layerwise, pert, lower_estimate, note)   # unrounded figures
+    print_summary(args, raw, pert, note)   # unrounded figures
     return results
 
 
@@ -812,13 +739,12 @@ def load(args, device):
     if args.width is not None and args.width != ckpt["arch"]["width"]:
         fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
     args.width = ckpt["arch"]["width"]
-    # the stored centres as stored (module.centers is their float32 copy, for Eq. (4))
-    mu = torch.as_tensor(ckpt["clusters"]["centers"]).to(device)                    # [M, d]
-    mu_class = torch.as_tensor(ckpt["clusters"]["center_classes"]).long().to(device)  # [M]
-    if mu.dim() != 2 or mu.shape[1] != ckpt["arch"]["feat_dim"] or len(mu_class) != len(mu) \
-            or len(mu_class.unique()) < 2:
-        fail(f"{args.ckpt}: 'clusters' must hold centers [M, {ckpt['arch']['feat_dim']}] and "
-             f"center_classes [M] of at least two classes")
+    # the stored centres as stored (module.centers is their float32 copy, for Eq. (4)); their
+    # shapes [M, d] and [M] are checked on reading (check_schema), the two classes here
+    mu = ckpt["clusters"]["centers"].to(device)                                     # [M, d]
+    mu_class = ckpt["clusters"]["center_classes"].long().to(device)                 # [M]
+    if len(mu_class.unique()) < 2:
+        fail(f"{args.ckpt}: 'clusters' must hold centres of at least two classes")
     try:
         images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
     except DataError as e:
@@ -827,96 +753,70 @@ def load(args, device):
     return module, ckpt, mu, mu_class, images.to(device), labels.to(device)
 
 
-def print_header(args, ckpt, mu, n, device):
-    print(f"certify.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, "
-          f"{len(mu)} centres) | data {args.data} ({n} test images in {args.data_dir}) | device {device} | "
-          f"torch {torch.__version__}")
-    print("config: " + json.dumps(vars(args)), flush=True)
-    if ckpt["clusters"].get("D") != 1:
-        print(f"note: the checkpoint classifies by Eq. (4) with D = {ckpt['clusters'].get('D') or 'all'}; "
-              f"Prop. 1 certifies the nearest-centre classifier (D = 1), whose accuracy is reported")
-
-
-def lipschitz_bound(net, input_shape, args):
-    """L: the sound bound (always computed, to compare), layer by layer, or --lipschitz's value.
-    -> (L used, the bound, the bound with nothing folded)."""
-    bound, parts = lipschitz_layers(net, input_shape, fold=True)
-    layerwise, _ = lipschitz_layers(net, input_shape, fold=False)
-    print("Lipschitz upper bound, layer by layer (float64; conv: Sedghi et al. 2019):")
-    for name, v in parts:
-        print(f"  {name:<58} {v:12.5g}")
-    print(f"  {'product (batch norm folded into the convolutions)':<58} {bound:12.5g}\n"
-          f"  {'product, every layer alone (nothing folded)':<58} {layerwise:12.5g}")
-    return (bound if args.lipschitz == "bound" else args.lipschitz), bound, layerwise
+def progress(args, phase, k, chunks, t0, row, cells):
+    """One chunk done: a row of <out>.log.jsonl ({phase, chunk, **row, images_per_second}) and a
+    printed line (chunk, images, the phase's cells, images/s, elapsed, ETA)."""
+    el = time.time() - t0
+    append_jsonl(args.out + ".log.jsonl.partial", {"phase": phase, "chunk": k + 1, **row,
+                                           "images_per_second": row["images"] / el})
+    print(f"{k + 1:>5}/{chunks:<5} {row['images']:>7} {cells} {row['images'] / el:8.1f} {fmt_time(el):>9} "
+          f"{fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
 
 
 def certify_all(net, module, images, labels, mu, mu_class, L, args):
     """Prop. 1 on every test image, in chunks (progress rows, log rows).  -> (radii dict of
     certified_radii, correct [n] by the nearest centre)."""
-    n, log_path = len(labels), args.out + ".log.jsonl.partial"    # save_results moves it over the log
+    n, parts, ties, t0 = len(labels), [], 0, time.time()
     print(f"{'chunk':>11} {'images':>7} {'acc':>7} {'med R':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
-    parts_r, ties, t0 = [], 0, time.time()
-    chunks = math.ceil(n / args.batch_size)
     with torch.no_grad():
         for k, start in enumerate(range(0, n, args.batch_size)):
             f = net.features(to_float(images[start:start + args.batch_size])).double()   # [b, d]
-            parts_r.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
+            parts.append(certified_radii(f, mu, mu_class, L))     # chunk's radii
             # cross-check with Eq. (4) at D = 1 (the shared classifier): the same predictions
             eq4 = cluster_log_probs(f, mu.double(), mu_class, module.sigma2, D=1).argmax(1)
-            ties += int((eq4 != parts_r[-1]["pred"]).sum())
-            r = {key: torch.cat([c[key] for c in parts_r]) for key in parts_r[0]}
+            ties += int((eq4 != parts[-1]["pred"]).sum())
+            r = {key: torch.cat([c[key] for c in parts]) for key in parts[0]}
             done = len(r["pred"])
-            acc = float((r["pred"] == labels[:done]).double().mean())
-            med = float(r["radius"].median())
-            el = time.time() - t0
-            row = {"phase": "certify", "chunk": k + 1, "images": done, "accuracy": acc, "median_radius": med,
-                   "images_per_second": done / el}
-            append_jsonl(log_path, row)
-            print(f"{k + 1:>5}/{chunks:<5} {done:>7} {acc:7.2%} {med:10.3g} {done / el:8.0f} "
-                  f"{fmt_time(el):>9} {fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+            row = {"images": done, "accuracy": float((r["pred"] == labels[:done]).double().mean()),
+                   "median_radius": float(r["radius"].median())}
+            progress(args, "certify", k, math.ceil(n / args.batch_size), t0, row,
+                     f"{row['accuracy']:7.2%} {row['median_radius']:10.3g}")
     if ties:
         print(f"note: Eq. (4) with D = 1 predicts another class for {ties} images: ties between "
               f"centres of different classes, which Prop. 1 gives radius 0")
     return r, r["pred"] == labels
 
 
-def attack_first(module, net, images, mu, mu_class, r, args, device):
-    """The lower estimate of L and the L2 attack on the first --attack-limit images, on a copy with
-    batch norm folded into the convolutions (the same function up to float rounding, fewer passes);
-    the attack's findings are confirmed on net, the network every certificate here is about.
-    -> (smallest perturbation found [m], inf where none; the lower estimate or None)."""
-    fast = fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # faster on CPU too
-    n, log_path = len(images), args.out + ".log.jsonl.partial"    # save_results moves it over the log
-    m = n if args.attack_limit == 0 else min(n, args.attack_limit)
+def attack_first(net, images, mu, mu_class, r, args, device):
+    """The lower estimate of L and the L2 attack on the first --attack-limit images, on net, the
+    network every certificate here is about.  (A copy with batch norm folded into the convolutions,
+    its findings confirmed on net, was 1.08x-1.40x faster in three runs, not clearly the 1.3x that
+    would pay for a second network: benchmarks/README.md, issue 22.)  -> (smallest perturbation
+    found [m], inf where none; the lower estimate or None)."""
+    m = len(images) if args.attack_limit == 0 else min(len(images), args.attack_limit)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"\nL2 attack and power iteration on {m} images ({args.attack_steps} PGD-L2 steps, "
           f"{args.bisect} bisection rounds; {args.power_iters} power iterations)")
     print(f"{'chunk':>11} {'images':>7} {'flipped':>8} {'med pert':>10} {'inside R':>9} "
           f"{'max |J|':>10} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
     pert, lower, t0 = [], [], time.time()
-    chunks = math.ceil(m / args.batch_size)
     for k, start in enumerate(range(0, m, args.batch_size)):
-        x = to_float(images[start:min(m, start + args.batch_size)]).contiguous(
-            memory_format=torch.channels_last)                     # the layout of fast's weights
-        lower.append(jacobian_norm_lower(fast.features, x, args.power_iters, gen))
-        pert.append(l2_attack(fast.features, x, mu, mu_class, args.attack_steps, args.bisect,
-                              check_fn=net.features))
-        p, done = torch.cat(pert), sum(len(t) for t in pert)
-        inside = int((p < r["radius"][:done]).sum())
-        el = time.time() - t0
-        row = {"phase": "attack", "chunk": k + 1, "images": done, "flipped": int(torch.isfinite(p).sum()),
+        x = to_float(images[start:min(m, start + args.batch_size)])
+        lower.append(jacobian_norm_lower(net.features, x, args.power_iters, gen))
+        pert.append(l2_attack(net.features, x, mu, mu_class, args.attack_steps, args.bisect))
+        p = torch.cat(pert)
+        inside = int((p < r["radius"][:len(p)]).sum())
+        row = {"images": len(p), "flipped": int(torch.isfinite(p).sum()),
                "median_min_perturbation": finite(float(p.median())), "flipped_inside_radius": inside,
-               "lower_estimate": float(torch.cat(lower).max()), "images_per_second": done / el}
-        append_jsonl(log_path, row)
-        print(f"{k + 1:>5}/{chunks:<5} {done:>7} {row['flipped']:>8} {float(p.median()):10.4g} "
-              f"{inside:>9} {row['lower_estimate']:10.4g} {done / el:8.1f} {fmt_time(el):>9} "
-              f"{fmt_time(el / (k + 1) * (chunks - k - 1)):>9}", flush=True)
+               "lower_estimate": float(torch.cat(lower).max())}
+        progress(args, "attack", k, math.ceil(m / args.batch_size), t0, row,
+                 f"{row['flipped']:>8} {float(p.median()):10.4g} {inside:>9} {row['lower_estimate']:10.4g}")
     pert = torch.cat(pert) if m else torch.zeros(0, dtype=torch.float64)
     return pert, (float(torch.cat(lower).max()) if m else None)
 
 
 def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
-    """The results dict (README "Result files"; its keys' meaning: CERTIFY_MEANING)."""
+    """The results dict (README "Result files" says what each key means)."""
     m = len(pert)
     inside = int((pert < r["radius"][:m]).sum())
     ok_r = r["radius"][correct]
@@ -952,19 +852,17 @@ def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
     }
 
 
-def print_summary(args, results, L, bound, layerwise, pert, lower_estimate, note):
+def print_summary(args, results, pert, note):
     """The summary table, from the results before rounding (and the perturbations found)."""
-    att, rad, n = results["l2_attack"], results["radius"], results["images"]
-    m, inside = att["images"], att["flipped_inside_certified_radius"]
+    lip, rad, att, n = results["lipschitz"], results["radius"], results["l2_attack"], results["images"]
+    L, low, m, inside = lip["value"], lip["lower_estimate"], att["images"], att["flipped_inside_certified_radius"]
     med_p = float(pert.median()) if m else float("nan")
-    med_r, max_r = rad["median_correct"], rad["max_correct"]
     lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",
              f"  clean accuracy (nearest centre, D = 1)   {results['clean_accuracy']:.2%}",
-             f"  L used ({results['lipschitz']['kind']:<5})                       {L:.4g}",
-             f"  L upper bound / lower estimate           {bound:.4g} / "
-             f"{lower_estimate if lower_estimate is None else format(lower_estimate, '.4g')}"
-             f"   (layer-wise product {layerwise:.4g})",
-             f"  radius R(x), correct images: median     {med_r:.4g}   max {max_r:.4g}   "
+             f"  L used ({lip['kind']:<5})                       {L:.4g}",
+             f"  L upper bound / lower estimate           {lip['upper_bound']:.4g} / "
+             f"{low if low is None else format(low, '.4g')}   (layer-wise product {lip['upper_bound_layerwise']:.4g})",
+             f"  radius R(x), correct images: median     {rad['median_correct']:.4g}   max {rad['max_correct']:.4g}   "
              f"(best same-class centre: median {rad['median_correct_tight']:.4g})",
              f"  ... median if L were the lower estimate  "
              f"{rad['median_correct_if_L_were_lower_estimate'] or float('nan'):.4g}   (not sound)",
@@ -977,12 +875,12 @@ def print_summary(args, results, L, bound, layerwise, pert, lower_estimate, note
     step = max(1, (len(results["curve"]) - 1) // 10)
     share = "certified_accuracy" if results["sound"] else "accuracy_not_sound"
     lines += [f"  {p['radius']:12.4g} {p[share]:14.2%}" for p in results["curve"][::step]]
-    if lower_estimate is not None and L < lower_estimate:
-        lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({lower_estimate:.4g}): "
+    if low is not None and L < low:
+        lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({low:.4g}): "
                      f"it is not a Lipschitz constant and the radii are not certificates")
     if rad["vacuous"]:
-        lines.append(f"  VACUOUS: no correct image is certified beyond {max_r:.3g} < 1/255 (one grey "
-                     f"level on one pixel); the attack needs a median {med_p:.3g}, "
+        lines.append(f"  VACUOUS: no correct image is certified beyond {rad['max_correct']:.3g} < 1/255 (one "
+                     f"grey level on one pixel); the attack needs a median {med_p:.3g}, "
                      f"{att['gap_median_ratio'] or float('nan'):.3g}x the median radius. "
                      f"The layer-wise bound is that loose for a deep network.")
     lines += [f"  {note}", f"  results {args.out}   log {args.out + '.log.jsonl'}",
@@ -1029,17 +927,6 @@ def plot_curves(results, radius, pert, lower, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot written to {path}"
-
-
-CERTIFY_MEANING = (
-    "certify.py result (README 'Result files'). clean_accuracy, certified_accuracy: fractions of "
-    "the 'images' test images in [0, 1]; certified_accuracy at radius r = correct by the nearest "
-    "centre and Prop. 1 radius R(x) > r (sound). sound: false when the L used is below a Jacobian "
-    "norm found or an image flipped inside its radius; the curves' share is then "
-    "accuracy_not_sound, not a certificate. radius: L2 norm in pixel units of images in "
-    "[0, 1]. lipschitz: L of the network, L2 -> L2 (value used, kind given|bound, lower_estimate "
-    "by power iteration). curve_two_closest: the paper's two-closest-centres radius, not sound. "
-    "l2_attack: smallest L2 perturbations found (an upper bound on the true distance).")
 
 
 # ======================================================================================

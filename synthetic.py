@@ -112,63 +112,8 @@ def parse_args(argv=None):
                     "random weights vs. ClusTR's warm start, on two 2-D datasets; exact Lipschitz "
                     "constant and Prop. 1 certified accuracy vs. radius, over several seeds.",
         formatter_class=HelpFormatter)
-    add_common_args(p)
-    add_experiment_args(p)
-    return check_args(p.parse_args(argv))
-
-
-def add_common_args(p):
-    """The one flag shared with the image stages: --seed."""
-    # The common image flags of README "Flags" (--data, --width, --limit, --device, ...) do not
-    # apply: no images, no ResNet, always the CPU.
-    g = p.add_argument_group("common")
-    g.add_argument("--seed", type=int, default=0,
-                   help="first seed; seed s generates the data and the initial weights of its runs")
-
-
-def add_experiment_args(p):
-    """Sec. 4.1's experiment: data, network, the two runs' training, the certified-accuracy curve."""
-    g = p.add_argument_group("experiment (Sec. 4.1; the paper gives no hyper-parameters for it)")
-    g.add_argument("--seeds", type=int, default=5,
-                   help="number of seeds (--seed, --seed+1, ...): results are mean and std over them")
-    g.add_argument("--out", default="synthetic.json", help='results JSON (README "Result files")')
-    g.add_argument("--plot", default="synthetic.png",
-                   help="2x2 PNG like Fig. 3 ('none' to skip; needs matplotlib)")
-    g.add_argument("--datasets", nargs="+", choices=["moons", "circles"], default=["moons", "circles"],
-                   help="which toy datasets (Fig. 3 (a), (c): two binary 2-D sets)")
-    g.add_argument("--n", type=int, default=1000, help="points per split (train and test), balanced")
-    g.add_argument("--noise-moons", type=float, default=0.15,
-                   help="Gaussian noise std of the moons; chosen so that ~99%% test accuracy is the "
-                        "ceiling, the accuracy Sec. 4.1 reports")
-    g.add_argument("--noise-circles", type=float, default=0.1,
-                   help="Gaussian noise std of the circles (radii 1 and 0.5); ~99%% ceiling as above")
-    g.add_argument("--hidden", type=int, default=20, help="hidden units per layer (Sec. 4.1: 20)")
-    g.add_argument("--feat-dim", type=int, default=2,
-                   help="feature dimension d (not in the paper); 2 separates two clusters with room "
-                        "to spare and keeps every region Jacobian a 2x2 matrix")
-    g.add_argument("--steps", type=int, default=1000,
-                   help="full-batch Adam steps per run, the same for both runs (the warm start's "
-                        "cross-entropy steps included)")
-    g.add_argument("--warm-steps", type=int, default=None,
-                   help="of --steps, the warm start's cross-entropy steps (default: half of --steps)")
-    g.add_argument("--lr", type=float, default=1e-2,
-                   help="Adam lr from random weights (both runs' first phase); App. A's nominal lr")
-    g.add_argument("--ft-lr", type=float, default=1e-3,
-                   help="Adam lr of the warm start's Magnet fine-tuning; smaller than --lr as in "
-                        "App. A (1e-4 after 1e-2 on CIFAR)")
-    g.add_argument("--alpha", type=float, default=1.0,
-                   help="Magnet margin alpha of Eq. (3); Sec. 4.1 gives none. With App. A's CIFAR10 "
-                        "value 12.5 the Magnet loss from random weights collapsed on 1 of 5 moons "
-                        "seeds (78%% accuracy) in 1000 steps, so the runs were not at equal accuracy "
-                        "as Sec. 4.1 has them; with 1 all runs reach ~99%%")
-    g.add_argument("--radii", type=int, default=41,
-                   help="points of the certified-accuracy curve, 0 to the largest radius seen")
-    g.add_argument("--table-radii", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
-                   help="radii (input units) at which the summary table shows certified accuracy")
-
-
-def check_args(args):
-    """--warm-steps' run-time default, then bad input -> one line, exit code 2."""
+    add_args(p)
+    args = p.parse_args(argv)
     if args.warm_steps is None:
         args.warm_steps = args.steps // 2
     if args.seeds < 1 or args.steps < 1:
@@ -184,6 +129,47 @@ def check_args(args):
     if min(args.lr, args.ft_lr) <= 0 or args.hidden < 1 or args.feat_dim < 1 or args.radii < 2:
         fail("--lr and --ft-lr must be > 0, --hidden and --feat-dim >= 1, --radii >= 2")
     return args
+
+
+def add_args(p):
+    """The one flag shared with the image stages, --seed, then Sec. 4.1's experiment: data,
+    network, the two runs' training, the certified-accuracy curve."""
+    # The common image flags of README "Flags" (--data, --width, --limit, --device, ...) do not
+    # apply: no images, no ResNet, always the CPU.
+    p.add_argument_group("common").add_argument(
+        "--seed", type=int, default=0, help="first seed; seed s generates the data and the initial weights of its runs")
+    g = p.add_argument_group("experiment (Sec. 4.1; the paper gives no hyper-parameters for it)")
+    g.add_argument("--seeds", type=int, default=5,
+                   help="number of seeds (--seed, --seed+1, ...): results are mean and std over them")
+    g.add_argument("--out", default="synthetic.json", help='results JSON (README "Result files")')
+    g.add_argument("--plot", default="synthetic.png", help="2x2 PNG like Fig. 3 ('none' to skip; needs matplotlib)")
+    g.add_argument("--datasets", nargs="+", choices=["moons", "circles"], default=["moons", "circles"],
+                   help="which toy datasets (Fig. 3 (a), (c): two binary 2-D sets)")
+    g.add_argument("--n", type=int, default=1000, help="points per split (train and test), balanced")
+    g.add_argument("--noise-moons", type=float, default=0.15, help="Gaussian noise std of the moons; chosen so "
+                   "that ~99%% test accuracy is the ceiling, the accuracy Sec. 4.1 reports")
+    g.add_argument("--noise-circles", type=float, default=0.1,
+                   help="Gaussian noise std of the circles (radii 1 and 0.5); ~99%% ceiling as above")
+    g.add_argument("--hidden", type=int, default=20, help="hidden units per layer (Sec. 4.1: 20)")
+    g.add_argument("--feat-dim", type=int, default=2, help="feature dimension d (not in the paper); 2 separates "
+                   "two clusters with room to spare and keeps every region Jacobian a 2x2 matrix")
+    g.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps per run, the same for both runs "
+                   "(the warm start's cross-entropy steps included)")
+    g.add_argument("--warm-steps", type=int, default=None,
+                   help="of --steps, the warm start's cross-entropy steps (default: half of --steps)")
+    g.add_argument("--lr", type=float, default=1e-2,
+                   help="Adam lr from random weights (both runs' first phase); App. A's nominal lr")
+    g.add_argument("--ft-lr", type=float, default=1e-3, help="Adam lr of the warm start's Magnet fine-tuning; "
+                   "smaller than --lr as in App. A (1e-4 after 1e-2 on CIFAR)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="Magnet margin alpha of Eq. (3); Sec. 4.1 gives none. With App. A's CIFAR10 value 12.5 the "
+                        "Magnet loss from random weights collapsed on 1 of 5 moons seeds (78%% accuracy) in 1000 "
+                        "steps, so the runs were not at equal accuracy as Sec. 4.1 has them; with 1 all runs reach "
+                        "~99%%")
+    g.add_argument("--radii", type=int, default=41,
+                   help="points of the certified-accuracy curve, 0 to the largest radius seen")
+    g.add_argument("--table-radii", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
+                   help="radii (input units) at which the summary table shows certified accuracy")
 
 
 # ======================================================================================
@@ -251,15 +237,12 @@ def feature_net(hidden=20, d=2):
 def _affine_layers(net):
     """An nn.Sequential of nn.Linear / nn.ReLU on 2-D inputs -> [(W, b) or None for ReLU], float64."""
     layers = []
-    for module in net:
-        if isinstance(module, nn.Linear):
-            W = module.weight.detach().cpu().double().numpy()
-            b = np.zeros(len(W)) if module.bias is None else module.bias.detach().cpu().double().numpy()
-            layers.append((W, b))
-        elif isinstance(module, nn.ReLU):
-            layers.append(None)
-        else:
-            raise TypeError(f"exact_lipschitz takes nn.Linear and nn.ReLU, not {type(module).__name__}")
+    for m in net:
+        if not isinstance(m, (nn.Linear, nn.ReLU)):
+            raise TypeError(f"exact_lipschitz takes nn.Linear and nn.ReLU, not {type(m).__name__}")
+        layers.append(None if isinstance(m, nn.ReLU) else (
+            m.weight.detach().cpu().double().numpy(),
+            np.zeros(m.out_features) if m.bias is None else m.bias.detach().cpu().double().numpy()))
     if not layers or layers[0] is None or layers[0][0].shape[1] != 2:
         raise ValueError("exact_lipschitz needs a network whose first layer is nn.Linear(2, ...)")
     return layers
@@ -423,14 +406,6 @@ def lipschitz_grid_lower(net, lo, hi, n=201):
 # ---- Prop. 1 ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def class_centres(net, x, y, classes=2):
-    """K = 1 (Sec. 4.1): each class is one cluster, its centre the mean feature of its training
-    points (eval mode, float64) -> [classes, d]."""
-    f = net(x.double())
-    return torch.stack([f[y == k].mean(0) for k in range(classes)])
-
-
-@torch.no_grad()
 def prop1_radius(features, centres, lipschitz):
     """Prop. 1 with K = 1 (centre k = class k), nearest-centre prediction (D = 1):
         R(x) = min_{j != pred} (||f - mu_j||^2 - ||f - mu_pred||^2) / (2 L ||mu_j - mu_pred||)
@@ -532,12 +507,16 @@ def run_seed(name, seed, args):
 
 
 def evaluate(net, data, loss):
-    """Nearest-centre accuracy, exact L (and its two bounds), Prop. 1 radius of every test point."""
+    """Nearest-centre accuracy, exact L (and its two bounds), Prop. 1 radius of every test point;
+    also the net, its centres and its data (for the figure)."""
     x, y, xt, yt = data
     regions = linear_regions(net)
     L = exact_lipschitz(net, regions)
-    mu = class_centres(net, x, y)                                           # K = 1 centres [2, d]
     with torch.no_grad():
+        # K = 1 (Sec. 4.1): each class is one cluster, its centre the mean feature of its training
+        # points (eval mode, float64)
+        f = net(x.double())
+        mu = torch.stack([f[y == k].mean(0) for k in range(2)])             # [2, d]
         pred, radius = prop1_radius(net(xt.double()), mu, L)                # Prop. 1, exact L
     correct = pred == yt
     span = float(torch.cat([x, xt]).abs().max()) + 1.0                      # grid: data +- 1
@@ -547,7 +526,7 @@ def evaluate(net, data, loss):
             "regions": len(regions), "final_loss": loss,
             # the area under the certified-accuracy curve = mean of R(x) over test points, 0 if wrong
             "mean_certified_radius": float(torch.where(correct, radius, 0.0).mean()),
-            "correct": correct, "radius": radius, "centres": mu}
+            "correct": correct, "radius": radius, "centres": mu, "net": net, "data": data}
 
 
 # ======================================================================================
@@ -555,8 +534,9 @@ def evaluate(net, data, loss):
 # ======================================================================================
 
 def mean_std(values):
+    """Mean and sample std (ddof 1; 0 for one value) over seeds, along the first axis."""
     a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return a.mean(0), a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1:])
 
 
 def summarise(per_seed, seeds, args):
@@ -566,72 +546,64 @@ def summarise(per_seed, seeds, args):
         top = max(float(e["radius"][e["correct"]].max()) if e["correct"].any() else 0.0
                   for evals in runs.values() for e in evals)
         grid = np.linspace(0.0, math.ceil(max(top, 1e-6) * 100) / 100, args.radii)
-        entry = {"radius_grid": [float(r) for r in grid], "runs": {}}
+        entry = out[name] = {"radius_grid": [float(r) for r in grid], "runs": {}}
         for run, evals in runs.items():
             curves = np.array([[certified_accuracy(e["correct"], e["radius"], r) for r in grid]
                                for e in evals])                              # [seeds, radii]
             acc, acc_std = mean_std([e["accuracy"] for e in evals])
             mcr, mcr_std = mean_std([e["mean_certified_radius"] for e in evals])
             entry["runs"][run] = {
-                "accuracy": acc, "accuracy_std": acc_std,
+                "accuracy": float(acc), "accuracy_std": float(acc_std),
                 "lipschitz": evals[0]["lipschitz"],                          # the first seed's
-                "lipschitz_exact_mean": mean_std([e["lipschitz"]["exact"] for e in evals])[0],
-                "mean_certified_radius": mcr, "mean_certified_radius_std": mcr_std,
-                "curve": [{"radius": float(r), "certified_accuracy": float(m),
-                           "certified_accuracy_std": float(s)}
-                          for r, m, s in zip(grid, curves.mean(0),
-                                             curves.std(0, ddof=1) if len(evals) > 1 else 0 * grid)],
-                "seeds": [{"seed": s, "accuracy": e["accuracy"], "lipschitz": e["lipschitz"],
-                           "regions": e["regions"], "final_loss": e["final_loss"],
-                           "mean_certified_radius": e["mean_certified_radius"],
-                           "curve": [{"radius": float(r), "certified_accuracy": float(v)}
-                                     for r, v in zip(grid, curve)]}
+                "lipschitz_exact_mean": float(np.mean([e["lipschitz"]["exact"] for e in evals])),
+                "mean_certified_radius": float(mcr), "mean_certified_radius_std": float(mcr_std),
+                "curve": [{"radius": float(r), "certified_accuracy": float(m), "certified_accuracy_std": float(s)}
+                          for r, m, s in zip(grid, *mean_std(curves))],
+                "seeds": [{"seed": s, **{k: e[k] for k in ("accuracy", "lipschitz", "regions", "final_loss",
+                                                           "mean_certified_radius")},
+                           "curve": [{"radius": float(r), "certified_accuracy": float(v)} for r, v in zip(grid, curve)]}
                           for s, e, curve in zip(seeds, evals, curves)]}
-        warm, rand = runs["warm_start"], runs["random_init"]
-        diff = [w["mean_certified_radius"] - r["mean_certified_radius"] for w, r in zip(warm, rand)]
-        acc_diff = [w["accuracy"] - r["accuracy"] for w, r in zip(warm, rand)]
+        diff = [w["mean_certified_radius"] - r["mean_certified_radius"]
+                for w, r in zip(runs["warm_start"], runs["random_init"])]
+        acc_diff = [w["accuracy"] - r["accuracy"] for w, r in zip(runs["warm_start"], runs["random_init"])]
         equal = [d for d, a in zip(diff, acc_diff) if abs(a) <= 0.01]      # within 1 point
         entry["comparison"] = {
             "metric": "mean certified radius (area under the certified-accuracy curve), paired by seed",
             "warm_start_larger": int(sum(d > 0 for d in diff)), "seeds": len(diff),
-            "difference_mean": mean_std(diff)[0], "difference_std": mean_std(diff)[1],
-            "accuracy_difference_mean": mean_std(acc_diff)[0],
+            "difference_mean": float(mean_std(diff)[0]), "difference_std": float(mean_std(diff)[1]),
+            "accuracy_difference_mean": float(np.mean(acc_diff)),
             # Sec. 4.1 compares at equal accuracy: the seeds whose two runs are within 1 point
             "equal_accuracy_seeds": len(equal),
             "warm_start_larger_at_equal_accuracy": int(sum(d > 0 for d in equal))}
-        out[name] = entry
     return out
 
 
 def print_table(datasets, per_seed, args):
-    radii = args.table_radii
     head = (f"{'dataset':<8} {'run':<11} {'accuracy':>15} {'L exact':>8} {'mean R':>15} "
-            + " ".join(f"{'cert@' + format(r, 'g'):>14}" for r in radii))
+            + " ".join(f"{'cert@' + format(r, 'g'):>14}" for r in args.table_radii))
     print("\n" + head + "\n" + "-" * len(head))
     for name, entry in datasets.items():
         for run, res in entry["runs"].items():
-            cells = []
-            for r in radii:
-                vals = [certified_accuracy(e["correct"], e["radius"], r) for e in per_seed[name][run]]
-                m, s = mean_std(vals)
-                cells.append(f"{m:6.1%} +-{s:5.1%}")
+            cells = [mean_std([certified_accuracy(e["correct"], e["radius"], r) for e in per_seed[name][run]])
+                     for r in args.table_radii]
             print(f"{name:<8} {run:<11} {res['accuracy']:6.2%} +-{res['accuracy_std']:5.2%} "
                   f"{res['lipschitz_exact_mean']:8.3g} {res['mean_certified_radius']:6.4f} +-"
-                  f"{res['mean_certified_radius_std']:6.4f} " + " ".join(f"{c:>14}" for c in cells))
+                  f"{res['mean_certified_radius_std']:6.4f} " + " ".join(f"{f'{m:6.1%} +-{s:5.1%}':>14}"
+                                                                          for m, s in cells))
     print("\nmean R = mean Prop. 1 radius over test points, 0 when misclassified (= area under the "
           "curve); +- = std over seeds; L exact = mean over seeds.")
     for name, entry in datasets.items():
         c = entry["comparison"]
         k, n = c["warm_start_larger"], c["seeds"]
-        word = "yes" if k == n else "no" if k == 0 else "mixed"
-        print(f"{name}: warm start gives the larger mean certified radius: {word} ({k}/{n} seeds); "
+        print(f"{name}: warm start gives the larger mean certified radius: "
+              f"{'yes' if k == n else 'no' if k == 0 else 'mixed'} ({k}/{n} seeds); "
               f"difference warm - random {c['difference_mean']:+.4f} +- {c['difference_std']:.4f}; "
               f"accuracy difference {c['accuracy_difference_mean']:+.2%}; runs within 1 point of "
               f"accuracy in {c['equal_accuracy_seeds']}/{c['seeds']} seeds, warm start larger in "
               f"{c['warm_start_larger_at_equal_accuracy']} of them")
 
 
-def plot_figure(path, datasets, first, args):
+def plot_figure(path, datasets, per_seed, args):
     """2x2 like Fig. 3: left, test points over the decision regions (first seed; shading and solid
     line = warm start, dashed line = random init); right, certified accuracy vs radius (mean +- std)."""
     try:
@@ -642,36 +614,31 @@ def plot_figure(path, datasets, first, args):
         print("note: matplotlib is not installed, so no figure (pip install matplotlib)")
         return None
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 4.2 * len(datasets)), squeeze=False)
-    for row, (name, entry) in enumerate(datasets.items()):
-        (x, y, xt, yt), nets = first[name]
+    for (name, entry), (left, right) in zip(datasets.items(), axes):
+        x, y, xt, yt = per_seed[name]["warm_start"][0]["data"]             # the first seed's
         lo, hi = xt.min(0).values.numpy() - 0.5, xt.max(0).values.numpy() + 0.5
         gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
         grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float64)
-        ax = axes[row, 0]
         for run, style in (("warm_start", "-"), ("random_init", "--")):
-            net, mu = nets[run]
+            first = per_seed[name][run][0]
             with torch.no_grad():
-                pred = prop1_radius(net(grid), mu, 1.0)[0].reshape(gx.shape).numpy()
+                pred = prop1_radius(first["net"](grid), first["centres"], 1.0)[0].reshape(gx.shape).numpy()
             if run == "warm_start":
-                ax.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5], colors=["#cfe0f5", "#f8d8c8"])
-            ax.contour(gx, gy, pred, levels=[0.5], colors="k", linestyles=style, linewidths=1.2)
-        ax.scatter(*xt.T, s=4, c=np.where(yt.numpy() == 0, "tab:blue", "tab:red"))
-        ax.set_title(f"{name}: test points; boundary warm start (solid), random init (dashed)",
-                     fontsize=9)
-        ax = axes[row, 1]
-        for run, color in (("warm_start", "tab:green"), ("random_init", "tab:gray")):
+                left.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5], colors=["#cfe0f5", "#f8d8c8"])
+            left.contour(gx, gy, pred, levels=[0.5], colors="k", linestyles=style, linewidths=1.2)
+        left.scatter(*xt.T, s=4, c=np.where(yt.numpy() == 0, "tab:blue", "tab:red"))
+        left.set_title(f"{name}: test points; boundary warm start (solid), random init (dashed)", fontsize=9)
+        for run, color, label in (("warm_start", "tab:green", "ClusTR (warm start)"),
+                                  ("random_init", "tab:gray", "Magnet loss, random init")):
             res = entry["runs"][run]
-            r = np.array([p["radius"] for p in res["curve"]])
-            m = np.array([p["certified_accuracy"] for p in res["curve"]])
-            s = np.array([p["certified_accuracy_std"] for p in res["curve"]])
-            label = "ClusTR (warm start)" if run == "warm_start" else "Magnet loss, random init"
-            ax.plot(r, m, color=color, label=f"{label}: acc {res['accuracy']:.1%}")
-            ax.fill_between(r, np.clip(m - s, 0, 1), np.clip(m + s, 0, 1), color=color, alpha=0.2)
-        ax.set_xlabel("radius r (input units, L2)")
-        ax.set_ylabel("certified accuracy")
-        ax.set_title(f"{name}: Prop. 1, exact L, mean +- std over {args.seeds} seeds", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+            r, m, s = (np.array([p[k] for p in res["curve"]])
+                       for k in ("radius", "certified_accuracy", "certified_accuracy_std"))
+            right.plot(r, m, color=color, label=f"{label}: acc {res['accuracy']:.1%}")
+            right.fill_between(r, np.clip(m - s, 0, 1), np.clip(m + s, 0, 1), color=color, alpha=0.2)
+        right.set(xlabel="radius r (input units, L2)", ylabel="certified accuracy")
+        right.set_title(f"{name}: Prop. 1, exact L, mean +- std over {args.seeds} seeds", fontsize=9)
+        right.legend(fontsize=8)
+        right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -694,7 +661,6 @@ def main(argv=None):
 
 def _main(args):
     seeds = list(range(args.seed, args.seed + args.seeds))
-    log_path = args.out + ".log.jsonl.partial"              # save_results moves it over <out>.log.jsonl
     print(f"synthetic.py | datasets {' '.join(args.datasets)} | {len(seeds)} seeds {seeds[0]}.."
           f"{seeds[-1]} | net 2-{args.hidden}-{args.hidden}-{args.feat_dim} | {args.steps} steps per "
           f"run ({args.warm_steps} cross-entropy + {args.steps - args.warm_steps} Magnet for the warm "
@@ -702,51 +668,35 @@ def _main(args):
     print("config: " + json.dumps(vars(args)))
     print(f"{'dataset':<8} {'seed':>4} {'run':<11} {'loss':>8} {'acc':>7} {'L exact':>8} "
           f"{'regions':>7} {'mean R':>7} {'steps/s':>8} {'elapsed':>9} {'ETA':>9}", flush=True)
-    t_run, done, total = time.time(), 0, len(args.datasets) * len(seeds)
+    t_run, done, total = time.time(), 0, len(args.datasets) * len(seeds) * len(RUNS)
     per_seed = {name: {run: [] for run in RUNS} for name in args.datasets}
-    first = {}
     for name in args.datasets:
         for seed in seeds:
             data, runs = run_seed(name, seed, args)
             for run, (net, loss, seconds) in runs.items():
                 e = evaluate(net, data, loss)
                 per_seed[name][run].append(e)
-                if seed == seeds[0]:
-                    first.setdefault(name, (data, {}))[1][run] = (net, e["centres"])
-                append_jsonl(log_path, {"dataset": name, "seed": seed, "run": run, "final_loss": loss,
-                                        "test_accuracy": e["accuracy"], "lipschitz": e["lipschitz"],
-                                        "mean_certified_radius": e["mean_certified_radius"],
-                                        "seconds": seconds})
-                done += 0.5
-                elapsed = time.time() - t_run
+                append_jsonl(args.out + ".log.jsonl.partial", {           # save_results moves it over the log
+                    "dataset": name, "seed": seed, "run": run, "final_loss": loss, "test_accuracy": e["accuracy"],
+                    "lipschitz": e["lipschitz"], "mean_certified_radius": e["mean_certified_radius"],
+                    "seconds": seconds})
+                done, elapsed = done + 1, time.time() - t_run
                 print(f"{name:<8} {seed:>4} {run:<11} {loss:8.4f} {e['accuracy']:7.2%} "
-                      f"{e['lipschitz']['exact']:8.3g} {e['regions']:>7} "
-                      f"{e['mean_certified_radius']:7.4f} {args.steps / seconds:8.0f} "
-                      f"{fmt_time(elapsed):>9} {fmt_time(elapsed / done * (total - done)):>9}",
-                      flush=True)
-
+                      f"{e['lipschitz']['exact']:8.3g} {e['regions']:>7} {e['mean_certified_radius']:7.4f} "
+                      f"{args.steps / seconds:8.0f} {fmt_time(elapsed):>9} "
+                      f"{fmt_time(elapsed / done * (total - done)):>9}", flush=True)
     datasets = summarise(per_seed, seeds, args)
     print_table(datasets, per_seed, args)
-    plot = None
-    if args.plot.lower() not in ("", "none"):
-        plot = plot_figure(args.plot, datasets, first, args)
-    results = {"stage": "synthetic", "datasets": datasets, "seeds": seeds,
-               "config": {k: v for k, v in vars(args).items()},
+    plot = plot_figure(args.plot, datasets, per_seed, args) if args.plot.lower() not in ("", "none") else None
+    results = {"stage": "synthetic", "datasets": datasets, "seeds": seeds, "config": dict(vars(args)),
                "steps_per_run": args.steps, "plot": plot, "seconds": time.time() - t_run,
                "torch": torch.__version__}
-    results = described(results, SYNTHETIC_MEANING)   # rounded, with its units (README 'Result files')
+    # rounded; its "meaning" entry points to README "Result files", which says what each key means
+    results = described(results, "synthetic.py result: README.md 'Result files' gives each key's meaning")
     save_results(results, args.out)     # atomic; then this run's log replaces the previous one
     print(f"\nwrote {args.out}" + (f" and {plot}" if plot else "")
           + f" in {fmt_time(time.time() - t_run)}", flush=True)
     return results
-
-
-SYNTHETIC_MEANING = (
-    "synthetic.py result (README 'Result files'). accuracy, certified_accuracy: fractions of the "
-    "test points in [0, 1], means over 'seeds' (with _std); radius: L2 distance in the plane of "
-    "the 2-D inputs; lipschitz: exact (linear regions), upper (spectral-norm product), lower "
-    "(dense-grid Jacobian maximum), of the first seed; runs random_init = Magnet loss from "
-    "scratch, warm_start = ClusTR (cross-entropy warm start, then Magnet loss).")
 
 
 # ======================================================================================

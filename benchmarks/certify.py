@@ -6,6 +6,8 @@ No optional dependency.  This file imports no test code (it generates its own da
     python benchmarks/certify.py                          # README's generated folder, 200 images
     python benchmarks/certify.py --images 50 --threads 1
     python benchmarks/certify.py --ckpt fm_clustr.pt --data-dir DIR   # any clustering checkpoint
+    git show 5492c17:certify.py > /tmp/certify_5492c17.py
+    python benchmarks/certify.py --fold /tmp/certify_5492c17.py --repeats 3   # the folded copy (issue 22)
 
 Default inputs: benchmarks/README.md "A whole pipeline on generated images (plumbing, not a robustness result)":
 a generated 10-class ImageFolder (16x16 noisy colour patches, 100 train and 50 test images per
@@ -21,8 +23,8 @@ defaults on each side:
   * now: certify.l2_attack (one batched minimum-norm run of 40 steps in which every image's radius
     moves every step, then 10 forward-only bisection rounds along the perturbation found) and
     certify.jacobian_norm_lower (6 power iterations, the best vector of the iterates' span), both
-    on certify.main's batch-norm-folded channels_last copy, the attack's findings confirmed on the
-    original network.
+    on the network, as certify.main runs them (until issue 22 on a batch-norm-folded channels_last
+    copy, the findings confirmed on the network: --fold BEFORE times that against now).
 The attack is a different algorithm, so "the same answer" is checked as: every perturbation now
 reported changes the prediction, lies in the box and at the distance reported; none lies inside a
 certified radius; and per image the ratio now / before of the smallest perturbation found (< 1:
@@ -208,6 +210,52 @@ def per_image_cost(features, x, sizes=(1, 16, 64, 256)):
     return out
 
 
+def fold_comparison(ckpt, data_dir, args):
+    """--fold BEFORE (issue 22): certify.py's attack phase (jacobian_norm_lower with 6 products,
+    then l2_attack with 40 steps and 10 bisection rounds) as certify.main runs it now, on the
+    network as loaded, against the same phase in BEFORE, a copy of certify.py from before issue 22
+    (`git show 5492c17:certify.py > BEFORE`), as its main ran it: on a batch-norm-folded copy in
+    channels_last layout, the attack's findings confirmed and bisected on the network (check_fn).
+    The fastest of --repeats alternating timings per side."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("certify_before", args.fold)
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    module, ck = certify.read_classifier(ckpt, "cpu")
+    net = module.model
+    fast = before.fold_batchnorm(module).model.to(memory_format=torch.channels_last)
+    mu = torch.as_tensor(ck["clusters"]["centers"])
+    cls = torch.as_tensor(ck["clusters"]["center_classes"]).long()
+    images, _, _ = certify.load_split(ck["data"]["name"], data_dir, False, args.images)
+    x = certify.to_float(images)
+    chunks = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+    chunks_cl = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
+    print(f"benchmarks/certify.py --fold | {ckpt} (width {ck['arch']['width']}) | {len(x)} test images "
+          f"{tuple(x.shape[1:])} | torch {torch.__version__} | {torch.get_num_threads()} thread(s) | "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+
+    sides = [("plain", "now: the network as loaded", chunks,
+              lambda c, g: (certify.jacobian_norm_lower(net.features, c, 6, g),
+                            certify.l2_attack(net.features, c, mu, cls, 40, 10))),
+             ("folded", "before: folded, channels_last, checked on the network", chunks_cl,
+              lambda c, g: (before.jacobian_norm_lower(fast.features, c, 6, g),
+                            before.l2_attack(fast.features, c, mu, cls, 40, 10, check_fn=net.features)))]
+    wall, cpu, out = {k: [] for k, *_ in sides}, {k: [] for k, *_ in sides}, {}
+    for rep in range(args.repeats):
+        for key, label, data, fn in (sides if rep % 2 == 0 else sides[::-1]):
+            out[key], w, c = run(label, fn, data)
+            wall[key].append(w)
+            cpu[key].append(c)
+    (low_p, pert_p), (low_f, pert_f) = out["plain"], out["folded"]
+    for clock, t in (("wall", wall), ("CPU", cpu)):
+        best = {k: min(v) for k, v in t.items()}
+        print(f"attack phase, images/s by {clock} time: now {len(x) / best['plain']:.2f}, before (folded copy) "
+              f"{len(x) / best['folded']:.2f}: before / now {best['plain'] / best['folded']:.2f}x")
+    print(f"lower estimate, now / before {float(low_p.max()):.7g} / {float(low_f.max()):.7g}; attack median "
+          f"{float(pert_p.median()):.4g} / {float(pert_f.median()):.4g}; flipped {int(torch.isfinite(pert_p).sum())} / "
+          f"{int(torch.isfinite(pert_f).sum())}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/clustr_bench_certify")
@@ -218,37 +266,38 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timings per side, alternating; the fastest counts")
     p.add_argument("--out", default=None, help="JSON of the figures (default: <workdir>/certify.json)")
+    p.add_argument("--fold", default=None, metavar="BEFORE",
+                   help="only: certify.py's attack phase now (on the network) against BEFORE's, a copy "
+                        "of certify.py at 5492c17 (on a batch-norm-folded channels_last copy) (issue 22)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
     ckpt, data_dir = (args.ckpt, args.data_dir) if args.ckpt else build(args.workdir)
+    if args.fold:
+        return fold_comparison(ckpt, data_dir, args)
     module, ck = certify.read_classifier(ckpt, "cpu")
     net = module.model
-    fast = certify.fold_batchnorm(module).model.to(memory_format=torch.channels_last)   # as certify.main
     mu = torch.as_tensor(ck["clusters"]["centers"])
     cls = torch.as_tensor(ck["clusters"]["center_classes"]).long()
     images, _, _ = certify.load_split(ck["data"]["name"], data_dir, False, args.images)
     x = certify.to_float(images)
     n = len(x)
     chunks = [x[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
-    chunks_cl = [c.contiguous(memory_format=torch.channels_last) for c in chunks]   # certify.main's
     print(f"benchmarks/certify.py | {ckpt} (width {ck['arch']['width']}, {len(mu)} centres) | "
           f"{n} test images {tuple(x.shape[1:])} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} thread(s) | {platform.processor() or platform.machine()} | "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
 
-    counts = {"old_p": Counted(net.features), "new_p": Counted(fast.features),
-              "new_check": Counted(net.features)}                 # forward passes of the attacks
+    counts = {"old_p": Counted(net.features), "new_p": Counted(net.features)}   # forward passes of the attacks
     sides = [
         ("old_low", "before: power iteration (20)", chunks,
          lambda c, g: jacobian_norm_lower(net.features, c, 20, g)),
-        ("new_low", "now: jacobian_norm_lower (6)", chunks_cl,
-         lambda c, g: certify.jacobian_norm_lower(fast.features, c, 6, g)),
+        ("new_low", "now: jacobian_norm_lower (6)", chunks,
+         lambda c, g: certify.jacobian_norm_lower(net.features, c, 6, g)),
         ("old_p", "before: l2_attack (20 steps x 11 radii)", chunks,
          lambda c, g: l2_attack(counts["old_p"], c, mu, cls, 20, 10)),
-        ("new_p", "now: l2_attack (40 steps, 10 bisection)", chunks_cl,
-         lambda c, g: certify.l2_attack(counts["new_p"], c, mu, cls, 40, 10, return_examples=True,
-                                        check_fn=counts["new_check"]))]
+        ("new_p", "now: l2_attack (40 steps, 10 bisection)", chunks,
+         lambda c, g: certify.l2_attack(counts["new_p"], c, mu, cls, 40, 10, return_examples=True))]
     out, wall, cpu = {}, {key: [] for key, *_ in sides}, {key: [] for key, *_ in sides}
     for rep in range(args.repeats):                     # alternating order; the fastest of each
         for key, label, data, fn in (sides if rep % 2 == 0 else sides[::-1]):
@@ -260,7 +309,7 @@ def main():
                        lambda c, g: certify.jacobian_norm_lower(net.features, c, 20, g), chunks)
     cost = per_image_cost(net.features, x)
     passes = {"old_p": counts["old_p"].images / (n * args.repeats),
-              "new_p": (counts["new_p"].images + counts["new_check"].images) / (n * args.repeats)}
+              "new_p": counts["new_p"].images / (n * args.repeats)}
 
     # --- the answers -----------------------------------------------------------------------
     with torch.no_grad():

@@ -4,22 +4,27 @@
 
 attack.py's PGD (Eq. (5), the margin loss, 5 steps, 64 random 32x32 images, channels_last) on a
 ResNet18 with random weights and random eval-mode batch-norm statistics, against the same network
-with batch norm folded into its convolutions (certify.py's fold_batchnorm, the shared fold-bn
-block); fastest of 3 interleaved runs each, at width 16 (quick CPU runs) and 64 (the paper's).
+with batch norm folded into its convolutions (fold_batchnorm of the shared fold-bn block, read from
+commit 5492c17, the last that had it: neither stage carries it now); fastest of 3 interleaved runs each, at width 16 (quick CPU runs) and 64 (the paper's).
 Issue 22 keeps an optimisation only where a benchmark shows at least 1.3x on the path users run
 (benchmarks/README.md, "attack.py without the folded copy").
 """
 import os
+import subprocess
 import sys
 import time
+import types
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import attack  # noqa: E402
-import certify  # noqa: E402
 import nominal  # noqa: E402
+
+before = types.ModuleType("certify_5492c17")                 # the fold-bn block as it last was
+exec(compile(subprocess.run(["git", "-C", ROOT, "show", "5492c17:certify.py"], capture_output=True, text=True,
+                            check=True).stdout, "certify_5492c17.py", "exec"), before.__dict__)
 
 torch.manual_seed(0)
 data = {"num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -30,7 +35,7 @@ for width in (16, 64):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 2)
     clf = attack.Classifier(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    folded = certify.fold_batchnorm(clf).to(memory_format=torch.channels_last)
+    folded = before.fold_batchnorm(clf).to(memory_format=torch.channels_last)
     x = torch.rand(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = clf(x).argmax(1)
     times = {"batch norm": [], "folded": []}
