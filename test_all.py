@@ -1588,9 +1588,9 @@ def own_rng():
 
 
 def readme_snippets():
-    """{name: code} of the README blocks marked `<!-- snippet: NAME -->`."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
+    """{name: code} of the blocks marked `<!-- snippet: NAME -->` in README.md and, for the tools the
+    README names without a snippet, benchmarks/README.md ("Other tools: more snippets")."""
+    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", os.path.join("benchmarks", "README.md")))
     return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
 
 

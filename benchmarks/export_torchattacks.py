@@ -57,8 +57,9 @@ assert not any(name in sys.modules for name in ("attack", "certify")), "the repo
 
 
 def readme_snippets():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", f.read(), re.S))
+    """The snippets of README.md and of benchmarks/README.md ("Other tools: more snippets")."""
+    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", os.path.join("benchmarks", "README.md")))
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
 
 
 def test_images(ckpt_path, args):
