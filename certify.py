@@ -62,80 +62,6 @@ import torch.nn.functional as F
 # 1. Arguments
 # ======================================================================================
 
-# --- shared: args ---
-def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (README "Flags")."""
-    g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
-                   default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
-                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
-                        "default) (default: %(default)s)")
-    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
-                   help="torchvision root (downloaded there when missing), or the folder root "
-                        "(default: %(default)s)")
-    g.add_argument("--width", type=positive_int, default=64,
-                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
-                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = cuda when available (default: %(default)s)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N train and N test images (smoke runs, tests)")
-    return g
-
-
-def positive_int(text):
-    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return int(text)
-
-
-def seed_int(text):
-    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
-    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
-    return value
-# --- end shared: args ---
-
-# --- shared: help ---
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
-    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
-    whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
-    per_data = ()
-
-    def _get_help_string(self, action):
-        if action.default is None:                                  # set at run time: say by what
-            text = action.help.replace(" (default: %(default)s)", "")
-            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return super()._get_help_string(action)
-
-    def _expand_help(self, action):
-        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
-        def shown(v):
-            k = v * 255 if isinstance(v, float) else None
-            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
-        if isinstance(action.default, (float, list)):
-            value = action.default
-            action = argparse.Action(action.option_strings, action.dest, help=action.help,
-                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
-                                     else shown(value))
-        return super()._expand_help(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
-            block, width, indent)
-                           for block in text.split("\n\n"))
-# --- end shared: help ---
-
 def lipschitz_arg(text):
     """--lipschitz: 'bound' or a positive, finite number (argparse: exit 2 with one line)."""
     try:
@@ -932,6 +858,82 @@ def plot_curves(results, radius, pert, lower, path):
 # ======================================================================================
 # 5. Plumbing: identical in every stage that carries it; checked by test_all.py (shared blocks)
 # ======================================================================================
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
+                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
+                        "default) (default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=positive_int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+
+
+def positive_int(text):
+    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return int(text)
+
+
+def seed_int(text):
+    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
+    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
+    return value
+# --- end shared: args ---
+
+
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
+        def shown(v):
+            k = v * 255 if isinstance(v, float) else None
+            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
+        if isinstance(action.default, (float, list)):
+            value = action.default
+            action = argparse.Action(action.option_strings, action.dest, help=action.help,
+                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
+                                     else shown(value))
+        return super()._expand_help(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            block, width, indent)
+                           for block in text.split("\n\n"))
+# --- end shared: help ---
+
 
 # --- shared: runtime ---
 def fail(message):

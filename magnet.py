@@ -79,111 +79,6 @@ PAPER_DEFAULTS = {
 }
 
 
-# --- shared: args ---
-def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (README "Flags")."""
-    g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
-                   default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
-                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
-                        "default) (default: %(default)s)")
-    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
-                   help="torchvision root (downloaded there when missing), or the folder root "
-                        "(default: %(default)s)")
-    g.add_argument("--width", type=positive_int, default=64,
-                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
-                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = cuda when available (default: %(default)s)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N train and N test images (smoke runs, tests)")
-    return g
-
-
-def positive_int(text):
-    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return int(text)
-
-
-def seed_int(text):
-    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
-    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
-    return value
-# --- end shared: args ---
-
-# --- shared: help ---
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
-    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
-    whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
-    per_data = ()
-
-    def _get_help_string(self, action):
-        if action.default is None:                                  # set at run time: say by what
-            text = action.help.replace(" (default: %(default)s)", "")
-            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return super()._get_help_string(action)
-
-    def _expand_help(self, action):
-        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
-        def shown(v):
-            k = v * 255 if isinstance(v, float) else None
-            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
-        if isinstance(action.default, (float, list)):
-            value = action.default
-            action = argparse.Action(action.option_strings, action.dest, help=action.help,
-                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
-                                     else shown(value))
-        return super()._expand_help(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
-            block, width, indent)
-                           for block in text.split("\n\n"))
-# --- end shared: help ---
-
-# --- shared: train-args ---
-def parse_lr(text):
-    """argparse type of --lr: a finite number in (0, 1].  Adam moves every weight by about lr per
-    step; App. A's rates are 1e-2 and 1e-4, and above 1 the weights only overflow."""
-    value = float(text)                     # not a number: argparse says "invalid parse_lr value"
-    if not 0 < value <= 1:                                          # nan fails too
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 fine-tuning), not {text}")
-    return value
-
-
-def add_overwrite_arg(g):
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out checkpoint and its log; both stay as they are "
-                        "until this run saves its first epoch. Without it an existing --out is "
-                        "refused (continue it with --resume)")
-
-
-def defaults_table(defaults, title):
-    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
-    the table its --help prints, one row per --data value, from the dict the run itself applies."""
-    keys = list(next(iter(defaults.values())))
-    shown = {True: "on", False: "off", None: "all"}
-    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
-    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
-                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
-# --- end shared: train-args ---
-
-
 def parse_args(argv=None):
     """The command line: the shared data/device flags, then ClusTR's fine-tuning flags; unset ones
     take --init's data and width and the paper's per-dataset defaults, then are range-checked."""
@@ -951,6 +846,113 @@ def compile_seconds():
     seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
     return {"compile_seconds": round(seconds, 3)} if COMPILED["backend"] else {}
 # --- end shared: compile ---
+
+
+# --- shared: args ---
+def add_common_args(p, data_default):
+    """Flags every stage shares, in the same order everywhere (README "Flags")."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data_default,
+                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
+                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
+                        "default) (default: %(default)s)")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
+                   help="torchvision root (downloaded there when missing), or the folder root "
+                        "(default: %(default)s)")
+    g.add_argument("--width", type=positive_int, default=64,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
+                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available (default: %(default)s)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
+    g.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N train and N test images (smoke runs, tests)")
+    return g
+
+
+def positive_int(text):
+    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return int(text)
+
+
+def seed_int(text):
+    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
+    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
+    return value
+# --- end shared: args ---
+
+
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
+        def shown(v):
+            k = v * 255 if isinstance(v, float) else None
+            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
+        if isinstance(action.default, (float, list)):
+            value = action.default
+            action = argparse.Action(action.option_strings, action.dest, help=action.help,
+                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
+                                     else shown(value))
+        return super()._expand_help(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            block, width, indent)
+                           for block in text.split("\n\n"))
+# --- end shared: help ---
+
+
+# --- shared: train-args ---
+def parse_lr(text):
+    """argparse type of --lr: a finite number in (0, 1].  Adam moves every weight by about lr per
+    step; App. A's rates are 1e-2 and 1e-4, and above 1 the weights only overflow."""
+    value = float(text)                     # not a number: argparse says "invalid parse_lr value"
+    if not 0 < value <= 1:                                          # nan fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 fine-tuning), not {text}")
+    return value
+
+
+def add_overwrite_arg(g):
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out checkpoint and its log; both stay as they are "
+                        "until this run saves its first epoch. Without it an existing --out is "
+                        "refused (continue it with --resume)")
+
+
+def defaults_table(defaults, title):
+    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
+    the table its --help prints, one row per --data value, from the dict the run itself applies."""
+    keys = list(next(iter(defaults.values())))
+    shown = {True: "on", False: "off", None: "all"}
+    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
+    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
+                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
+# --- end shared: train-args ---
 
 
 # --- shared: runtime ---

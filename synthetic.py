@@ -71,39 +71,6 @@ import torch.nn.functional as F
 RUNS = ("random_init", "warm_start")
 
 
-# --- shared: help ---
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
-    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
-    whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
-    per_data = ()
-
-    def _get_help_string(self, action):
-        if action.default is None:                                  # set at run time: say by what
-            text = action.help.replace(" (default: %(default)s)", "")
-            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return super()._get_help_string(action)
-
-    def _expand_help(self, action):
-        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
-        def shown(v):
-            k = v * 255 if isinstance(v, float) else None
-            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
-        if isinstance(action.default, (float, list)):
-            value = action.default
-            action = argparse.Action(action.option_strings, action.dest, help=action.help,
-                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
-                                     else shown(value))
-        return super()._expand_help(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
-            block, width, indent)
-                           for block in text.split("\n\n"))
-# --- end shared: help ---
-
-
 def parse_args(argv=None):
     """The command line -> checked args (bad input: one line, exit code 2)."""
     p = argparse.ArgumentParser(
@@ -702,6 +669,39 @@ def _main(args):
 # ======================================================================================
 # 6. Plumbing: identical in every stage that carries it; checked by test_all.py
 # ======================================================================================
+
+# --- shared: help ---
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
+    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
+    whose default depends on --data (per_data) points at the per-dataset table that ends the help
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    per_data = ()
+
+    def _get_help_string(self, action):
+        if action.default is None:                                  # set at run time: say by what
+            text = action.help.replace(" (default: %(default)s)", "")
+            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
+        def shown(v):
+            k = v * 255 if isinstance(v, float) else None
+            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
+        if isinstance(action.default, (float, list)):
+            value = action.default
+            action = argparse.Action(action.option_strings, action.dest, help=action.help,
+                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
+                                     else shown(value))
+        return super()._expand_help(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
+            block, width, indent)
+                           for block in text.split("\n\n"))
+# --- end shared: help ---
+
 
 # --- shared: runtime ---
 def fail(message):
