@@ -66,6 +66,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -101,9 +102,8 @@ def one_torch_thread():
 
 
 # ======================================================================================
-# helpers
+# fixtures and helpers shared by several sections
 # ======================================================================================
-
 # The environment as the session found it: the background jobs below start their interpreters with
 # it, not with os.environ, which a test in the main thread may be changing at that moment
 # (monkeypatch.setenv("WORLD_SIZE", ...) would make a stage started then join a torchrun group).
@@ -214,11 +214,100 @@ def nominal_run(image_folder, tmp_path_factory):
     return results, out
 
 
-# ======================================================================================
-# shape: shared blocks and the flat layout
-# ======================================================================================
+class Features(nn.Module):
+    """A stand-in network whose features are the input itself (times a scale): puts the
+    features exactly where a test wants them relative to the centres."""
 
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def features(self, x):
+        return x.flatten(1) * self.scale
+
+
+def clusters(centers, center_classes, sigma2, D=None):
+    return {"centers": torch.as_tensor(centers), "center_classes": torch.as_tensor(center_classes),
+            "variance": sigma2, "K": 2, "alpha": 12.5, "D": D}
+
+
+@pytest.fixture(scope="session")
+def clustering_ckpt(nominal_run, image_folder, tmp_path_factory):
+    """A clustering checkpoint (stage magnet) made from the nominal one without
+    magnet.py: eval-mode training features; K = 2 centres per class = the means of the two halves
+    of the class split at the median of its first principal direction; sigma^2 = 1/(N-1) sum of
+    squared distances to the nearest own-class centre (Eq. (3))."""
+    _, path = nominal_run
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=True)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    (train_x, train_y), _, _ = nominal.load_data("folder", image_folder)
+    with torch.no_grad():
+        f = model.features(nominal.to_float(train_x))
+    centers, center_classes, own = [], [], []
+    for c in range(ck["data"]["num_classes"]):
+        fc = f[train_y == c]
+        proj = (fc - fc.mean(0)) @ torch.linalg.svd(fc - fc.mean(0), full_matrices=False).Vh[0]
+        mu = torch.stack([fc[proj <= proj.median()].mean(0), fc[proj > proj.median()].mean(0)])
+        centers.append(mu)
+        center_classes += [c, c]
+        own.append((fc[:, None] - mu[None]).pow(2).sum(-1).min(1).values)
+    own = torch.cat(own)
+    ckpt = dict(ck, stage="magnet",
+                model={k: v for k, v in ck["model"].items() if not k.startswith("head.")},
+                clusters=clusters(torch.cat(centers), center_classes, float(own.sum() / (len(own) - 1))))
+    del ckpt["resume"]
+    out = str(tmp_path_factory.mktemp("clustr") / "magnet.pt")
+    nominal.save_checkpoint(ckpt, out)
+    return out
+
+
+def generated_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=16, seed=0):
+    """A clustr/1 checkpoint with random weights (no training): random eval-mode batch-norm
+    statistics, K = 2 centres per class near the features of random images, sigma^2 their feature
+    variance.  Enough to check that scores, export and loading agree; says nothing of robustness."""
+    with torch.random.fork_rng(devices=[]):                              # leaves the global stream as it was
+        return _generated_checkpoint(path, stage, D, classes, width, size, seed)
+
+
+def _generated_checkpoint(path, stage, D, classes, width, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
+            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
+    arch = nominal.arch_entry(width, 3)
+    head = stage in ("nominal", "qtrades-ce")
+    torch.manual_seed(seed)
+    model = attack.build_model(arch, data, head)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    ckpt = {"format": attack.FORMAT, "stage": stage, "arch": arch, "data": data,
+            "model": model.state_dict(), "args": {}, "epoch": 0, "metrics": {}}
+    if not head:
+        with torch.no_grad():
+            f = model.eval().features(torch.rand(2 * classes, 3, size, size, generator=g))
+        ckpt["clusters"] = clusters(f + 0.01 * torch.randn(f.shape, generator=g),
+                                    torch.arange(2 * classes) % classes, float(f.var(0).sum()) / 4, D)
+    attack.save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def own_rng():
+    """The tests of this section leave torch's global random stream as they found it: later tests
+    (random_resnet's convolutions) draw from it."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+# ======================================================================================
+# shape: shared blocks, the flat layout, this file's index and tiers
+# ======================================================================================
 BEGIN = re.compile(r"^# --- shared: ([\w-]+) ---$")
+
+
 END = re.compile(r"^# --- end shared: ([\w-]+) ---$")
 
 
@@ -473,269 +562,14 @@ def test_every_test_has_one_registered_tier():
         assert len(tiers) == 1, f"{name} has tiers {tiers}; give it exactly one of {TIERS}"
 
 
-# ======================================================================================
-# nominal.py: data
-# ======================================================================================
-
-@pytest.mark.oracle
-def test_folder_loader_reads_the_pngs(image_folder):
-    from PIL import Image
-    (train_x, train_y), (test_x, test_y), info = nominal.load_data("folder", image_folder)
-    assert train_x.dtype == torch.uint8 and train_x.shape == (180, 3, 16, 16)
-    assert test_x.shape == (90, 3, 16, 16) and info["num_classes"] == 3
-    assert info["classes"] == ["class00", "class01", "class02"] and info["image_size"] == [16, 16]
-    # round-robin order: class 0 #0, class 1 #0, class 2 #0, class 0 #1, ... (so --limit keeps all)
-    assert train_y[:6].tolist() == [0, 1, 2, 0, 1, 2]
-    # pixel-exact against PIL, read independently: item 4 is class 1, its second file
-    png = np.asarray(Image.open(os.path.join(image_folder, "train", "class01", "0001.png")))
-    assert torch.equal(train_x[4], torch.from_numpy(png.copy()).permute(2, 0, 1))
-    # App. A normalisation statistics, from the training split, in [0, 1] units
-    pixels = train_x.double().div(255)
-    assert np.allclose(info["mean"], pixels.mean((0, 2, 3)).numpy())
-    assert np.allclose(info["std"], pixels.permute(1, 0, 2, 3).reshape(3, -1).std(1).numpy())
-    limited = nominal.load_data("folder", image_folder, limit=7)
-    assert len(limited[0][1]) == 7 and len(limited[1][1]) == 7 and set(limited[0][1].tolist()) == {0, 1, 2}
-
-
-@pytest.mark.smoke
-def test_folder_loader_errors(tmp_path):
-    with pytest.raises(nominal.DataError, match="train"):
-        nominal.load_data("folder", str(tmp_path))
-    make_image_folder(str(tmp_path / "odd"), classes=2, n_train=2, n_test=2)
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(tmp_path / "odd" / "train" / "class00" / "zz.png")
-    with pytest.raises(nominal.DataError, match="one size"):
-        nominal.load_data("folder", str(tmp_path / "odd"))
-
-
-def write_idx(path, array):
-    """An IDX file (MNIST format) written independently of the stages' reader: magic 0 0 8 n,
-    big-endian int32 sizes, uint8 data; gzipped when the name ends in .gz."""
-    import gzip
-    array = np.asarray(array, dtype=np.uint8)
-    raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    raw += array.tobytes()
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
-        f.write(raw)
-
-
-def make_idx_dataset(folder, n_train=40, n_test=20, gz=True, seed=0):
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28))
-        labels = np.arange(n) % 10
-        ext = ".gz" if gz else ""
-        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), images)
-        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), labels)
-        arrays[prefix] = (images, labels)
-    return arrays
-
-
-@pytest.mark.oracle
-@pytest.mark.parametrize("layout", ["debian", "torchvision"])
-def test_fashion_mnist_loader_reads_raw_idx_files_in_both_layouts(tmp_path, layout):
-    # Debian's dataset-fashion-mnist: the four .gz files directly in --data-dir;
-    # torchvision's layout: <root>/FashionMNIST/raw/ with the files unpacked.
-    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
-    arrays = make_idx_dataset(str(folder), gz=layout == "debian")
-    (train_x, train_y), (test_x, test_y), info = nominal.load_data("fashion-mnist", str(tmp_path))
-    assert train_x.dtype == torch.uint8 and train_x.shape == (40, 1, 28, 28)
-    assert test_x.shape == (20, 1, 28, 28) and info["image_size"] == [28, 28]
-    assert torch.equal(train_x[:, 0], torch.from_numpy(arrays["train"][0].astype(np.uint8)))
-    assert torch.equal(test_y, torch.from_numpy(arrays["t10k"][1]).long())
-    assert info["num_classes"] == 10 and info["classes"][0] == "T-shirt/top"
-    assert len(info["mean"]) == 1 and abs(info["mean"][0] - arrays["train"][0].mean() / 255) < 1e-9
-    model = attack.build_model(nominal.arch_entry(2, 1), info, with_head=True)
-    assert model(nominal.to_float(train_x[:3])).shape == (3, 10)   # one input channel
-
-
-@pytest.mark.smoke
-def test_idx_reader_refuses_foreign_and_truncated_files(tmp_path):
-    make_idx_dataset(str(tmp_path))
-    with open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        import gzip
-        f.write(gzip.compress(bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") * 3 + b"\0" * 10))
-    with pytest.raises(nominal.DataError, match="truncated"):
-        nominal.load_data("fashion-mnist", str(tmp_path))
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))   # 3 images, 40 labels
-    with pytest.raises(nominal.DataError, match="disagree"):
-        nominal.load_data("fashion-mnist", str(tmp_path))
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not an idx file")
-    with pytest.raises(nominal.DataError):
-        nominal.load_data("fashion-mnist", str(tmp_path))
-
-
-@pytest.mark.oracle
-def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    out = nominal.augment(x, 2, True, g)
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    offsets, flips = set(), 0
-    for b in range(len(x)):
-        matches = [(i, j, fl) for i in range(5) for j in range(5) for fl in (False, True)
-                   if torch.equal(out[b], (padded[b, :, i:i + 8, j:j + 8].flip(2) if fl
-                                           else padded[b, :, i:i + 8, j:j + 8]))]
-        assert matches, f"image {b} is no window of its padded input"
-        offsets.add(matches[0][:2])
-        flips += matches[0][2]
-    assert len(offsets) > 10 and 10 < flips < 54          # offsets and flips do vary
-    assert torch.equal(nominal.augment(x, 0, False, g), x)  # no augmentation: identity
-
-
-# ======================================================================================
-# nominal.py: model, schedule
-# ======================================================================================
-
-@pytest.mark.shape
-def test_resnet18_shapes_normalisation_and_head():
-    torch.manual_seed(0)
-    m = nominal.ResNet18(10, width=4, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]).eval()
-    x = torch.rand(2, 3, 32, 32)
-    assert m.features(x).shape == (2, 32) and m(x).shape == (2, 10)
-    assert m(torch.rand(2, 3, 16, 16)).shape == (2, 10)              # any size: global pooling
-    # the first layer is (x - mean) / std: a model with identity normalisation fed the
-    # normalised image gives the same features
-    plain = nominal.ResNet18(10, width=4).eval()
-    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k not in ("mean", "std")},
-                          strict=False)
-    mean, std = torch.tensor([0.5, 0.4, 0.3])[:, None, None], torch.tensor([0.2, 0.25, 0.3])[:, None, None]
-    assert torch.allclose(plain.features((x - mean) / std), m.features(x), atol=1e-5)
-    headless = nominal.ResNet18(0, width=4)
-    assert headless.head is None and headless(x).shape == (2, 32)
-    n_blocks = sum(isinstance(mod, nominal.BasicBlock) for mod in m.modules())
-    n_convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
-    assert n_blocks == 8 and n_convs == 1 + 16 + 3                   # stem + 8x2 + 3 projections
-
-
-@pytest.mark.wiring
-def test_learning_rate_schedule_is_appendix_a():
-    args = nominal.parse_args(["--data", "cifar10"])
-    assert (args.epochs, args.lr, args.batch_size, args.milestones) == (90, 1e-2, 256, [30, 60])
-    assert (args.crop, args.flip) == (4, True)
-    lrs = [nominal.learning_rate(args, e) for e in range(90)]
-    assert all(abs(lr - 1e-2) < 1e-12 for lr in lrs[:30])
-    assert all(abs(lr - 1e-3) < 1e-12 for lr in lrs[30:60])
-    assert all(abs(lr - 1e-4) < 1e-12 for lr in lrs[60:])
-    svhn = nominal.parse_args(["--data", "svhn"])
-    assert (svhn.crop, svhn.flip) == (0, False)
-    assert nominal.parse_args(["--data", "cifar10", "--no-flip", "--crop", "0"]).flip is False
-
-
-# ======================================================================================
-# nominal.py: training, checkpoint, resume
-# ======================================================================================
-
-@pytest.mark.smoke
-def test_tiny_training_run_learns(nominal_run):
-    results, out = nominal_run
-    assert results["epochs_done"] == 3 and results["status"] == "finished"
-    assert results["test_accuracy"] > 0.8                           # chance is 1/3
-    with open(out + ".log.jsonl") as f:
-        log = [json.loads(line) for line in f]
-    assert [r["epoch"] for r in log] == [1, 2, 3]
-    assert {"epoch", "train_loss", "test_accuracy", "images_per_second"} <= set(log[-1])
-
-
-@pytest.mark.smoke
-def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, image_folder):
-    _, out = nominal_run
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "nominal" and ckpt["epoch"] == 3
-    assert ckpt["arch"] == {"name": "resnet18", "width": 8, "feat_dim": 64, "in_channels": 3}
-    assert set(ckpt["data"]) == {"name", "num_classes", "classes", "mean", "std", "image_size"}
-    assert ckpt["data"]["name"] == "folder" and ckpt["data"]["num_classes"] == 3
-    assert any(k.startswith("head.") for k in ckpt["model"])
-    assert isinstance(ckpt["args"], dict) and ckpt["args"]["epochs"] == 3
-    assert {"optimizer", "rng"} <= set(ckpt["resume"])
-    # rebuild the model from the checkpoint alone and reproduce its stored test accuracy
-    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=True)
-    model.load_state_dict(ckpt["model"], strict=True)
-    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
-    acc = nominal.evaluate(model, (test_x, test_y), 64, False, torch.device("cpu"))
-    assert acc == ckpt["metrics"]["test_accuracy"]
-    assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
-
-
-@pytest.mark.smoke
-def test_resume_refuses_changed_arguments(nominal_run, image_folder, capsys):
-    _, out = nominal_run
-    err = exit_code_and_message(capsys, nominal.main, [
-        *nominal_args(image_folder, out, "--epochs", 3, "--lr", 0.5, "--resume")])
-    assert "--lr: 0.01 -> 0.5" in err
-
-
-@pytest.mark.smoke
-def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch, capsys):
-    path = str(tmp_path / "c.pt")
-    nominal.save_checkpoint({"a": torch.ones(2)}, path)
-    before = open(path, "rb").read()
-
-    def broken(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", broken)
-    assert "(No space left on device); it is as it was" in exit_code_and_message(
-        capsys, nominal.save_checkpoint, {"a": torch.zeros(2)}, path)
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
-    monkeypatch.undo()
-    for bad in ({"model": {"w": torch.tensor([1.0, float("nan")])}}, {"clusters": {"variance": float("inf")}}):
-        err = exit_code_and_message(capsys, nominal.save_checkpoint, bad, path)    # a diverged model
-        assert "holds NaN or inf: training diverged" in err and err.count("\n") == 1
-        assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
-
-
-# ======================================================================================
-# nominal.py: bad input (README "Bad input and safety")
-# ======================================================================================
-
-@pytest.mark.smoke
-def test_corrupt_truncated_and_pickled_checkpoints_exit_2(nominal_run, tmp_path, capsys):
-    _, out = nominal_run
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all" * 10)
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(open(out, "rb").read()[:5000])
-    pickled = tmp_path / "pickled.pt"
-    import argparse
-    torch.save({"format": "clustr/1", "args": argparse.Namespace(a=1)}, pickled)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    for path, words in ((garbage, "corrupt"), (truncated, "truncated"), (pickled, "weights_only"),
-                        (foreign, "not a clustr/1"), (tmp_path / "missing.pt", "does not exist")):
-        err = exit_code_and_message(capsys, nominal.load_checkpoint, str(path))
-        assert words in err and str(path) in err
-    err = exit_code_and_message(capsys, nominal.load_checkpoint, out, ("magnet",))
-    assert "'nominal' checkpoint" in err
-
-
-@pytest.mark.smoke
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
-    out = str(tmp_path / "ckpt.pt")
-    nominal.save_checkpoint({"format": "clustr/1", "marker": torch.arange(3)}, out)
-    before = open(out, "rb").read()
-    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
-    monkeypatch.setattr(nominal, "train_one_epoch", lambda *a, **k: (torch.tensor(float("nan")), torch.tensor(0), 1))
-    err = exit_code_and_message(capsys, nominal.main, [
-        *nominal_args(image_folder, out, "--epochs", 2, "--overwrite")])
-    assert "loss became" in err and "smaller" in err
-    assert "so nothing of this run was saved" in err                      # the old file is another run's
-    assert open(out, "rb").read() == before
-
-
 # ######################################################################################
-# magnet.py
+# the paper, equation by equation, in its order: each against an independent computation
 # ######################################################################################
 
 
-
 # ======================================================================================
-# magnet.py: Eq. (3), the Magnet loss
+# Eq. (3): the Magnet loss (magnet.py), and the clusters and sigma^2 it is computed on
 # ======================================================================================
-
 def naive_magnet(features, cluster_ids, class_ids, alpha):
     """Eq. (3) written out per example with Python floats (float64): -> (mean, [per], sigma2)."""
     f = features.double().tolist()
@@ -844,10 +678,29 @@ def test_magnet_loss_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda x: magnet.magnet_loss(x, ids, classes, 5.0)[2], (f,))
 
 
-# ======================================================================================
-# magnet.py: Eq. (4), soft nearest-cluster probabilities
-# ======================================================================================
+@pytest.mark.oracle
+def test_fit_clusters_per_class_with_eq3_variance(capsys):
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(60) % 3
+    f = torch.randn(60, 6, generator=g, dtype=torch.float64) + labels[:, None] * 4.0
+    centers, center_classes, assignment, sigma2 = magnet.fit_clusters(f, labels, 3, 2, g)
+    assert center_classes.tolist() == [0, 0, 1, 1, 2, 2] and centers.shape == (6, 6)
+    assert torch.equal(center_classes[assignment], labels)              # own class's clusters only
+    for j in range(6):                                                   # centres = means
+        assert torch.allclose(centers[j].double(), f[assignment == j].mean(0), atol=1e-5)
+    for n in range(60):                                                  # v* of Eq. (3)
+        own = [j for j in range(6) if j // 2 == labels[n]]
+        d2 = [float(((f[n] - centers[j].double()) ** 2).sum()) for j in own]
+        assert own[int(np.argmin(d2))] == assignment[n]
+    ref = sum(float(((f[n] - centers[assignment[n]].double()) ** 2).sum()) for n in range(60)) / 59
+    assert sigma2 == pytest.approx(ref, rel=1e-5)
+    err = exit_code_and_message(capsys, magnet.fit_clusters, f[:7], labels[:7], 3, 3, g)
+    assert "K=3" in err and "--K" in err
 
+
+# ======================================================================================
+# Eq. (4): soft nearest-cluster probabilities (magnet.py, attack.py's class scores, QTRADES' D nearest)
+# ======================================================================================
 def naive_eq4(f, centers, center_classes, sigma2, D=None):
     """Eq. (4) with Python floats; D nearest centres by distance."""
     out = []
@@ -895,10 +748,186 @@ def test_cluster_log_probs_gradients_are_finite_far_away_and_for_absent_classes(
     assert torch.isfinite(log_p).all() and torch.allclose(log_p.logsumexp(1), torch.zeros(4), atol=1e-5)
 
 
-# ======================================================================================
-# magnet.py: k-means++
-# ======================================================================================
+def relu_like_clusters(seed, n, dim=512, classes=100, K=2, spread=0.03, close=False):
+    """ReLU-like features around centres that share a non-negative base (norms about 25, as a
+    width-64 ResNet18's pooled features), sigma^2 from a tight clustering (Eq. (3)), so that the
+    exponents of Eq. (4) reach a few hundred.  close: the rows lie 2e-4 per feature from a centre
+    (squared distance about 2e-5, the size of float32 rounding in the expanded form).
+    -> float64 features [n, d], centres [M, d], centre classes [M], labels [n], sigma^2."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=g, dtype=torch.float64).abs()
+    centers = (base + 0.5 * torch.randn(classes * K, dim, generator=g, dtype=torch.float64)).clamp_min(0)
+    own = torch.randint(classes * K, (n,), generator=g)
+    noisy = (centers[own] + spread * torch.randn(n, dim, generator=g, dtype=torch.float64)).clamp_min(0)
+    sigma2 = float((noisy - centers[own]).pow(2).sum() / (n - 1))
+    f = centers[own] + 2e-4 * torch.randn(n, dim, generator=g, dtype=torch.float64) if close else noisy
+    center_classes = torch.arange(classes).repeat_interleave(K)
+    return f, centers, center_classes, center_classes[own], sigma2
 
+
+def explicit_eq4(f, centers, center_classes, sigma2, D=None, sq=None):
+    """Eq. (4) in log space from explicit [n, M, d] differences and an [n, classes, M] masked
+    logsumexp (the form the eq4 block had before issue 15); sq: other squared distances."""
+    if sq is None:
+        sq = (f[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
+    s = -sq / (2 * sigma2)
+    if D is not None:
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, sq.detach().topk(D, 1, largest=False).indices, True)
+        s = s.masked_fill(~keep, float("-inf"))
+    member = center_classes[None, :] == torch.arange(int(center_classes.max()) + 1)[:, None]
+    return s[:, None, :].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
+
+
+def eq4_and_input_gradient(fn, f, weights):
+    """-> (log p [n, classes], d/df of sum(weights * log p) over the finite entries)."""
+    f = f.detach().clone().requires_grad_()
+    log_p = fn(f)
+    (log_p.masked_fill(~torch.isfinite(log_p), 0) * weights).sum().backward()
+    return log_p.detach(), f.grad
+
+
+@pytest.mark.oracle
+def test_eq4_expanded_form_in_float32_agrees_with_float64_explicit_differences():
+    """The eq4 block's float32 log-probabilities and input gradients against float64 explicit
+    differences, on tight clusters (exponents of about -300) and on rows next to a centre, with
+    all centres and with the D = 20 nearest.  Log-probabilities: within 8 float32 epsilons of the
+    row's largest |exponent| (measured: the explicit float32 form 1.2-1.7, the shifted expanded
+    form 2.5-3.3, less accurate by that factor because the matmul sums 512 products in a longer
+    chain than torch's cascaded sum; the same expanded form without the centre shift 20-27, which
+    this bound rejects).  Gradients: within 1e-4 relative per row, and on average at least as
+    accurate as explicit float32 (measured: 3-4x more accurate)."""
+    eps = torch.finfo(torch.float32).eps
+    for seed, close in ((0, False), (1, True)):
+        f, mu, cc, _, var = relu_like_clusters(seed, 32, close=close)
+        weights = torch.randn(f.shape[0], 100, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        s_max = ((f[:, None] - mu[None]).pow(2).sum(-1) / (2 * var)).amax(1, keepdim=True)   # [n, 1]
+        assert s_max.min() > 100                                         # large exponents
+        for D in (None, 20):
+            ref, ref_grad = eq4_and_input_gradient(lambda x: explicit_eq4(x, mu, cc, var, D), f, weights)
+            finite = torch.isfinite(ref)
+            bound = (8 * eps * s_max).expand_as(ref)[finite]
+
+            def check(fn):
+                log_p, grad = eq4_and_input_gradient(fn, f.float(), weights.float())
+                assert torch.equal(torch.isfinite(log_p), finite)
+                error = (log_p.double() - ref)[finite].abs()
+                rel = (grad.double() - ref_grad).norm(dim=1) / ref_grad.norm(dim=1)
+                return bool((error <= bound).all()), rel
+
+            ok, rel = check(lambda x: magnet.cluster_log_probs(x, mu.float(), cc, var, D))
+            assert ok and rel.max() < 1e-4
+            ok_explicit, rel_explicit = check(lambda x: explicit_eq4(x, mu.float(), cc, var, D))
+            assert ok_explicit and rel.mean() <= rel_explicit.mean()
+            # without the shift the same expanded form loses the digits the bound asks for
+            m32 = mu.float()
+            assert not check(lambda x: explicit_eq4(x, m32, cc, var, D, sq=x.square().sum(1, keepdim=True)
+                                                    - 2 * x @ m32.T + m32.square().sum(1)))[0]
+
+
+@pytest.mark.oracle
+def test_cluster_log_probs_per_class_sums_match_a_masked_logsumexp_without_underflow():
+    """The [n, M] per-class reduction against the [n, classes, M] masked logsumexp in float64:
+    unsorted centre classes of unequal sizes, a class id without centres, keep masks that empty
+    whole classes, and a class 2000 nats below the best (exp underflows there: the per-class
+    peak keeps it finite).  Gradients equal the masked form's, finite, and 0 at masked centres."""
+    g = torch.Generator().manual_seed(3)
+    cc = torch.tensor([2, 0, 3, 0, 2, 2, 0, 3])                         # class 1 has no centre
+    mu = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    f = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    mu[[2, 7]] += 80.0                                                   # class 3 far away
+    keep = torch.rand(10, 8, generator=g) < 0.6
+    keep[:, 1] = True                                                    # every row keeps a centre
+    for k in (None, keep):
+        fa, fb = f.clone().requires_grad_(), f.clone().requires_grad_()
+        ours = magnet.cluster_log_probs(fa, mu, cc, 0.7, keep=k)
+        sq = (fb[:, None] - mu[None]).pow(2).sum(-1)
+        s = -sq / 1.4 if k is None else (-sq / 1.4).masked_fill(~k, float("-inf"))
+        member = cc[None, :] == torch.arange(4)[:, None]
+        ref = s[:, None].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)) and torch.isinf(ours[:, 1]).all()
+        finite = torch.isfinite(ref)
+        assert torch.allclose(ours[finite], ref[finite], atol=1e-9, rtol=1e-12)
+        if k is None:
+            assert (ours[:, 3] < -2000).all()                            # finite, far below 0
+        w = torch.randn(10, 4, generator=g, dtype=torch.float64)
+        (ours.masked_fill(~finite, 0) * w).sum().backward()
+        (ref.masked_fill(~finite, 0) * w).sum().backward()
+        assert torch.isfinite(fa.grad).all() and torch.allclose(fa.grad, fb.grad, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.oracle
+@pytest.mark.usefixtures("own_rng")
+def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
+    """load_classifier's module: z_c = log sum_{j in c} exp(s_j) (a naive float64 loop), softmax(z)
+    = Eq. (4) computed naively and = exp of the stages' cluster_log_probs; with D the classes
+    outside the D nearest get the finite LOW and probability exactly 0; a head gives its logits."""
+    torch.manual_seed(0)
+    data = {"num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = attack.build_model(nominal.arch_entry(2, 3), data, with_head=False).double().eval()
+    x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        f = model.features(x)
+    mu = f[[0, 1, 2, 3, 4, 0]] + 0.3 * torch.randn(6, f.shape[1], dtype=torch.float64)   # [6, d]
+    mu = mu.float().double()                          # the classifier keeps the centres in float32
+    mu_class = [0, 0, 1, 1, 2, 2]
+    sigma2 = float((f[:, None] - mu[None]).pow(2).sum(-1).mean()) / 8
+    for D in (None, 4, 1):
+        clf = attack.Classifier(model, clusters(mu, mu_class, sigma2), D)
+        scores = attack.ClassScores(clf).double().eval()
+        with torch.no_grad():
+            z, log_p = scores(x), clf(x)
+        for n in range(len(x)):
+            s = [-sum((float(a) - float(b)) ** 2 for a, b in zip(f[n], mu[j])) / (2 * sigma2) for j in range(6)]
+            nearest = sorted(range(6), key=lambda j: -s[j])[:D or 6]
+            total = sum(math.exp(s[j]) for j in nearest)
+            for c in range(3):
+                inside = [math.exp(s[j]) for j in nearest if mu_class[j] == c]
+                if inside:
+                    assert float(z[n, c]) == pytest.approx(math.log(sum(inside)), rel=1e-12, abs=1e-12)
+                else:
+                    assert float(z[n, c]) == attack.ClassScores.LOW
+                p = torch.softmax(z[n], 0)[c]
+                assert float(p) == pytest.approx(sum(inside) / total, rel=1e-10, abs=1e-300)  # Eq. (4)
+        assert torch.allclose(torch.softmax(z, 1), log_p.exp(), rtol=1e-12, atol=0)
+    head = attack.build_model(nominal.arch_entry(2, 3), data, with_head=True).double().eval()
+    with torch.no_grad():
+        assert torch.equal(attack.ClassScores(attack.Classifier(head)).double()(x).float(), head(x).float())
+
+
+@pytest.mark.oracle
+def test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set():
+    f, mu, cc, _, var = relu_like_clusters(4, 40, classes=20, spread=0.3)
+    sq = (f[:, None] - mu[None]).pow(2).sum(-1)                          # float64, explicit
+    for D in (1, 5, 39):
+        keep = qtrades.nearest_mask(f.float(), mu.float(), D)
+        expected = torch.zeros_like(keep).scatter_(1, sq.topk(D, 1, largest=False).indices, True)
+        assert torch.equal(keep, expected)
+        log_p = magnet.cluster_log_probs(f.float(), mu.float(), cc, var, D)
+        assert torch.equal(log_p, qtrades.cluster_log_probs(f.float(), mu.float(), cc, var, keep=keep))
+    assert qtrades.nearest_mask(f, mu, None).all() and qtrades.nearest_mask(f, mu, 40).all()
+
+
+@pytest.mark.oracle
+def test_eq4_and_kmeans_distances_stay_float32_under_bfloat16_autocast():
+    """The training and attack steps run under autocast, which would turn the expanded form's
+    matmul into a bfloat16 one (8 significant bits); the eq4 and kmeans blocks switch it off."""
+    f, mu, cc, _, var = relu_like_clusters(7, 64, classes=10, spread=0.1)
+    f, mu = f.float(), mu.float()
+    x = relu_like_clusters(8, 400, classes=1, K=1, spread=1.0)[0].float()   # one blob: many borders
+
+    def run():
+        return (magnet.cluster_log_probs(f, mu, cc, var, 5), qtrades.nearest_mask(f, mu, 5),
+                *magnet.kmeans_pp(x, 4, generator=torch.Generator().manual_seed(0)))
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(f, mu.T).dtype == torch.bfloat16                 # autocast is live here
+        mixed = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
+
+
+# ======================================================================================
+# k-means++ (Sec. 3.3, App. B.1)
+# ======================================================================================
 def brute_force_inertia(x, k):
     """Smallest k-means objective over every assignment of the n rows to k non-empty clusters
     (all k^n of them): sum_j sum_{i in j} ||x_i - mean_j||^2 = sum ||x||^2 - sum_j ||s_j||^2 / n_j."""
@@ -981,29 +1010,46 @@ def test_kmeans_pp_separates_blobs_in_512_d():
 
 
 @pytest.mark.oracle
-def test_fit_clusters_per_class_with_eq3_variance(capsys):
-    g = torch.Generator().manual_seed(5)
-    labels = torch.arange(60) % 3
-    f = torch.randn(60, 6, generator=g, dtype=torch.float64) + labels[:, None] * 4.0
-    centers, center_classes, assignment, sigma2 = magnet.fit_clusters(f, labels, 3, 2, g)
-    assert center_classes.tolist() == [0, 0, 1, 1, 2, 2] and centers.shape == (6, 6)
-    assert torch.equal(center_classes[assignment], labels)              # own class's clusters only
-    for j in range(6):                                                   # centres = means
-        assert torch.allclose(centers[j].double(), f[assignment == j].mean(0), atol=1e-5)
-    for n in range(60):                                                  # v* of Eq. (3)
-        own = [j for j in range(6) if j // 2 == labels[n]]
-        d2 = [float(((f[n] - centers[j].double()) ** 2).sum()) for j in own]
-        assert own[int(np.argmin(d2))] == assignment[n]
-    ref = sum(float(((f[n] - centers[assignment[n]].double()) ** 2).sum()) for n in range(60)) / 59
-    assert sigma2 == pytest.approx(ref, rel=1e-5)
-    err = exit_code_and_message(capsys, magnet.fit_clusters, f[:7], labels[:7], 3, 3, g)
-    assert "K=3" in err and "--K" in err
+def test_kmeans_nearest_is_scores_min_with_ties_to_the_lower_index():
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.float64):
+        for k in (1, 2, 7):
+            scores = torch.randn(k, 500, generator=g, dtype=dtype).round(decimals=1)   # many ties
+            scores[:, :5] = 3.0                                          # all k tied
+            low, index = magnet._nearest(scores.clone())
+            expected = scores.min(0)
+            assert torch.equal(low, expected.values) and torch.equal(index, expected.indices)
+            first = torch.stack([(scores[:, i] == scores[:, i].min()).nonzero()[0, 0] for i in range(500)])
+            assert torch.equal(index, first) and index.dtype == torch.long
+
+
+@pytest.mark.oracle
+def test_kmeans_pp_on_relu_like_float32_rows_float64_nearest_and_means():
+    """float32 rows far from the origin (norm about 25, spread about 3): the returned assignment
+    is the nearest returned centre by float64 explicit differences (a different one only within
+    float32 rounding of a tie), the converged centres (tol = rtol = 0) are their rows' float64
+    means, and the default stop's inertia is at or above the converged run's (same seeding:
+    an earlier point of the same Lloyd trajectory)."""
+    f, mu, cc, labels, _ = relu_like_clusters(5, 3000, classes=3, K=2, spread=0.15)
+    x = f.float()
+    runs = {}
+    for name, kw in (("default", {}), ("converged", {"tol": 0, "rtol": 0})):
+        c, a = magnet.kmeans_pp(x, 6, generator=torch.Generator().manual_seed(0), **kw)
+        d64 = (x.double()[:, None] - c.double()[None]).pow(2).sum(-1)     # [n, k] explicit
+        best = d64.min(1).values
+        gap = d64.gather(1, a[:, None])[:, 0] - best
+        assert (gap <= 1e-5 * best).all() and (gap == 0).float().mean() > 0.999
+        runs[name] = (c, a, float(d64.gather(1, a[:, None]).sum()))
+    c, a, inertia_converged = runs["converged"]
+    for j in range(6):
+        members = x.double()[a == j]
+        assert len(members) and torch.allclose(c[j].double(), members.mean(0), atol=1e-5, rtol=0)
+    assert runs["default"][2] >= inertia_converged * (1 - 1e-7)
 
 
 # ======================================================================================
-# magnet.py: the neighbourhood sampler (Rippel et al.; App. A)
+# the neighbourhood sampler (Rippel et al.; App. A)
 # ======================================================================================
-
 def toy_clusters(sizes=(30, 30, 25, 30, 12, 30), dim=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     M = len(sizes)
@@ -1089,216 +1135,8 @@ def test_sampler_state_dict_continues_the_same_stream():
 
 
 # ======================================================================================
-# magnet.py: end to end (Sec. 3.3, 4.2, App. A; README "Where results and checkpoints go")
+# Eq. (5): PGD (attack.py) against closed forms and replays
 # ======================================================================================
-
-def folder_args(folder, out, *extra):
-    return ["--data", "folder", "--data-dir", folder, "--width", "8", "--m", "3", "--d", "10",
-            "--crop", "2", "--flip", "--lr", "1e-3", "--out", out, *map(str, extra)]
-
-
-@pytest.fixture(scope="module")
-def magnet_run(nominal_run, image_folder, tmp_path_factory):
-    """ClusTR from the shared nominal checkpoint, 2 epochs: (results, checkpoint path)."""
-    out = str(tmp_path_factory.mktemp("magnet") / "magnet.pt")
-    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2))
-    return results, out
-
-
-def eval_features(model, images):
-    model.eval()
-    with torch.no_grad():
-        return model.features(images.float() / 255).double()
-
-
-@pytest.mark.smoke
-def test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents(magnet_run, nominal_run, image_folder):
-    results, out = magnet_run
-    assert results["status"] == "finished" and results["epochs_done"] == 2
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "magnet" and ckpt["epoch"] == 2
-    assert not any(k.startswith("head.") for k in ckpt["model"])
-    cl = ckpt["clusters"]
-    assert set(cl) == {"centers", "center_classes", "variance", "K", "alpha", "D"}
-    assert cl["centers"].shape == (6, 64) and cl["center_classes"].tolist() == [0, 0, 1, 1, 2, 2]
-    assert (cl["K"], cl["alpha"], cl["D"]) == (2, 12.5, None) and isinstance(cl["variance"], float)
-    assert {"optimizer", "rng", "sampler"} <= set(ckpt["resume"])
-    # the fine-tuning moved the nominal weights
-    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
-    assert not torch.equal(ckpt["model"]["conv1.weight"], nominal_ckpt["model"]["conv1.weight"])
-    # rebuild from the checkpoint alone; recompute everything from eval-mode features
-    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
-    model.load_state_dict(ckpt["model"], strict=True)
-    (train_x, train_y), (test_x, test_y), _ = nominal.load_data("folder", image_folder)
-    f = eval_features(model, train_x)
-    mu = cl["centers"].double()
-    d2 = ((f[:, None, :] - mu[None]) ** 2).sum(-1)                      # [N, 6]
-    own = d2.masked_fill(cl["center_classes"][None, :] != train_y[:, None], float("inf")).argmin(1)
-    for j in range(6):                                                   # k-means fixed point
-        assert torch.allclose(mu[j], f[own == j].mean(0), atol=1e-4)
-    sigma2 = d2[torch.arange(len(f)), own].sum() / (len(f) - 1)          # Eq. (3) over the split
-    assert cl["variance"] == pytest.approx(float(sigma2), rel=1e-4)
-    p = naive_eq4(eval_features(model, test_x), mu, cl["center_classes"], cl["variance"])
-    acc = float((torch.tensor(p.argmax(1)) == test_y).double().mean())
-    assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
-    assert acc > 0.8                                                     # chance is 1/3
-    with open(out + ".log.jsonl") as fh:
-        log = [json.loads(line) for line in fh]
-    assert [r["epoch"] for r in log] == [0, 1, 2]
-    assert {"epoch", "train_loss", "test_accuracy", "variance"} <= set(log[-1])
-
-
-@pytest.mark.smoke
-def test_epochs_0_clusters_nominal_features_without_fine_tuning(nominal_run, image_folder, tmp_path):
-    """App. B.1: k-means on the nominal features and Eq. (4), no training; a valid checkpoint."""
-    out = str(tmp_path / "b1.pt")
-    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 0))
-    assert results["epochs_done"] == 0 and results["status"] == "finished"
-    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
-    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
-    headless = {k: v for k, v in nominal_ckpt["model"].items() if not k.startswith("head.")}
-    assert set(ckpt["model"]) == set(headless)
-    assert all(torch.equal(ckpt["model"][k], headless[k]) for k in headless)   # untouched weights
-    assert ckpt["clusters"]["centers"].shape == (6, 64) and 0 <= results["test_accuracy"] <= 1
-
-
-@pytest.mark.smoke
-def test_warm_start_beats_random_init_at_equal_epochs(tmp_path):
-    """Sec. 4.2, Table 1: ClusTR (nominal warm start) vs the Magnet loss from random weights, on
-    a harder generated folder (6 classes, noisy): the warm start must win clearly."""
-    folder = make_image_folder(str(tmp_path / "hard"), classes=6, n_train=40, n_test=20,
-                               noise=200.0, seed=1)
-    ckpt = str(tmp_path / "nominal.pt")
-    nominal.main(nominal_args(folder, ckpt, "--epochs", 3))
-    warm = magnet.main(folder_args(folder, str(tmp_path / "w.pt"), "--init", ckpt, "--epochs", 2))
-    cold = magnet.main(folder_args(folder, str(tmp_path / "c.pt"), "--epochs", 2))
-    assert warm["test_accuracy"] > 2 / 6                                 # chance is 1/6
-    assert warm["test_accuracy"] > cold["test_accuracy"] + 0.1, (warm, cold)
-
-
-@pytest.mark.oracle
-def test_evaluation_leaves_the_model_untouched(nominal_run):
-    ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
-    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
-    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("head.")})
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
-    f = magnet.features_of(model, images, 4, False)
-    assert f.shape == (10, 64) and model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert torch.allclose(f.double(), eval_features(model, images), atol=1e-5)
-
-
-# ======================================================================================
-# magnet.py: bad input (README "Bad input and safety")
-# ======================================================================================
-
-@pytest.mark.smoke
-def test_init_mismatches_and_wrong_stage_exit_2(nominal_run, magnet_run, image_folder, capsys, tmp_path):
-    out = str(tmp_path / "x.pt")
-    err = exit_code_and_message(capsys, magnet.main, [
-        "--data", "folder", "--data-dir", image_folder, "--width", "16", "--init", nominal_run[1],
-        "--out", out])
-    assert "width 8" in err and "--width 8" in err
-    err = exit_code_and_message(capsys, magnet.main, [
-        "--data", "svhn", "--data-dir", image_folder, "--width", "8", "--init", nominal_run[1],
-        "--out", out])
-    assert "--data folder" in err
-    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--init", magnet_run[1]))
-    assert "'magnet' checkpoint" in err and "nominal" in err
-    other = make_image_folder(str(tmp_path / "four"), classes=4, n_train=4, n_test=2)
-    err = exit_code_and_message(capsys, magnet.main, folder_args(other, out, "--init", nominal_run[1]))
-    assert "classes" in err
-    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--K", "100", "--epochs", "0"))
-    assert "K=100" in err
-    assert not os.path.exists(out)
-
-
-@pytest.mark.smoke
-def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
-    out = str(tmp_path / "m.pt")
-    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
-    monkeypatch.setattr(magnet, "train_one_epoch", lambda *a, **k: (float("nan"), 0))
-    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--epochs", 2))
-    assert "smaller --lr" in err and "--alpha" in err
-    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
-    assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["clusters"]["centers"]).all()
-
-
-@pytest.mark.smoke
-def test_diverged_features_stop_the_cluster_update(capsys):
-    model = nominal.ResNet18(0, width=4)
-    with torch.no_grad():
-        model.conv1.weight.fill_(float("inf"))
-    args = magnet.parse_args(["--data", "folder", "--width", "4", "--out", "m.pt"])
-    args.amp = False
-    train = (torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8), torch.arange(12) % 3)
-    err = exit_code_and_message(capsys, magnet.update_clusters, model, train, 3, args, torch.Generator())
-    assert "non-finite" in err and "smaller --lr" in err
-
-
-# ######################################################################################
-# attack.py
-# ######################################################################################
-
-# ======================================================================================
-# helpers
-# ======================================================================================
-
-class Features(nn.Module):
-    """A stand-in network whose features are the input itself (times a scale): puts the
-    features exactly where a test wants them relative to the centres."""
-
-    def __init__(self, scale=1.0):
-        super().__init__()
-        self.scale = scale
-
-    def features(self, x):
-        return x.flatten(1) * self.scale
-
-
-def clusters(centers, center_classes, sigma2, D=None):
-    return {"centers": torch.as_tensor(centers), "center_classes": torch.as_tensor(center_classes),
-            "variance": sigma2, "K": 2, "alpha": 12.5, "D": D}
-
-
-@pytest.fixture(scope="session")
-def clustering_ckpt(nominal_run, image_folder, tmp_path_factory):
-    """A clustering checkpoint (stage magnet) made from the nominal one without
-    magnet.py: eval-mode training features; K = 2 centres per class = the means of the two halves
-    of the class split at the median of its first principal direction; sigma^2 = 1/(N-1) sum of
-    squared distances to the nearest own-class centre (Eq. (3))."""
-    _, path = nominal_run
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = attack.build_model(ck["arch"], ck["data"], with_head=True)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    (train_x, train_y), _, _ = nominal.load_data("folder", image_folder)
-    with torch.no_grad():
-        f = model.features(nominal.to_float(train_x))
-    centers, center_classes, own = [], [], []
-    for c in range(ck["data"]["num_classes"]):
-        fc = f[train_y == c]
-        proj = (fc - fc.mean(0)) @ torch.linalg.svd(fc - fc.mean(0), full_matrices=False).Vh[0]
-        mu = torch.stack([fc[proj <= proj.median()].mean(0), fc[proj > proj.median()].mean(0)])
-        centers.append(mu)
-        center_classes += [c, c]
-        own.append((fc[:, None] - mu[None]).pow(2).sum(-1).min(1).values)
-    own = torch.cat(own)
-    ckpt = dict(ck, stage="magnet",
-                model={k: v for k, v in ck["model"].items() if not k.startswith("head.")},
-                clusters=clusters(torch.cat(centers), center_classes, float(own.sum() / (len(own) - 1))))
-    del ckpt["resume"]
-    out = str(tmp_path_factory.mktemp("clustr") / "magnet.pt")
-    nominal.save_checkpoint(ckpt, out)
-    return out
-
-
-# ======================================================================================
-# attack.py: PGD against closed forms and replays
-# ======================================================================================
-
 @pytest.mark.oracle
 def test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers():
     torch.manual_seed(0)
@@ -1474,302 +1312,8 @@ def test_attack_objectives_match_naive_float64_loops():
 
 
 # ======================================================================================
-# attack.py: end to end (Sec. 4.2, Eq. (5); README "Result files")
+# the attacks' worst case (Sec. 4.2): Square, targets, the cascade, and the checks against broken attacks
 # ======================================================================================
-
-@pytest.mark.smoke
-def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_folder, tmp_path):
-    _, ckpt = nominal_run
-    out = str(tmp_path / "attack.json")
-    res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
-                       "128/255", "--steps", "5", "--square-queries", "50", "--out", out, "--check-images", "30",
-                       "--large-eps", "128/255"])
-    with open(out) as f:
-        assert json.load(f) == json.loads(json.dumps(res))
-    assert {"ckpt", "data", "images", "natural_accuracy", "results", "checks"} <= set(res)
-    assert res["data"] == "folder" and res["images"] == 90 and res["natural_accuracy"] > 0.8
-    keys = {"loss", "eps", "D", "natural_accuracy", "robust_accuracy", "seconds", "images_per_second"}
-    assert all(keys <= set(r) for r in res["results"])
-    rows = {(r["loss"], round(r["eps"] * 255)): r["robust_accuracy"] for r in res["results"]}
-    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "square", "worst-case"}  # no magnet: a head
-    assert [loss for loss, e in rows if e == 0] == ["worst-case"]          # eps 0: nothing attacked
-    assert rows[("worst-case", 0)] == res["natural_accuracy"]              # eps 0 = natural
-    for loss in ("ce", "margin", "margin-t", "square", "worst-case"):
-        assert rows[("worst-case", 128)] <= rows[(loss, 128)] <= rows[(loss, 2)] <= res["natural_accuracy"]
-    assert rows[("worst-case", 128)] <= 0.05
-    checks = res["checks"]
-    assert set(checks) == {"robust_le_natural", "monotone_in_eps", "eps_zero_is_natural",
-                           "near_zero_at_large_eps", "zero_gradient_share", "double_steps",
-                           "double_restarts", "objective_rises", "square_finds_little",
-                           "beats_random_search", "in_ball"}
-    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps", "in_ball",
-                 "objective_rises", "square_finds_little", "beats_random_search"):
-        assert checks[name]["ok"] is True, (name, checks[name])
-    assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
-    for name in ("double_steps", "double_restarts"):                       # fresh random streams
-        assert checks[name]["seed"] != checks[name]["headline_seed"] == 0
-    assert checks["double_steps"]["seed"] != checks["double_restarts"]["seed"]
-    with open(out + ".log.jsonl") as f:
-        assert len(f.readlines()) == len(res["results"])
-
-
-@pytest.mark.smoke
-def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_path):
-    res = attack.main(["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--D", "all", "1",
-                       "--steps", "3", "--square-queries", "50", "--limit", "30", "--no-checks",
-                       "--out", str(tmp_path / "a.json")])
-    assert res["checks"] == {} and res["images"] == 30
-    losses = {r["loss"] for r in res["results"]}
-    assert losses == {"ce", "margin", "margin-t", "magnet", "square", "worst-case"}
-    for D in (None, 1):
-        rows = {r["loss"]: r for r in res["results"] if r["D"] == D}
-        assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
-    # natural accuracy with D = 1 is that of the nearest centre (an independent float64 oracle)
-    ck = torch.load(clustering_ckpt, map_location="cpu", weights_only=True)
-    model = attack.build_model(ck["arch"], ck["data"], with_head=False)
-    model.load_state_dict(ck["model"])
-    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
-    with torch.no_grad():
-        f = model.eval().features(nominal.to_float(images)).double()
-    mu = ck["clusters"]["centers"].double()
-    nearest = ck["clusters"]["center_classes"][((f[:, None] - mu[None]) ** 2).sum(-1).argmin(1)]
-    natural_D1 = next(r["natural_accuracy"] for r in res["results"] if r["D"] == 1)
-    assert natural_D1 == (nearest == labels).double().mean().item()
-    # a stored D is the default; --D overrides it
-    stored = str(tmp_path / "d1.pt")
-    nominal.save_checkpoint(dict(ck, clusters=dict(ck["clusters"], D=1)), stored)
-    common = ["--ckpt", stored, "--data-dir", image_folder, "--steps", "1", "--limit", "30",
-              "--loss", "ce", "--no-checks", "--out", str(tmp_path / "b.json")]
-    assert [r["D"] for r in attack.main(common)["results"]] == [1]
-    assert [r["D"] for r in attack.main(common + ["--D", "all"])["results"]] == [None]
-
-
-# ======================================================================================
-# attack.py / certify.py: library use and --export (README "Evaluate a ClusTR model with other tools")
-# ======================================================================================
-
-def generated_checkpoint(path, stage="magnet", D=None, classes=4, width=4, size=16, seed=0):
-    """A clustr/1 checkpoint with random weights (no training): random eval-mode batch-norm
-    statistics, K = 2 centres per class near the features of random images, sigma^2 their feature
-    variance.  Enough to check that scores, export and loading agree; says nothing of robustness."""
-    with torch.random.fork_rng(devices=[]):                              # leaves the global stream as it was
-        return _generated_checkpoint(path, stage, D, classes, width, size, seed)
-
-
-def _generated_checkpoint(path, stage, D, classes, width, size, seed):
-    g = torch.Generator().manual_seed(seed)
-    data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
-            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": [size, size]}
-    arch = nominal.arch_entry(width, 3)
-    head = stage in ("nominal", "qtrades-ce")
-    torch.manual_seed(seed)
-    model = attack.build_model(arch, data, head)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-    ckpt = {"format": attack.FORMAT, "stage": stage, "arch": arch, "data": data,
-            "model": model.state_dict(), "args": {}, "epoch": 0, "metrics": {}}
-    if not head:
-        with torch.no_grad():
-            f = model.eval().features(torch.rand(2 * classes, 3, size, size, generator=g))
-        ckpt["clusters"] = clusters(f + 0.01 * torch.randn(f.shape, generator=g),
-                                    torch.arange(2 * classes) % classes, float(f.var(0).sum()) / 4, D)
-    attack.save_checkpoint(ckpt, path)
-    return path
-
-
-@pytest.fixture
-def own_rng():
-    """The tests of this section leave torch's global random stream as they found it: later tests
-    (random_resnet's convolutions) draw from it."""
-    with torch.random.fork_rng(devices=[]):
-        yield
-
-
-def readme_snippets():
-    """{name: code} of the blocks marked `<!-- snippet: NAME -->` in README.md and, for the tools the
-    README names without a snippet, benchmarks/README.md ("Other tools: more snippets")."""
-    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", os.path.join("benchmarks", "README.md")))
-    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """The README's export command, run as a user would in a folder holding magnet.pt (a generated
-    4-class checkpoint whose D = 3 leaves one class out of every prediction): the folder."""
-    folder = tmp_path_factory.mktemp("export")
-    generated_checkpoint(str(folder / "magnet.pt"), D=3)
-    command = shlex.split(readme_snippets()["export"].split("#")[0])
-    assert command[:2] == ["python", "attack.py"]
-    with contextlib.chdir(folder), contextlib.redirect_stdout(io.StringIO()) as out:
-        attack.main(command[2:])                                    # in-process: its own interpreter costs seconds
-    assert "torch.export" in out.getvalue() and os.path.isfile(folder / "clustr.pt2")
-    note = {"clustr.json": ""}
-    torch.export.load(str(folder / "clustr.pt2"), extra_files=note)           # the note other tools read
-    note = json.loads(note["clustr.json"])
-    assert (note["D"], len(note["classes"]), note["input_shape"], note["stage"]) == (3, 4, ["n", 3, 16, 16], "magnet")
-    return folder
-
-
-@pytest.mark.oracle
-@pytest.mark.usefixtures("own_rng")
-def test_class_scores_are_eq4_log_scores_against_a_float64_loop():
-    """load_classifier's module: z_c = log sum_{j in c} exp(s_j) (a naive float64 loop), softmax(z)
-    = Eq. (4) computed naively and = exp of the stages' cluster_log_probs; with D the classes
-    outside the D nearest get the finite LOW and probability exactly 0; a head gives its logits."""
-    torch.manual_seed(0)
-    data = {"num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = attack.build_model(nominal.arch_entry(2, 3), data, with_head=False).double().eval()
-    x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        f = model.features(x)
-    mu = f[[0, 1, 2, 3, 4, 0]] + 0.3 * torch.randn(6, f.shape[1], dtype=torch.float64)   # [6, d]
-    mu = mu.float().double()                          # the classifier keeps the centres in float32
-    mu_class = [0, 0, 1, 1, 2, 2]
-    sigma2 = float((f[:, None] - mu[None]).pow(2).sum(-1).mean()) / 8
-    for D in (None, 4, 1):
-        clf = attack.Classifier(model, clusters(mu, mu_class, sigma2), D)
-        scores = attack.ClassScores(clf).double().eval()
-        with torch.no_grad():
-            z, log_p = scores(x), clf(x)
-        for n in range(len(x)):
-            s = [-sum((float(a) - float(b)) ** 2 for a, b in zip(f[n], mu[j])) / (2 * sigma2) for j in range(6)]
-            nearest = sorted(range(6), key=lambda j: -s[j])[:D or 6]
-            total = sum(math.exp(s[j]) for j in nearest)
-            for c in range(3):
-                inside = [math.exp(s[j]) for j in nearest if mu_class[j] == c]
-                if inside:
-                    assert float(z[n, c]) == pytest.approx(math.log(sum(inside)), rel=1e-12, abs=1e-12)
-                else:
-                    assert float(z[n, c]) == attack.ClassScores.LOW
-                p = torch.softmax(z[n], 0)[c]
-                assert float(p) == pytest.approx(sum(inside) / total, rel=1e-10, abs=1e-300)  # Eq. (4)
-        assert torch.allclose(torch.softmax(z, 1), log_p.exp(), rtol=1e-12, atol=0)
-    head = attack.build_model(nominal.arch_entry(2, 3), data, with_head=True).double().eval()
-    with torch.no_grad():
-        assert torch.equal(attack.ClassScores(attack.Classifier(head)).double()(x).float(), head(x).float())
-
-
-@pytest.mark.smoke
-@pytest.mark.usefixtures("own_rng")
-def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_the_command_line(tmp_path, capsys):
-    good = generated_checkpoint(str(tmp_path / "magnet.pt"))
-    empty, foreign = tmp_path / "empty.pt", tmp_path / "foreign.pt"
-    empty.write_bytes(b"")
-    torch.save({"weights": torch.zeros(2)}, foreign)
-    for module in (attack, certify):
-        model = module.load_classifier(good)
-        assert isinstance(model, nn.Module) and not model.training
-        assert not any(p.requires_grad for p in model.parameters())
-        assert model(torch.rand(3, 3, 16, 16)).shape == (3, 4)
-        for path, words in ((tmp_path / "missing.pt", "does not exist"), (empty, "is empty"),
-                            (foreign, "not a clustr/1 checkpoint")):
-            with pytest.raises(module.CheckpointError, match=words):
-                module.load_classifier(str(path))
-            assert not issubclass(module.CheckpointError, SystemExit)
-    # the command line keeps exit code 2 and the same one-line message
-    err = exit_code_and_message(capsys, attack.main, ["--ckpt", str(empty), "--export", str(tmp_path / "m.pt2")])
-    assert "is empty" in err and err.count("\n") == 1
-    err = exit_code_and_message(capsys, attack.main, ["--ckpt", good, "--export", str(tmp_path / "m.pt2"),
-                                                      "--D", "1", "2"])
-    assert "one --D" in err
-
-
-@background_job("export", test="test_export_loads_in_a_clean_interpreter_and_matches_load_classifier")
-def start_export(request):
-    """The exported file alone, in a folder of its own, with three batches to score: -> (folder, xs, proc)."""
-    import shutil
-    folder = request.getfixturevalue("tmp_path_factory").mktemp("clean")
-    shutil.copy(request.getfixturevalue("exported") / "clustr.pt2", folder)
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.rand(n, 3, 16, 16, generator=g) for n in (1, 3, 7)]
-    torch.save(xs, folder / "xs.pt")
-    child = ("import sys, torch\n"
-             "model = torch.export.load('clustr.pt2').module()\n"
-             "xs = torch.load('xs.pt')\n"
-             "with torch.no_grad():\n"
-             "    torch.save([model(x) for x in xs], 'zs.pt')\n"
-             "assert not any(n in sys.modules for n in ('attack', 'certify')), 'the repository was imported'\n"
-             "assert not any(p and __import__('os').path.isfile(p + '/attack.py') for p in sys.path)\n")
-    return lambda: (folder, xs, subprocess.run([sys.executable, "-I", "-c", child], cwd=str(folder), env=child_env(),
-                                               capture_output=True, text=True, timeout=300))
-
-
-@pytest.mark.smoke
-def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported, background):
-    """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
-    another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
-    folder, xs, proc = background["export"].result()
-    assert proc.returncode == 0, proc.stderr
-    zs = torch.load(folder / "zs.pt")
-    model = attack.load_classifier(str(exported / "magnet.pt"))
-    with torch.no_grad():
-        for x, z in zip(xs, zs):
-            want = model(x)
-            assert z.shape == (len(x), 4) and (z - want).abs().max() <= 1e-5
-            assert bool((want == attack.ClassScores.LOW).any(1).all())      # D = 3 of 4 classes' centres
-            assert torch.isfinite(z).all()
-
-
-@pytest.mark.smoke
-def test_export_refuses_a_file_that_does_not_reload_as_the_classifier(clustering_ckpt, tmp_path, monkeypatch):
-    load = torch.export.load
-
-    class Reloaded:                                  # what torch.export.load gives, 2e-5 off
-        def __init__(self, path):
-            self.inner = load(path).module()
-
-        def module(self):
-            return lambda x: self.inner(x) + 2e-5
-    monkeypatch.setattr(torch.export, "load", Reloaded)
-    with pytest.raises(RuntimeError, match=r"differs from the classifier by 2\.\d+e-05"):
-        attack.export_classifier(clustering_ckpt, str(tmp_path / "m.pt2"))
-
-
-@pytest.mark.smoke
-@pytest.mark.usefixtures("own_rng")
-def test_readme_snippets_run_on_a_generated_checkpoint(exported, tmp_path):
-    """Every snippet of the README section compiles; the ones that need torch and this repository
-    alone (data, load_classifier) run on the generated checkpoint, with `fashion-mnist` and
-    `./data` replaced by a generated 4-class image folder.  The torchattacks and AutoAttack
-    snippets need torchattacks, which test_all.py does not use: benchmarks/export_torchattacks.py
-    runs them (README "Evaluate a ClusTR model with other tools")."""
-    snippets = readme_snippets()
-    assert set(snippets) == {"export", "data", "torchattacks", "autoattack", "robustbench", "load_classifier"}
-    for name, code in snippets.items():
-        if name != "export":
-            compile(code, f"README snippet {name}", "exec")
-    folder = make_image_folder(str(tmp_path / "folder"), classes=4, n_train=1, n_test=3)
-    data = snippets["data"].replace('"fashion-mnist", "./data"', f'"folder", {folder!r}')
-    assert data != snippets["data"]
-    check = ("\nassert x.shape == (12, 3, 16, 16) and 0 <= x.min() and x.max() <= 1 and len(classes) == 4\n"
-             "assert model(x).shape == (12, 4)\n")
-    code = data + snippets["load_classifier"] + check
-    with contextlib.chdir(exported), contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(code, "README snippets data + load_classifier", "exec"), {"__name__": "__main__"})
-    assert "not loaded: checkpoint no-such-file.pt does not exist" in out.getvalue()
-
-
-@pytest.mark.smoke
-def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
-    """RobustBench's benchmark() downloads the CIFAR10 test set and needs a CIFAR10 model, so the
-    README snippet cannot run offline on a generated checkpoint; where robustbench is installed,
-    the arguments it passes must exist."""
-    pytest.importorskip("robustbench", reason="robustbench is not installed (not a dependency of "
-                        "this repository; its benchmark() also downloads CIFAR10, which an offline "
-                        "test cannot)")
-    import inspect
-    from robustbench.eval import benchmark
-    call = readme_snippets()["robustbench"].split("benchmark(model,", 1)[1]
-    names = set(re.findall(r"(\w+)=", call))
-    assert names and names <= set(inspect.signature(benchmark).parameters), names
-
-
-# ======================================================================================
-# attack.py: Square, targets, the checks against broken attacks, per-example results
-# ======================================================================================
-
 class Quantised(nn.Module):
     """A binary linear classifier on inputs rounded to 1/8: the input gradient is exactly zero
     everywhere (a masked gradient), yet a move of eps = 0.25 per pixel can cross the boundary."""
@@ -2057,6 +1601,8 @@ BAND_CONFIGS = {
     "margin-t alone": ["--steps", "10", "--loss", "margin-t"],
     "one step, 10 restarts": ["--steps", "1", "--restarts", "10", "--step", "0.015", "--loss", "margin-t"],
 }
+
+
 BROKEN = {  # ways to break the attack, each applied to a copy of attack.py: (old, new, config, the check that fails)
     "sign flipped": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "cascade", "objective_rises"),
     "sign flipped, no square": ("xk + eta * grad.sign()", "xk - eta * grad.sign()", "margin-t alone",
@@ -2196,54 +1742,6 @@ def test_check_near_zero_at_large_eps_allows_exactly_5_percent(stay, passes):
     assert c["ok"] is passes and c["robust_accuracy"] == stay / 20 and c["images"] == 20
 
 
-@pytest.mark.smoke
-def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_folder, tmp_path, capsys):
-    _, ckpt = nominal_run
-    common = ["--ckpt", ckpt, "--data-dir", image_folder, "--limit", "30", "--steps", "3",
-              "--square-queries", "30", "--eps", "16/255"]
-    adv_path = str(tmp_path / "adv.pt")
-    res = attack.main(common + ["--no-checks", "--save-adv", adv_path, "--out", str(tmp_path / "a.json")])
-    assert res["config"]["targets"] == 2                                   # min(9, 3 - 1)
-    (ex,) = res["examples"]
-    assert ex["index"] == list(range(30)) and ex["eps"] == 16 / 255
-    rows = [r for r in res["results"] if r["loss"] != "worst-case"]
-    assert [r["loss"] for r in rows] == ["ce", "margin", "margin-t", "square"]
-    assert [r["attacked"] for r in rows[1:]] == [round(30 * r["robust_accuracy"]) for r in rows[:-1]]
-    assert sum(r["fooled"] for r in rows) == sum(f is not None for f in ex["fooled_by"]) > 0
-    clf, _ = attack.read_classifier(ckpt)
-    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
-    x = nominal.to_float(images)
-    with torch.no_grad():
-        assert ex["correct"] == (clf(x).argmax(1) == labels).tolist()
-    assert ex["robust"] == [c and f is None for c, f in zip(ex["correct"], ex["fooled_by"])]
-    saved = torch.load(adv_path, weights_only=True)
-    (run,) = saved["runs"]
-    x_adv, robust = run["x_adv"], torch.tensor(ex["robust"])
-    assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and torch.equal(saved["labels"], labels)
-    with torch.no_grad():
-        fooled = torch.tensor([f is not None for f in ex["fooled_by"]])
-        assert (clf(x_adv[fooled]).argmax(1) != labels[fooled]).all()      # each one fools the model
-    assert torch.equal(x_adv[robust], x[robust]) and torch.equal(run["robust"], robust)
-    # --per-loss: every loss on every image, with its own mask per example
-    res = attack.main(common + ["--no-checks", "--per-loss", "--out", str(tmp_path / "b.json")])
-    assert all(r["attacked"] == 30 for r in res["results"] if r["loss"] != "worst-case")
-    assert set(res["examples"][0]["robust_by_loss"]) == {"ce", "margin", "margin-t", "square"}
-    # one loss: no worst-case row, so no "headline" note
-    capsys.readouterr()
-    res = attack.main(common + ["--no-checks", "--loss", "ce", "--out", str(tmp_path / "d.json")])
-    out = capsys.readouterr().out
-    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in out
-    assert f"next     python magnet.py --init {ckpt}" in out                 # a nominal checkpoint's next step
-    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
-    with pytest.raises(SystemExit) as info:
-        attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
-                              "--out", str(tmp_path / "c.json")])
-    assert info.value.code == 1
-    out = capsys.readouterr().out
-    assert "near_zero_at_large_eps   FAILED" in out and 'README.md "attack.py: losses, cascade, checks' in out
-    assert json.load(open(tmp_path / "c.json"))["checks"]["near_zero_at_large_eps"]["ok"] is False
-
-
 BROKEN_BOOKKEEPING = {  # a copy of attack.py whose record of the attack is wrong in one place
     "a fooled example kept as robust": ("        worst[idx] &= robust\n",
                                         "        worst[idx] &= robust | natural[idx]\n"),
@@ -2281,14 +1779,9 @@ def test_a_run_whose_bookkeeping_is_broken_exits_1_and_writes_no_result(name, no
     assert os.listdir(out.parent) == []                     # no result, no log, no images, no lock
 
 
-# ######################################################################################
-# certify.py
-# ######################################################################################
-
 # ======================================================================================
-# helpers
+# Prop. 1: the certified radius against exact geometry (certify.py, synthetic.py)
 # ======================================================================================
-
 def nearest_class_naive(f, centers, classes):
     d = [float(((f - c) ** 2).sum()) for c in centers]
     return int(classes[int(np.argmin(d))])
@@ -2316,32 +1809,6 @@ def exact_distance_to_other_cells_2d(f, centers, classes, pred):
                 best = min(best, float(np.linalg.norm(z - f)))
     return best
 
-
-def random_resnet(width, seed, in_channels=3):
-    """A ResNet18 (the shared model block) with random weights and random eval-mode batch norm."""
-    g = torch.Generator().manual_seed(seed)
-    net = nominal.ResNet18(0, width, in_channels, mean=torch.rand(in_channels, generator=g),
-                           std=0.2 + 0.3 * torch.rand(in_channels, generator=g))
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return net.eval()
-
-
-def unrolled(conv_fn, in_shape):
-    """The matrix of a linear map on tensors of in_shape, column by column (float64)."""
-    n = int(np.prod(in_shape))
-    eye = torch.eye(n, dtype=torch.float64).view(n, *in_shape)
-    return conv_fn(eye).flatten(1).T
-
-
-# ======================================================================================
-# Prop. 1: the radius against exact geometry
-# ======================================================================================
 
 @pytest.mark.oracle
 def test_isometry_one_centre_per_class_radius_is_the_exact_distance_and_a_step_beyond_flips():
@@ -2425,9 +1892,44 @@ def test_radius_scales_as_1_over_L_and_ties_give_0():
     assert r_tie.item() == 0.0
 
 
+@pytest.mark.oracle
+def test_prop1_radius_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(50, 3))
+    mu = rng.normal(size=(2, 3))
+    pred, radius = synthetic.prop1_radius(torch.tensor(f), torch.tensor(mu), 2.5)
+    for i in range(50):
+        d = [sum((f[i, k] - mu[j, k]) ** 2 for k in range(3)) for j in range(2)]
+        near = 0 if d[0] < d[1] else 1
+        sep = math.sqrt(sum((mu[0, k] - mu[1, k]) ** 2 for k in range(3)))
+        assert pred[i] == near
+        assert radius[i].item() == pytest.approx((d[1 - near] - d[near]) / (2 * 2.5 * sep), rel=1e-12)
+
+
 # ======================================================================================
-# the Lipschitz bound
+# Prop. 1's Lipschitz constant: certify.py's bound above every measured norm
 # ======================================================================================
+def random_resnet(width, seed, in_channels=3):
+    """A ResNet18 (the shared model block) with random weights and random eval-mode batch norm."""
+    g = torch.Generator().manual_seed(seed)
+    net = nominal.ResNet18(0, width, in_channels, mean=torch.rand(in_channels, generator=g),
+                           std=0.2 + 0.3 * torch.rand(in_channels, generator=g))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(m.num_features, generator=g))
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return net.eval()
+
+
+def unrolled(conv_fn, in_shape):
+    """The matrix of a linear map on tensors of in_shape, column by column (float64)."""
+    n = int(np.prod(in_shape))
+    eye = torch.eye(n, dtype=torch.float64).view(n, *in_shape)
+    return conv_fn(eye).flatten(1).T
+
 
 @pytest.mark.parametrize("c_out,c_in,k,n,stride,pad", [
     (4, 3, 3, 5, 1, 1), (6, 4, 3, 6, 2, 1), (5, 5, 1, 4, 2, 0), (3, 2, 3, 3, 1, 1), (2, 3, 3, 7, 1, 0)])
@@ -2541,9 +2043,8 @@ def test_lipschitz_bound_is_exact_where_the_network_is_a_composition_of_its_laye
 
 
 # ======================================================================================
-# the L2 attack: never inside a certified radius, close to it when the bound is exact
+# certify.py's L2 attack and power iteration: never inside a certified radius, close to it when the bound is exact
 # ======================================================================================
-
 @pytest.mark.oracle
 def test_l2_attack_on_an_isometry_finds_the_exact_radius_and_never_goes_inside():
     g = torch.Generator().manual_seed(5)
@@ -2608,10 +2109,162 @@ def test_l2_attack_never_flips_inside_the_sound_radius_of_random_resnets(own_rng
     assert not net.training and all(torch.equal(t, before[k]) for k, t in net.state_dict().items())
 
 
-# ======================================================================================
-# the certified-accuracy curves and the results' bookkeeping, against plain loops
-# ======================================================================================
+# certify.l2_attack runs every image's minimum-norm search in one batch (its radius moves at every
+# step) and jacobian_norm_lower answers with the best vector of the power iterates' span.  The
+# oracles: the same rules written per example with Python scalars, and explicit Jacobians.
+def tiny_feature_net(seed, n_in=16, hidden=12, d=3):
+    """A float64 ReLU feature map [n, 1, 4, 4] -> [n, d] whose Jacobian is explicit."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(hidden, n_in, generator=g, dtype=torch.float64)
+    b1 = 0.1 * torch.randn(hidden, generator=g, dtype=torch.float64)
+    W2 = torch.randn(d, hidden, generator=g, dtype=torch.float64)
+    return lambda x: torch.relu(x.flatten(1) @ W1.T + b1) @ W2.T
 
+
+def naive_nearest_class(f, mu, cls):
+    """Class of the nearest centre of one feature vector, by a loop over the centres."""
+    d2 = [float(((f - m) ** 2).sum()) for m in mu]
+    return int(cls[d2.index(min(d2))])
+
+
+def naive_l2_attack(feat, x, mu, cls, steps, bisect):
+    """certify.l2_attack's rules, one image at a time, the radius a Python float.
+    -> (smallest norms, images found)."""
+    bests, advs = [], []
+    for xi in x.split(1):
+        y = naive_nearest_class(feat(xi)[0], mu, cls)
+        delta, eps, best, adv_x = torch.zeros_like(xi), 0.0, math.inf, xi.clone()
+        for t in range(steps + 1):
+            z = (xi + delta).requires_grad_(True)
+            f = feat(z)[0]
+            d2 = [((f - m) ** 2).sum() for m in mu]
+            adv = naive_nearest_class(f.detach(), mu, cls) != y
+            dist = float((z.detach() - xi).norm())
+            if adv and dist < best:
+                best, adv_x = dist, z.detach().clone()
+            if t == steps:
+                break
+            margin = min(d for d, c in zip(d2, cls) if c == y) - min(d for d, c in zip(d2, cls) if c != y)
+            g, = torch.autograd.grad(margin, z)
+            z = z.detach()
+            g[((z <= 0) & (g < 0)) | ((z >= 1) & (g > 0))] = 0               # box-feasible
+            g_norm = max(float(g.norm()), 1e-30)
+            c = 0.5 * (1 + math.cos(math.pi * t / steps))
+            gamma = certify.GAMMA_END + (certify.GAMMA - certify.GAMMA_END) * c
+            alpha = certify.ALPHA_END + (certify.ALPHA - certify.ALPHA_END) * c
+            if adv:
+                eps = min(eps * (1 - gamma), best)
+            elif best < math.inf:
+                eps = eps * (1 + gamma)
+            else:
+                eps = max(float(delta.norm()) + max(-float(margin.detach()), 0.0) / g_norm,
+                          eps * (1 + certify.GROW))
+            delta = delta + alpha * eps / g_norm * g
+            delta = delta * min(1.0, eps / max(float(delta.norm()), 1e-30))
+            delta = (xi + delta).clamp(0, 1) - xi
+        d, lo, hi = adv_x - xi, 0.0, 1.0                                     # bisection along the ray
+        for _ in range(bisect if best < math.inf else 0):
+            s = (lo + hi) / 2
+            zs = (xi + s * d).clamp(0, 1)
+            adv = naive_nearest_class(feat(zs)[0], mu, cls) != y
+            if adv and float((zs - xi).norm()) < best:
+                best, adv_x = float((zs - xi).norm()), zs
+            lo, hi = (lo, s) if adv else (s, hi)
+        bests.append(best)
+        advs.append(adv_x)
+    return torch.tensor(bests, dtype=torch.float64), torch.cat(advs)
+
+
+@pytest.mark.oracle
+def test_batched_l2_attack_equals_a_per_example_loop_and_its_examples_flip_at_their_distance():
+    feat = tiny_feature_net(seed=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(10, 1, 4, 4, generator=g, dtype=torch.float64)
+    x[:4, 0, 0] = 0.0                                                       # pixels on the box faces
+    x[2:6, 0, 3] = 1.0
+    with torch.no_grad():
+        f = feat(x)
+    mu = f[:6] + 0.05 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    cls = torch.tensor([0, 1, 2, 0, 1, 2])
+    best, x_adv = certify.l2_attack(feat, x, mu, cls, steps=12, bisect=6, return_examples=True)
+    naive_best, naive_adv = naive_l2_attack(feat, x, mu, cls, 12, 6)
+    assert torch.equal(torch.isfinite(best), torch.isfinite(naive_best))
+    assert int(torch.isfinite(best).sum()) >= 7
+    fin = torch.isfinite(best)
+    assert torch.allclose(best[fin], naive_best[fin], rtol=1e-9, atol=0)
+    assert torch.allclose(x_adv, naive_adv, rtol=0, atol=1e-9)
+    # every example reported lies in the box, at the distance reported, and changes feat's class
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and torch.equal(x_adv[~fin], x[~fin])
+    assert torch.equal((x_adv - x).flatten(1).norm(dim=1)[fin], best[fin])
+    for i in fin.nonzero().flatten().tolist():
+        assert naive_nearest_class(feat(x_adv[i:i + 1])[0], mu, cls) != naive_nearest_class(feat(x[i:i + 1])[0], mu, cls)
+
+
+@pytest.mark.oracle
+def test_l2_attack_on_a_resnet_reports_only_flips_outside_its_radius(own_rng):
+    """certify.main's path: the search and its verdicts on the network certified; every finding
+    flips it, in the box, at its distance, and none lies inside a sound radius of Prop. 1."""
+    torch.manual_seed(11)                                   # random_resnet's convolutions: fixed
+    net = random_resnet(2, seed=11)
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(10, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        f = net.features(x)
+    mu, cls = f[:6] + 0.01 * torch.randn(6, f.shape[1], generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    best, x_adv = certify.l2_attack(net.features, x, mu, cls, steps=12, bisect=6, return_examples=True)
+    fin = torch.isfinite(best)
+    assert int(fin.sum()) >= 6
+    with torch.no_grad():
+        _, y = certify.nearest_center(net.features(x), mu, cls)
+        _, y_adv = certify.nearest_center(net.features(x_adv), mu, cls)
+    assert torch.all(y_adv[fin] != y[fin]) and torch.equal(x_adv[~fin], x[~fin])
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.equal((x_adv.double() - x.double()).flatten(1).norm(dim=1)[fin], best[fin])
+    _, radius, _ = certified_radius(f.double(), mu, cls, certify.lipschitz_layers(net, (3, 8, 8))[0])
+    assert not torch.any(best < radius)
+
+
+def naive_power_estimates(J, v0, T):
+    """One image: (plain power iteration's ||J v_T||, the best ||J v|| over unit v in the span of
+    v_0, A v_0, ..., A^T v_0 by QR of those vectors, the largest singular value of J), A = J^T J."""
+    A = J.T @ J
+    v = v0 / v0.norm()
+    krylov = [v]
+    for _ in range(T):
+        v = A @ v
+        v = v / v.norm()
+        krylov.append(v)
+    Q, _ = torch.linalg.qr(torch.stack(krylov, 1))
+    ritz = torch.linalg.eigvalsh(Q.T @ A @ Q)[-1].clamp_min(0).sqrt()
+    return float((J @ v).norm()), float(ritz), float(torch.linalg.matrix_norm(J, 2))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_power_iteration_span_beats_the_plain_iterate_and_reaches_the_explicit_jacobian_norm(kind, own_rng):
+    if kind == "mlp":
+        feat, shape, d = tiny_feature_net(seed=5), (1, 4, 4), 3
+    else:
+        torch.manual_seed(5)                                # random_resnet's convolutions: fixed
+        net = copy.deepcopy(random_resnet(2, seed=5)).double()
+        feat, shape, d = net.features, (3, 8, 8), 16
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    Js = [torch.autograd.functional.jacobian(lambda z: feat(z[None])[0], xi).flatten(1) for xi in x]
+    for T in (1, 2, d):
+        got = certify.jacobian_norm_lower(feat, x, iters=T, generator=torch.Generator().manual_seed(7))
+        v0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double().flatten(1)
+        for b, J in enumerate(Js):
+            plain, ritz, sigma = naive_power_estimates(J, v0[b], T)
+            assert plain * (1 - 1e-12) <= got[b] <= sigma * (1 + 1e-12)
+            if T < int(torch.linalg.matrix_rank(J)):                        # the Krylov vectors independent
+                assert float(got[b]) == pytest.approx(ritz, rel=1e-9)
+            if T >= d:                                                      # rank(A) <= d: the span is invariant
+                assert float(got[b]) == pytest.approx(sigma, rel=1e-9)
+
+
+# ======================================================================================
+# certify.py's certified-accuracy curves and the results' bookkeeping, against plain loops
+# ======================================================================================
 def brute_force_share(radius, correct, r):
     """Sec. 4.1 by a plain loop: the share of ALL images that are correct with radius > r."""
     return sum(1 for v, c in zip(radius, correct) if c and v > r) / len(radius)
@@ -2778,407 +2431,8 @@ def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(m
 
 
 # ======================================================================================
-# certify.py end to end, and its bad input
+# Eq. (6): QTRADES' consistency term and the quick adversary (qtrades.py; Sec. 4.2, App. A)
 # ======================================================================================
-
-@pytest.fixture(scope="session")
-def magnet_ckpt(clustering_ckpt):
-    """The clustering checkpoint built in the attack.py section (stage magnet, K = 2 per class)."""
-    return clustering_ckpt
-
-
-@pytest.mark.smoke
-def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_folder, tmp_path, capsys,
-                                                         monkeypatch):
-    out = str(tmp_path / "certify.json")
-    plotted = []                                    # the radii and perturbations the plot is given
-    plot_curves = certify.plot_curves
-    monkeypatch.setattr(certify, "plot_curves", lambda results, radius, pert, lower, path: (
-        plotted.append((radius.clone(), pert.clone(), lower)), plot_curves(results, radius, pert, lower, path))[1])
-    res = certify.main(["--ckpt", magnet_ckpt, "--data-dir", image_folder, "--limit", "60",
-                        "--attack-limit", "8", "--attack-steps", "8", "--bisect", "5",
-                        "--power-iters", "5", "-b", "25", "--out", out])
-    with open(out) as f:
-        saved = json.load(f)
-    assert saved == json.loads(json.dumps(res))
-    assert {"ckpt", "data", "images", "clean_accuracy", "lipschitz", "curve", "two_closest_differs",
-            "l2_attack"} <= set(saved)
-    assert set(saved["lipschitz"]) >= {"value", "kind", "lower_estimate"} and saved["lipschitz"]["kind"] == "bound"
-    assert saved["data"] == "folder" and saved["images"] == 60
-    lip = saved["lipschitz"]
-    assert 0 < lip["lower_estimate"] <= lip["value"] <= lip["upper_bound_layerwise"]
-    assert saved["l2_attack"]["flipped_inside_certified_radius"] == 0
-    assert saved["l2_attack"]["flipped"] > 0 and saved["l2_attack"]["median_min_perturbation"] > 0
-    assert saved["l2_attack"]["images"] == lip["lower_estimate_images"] == 8      # --attack-limit
-    # naive float64 recomputation: model from the checkpoint, nearest centre and Prop. 1 by loops
-    ck = torch.load(magnet_ckpt, map_location="cpu", weights_only=True)
-    model = attack.build_model(ck["arch"], ck["data"], with_head=False).eval()
-    model.load_state_dict(ck["model"])
-    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder, limit=60)
-    with torch.no_grad():
-        feats = model.features(nominal.to_float(test_x)).double().numpy()
-    mu = ck["clusters"]["centers"].double().numpy()
-    mc = ck["clusters"]["center_classes"].numpy()
-    radii, correct = [], []
-    for f, y in zip(feats, test_y.tolist()):
-        d = [float(((f - m) ** 2).sum()) for m in mu]
-        i = int(np.argmin(d))
-        radii.append(min((d[j] - d[i]) / (2 * lip["value"] * np.linalg.norm(mu[j] - mu[i]))
-                         for j in range(len(mu)) if mc[j] != mc[i]))
-        correct.append(mc[i] == y)
-    radii, correct = np.array(radii), np.array(correct)
-    assert saved["clean_accuracy"] == pytest.approx(correct.mean(), abs=1e-6)   # written to 1e-6
-    assert saved["radius"]["max_correct"] == pytest.approx(radii[correct].max(), rel=1e-9)
-    curve = saved["curve"]
-    assert curve[0]["radius"] == 0 and curve[-1]["certified_accuracy"] == 0
-    assert all(a["certified_accuracy"] >= b["certified_accuracy"] for a, b in zip(curve, curve[1:]))
-    for p in curve[1:-1]:
-        if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
-            assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean(), abs=1e-6)
-    assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
-    assert len(curve) == 101                                                       # --grid's default
-    assert curve[-1]["radius"] == pytest.approx(radii[correct].max(), rel=1e-9)
-    # the plot gets the sound radii of the 8 attacked images beside their perturbations
-    (radius, pert, lower), = plotted
-    assert len(pert) == 8 and radius.numpy() == pytest.approx(radii[:8], rel=1e-9) and lower == lip["lower_estimate"]
-    # the summary's table is the result file's curve (every step-th point), with no warning on L
-    text = capsys.readouterr().out
-    assert f"next    python attack.py --ckpt {magnet_ckpt}" in text         # a copy-pasteable next step
-    table = re.findall(r"^ +(\S+) +(\S+)%$", text.split("certified acc\n")[1], re.M)
-    step = max(1, (len(curve) - 1) // 10)
-    assert [[float(v) for v in row] for row in table] == \
-        [[pytest.approx(p["radius"], rel=1e-3), pytest.approx(100 * p["certified_accuracy"], abs=0.006)]
-         for p in curve[::step]]
-    assert "WARNING" not in text and "(must be 0)" in text and ("VACUOUS" in text) == saved["radius"]["vacuous"]
-    # only sound radii sit under "certified_accuracy": the L2 attack's curve and the two-closest
-    # curve (the paper's text, not sound) are named for what they are
-    def keys(obj):
-        if isinstance(obj, dict):
-            return {k for k in obj} | {k for v in obj.values() for k in keys(v)}
-        return {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
-    assert "certified_accuracy" not in keys([saved["l2_attack"], saved["curve_two_closest"]])
-    assert all(set(p) == {"radius", "attacked_accuracy"} for p in saved["l2_attack"]["curve"])
-    assert all(set(p) == {"radius", "two_closest_not_sound"} for p in saved["curve_two_closest"])
-    assert open(str(tmp_path / "certify.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    with open(out + ".log.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    assert [(r["phase"], r["chunk"]) for r in rows] == [("certify", 1), ("certify", 2), ("certify", 3),
-                                                         ("attack", 1)]
-
-
-# ######################################################################################
-# synthetic.py
-# ######################################################################################
-
-@pytest.fixture
-def one_thread():
-    """Training outside main() (which does this itself): one thread, as synthetic.py runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def hand_net(*layers):
-    """nn.Sequential from [(W, b) | "relu"] with the given float64 weights."""
-    modules = []
-    for layer in layers:
-        if layer == "relu":
-            modules.append(nn.ReLU())
-            continue
-        W, b = (torch.tensor(a, dtype=torch.float64) for a in layer)
-        lin = nn.Linear(W.shape[1], W.shape[0]).double()
-        with torch.no_grad():
-            lin.weight.copy_(W)
-            lin.bias.copy_(b)
-        modules.append(lin)
-    return nn.Sequential(*modules)
-
-
-def random_net(seed, scale=1.0):
-    torch.manual_seed(seed)
-    net = synthetic.feature_net(20, 2).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(scale)
-    return net
-
-
-def patterns_numpy(net, x):
-    """Per ReLU layer, which units are on (pre-activation > 0: torch's ReLU'(0) = 0) at points
-    x [P, 2], computed by a plain float64 forward pass -> list of tuples of tuples."""
-    z, out = x, []
-    for m in net:
-        if isinstance(m, nn.Linear):
-            z = z @ m.weight.detach().double().numpy().T + m.bias.detach().double().numpy()
-        else:
-            out.append(z > 0)
-            z = np.maximum(z, 0)
-    return [tuple(tuple(bool(v) for v in layer[i]) for layer in out) for i in range(len(x))]
-
-
-def jacobian_norm(net, point):
-    J = torch.autograd.functional.jacobian(net, torch.tensor(point, dtype=torch.float64))
-    return float(torch.linalg.matrix_norm(J, 2))
-
-
-# ======================================================================================
-# exact_lipschitz: closed forms
-# ======================================================================================
-
-@pytest.mark.oracle
-def test_exact_lipschitz_of_a_single_linear_layer_is_its_spectral_norm():
-    rng = np.random.default_rng(0)
-    for out in (1, 2, 5):
-        W = rng.normal(size=(out, 2))
-        net = hand_net((W, rng.normal(size=out)))
-        assert synthetic.exact_lipschitz(net) == pytest.approx(np.linalg.svd(W)[1][0], rel=1e-12)
-        assert len(synthetic.linear_regions(net)) == 1                    # no ReLU: one region
-
-
-@pytest.mark.oracle
-def test_exact_lipschitz_finds_a_thin_strip_that_a_grid_misses():
-    # f(x) = 3 (relu(x1) - relu(x1 - eps)) + 4 relu(x2): a ramp of slope 3 only on 0 < x1 < eps.
-    # Regions (x1 < 0 | 0 < x1 < eps | x1 > eps) x (x2 < 0 | x2 > 0) with gradients
-    # (0,0) (0,4) (3,0) (3,4) (0,0) (0,4): L = ||(3, 4)|| = 5, reached only inside the strip.
-    eps = 1e-3
-    net = hand_net(([[1, 0], [1, 0], [0, 1]], [0, -eps, 0]), "relu",
-                   ([[1, -1, 0], [0, 0, 1]], [0, 0]), "relu",
-                   ([[3, 4]], [0]))
-    regions = synthetic.linear_regions(net)
-    norms = sorted(float(np.linalg.norm(J, 2)) for _, J, _ in regions)
-    assert len(regions) == 6 and norms == pytest.approx([0, 0, 3, 4, 4, 5], abs=1e-12)
-    assert synthetic.exact_lipschitz(net) == pytest.approx(5.0, rel=1e-12)
-    assert synthetic.lipschitz_grid_lower(net, -3, 3, n=101) == pytest.approx(4.0)  # grid misses it
-    assert synthetic.lipschitz_upper(net) >= 5.0
-
-
-@pytest.mark.oracle
-def test_exact_lipschitz_finds_a_region_far_outside_the_first_box():
-    # g(x) = 7 relu(relu(x1) - 100) + relu(x2): slope 7 only for x1 > 100. The first layer's lines
-    # meet at the origin, so the first box is tiny; the second layer's line x1 = 100 must grow it.
-    net = hand_net(([[1, 0], [0, 1]], [0, 0]), "relu",
-                   ([[1, 0], [0, 1]], [-100, 0]), "relu",
-                   ([[7, 1]], [0]))
-    assert synthetic.exact_lipschitz(net) == pytest.approx(math.sqrt(50), rel=1e-12)
-    assert synthetic.lipschitz_grid_lower(net, -5, 5) == pytest.approx(1.0)
-
-
-# ======================================================================================
-# exact_lipschitz: random networks, against independent checks
-# ======================================================================================
-
-@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 1.0), (2, 3.0)])
-@pytest.mark.oracle
-def test_exact_lipschitz_of_random_networks(seed, scale):
-    net = random_net(seed, scale)
-    regions = synthetic.linear_regions(net)
-    L = synthetic.exact_lipschitz(net)
-    # between the dense-grid lower bound and the spectral-norm product
-    assert synthetic.lipschitz_grid_lower(net, -4, 4) <= L * (1 + 1e-12)
-    assert L <= synthetic.lipschitz_upper(net) * (1 + 1e-12)
-    # every region is real: the network's own on/off pattern at its centroid is the region's, and
-    # autograd's Jacobian there has the region's spectral norm (so L itself is attained)
-    centroids = np.array([P.mean(0) for P, _, _ in regions])
-    assert patterns_numpy(net, centroids) == [pat for _, _, pat in regions]
-    for (P, J, _), c in zip(regions, centroids):
-        if np.linalg.norm(J, 2) > 0.999 * L:
-            assert jacobian_norm(net, c) == pytest.approx(np.linalg.norm(J, 2), rel=1e-9)
-    # and no region is missing: every on/off pattern met by brute-force sampling near the data and
-    # far away is one of the enumerated regions
-    rng = np.random.default_rng(seed)
-    points = np.concatenate([rng.uniform(-5, 5, (20000, 2)),
-                             rng.normal(size=(20000, 2)) * np.exp(rng.uniform(0, 9, (20000, 1)))])
-    assert set(patterns_numpy(net, points)) <= {pat for _, _, pat in regions}
-    # no pair of points stretches more than L: random pairs, close pairs, and pairs along the top
-    # singular direction of the steepest region (ratio = L there, so an underestimate would fail)
-    with torch.no_grad():
-        f = lambda a: net(torch.tensor(a, dtype=torch.float64)).numpy()  # noqa: E731
-        a = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000]])
-        b = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000] + rng.normal(size=(5000, 2)) * 1e-3])
-        P, J, _ = max(regions, key=lambda r: np.linalg.norm(r[1], 2))
-        v = np.linalg.svd(J)[2][0]
-        c = P.mean(0)
-        a = np.concatenate([a, c[None] + 1e-7 * rng.normal(size=(50, 2))])
-        b = np.concatenate([b, a[-50:] + 1e-7 * v])
-        ratio = np.linalg.norm(f(a) - f(b), axis=1) / np.linalg.norm(a - b, axis=1)
-    assert ratio.max() <= L * (1 + 1e-6)
-    assert ratio.max() >= L * (1 - 1e-6)
-
-
-@pytest.mark.oracle
-def test_regions_partition_the_box():
-    # the clipped regions tile the box: their areas add up to its area
-    regions = synthetic.linear_regions(random_net(3))
-    R = max(np.abs(P).max() for P, _, _ in regions)
-    assert sum(synthetic._area(P) for P, _, _ in regions) == pytest.approx((2 * R) ** 2, rel=1e-9)
-
-
-# ======================================================================================
-# Prop. 1 radii
-# ======================================================================================
-
-@pytest.mark.oracle
-def test_prop1_radius_matches_a_naive_loop():
-    rng = np.random.default_rng(0)
-    f = rng.normal(size=(50, 3))
-    mu = rng.normal(size=(2, 3))
-    pred, radius = synthetic.prop1_radius(torch.tensor(f), torch.tensor(mu), 2.5)
-    for i in range(50):
-        d = [sum((f[i, k] - mu[j, k]) ** 2 for k in range(3)) for j in range(2)]
-        near = 0 if d[0] < d[1] else 1
-        sep = math.sqrt(sum((mu[0, k] - mu[1, k]) ** 2 for k in range(3)))
-        assert pred[i] == near
-        assert radius[i].item() == pytest.approx((d[1 - near] - d[near]) / (2 * 2.5 * sep), rel=1e-12)
-
-
-def perturbation_flips(net, centres, x, radius, rng, directions=64):
-    """Share of points whose nearest-centre prediction changes under random perturbations of
-    length 0.999 R(x) (on the sphere) and uniformly inside the ball."""
-    x = x.double()
-    with torch.no_grad():
-        pred0, _ = synthetic.prop1_radius(net(x), centres, 1.0)
-        flips = torch.zeros(len(x), dtype=torch.bool)
-        for k in range(directions):
-            u = torch.tensor(rng.normal(size=x.shape))
-            u = u / u.norm(dim=1, keepdim=True)
-            length = 0.999 if k % 2 == 0 else float(np.sqrt(rng.uniform()))
-            pred, _ = synthetic.prop1_radius(net(x + u * radius[:, None] * length), centres, 1.0)
-            flips |= pred != pred0
-    return flips
-
-
-@pytest.mark.oracle
-def test_every_radius_is_sound(one_thread):
-    rng = np.random.default_rng(0)
-    args = synthetic.parse_args(["--steps", "60", "--n", "200"])
-    for name in ("moons", "circles"):
-        data, runs = synthetic.run_seed(name, 0, args)
-        for run, (net, _, _) in runs.items():
-            e = synthetic.evaluate(net, data, 0.0)
-            radius = e["radius"]
-            assert torch.isfinite(radius).all() and (radius > 0).float().mean() > 0.9
-            flips = perturbation_flips(net, e["centres"], data[2], radius, rng)
-            assert not flips.any(), (name, run, int(flips.sum()))
-            # the same perturbations at 3x the certified radius flip someone: the test can fail
-            assert perturbation_flips(net, e["centres"], data[2], 3 * radius, rng).any()
-
-
-# ======================================================================================
-# data, the experiment's contract
-# ======================================================================================
-
-@pytest.mark.oracle
-def test_datasets_are_the_named_shapes_balanced_and_seeded():
-    rng = np.random.default_rng(0)
-    x, y = synthetic.make_circles(400, 0.0, rng)
-    r = np.linalg.norm(x, axis=1)
-    assert np.allclose(r[y == 0], 1.0) and np.allclose(r[y == 1], 0.5) and y.sum() == 200
-    x, y = synthetic.make_moons(401, 0.0, rng)
-    upper = x[y == 0] + np.array([0.5, 0.25])                               # back to (cos t, sin t)
-    lower = x[y == 1] + np.array([0.5, 0.25]) - np.array([1.0, 0.5])       # back to (-cos t, -sin t)
-    assert np.allclose(np.linalg.norm(upper, axis=1), 1) and (upper[:, 1] >= 0).all()
-    assert np.allclose(np.linalg.norm(lower, axis=1), 1) and (lower[:, 1] <= 0).all()
-    assert len(upper) == 200 and len(lower) == 201
-    a, b = synthetic.make_dataset("moons", 100, 0.1, 0), synthetic.make_dataset("moons", 100, 0.1, 0)
-    assert all(torch.equal(s, t) for s, t in zip(a, b))
-    c = synthetic.make_dataset("moons", 100, 0.1, 1)
-    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[2])    # seeds and splits differ
-
-
-@pytest.mark.wiring
-def test_both_runs_start_from_the_same_weights_and_take_the_same_steps(monkeypatch, one_thread):
-    calls = []
-    real_train = synthetic.train
-
-    def spy(net, head, x, y, steps, lr, alpha):
-        calls.append((head is not None, steps, lr, [p.detach().clone() for p in net.parameters()]))
-        return real_train(net, head, x, y, steps, lr, alpha)
-    monkeypatch.setattr(synthetic, "train", spy)
-    args = synthetic.parse_args(["--steps", "9", "--warm-steps", "4", "--n", "40"])
-    synthetic.run_seed("moons", 0, args)
-    (ce0, s0, lr0, w0), (ce1, s1, lr1, w1), (ce2, s2, lr2, _) = calls
-    assert (ce0, s0, lr0) == (False, 9, args.lr)                           # (1) Magnet from scratch
-    assert (ce1, s1, lr1) == (True, 4, args.lr) and (ce2, s2, lr2) == (False, 5, args.ft_lr)  # (2)
-    assert s0 == s1 + s2 and all(torch.equal(a, b) for a, b in zip(w0, w1))
-
-
-@pytest.mark.smoke
-def test_short_run_writes_the_documented_json_with_non_increasing_curves(tmp_path):
-    out, png = str(tmp_path / "s.json"), str(tmp_path / "s.png")
-    argv = ["--steps", "40", "--seeds", "2", "--n", "200", "--radii", "11", "--out", out, "--plot", png]
-    threads = torch.get_num_threads()
-    results = synthetic.main(argv)
-    assert torch.get_num_threads() == threads                              # main() restores it
-    with open(out) as f:
-        saved = json.load(f)
-    assert set(saved["datasets"]) == {"moons", "circles"} and saved["seeds"] == [0, 1]
-    for name, entry in saved["datasets"].items():
-        assert set(entry["runs"]) == {"random_init", "warm_start"}
-        for run, res in entry["runs"].items():
-            assert {"accuracy", "accuracy_std", "lipschitz", "curve", "seeds"} <= set(res)
-            lip = res["lipschitz"]
-            assert lip["lower"] <= lip["exact"] * (1 + 1e-12) and lip["exact"] <= lip["upper"] * (1 + 1e-12)
-            assert lip == res["seeds"][0]["lipschitz"]                     # the first seed's (README "Result files")
-            curve = [p["certified_accuracy"] for p in res["curve"]]
-            assert len(curve) == 11 and res["curve"][0]["radius"] == 0.0
-            assert all(a >= b for a, b in zip(curve, curve[1:])) and curve[0] <= res["accuracy"]
-            assert all("certified_accuracy_std" in p for p in res["curve"])
-            per_seed = np.array([[p["certified_accuracy"] for p in s["curve"]] for s in res["seeds"]])
-            assert len(per_seed) == 2 and np.allclose(per_seed.mean(0), curve)
-            for s in per_seed:
-                assert all(a >= b for a, b in zip(s, s[1:]))
-            accs = [s["accuracy"] for s in res["seeds"]]
-            assert res["accuracy"] == pytest.approx(np.mean(accs), abs=1e-6)          # written to 1e-6
-            assert res["accuracy_std"] == pytest.approx(np.std(accs, ddof=1), abs=2e-6)
-        c = entry["comparison"]
-        assert c["seeds"] == 2 and 0 <= c["warm_start_larger"] <= 2
-    with open(out + ".log.jsonl") as f:
-        assert len(f.readlines()) == 2 * 2 * 2                             # datasets x seeds x runs
-    try:
-        import matplotlib  # noqa: F401
-        assert os.path.getsize(png) > 1000 and results["plot"] == png
-    except ImportError:
-        assert results["plot"] is None
-    # deterministic for a seed
-    again = synthetic.main(argv[:-2] + ["--plot", "none"])
-    assert again["datasets"] == results["datasets"]
-
-
-@pytest.mark.smoke
-def test_without_matplotlib_the_run_notes_it_and_skips_the_figure(tmp_path, monkeypatch, capsys):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    png = tmp_path / "s.png"
-    results = synthetic.main(["--steps", "4", "--seeds", "1", "--n", "40", "--datasets", "moons",
-                              "--out", str(tmp_path / "s.json"), "--plot", str(png)])
-    assert results["plot"] is None and not png.exists()
-    assert "matplotlib is not installed" in capsys.readouterr().out
-
-
-@pytest.mark.smoke
-def test_bad_numbers_exit_2(capsys):
-    for argv, words in ((["--seeds", "0"], "--seeds"), (["--n", "3"], "--n 3"),
-                        (["--alpha", "-1"], "--alpha"), (["--lr", "0"], "--lr")):
-        assert words in exit_code_and_message(capsys, synthetic.parse_args, argv)
-
-
-# ######################################################################################
-# qtrades.py
-# ######################################################################################
-
-
-
-# ======================================================================================
-# qtrades.py: oracles for Eq. (6) and the quick adversary (Sec. 4.2, App. A)
-# ======================================================================================
-
 def naive_consistency(log_p, log_q):
     """-sum_c p_c log q_c with Python floats, terms with p_c = 0 left out."""
     out = []
@@ -3390,21 +2644,831 @@ def test_crafting_runs_in_eval_mode_and_leaves_batch_norm_and_gradients_alone(wi
     assert (x_adv - x).abs().max() <= args.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 
 
+# ======================================================================================
+# Sec. 4.1: exact Lipschitz constants of small networks (synthetic.py's exact_lipschitz)
+# ======================================================================================
+@pytest.fixture
+def one_thread():
+    """Training outside main() (which does this itself): one thread, as synthetic.py runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_net(*layers):
+    """nn.Sequential from [(W, b) | "relu"] with the given float64 weights."""
+    modules = []
+    for layer in layers:
+        if layer == "relu":
+            modules.append(nn.ReLU())
+            continue
+        W, b = (torch.tensor(a, dtype=torch.float64) for a in layer)
+        lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        modules.append(lin)
+    return nn.Sequential(*modules)
+
+
+def random_net(seed, scale=1.0):
+    torch.manual_seed(seed)
+    net = synthetic.feature_net(20, 2).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def patterns_numpy(net, x):
+    """Per ReLU layer, which units are on (pre-activation > 0: torch's ReLU'(0) = 0) at points
+    x [P, 2], computed by a plain float64 forward pass -> list of tuples of tuples."""
+    z, out = x, []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            z = z @ m.weight.detach().double().numpy().T + m.bias.detach().double().numpy()
+        else:
+            out.append(z > 0)
+            z = np.maximum(z, 0)
+    return [tuple(tuple(bool(v) for v in layer[i]) for layer in out) for i in range(len(x))]
+
+
+def jacobian_norm(net, point):
+    J = torch.autograd.functional.jacobian(net, torch.tensor(point, dtype=torch.float64))
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+@pytest.mark.oracle
+def test_exact_lipschitz_of_a_single_linear_layer_is_its_spectral_norm():
+    rng = np.random.default_rng(0)
+    for out in (1, 2, 5):
+        W = rng.normal(size=(out, 2))
+        net = hand_net((W, rng.normal(size=out)))
+        assert synthetic.exact_lipschitz(net) == pytest.approx(np.linalg.svd(W)[1][0], rel=1e-12)
+        assert len(synthetic.linear_regions(net)) == 1                    # no ReLU: one region
+
+
+@pytest.mark.oracle
+def test_exact_lipschitz_finds_a_thin_strip_that_a_grid_misses():
+    # f(x) = 3 (relu(x1) - relu(x1 - eps)) + 4 relu(x2): a ramp of slope 3 only on 0 < x1 < eps.
+    # Regions (x1 < 0 | 0 < x1 < eps | x1 > eps) x (x2 < 0 | x2 > 0) with gradients
+    # (0,0) (0,4) (3,0) (3,4) (0,0) (0,4): L = ||(3, 4)|| = 5, reached only inside the strip.
+    eps = 1e-3
+    net = hand_net(([[1, 0], [1, 0], [0, 1]], [0, -eps, 0]), "relu",
+                   ([[1, -1, 0], [0, 0, 1]], [0, 0]), "relu",
+                   ([[3, 4]], [0]))
+    regions = synthetic.linear_regions(net)
+    norms = sorted(float(np.linalg.norm(J, 2)) for _, J, _ in regions)
+    assert len(regions) == 6 and norms == pytest.approx([0, 0, 3, 4, 4, 5], abs=1e-12)
+    assert synthetic.exact_lipschitz(net) == pytest.approx(5.0, rel=1e-12)
+    assert synthetic.lipschitz_grid_lower(net, -3, 3, n=101) == pytest.approx(4.0)  # grid misses it
+    assert synthetic.lipschitz_upper(net) >= 5.0
+
+
+@pytest.mark.oracle
+def test_exact_lipschitz_finds_a_region_far_outside_the_first_box():
+    # g(x) = 7 relu(relu(x1) - 100) + relu(x2): slope 7 only for x1 > 100. The first layer's lines
+    # meet at the origin, so the first box is tiny; the second layer's line x1 = 100 must grow it.
+    net = hand_net(([[1, 0], [0, 1]], [0, 0]), "relu",
+                   ([[1, 0], [0, 1]], [-100, 0]), "relu",
+                   ([[7, 1]], [0]))
+    assert synthetic.exact_lipschitz(net) == pytest.approx(math.sqrt(50), rel=1e-12)
+    assert synthetic.lipschitz_grid_lower(net, -5, 5) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 1.0), (2, 3.0)])
+@pytest.mark.oracle
+def test_exact_lipschitz_of_random_networks(seed, scale):
+    net = random_net(seed, scale)
+    regions = synthetic.linear_regions(net)
+    L = synthetic.exact_lipschitz(net)
+    # between the dense-grid lower bound and the spectral-norm product
+    assert synthetic.lipschitz_grid_lower(net, -4, 4) <= L * (1 + 1e-12)
+    assert L <= synthetic.lipschitz_upper(net) * (1 + 1e-12)
+    # every region is real: the network's own on/off pattern at its centroid is the region's, and
+    # autograd's Jacobian there has the region's spectral norm (so L itself is attained)
+    centroids = np.array([P.mean(0) for P, _, _ in regions])
+    assert patterns_numpy(net, centroids) == [pat for _, _, pat in regions]
+    for (P, J, _), c in zip(regions, centroids):
+        if np.linalg.norm(J, 2) > 0.999 * L:
+            assert jacobian_norm(net, c) == pytest.approx(np.linalg.norm(J, 2), rel=1e-9)
+    # and no region is missing: every on/off pattern met by brute-force sampling near the data and
+    # far away is one of the enumerated regions
+    rng = np.random.default_rng(seed)
+    points = np.concatenate([rng.uniform(-5, 5, (20000, 2)),
+                             rng.normal(size=(20000, 2)) * np.exp(rng.uniform(0, 9, (20000, 1)))])
+    assert set(patterns_numpy(net, points)) <= {pat for _, _, pat in regions}
+    # no pair of points stretches more than L: random pairs, close pairs, and pairs along the top
+    # singular direction of the steepest region (ratio = L there, so an underestimate would fail)
+    with torch.no_grad():
+        f = lambda a: net(torch.tensor(a, dtype=torch.float64)).numpy()  # noqa: E731
+        a = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000]])
+        b = np.concatenate([rng.normal(size=(5000, 2)) * 3, points[:5000] + rng.normal(size=(5000, 2)) * 1e-3])
+        P, J, _ = max(regions, key=lambda r: np.linalg.norm(r[1], 2))
+        v = np.linalg.svd(J)[2][0]
+        c = P.mean(0)
+        a = np.concatenate([a, c[None] + 1e-7 * rng.normal(size=(50, 2))])
+        b = np.concatenate([b, a[-50:] + 1e-7 * v])
+        ratio = np.linalg.norm(f(a) - f(b), axis=1) / np.linalg.norm(a - b, axis=1)
+    assert ratio.max() <= L * (1 + 1e-6)
+    assert ratio.max() >= L * (1 - 1e-6)
+
+
+@pytest.mark.oracle
+def test_regions_partition_the_box():
+    # the clipped regions tile the box: their areas add up to its area
+    regions = synthetic.linear_regions(random_net(3))
+    R = max(np.abs(P).max() for P, _, _ in regions)
+    assert sum(synthetic._area(P) for P, _, _ in regions) == pytest.approx((2 * R) ** 2, rel=1e-9)
+
+
+# ======================================================================================
+# Sec. 4.1, Fig. 3: sound radii, the datasets, and both runs from the same weights (synthetic.py)
+# ======================================================================================
+def perturbation_flips(net, centres, x, radius, rng, directions=64):
+    """Share of points whose nearest-centre prediction changes under random perturbations of
+    length 0.999 R(x) (on the sphere) and uniformly inside the ball."""
+    x = x.double()
+    with torch.no_grad():
+        pred0, _ = synthetic.prop1_radius(net(x), centres, 1.0)
+        flips = torch.zeros(len(x), dtype=torch.bool)
+        for k in range(directions):
+            u = torch.tensor(rng.normal(size=x.shape))
+            u = u / u.norm(dim=1, keepdim=True)
+            length = 0.999 if k % 2 == 0 else float(np.sqrt(rng.uniform()))
+            pred, _ = synthetic.prop1_radius(net(x + u * radius[:, None] * length), centres, 1.0)
+            flips |= pred != pred0
+    return flips
+
+
+@pytest.mark.oracle
+def test_every_radius_is_sound(one_thread):
+    rng = np.random.default_rng(0)
+    args = synthetic.parse_args(["--steps", "60", "--n", "200"])
+    for name in ("moons", "circles"):
+        data, runs = synthetic.run_seed(name, 0, args)
+        for run, (net, _, _) in runs.items():
+            e = synthetic.evaluate(net, data, 0.0)
+            radius = e["radius"]
+            assert torch.isfinite(radius).all() and (radius > 0).float().mean() > 0.9
+            flips = perturbation_flips(net, e["centres"], data[2], radius, rng)
+            assert not flips.any(), (name, run, int(flips.sum()))
+            # the same perturbations at 3x the certified radius flip someone: the test can fail
+            assert perturbation_flips(net, e["centres"], data[2], 3 * radius, rng).any()
+
+
+@pytest.mark.oracle
+def test_datasets_are_the_named_shapes_balanced_and_seeded():
+    rng = np.random.default_rng(0)
+    x, y = synthetic.make_circles(400, 0.0, rng)
+    r = np.linalg.norm(x, axis=1)
+    assert np.allclose(r[y == 0], 1.0) and np.allclose(r[y == 1], 0.5) and y.sum() == 200
+    x, y = synthetic.make_moons(401, 0.0, rng)
+    upper = x[y == 0] + np.array([0.5, 0.25])                               # back to (cos t, sin t)
+    lower = x[y == 1] + np.array([0.5, 0.25]) - np.array([1.0, 0.5])       # back to (-cos t, -sin t)
+    assert np.allclose(np.linalg.norm(upper, axis=1), 1) and (upper[:, 1] >= 0).all()
+    assert np.allclose(np.linalg.norm(lower, axis=1), 1) and (lower[:, 1] <= 0).all()
+    assert len(upper) == 200 and len(lower) == 201
+    a, b = synthetic.make_dataset("moons", 100, 0.1, 0), synthetic.make_dataset("moons", 100, 0.1, 0)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    c = synthetic.make_dataset("moons", 100, 0.1, 1)
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], a[2])    # seeds and splits differ
+
+
 @pytest.mark.wiring
-def test_paper_defaults_per_dataset_and_help():
-    for data, lam, alpha, D in (("cifar10", 8.0, 12.5, None), ("svhn", 9.7, 10.0, None),
-                                ("cifar100", 2.0, 8.5, 20), ("folder", 8.0, 12.5, None)):
-        args = qtrades.parse_args(["--data", data])
-        assert (args.lam, args.alpha, args.D, args.loss) == (lam, alpha, D, "magnet")
-        assert args.eps == 8 / 255 and args.step == 10 / 255 and args.lr == 1e-4
-    assert qtrades.parse_args(["--data", "cifar100", "--D", "all"]).D is None
-    assert qtrades.parse_args(["--eps", "4/255", "--step", "0.01"]).eps == 4 / 255
+def test_both_runs_start_from_the_same_weights_and_take_the_same_steps(monkeypatch, one_thread):
+    calls = []
+    real_train = synthetic.train
+
+    def spy(net, head, x, y, steps, lr, alpha):
+        calls.append((head is not None, steps, lr, [p.detach().clone() for p in net.parameters()]))
+        return real_train(net, head, x, y, steps, lr, alpha)
+    monkeypatch.setattr(synthetic, "train", spy)
+    args = synthetic.parse_args(["--steps", "9", "--warm-steps", "4", "--n", "40"])
+    synthetic.run_seed("moons", 0, args)
+    (ce0, s0, lr0, w0), (ce1, s1, lr1, w1), (ce2, s2, lr2, _) = calls
+    assert (ce0, s0, lr0) == (False, 9, args.lr)                           # (1) Magnet from scratch
+    assert (ce1, s1, lr1) == (True, 4, args.lr) and (ce2, s2, lr2) == (False, 5, args.ft_lr)  # (2)
+    assert s0 == s1 + s2 and all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+# ######################################################################################
+# the stages end to end: toy runs of each stage, resume, and the wiring of each training loop
+# ######################################################################################
 
 
 # ======================================================================================
-# qtrades.py: end to end (Eq. (6), App. A "QTRADES") and attack.py on the checkpoints
+# end to end: nominal.py (App. A: the model, its schedule, pre-processing, a run and its checkpoint)
 # ======================================================================================
+@pytest.mark.shape
+def test_resnet18_shapes_normalisation_and_head():
+    torch.manual_seed(0)
+    m = nominal.ResNet18(10, width=4, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert m.features(x).shape == (2, 32) and m(x).shape == (2, 10)
+    assert m(torch.rand(2, 3, 16, 16)).shape == (2, 10)              # any size: global pooling
+    # the first layer is (x - mean) / std: a model with identity normalisation fed the
+    # normalised image gives the same features
+    plain = nominal.ResNet18(10, width=4).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k not in ("mean", "std")},
+                          strict=False)
+    mean, std = torch.tensor([0.5, 0.4, 0.3])[:, None, None], torch.tensor([0.2, 0.25, 0.3])[:, None, None]
+    assert torch.allclose(plain.features((x - mean) / std), m.features(x), atol=1e-5)
+    headless = nominal.ResNet18(0, width=4)
+    assert headless.head is None and headless(x).shape == (2, 32)
+    n_blocks = sum(isinstance(mod, nominal.BasicBlock) for mod in m.modules())
+    n_convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
+    assert n_blocks == 8 and n_convs == 1 + 16 + 3                   # stem + 8x2 + 3 projections
 
+
+@pytest.mark.wiring
+def test_learning_rate_schedule_is_appendix_a():
+    args = nominal.parse_args(["--data", "cifar10"])
+    assert (args.epochs, args.lr, args.batch_size, args.milestones) == (90, 1e-2, 256, [30, 60])
+    assert (args.crop, args.flip) == (4, True)
+    lrs = [nominal.learning_rate(args, e) for e in range(90)]
+    assert all(abs(lr - 1e-2) < 1e-12 for lr in lrs[:30])
+    assert all(abs(lr - 1e-3) < 1e-12 for lr in lrs[30:60])
+    assert all(abs(lr - 1e-4) < 1e-12 for lr in lrs[60:])
+    svhn = nominal.parse_args(["--data", "svhn"])
+    assert (svhn.crop, svhn.flip) == (0, False)
+    assert nominal.parse_args(["--data", "cifar10", "--no-flip", "--crop", "0"]).flip is False
+
+
+@pytest.mark.oracle
+def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = nominal.augment(x, 2, True, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets, flips = set(), 0
+    for b in range(len(x)):
+        matches = [(i, j, fl) for i in range(5) for j in range(5) for fl in (False, True)
+                   if torch.equal(out[b], (padded[b, :, i:i + 8, j:j + 8].flip(2) if fl
+                                           else padded[b, :, i:i + 8, j:j + 8]))]
+        assert matches, f"image {b} is no window of its padded input"
+        offsets.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(offsets) > 10 and 10 < flips < 54          # offsets and flips do vary
+    assert torch.equal(nominal.augment(x, 0, False, g), x)  # no augmentation: identity
+
+
+@pytest.mark.smoke
+def test_tiny_training_run_learns(nominal_run):
+    results, out = nominal_run
+    assert results["epochs_done"] == 3 and results["status"] == "finished"
+    assert results["test_accuracy"] > 0.8                           # chance is 1/3
+    with open(out + ".log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert {"epoch", "train_loss", "test_accuracy", "images_per_second"} <= set(log[-1])
+
+
+@pytest.mark.smoke
+def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, image_folder):
+    _, out = nominal_run
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "nominal" and ckpt["epoch"] == 3
+    assert ckpt["arch"] == {"name": "resnet18", "width": 8, "feat_dim": 64, "in_channels": 3}
+    assert set(ckpt["data"]) == {"name", "num_classes", "classes", "mean", "std", "image_size"}
+    assert ckpt["data"]["name"] == "folder" and ckpt["data"]["num_classes"] == 3
+    assert any(k.startswith("head.") for k in ckpt["model"])
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["epochs"] == 3
+    assert {"optimizer", "rng"} <= set(ckpt["resume"])
+    # rebuild the model from the checkpoint alone and reproduce its stored test accuracy
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=True)
+    model.load_state_dict(ckpt["model"], strict=True)
+    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
+    acc = nominal.evaluate(model, (test_x, test_y), 64, False, torch.device("cpu"))
+    assert acc == ckpt["metrics"]["test_accuracy"]
+    assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
+
+
+@pytest.mark.smoke
+def test_resume_refuses_changed_arguments(nominal_run, image_folder, capsys):
+    _, out = nominal_run
+    err = exit_code_and_message(capsys, nominal.main, [
+        *nominal_args(image_folder, out, "--epochs", 3, "--lr", 0.5, "--resume")])
+    assert "--lr: 0.01 -> 0.5" in err
+
+
+# ======================================================================================
+# end to end: magnet.py (Sec. 3.3, 4.2, App. A; README "Where results and checkpoints go")
+# ======================================================================================
+def folder_args(folder, out, *extra):
+    return ["--data", "folder", "--data-dir", folder, "--width", "8", "--m", "3", "--d", "10",
+            "--crop", "2", "--flip", "--lr", "1e-3", "--out", out, *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def magnet_run(nominal_run, image_folder, tmp_path_factory):
+    """ClusTR from the shared nominal checkpoint, 2 epochs: (results, checkpoint path)."""
+    out = str(tmp_path_factory.mktemp("magnet") / "magnet.pt")
+    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 2))
+    return results, out
+
+
+def eval_features(model, images):
+    model.eval()
+    with torch.no_grad():
+        return model.features(images.float() / 255).double()
+
+
+@pytest.mark.smoke
+def test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents(magnet_run, nominal_run, image_folder):
+    results, out = magnet_run
+    assert results["status"] == "finished" and results["epochs_done"] == 2
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "clustr/1" and ckpt["stage"] == "magnet" and ckpt["epoch"] == 2
+    assert not any(k.startswith("head.") for k in ckpt["model"])
+    cl = ckpt["clusters"]
+    assert set(cl) == {"centers", "center_classes", "variance", "K", "alpha", "D"}
+    assert cl["centers"].shape == (6, 64) and cl["center_classes"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert (cl["K"], cl["alpha"], cl["D"]) == (2, 12.5, None) and isinstance(cl["variance"], float)
+    assert {"optimizer", "rng", "sampler"} <= set(ckpt["resume"])
+    # the fine-tuning moved the nominal weights
+    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    assert not torch.equal(ckpt["model"]["conv1.weight"], nominal_ckpt["model"]["conv1.weight"])
+    # rebuild from the checkpoint alone; recompute everything from eval-mode features
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model.load_state_dict(ckpt["model"], strict=True)
+    (train_x, train_y), (test_x, test_y), _ = nominal.load_data("folder", image_folder)
+    f = eval_features(model, train_x)
+    mu = cl["centers"].double()
+    d2 = ((f[:, None, :] - mu[None]) ** 2).sum(-1)                      # [N, 6]
+    own = d2.masked_fill(cl["center_classes"][None, :] != train_y[:, None], float("inf")).argmin(1)
+    for j in range(6):                                                   # k-means fixed point
+        assert torch.allclose(mu[j], f[own == j].mean(0), atol=1e-4)
+    sigma2 = d2[torch.arange(len(f)), own].sum() / (len(f) - 1)          # Eq. (3) over the split
+    assert cl["variance"] == pytest.approx(float(sigma2), rel=1e-4)
+    p = naive_eq4(eval_features(model, test_x), mu, cl["center_classes"], cl["variance"])
+    acc = float((torch.tensor(p.argmax(1)) == test_y).double().mean())
+    assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
+    assert acc > 0.8                                                     # chance is 1/3
+    with open(out + ".log.jsonl") as fh:
+        log = [json.loads(line) for line in fh]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert {"epoch", "train_loss", "test_accuracy", "variance"} <= set(log[-1])
+
+
+@pytest.mark.smoke
+def test_epochs_0_clusters_nominal_features_without_fine_tuning(nominal_run, image_folder, tmp_path):
+    """App. B.1: k-means on the nominal features and Eq. (4), no training; a valid checkpoint."""
+    out = str(tmp_path / "b1.pt")
+    results = magnet.main(folder_args(image_folder, out, "--init", nominal_run[1], "--epochs", 0))
+    assert results["epochs_done"] == 0 and results["status"] == "finished"
+    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
+    nominal_ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    headless = {k: v for k, v in nominal_ckpt["model"].items() if not k.startswith("head.")}
+    assert set(ckpt["model"]) == set(headless)
+    assert all(torch.equal(ckpt["model"][k], headless[k]) for k in headless)   # untouched weights
+    assert ckpt["clusters"]["centers"].shape == (6, 64) and 0 <= results["test_accuracy"] <= 1
+
+
+@pytest.mark.smoke
+def test_warm_start_beats_random_init_at_equal_epochs(tmp_path):
+    """Sec. 4.2, Table 1: ClusTR (nominal warm start) vs the Magnet loss from random weights, on
+    a harder generated folder (6 classes, noisy): the warm start must win clearly."""
+    folder = make_image_folder(str(tmp_path / "hard"), classes=6, n_train=40, n_test=20,
+                               noise=200.0, seed=1)
+    ckpt = str(tmp_path / "nominal.pt")
+    nominal.main(nominal_args(folder, ckpt, "--epochs", 3))
+    warm = magnet.main(folder_args(folder, str(tmp_path / "w.pt"), "--init", ckpt, "--epochs", 2))
+    cold = magnet.main(folder_args(folder, str(tmp_path / "c.pt"), "--epochs", 2))
+    assert warm["test_accuracy"] > 2 / 6                                 # chance is 1/6
+    assert warm["test_accuracy"] > cold["test_accuracy"] + 0.1, (warm, cold)
+
+
+@pytest.mark.oracle
+def test_evaluation_leaves_the_model_untouched(nominal_run):
+    ckpt = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    model = attack.build_model(ckpt["arch"], ckpt["data"], with_head=False)
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("head.")})
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    f = magnet.features_of(model, images, 4, False)
+    assert f.shape == (10, 64) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.allclose(f.double(), eval_features(model, images), atol=1e-5)
+
+
+# ======================================================================================
+# end to end: attack.py (Sec. 4.2, Eq. (5); README "Result files")
+# ======================================================================================
+@pytest.mark.smoke
+def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_folder, tmp_path):
+    _, ckpt = nominal_run
+    out = str(tmp_path / "attack.json")
+    res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
+                       "128/255", "--steps", "5", "--square-queries", "50", "--out", out, "--check-images", "30",
+                       "--large-eps", "128/255"])
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(res))
+    assert {"ckpt", "data", "images", "natural_accuracy", "results", "checks"} <= set(res)
+    assert res["data"] == "folder" and res["images"] == 90 and res["natural_accuracy"] > 0.8
+    keys = {"loss", "eps", "D", "natural_accuracy", "robust_accuracy", "seconds", "images_per_second"}
+    assert all(keys <= set(r) for r in res["results"])
+    rows = {(r["loss"], round(r["eps"] * 255)): r["robust_accuracy"] for r in res["results"]}
+    assert {loss for loss, _ in rows} == {"ce", "margin", "margin-t", "square", "worst-case"}  # no magnet: a head
+    assert [loss for loss, e in rows if e == 0] == ["worst-case"]          # eps 0: nothing attacked
+    assert rows[("worst-case", 0)] == res["natural_accuracy"]              # eps 0 = natural
+    for loss in ("ce", "margin", "margin-t", "square", "worst-case"):
+        assert rows[("worst-case", 128)] <= rows[(loss, 128)] <= rows[(loss, 2)] <= res["natural_accuracy"]
+    assert rows[("worst-case", 128)] <= 0.05
+    checks = res["checks"]
+    assert set(checks) == {"robust_le_natural", "monotone_in_eps", "eps_zero_is_natural",
+                           "near_zero_at_large_eps", "zero_gradient_share", "double_steps",
+                           "double_restarts", "objective_rises", "square_finds_little",
+                           "beats_random_search", "in_ball"}
+    for name in ("robust_le_natural", "eps_zero_is_natural", "near_zero_at_large_eps", "in_ball",
+                 "objective_rises", "square_finds_little", "beats_random_search"):
+        assert checks[name]["ok"] is True, (name, checks[name])
+    assert checks["double_steps"]["eps"] == 2 / 255                        # the first eps > 0
+    for name in ("double_steps", "double_restarts"):                       # fresh random streams
+        assert checks[name]["seed"] != checks[name]["headline_seed"] == 0
+    assert checks["double_steps"]["seed"] != checks["double_restarts"]["seed"]
+    with open(out + ".log.jsonl") as f:
+        assert len(f.readlines()) == len(res["results"])
+
+
+@pytest.mark.smoke
+def test_clustering_checkpoint_with_a_D_list(clustering_ckpt, image_folder, tmp_path):
+    res = attack.main(["--ckpt", clustering_ckpt, "--data-dir", image_folder, "--D", "all", "1",
+                       "--steps", "3", "--square-queries", "50", "--limit", "30", "--no-checks",
+                       "--out", str(tmp_path / "a.json")])
+    assert res["checks"] == {} and res["images"] == 30
+    losses = {r["loss"] for r in res["results"]}
+    assert losses == {"ce", "margin", "margin-t", "magnet", "square", "worst-case"}
+    for D in (None, 1):
+        rows = {r["loss"]: r for r in res["results"] if r["D"] == D}
+        assert rows["worst-case"]["robust_accuracy"] <= min(r["robust_accuracy"] for r in rows.values())
+    # natural accuracy with D = 1 is that of the nearest centre (an independent float64 oracle)
+    ck = torch.load(clustering_ckpt, map_location="cpu", weights_only=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=False)
+    model.load_state_dict(ck["model"])
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    with torch.no_grad():
+        f = model.eval().features(nominal.to_float(images)).double()
+    mu = ck["clusters"]["centers"].double()
+    nearest = ck["clusters"]["center_classes"][((f[:, None] - mu[None]) ** 2).sum(-1).argmin(1)]
+    natural_D1 = next(r["natural_accuracy"] for r in res["results"] if r["D"] == 1)
+    assert natural_D1 == (nearest == labels).double().mean().item()
+    # a stored D is the default; --D overrides it
+    stored = str(tmp_path / "d1.pt")
+    nominal.save_checkpoint(dict(ck, clusters=dict(ck["clusters"], D=1)), stored)
+    common = ["--ckpt", stored, "--data-dir", image_folder, "--steps", "1", "--limit", "30",
+              "--loss", "ce", "--no-checks", "--out", str(tmp_path / "b.json")]
+    assert [r["D"] for r in attack.main(common)["results"]] == [1]
+    assert [r["D"] for r in attack.main(common + ["--D", "all"])["results"]] == [None]
+
+
+@pytest.mark.smoke
+def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_folder, tmp_path, capsys):
+    _, ckpt = nominal_run
+    common = ["--ckpt", ckpt, "--data-dir", image_folder, "--limit", "30", "--steps", "3",
+              "--square-queries", "30", "--eps", "16/255"]
+    adv_path = str(tmp_path / "adv.pt")
+    res = attack.main(common + ["--no-checks", "--save-adv", adv_path, "--out", str(tmp_path / "a.json")])
+    assert res["config"]["targets"] == 2                                   # min(9, 3 - 1)
+    (ex,) = res["examples"]
+    assert ex["index"] == list(range(30)) and ex["eps"] == 16 / 255
+    rows = [r for r in res["results"] if r["loss"] != "worst-case"]
+    assert [r["loss"] for r in rows] == ["ce", "margin", "margin-t", "square"]
+    assert [r["attacked"] for r in rows[1:]] == [round(30 * r["robust_accuracy"]) for r in rows[:-1]]
+    assert sum(r["fooled"] for r in rows) == sum(f is not None for f in ex["fooled_by"]) > 0
+    clf, _ = attack.read_classifier(ckpt)
+    images, labels, _ = nominal.load_split("folder", image_folder, False, limit=30)
+    x = nominal.to_float(images)
+    with torch.no_grad():
+        assert ex["correct"] == (clf(x).argmax(1) == labels).tolist()
+    assert ex["robust"] == [c and f is None for c, f in zip(ex["correct"], ex["fooled_by"])]
+    saved = torch.load(adv_path, weights_only=True)
+    (run,) = saved["runs"]
+    x_adv, robust = run["x_adv"], torch.tensor(ex["robust"])
+    assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and torch.equal(saved["labels"], labels)
+    with torch.no_grad():
+        fooled = torch.tensor([f is not None for f in ex["fooled_by"]])
+        assert (clf(x_adv[fooled]).argmax(1) != labels[fooled]).all()      # each one fools the model
+    assert torch.equal(x_adv[robust], x[robust]) and torch.equal(run["robust"], robust)
+    # --per-loss: every loss on every image, with its own mask per example
+    res = attack.main(common + ["--no-checks", "--per-loss", "--out", str(tmp_path / "b.json")])
+    assert all(r["attacked"] == 30 for r in res["results"] if r["loss"] != "worst-case")
+    assert set(res["examples"][0]["robust_by_loss"]) == {"ce", "margin", "margin-t", "square"}
+    # one loss: no worst-case row, so no "headline" note
+    capsys.readouterr()
+    res = attack.main(common + ["--no-checks", "--loss", "ce", "--out", str(tmp_path / "d.json")])
+    out = capsys.readouterr().out
+    assert [r["loss"] for r in res["results"]] == ["ce"] and "headline" not in out
+    assert f"next     python magnet.py --init {ckpt}" in out                 # a nominal checkpoint's next step
+    # --strict: a failed check (robust at a "large" eps of 1/255) exits 1, with its meaning
+    with pytest.raises(SystemExit) as info:
+        attack.main(common + ["--large-eps", "1/255", "--check-images", "10", "--strict",
+                              "--out", str(tmp_path / "c.json")])
+    assert info.value.code == 1
+    out = capsys.readouterr().out
+    assert "near_zero_at_large_eps   FAILED" in out and 'README.md "attack.py: losses, cascade, checks' in out
+    assert json.load(open(tmp_path / "c.json"))["checks"]["near_zero_at_large_eps"]["ok"] is False
+
+
+# ======================================================================================
+# end to end: attack.py / certify.py as a library and --export (README "Evaluate a ClusTR model with other tools")
+# ======================================================================================
+def readme_snippets():
+    """{name: code} of the blocks marked `<!-- snippet: NAME -->` in README.md and, for the tools the
+    README names without a snippet, benchmarks/README.md ("Other tools: more snippets")."""
+    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", os.path.join("benchmarks", "README.md")))
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, re.S))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """The README's export command, run as a user would in a folder holding magnet.pt (a generated
+    4-class checkpoint whose D = 3 leaves one class out of every prediction): the folder."""
+    folder = tmp_path_factory.mktemp("export")
+    generated_checkpoint(str(folder / "magnet.pt"), D=3)
+    command = shlex.split(readme_snippets()["export"].split("#")[0])
+    assert command[:2] == ["python", "attack.py"]
+    with contextlib.chdir(folder), contextlib.redirect_stdout(io.StringIO()) as out:
+        attack.main(command[2:])                                    # in-process: its own interpreter costs seconds
+    assert "torch.export" in out.getvalue() and os.path.isfile(folder / "clustr.pt2")
+    note = {"clustr.json": ""}
+    torch.export.load(str(folder / "clustr.pt2"), extra_files=note)           # the note other tools read
+    note = json.loads(note["clustr.json"])
+    assert (note["D"], len(note["classes"]), note["input_shape"], note["stage"]) == (3, 4, ["n", 3, 16, 16], "magnet")
+    return folder
+
+
+@pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
+def test_load_classifier_raises_checkpoint_error_from_python_and_exits_2_from_the_command_line(tmp_path, capsys):
+    good = generated_checkpoint(str(tmp_path / "magnet.pt"))
+    empty, foreign = tmp_path / "empty.pt", tmp_path / "foreign.pt"
+    empty.write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    for module in (attack, certify):
+        model = module.load_classifier(good)
+        assert isinstance(model, nn.Module) and not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        assert model(torch.rand(3, 3, 16, 16)).shape == (3, 4)
+        for path, words in ((tmp_path / "missing.pt", "does not exist"), (empty, "is empty"),
+                            (foreign, "not a clustr/1 checkpoint")):
+            with pytest.raises(module.CheckpointError, match=words):
+                module.load_classifier(str(path))
+            assert not issubclass(module.CheckpointError, SystemExit)
+    # the command line keeps exit code 2 and the same one-line message
+    err = exit_code_and_message(capsys, attack.main, ["--ckpt", str(empty), "--export", str(tmp_path / "m.pt2")])
+    assert "is empty" in err and err.count("\n") == 1
+    err = exit_code_and_message(capsys, attack.main, ["--ckpt", good, "--export", str(tmp_path / "m.pt2"),
+                                                      "--D", "1", "2"])
+    assert "one --D" in err
+
+
+@background_job("export", test="test_export_loads_in_a_clean_interpreter_and_matches_load_classifier")
+def start_export(request):
+    """The exported file alone, in a folder of its own, with three batches to score: -> (folder, xs, proc)."""
+    import shutil
+    folder = request.getfixturevalue("tmp_path_factory").mktemp("clean")
+    shutil.copy(request.getfixturevalue("exported") / "clustr.pt2", folder)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.rand(n, 3, 16, 16, generator=g) for n in (1, 3, 7)]
+    torch.save(xs, folder / "xs.pt")
+    child = ("import sys, torch\n"
+             "model = torch.export.load('clustr.pt2').module()\n"
+             "xs = torch.load('xs.pt')\n"
+             "with torch.no_grad():\n"
+             "    torch.save([model(x) for x in xs], 'zs.pt')\n"
+             "assert not any(n in sys.modules for n in ('attack', 'certify')), 'the repository was imported'\n"
+             "assert not any(p and __import__('os').path.isfile(p + '/attack.py') for p in sys.path)\n")
+    return lambda: (folder, xs, subprocess.run([sys.executable, "-I", "-c", child], cwd=str(folder), env=child_env(),
+                                               capture_output=True, text=True, timeout=300))
+
+
+@pytest.mark.smoke
+def test_export_loads_in_a_clean_interpreter_and_matches_load_classifier(exported, background):
+    """The exported file, loaded by `python -I` (no folder of this repository on sys.path) from
+    another folder with torch alone, gives load_classifier's scores to 1e-5 for several batch sizes."""
+    folder, xs, proc = background["export"].result()
+    assert proc.returncode == 0, proc.stderr
+    zs = torch.load(folder / "zs.pt")
+    model = attack.load_classifier(str(exported / "magnet.pt"))
+    with torch.no_grad():
+        for x, z in zip(xs, zs):
+            want = model(x)
+            assert z.shape == (len(x), 4) and (z - want).abs().max() <= 1e-5
+            assert bool((want == attack.ClassScores.LOW).any(1).all())      # D = 3 of 4 classes' centres
+            assert torch.isfinite(z).all()
+
+
+@pytest.mark.smoke
+def test_export_refuses_a_file_that_does_not_reload_as_the_classifier(clustering_ckpt, tmp_path, monkeypatch):
+    load = torch.export.load
+
+    class Reloaded:                                  # what torch.export.load gives, 2e-5 off
+        def __init__(self, path):
+            self.inner = load(path).module()
+
+        def module(self):
+            return lambda x: self.inner(x) + 2e-5
+    monkeypatch.setattr(torch.export, "load", Reloaded)
+    with pytest.raises(RuntimeError, match=r"differs from the classifier by 2\.\d+e-05"):
+        attack.export_classifier(clustering_ckpt, str(tmp_path / "m.pt2"))
+
+
+@pytest.mark.smoke
+@pytest.mark.usefixtures("own_rng")
+def test_readme_snippets_run_on_a_generated_checkpoint(exported, tmp_path):
+    """Every snippet of the README section compiles; the ones that need torch and this repository
+    alone (data, load_classifier) run on the generated checkpoint, with `fashion-mnist` and
+    `./data` replaced by a generated 4-class image folder.  The torchattacks and AutoAttack
+    snippets need torchattacks, which test_all.py does not use: benchmarks/export_torchattacks.py
+    runs them (README "Evaluate a ClusTR model with other tools")."""
+    snippets = readme_snippets()
+    assert set(snippets) == {"export", "data", "torchattacks", "autoattack", "robustbench", "load_classifier"}
+    for name, code in snippets.items():
+        if name != "export":
+            compile(code, f"README snippet {name}", "exec")
+    folder = make_image_folder(str(tmp_path / "folder"), classes=4, n_train=1, n_test=3)
+    data = snippets["data"].replace('"fashion-mnist", "./data"', f'"folder", {folder!r}')
+    assert data != snippets["data"]
+    check = ("\nassert x.shape == (12, 3, 16, 16) and 0 <= x.min() and x.max() <= 1 and len(classes) == 4\n"
+             "assert model(x).shape == (12, 4)\n")
+    code = data + snippets["load_classifier"] + check
+    with contextlib.chdir(exported), contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(code, "README snippets data + load_classifier", "exec"), {"__name__": "__main__"})
+    assert "not loaded: checkpoint no-such-file.pt does not exist" in out.getvalue()
+
+
+@pytest.mark.smoke
+def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
+    """RobustBench's benchmark() downloads the CIFAR10 test set and needs a CIFAR10 model, so the
+    README snippet cannot run offline on a generated checkpoint; where robustbench is installed,
+    the arguments it passes must exist."""
+    pytest.importorskip("robustbench", reason="robustbench is not installed (not a dependency of "
+                        "this repository; its benchmark() also downloads CIFAR10, which an offline "
+                        "test cannot)")
+    import inspect
+    from robustbench.eval import benchmark
+    call = readme_snippets()["robustbench"].split("benchmark(model,", 1)[1]
+    names = set(re.findall(r"(\w+)=", call))
+    assert names and names <= set(inspect.signature(benchmark).parameters), names
+
+
+# ======================================================================================
+# end to end: certify.py (Prop. 1 on a checkpoint)
+# ======================================================================================
+@pytest.fixture(scope="session")
+def magnet_ckpt(clustering_ckpt):
+    """The clustering checkpoint built in the attack.py section (stage magnet, K = 2 per class)."""
+    return clustering_ckpt
+
+
+@pytest.mark.smoke
+def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_folder, tmp_path, capsys,
+                                                         monkeypatch):
+    out = str(tmp_path / "certify.json")
+    plotted = []                                    # the radii and perturbations the plot is given
+    plot_curves = certify.plot_curves
+    monkeypatch.setattr(certify, "plot_curves", lambda results, radius, pert, lower, path: (
+        plotted.append((radius.clone(), pert.clone(), lower)), plot_curves(results, radius, pert, lower, path))[1])
+    res = certify.main(["--ckpt", magnet_ckpt, "--data-dir", image_folder, "--limit", "60",
+                        "--attack-limit", "8", "--attack-steps", "8", "--bisect", "5",
+                        "--power-iters", "5", "-b", "25", "--out", out])
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(res))
+    assert {"ckpt", "data", "images", "clean_accuracy", "lipschitz", "curve", "two_closest_differs",
+            "l2_attack"} <= set(saved)
+    assert set(saved["lipschitz"]) >= {"value", "kind", "lower_estimate"} and saved["lipschitz"]["kind"] == "bound"
+    assert saved["data"] == "folder" and saved["images"] == 60
+    lip = saved["lipschitz"]
+    assert 0 < lip["lower_estimate"] <= lip["value"] <= lip["upper_bound_layerwise"]
+    assert saved["l2_attack"]["flipped_inside_certified_radius"] == 0
+    assert saved["l2_attack"]["flipped"] > 0 and saved["l2_attack"]["median_min_perturbation"] > 0
+    assert saved["l2_attack"]["images"] == lip["lower_estimate_images"] == 8      # --attack-limit
+    # naive float64 recomputation: model from the checkpoint, nearest centre and Prop. 1 by loops
+    ck = torch.load(magnet_ckpt, map_location="cpu", weights_only=True)
+    model = attack.build_model(ck["arch"], ck["data"], with_head=False).eval()
+    model.load_state_dict(ck["model"])
+    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder, limit=60)
+    with torch.no_grad():
+        feats = model.features(nominal.to_float(test_x)).double().numpy()
+    mu = ck["clusters"]["centers"].double().numpy()
+    mc = ck["clusters"]["center_classes"].numpy()
+    radii, correct = [], []
+    for f, y in zip(feats, test_y.tolist()):
+        d = [float(((f - m) ** 2).sum()) for m in mu]
+        i = int(np.argmin(d))
+        radii.append(min((d[j] - d[i]) / (2 * lip["value"] * np.linalg.norm(mu[j] - mu[i]))
+                         for j in range(len(mu)) if mc[j] != mc[i]))
+        correct.append(mc[i] == y)
+    radii, correct = np.array(radii), np.array(correct)
+    assert saved["clean_accuracy"] == pytest.approx(correct.mean(), abs=1e-6)   # written to 1e-6
+    assert saved["radius"]["max_correct"] == pytest.approx(radii[correct].max(), rel=1e-9)
+    curve = saved["curve"]
+    assert curve[0]["radius"] == 0 and curve[-1]["certified_accuracy"] == 0
+    assert all(a["certified_accuracy"] >= b["certified_accuracy"] for a, b in zip(curve, curve[1:]))
+    for p in curve[1:-1]:
+        if np.all(np.abs(radii - p["radius"]) > 1e-9 * p["radius"]):
+            assert p["certified_accuracy"] == pytest.approx((correct & (radii > p["radius"])).mean(), abs=1e-6)
+    assert curve[0]["certified_accuracy"] <= saved["clean_accuracy"]
+    assert len(curve) == 101                                                       # --grid's default
+    assert curve[-1]["radius"] == pytest.approx(radii[correct].max(), rel=1e-9)
+    # the plot gets the sound radii of the 8 attacked images beside their perturbations
+    (radius, pert, lower), = plotted
+    assert len(pert) == 8 and radius.numpy() == pytest.approx(radii[:8], rel=1e-9) and lower == lip["lower_estimate"]
+    # the summary's table is the result file's curve (every step-th point), with no warning on L
+    text = capsys.readouterr().out
+    assert f"next    python attack.py --ckpt {magnet_ckpt}" in text         # a copy-pasteable next step
+    table = re.findall(r"^ +(\S+) +(\S+)%$", text.split("certified acc\n")[1], re.M)
+    step = max(1, (len(curve) - 1) // 10)
+    assert [[float(v) for v in row] for row in table] == \
+        [[pytest.approx(p["radius"], rel=1e-3), pytest.approx(100 * p["certified_accuracy"], abs=0.006)]
+         for p in curve[::step]]
+    assert "WARNING" not in text and "(must be 0)" in text and ("VACUOUS" in text) == saved["radius"]["vacuous"]
+    # only sound radii sit under "certified_accuracy": the L2 attack's curve and the two-closest
+    # curve (the paper's text, not sound) are named for what they are
+    def keys(obj):
+        if isinstance(obj, dict):
+            return {k for k in obj} | {k for v in obj.values() for k in keys(v)}
+        return {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
+    assert "certified_accuracy" not in keys([saved["l2_attack"], saved["curve_two_closest"]])
+    assert all(set(p) == {"radius", "attacked_accuracy"} for p in saved["l2_attack"]["curve"])
+    assert all(set(p) == {"radius", "two_closest_not_sound"} for p in saved["curve_two_closest"])
+    assert open(str(tmp_path / "certify.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out + ".log.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["phase"], r["chunk"]) for r in rows] == [("certify", 1), ("certify", 2), ("certify", 3),
+                                                         ("attack", 1)]
+
+
+# ======================================================================================
+# end to end: synthetic.py (Sec. 4.1, Fig. 3)
+# ======================================================================================
+@pytest.mark.smoke
+def test_short_run_writes_the_documented_json_with_non_increasing_curves(tmp_path):
+    out, png = str(tmp_path / "s.json"), str(tmp_path / "s.png")
+    argv = ["--steps", "40", "--seeds", "2", "--n", "200", "--radii", "11", "--out", out, "--plot", png]
+    threads = torch.get_num_threads()
+    results = synthetic.main(argv)
+    assert torch.get_num_threads() == threads                              # main() restores it
+    with open(out) as f:
+        saved = json.load(f)
+    assert set(saved["datasets"]) == {"moons", "circles"} and saved["seeds"] == [0, 1]
+    for name, entry in saved["datasets"].items():
+        assert set(entry["runs"]) == {"random_init", "warm_start"}
+        for run, res in entry["runs"].items():
+            assert {"accuracy", "accuracy_std", "lipschitz", "curve", "seeds"} <= set(res)
+            lip = res["lipschitz"]
+            assert lip["lower"] <= lip["exact"] * (1 + 1e-12) and lip["exact"] <= lip["upper"] * (1 + 1e-12)
+            assert lip == res["seeds"][0]["lipschitz"]                     # the first seed's (README "Result files")
+            curve = [p["certified_accuracy"] for p in res["curve"]]
+            assert len(curve) == 11 and res["curve"][0]["radius"] == 0.0
+            assert all(a >= b for a, b in zip(curve, curve[1:])) and curve[0] <= res["accuracy"]
+            assert all("certified_accuracy_std" in p for p in res["curve"])
+            per_seed = np.array([[p["certified_accuracy"] for p in s["curve"]] for s in res["seeds"]])
+            assert len(per_seed) == 2 and np.allclose(per_seed.mean(0), curve)
+            for s in per_seed:
+                assert all(a >= b for a, b in zip(s, s[1:]))
+            accs = [s["accuracy"] for s in res["seeds"]]
+            assert res["accuracy"] == pytest.approx(np.mean(accs), abs=1e-6)          # written to 1e-6
+            assert res["accuracy_std"] == pytest.approx(np.std(accs, ddof=1), abs=2e-6)
+        c = entry["comparison"]
+        assert c["seeds"] == 2 and 0 <= c["warm_start_larger"] <= 2
+    with open(out + ".log.jsonl") as f:
+        assert len(f.readlines()) == 2 * 2 * 2                             # datasets x seeds x runs
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(png) > 1000 and results["plot"] == png
+    except ImportError:
+        assert results["plot"] is None
+    # deterministic for a seed
+    again = synthetic.main(argv[:-2] + ["--plot", "none"])
+    assert again["datasets"] == results["datasets"]
+
+
+@pytest.mark.smoke
+def test_without_matplotlib_the_run_notes_it_and_skips_the_figure(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    png = tmp_path / "s.png"
+    results = synthetic.main(["--steps", "4", "--seeds", "1", "--n", "40", "--datasets", "moons",
+                              "--out", str(tmp_path / "s.json"), "--plot", str(png)])
+    assert results["plot"] is None and not png.exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+# ======================================================================================
+# end to end: qtrades.py (Eq. (6), App. A "QTRADES") and attack.py on its checkpoints
+# ======================================================================================
 @pytest.fixture(scope="module")
 def qtrades_runs(nominal_run, image_folder, tmp_path_factory):
     """Both variants from the shared nominal checkpoint, 2 epochs: {loss: (results, path)}."""
@@ -3459,6 +3523,27 @@ def test_both_variants_write_documented_checkpoints_that_attack_py_evaluates(qtr
     assert acc == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
 
 
+@pytest.mark.smoke
+def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp_path):
+    clustr = str(tmp_path / "magnet.pt")
+    magnet.main(folder_args(image_folder, clustr, "--init", nominal_run[1], "--epochs", 1))
+    out = str(tmp_path / "q0.pt")
+    qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 0))
+    a = torch.load(clustr, map_location="cpu", weights_only=True)
+    b = torch.load(out, map_location="cpu", weights_only=True)
+    assert b["stage"] == "qtrades-magnet" and set(a["model"]) == set(b["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])   # weights kept
+    assert b["clusters"]["centers"].shape == a["clusters"]["centers"].shape
+    # D = 2 of 6 centres: classes absent from the clean point's 2 nearest get p = 0, no NaN
+    out = str(tmp_path / "qD.pt")
+    results = qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 1, "--D", 2))
+    assert results["status"] == "finished" and math.isfinite(results["train_loss"])
+    assert torch.load(out, map_location="cpu", weights_only=True)["clusters"]["D"] == 2
+
+
+# ======================================================================================
+# end to end, every training stage: resume is bit-identical, the checkpoint schema, real images
+# ======================================================================================
 RESUME = [  # stage, the fixture holding its uninterrupted run, its arguments (that run's), log epochs
     ("nominal", nominal, "nominal_run",
      lambda folder, out, init: nominal_args(folder, out, "--epochs", 3), [1, 2, 3]),
@@ -3534,59 +3619,10 @@ def test_every_stage_writes_the_entries_and_types_every_reader_expects(nominal_r
         for stage_file in (nominal, magnet, qtrades, attack, certify):  # each reader's copy takes it
             assert stage_file.read_checkpoint(path)["epoch"] == ckpt["epoch"]
 
-@pytest.mark.smoke
-def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp_path):
-    clustr = str(tmp_path / "magnet.pt")
-    magnet.main(folder_args(image_folder, clustr, "--init", nominal_run[1], "--epochs", 1))
-    out = str(tmp_path / "q0.pt")
-    qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 0))
-    a = torch.load(clustr, map_location="cpu", weights_only=True)
-    b = torch.load(out, map_location="cpu", weights_only=True)
-    assert b["stage"] == "qtrades-magnet" and set(a["model"]) == set(b["model"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])   # weights kept
-    assert b["clusters"]["centers"].shape == a["clusters"]["centers"].shape
-    # D = 2 of 6 centres: classes absent from the clean point's 2 nearest get p = 0, no NaN
-    out = str(tmp_path / "qD.pt")
-    results = qtrades.main(folder_args(image_folder, out, "--init", clustr, "--epochs", 1, "--D", 2))
-    assert results["status"] == "finished" and math.isfinite(results["train_loss"])
-    assert torch.load(out, map_location="cpu", weights_only=True)["clusters"]["D"] == 2
-
-
-# ======================================================================================
-# qtrades.py: bad input (README "Bad input and safety")
-# ======================================================================================
-
-@pytest.mark.smoke
-def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run, image_folder, capsys, tmp_path,
-                                                     monkeypatch):
-    out = str(tmp_path / "x.pt")
-    magnet_ckpt = qtrades_runs["magnet"][1]
-    err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--init", magnet_ckpt, "--loss", "ce"))
-    assert "'qtrades-magnet' checkpoint" in err and "nominal" in err
-    err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--init", qtrades_runs["ce"][1]))
-    assert "'qtrades-ce' checkpoint" in err and "magnet" in err
-    err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--width", "16", "--init", nominal_run[1]))
-    assert "--width 8" in err
-    err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--loss", "ce", "--resume", magnet_ckpt))
-    assert "'qtrades-magnet' checkpoint" in err and "qtrades-ce" in err
-    assert not os.path.exists(out)
-    # NaN/inf: stop, keep the last good checkpoint, suggest a smaller lr / lam
-    monkeypatch.setattr(qtrades, "train_one_epoch_ce", lambda *a, **k: (float("nan"), float("nan"), 0.0, 0))
-    err = exit_code_and_message(capsys, qtrades.main, folder_args(
-        image_folder, out, "--epochs", 2, "--loss", "ce"))
-    assert "smaller --lr" in err and "--lam" in err
-    assert qtrades.load_checkpoint(out, stages=("qtrades-ce",))["epoch"] == 0
-
-
-# ======================================================================================
-# real images: Fashion-MNIST (Debian's dataset-fashion-mnist; .ci/run installs it when it can)
-# ======================================================================================
 
 FASHION_MNIST_DIR = os.path.abspath(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
 FASHION_MNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
 
 
@@ -3628,17 +3664,17 @@ def test_every_training_stage_learns_on_1000_real_fashion_mnist_images(backgroun
     assert done["magnet"]["test_accuracy"] > 0.40, done["magnet"]
     assert done["qtrades"]["test_accuracy"] > 0.40, done["qtrades"]
     assert proc.stdout.count("1000 train, 1000 test, 10 classes") == 3
-# ######################################################################################
+
+
+# ======================================================================================
 # wiring: every piece of each training loop reaches what it feeds (instrumented runs)
-# ######################################################################################
-#
+# ======================================================================================
 # Each training stage runs for 1-3 epochs at toy scale (width 4, the generated folder) with its
 # own functions wrapped: the wrappers only record what the loop passed and got back, and the
 # tests check those records against independent computations (crop windows found by brute
 # force, Eq. (3) as a naive loop, the adversary re-drawn from a cloned generator, each step's
 # gradient recomputed from that batch alone).  A loop line deleted, or fed the wrong argument,
 # fails one of these; `python benchmarks/mutate.py` measures how many such edits the suite catches.
-
 class Trace:
     """What an instrumented run recorded: events (kind, epoch, data) in the order they happened;
     epoch = the number of train_one_epoch calls so far (0 = before training)."""
@@ -3865,7 +3901,6 @@ def check_augmentation(trace, crop, flip, forwards_per_step=1):
 # ======================================================================================
 # wiring: nominal.py (App. A "Optimization", "Pre-processing")
 # ======================================================================================
-
 def nominal_argv(folder, out, *extra):
     return ["--data", "folder", "--data-dir", folder, "--width", "4", "--out", out, *map(str, extra)]
 
@@ -3954,7 +3989,6 @@ def test_nominal_crops_and_flips_reach_the_batches_only_when_asked(nominal_trace
 # ======================================================================================
 # wiring: magnet.py (Eq. (3), the sampler, k-means++ after every epoch; App. A)
 # ======================================================================================
-
 def loop_argv(folder, out, *extra):
     return ["--data", "folder", "--data-dir", folder, "--width", "4", "--limit", "90",
             "--out", out, *map(str, extra)]
@@ -4082,7 +4116,6 @@ def test_magnet_alpha_K_m_d_D_lr_reach_the_run_as_given(magnet_traces):
 # ======================================================================================
 # wiring: qtrades.py (Eq. (6), the quick adversary of Sec. 4.2 and App. A "QTRADES")
 # ======================================================================================
-
 EPS, STEP = 6 / 255, 3 / 255                                               # neither is a default
 
 
@@ -4230,9 +4263,8 @@ def test_qtrades_loop_wiring_sampler_clusters_D_and_augmentation(qtrades_traces,
 
 
 # ======================================================================================
-# wiring: the per-dataset defaults are the paper's (App. A, Sec. 4.2), entry by entry
+# wiring: the per-dataset defaults are the paper's (App. A, Sec. 4.2), and the logged accuracies the saved model's
 # ======================================================================================
-
 # {stage: {dataset: {flag attribute: value}}} for the paper's datasets; the paper's words above.
 # Other datasets a stage offers (folder, ...) are not the paper's and are not checked here.
 PAPER_SETTINGS = {
@@ -4291,6 +4323,17 @@ def test_every_per_dataset_default_is_the_papers(stage):
         assert all(type(got[k]) is type(v) for k, v in expected.items() if v is not None), (stage, data)
 
 
+@pytest.mark.wiring
+def test_paper_defaults_per_dataset_and_help():
+    for data, lam, alpha, D in (("cifar10", 8.0, 12.5, None), ("svhn", 9.7, 10.0, None),
+                                ("cifar100", 2.0, 8.5, 20), ("folder", 8.0, 12.5, None)):
+        args = qtrades.parse_args(["--data", data])
+        assert (args.lam, args.alpha, args.D, args.loss) == (lam, alpha, D, "magnet")
+        assert args.eps == 8 / 255 and args.step == 10 / 255 and args.lr == 1e-4
+    assert qtrades.parse_args(["--data", "cifar100", "--D", "all"]).D is None
+    assert qtrades.parse_args(["--eps", "4/255", "--step", "0.01"]).eps == 4 / 255
+
+
 def split_accuracies(out, folder, limit):
     """(train, test) accuracy of a saved checkpoint, recomputed here: the head's argmax, or Eq. (4)
     as a naive loop over the checkpoint's centres (with its D)."""
@@ -4337,14 +4380,211 @@ def test_logged_accuracies_are_those_of_the_saved_model_on_the_named_split(
             assert last["train_accuracy"] == pytest.approx(train_acc, abs=1e-9), trace.results["out"]
 
 
-# ######################################################################################
-# every stage: bad input never crashes, no run destroys another run's results
-# (README "Bad input and safety")
-# ######################################################################################
+# ======================================================================================
+# plumbing: data loaders, bad input, faults, --help, overwrite and interrupt, signals, locks, torchrun,
+# the GPU benchmark's tiny run, --compile (README "Bad input and safety"; README "attack.py under torchrun")
+# ======================================================================================
+# -- data loaders (folder of PNGs, Fashion-MNIST's raw idx files) --
+@pytest.mark.oracle
+def test_folder_loader_reads_the_pngs(image_folder):
+    from PIL import Image
+    (train_x, train_y), (test_x, test_y), info = nominal.load_data("folder", image_folder)
+    assert train_x.dtype == torch.uint8 and train_x.shape == (180, 3, 16, 16)
+    assert test_x.shape == (90, 3, 16, 16) and info["num_classes"] == 3
+    assert info["classes"] == ["class00", "class01", "class02"] and info["image_size"] == [16, 16]
+    # round-robin order: class 0 #0, class 1 #0, class 2 #0, class 0 #1, ... (so --limit keeps all)
+    assert train_y[:6].tolist() == [0, 1, 2, 0, 1, 2]
+    # pixel-exact against PIL, read independently: item 4 is class 1, its second file
+    png = np.asarray(Image.open(os.path.join(image_folder, "train", "class01", "0001.png")))
+    assert torch.equal(train_x[4], torch.from_numpy(png.copy()).permute(2, 0, 1))
+    # App. A normalisation statistics, from the training split, in [0, 1] units
+    pixels = train_x.double().div(255)
+    assert np.allclose(info["mean"], pixels.mean((0, 2, 3)).numpy())
+    assert np.allclose(info["std"], pixels.permute(1, 0, 2, 3).reshape(3, -1).std(1).numpy())
+    limited = nominal.load_data("folder", image_folder, limit=7)
+    assert len(limited[0][1]) == 7 and len(limited[1][1]) == 7 and set(limited[0][1].tolist()) == {0, 1, 2}
 
-import shlex  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
+
+@pytest.mark.smoke
+def test_folder_loader_errors(tmp_path):
+    with pytest.raises(nominal.DataError, match="train"):
+        nominal.load_data("folder", str(tmp_path))
+    make_image_folder(str(tmp_path / "odd"), classes=2, n_train=2, n_test=2)
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "odd" / "train" / "class00" / "zz.png")
+    with pytest.raises(nominal.DataError, match="one size"):
+        nominal.load_data("folder", str(tmp_path / "odd"))
+
+
+def write_idx(path, array):
+    """An IDX file (MNIST format) written independently of the stages' reader: magic 0 0 8 n,
+    big-endian int32 sizes, uint8 data; gzipped when the name ends in .gz."""
+    import gzip
+    array = np.asarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    raw += array.tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def make_idx_dataset(folder, n_train=40, n_test=20, gz=True, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28))
+        labels = np.arange(n) % 10
+        ext = ".gz" if gz else ""
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}"), images)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}"), labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("layout", ["debian", "torchvision"])
+def test_fashion_mnist_loader_reads_raw_idx_files_in_both_layouts(tmp_path, layout):
+    # Debian's dataset-fashion-mnist: the four .gz files directly in --data-dir;
+    # torchvision's layout: <root>/FashionMNIST/raw/ with the files unpacked.
+    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
+    arrays = make_idx_dataset(str(folder), gz=layout == "debian")
+    (train_x, train_y), (test_x, test_y), info = nominal.load_data("fashion-mnist", str(tmp_path))
+    assert train_x.dtype == torch.uint8 and train_x.shape == (40, 1, 28, 28)
+    assert test_x.shape == (20, 1, 28, 28) and info["image_size"] == [28, 28]
+    assert torch.equal(train_x[:, 0], torch.from_numpy(arrays["train"][0].astype(np.uint8)))
+    assert torch.equal(test_y, torch.from_numpy(arrays["t10k"][1]).long())
+    assert info["num_classes"] == 10 and info["classes"][0] == "T-shirt/top"
+    assert len(info["mean"]) == 1 and abs(info["mean"][0] - arrays["train"][0].mean() / 255) < 1e-9
+    model = attack.build_model(nominal.arch_entry(2, 1), info, with_head=True)
+    assert model(nominal.to_float(train_x[:3])).shape == (3, 10)   # one input channel
+
+
+@pytest.mark.smoke
+def test_idx_reader_refuses_foreign_and_truncated_files(tmp_path):
+    make_idx_dataset(str(tmp_path))
+    with open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        import gzip
+        f.write(gzip.compress(bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") * 3 + b"\0" * 10))
+    with pytest.raises(nominal.DataError, match="truncated"):
+        nominal.load_data("fashion-mnist", str(tmp_path))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))   # 3 images, 40 labels
+    with pytest.raises(nominal.DataError, match="disagree"):
+        nominal.load_data("fashion-mnist", str(tmp_path))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not an idx file")
+    with pytest.raises(nominal.DataError):
+        nominal.load_data("fashion-mnist", str(tmp_path))
+
+
+# -- bad input: each stage's own, then one table for every stage (exit 2, one line naming the fix) --
+@pytest.mark.smoke
+def test_corrupt_truncated_and_pickled_checkpoints_exit_2(nominal_run, tmp_path, capsys):
+    _, out = nominal_run
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(out, "rb").read()[:5000])
+    pickled = tmp_path / "pickled.pt"
+    import argparse
+    torch.save({"format": "clustr/1", "args": argparse.Namespace(a=1)}, pickled)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, words in ((garbage, "corrupt"), (truncated, "truncated"), (pickled, "weights_only"),
+                        (foreign, "not a clustr/1"), (tmp_path / "missing.pt", "does not exist")):
+        err = exit_code_and_message(capsys, nominal.load_checkpoint, str(path))
+        assert words in err and str(path) in err
+    err = exit_code_and_message(capsys, nominal.load_checkpoint, out, ("magnet",))
+    assert "'nominal' checkpoint" in err
+
+
+@pytest.mark.smoke
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "ckpt.pt")
+    nominal.save_checkpoint({"format": "clustr/1", "marker": torch.arange(3)}, out)
+    before = open(out, "rb").read()
+    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
+    monkeypatch.setattr(nominal, "train_one_epoch", lambda *a, **k: (torch.tensor(float("nan")), torch.tensor(0), 1))
+    err = exit_code_and_message(capsys, nominal.main, [
+        *nominal_args(image_folder, out, "--epochs", 2, "--overwrite")])
+    assert "loss became" in err and "smaller" in err
+    assert "so nothing of this run was saved" in err                      # the old file is another run's
+    assert open(out, "rb").read() == before
+
+
+@pytest.mark.smoke
+def test_init_mismatches_and_wrong_stage_exit_2(nominal_run, magnet_run, image_folder, capsys, tmp_path):
+    out = str(tmp_path / "x.pt")
+    err = exit_code_and_message(capsys, magnet.main, [
+        "--data", "folder", "--data-dir", image_folder, "--width", "16", "--init", nominal_run[1],
+        "--out", out])
+    assert "width 8" in err and "--width 8" in err
+    err = exit_code_and_message(capsys, magnet.main, [
+        "--data", "svhn", "--data-dir", image_folder, "--width", "8", "--init", nominal_run[1],
+        "--out", out])
+    assert "--data folder" in err
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--init", magnet_run[1]))
+    assert "'magnet' checkpoint" in err and "nominal" in err
+    other = make_image_folder(str(tmp_path / "four"), classes=4, n_train=4, n_test=2)
+    err = exit_code_and_message(capsys, magnet.main, folder_args(other, out, "--init", nominal_run[1]))
+    assert "classes" in err
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--K", "100", "--epochs", "0"))
+    assert "K=100" in err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.smoke
+def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "m.pt")
+    # a diverged epoch (--lr above 1 is refused at parse time, so the loss is made NaN here)
+    monkeypatch.setattr(magnet, "train_one_epoch", lambda *a, **k: (float("nan"), 0))
+    err = exit_code_and_message(capsys, magnet.main, folder_args(image_folder, out, "--epochs", 2))
+    assert "smaller --lr" in err and "--alpha" in err
+    ckpt = magnet.load_checkpoint(out, stages=("magnet",))
+    assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["clusters"]["centers"]).all()
+
+
+@pytest.mark.smoke
+def test_diverged_features_stop_the_cluster_update(capsys):
+    model = nominal.ResNet18(0, width=4)
+    with torch.no_grad():
+        model.conv1.weight.fill_(float("inf"))
+    args = magnet.parse_args(["--data", "folder", "--width", "4", "--out", "m.pt"])
+    args.amp = False
+    train = (torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8), torch.arange(12) % 3)
+    err = exit_code_and_message(capsys, magnet.update_clusters, model, train, 3, args, torch.Generator())
+    assert "non-finite" in err and "smaller --lr" in err
+
+
+@pytest.mark.smoke
+def test_wrong_init_stage_resume_stage_and_nan_exit_2(qtrades_runs, nominal_run, image_folder, capsys, tmp_path,
+                                                     monkeypatch):
+    out = str(tmp_path / "x.pt")
+    magnet_ckpt = qtrades_runs["magnet"][1]
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--init", magnet_ckpt, "--loss", "ce"))
+    assert "'qtrades-magnet' checkpoint" in err and "nominal" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--init", qtrades_runs["ce"][1]))
+    assert "'qtrades-ce' checkpoint" in err and "magnet" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--width", "16", "--init", nominal_run[1]))
+    assert "--width 8" in err
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--loss", "ce", "--resume", magnet_ckpt))
+    assert "'qtrades-magnet' checkpoint" in err and "qtrades-ce" in err
+    assert not os.path.exists(out)
+    # NaN/inf: stop, keep the last good checkpoint, suggest a smaller lr / lam
+    monkeypatch.setattr(qtrades, "train_one_epoch_ce", lambda *a, **k: (float("nan"), float("nan"), 0.0, 0))
+    err = exit_code_and_message(capsys, qtrades.main, folder_args(
+        image_folder, out, "--epochs", 2, "--loss", "ce"))
+    assert "smaller --lr" in err and "--lam" in err
+    assert qtrades.load_checkpoint(out, stages=("qtrades-ce",))["epoch"] == 0
+
+
+@pytest.mark.smoke
+def test_bad_numbers_exit_2(capsys):
+    for argv, words in ((["--seeds", "0"], "--seeds"), (["--n", "3"], "--n 3"),
+                        (["--alpha", "-1"], "--alpha"), (["--lr", "0"], "--lr")):
+        assert words in exit_code_and_message(capsys, synthetic.parse_args, argv)
 
 
 @pytest.fixture(scope="session")
@@ -4485,8 +4725,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_fix(label, stage, argv, word
     assert not os.path.exists(p["marker"]), "the pickled os.system ran"
 
 
-# ==== Faults by kind (README "Bad input and safety"): each handled by one general mechanism ====
-
+# -- faults by kind, each handled by one general mechanism; atomic writes, links, logs, the shell --
 @pytest.fixture(scope="session")
 def faults(nominal_run, clustering_ckpt, image_folder, tmp_path_factory):
     """The files of the FAULTS table, in one folder whose every byte the test compares after."""
@@ -4595,6 +4834,26 @@ def test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_i
 
 
 @pytest.mark.smoke
+def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "c.pt")
+    nominal.save_checkpoint({"a": torch.ones(2)}, path)
+    before = open(path, "rb").read()
+
+    def broken(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", broken)
+    assert "(No space left on device); it is as it was" in exit_code_and_message(
+        capsys, nominal.save_checkpoint, {"a": torch.zeros(2)}, path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
+    monkeypatch.undo()
+    for bad in ({"model": {"w": torch.tensor([1.0, float("nan")])}}, {"clusters": {"variance": float("inf")}}):
+        err = exit_code_and_message(capsys, nominal.save_checkpoint, bad, path)    # a diverged model
+        assert "holds NaN or inf: training diverged" in err and err.count("\n") == 1
+        assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.smoke
 def test_data_is_what_it_seems_links_labels_and_the_stored_folder(image_folder, nominal_run, tmp_path, monkeypatch,
                                                                   capsys):
     import shutil
@@ -4691,6 +4950,7 @@ def test_bad_input_from_the_shell_exits_2_without_a_traceback(background):
         assert not os.path.exists(out / f"{script}.out")
 
 
+# -- --help --
 HELP = [  # stage: what its --help must say (the paper's equations and sections, real defaults)
     (nominal, ["App. A", "--stop-after", "--data-path"]),
     (magnet, ["App. A", "Eq. (3)", "Table 1", "60"]),
@@ -4741,6 +5001,7 @@ def test_help_prints_the_per_dataset_defaults_a_run_applies(stage, capsys):
         assert "(default: per --data, table below)" in entries[flag], (flag, entries[flag])
 
 
+# -- overwrite, interrupt, signals, locks, reruns, printed next commands --
 def interrupted_at_call(real, n):
     """`real`, except that its n-th call raises KeyboardInterrupt (a Ctrl-C at that point)."""
     calls = []
@@ -4966,12 +5227,13 @@ def test_evaluation_stages_create_the_out_folder_first(magnet_ckpt, tmp_path, mo
     assert results["images"] == 4 and sorted(os.listdir("new/dir")) == ["c.json", "c.json.log.jsonl"]
 
 
-# ==== issue 15: attack.py under torchrun ====
-
+# -- attack.py under torchrun --
 # The fields of attack.py's result file that may differ between a torchrun run and a plain run
 # with the same seed: the process count and wall-clock timings.  Everything else (rows, per-example
 # verdicts, checks and their numbers, config) must be equal.
 TORCHRUN_MAY_DIFFER = {"world_size", "attack_seconds", "check_seconds", "seconds"}
+
+
 TORCHRUN_ROW_MAY_DIFFER = {"seconds", "images_per_second"}                  # in each results row
 
 
@@ -5098,12 +5360,7 @@ def test_bad_input_under_torchrun_exits_2_on_every_process_with_one_line(
     assert sorted(os.listdir(tmp_path)) == [] and attack.DIST == {"rank": 0, "world": 1}
 
 
-# ===============================================================================
-
-
-# ==== issue 15: the GPU benchmark, --compile, the CUDA layout and precision paths ====
-# ======================================================================================
-
+# -- the GPU benchmark's tiny run on the CPU --
 def resnet18_flops(width, classes, size=32, channels=3):
     """2 x the multiply-adds of one image through the CIFAR ResNet18 of App. A, by layer from its
     shapes alone: (all convolutions, the stem convolution, the linear head)."""
@@ -5162,6 +5419,7 @@ def test_gpu_benchmark_tiny_on_the_cpu_prints_and_writes_every_row(background):
                                        + n["test_images"] * (convs + head), rel=1e-9)
 
 
+# -- --compile, and compiled steps against eager --
 def fake_compile(calls):
     """torch.compile stand-in that records what it was given and calls it unchanged, and each kind
     of call that goes through it (train or eval mode, with or without gradients, and the backward
@@ -5282,336 +5540,3 @@ def test_compiled_training_step_and_attack_gradient_equal_eager(own_rng):
     # backward with it), and the input gradient flows through the compiled backward
     assert len(timers["_compile.compile_inner"]) > graphs[0]
     assert type(clfs[1].model.features(x).grad_fn).__name__ == "CompiledFunctionBackward"
-
-
-# ==== issue 15: certify's L2 attack and power iteration batched (item 4) ====
-# certify.l2_attack runs every image's minimum-norm search in one batch (its radius moves at every
-# step) and jacobian_norm_lower answers with the best vector of the power iterates' span.  The
-# oracles: the same rules written per example with Python scalars, and explicit Jacobians.
-
-def tiny_feature_net(seed, n_in=16, hidden=12, d=3):
-    """A float64 ReLU feature map [n, 1, 4, 4] -> [n, d] whose Jacobian is explicit."""
-    g = torch.Generator().manual_seed(seed)
-    W1 = torch.randn(hidden, n_in, generator=g, dtype=torch.float64)
-    b1 = 0.1 * torch.randn(hidden, generator=g, dtype=torch.float64)
-    W2 = torch.randn(d, hidden, generator=g, dtype=torch.float64)
-    return lambda x: torch.relu(x.flatten(1) @ W1.T + b1) @ W2.T
-
-
-def naive_nearest_class(f, mu, cls):
-    """Class of the nearest centre of one feature vector, by a loop over the centres."""
-    d2 = [float(((f - m) ** 2).sum()) for m in mu]
-    return int(cls[d2.index(min(d2))])
-
-
-def naive_l2_attack(feat, x, mu, cls, steps, bisect):
-    """certify.l2_attack's rules, one image at a time, the radius a Python float.
-    -> (smallest norms, images found)."""
-    bests, advs = [], []
-    for xi in x.split(1):
-        y = naive_nearest_class(feat(xi)[0], mu, cls)
-        delta, eps, best, adv_x = torch.zeros_like(xi), 0.0, math.inf, xi.clone()
-        for t in range(steps + 1):
-            z = (xi + delta).requires_grad_(True)
-            f = feat(z)[0]
-            d2 = [((f - m) ** 2).sum() for m in mu]
-            adv = naive_nearest_class(f.detach(), mu, cls) != y
-            dist = float((z.detach() - xi).norm())
-            if adv and dist < best:
-                best, adv_x = dist, z.detach().clone()
-            if t == steps:
-                break
-            margin = min(d for d, c in zip(d2, cls) if c == y) - min(d for d, c in zip(d2, cls) if c != y)
-            g, = torch.autograd.grad(margin, z)
-            z = z.detach()
-            g[((z <= 0) & (g < 0)) | ((z >= 1) & (g > 0))] = 0               # box-feasible
-            g_norm = max(float(g.norm()), 1e-30)
-            c = 0.5 * (1 + math.cos(math.pi * t / steps))
-            gamma = certify.GAMMA_END + (certify.GAMMA - certify.GAMMA_END) * c
-            alpha = certify.ALPHA_END + (certify.ALPHA - certify.ALPHA_END) * c
-            if adv:
-                eps = min(eps * (1 - gamma), best)
-            elif best < math.inf:
-                eps = eps * (1 + gamma)
-            else:
-                eps = max(float(delta.norm()) + max(-float(margin.detach()), 0.0) / g_norm,
-                          eps * (1 + certify.GROW))
-            delta = delta + alpha * eps / g_norm * g
-            delta = delta * min(1.0, eps / max(float(delta.norm()), 1e-30))
-            delta = (xi + delta).clamp(0, 1) - xi
-        d, lo, hi = adv_x - xi, 0.0, 1.0                                     # bisection along the ray
-        for _ in range(bisect if best < math.inf else 0):
-            s = (lo + hi) / 2
-            zs = (xi + s * d).clamp(0, 1)
-            adv = naive_nearest_class(feat(zs)[0], mu, cls) != y
-            if adv and float((zs - xi).norm()) < best:
-                best, adv_x = float((zs - xi).norm()), zs
-            lo, hi = (lo, s) if adv else (s, hi)
-        bests.append(best)
-        advs.append(adv_x)
-    return torch.tensor(bests, dtype=torch.float64), torch.cat(advs)
-
-
-@pytest.mark.oracle
-def test_batched_l2_attack_equals_a_per_example_loop_and_its_examples_flip_at_their_distance():
-    feat = tiny_feature_net(seed=3)
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(10, 1, 4, 4, generator=g, dtype=torch.float64)
-    x[:4, 0, 0] = 0.0                                                       # pixels on the box faces
-    x[2:6, 0, 3] = 1.0
-    with torch.no_grad():
-        f = feat(x)
-    mu = f[:6] + 0.05 * torch.randn(6, 3, generator=g, dtype=torch.float64)
-    cls = torch.tensor([0, 1, 2, 0, 1, 2])
-    best, x_adv = certify.l2_attack(feat, x, mu, cls, steps=12, bisect=6, return_examples=True)
-    naive_best, naive_adv = naive_l2_attack(feat, x, mu, cls, 12, 6)
-    assert torch.equal(torch.isfinite(best), torch.isfinite(naive_best))
-    assert int(torch.isfinite(best).sum()) >= 7
-    fin = torch.isfinite(best)
-    assert torch.allclose(best[fin], naive_best[fin], rtol=1e-9, atol=0)
-    assert torch.allclose(x_adv, naive_adv, rtol=0, atol=1e-9)
-    # every example reported lies in the box, at the distance reported, and changes feat's class
-    assert x_adv.min() >= 0 and x_adv.max() <= 1 and torch.equal(x_adv[~fin], x[~fin])
-    assert torch.equal((x_adv - x).flatten(1).norm(dim=1)[fin], best[fin])
-    for i in fin.nonzero().flatten().tolist():
-        assert naive_nearest_class(feat(x_adv[i:i + 1])[0], mu, cls) != naive_nearest_class(feat(x[i:i + 1])[0], mu, cls)
-
-
-@pytest.mark.oracle
-def test_l2_attack_on_a_resnet_reports_only_flips_outside_its_radius(own_rng):
-    """certify.main's path: the search and its verdicts on the network certified; every finding
-    flips it, in the box, at its distance, and none lies inside a sound radius of Prop. 1."""
-    torch.manual_seed(11)                                   # random_resnet's convolutions: fixed
-    net = random_resnet(2, seed=11)
-    g = torch.Generator().manual_seed(11)
-    x = torch.rand(10, 3, 8, 8, generator=g)
-    with torch.no_grad():
-        f = net.features(x)
-    mu, cls = f[:6] + 0.01 * torch.randn(6, f.shape[1], generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
-    best, x_adv = certify.l2_attack(net.features, x, mu, cls, steps=12, bisect=6, return_examples=True)
-    fin = torch.isfinite(best)
-    assert int(fin.sum()) >= 6
-    with torch.no_grad():
-        _, y = certify.nearest_center(net.features(x), mu, cls)
-        _, y_adv = certify.nearest_center(net.features(x_adv), mu, cls)
-    assert torch.all(y_adv[fin] != y[fin]) and torch.equal(x_adv[~fin], x[~fin])
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert torch.equal((x_adv.double() - x.double()).flatten(1).norm(dim=1)[fin], best[fin])
-    _, radius, _ = certified_radius(f.double(), mu, cls, certify.lipschitz_layers(net, (3, 8, 8))[0])
-    assert not torch.any(best < radius)
-
-
-def naive_power_estimates(J, v0, T):
-    """One image: (plain power iteration's ||J v_T||, the best ||J v|| over unit v in the span of
-    v_0, A v_0, ..., A^T v_0 by QR of those vectors, the largest singular value of J), A = J^T J."""
-    A = J.T @ J
-    v = v0 / v0.norm()
-    krylov = [v]
-    for _ in range(T):
-        v = A @ v
-        v = v / v.norm()
-        krylov.append(v)
-    Q, _ = torch.linalg.qr(torch.stack(krylov, 1))
-    ritz = torch.linalg.eigvalsh(Q.T @ A @ Q)[-1].clamp_min(0).sqrt()
-    return float((J @ v).norm()), float(ritz), float(torch.linalg.matrix_norm(J, 2))
-
-
-@pytest.mark.oracle
-@pytest.mark.parametrize("kind", ["mlp", "resnet"])
-def test_power_iteration_span_beats_the_plain_iterate_and_reaches_the_explicit_jacobian_norm(kind, own_rng):
-    if kind == "mlp":
-        feat, shape, d = tiny_feature_net(seed=5), (1, 4, 4), 3
-    else:
-        torch.manual_seed(5)                                # random_resnet's convolutions: fixed
-        net = copy.deepcopy(random_resnet(2, seed=5)).double()
-        feat, shape, d = net.features, (3, 8, 8), 16
-    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    Js = [torch.autograd.functional.jacobian(lambda z: feat(z[None])[0], xi).flatten(1) for xi in x]
-    for T in (1, 2, d):
-        got = certify.jacobian_norm_lower(feat, x, iters=T, generator=torch.Generator().manual_seed(7))
-        v0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).double().flatten(1)
-        for b, J in enumerate(Js):
-            plain, ritz, sigma = naive_power_estimates(J, v0[b], T)
-            assert plain * (1 - 1e-12) <= got[b] <= sigma * (1 + 1e-12)
-            if T < int(torch.linalg.matrix_rank(J)):                        # the Krylov vectors independent
-                assert float(got[b]) == pytest.approx(ritz, rel=1e-9)
-            if T >= d:                                                      # rank(A) <= d: the span is invariant
-                assert float(got[b]) == pytest.approx(sigma, rel=1e-9)
-
-
-# ==== issue 15: k-means speed, Eq. (4) and QTRADES distances in the expanded form ====
-
-def relu_like_clusters(seed, n, dim=512, classes=100, K=2, spread=0.03, close=False):
-    """ReLU-like features around centres that share a non-negative base (norms about 25, as a
-    width-64 ResNet18's pooled features), sigma^2 from a tight clustering (Eq. (3)), so that the
-    exponents of Eq. (4) reach a few hundred.  close: the rows lie 2e-4 per feature from a centre
-    (squared distance about 2e-5, the size of float32 rounding in the expanded form).
-    -> float64 features [n, d], centres [M, d], centre classes [M], labels [n], sigma^2."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(dim, generator=g, dtype=torch.float64).abs()
-    centers = (base + 0.5 * torch.randn(classes * K, dim, generator=g, dtype=torch.float64)).clamp_min(0)
-    own = torch.randint(classes * K, (n,), generator=g)
-    noisy = (centers[own] + spread * torch.randn(n, dim, generator=g, dtype=torch.float64)).clamp_min(0)
-    sigma2 = float((noisy - centers[own]).pow(2).sum() / (n - 1))
-    f = centers[own] + 2e-4 * torch.randn(n, dim, generator=g, dtype=torch.float64) if close else noisy
-    center_classes = torch.arange(classes).repeat_interleave(K)
-    return f, centers, center_classes, center_classes[own], sigma2
-
-
-def explicit_eq4(f, centers, center_classes, sigma2, D=None, sq=None):
-    """Eq. (4) in log space from explicit [n, M, d] differences and an [n, classes, M] masked
-    logsumexp (the form the eq4 block had before issue 15); sq: other squared distances."""
-    if sq is None:
-        sq = (f[:, None, :] - centers[None, :, :]).pow(2).sum(-1)
-    s = -sq / (2 * sigma2)
-    if D is not None:
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, sq.detach().topk(D, 1, largest=False).indices, True)
-        s = s.masked_fill(~keep, float("-inf"))
-    member = center_classes[None, :] == torch.arange(int(center_classes.max()) + 1)[:, None]
-    return s[:, None, :].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
-
-
-def eq4_and_input_gradient(fn, f, weights):
-    """-> (log p [n, classes], d/df of sum(weights * log p) over the finite entries)."""
-    f = f.detach().clone().requires_grad_()
-    log_p = fn(f)
-    (log_p.masked_fill(~torch.isfinite(log_p), 0) * weights).sum().backward()
-    return log_p.detach(), f.grad
-
-
-@pytest.mark.oracle
-def test_eq4_expanded_form_in_float32_agrees_with_float64_explicit_differences():
-    """The eq4 block's float32 log-probabilities and input gradients against float64 explicit
-    differences, on tight clusters (exponents of about -300) and on rows next to a centre, with
-    all centres and with the D = 20 nearest.  Log-probabilities: within 8 float32 epsilons of the
-    row's largest |exponent| (measured: the explicit float32 form 1.2-1.7, the shifted expanded
-    form 2.5-3.3, less accurate by that factor because the matmul sums 512 products in a longer
-    chain than torch's cascaded sum; the same expanded form without the centre shift 20-27, which
-    this bound rejects).  Gradients: within 1e-4 relative per row, and on average at least as
-    accurate as explicit float32 (measured: 3-4x more accurate)."""
-    eps = torch.finfo(torch.float32).eps
-    for seed, close in ((0, False), (1, True)):
-        f, mu, cc, _, var = relu_like_clusters(seed, 32, close=close)
-        weights = torch.randn(f.shape[0], 100, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        s_max = ((f[:, None] - mu[None]).pow(2).sum(-1) / (2 * var)).amax(1, keepdim=True)   # [n, 1]
-        assert s_max.min() > 100                                         # large exponents
-        for D in (None, 20):
-            ref, ref_grad = eq4_and_input_gradient(lambda x: explicit_eq4(x, mu, cc, var, D), f, weights)
-            finite = torch.isfinite(ref)
-            bound = (8 * eps * s_max).expand_as(ref)[finite]
-
-            def check(fn):
-                log_p, grad = eq4_and_input_gradient(fn, f.float(), weights.float())
-                assert torch.equal(torch.isfinite(log_p), finite)
-                error = (log_p.double() - ref)[finite].abs()
-                rel = (grad.double() - ref_grad).norm(dim=1) / ref_grad.norm(dim=1)
-                return bool((error <= bound).all()), rel
-
-            ok, rel = check(lambda x: magnet.cluster_log_probs(x, mu.float(), cc, var, D))
-            assert ok and rel.max() < 1e-4
-            ok_explicit, rel_explicit = check(lambda x: explicit_eq4(x, mu.float(), cc, var, D))
-            assert ok_explicit and rel.mean() <= rel_explicit.mean()
-            # without the shift the same expanded form loses the digits the bound asks for
-            m32 = mu.float()
-            assert not check(lambda x: explicit_eq4(x, m32, cc, var, D, sq=x.square().sum(1, keepdim=True)
-                                                    - 2 * x @ m32.T + m32.square().sum(1)))[0]
-
-
-@pytest.mark.oracle
-def test_cluster_log_probs_per_class_sums_match_a_masked_logsumexp_without_underflow():
-    """The [n, M] per-class reduction against the [n, classes, M] masked logsumexp in float64:
-    unsorted centre classes of unequal sizes, a class id without centres, keep masks that empty
-    whole classes, and a class 2000 nats below the best (exp underflows there: the per-class
-    peak keeps it finite).  Gradients equal the masked form's, finite, and 0 at masked centres."""
-    g = torch.Generator().manual_seed(3)
-    cc = torch.tensor([2, 0, 3, 0, 2, 2, 0, 3])                         # class 1 has no centre
-    mu = torch.randn(8, 6, generator=g, dtype=torch.float64)
-    f = torch.randn(10, 6, generator=g, dtype=torch.float64)
-    mu[[2, 7]] += 80.0                                                   # class 3 far away
-    keep = torch.rand(10, 8, generator=g) < 0.6
-    keep[:, 1] = True                                                    # every row keeps a centre
-    for k in (None, keep):
-        fa, fb = f.clone().requires_grad_(), f.clone().requires_grad_()
-        ours = magnet.cluster_log_probs(fa, mu, cc, 0.7, keep=k)
-        sq = (fb[:, None] - mu[None]).pow(2).sum(-1)
-        s = -sq / 1.4 if k is None else (-sq / 1.4).masked_fill(~k, float("-inf"))
-        member = cc[None, :] == torch.arange(4)[:, None]
-        ref = s[:, None].masked_fill(~member[None], float("-inf")).logsumexp(-1) - s.logsumexp(-1, keepdim=True)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)) and torch.isinf(ours[:, 1]).all()
-        finite = torch.isfinite(ref)
-        assert torch.allclose(ours[finite], ref[finite], atol=1e-9, rtol=1e-12)
-        if k is None:
-            assert (ours[:, 3] < -2000).all()                            # finite, far below 0
-        w = torch.randn(10, 4, generator=g, dtype=torch.float64)
-        (ours.masked_fill(~finite, 0) * w).sum().backward()
-        (ref.masked_fill(~finite, 0) * w).sum().backward()
-        assert torch.isfinite(fa.grad).all() and torch.allclose(fa.grad, fb.grad, atol=1e-9, rtol=1e-9)
-
-
-@pytest.mark.oracle
-def test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set():
-    f, mu, cc, _, var = relu_like_clusters(4, 40, classes=20, spread=0.3)
-    sq = (f[:, None] - mu[None]).pow(2).sum(-1)                          # float64, explicit
-    for D in (1, 5, 39):
-        keep = qtrades.nearest_mask(f.float(), mu.float(), D)
-        expected = torch.zeros_like(keep).scatter_(1, sq.topk(D, 1, largest=False).indices, True)
-        assert torch.equal(keep, expected)
-        log_p = magnet.cluster_log_probs(f.float(), mu.float(), cc, var, D)
-        assert torch.equal(log_p, qtrades.cluster_log_probs(f.float(), mu.float(), cc, var, keep=keep))
-    assert qtrades.nearest_mask(f, mu, None).all() and qtrades.nearest_mask(f, mu, 40).all()
-
-
-@pytest.mark.oracle
-def test_kmeans_nearest_is_scores_min_with_ties_to_the_lower_index():
-    g = torch.Generator().manual_seed(6)
-    for dtype in (torch.float32, torch.float64):
-        for k in (1, 2, 7):
-            scores = torch.randn(k, 500, generator=g, dtype=dtype).round(decimals=1)   # many ties
-            scores[:, :5] = 3.0                                          # all k tied
-            low, index = magnet._nearest(scores.clone())
-            expected = scores.min(0)
-            assert torch.equal(low, expected.values) and torch.equal(index, expected.indices)
-            first = torch.stack([(scores[:, i] == scores[:, i].min()).nonzero()[0, 0] for i in range(500)])
-            assert torch.equal(index, first) and index.dtype == torch.long
-
-
-@pytest.mark.oracle
-def test_kmeans_pp_on_relu_like_float32_rows_float64_nearest_and_means():
-    """float32 rows far from the origin (norm about 25, spread about 3): the returned assignment
-    is the nearest returned centre by float64 explicit differences (a different one only within
-    float32 rounding of a tie), the converged centres (tol = rtol = 0) are their rows' float64
-    means, and the default stop's inertia is at or above the converged run's (same seeding:
-    an earlier point of the same Lloyd trajectory)."""
-    f, mu, cc, labels, _ = relu_like_clusters(5, 3000, classes=3, K=2, spread=0.15)
-    x = f.float()
-    runs = {}
-    for name, kw in (("default", {}), ("converged", {"tol": 0, "rtol": 0})):
-        c, a = magnet.kmeans_pp(x, 6, generator=torch.Generator().manual_seed(0), **kw)
-        d64 = (x.double()[:, None] - c.double()[None]).pow(2).sum(-1)     # [n, k] explicit
-        best = d64.min(1).values
-        gap = d64.gather(1, a[:, None])[:, 0] - best
-        assert (gap <= 1e-5 * best).all() and (gap == 0).float().mean() > 0.999
-        runs[name] = (c, a, float(d64.gather(1, a[:, None]).sum()))
-    c, a, inertia_converged = runs["converged"]
-    for j in range(6):
-        members = x.double()[a == j]
-        assert len(members) and torch.allclose(c[j].double(), members.mean(0), atol=1e-5, rtol=0)
-    assert runs["default"][2] >= inertia_converged * (1 - 1e-7)
-
-
-@pytest.mark.oracle
-def test_eq4_and_kmeans_distances_stay_float32_under_bfloat16_autocast():
-    """The training and attack steps run under autocast, which would turn the expanded form's
-    matmul into a bfloat16 one (8 significant bits); the eq4 and kmeans blocks switch it off."""
-    f, mu, cc, _, var = relu_like_clusters(7, 64, classes=10, spread=0.1)
-    f, mu = f.float(), mu.float()
-    x = relu_like_clusters(8, 400, classes=1, K=1, spread=1.0)[0].float()   # one blob: many borders
-
-    def run():
-        return (magnet.cluster_log_probs(f, mu, cc, var, 5), qtrades.nearest_mask(f, mu, 5),
-                *magnet.kmeans_pp(x, 4, generator=torch.Generator().manual_seed(0)))
-    plain = run()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.mm(f, mu.T).dtype == torch.bfloat16                 # autocast is live here
-        mixed = run()
-    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
