@@ -16,18 +16,22 @@ Four tiers, one pytest marker each (registered in pytest.ini; `-m NAME` runs one
     python -m pytest test_all.py -m oracle  # one tier
 
 Index: the paper's equations and the evaluation, in the paper's order, and the tests that check
-each against an independent computation (test_the_index_names_tests_that_exist keeps it true).
-  Eq. (3), Magnet loss       test_magnet_loss_equals_a_naive_loop_over_eq3,
+each against an independent computation; then the stages end to end and the plumbing.  Each line's
+tests sit under the section banner below whose title begins with the line's name, in this order
+(test_the_index_names_tests_that_exist keeps both true).
+  shape                      test_shared_blocks_identical_across_stages,
+                             test_every_test_has_one_registered_tier
+  Eq. (3)                    test_magnet_loss_equals_a_naive_loop_over_eq3,
                              test_magnet_loss_gradient_matches_finite_differences,
                              test_fit_clusters_per_class_with_eq3_variance
-  Eq. (4), soft clusters     test_cluster_log_probs_is_eq4, test_class_scores_are_eq4_log_scores_against_a_float64_loop,
+  Eq. (4)                    test_cluster_log_probs_is_eq4, test_class_scores_are_eq4_log_scores_against_a_float64_loop,
                              test_eq4_expanded_form_in_float32_agrees_with_float64_explicit_differences,
                              test_qtrades_nearest_mask_is_the_d_smallest_float64_distances_and_eq4s_set
-  k-means++ (Sec. 3.3)       test_kmeans_pp_finds_the_brute_force_optimum,
+  k-means++                  test_kmeans_pp_finds_the_brute_force_optimum,
                              test_kmeans_nearest_is_scores_min_with_ties_to_the_lower_index
-  sampler (App. A)           test_sampler_batches_are_m_clusters_of_d_with_the_nearest_impostors,
+  the neighbourhood sampler  test_sampler_batches_are_m_clusters_of_d_with_the_nearest_impostors,
                              test_sampler_seeds_in_proportion_to_the_recent_loss
-  Eq. (5), PGD               test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers,
+  Eq. (5)                    test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers,
                              test_restarts_with_early_exit_equal_every_restart_on_every_example,
                              test_attack_objectives_match_naive_float64_loops
   the attacks' worst case    test_cascade_and_per_loss_equal_a_naive_loop_of_each_example_alone,
@@ -35,23 +39,47 @@ each against an independent computation (test_the_index_names_tests_that_exist k
                              test_margin_t_targets_the_top_classes_of_a_naive_ranking_with_ties_and_d_masks,
                              test_recompute_counts_rounding_level_disagreements_and_exits_1_beyond_them,
                              test_each_broken_attack_fails_its_check_and_the_correct_one_passes_them_all
-  Prop. 1, radius            test_prop1_radius_matches_a_naive_loop,
+  Prop. 1, the radius        test_prop1_radius_matches_a_naive_loop,
                              test_isometry_one_centre_per_class_radius_is_the_exact_distance_and_a_step_beyond_flips,
                              test_several_centres_per_class_sound_radius_never_exceeds_the_exact_distance
-  Lipschitz bound            test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding,
+  Prop. 1, the Lipschitz     test_conv_bound_is_above_the_exact_norm_and_equal_for_circular_padding,
                              test_lipschitz_bound_is_above_jacobian_norms_on_random_resnets,
-                             test_exact_lipschitz_of_random_networks
-  certify.py's curves        test_certified_accuracy_curve_is_a_brute_force_count_of_correct_images_with_radius_above_r,
-                             test_l2_attack_on_a_linear_feature_map_finds_the_closed_form_distance_to_the_decision_hyperplane
-  Eq. (6), QTRADES           test_consistency_is_eq6_cross_entropy_with_finite_gradients,
+                             test_lipschitz_bound_is_exact_where_the_network_is_a_composition_of_its_layer_norms
+  certify.py's L2 attack     test_l2_attack_on_a_linear_feature_map_finds_the_closed_form_distance_to_the_decision_hyperplane,
+                             test_batched_l2_attack_equals_a_per_example_loop_and_its_examples_flip_at_their_distance,
+                             test_power_iteration_span_beats_the_plain_iterate_and_reaches_the_explicit_jacobian_norm
+  certify.py's certified-accuracy curves
+                             test_certified_accuracy_curve_is_a_brute_force_count_of_correct_images_with_radius_above_r,
+                             test_certify_results_pair_each_image_with_its_own_radius_and_recount_like_a_naive_loop
+  Eq. (6)                    test_consistency_is_eq6_cross_entropy_with_finite_gradients,
                              test_lam_0_is_magnet_py_loss_and_lam_adds_the_naive_consistency,
                              test_quick_adversary_is_one_signed_step_in_the_ball_and_raises_the_loss
+  Sec. 4.1, exact Lipschitz  test_exact_lipschitz_of_random_networks,
+                             test_exact_lipschitz_of_a_single_linear_layer_is_its_spectral_norm
   Sec. 4.1, Fig. 3           test_every_radius_is_sound, test_both_runs_start_from_the_same_weights_and_take_the_same_steps
-  bad input and faults       test_bad_input_exits_2_with_one_line_naming_the_fix,
-                             test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_input
-  resume, signals, locks     test_resume_is_bit_identical_to_an_uninterrupted_run,
+  end to end: nominal.py     test_tiny_training_run_learns, test_checkpoint_has_the_documented_entries_and_round_trips
+  end to end: magnet.py      test_warm_start_beats_random_init_at_equal_epochs,
+                             test_clustr_checkpoint_reproduces_eq4_accuracy_from_its_own_contents
+  end to end: attack.py      test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps
+  end to end: the library use
+                             test_export_loads_in_a_clean_interpreter_and_matches_load_classifier
+  end to end: certify.py     test_certify_end_to_end_matches_a_naive_recomputation
+  end to end: synthetic.py   test_short_run_writes_the_documented_json_with_non_increasing_curves
+  end to end: qtrades.py     test_both_variants_write_documented_checkpoints_that_attack_py_evaluates
+  end to end, every training stage
+                             test_resume_is_bit_identical_to_an_uninterrupted_run,
+                             test_every_stage_writes_the_entries_and_types_every_reader_expects
+  wiring: nominal.py         test_nominal_adam_steps_on_the_gradient_of_each_shuffled_batch_alone
+  wiring: magnet.py          test_magnet_sampler_is_fed_the_losses_the_loop_computed_for_the_rows_it_drew
+  wiring: qtrades.py         test_qtrades_lam_scales_the_consistency_term_of_each_step_gradient
+  wiring: the per-dataset defaults
+                             test_every_per_dataset_default_is_the_papers, test_paper_defaults_per_dataset_and_help
+  plumbing                   test_bad_input_exits_2_with_one_line_naming_the_fix,
+                             test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_input,
                              test_a_signal_during_a_checkpoint_write_waits_until_the_file_and_the_run_agree,
-                             test_a_killed_runs_lock_is_free_and_a_live_one_refuses
+                             test_a_killed_runs_lock_is_free_and_a_live_one_refuses,
+                             test_torchrun_with_2_cpu_processes_writes_the_single_process_result,
+                             test_compile_flag_reaches_the_network_each_stage_trains_and_attacks
 """
 
 import ast
@@ -104,6 +132,7 @@ def one_torch_thread():
 # ======================================================================================
 # fixtures and helpers shared by several sections
 # ======================================================================================
+
 # The environment as the session found it: the background jobs below start their interpreters with
 # it, not with os.environ, which a test in the main thread may be changing at that moment
 # (monkeypatch.setenv("WORLD_SIZE", ...) would make a stage started then join a torchrun group).
@@ -305,6 +334,7 @@ def own_rng():
 # ======================================================================================
 # shape: shared blocks, the flat layout, this file's index and tiers
 # ======================================================================================
+
 BEGIN = re.compile(r"^# --- shared: ([\w-]+) ---$")
 
 
@@ -545,6 +575,30 @@ def test_the_index_names_tests_that_exist():
     tests = {name for name in globals() if name.startswith("test_")}
     assert len(named) == len(set(named)) >= 20 and set(named) - {"test_the_index_names_tests_that_exist"} <= tests, \
         set(named) - tests
+    # each index line's tests sit under the one section banner whose title begins with the line's
+    # name, and the lines follow the banners' order in this file
+    with open(os.path.join(ROOT, "test_all.py")) as f:
+        lines = f.read().splitlines()
+    bar = "# " + "=" * 86
+    banners = [i for i in range(len(lines) - 1) if lines[i] == bar and lines[i + 1].startswith("# ")
+               and lines[i + 1] != bar]
+    defs = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"def (test_\w+)\(", line))}
+    entries = []
+    for line in index.splitlines():
+        if re.match(r"  \S", line):
+            entries.append((re.split(r"\s{2,}", line.strip())[0], []))
+        if entries:
+            entries[-1][1].extend(re.findall(r"\b(test_\w+)", line))
+    assert len(entries) >= 20 and sum(len(names) for _, names in entries) == len(named) - 1  # less this test
+    previous = 0
+    for label, names in entries:
+        at = [i for i in banners if lines[i + 1][2:].startswith(label)]
+        assert len(at) == 1, f"index line {label!r}: {len(at)} section banners begin with it"
+        end = min([i for i in banners if i > at[0]] + [len(lines)])
+        assert at[0] >= previous, f"index line {label!r} is out of the sections' order"
+        previous = at[0]
+        for name in names:
+            assert at[0] < defs[name] < end, f"{name} is not under the section {label!r}"
 
 
 @pytest.mark.shape
@@ -570,6 +624,7 @@ def test_every_test_has_one_registered_tier():
 # ======================================================================================
 # Eq. (3): the Magnet loss (magnet.py), and the clusters and sigma^2 it is computed on
 # ======================================================================================
+
 def naive_magnet(features, cluster_ids, class_ids, alpha):
     """Eq. (3) written out per example with Python floats (float64): -> (mean, [per], sigma2)."""
     f = features.double().tolist()
@@ -701,6 +756,7 @@ def test_fit_clusters_per_class_with_eq3_variance(capsys):
 # ======================================================================================
 # Eq. (4): soft nearest-cluster probabilities (magnet.py, attack.py's class scores, QTRADES' D nearest)
 # ======================================================================================
+
 def naive_eq4(f, centers, center_classes, sigma2, D=None):
     """Eq. (4) with Python floats; D nearest centres by distance."""
     out = []
@@ -928,6 +984,7 @@ def test_eq4_and_kmeans_distances_stay_float32_under_bfloat16_autocast():
 # ======================================================================================
 # k-means++ (Sec. 3.3, App. B.1)
 # ======================================================================================
+
 def brute_force_inertia(x, k):
     """Smallest k-means objective over every assignment of the n rows to k non-empty clusters
     (all k^n of them): sum_j sum_{i in j} ||x_i - mean_j||^2 = sum ||x||^2 - sum_j ||s_j||^2 / n_j."""
@@ -1050,6 +1107,7 @@ def test_kmeans_pp_on_relu_like_float32_rows_float64_nearest_and_means():
 # ======================================================================================
 # the neighbourhood sampler (Rippel et al.; App. A)
 # ======================================================================================
+
 def toy_clusters(sizes=(30, 30, 25, 30, 12, 30), dim=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     M = len(sizes)
@@ -1137,6 +1195,7 @@ def test_sampler_state_dict_continues_the_same_stream():
 # ======================================================================================
 # Eq. (5): PGD (attack.py) against closed forms and replays
 # ======================================================================================
+
 @pytest.mark.oracle
 def test_pgd_reaches_the_closed_form_optimum_of_linear_classifiers():
     torch.manual_seed(0)
@@ -1314,6 +1373,7 @@ def test_attack_objectives_match_naive_float64_loops():
 # ======================================================================================
 # the attacks' worst case (Sec. 4.2): Square, targets, the cascade, and the checks against broken attacks
 # ======================================================================================
+
 class Quantised(nn.Module):
     """A binary linear classifier on inputs rounded to 1/8: the input gradient is exactly zero
     everywhere (a masked gradient), yet a move of eps = 0.25 per pixel can cross the boundary."""
@@ -1780,8 +1840,9 @@ def test_a_run_whose_bookkeeping_is_broken_exits_1_and_writes_no_result(name, no
 
 
 # ======================================================================================
-# Prop. 1: the certified radius against exact geometry (certify.py, synthetic.py)
+# Prop. 1, the radius: against exact geometry (certify.py, synthetic.py)
 # ======================================================================================
+
 def nearest_class_naive(f, centers, classes):
     d = [float(((f - c) ** 2).sum()) for c in centers]
     return int(classes[int(np.argmin(d))])
@@ -1907,8 +1968,9 @@ def test_prop1_radius_matches_a_naive_loop():
 
 
 # ======================================================================================
-# Prop. 1's Lipschitz constant: certify.py's bound above every measured norm
+# Prop. 1, the Lipschitz constant: certify.py's bound above every measured norm
 # ======================================================================================
+
 def random_resnet(width, seed, in_channels=3):
     """A ResNet18 (the shared model block) with random weights and random eval-mode batch norm."""
     g = torch.Generator().manual_seed(seed)
@@ -2043,8 +2105,10 @@ def test_lipschitz_bound_is_exact_where_the_network_is_a_composition_of_its_laye
 
 
 # ======================================================================================
-# certify.py's L2 attack and power iteration: never inside a certified radius, close to it when the bound is exact
+# certify.py's L2 attack and power iteration: never inside a certified radius, close to it where the bound
+# is exact
 # ======================================================================================
+
 @pytest.mark.oracle
 def test_l2_attack_on_an_isometry_finds_the_exact_radius_and_never_goes_inside():
     g = torch.Generator().manual_seed(5)
@@ -2265,6 +2329,7 @@ def test_power_iteration_span_beats_the_plain_iterate_and_reaches_the_explicit_j
 # ======================================================================================
 # certify.py's certified-accuracy curves and the results' bookkeeping, against plain loops
 # ======================================================================================
+
 def brute_force_share(radius, correct, r):
     """Sec. 4.1 by a plain loop: the share of ALL images that are correct with radius > r."""
     return sum(1 for v, c in zip(radius, correct) if c and v > r) / len(radius)
@@ -2433,6 +2498,7 @@ def test_certify_plot_draws_each_result_curve_and_the_sorted_radii_it_is_given(m
 # ======================================================================================
 # Eq. (6): QTRADES' consistency term and the quick adversary (qtrades.py; Sec. 4.2, App. A)
 # ======================================================================================
+
 def naive_consistency(log_p, log_q):
     """-sum_c p_c log q_c with Python floats, terms with p_c = 0 left out."""
     out = []
@@ -2645,8 +2711,9 @@ def test_crafting_runs_in_eval_mode_and_leaves_batch_norm_and_gradients_alone(wi
 
 
 # ======================================================================================
-# Sec. 4.1: exact Lipschitz constants of small networks (synthetic.py's exact_lipschitz)
+# Sec. 4.1, exact Lipschitz constants of small networks (synthetic.py's exact_lipschitz)
 # ======================================================================================
+
 @pytest.fixture
 def one_thread():
     """Training outside main() (which does this itself): one thread, as synthetic.py runs."""
@@ -2786,6 +2853,7 @@ def test_regions_partition_the_box():
 # ======================================================================================
 # Sec. 4.1, Fig. 3: sound radii, the datasets, and both runs from the same weights (synthetic.py)
 # ======================================================================================
+
 def perturbation_flips(net, centres, x, radius, rng, directions=64):
     """Share of points whose nearest-centre prediction changes under random perturbations of
     length 0.999 R(x) (on the sphere) and uniformly inside the ball."""
@@ -2861,6 +2929,7 @@ def test_both_runs_start_from_the_same_weights_and_take_the_same_steps(monkeypat
 # ======================================================================================
 # end to end: nominal.py (App. A: the model, its schedule, pre-processing, a run and its checkpoint)
 # ======================================================================================
+
 @pytest.mark.shape
 def test_resnet18_shapes_normalisation_and_head():
     torch.manual_seed(0)
@@ -2957,6 +3026,7 @@ def test_resume_refuses_changed_arguments(nominal_run, image_folder, capsys):
 # ======================================================================================
 # end to end: magnet.py (Sec. 3.3, 4.2, App. A; README "Where results and checkpoints go")
 # ======================================================================================
+
 def folder_args(folder, out, *extra):
     return ["--data", "folder", "--data-dir", folder, "--width", "8", "--m", "3", "--d", "10",
             "--crop", "2", "--flip", "--lr", "1e-3", "--out", out, *map(str, extra)]
@@ -3058,6 +3128,7 @@ def test_evaluation_leaves_the_model_untouched(nominal_run):
 # ======================================================================================
 # end to end: attack.py (Sec. 4.2, Eq. (5); README "Result files")
 # ======================================================================================
+
 @pytest.mark.smoke
 def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_folder, tmp_path):
     _, ckpt = nominal_run
@@ -3174,8 +3245,10 @@ def test_per_example_results_save_adv_per_loss_and_strict(nominal_run, image_fol
 
 
 # ======================================================================================
-# end to end: attack.py / certify.py as a library and --export (README "Evaluate a ClusTR model with other tools")
+# end to end: the library use of attack.py / certify.py and --export
+# (README "Evaluate a ClusTR model with other tools")
 # ======================================================================================
+
 def readme_snippets():
     """{name: code} of the blocks marked `<!-- snippet: NAME -->` in README.md and, for the tools the
     README names without a snippet, benchmarks/README.md ("Other tools: more snippets")."""
@@ -3319,6 +3392,7 @@ def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
 # ======================================================================================
 # end to end: certify.py (Prop. 1 on a checkpoint)
 # ======================================================================================
+
 @pytest.fixture(scope="session")
 def magnet_ckpt(clustering_ckpt):
     """The clustering checkpoint built in the attack.py section (stage magnet, K = 2 per class)."""
@@ -3407,6 +3481,7 @@ def test_certify_end_to_end_matches_a_naive_recomputation(magnet_ckpt, image_fol
 # ======================================================================================
 # end to end: synthetic.py (Sec. 4.1, Fig. 3)
 # ======================================================================================
+
 @pytest.mark.smoke
 def test_short_run_writes_the_documented_json_with_non_increasing_curves(tmp_path):
     out, png = str(tmp_path / "s.json"), str(tmp_path / "s.png")
@@ -3469,6 +3544,7 @@ def test_without_matplotlib_the_run_notes_it_and_skips_the_figure(tmp_path, monk
 # ======================================================================================
 # end to end: qtrades.py (Eq. (6), App. A "QTRADES") and attack.py on its checkpoints
 # ======================================================================================
+
 @pytest.fixture(scope="module")
 def qtrades_runs(nominal_run, image_folder, tmp_path_factory):
     """Both variants from the shared nominal checkpoint, 2 epochs: {loss: (results, path)}."""
@@ -3544,6 +3620,7 @@ def test_init_from_a_magnet_checkpoint_and_with_D(nominal_run, image_folder, tmp
 # ======================================================================================
 # end to end, every training stage: resume is bit-identical, the checkpoint schema, real images
 # ======================================================================================
+
 RESUME = [  # stage, the fixture holding its uninterrupted run, its arguments (that run's), log epochs
     ("nominal", nominal, "nominal_run",
      lambda folder, out, init: nominal_args(folder, out, "--epochs", 3), [1, 2, 3]),
@@ -3669,6 +3746,7 @@ def test_every_training_stage_learns_on_1000_real_fashion_mnist_images(backgroun
 # ======================================================================================
 # wiring: every piece of each training loop reaches what it feeds (instrumented runs)
 # ======================================================================================
+
 # Each training stage runs for 1-3 epochs at toy scale (width 4, the generated folder) with its
 # own functions wrapped: the wrappers only record what the loop passed and got back, and the
 # tests check those records against independent computations (crop windows found by brute
@@ -3901,6 +3979,7 @@ def check_augmentation(trace, crop, flip, forwards_per_step=1):
 # ======================================================================================
 # wiring: nominal.py (App. A "Optimization", "Pre-processing")
 # ======================================================================================
+
 def nominal_argv(folder, out, *extra):
     return ["--data", "folder", "--data-dir", folder, "--width", "4", "--out", out, *map(str, extra)]
 
@@ -3989,6 +4068,7 @@ def test_nominal_crops_and_flips_reach_the_batches_only_when_asked(nominal_trace
 # ======================================================================================
 # wiring: magnet.py (Eq. (3), the sampler, k-means++ after every epoch; App. A)
 # ======================================================================================
+
 def loop_argv(folder, out, *extra):
     return ["--data", "folder", "--data-dir", folder, "--width", "4", "--limit", "90",
             "--out", out, *map(str, extra)]
@@ -4116,6 +4196,7 @@ def test_magnet_alpha_K_m_d_D_lr_reach_the_run_as_given(magnet_traces):
 # ======================================================================================
 # wiring: qtrades.py (Eq. (6), the quick adversary of Sec. 4.2 and App. A "QTRADES")
 # ======================================================================================
+
 EPS, STEP = 6 / 255, 3 / 255                                               # neither is a default
 
 
@@ -4263,8 +4344,10 @@ def test_qtrades_loop_wiring_sampler_clusters_D_and_augmentation(qtrades_traces,
 
 
 # ======================================================================================
-# wiring: the per-dataset defaults are the paper's (App. A, Sec. 4.2), and the logged accuracies the saved model's
+# wiring: the per-dataset defaults are the paper's (App. A, Sec. 4.2); the logged accuracies the saved
+# model's
 # ======================================================================================
+
 # {stage: {dataset: {flag attribute: value}}} for the paper's datasets; the paper's words above.
 # Other datasets a stage offers (folder, ...) are not the paper's and are not checked here.
 PAPER_SETTINGS = {
@@ -4384,6 +4467,7 @@ def test_logged_accuracies_are_those_of_the_saved_model_on_the_named_split(
 # plumbing: data loaders, bad input, faults, --help, overwrite and interrupt, signals, locks, torchrun,
 # the GPU benchmark's tiny run, --compile (README "Bad input and safety"; README "attack.py under torchrun")
 # ======================================================================================
+
 # -- data loaders (folder of PNGs, Fashion-MNIST's raw idx files) --
 @pytest.mark.oracle
 def test_folder_loader_reads_the_pngs(image_folder):
