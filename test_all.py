@@ -325,7 +325,7 @@ def _generated_checkpoint(path, stage, D, classes, width, size, seed):
 
 @pytest.fixture
 def own_rng():
-    """The tests of this section leave torch's global random stream as they found it: later tests
+    """The tests that take it leave torch's global random stream as they found it: later tests
     (random_resnet's convolutions) draw from it."""
     with torch.random.fork_rng(devices=[]):
         yield
@@ -3395,7 +3395,7 @@ def test_readme_robustbench_snippet_names_benchmark_arguments_that_exist():
 
 @pytest.fixture(scope="session")
 def magnet_ckpt(clustering_ckpt):
-    """The clustering checkpoint built in the attack.py section (stage magnet, K = 2 per class)."""
+    """The clustering checkpoint of the shared fixtures (clustering_ckpt: stage magnet, K = 2 per class)."""
     return clustering_ckpt
 
 
