@@ -1038,7 +1038,8 @@ def build_training(args, info, num_classes, device, init_state=None):
 def save_epoch(run, stage, args, info, model, log, state, **entries):
     """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
     weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
-    and `entries`; state() (optimizer, RNG, sampler) unless --slim and it is the final epoch."""
+    and `entries`; the resume state of `state` ({"optimizer", "generator"[, "sampler"]}: the optimizer's,
+    the RNGs', the sampler's) unless --slim and it is the final epoch."""
     ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
             "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
