@@ -137,15 +137,7 @@ def add_finetune_args(p):
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
                         "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue an interrupted run from PATH (default: --out); refused when the "
-                        "arguments that shape the run differ")
-    add_overwrite_arg(g)
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
-    g.add_argument("--slim", action="store_true",
-                   help="drop optimizer/sampler/RNG state from the final checkpoint (no resume)")
-    add_compile_arg(g)
+    add_run_args(g)
 
 
 def check_args(args):
@@ -724,7 +716,7 @@ def main(argv=None):
         print(f"magnet.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} "
               f"classes, {info['image_size']}) | ResNet18 w={args.width} ({8 * args.width}-d features) | init "
               f"{args.init or 'random (Magnet Loss baseline)'} | device {device} amp {args.amp} | torch "
-              f"{torch.__version__}\nconfig: {json.dumps(vars(args))}")
+              f"{torch.__version__}\nconfig: {json.dumps(vars(args))}\n{HEADER}", flush=True)
         if args.resume is not None:
             path = args.resume or args.out
             ckpt = load_checkpoint(path, stages=("magnet",))
@@ -732,14 +724,11 @@ def main(argv=None):
             sampler.load_state_dict(ckpt["resume"]["sampler"])
             clusters, start, log = ckpt["clusters"], ckpt["epoch"], ckpt.get("log", [ckpt["metrics"]])
             center_classes = clusters["center_classes"].to(device)
-            print(HEADER, flush=True)
         else:   # epoch 0: the clusters of the starting features (with --epochs 0, App. B.1's experiment)
-            print(HEADER, flush=True)
-            replacing = os.path.exists(args.out)                    # --overwrite: old files stay until epoch 1
             clusters, center_classes, metrics = cluster_and_evaluate(model, train, test, info, sampler, args,
                                                                      generator, 0)
             start, log = 0, [{**metrics, "train_loss": None, "lr": args.lr, **compile_seconds()}]
-            if args.epochs == 0 or not replacing:
+            if args.epochs == 0 or not os.path.exists(args.out):  # --overwrite: old files stay until epoch 1
                 save_epoch(run, "magnet", args, info, model, log, state, clusters=clusters)
             print_row(args, log[-1], t_run, 0)
         t_loop = time.time()
@@ -934,11 +923,21 @@ def parse_lr(text):
     return value
 
 
-def add_overwrite_arg(g):
+def add_run_args(g):
+    """The flags of a training run's files (README "Bad input and safety") and --compile."""
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out checkpoint and its log; both stay as they are "
                         "until this run saves its first epoch. Without it an existing --out is "
                         "refused (continue it with --resume)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop the resume state (optimizer, RNG, sampler) from the final checkpoint (no "
+                        "resume; smaller)")
+    add_compile_arg(g)
 
 
 def defaults_table(defaults, title):
@@ -1527,16 +1526,18 @@ def build_training(args, info, num_classes, device, init_state=None):
 def save_epoch(run, stage, args, info, model, log, state, **entries):
     """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
     weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
-    and `entries`; the resume state of `state` ({"optimizer", "generator"[, "sampler"]}: the optimizer's,
-    the RNGs', the sampler's) unless --slim and it is the final epoch."""
+    and `entries` (None ones left out); the resume state of `state` ({"optimizer", "generator", "sampler"}:
+    the optimizer's, the RNGs', the sampler's unless None) unless --slim and it is the final epoch."""
     ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
-            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
+            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log,
+            **{k: v for k, v in entries.items() if v is not None}}
     if not (args.slim and ckpt["epoch"] == args.epochs):
         ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
                           "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
                                   "generator_device": str(state["generator"].device)},
-                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")}}
+                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")
+                             and v is not None}}
     save_checkpoint(ckpt, args.out, run)
 
 

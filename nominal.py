@@ -95,15 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
                         "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue an interrupted run from PATH (default: --out); refused when the "
-                        "arguments that shape the run differ")
-    add_overwrite_arg(g)
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
-    g.add_argument("--slim", action="store_true",
-                   help="drop optimizer/RNG state from the final checkpoint (no resume; smaller)")
-    add_compile_arg(g)
+    add_run_args(g)
     args = p.parse_args(argv)
     for key, value in PAPER_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
@@ -445,11 +437,21 @@ def parse_lr(text):
     return value
 
 
-def add_overwrite_arg(g):
+def add_run_args(g):
+    """The flags of a training run's files (README "Bad input and safety") and --compile."""
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out checkpoint and its log; both stay as they are "
                         "until this run saves its first epoch. Without it an existing --out is "
                         "refused (continue it with --resume)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop the resume state (optimizer, RNG, sampler) from the final checkpoint (no "
+                        "resume; smaller)")
+    add_compile_arg(g)
 
 
 def defaults_table(defaults, title):
@@ -1038,16 +1040,18 @@ def build_training(args, info, num_classes, device, init_state=None):
 def save_epoch(run, stage, args, info, model, log, state, **entries):
     """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
     weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
-    and `entries`; the resume state of `state` ({"optimizer", "generator"[, "sampler"]}: the optimizer's,
-    the RNGs', the sampler's) unless --slim and it is the final epoch."""
+    and `entries` (None ones left out); the resume state of `state` ({"optimizer", "generator", "sampler"}:
+    the optimizer's, the RNGs', the sampler's unless None) unless --slim and it is the final epoch."""
     ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
-            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
+            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log,
+            **{k: v for k, v in entries.items() if v is not None}}
     if not (args.slim and ckpt["epoch"] == args.epochs):
         ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
                           "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
                                   "generator_device": str(state["generator"].device)},
-                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")}}
+                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")
+                             and v is not None}}
     save_checkpoint(ckpt, args.out, run)
 
 

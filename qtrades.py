@@ -207,15 +207,7 @@ def add_qtrades_args(p):
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
                         "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue an interrupted run from PATH (default: --out); refused when the "
-                        "arguments that shape the run differ")
-    add_overwrite_arg(g)
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
-    g.add_argument("--slim", action="store_true",
-                   help="drop optimizer/sampler/RNG state from the final checkpoint (no resume)")
-    add_compile_arg(g)
+    add_run_args(g)
 
 
 def check_args(args):
@@ -960,8 +952,7 @@ SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream
 
 
 def main(argv=None):
-    """QTRADES (Sec. 4.2, Eq. (6)) as a run.  Ctrl-C / SIGTERM: one line with the resume command,
-    exit 130 (`owned`)."""
+    """QTRADES (Sec. 4.2, Eq. (6)) as a run.  Ctrl-C / SIGTERM: one line and exit 130 (`owned`)."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
     magnet = args.loss == "magnet"
@@ -970,15 +961,13 @@ def main(argv=None):
         init = read_init(args, stages=("nominal", "magnet") if magnet else ("nominal",))
         train, test, info = device_data(args, device)
         info = check_init_data(init, info, train[0].shape[1], args)
-        # magnet: Sec. 3.3, the network without its last linear layer (a nominal checkpoint's head
-        # dropped, or a magnet checkpoint); ce: the nominal network with its head
+        # magnet: without the last linear layer (Sec. 3.3; a nominal head dropped); ce: with the head
         model, opt, generator = build_training(args, info, 0 if magnet else info["num_classes"], device, init and {
             k: v for k, v in init["model"].items() if not magnet or not k.startswith("head.")})
         sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d, torch.Generator().manual_seed(
             args.seed + SAMPLER_SEED_OFFSET)) if magnet else None
-        state = {"optimizer": opt, "generator": generator, **({"sampler": sampler} if magnet else {})}
+        state = {"optimizer": opt, "generator": generator, "sampler": sampler}
         t_run, ev = time.time(), (model, train, test, info, sampler, args, generator, device)
-        entries = (lambda clusters: {"clusters": clusters}) if magnet else (lambda clusters: {})   # Eq. (4)'s
         print_title(args, train, test, info, device)
         if args.resume is not None:
             path = args.resume or args.out
@@ -988,14 +977,11 @@ def main(argv=None):
             if magnet:
                 sampler.load_state_dict(ckpt["resume"]["sampler"])
             clusters, start, log = ckpt.get("clusters"), ckpt["epoch"], ckpt.get("log", [ckpt["metrics"]])
-            print(HEADER, flush=True)
         else:   # epoch 0: the starting point (magnet: the clusters of the starting features)
-            replacing = os.path.exists(args.out)                    # --overwrite: old files stay until epoch 1
-            print(HEADER, flush=True)
             clusters, metrics = evaluate_epoch(*ev, 0)
             start, log = 0, [{**metrics, "train_loss": None, "consistency": None, "lr": args.lr, **compile_seconds()}]
-            if args.epochs == 0 or not replacing:
-                save_epoch(run, STAGE[args.loss], args, info, model, log, state, **entries(clusters))
+            if args.epochs == 0 or not os.path.exists(args.out):  # --overwrite: old files stay until epoch 1
+                save_epoch(run, STAGE[args.loss], args, info, model, log, state, clusters=clusters)
             print_row(args, log[-1], t_run, 0)
         t_loop = time.time()
         for epoch in range(start, min(args.epochs, args.stop_after or args.epochs)):
@@ -1012,18 +998,19 @@ def main(argv=None):
             log.append({**metrics, "train_loss": train_loss, "consistency": cons, "lr": args.lr,
                         "seconds": time.time() - t0, "images_per_second": seen / train_seconds,
                         **({"batches": sampler.batches_per_epoch()} if magnet else {}), **compile_seconds()})
-            save_epoch(run, STAGE[args.loss], args, info, model, log, state, **entries(clusters))
+            save_epoch(run, STAGE[args.loss], args, info, model, log, state, clusters=clusters)
             print_row(args, log[-1], t_run, (time.time() - t_loop) / (epoch + 1 - start) * (args.epochs - epoch - 1))
         return report(args, log, t_run)
 
 
 def print_title(args, train, test, info, device):
-    """What runs: the variant, data, model, --init, Eq. (6)'s lam, eps and step, device, torch; the config."""
+    """What runs: the variant, data, model, --init, Eq. (6)'s lam, eps and step, device, torch; the config;
+    the epoch table's header."""
     print(f"qtrades.py | {'ClusTR+QTRADES' if args.loss == 'magnet' else 'QTRADES alone'} (--loss {args.loss}) | "
           f"data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} classes, "
           f"{info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | lam {args.lam} "
           f"eps {args.eps:.5f} step {args.step:.5f} | device {device} amp {args.amp} | torch {torch.__version__}"
-          f"\nconfig: {json.dumps(vars(args))}")
+          f"\nconfig: {json.dumps(vars(args))}\n{HEADER}", flush=True)
 
 
 HEADER = (f"{'epoch':>9} {'loss':>8} {'consist':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} "
@@ -1211,11 +1198,21 @@ def parse_lr(text):
     return value
 
 
-def add_overwrite_arg(g):
+def add_run_args(g):
+    """The flags of a training run's files (README "Bad input and safety") and --compile."""
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from PATH (default: --out); refused when the "
+                        "arguments that shape the run differ")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out checkpoint and its log; both stay as they are "
                         "until this run saves its first epoch. Without it an existing --out is "
                         "refused (continue it with --resume)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
+    g.add_argument("--slim", action="store_true",
+                   help="drop the resume state (optimizer, RNG, sampler) from the final checkpoint (no "
+                        "resume; smaller)")
+    add_compile_arg(g)
 
 
 def defaults_table(defaults, title):
@@ -1804,16 +1801,18 @@ def build_training(args, info, num_classes, device, init_state=None):
 def save_epoch(run, stage, args, info, model, log, state, **entries):
     """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
     weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
-    and `entries`; the resume state of `state` ({"optimizer", "generator"[, "sampler"]}: the optimizer's,
-    the RNGs', the sampler's) unless --slim and it is the final epoch."""
+    and `entries` (None ones left out); the resume state of `state` ({"optimizer", "generator", "sampler"}:
+    the optimizer's, the RNGs', the sampler's unless None) unless --slim and it is the final epoch."""
     ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
-            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log, **entries}
+            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log,
+            **{k: v for k, v in entries.items() if v is not None}}
     if not (args.slim and ckpt["epoch"] == args.epochs):
         ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
                           "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
                                   "generator_device": str(state["generator"].device)},
-                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")}}
+                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")
+                             and v is not None}}
     save_checkpoint(ckpt, args.out, run)
 
 

@@ -423,7 +423,7 @@ MUTANTS = [
       "        pass\n", "resume: the device generator restarts from the seed", first="bit_identical"),
     M(("nominal.py", "magnet.py", "qtrades.py"), "    if not math.isfinite(loss):\n", "    if False:\n",
       "check_loss: a NaN epoch is saved", first="nan"),
-    M("magnet.py", "            if args.epochs == 0 or not replacing:\n", "            if True:\n",
+    M("magnet.py", "            if args.epochs == 0 or not os.path.exists(args.out):", "            if True:",
       "magnet --overwrite: the old checkpoint replaced before epoch 1", first="overwrite"),
 ]
 
