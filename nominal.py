@@ -259,7 +259,7 @@ def main(argv=None):
             if not any(a.startswith("--mil") for a in argv):       # a longer --epochs keeps the
                 args.milestones = ckpt["args"]["milestones"]       # finished epochs' schedule
             info = resume(path, ckpt, args, NOT_SHAPING, run, info, model, opt, generator)
-            start, log = ckpt["epoch"], ckpt.get("log", [ckpt["metrics"]])
+            start, log = ckpt["epoch"], ckpt["log"]
         print(f"nominal.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} "
               f"classes, {info['image_size']}) | ResNet18 w={args.width} | device {device} amp {args.amp} | torch "
               f"{torch.__version__}\nconfig: {json.dumps(vars(args))}\n{'epoch':>9} {'loss':>8} {'train':>7} "
@@ -600,18 +600,23 @@ def take_lock(path):
             os.close(fd)
             fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
                  f"or choose another --out")
-        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())              # for a person: who holds it
-            return fd
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())          # for a person: who holds it
+                return fd
         os.close(fd)
 
 
 def stopped(args, argv, training, run):
     """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    again = [a for a in argv if a != "--overwrite"]
-    if training and run["epoch"] is not None and not any(a.split("=")[0] == "--resume" for a in again):
+    again = list(argv)                      # as given, until --out holds an epoch of this run: then
+    if training and run["file"] and os.path.abspath(run["file"]) == os.path.abspath(args.out):
+        again = [a for a in argv if a != "--overwrite" and not a.startswith("--resume=")]
+        if "--resume" in again:             # --resume [PATH]: --out is what continues now
+            i = again.index("--resume")
+            del again[i:i + 1 + (i + 1 < len(again) and not again[i + 1].startswith("-"))]
         again.append("--resume")
     again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
     if not training:
@@ -641,6 +646,9 @@ def owned(args, argv, training):
         previous = None
     try:
         check_outputs(args, training, made)
+        if not training and os.path.isfile(out) and open(out, "rb").read(2) == b"PK":   # torch.save's zip
+            fail(f"--out {out} is a checkpoint, not a result file; writing results would destroy it: choose "
+                 f"another --out")
         if training and not resume and os.path.exists(out) and not args.overwrite:
             fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
                  f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
@@ -663,7 +671,8 @@ def owned(args, argv, training):
         raise SystemExit(2) from None
     finally:
         if fd is not None:
-            os.remove(out + ".lock")        # while held: a run that opened it meanwhile retries
+            with contextlib.suppress(FileNotFoundError):     # while held: one that opened it retries
+                os.remove(out + ".lock")
             os.close(fd)
         for folder in made:                 # the folders check_outputs made, where still empty
             with contextlib.suppress(OSError):
@@ -892,6 +901,7 @@ def read_checkpoint(path, stages=STAGES):
     missing = [k for k in REQUIRED if k not in ckpt]
     missing += [f"{k}[{s!r}]" for k, subs in REQUIRED.items() if k in ckpt for s in subs
                 if not isinstance(ckpt[k], dict) or s not in ckpt[k]]
+    missing += ["clusters"] if ckpt.get("stage") in ("magnet", "qtrades-magnet") and "clusters" not in ckpt else []
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of these "
                               f"stages, or a damaged one")
@@ -901,7 +911,41 @@ def read_checkpoint(path, stages=STAGES):
     if bad:
         raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
                               f"file); use an earlier checkpoint")
+    bad = damaged(ckpt)
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {bad} is not what the stages write (type, shape or range): "
+                              f"a damaged or hand-made file; use another")
     return ckpt
+
+
+def damaged(ckpt):
+    """The first entry a reader would misuse (a wrong type, shape or range), else None: a damaged file
+    stops here, not in a traceback deep inside a stage, nor in a figure computed from it."""
+    a, d, k = ckpt["arch"], ckpt["data"], ckpt.get("clusters")
+    count = lambda v, low=1: type(v) is int and v >= low                        # noqa: E731 (bool is no count)
+    entries = {
+        "arch['width']": lambda: count(a["width"]) and a["feat_dim"] == 8 * a["width"] and count(a["in_channels"]),
+        "data['classes']": lambda: count(d["num_classes"]) and len(d["classes"]) == d["num_classes"],
+        "data['mean'], data['std']": lambda: all(len(d[s]) == a["in_channels"] and min(d[s]) > -math.inf
+                                                 for s in ("mean", "std")) and min(d["std"]) > 0,
+        "data['image_size']": lambda: len(d["image_size"]) == 2 and all(count(v) for v in d["image_size"]),
+        "model, args, epoch, log": lambda: all(torch.is_tensor(v) for v in ckpt["model"].values())
+        and isinstance(ckpt["args"], dict) and count(ckpt["epoch"], 0)
+        and all(isinstance(r, dict) for r in ckpt.get("log", [])),
+        "clusters['centers']": lambda: k is None or k["centers"].dim() == 2 and k["centers"].shape[1] == a["feat_dim"],
+        "clusters['center_classes']": lambda: k is None or k["center_classes"].dtype == torch.long
+        and k["center_classes"].shape == k["centers"].shape[:1]
+        and 0 <= int(k["center_classes"].min()) <= int(k["center_classes"].max()) < d["num_classes"],
+        "clusters['variance']": lambda: k is None or type(k["variance"]) in (int, float) and k["variance"] > 0,
+        "clusters['D']": lambda: k is None or k.get("D") is None or count(k["D"]),
+    }
+    for key, fine in entries.items():
+        try:
+            if not fine():
+                return key
+        except Exception:                   # a wrong type or a missing key is the same damage
+            return key
+    return None
 
 
 def nonfinite(obj, key=""):
@@ -952,7 +996,7 @@ def save_checkpoint(ckpt, path, run=None):
         if run is not None:
             run.update(epoch=ckpt["epoch"], file=path)
     except OSError as e:
-        fail(f"cannot write {path} ({e.strerror or e}); it is as it was before this write (free "
+        fail(f"cannot write {e.filename or path} ({e.strerror or e}); each file is as it was or whole (free "
              f"space or choose another path, then continue with --resume where it is a checkpoint)")
     finally:
         for s, handler in held.items():
@@ -1008,6 +1052,14 @@ def resume(path, ckpt, args, not_shaping, run, info, model, opt, generator):
     else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
         print(f"note: the run moved from {ckpt['resume']['rng']['generator_device']} to {generator.device}; "
               f"its random stream continues from a fresh seed", flush=True)
+    if "log" not in ckpt:   # written before the log moved into the checkpoint: its log file's records
+        ckpt["log"] = []
+        with contextlib.suppress(OSError), open(path + ".log.jsonl") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):               # a line cut short
+                    ckpt["log"] += [r for r in [json.loads(line)] if isinstance(r, dict) and
+                                    r.get("epoch", -1) <= ckpt["epoch"]]
+        ckpt["log"] = ckpt["log"] or [ckpt["metrics"]]
     run.update(epoch=ckpt["epoch"], file=path)
     print(f"resumed {path} at epoch {ckpt['epoch']}/{args.epochs}")
     return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])

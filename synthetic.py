@@ -814,18 +814,23 @@ def take_lock(path):
             os.close(fd)
             fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
                  f"or choose another --out")
-        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())              # for a person: who holds it
-            return fd
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())          # for a person: who holds it
+                return fd
         os.close(fd)
 
 
 def stopped(args, argv, training, run):
     """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    again = [a for a in argv if a != "--overwrite"]
-    if training and run["epoch"] is not None and not any(a.split("=")[0] == "--resume" for a in again):
+    again = list(argv)                      # as given, until --out holds an epoch of this run: then
+    if training and run["file"] and os.path.abspath(run["file"]) == os.path.abspath(args.out):
+        again = [a for a in argv if a != "--overwrite" and not a.startswith("--resume=")]
+        if "--resume" in again:             # --resume [PATH]: --out is what continues now
+            i = again.index("--resume")
+            del again[i:i + 1 + (i + 1 < len(again) and not again[i + 1].startswith("-"))]
         again.append("--resume")
     again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
     if not training:
@@ -855,6 +860,9 @@ def owned(args, argv, training):
         previous = None
     try:
         check_outputs(args, training, made)
+        if not training and os.path.isfile(out) and open(out, "rb").read(2) == b"PK":   # torch.save's zip
+            fail(f"--out {out} is a checkpoint, not a result file; writing results would destroy it: choose "
+                 f"another --out")
         if training and not resume and os.path.exists(out) and not args.overwrite:
             fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
                  f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
@@ -877,7 +885,8 @@ def owned(args, argv, training):
         raise SystemExit(2) from None
     finally:
         if fd is not None:
-            os.remove(out + ".lock")        # while held: a run that opened it meanwhile retries
+            with contextlib.suppress(FileNotFoundError):     # while held: one that opened it retries
+                os.remove(out + ".lock")
             os.close(fd)
         for folder in made:                 # the folders check_outputs made, where still empty
             with contextlib.suppress(OSError):

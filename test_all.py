@@ -4848,6 +4848,11 @@ def faults(nominal_run, clustering_ckpt, image_folder, tmp_path_factory):
     ck["clusters"]["centers"][1, 3] = float("inf")                        # one centre not finite
     torch.save(ck, root / "nan_centre.pt")
     p.update(nan=str(root / "nan.pt"), nan_centre=str(root / "nan_centre.pt"), dir=str(root / "a_folder"))
+    for name, damage in DAMAGES.items():                                  # entries a reader would misuse
+        ck = torch.load(clustering_ckpt, weights_only=True)
+        damage(ck)
+        torch.save(ck, root / f"{name}.pt")
+        p[name] = str(root / f"{name}.pt")
     os.makedirs(p["dir"])
     arrays = make_idx_dataset(str(root / "fm"))
     write_idx(root / "fm" / "t10k-labels-idx1-ubyte.gz", np.r_[arrays["t10k"][1][:-1], 10])   # label 10 of 10
@@ -4855,6 +4860,24 @@ def faults(nominal_run, clustering_ckpt, image_folder, tmp_path_factory):
     os.makedirs(root / "locked.json.lock")                                 # the lock path is a folder
     p["locked"] = str(root / "locked.json")
     return p
+
+
+# Checkpoints damaged where the schema walk of earlier versions looked: each must stop the readers with
+# one line naming the entry, never run on (a negative sigma^2 gave 0% "robust accuracy") or crash.
+DAMAGES = {
+    "variance_negative": lambda c: c["clusters"].update(variance=-1.0),
+    "variance_text": lambda c: c["clusters"].update(variance="abc"),
+    "variance_missing": lambda c: c["clusters"].pop("variance"),
+    "classes_out_of_range": lambda c: c["clusters"].update(center_classes=c["clusters"]["center_classes"] + 5),
+    "width_text": lambda c: c["arch"].update(width="8"),
+    "centers_narrow": lambda c: c["clusters"].update(centers=c["clusters"]["centers"][:, :3]),
+    "std_short": lambda c: c["data"].update(std=[0.5]),
+    "clusters_missing": lambda c: c.pop("clusters"),
+}
+DAMAGED_KEY = {"variance_negative": "clusters['variance']", "variance_text": "clusters['variance']",
+               "variance_missing": "clusters['variance']", "classes_out_of_range": "clusters['center_classes']",
+               "width_text": "arch['width']", "centers_narrow": "clusters['centers']",
+               "std_short": "data['mean'], data['std']", "clusters_missing": "lacks clusters"}
 
 
 def nom_(p, *extra):
@@ -4915,7 +4938,17 @@ FAULTS = [
     ("--milestones 100", nominal, lambda p: nom_(p, "--milestones", "100"), "--milestones must lie in [1, --epochs 2]", 2),
     ("--crop 100", nominal, lambda p: nom_(p, "--crop", "100"), "--crop 100 must be in [0, 16]", 2),
     ("magnet --D 1000", magnet, lambda p: mag(p, "--init", p["v"], "--D", "1000"), "--D 1000 exceeds", 2),
-]
+    # an evaluation's --out that is another run's checkpoint
+    ("attack --out a checkpoint", attack, lambda p: att_(p, "--out", p["m"]), "is a checkpoint, not a result", 2),
+] + [(f"damaged: {name}", stage, lambda p, name=name, stage=stage: (att_ if stage is attack else cer_)(
+    p, "--ckpt", p[name]), DAMAGED_KEY[name], 2) for name in DAMAGES for stage in (attack, certify)]
+
+
+@pytest.mark.smoke
+def test_damaged_checkpoints_raise_checkpoint_error_from_python(faults):
+    for name in DAMAGES:
+        with pytest.raises(attack.CheckpointError, match=re.escape(DAMAGED_KEY[name])):
+            attack.load_classifier(faults[name])
 
 
 @pytest.mark.smoke
@@ -4946,7 +4979,7 @@ def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken)
-    assert "(No space left on device); it is as it was" in exit_code_and_message(
+    assert "(No space left on device); each file is as it was or whole" in exit_code_and_message(
         capsys, nominal.save_checkpoint, {"a": torch.zeros(2)}, path)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["c.pt"]
     monkeypatch.undo()
@@ -5143,7 +5176,9 @@ def test_overwrite_keeps_the_old_checkpoint_and_log_until_the_first_epoch(stage,
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]   # magnet's epoch-0 row waits
     # in memory: the log is rewritten from the records the first saved checkpoint holds
     monkeypatch.undo()
-    stage.main(argv)                                                # a finished overwrite: new files
+    again = shlex.split(err.split("run it again with: ")[1])      # the printed command, as printed
+    assert again[2:] == argv                                        # --overwrite kept: nothing was saved
+    stage.main(again[2:])                                           # a finished overwrite: new files
     assert train_lines(out) == ([1] if stage is nominal else [0, 1]) and open(out, "rb").read() != old[0]
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.log.jsonl"]     # no lock, no partial
 
@@ -5284,6 +5319,42 @@ def test_a_killed_runs_lock_is_free_and_a_live_one_refuses(tmp_path, capsys):
         finally:
             holder.kill()
             holder.wait()
+
+
+@pytest.mark.smoke
+def test_resume_of_a_checkpoint_without_its_log_keeps_the_log_files_records(nominal_run, image_folder, tmp_path):
+    """A checkpoint written before the log moved into it (no `log` entry): --resume takes the epochs'
+    records from its log file (up to the epoch it holds; a line cut short left out), not just the last."""
+    import shutil
+    out = str(tmp_path / "ckpt.pt")
+    ck = torch.load(nominal_run[1], map_location="cpu", weights_only=True)
+    del ck["log"]
+    torch.save(ck, out)
+    shutil.copy(nominal_run[1] + ".log.jsonl", out + ".log.jsonl")
+    with open(out + ".log.jsonl", "a") as f:
+        f.write('{"epoch": 4, "train_loss": 1.0}\n{"epoch": 5, "trai')            # ahead of it, then cut
+    nominal.main(nominal_args(image_folder, out, "--epochs", "4", "--resume"))
+    assert train_lines(out) == [1, 2, 3, 4]
+    assert torch.load(out, weights_only=True)["log"][2] == ck["metrics"]        # the stored epoch 3's
+
+
+@pytest.mark.smoke
+def test_an_interrupted_resume_into_another_out_prints_the_command_that_continues_it(
+        nominal_run, image_folder, tmp_path, capsys, monkeypatch):
+    """--resume A --out B, stopped after B holds an epoch: the printed command continues B (--resume
+    alone), not A again; it runs as printed and reaches the uninterrupted run's weights."""
+    out = str(tmp_path / "b.pt")
+    argv = nominal_args(image_folder, out, "--epochs", "5", "--resume", nominal_run[1])
+    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 2))
+    with pytest.raises(SystemExit):
+        nominal.main(argv)                                          # epoch 4 saved into B, Ctrl-C in 5
+    err = capsys.readouterr().err
+    assert f"the checkpoint holds epoch 4 ({out})" in err, err
+    command = shlex.split(err.split("continue with: ")[1])
+    assert command[command.index("--resume") + 1:command.index("--resume") + 2] != [nominal_run[1]]
+    monkeypatch.undo()
+    assert nominal.main(command[2:])["epochs_done"] == 5
+    assert train_lines(out) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.smoke
