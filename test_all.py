@@ -5345,6 +5345,12 @@ def test_an_interrupted_resume_into_another_out_prints_the_command_that_continue
     alone), not A again; it runs as printed and reaches the uninterrupted run's weights."""
     out = str(tmp_path / "b.pt")
     argv = nominal_args(image_folder, out, "--epochs", "5", "--resume", nominal_run[1])
+    monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 1))
+    with pytest.raises(SystemExit):
+        nominal.main(argv)                                          # Ctrl-C in epoch 4: B not written
+    err = capsys.readouterr().err
+    assert f"the checkpoint holds epoch 3 ({nominal_run[1]})" in err and not os.path.exists(out), err
+    assert shlex.split(err.split("continue with: ")[1])[2:] == argv                # A again, as given
     monkeypatch.setattr(nominal, "train_one_epoch", interrupted_at_call(nominal.train_one_epoch, 2))
     with pytest.raises(SystemExit):
         nominal.main(argv)                                          # epoch 4 saved into B, Ctrl-C in 5
