@@ -178,10 +178,10 @@ def add_qtrades_args(p):
                    help="the consistency term: ce = CE(p(f(x_adv)), p(f(x))) of Eq. (6) and the "
                         "authors' code; kl = KL(p(f(x)) || p(f(x_adv))) of TRADES (Zhang et al. "
                         "2019), i.e. ce minus the entropy H(p(f(x))): an ablation (default: %(default)s)")
-    g.add_argument("--eps", type=parse_fraction, default=8 / 255,
+    g.add_argument("--eps", type=parse_fraction, default="8/255",
                    help="L-inf radius of the quick adversary in [0,1] pixel units (8/255 accepted); "
                         "Sec. 4.2: 8/255")
-    g.add_argument("--step", type=parse_fraction, default=10 / 255,
+    g.add_argument("--step", type=parse_fraction, default="10/255",
                    help="eta, the size of the adversary's one signed-gradient step; the paper gives "
                         "none, the authors' code uses 10/255")
     g.add_argument("--epochs", type=int, default=None,
@@ -1160,26 +1160,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
     "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
     whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped."""
+    (defaults_table); that table's blocks keep their layout, the other text is wrapped.  A help text
+    that states its default keeps it (8/255 as a user writes it, where argparse would print
+    0.03137254901960784); fraction defaults are given as text, "8/255", which argparse parses."""
     per_data = ()
 
     def _get_help_string(self, action):
         if action.default is None:                                  # set at run time: say by what
             text = action.help.replace(" (default: %(default)s)", "")
             return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return super()._get_help_string(action)
-
-    def _expand_help(self, action):
-        """Defaults that are k/255 shown as a user writes them: 8/255, not 0.03137254901960784."""
-        def shown(v):
-            k = v * 255 if isinstance(v, float) else None
-            return f"{k:g}/255" if k is not None and len(repr(v)) > 8 and abs(k - round(k, 1)) < 1e-9 else v
-        if isinstance(action.default, (float, list)):
-            value = action.default
-            action = argparse.Action(action.option_strings, action.dest, help=action.help,
-                                     default=" ".join(str(shown(v)) for v in value) if isinstance(value, list)
-                                     else shown(value))
-        return super()._expand_help(action)
+        return action.help if "(default: " in action.help else super()._get_help_string(action)
 
     def _fill_text(self, text, width, indent):
         return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
