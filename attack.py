@@ -1496,7 +1496,7 @@ PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif"
 
 
 def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
-    """Every file the run writes (--out with its log, staged log and lock; --save-adv, --export, --plot):
+    """Every file the run writes (--out with its log, rows and lock; --save-adv, --export, --plot):
     named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
     its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
     reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}

@@ -666,7 +666,7 @@ def load(args, device):
         fail(f"--width {args.width} but {args.ckpt} holds a width-{ckpt['arch']['width']} ResNet18")
     args.width = ckpt["arch"]["width"]
     # the stored centres as stored (module.centers is their float32 copy, for Eq. (4)); their
-    # shapes [M, d] and [M] are checked on reading (check_schema), the two classes here
+    # shapes [M, d] and [M] are checked on reading (damaged()), the two classes here
     mu = ckpt["clusters"]["centers"].to(device)                                     # [M, d]
     mu_class = ckpt["clusters"]["center_classes"].long().to(device)                 # [M]
     if len(mu_class.unique()) < 2:
@@ -1009,7 +1009,7 @@ PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif"
 
 
 def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
-    """Every file the run writes (--out with its log, staged log and lock; --save-adv, --export, --plot):
+    """Every file the run writes (--out with its log, rows and lock; --save-adv, --export, --plot):
     named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
     its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
     reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}
