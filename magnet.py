@@ -685,6 +685,20 @@ def clusters_entry(centers, center_classes, sigma2, args):
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
             "variance": float(sigma2), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
+
+
+def cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch):
+    """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`.
+    -> (the checkpoint's clusters entry, the centres' classes, the epoch's metrics)."""
+    t0 = time.time()
+    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
+        model, train, info["num_classes"], args, generator)
+    test_features = features_of(model, test[0], args.batch_size, args.amp)
+    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
+    sampler.set_clusters(assignment, centers, center_classes)
+    return clusters_entry(centers, center_classes, sigma2, args), center_classes, {
+        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
+        "cluster_seconds": time.time() - t0}
 # --- end shared: cluster-update ---
 
 
@@ -756,20 +770,6 @@ def print_row(args, r, t_run, eta):
     print(f"{r['epoch']:>4}/{args.epochs:<4} {loss:>8} {r['train_accuracy']:7.2%} {r['test_accuracy']:7.2%} "
           f"{r['variance']:9.3g} {r.get('images_per_second', 0):8.0f} {fmt_time(time.time() - t_run):>9} "
           f"{fmt_time(eta):>9}", flush=True)
-
-
-def cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch):
-    """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`.
-    -> (the checkpoint's clusters entry, the centres' classes, the epoch's metrics)."""
-    t0 = time.time()
-    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
-        model, train, info["num_classes"], args, generator)
-    test_features = features_of(model, test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
-    sampler.set_clusters(assignment, centers, center_classes)
-    return clusters_entry(centers, center_classes, sigma2, args), center_classes, {
-        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
-        "cluster_seconds": time.time() - t0}
 
 
 def report(args, log, t_run):

@@ -918,6 +918,20 @@ def clusters_entry(centers, center_classes, sigma2, args):
     return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
             "variance": float(sigma2), "K": int(args.K), "alpha": float(args.alpha),
             "D": None if args.D is None else int(args.D)}
+
+
+def cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch):
+    """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`.
+    -> (the checkpoint's clusters entry, the centres' classes, the epoch's metrics)."""
+    t0 = time.time()
+    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
+        model, train, info["num_classes"], args, generator)
+    test_features = features_of(model, test[0], args.batch_size, args.amp)
+    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
+    sampler.set_clusters(assignment, centers, center_classes)
+    return clusters_entry(centers, center_classes, sigma2, args), center_classes, {
+        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
+        "cluster_seconds": time.time() - t0}
 # --- end shared: cluster-update ---
 
 
@@ -1032,15 +1046,8 @@ def evaluate_epoch(model, train, test, info, sampler, args, generator, device, e
         train_acc = train_acc if epoch else evaluate(model, train, args.batch_size, args.amp, device)
         return None, {"epoch": epoch, "train_accuracy": train_acc,
                       "test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}
-    t0 = time.time()
-    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
-        model, train, info["num_classes"], args, generator)
-    test_features = features_of(model, test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
-    sampler.set_clusters(assignment, centers, center_classes)
-    return clusters_entry(centers, center_classes, sigma2, args), {
-        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
-        "cluster_seconds": time.time() - t0}
+    clusters, _, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch)
+    return clusters, metrics
 
 
 def report(args, log, t_run):

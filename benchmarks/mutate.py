@@ -86,7 +86,7 @@ MUTANTS = [
     M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
       "        sampler.record(idx.flip(0), per_example)                        # Rippel",
       "magnet: losses recorded at the wrong rows"),
-    M("magnet.py", "    sampler.set_clusters(assignment, centers, center_classes)\n"
+    M(SHARED, "    sampler.set_clusters(assignment, centers, center_classes)\n"
                    "    return clusters_entry(centers, center_classes, sigma2, args), center_classes,",
       "    if epoch == 0:\n"
       "        sampler.set_clusters(assignment, centers, center_classes)\n"
@@ -106,7 +106,7 @@ MUTANTS = [
     M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
       "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
     M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
-    M("magnet.py", "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)",
+    M(SHARED, "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)",
       "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, None)",
       "magnet: --D ignored in the test accuracy"),
     M("magnet.py", "        loss_sum += float(per_example.sum())",
@@ -164,17 +164,14 @@ MUTANTS = [
     M("qtrades.py", '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D=20,',
       '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D="all",',
       "qtrades: Sec. 4.2 default changed (CIFAR100 D = 20)"),
-    M("qtrades.py", 'g.add_argument("--step", type=parse_fraction, default=10 / 255,',
-      'g.add_argument("--step", type=parse_fraction, default=8 / 255,', "qtrades: default step changed"),
+    M("qtrades.py", 'g.add_argument("--step", type=parse_fraction, default="10/255",',
+      'g.add_argument("--step", type=parse_fraction, default="8/255",', "qtrades: default step changed"),
     M("qtrades.py", "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n    model.eval()\n",
       "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
       "QTRADES: the adversary is crafted in train mode"),
-    M("qtrades.py", "    sampler.set_clusters(assignment, centers, center_classes)\n"
-                    "    return clusters_entry(centers, center_classes, sigma2, args), {",
-      "    if epoch == 0:\n"
-      "        sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    return clusters_entry(centers, center_classes, sigma2, args), {",
-      "ClusTR+QTRADES: the sampler keeps the epoch-0 clusters forever"),
+    M("qtrades.py", "_, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch)",
+      "_, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, 0)",
+      "ClusTR+QTRADES: every epoch's record says epoch 0"),
     M("qtrades.py", "            clusters, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
       "            _, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
       "ClusTR+QTRADES: Eq. (6) keeps the epoch-0 centres"),
@@ -192,11 +189,11 @@ MUTANTS = [
       "        loss.backward()\n        opt.step()\n"
       "        per_example = per_example.detach().float().cpu()\n        total",
       "ClusTR+QTRADES: no zero_grad"),
-    M("magnet.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
+    M(SHARED, "test_features = features_of(model, test[0], args.batch_size, args.amp)",
       "test_features = features_of(model, train[0], args.batch_size, args.amp)",
       "magnet: 'test' accuracy from the training images"),
-    M("qtrades.py", "test_features = features_of(model, test[0], args.batch_size, args.amp)",
-      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+    M("qtrades.py", "_, metrics = cluster_and_evaluate(model, train, test, info, sampler",
+      "_, metrics = cluster_and_evaluate(model, train, train, info, sampler",
       "ClusTR+QTRADES: 'test' accuracy from the training images"),
     M("qtrades.py", '"test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}',
       '"test_accuracy": evaluate(model, train, args.batch_size, args.amp, device)}',
