@@ -45,6 +45,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,17 +96,16 @@ def parse_args(argv=None):
     p.add_argument("--attack-images", type=int, default=500, help="test images every attack runs on")
     p.add_argument("--aa-images", type=int, default=200,
                    help="test images AutoAttack standard (torchattacks' parts) runs on (0: skip)")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--epochs-nominal", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=6, help="epochs of every clustering/QTRADES stage")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--headline-seeds-only", default="clustr,clustr_qtrades,nominal",
-                   help="models trained for every seed; the others use the first seed only")
-    p.add_argument("--eps", nargs="+", default=["8/255", "0.1"])
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--epochs-nominal", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5, help="epochs of every clustering/QTRADES stage")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="each seed trains its own nominal model and every stage after it")
+    p.add_argument("--eps", nargs="+", default=["8/255", "16/255", "0.1"])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
-    p.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.01, 0.1, 0.5],
-                   help="L2 radii (pixel units) of the certified-accuracy columns")
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=["authors", "worst"],
+                   help="attack.py columns (pgd20, pgd100: Eq. (5) at the authors' budget; they cost "
+                        "more than the rest together at 500 images)")
     p.add_argument("--stage-args", default="", help="extra flags for every training stage (one string)")
     p.add_argument("--jobs", type=int, default=2, help="stage processes run at once (1 thread each)")
     p.add_argument("--workdir", default="runs/reproduce")
@@ -119,14 +119,41 @@ def parse_args(argv=None):
                    help="start no new evaluation after this many minutes; cells not run are "
                         "reported as '-' (cached results are always used)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the models, no evaluation")
-    p.add_argument("--ablation", nargs="*", choices=list(ABLATION), default=None,
-                   help="also run these magnet.py variants from the first seed's nominal checkpoint "
-                        "(no flag value: all of them) and report their accuracy per epoch")
+    p.add_argument("--ablation", nargs="*", choices=[*ABLATION, "none"], default=["base", "epochs0", "alpha1"],
+                   help="magnet.py variants run from every seed's nominal checkpoint, their accuracy "
+                        "reported per epoch (no value: all of them; none: no ablation)")
     return p.parse_args(argv)
 
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dump(obj, path):
+    """JSON, written atomically: a stopped run never leaves a half-written cache file behind."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+TIMES = threading.Lock()                              # train_times.json: one writer at a time
+
+
+def timed(args, key, cmd, logfile):
+    """run() and record its seconds under key in <workdir>/train_times.json; -> seconds."""
+    seconds = run(cmd, logfile)
+    path = os.path.join(args.workdir, "train_times.json")
+    with TIMES:
+        times = json.load(open(path)) if os.path.exists(path) else {}
+        times[key] = seconds
+        dump(times, path)
+    log(f"  {key} done in {seconds:.0f} s")
+    return seconds
+
+
+def train_time(args, key):
+    path = os.path.join(args.workdir, "train_times.json")
+    return json.load(open(path)).get(key) if os.path.exists(path) else None
 
 
 def run(cmd, logfile):
@@ -185,9 +212,8 @@ def finished(path, epochs):
     return ckpt.get("epoch") == epochs
 
 
-def ablation_all(args, data_dir, extra):
-    """magnet.py variants from the first seed's nominal checkpoint; -> {name: per-epoch record}."""
-    seed = args.seeds[0]
+def ablation_seed(args, seed, data_dir, extra):
+    """magnet.py variants from the seed's nominal checkpoint; -> {name: per-epoch record}."""
     folder = os.path.join(args.workdir, f"seed{seed}", "ablation")
     os.makedirs(folder, exist_ok=True)
     common = ["magnet.py", "--data", args.data, "--data-dir", data_dir, "--width", str(args.width),
@@ -210,21 +236,22 @@ def ablation_all(args, data_dir, extra):
             path = os.path.join(args.workdir, f"seed{seed}", "clustr.pt")
         if not finished(path, epochs):
             cmd = [*common, *flags, "--init", init, "--epochs", str(epochs), "--out", path]
-            log(f"ablation {name}: python {' '.join(cmd)}")
+            log(f"ablation {seed}/{name}: python {' '.join(cmd)}")
             if os.path.exists(path):
                 os.remove(path)
-            run(cmd, path + ".out.txt")
+            timed(args, f"{seed}/ablation/{name}", cmd, path + ".out.txt")
         with open(path + ".log.jsonl") as f:
             curve = [json.loads(line) for line in f if line.strip()]
         return name, {"flags": ABLATION[name], "init": os.path.basename(init),
                       "test_accuracy": [r.get("test_accuracy") for r in curve],
-                      "train_loss": [r.get("train_loss") for r in curve]}
+                      "train_loss": [r.get("train_loss") for r in curve],
+                      "seconds": train_time(args, f"{seed}/ablation/{name}" if name != "base" else f"{seed}/clustr")}
 
     names = args.ablation or list(ABLATION)
     if "weak_warm_start" in names and not finished(weak, weak_epochs):
         cmd = ["nominal.py", *common[1:], "--epochs", str(weak_epochs), "--out", weak, "--overwrite"]
-        log(f"ablation weak warm start: python {' '.join(cmd)}")
-        run(cmd, weak + ".out.txt")
+        log(f"ablation {seed} weak warm start: python {' '.join(cmd)}")
+        timed(args, f"{seed}/ablation/nominal_weak", cmd, weak + ".out.txt")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         out = dict(pool.map(one, names))
     import torch
@@ -235,21 +262,19 @@ def ablation_all(args, data_dir, extra):
     return out
 
 
-def print_ablation(ab):
-    print(f"\n{'ablation (magnet.py from nominal)':<34}{'init':>18}  test accuracy after epoch 0, 1, 2, ...")
-    for name, rec in ab.items():
-        accs = " ".join(f"{100 * a:5.1f}" for a in rec["test_accuracy"] if a is not None)
-        print(f"{name:<34}{rec.get('init', '-'):>18}  {accs}")
+def print_ablation(ablation):
+    for seed, ab in ablation.items():
+        print(f"\n{f'seed {seed}: magnet.py from nominal':<34}{'init':>18}  test accuracy after epoch 0, 1, 2, ...")
+        for name, rec in ab.items():
+            accs = " ".join(f"{100 * a:5.1f}" for a in rec["test_accuracy"] if a is not None)
+            print(f"{name:<34}{rec.get('init', '-'):>18}  {accs}")
 
 
-def train_all(args, data_dir, extra):
-    """Every (seed, model) checkpoint; -> {(seed, model): {"path", "seconds"}}."""
+def train_seed(args, seed, data_dir, extra):
+    """Every model's checkpoint for one seed; -> {(seed, model): {"path", "seconds"}}."""
     common = ["--data", args.data, "--data-dir", data_dir, "--width", str(args.width),
               "--device", "cpu", *extra, *args.stage_args.split()]
-    every_seed = set(args.headline_seeds_only.split(","))
-    jobs = [(s, m) for s in args.seeds for m in args.models if s == args.seeds[0] or m in every_seed]
-    times_path = os.path.join(args.workdir, "train_times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    jobs = [(seed, m) for m in args.models]
     out = {}
 
     def one(seed, name):
@@ -266,10 +291,10 @@ def train_all(args, data_dir, extra):
             log(f"train {key}: python {' '.join(cmd)}")
             if os.path.exists(path):
                 os.remove(path)                              # unfinished earlier try: start again
-            times[key] = run(cmd, path + ".out.txt")
-            json.dump(times, open(times_path, "w"), indent=1)
-            log(f"  {key} done in {times[key]:.0f} s")
-        out[(seed, name)] = {"path": path, "seconds": times.get(key)}
+            timed(args, key, cmd, path + ".out.txt")
+        import torch
+        accuracy = torch.load(path, map_location="cpu", weights_only=True)["metrics"]["test_accuracy"]
+        out[(seed, name)] = {"path": path, "seconds": train_time(args, key), "test_accuracy": accuracy}
 
     # the nominal checkpoints (and the models that need none) first, then the rest
     first = [j for j in jobs if not MODELS[j[1]][2]]
@@ -299,7 +324,7 @@ def attack_column(args, data_dir, ckpt, eps, column, result_path):
     seconds = run(cmd, result_path + ".out.txt")
     res = json.load(open(result_path))
     res["wall_seconds"] = seconds
-    json.dump(res, open(result_path, "w"), indent=1)
+    dump(res, result_path)
     return res
 
 
@@ -348,7 +373,7 @@ def autoattack(args, data_dir, ckpt, eps, result_path):
            "robust_accuracy": float(robust.double().mean()), "max_linf": linf,
            "seconds": time.time() - t0, "torchattacks": torchattacks.__version__,
            "robust_mask": robust.tolist()}
-    json.dump(res, open(result_path, "w"), indent=1)
+    dump(res, result_path)
     return res
 
 
@@ -357,17 +382,11 @@ def certify_column(args, data_dir, ckpt, result_path):
         return json.load(open(result_path))
     cmd = ["certify.py", "--ckpt", ckpt, "--data-dir", data_dir, "--limit", str(args.attack_images),
            "--device", "cpu", "--out", result_path, "--plot", "none"]
-    run(cmd, result_path + ".out.txt")
-    return json.load(open(result_path))
-
-
-def certified_at(res, r):
-    """Certified accuracy at radius r from certify.py's step curve (share with R(x) > r)."""
-    best = None
-    for point in res["curve"]:
-        if point["radius"] <= r:
-            best = point["certified_accuracy"]
-    return best if best is not None else res["curve"][0]["certified_accuracy"]
+    seconds = run(cmd, result_path + ".out.txt")
+    res = json.load(open(result_path))
+    res["wall_seconds"] = seconds
+    dump(res, result_path)
+    return res
 
 
 def evaluate_all(args, data_dir, trained):
@@ -413,7 +432,10 @@ def evaluate_all(args, data_dir, trained):
     rows = []
     for (seed, name), t in sorted(trained.items()):
         row = {"model": name, "label": MODELS[name][3], "seed": seed, "train_seconds": t["seconds"],
-               "eps": {}}
+               "test_accuracy": t["test_accuracy"], "eps": {}}
+        # the row's cost: its training plus every evaluation of it, each a process of one thread
+        row["eval_seconds"] = sum(r.get("wall_seconds", r.get("seconds")) or 0
+                                  for (s, n, _, _), r in results.items() if (s, n) == (seed, name))
         for eps in args.eps:
             cell = {}
             for column in args.protocols:
@@ -446,7 +468,12 @@ def evaluate_all(args, data_dir, trained):
                                 "lipschitz_lower_estimate": c["lipschitz"]["lower_estimate"],
                                 "median_radius": c["radius"]["median_correct"],
                                 "clean_accuracy_nearest_centre": c["clean_accuracy"],
-                                "at": {str(r): certified_at(c, r) for r in args.radii}}
+                                "median_radius_if_L_were_lower_estimate":
+                                    c["radius"]["median_correct_if_L_were_lower_estimate"],
+                                "median_min_l2_perturbation": c["l2_attack"]["median_min_perturbation"],
+                                "sound": c["sound"],
+                                "max_radius": c["radius"]["max_correct"],
+                                "vacuous": c["radius"]["vacuous"]}
         rows.append(row)
     return rows
 
@@ -454,27 +481,150 @@ def evaluate_all(args, data_dir, trained):
 # --- report ---------------------------------------------------------------------------------
 
 def mean_std(values):
+    """-> (mean, sample std) of the values that are not None; std None below two values."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
     m = sum(values) / len(values)
-    return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    if len(values) < 2:
+        return m, None
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def cell_of(row, eps, column):
+    """One cell of a per-seed row: column of row["eps"][eps], or a row-level figure (eps None)."""
+    if eps is None:
+        return row.get(column)
+    return row["eps"].get(eps, {}).get(column)
 
 
 def summarise(rows, args):
-    """One line per model and eps: mean (and std over seeds where there are several)."""
+    """One line per model and eps: mean, sample std and the per-seed values of every column."""
     cols = ["natural", *args.protocols, "autoattack"]
     table = []
     for name in args.models:
-        mine = [r for r in rows if r["model"] == name]
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
         for eps in args.eps:
-            line = {"model": name, "label": MODELS[name][3], "eps": eps, "seeds": len(mine)}
+            line = {"model": name, "label": MODELS[name][3], "eps": eps, "seeds": [r["seed"] for r in mine]}
             for c in cols:
-                line[c], line[c + "_std"] = mean_std([r["eps"][eps].get(c) for r in mine])
+                values = [cell_of(r, eps, c) for r in mine]
+                line[c], line[c + "_std"] = mean_std(values)
+                line[c + "_per_seed"] = values
             table.append(line)
     return table
+
+
+# Student's t, two-sided 95%, by degrees of freedom (n seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def judge(diffs):
+    """Paired per-seed differences, oriented so that > 0 is what the claim says; -> (mean, std,
+    half-width of the 95% t-interval of the mean, verdict).  "holds": the interval lies above 0;
+    "does not hold": it lies at or below 0 (equal on every seed included: not "more"); otherwise
+    "cannot tell at n = N"."""
+    diffs = [d for d in diffs if d is not None]
+    m, s = mean_std(diffs)
+    if m is None or len(diffs) < 2:
+        return m, s, None, f"cannot tell at n = {len(diffs)}"
+    half = T95.get(len(diffs) - 1, 1.96) * s / len(diffs) ** 0.5
+    verdict = ("holds" if m - half > 0 else "does not hold" if m + half <= 0
+               else f"cannot tell at n = {len(diffs)}")
+    return m, s, half, verdict
+
+
+# The paper's claims, each as paired differences over seeds: (claim, text, [(model A, model B, eps,
+# column, what A - B > 0 means)]).  eps None: a row-level figure (test_accuracy on --test images).
+CLAIMS = [
+    ("a", "ClusTR is more robust than its nominal warm start, without adversarial training",
+     [("clustr", "nominal", "{eps}", "worst"), ("clustr", "nominal", "{eps}", "autoattack")]),
+    ("b", "ClusTR+QTRADES is more robust than QTRADES alone",
+     [("clustr_qtrades", "qtrades", "{eps}", "worst"), ("clustr_qtrades", "qtrades", "{eps}", "autoattack")]),
+    ("c", "the authors' protocol overstates robustness (authors' protocol minus attack.py's worst case)",
+     [(m, m, "{eps}", ("authors", "worst")) for m in ("magnet_random", "clustr", "clustr_qtrades",
+                                                       "clustr_qtrades_kl")]),
+    ("d", "ClusTR costs accuracy against its warm start (nominal minus ClusTR, test accuracy)",
+     [("nominal", "clustr", None, "test_accuracy")]),
+    ("f", "--consistency kl is more robust than the paper's cross-entropy term (KL minus CE)",
+     [("clustr_qtrades_kl", "clustr_qtrades", "{eps}", "worst"),
+      ("clustr_qtrades_kl", "clustr_qtrades", None, "test_accuracy")]),
+]
+
+
+def claims(rows, args, ablation):
+    """Every claim's cells judged by judge(); -> list of dicts (JSON) in the order of CLAIMS."""
+    by = {(r["seed"], r["model"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for key, text, cells in CLAIMS:
+        for a, b, eps_t, col in cells:
+            for eps in (args.eps if eps_t else [None]):
+                ca, cb = col if isinstance(col, tuple) else (col, col)
+                diffs = [cell_of(by[s, a], eps, ca) - cell_of(by[s, b], eps, cb)
+                         if (s, a) in by and (s, b) in by and cell_of(by[s, a], eps, ca) is not None
+                         and cell_of(by[s, b], eps, cb) is not None else None for s in seeds]
+                m, sd, half, verdict = judge(diffs)
+                out.append({"claim": key, "text": text, "cells": f"{a}.{ca} - {b}.{cb}", "eps": eps,
+                            "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half, "verdict": verdict})
+    # (d), which setting: each ablation variant's final accuracy minus ClusTR's (base), per seed
+    for name in sorted({n for ab in (ablation or {}).values() for n in ab} - {"base", "nominal", "nominal_weak"}):
+        diffs = [ab[name]["test_accuracy"][-1] - ab["base"]["test_accuracy"][-1]
+                 if name in ab and "base" in ab else None for ab in (ablation or {}).values()]
+        m, sd, half, verdict = judge(diffs)
+        out.append({"claim": "d", "text": f"magnet.py {' '.join(ABLATION[name])} recovers accuracy "
+                    f"(variant minus ClusTR, test accuracy)", "cells": f"ablation.{name} - clustr",
+                    "eps": None, "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half,
+                    "verdict": verdict})
+    return out
+
+
+def pm(m, s, scale=100, digits=1):
+    if m is None:
+        return "-"
+    return f"{scale * m:.{digits}f}" + (f" ± {scale * s:.{digits}f}" if s is not None else "")
+
+
+def markdown(table, rows, judged, args):
+    """The tables for benchmarks/README.md, from this run's figures only."""
+    cols = ["natural", *args.protocols, "autoattack"]
+    names = {"natural": "natural", "authors": "authors' protocol", "pgd20": "PGD-20", "pgd100": "PGD-100",
+             "worst": "attack.py worst", "autoattack": f"AutoAttack (first {args.aa_images})"}
+    out = ["| model | eps | test accuracy | " + " | ".join(names[c] for c in cols) + " | minutes (train + eval) |",
+           "| --- " * (4 + len(cols)) + "|"]
+    for line in table:
+        mine = [r for r in rows if r["model"] == line["model"]]
+        acc = mean_std([r["test_accuracy"] for r in mine])
+        mins = mean_std([((r["train_seconds"] or 0) + r["eval_seconds"]) / 60 for r in mine])
+        out.append(f"| {line['label']} | {line['eps']} | {pm(*acc)} | "
+                   + " | ".join(pm(line[c], line[c + '_std']) for c in cols)
+                   + f" | {pm(*mins, scale=1, digits=0) if line['eps'] == args.eps[0] else ''} |")
+    out += ["", "| claim | cells (A - B, points) | eps | per seed | mean ± std | 95% interval | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for j in judged:
+        seeds = " / ".join("-" if d is None else f"{100 * d:+.1f}" for d in j["per_seed"])
+        ci = "-" if j["ci95_half"] is None else f"{100 * (j['mean'] - j['ci95_half']):+.1f} .. " \
+             f"{100 * (j['mean'] + j['ci95_half']):+.1f}"
+        out.append(f"| ({j['claim']}) | {j['cells']} | {j['eps'] or '-'} | {seeds} | "
+                   f"{pm(j['mean'], j['std'])} | {ci} | {j['verdict']} |")
+    cert = [r for r in rows if "certified" in r]
+    if cert:
+        out += ["", "| model | nearest-centre accuracy | L, sound bound | L, lower estimate | median certified "
+                "radius (L2) | largest certified radius | median radius if L were the lower estimate | "
+                "median L2 perturbation found | seeds where every radius < 1/255 |", "| --- " * 9 + "|"]
+        for name in args.models:
+            mine = [r["certified"] for r in cert if r["model"] == name]
+            if mine:
+                g = lambda k: mean_std([c[k] for c in mine])      # noqa: E731
+                out.append(f"| {MODELS[name][3]} | {pm(*g('clean_accuracy_nearest_centre'))} | "
+                           + " | ".join("-" if g(k)[0] is None else f"{g(k)[0]:.3g}"
+                                        + (f" ± {g(k)[1]:.2g}" if g(k)[1] is not None else "")
+                                        for k in ("lipschitz_bound", "lipschitz_lower_estimate", "median_radius",
+                                                  "max_radius", "median_radius_if_L_were_lower_estimate",
+                                                  "median_min_l2_perturbation"))
+                           + f" | {sum(c['vacuous'] for c in mine)} of {len(mine)} |")
+    return "\n".join(out)
 
 
 def fmt(v, s=None):
@@ -502,12 +652,12 @@ def print_table(table, rows, args):
     cert = [r for r in rows if "certified" in r]
     if cert:
         print(f"\n{'certified (Prop. 1, sound bound)':<34}{'seed':>5}{'L bound':>12}{'L lower':>10}"
-              f"{'median R':>11} " + "".join(f"{'r=' + str(r):>9}" for r in args.radii))
+              f"{'median R':>11}{'max R':>11}{'vacuous':>9}")
         for r in cert:
             c = r["certified"]
             print(f"{r['label']:<34}{r['seed']:>5}{c['lipschitz_bound']:>12.3g}"
-                  f"{c['lipschitz_lower_estimate'] or 0:>10.3g}{c['median_radius']:>11.3g} "
-                  + "".join(f"{100 * c['at'][str(x)]:>8.1f}%" for x in args.radii))
+                  f"{c['lipschitz_lower_estimate'] or 0:>10.3g}{c['median_radius']:>11.3g}"
+                  f"{c['max_radius']:>11.3g}{str(c['vacuous']):>9}")
 
 
 def plot(table, args, path):
@@ -537,34 +687,48 @@ def plot(table, args, path):
     return path
 
 
+def report(args, rows, ablation, seed_seconds, t0):
+    """reproduce.json, reproduce.md (the README's tables), the printed table and the plot."""
+    import torch
+    table = summarise(rows, args)
+    judged = claims(rows, args, ablation)
+    md = markdown(table, rows, judged, args)
+    out = {"config": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{os.cpu_count()} CPU cores", "rows": rows, "table": table, "claims": judged,
+           "ablation": ablation, "wall_seconds_per_seed_this_run": seed_seconds,
+           "seconds": time.time() - t0}
+    path = os.path.join(args.workdir, "reproduce.json")
+    dump(out, path)
+    with open(os.path.join(args.workdir, "reproduce.md"), "w") as f:
+        f.write(md + "\n")
+    print_table(table, rows, args)
+    if ablation:
+        print_ablation(ablation)
+    print("\n" + md)
+    note = plot(table, args, os.path.join(args.workdir, "reproduce.png"))
+    log(f"wrote {path} and reproduce.md; {note}; {time.time() - t0:.0f} s this run")
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.time()
     data_dir, extra = prepare_data(args)
-    trained = train_all(args, data_dir, extra)
-    ab = ablation_all(args, data_dir, extra) if args.ablation is not None else None
-    if ab:
-        print_ablation(ab)
+    rows, ablation, seed_seconds = [], {}, {}
+    for seed in args.seeds:     # seed after seed: a stopped run leaves whole seeds (and cached cells)
+        t_seed = time.time()
+        trained = train_seed(args, seed, data_dir, extra)
+        if args.ablation != ["none"]:
+            ablation[seed] = ablation_seed(args, seed, data_dir, extra)
+        if not args.train_only:
+            rows += evaluate_all(args, data_dir, trained)
+        seed_seconds[seed] = time.time() - t_seed
+        log(f"seed {seed} done in {seed_seconds[seed] / 60:.1f} min (this run)")
     if args.train_only:
         log("trained; evaluation skipped (--train-only)")
         return None
-    rows = evaluate_all(args, data_dir, trained)
-    table = summarise(rows, args)
-    import torch
-    out = {"config": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{os.cpu_count()} CPU cores", "rows": rows, "table": table, "ablation": ab,
-           "seconds": time.time() - t0}
-    path = os.path.join(args.workdir, "reproduce.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print_table(table, rows, args)
-    if ab:
-        print_ablation(ab)
-    note = plot(table, args, os.path.join(args.workdir, "reproduce.png"))
-    log(f"wrote {path}; {note}; {time.time() - t0:.0f} s this run")
-    return out
+    return report(args, rows, ablation, seed_seconds, t0)
 
 
 if __name__ == "__main__":
