@@ -74,6 +74,8 @@ tests sit under the section banner below whose title begins with the line's name
   wiring: qtrades.py         test_qtrades_lam_scales_the_consistency_term_of_each_step_gradient
   wiring: the per-dataset defaults
                              test_every_per_dataset_default_is_the_papers, test_paper_defaults_per_dataset_and_help
+  the reproduction's verdicts
+                             test_reproduce_judges_each_claim_by_the_95_percent_t_interval_of_its_paired_seed_differences
   plumbing                   test_bad_input_exits_2_with_one_line_naming_the_fix,
                              test_each_fault_kind_stops_with_one_line_writes_no_result_and_leaves_every_input,
                              test_a_signal_during_a_checkpoint_write_waits_until_the_file_and_the_run_agree,
@@ -4480,6 +4482,50 @@ def test_logged_accuracies_are_those_of_the_saved_model_on_the_named_split(
         assert last["test_accuracy"] == pytest.approx(test_acc, abs=1e-9), trace.results["out"]
         if clustering:
             assert last["train_accuracy"] == pytest.approx(train_acc, abs=1e-9), trace.results["out"]
+
+
+# ======================================================================================
+# the reproduction's verdicts (benchmarks/reproduce.py: the paper's claims judged over seeds)
+# ======================================================================================
+
+@pytest.mark.oracle
+def test_reproduce_judges_each_claim_by_the_95_percent_t_interval_of_its_paired_seed_differences():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "benchmarks", "reproduce.py"))
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    # Student's t quantiles in closed form: CDF(t) = 1/2 + atan(t)/pi (1 dof), 1/2 + t/(2 sqrt(2 + t^2)) (2)
+    assert 0.5 + math.atan(rp.T95[1]) / math.pi == pytest.approx(0.975, abs=2e-5)
+    assert 0.5 + rp.T95[2] / (2 * math.sqrt(2 + rp.T95[2] ** 2)) == pytest.approx(0.975, abs=2e-5)
+    m, s, half, verdict = rp.judge([0.01, 0.02, 0.03])      # mean 2, std 1 points: half-width 2.48
+    assert (m, s, half) == pytest.approx((0.02, 0.01, rp.T95[2] * 0.01 / math.sqrt(3)))
+    assert verdict == "cannot tell at n = 3"
+    assert rp.judge([0.05, 0.06, 0.07])[3] == "holds" and rp.judge([-0.05, -0.06, -0.07])[3] == "does not hold"
+    assert rp.judge([0.0, 0.0, 0.0])[3] == "does not hold"             # equal on every seed: not "more"
+    assert rp.judge([0.1, None])[3] == "cannot tell at n = 1"
+    # the claims' orientation on rows built by hand: each model's cells differ from the nominal
+    # model's by a known amount per seed
+    offset = {"nominal": 0.0, "magnet_random": -0.3, "clustr": 0.05, "qtrades": 0.2, "clustr_qtrades": 0.1,
+              "clustr_qtrades_kl": 0.15}
+    rows = [{"seed": seed, "model": name, "test_accuracy": 0.9 - offset[name] / 10 + 0.001 * seed,
+             "eps": {"8/255": {"worst": 0.4 + offset[name] + 0.01 * seed, "autoattack": 0.39 + offset[name],
+                               "authors": 0.45 + offset[name] + 0.02 * seed * (name == "clustr")}}}
+            for seed in range(3) for name in offset]
+    ablation = {seed: {"base": {"test_accuracy": [0.85, 0.8]}, "alpha1": {"test_accuracy": [0.85, 0.83 + seed / 100]}}
+                for seed in range(3)}
+    judged = {(j["cells"], j["eps"]): j for j in rp.claims(rows, rp.parse_args(["--eps", "8/255"]), ablation)}
+    a = judged["clustr.worst - nominal.worst", "8/255"]
+    assert a["claim"] == "a" and a["per_seed"] == pytest.approx([0.05] * 3) and a["verdict"] == "holds"
+    b = judged["clustr_qtrades.autoattack - qtrades.autoattack", "8/255"]
+    assert b["claim"] == "b" and b["mean"] == pytest.approx(-0.1) and b["verdict"] == "does not hold"
+    c = judged["clustr.authors - clustr.worst", "8/255"]
+    assert c["claim"] == "c" and c["per_seed"] == pytest.approx([0.05, 0.06, 0.07]) and c["verdict"] == "holds"
+    d = judged["nominal.test_accuracy - clustr.test_accuracy", None]
+    assert d["claim"] == "d" and d["per_seed"] == pytest.approx([0.005] * 3)
+    f = judged["clustr_qtrades_kl.worst - clustr_qtrades.worst", "8/255"]
+    assert f["claim"] == "f" and f["per_seed"] == pytest.approx([0.05] * 3)
+    alpha = judged["ablation.alpha1 - clustr", None]
+    assert alpha["per_seed"] == pytest.approx([0.03, 0.04, 0.05]) and alpha["verdict"] == "holds"
 
 
 # ======================================================================================
