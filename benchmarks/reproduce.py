@@ -460,6 +460,8 @@ def evaluate_all(args, data_dir, trained):
                     ours = worst["examples"][0]["robust"][:aa["images"]]
                     theirs = aa["robust_mask"][:len(ours)]
                     cell["worst_on_aa_images"] = sum(ours) / max(1, len(ours))
+                    # robust under both: the worst case over attack.py's losses and AutoAttack
+                    cell["both_on_aa_images"] = sum(o and a for o, a in zip(ours, theirs)) / max(1, len(ours))
                     cell["fooled_by_aa_only"] = sum(o and not a for o, a in zip(ours, theirs))
                     cell["fooled_by_worst_only"] = sum(a and not o for o, a in zip(ours, theirs))
             row["eps"][eps] = cell
@@ -501,7 +503,7 @@ def cell_of(row, eps, column):
 
 def summarise(rows, args):
     """One line per model and eps: mean, sample std and the per-seed values of every column."""
-    cols = ["natural", *args.protocols, "autoattack"]
+    cols = ["natural", *args.protocols, "autoattack", "both_on_aa_images"]
     table = []
     for name in args.models:
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["seed"])
@@ -589,9 +591,10 @@ def pm(m, s, scale=100, digits=1):
 
 def markdown(table, rows, judged, args):
     """The tables for benchmarks/README.md, from this run's figures only."""
-    cols = ["natural", *args.protocols, "autoattack"]
+    cols = ["natural", *args.protocols, "autoattack", "both_on_aa_images"]
     names = {"natural": "natural", "authors": "authors' protocol", "pgd20": "PGD-20", "pgd100": "PGD-100",
-             "worst": "attack.py worst", "autoattack": f"AutoAttack (first {args.aa_images})"}
+             "worst": "attack.py worst", "autoattack": f"AutoAttack (first {args.aa_images})",
+             "both_on_aa_images": f"worst of both (first {args.aa_images})"}
     out = ["| model | eps | test accuracy | " + " | ".join(names[c] for c in cols) + " | minutes (train + eval) |",
            "| --- " * (4 + len(cols)) + "|"]
     for line in table:
@@ -600,7 +603,7 @@ def markdown(table, rows, judged, args):
         mins = mean_std([((r["train_seconds"] or 0) + r["eval_seconds"]) / 60 for r in mine])
         out.append(f"| {line['label']} | {line['eps']} | {pm(*acc)} | "
                    + " | ".join(pm(line[c], line[c + '_std']) for c in cols)
-                   + f" | {pm(*mins, scale=1, digits=0) if line['eps'] == args.eps[0] else ''} |")
+                   + f" | {pm(*mins, scale=1) if line['eps'] == args.eps[0] else ''} |")
     out += ["", "| claim | cells (A - B, points) | eps | per seed | mean ± std | 95% interval | verdict |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for j in judged:
@@ -694,9 +697,16 @@ def report(args, rows, ablation, seed_seconds, t0):
     table = summarise(rows, args)
     judged = claims(rows, args, ablation)
     md = markdown(table, rows, judged, args)
+    # each seed's cost: every process it ran (one thread each, --jobs at a time), cached ones included
+    process_minutes = {seed: (sum((r["train_seconds"] or 0) + r["eval_seconds"] for r in rows if r["seed"] == seed)
+                              + sum(v.get("seconds") or 0 for k, v in ablation.get(seed, {}).items()
+                                    if k != "base")) / 60 for seed in args.seeds}
+    md += "\n\nprocess minutes per seed (one thread each; wall time about this / --jobs): " + ", ".join(
+        f"seed {seed} {m:.0f}" for seed, m in process_minutes.items())
     out = {"config": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{os.cpu_count()} CPU cores", "rows": rows, "table": table, "claims": judged,
            "ablation": ablation, "wall_seconds_per_seed_this_run": seed_seconds,
+           "process_minutes_per_seed": process_minutes,
            "seconds": time.time() - t0}
     path = os.path.join(args.workdir, "reproduce.json")
     dump(out, path)
