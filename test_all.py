@@ -4511,8 +4511,8 @@ def test_reproduce_judges_each_claim_by_the_95_percent_t_interval_of_its_paired_
              "eps": {"8/255": {"worst": 0.4 + offset[name] + 0.01 * seed, "autoattack": 0.39 + offset[name],
                                "authors": 0.45 + offset[name] + 0.02 * seed * (name == "clustr")}}}
             for seed in range(3) for name in offset]
-    ablation = {seed: {"base": {"test_accuracy": [0.85, 0.8]}, "alpha1": {"test_accuracy": [0.85, 0.83 + seed / 100]}}
-                for seed in range(3)}
+    ablation = {seed: {"base": {"test_accuracy": [0.85, 0.8]}, "alpha1": {"test_accuracy": [0.85, 0.83 + seed / 100]},
+                       "epochs0": {"test_accuracy": [0.85]}} for seed in range(3)}
     judged = {(j["cells"], j["eps"]): j for j in rp.claims(rows, rp.parse_args(["--eps", "8/255"]), ablation)}
     a = judged["clustr.worst - nominal.worst", "8/255"]
     assert a["claim"] == "a" and a["per_seed"] == pytest.approx([0.05] * 3) and a["verdict"] == "holds"
@@ -4526,6 +4526,8 @@ def test_reproduce_judges_each_claim_by_the_95_percent_t_interval_of_its_paired_
     assert f["claim"] == "f" and f["per_seed"] == pytest.approx([0.05] * 3)
     alpha = judged["ablation.alpha1 - clustr", None]
     assert alpha["per_seed"] == pytest.approx([0.03, 0.04, 0.05]) and alpha["verdict"] == "holds"
+    kmeans = judged["nominal - ablation.epochs0", None]                  # nominal 0.9 + seed / 1000
+    assert kmeans["per_seed"] == pytest.approx([0.05, 0.051, 0.052]) and kmeans["verdict"] == "holds"
 
 
 # ======================================================================================

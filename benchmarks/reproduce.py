@@ -580,6 +580,14 @@ def claims(rows, args, ablation):
                     f"(variant minus ClusTR, test accuracy)", "cells": f"ablation.{name} - clustr",
                     "eps": None, "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half,
                     "verdict": verdict})
+    # (d), split: what replacing the head by k-means++ clusters on the nominal features costs alone
+    if all("epochs0" in ab for ab in (ablation or {}).values()) and ablation:
+        diffs = [by[s, "nominal"]["test_accuracy"] - ablation[s]["epochs0"]["test_accuracy"][-1]
+                 if (s, "nominal") in by and s in ablation else None for s in seeds]
+        m, sd, half, verdict = judge(diffs)
+        out.append({"claim": "d", "text": "k-means++ on the nominal features alone costs accuracy (nominal minus "
+                    "magnet.py --epochs 0, test accuracy)", "cells": "nominal - ablation.epochs0", "eps": None,
+                    "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half, "verdict": verdict})
     return out
 
 
