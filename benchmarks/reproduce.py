@@ -567,34 +567,35 @@ def claims(rows, args, ablation):
     """Every claim's cells judged by judge(); -> list of dicts (JSON) in the order of CLAIMS."""
     by = {(r["seed"], r["model"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
+    ablation = ablation or {}
     out = []
+
+    def add(key, text, cells, eps, diffs):
+        m, sd, half, verdict = judge(diffs)
+        out.append({"claim": key, "text": text, "cells": cells, "eps": eps, "per_seed": diffs, "mean": m,
+                    "std": sd, "ci95_half": half, "verdict": verdict})
+
+    def minus(x, y):
+        return None if x is None or y is None else x - y
+
     for key, text, cells in CLAIMS:
         for a, b, eps_t, col in cells:
             for eps in (args.eps if eps_t else [None]):
                 ca, cb = col if isinstance(col, tuple) else (col, col)
-                diffs = [cell_of(by[s, a], eps, ca) - cell_of(by[s, b], eps, cb)
-                         if (s, a) in by and (s, b) in by and cell_of(by[s, a], eps, ca) is not None
-                         and cell_of(by[s, b], eps, cb) is not None else None for s in seeds]
-                m, sd, half, verdict = judge(diffs)
-                out.append({"claim": key, "text": text, "cells": f"{a}.{ca} - {b}.{cb}", "eps": eps,
-                            "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half, "verdict": verdict})
+                add(key, text, f"{a}.{ca} - {b}.{cb}", eps,
+                    [minus(cell_of(by[s, a], eps, ca), cell_of(by[s, b], eps, cb))
+                     if (s, a) in by and (s, b) in by else None for s in seeds])
+    final = {s: {n: rec["test_accuracy"][-1] for n, rec in ab.items()} for s, ab in ablation.items()}
     # (d), which setting: each ablation variant's final accuracy minus ClusTR's (base), per seed
-    for name in sorted({n for ab in (ablation or {}).values() for n in ab} - {"base", "nominal", "nominal_weak"}):
-        diffs = [ab[name]["test_accuracy"][-1] - ab["base"]["test_accuracy"][-1]
-                 if name in ab and "base" in ab else None for ab in (ablation or {}).values()]
-        m, sd, half, verdict = judge(diffs)
-        out.append({"claim": "d", "text": f"magnet.py {' '.join(ABLATION[name])} recovers accuracy "
-                    f"(variant minus ClusTR, test accuracy)", "cells": f"ablation.{name} - clustr",
-                    "eps": None, "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half,
-                    "verdict": verdict})
+    for name in sorted({n for f in final.values() for n in f} - {"base", "nominal", "nominal_weak"}):
+        add("d", f"magnet.py {' '.join(ABLATION[name])} recovers accuracy (variant minus ClusTR, test accuracy)",
+            f"ablation.{name} - clustr", None, [minus(f.get(name), f.get("base")) for f in final.values()])
     # (d), split: what replacing the head by k-means++ clusters on the nominal features costs alone
-    if all("epochs0" in ab for ab in (ablation or {}).values()) and ablation:
-        diffs = [by[s, "nominal"]["test_accuracy"] - ablation[s]["epochs0"]["test_accuracy"][-1]
-                 if (s, "nominal") in by and s in ablation else None for s in seeds]
-        m, sd, half, verdict = judge(diffs)
-        out.append({"claim": "d", "text": "k-means++ on the nominal features alone costs accuracy (nominal minus "
-                    "magnet.py --epochs 0, test accuracy)", "cells": "nominal - ablation.epochs0", "eps": None,
-                    "per_seed": diffs, "mean": m, "std": sd, "ci95_half": half, "verdict": verdict})
+    if final and all("epochs0" in f for f in final.values()):
+        add("d", "k-means++ on the nominal features alone costs accuracy (nominal minus magnet.py --epochs 0, "
+            "test accuracy)", "nominal - ablation.epochs0", None,
+            [minus(by[s, "nominal"]["test_accuracy"], final[s]["epochs0"]) if (s, "nominal") in by and s in final
+             else None for s in seeds])
     return out
 
 
