@@ -31,7 +31,8 @@ gradient losses left; the attack beats as many random points in the ball; an att
 changes nothing; a large eps leaves at most 5% robust; twice the steps and more restarts, on fresh
 random streams, lower the figure by at most --tolerance.  The ones that attack again run on a
 tenth of the images (--check-images), at most about half the attack's cost.  A failed check names
-the README entry that says what it means and what to try; `--strict` exits 1.
+the README entry that says what it means and what to try, and the run exits 1 after writing its
+results (`--no-strict`: 0).
 
 Usage (copy-paste):
     python attack.py                                    # magnet.pt: default loss set, 8/255, 100 steps
@@ -44,7 +45,7 @@ Usage (copy-paste):
     python attack.py --ckpt c100.pt --D 1 4 20 60 all                   # Fig. 4 (App. B.3)
     python attack.py --ckpt magnet.pt --limit 500 --steps 20           # a quick CPU run
     python attack.py --ckpt qtrades.pt --loss ce scores-ce             # Eq. (5) vs the authors' code
-    python attack.py --ckpt c100.pt --square-queries 5000 --save-adv adv.pt --strict
+    python attack.py --ckpt c100.pt --square-queries 5000 --save-adv adv.pt
                                                         # AutoAttack's Square budget, images kept
     python attack.py --ckpt magnet.pt --export clustr.pt2              # one file for torchattacks,
                                                         # AutoAttack, RobustBench (section 6)
@@ -256,7 +257,7 @@ def add_attack_args(g):
     g.add_argument("--per-loss", action="store_true", help="every loss on every example (one row each); "
                    "default: each loss only on what the earlier ones left robust (AutoAttack's cascade)")
     g.add_argument("--save-adv", default=None, metavar="PATH", help="save per (eps, D) each example's first "
-                   "fooling image, else its clean one (torch.save), as AutoAttack's save_dir")
+                   "fooling image, else the strongest point found (torch.save), as AutoAttack's save_dir")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
                    help="eta_k: constant = --step (Eq. (5), the paper's); cosine = eps (1 + cos(pi k / steps))")
     g.add_argument("--D", type=parse_D, nargs="+", default=None, help="clustering checkpoints: predict from the "
@@ -275,7 +276,8 @@ def add_run_args(g):
                    help="check: robust accuracy must be at most 5%% at this eps")
     g.add_argument("--tolerance", type=float, default=0.01, help="checks: what more steps, restarts, Square or "
                    "a larger eps may change, as a share of the images (0.01 = 1 point)")
-    g.add_argument("--strict", action="store_true", help="exit 1 when a check fails (after writing the results)")
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="exit 1 when a check fails (after writing the results, the failure in them)")
     g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others before it stops with an error")
     add_compile_arg(g)
@@ -489,7 +491,7 @@ def rank_targets(scores, y):
 
 
 def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
-        targets=9, schedule="constant", stats=None):
+        targets=9, schedule="constant", stats=None, record=None):
     """L-inf PGD, ClusTR Eq. (5), with restarts:
 
         x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
@@ -499,20 +501,26 @@ def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
     An example is fooled as soon as one iterate (x^0 included) of one restart is misclassified;
     that first fooling iterate is kept and the example leaves the batch, so later steps and
     restarts attack only the rest (the same result as attacking everything, less work).  Restarts
-    are merged by whether they fooled the model, never by which reached the higher loss.
+    are merged by whether they fooled the model, never by which reached the higher loss.  A
+    survivor keeps its strongest point: the iterate of lowest margin log p_y - max_{c != y} log p_c
+    over every restart and target (what the recompute classifies again: a survivor's record is
+    backed by the point nearest to fooling, not by its clean image).
     margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
     (ranked by class_scores, i.e. over all centres).  generator: a torch.Generator (None: torch's
     global one); each run draws the noise of the whole batch, so the stream does not depend on
     which examples were already fooled.  stats (a dict, optional) accumulates, over the runs of
     examples that took at least one step, "runs", "rose" (objective higher at the end, the fooling
     iterate or the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the
-    check "objective_rises".
+    check "objective_rises".  record (a dict, optional) receives per example "work", the iterates
+    evaluated on it (a survivor: restarts x targets x (steps + 1)), and "margin", that of x_adv.
     -> (x_adv [n, C, H, W], still_correct [n] bool: correct on x and on every iterate)."""
     x, y = x.detach(), y.detach()
     with torch.no_grad():
         log_p = clf(x)
     still_correct = log_p.argmax(1) == y                                    # robust => clean-correct
     x_adv = x.clone()
+    margin = torch.full((len(y),), math.inf, device=x.device)             # of x_adv; inf: none yet
+    work = torch.zeros(len(y), dtype=torch.long, device=x.device)         # iterates evaluated
     if loss == "margin-t":  # the most likely wrong classes at the clean input, best first
         with torch.no_grad():
             ranked = rank_targets(class_scores(clf, x), y)                  # [n, C - 1]
@@ -525,15 +533,18 @@ def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
         if len(idx) == 0:
             continue
         pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
-                x_adv, still_correct)
+                x_adv, still_correct, margin, work)
+    if record is not None:
+        record.update(margin=margin, work=work)
     return x_adv, still_correct
 
 
 def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
-            x_adv, still_correct):
+            x_adv, still_correct, margin, work):
     """One run of pgd (a restart, or one target of margin-t) on the examples idx still correct:
     Eq. (5)'s iterates from the random start x^0 = clip(x + (2 noise - 1) eps); writes the first
-    fooling iterate (or a survivor's last) into x_adv and clears still_correct where fooled."""
+    fooling iterate into x_adv and clears still_correct where fooled; a survivor's x_adv is its
+    iterate of lowest margin so far (margin [n], updated); work [n] counts the iterates."""
     x0, y0 = x[idx], y[idx]
     t0 = None if target is None else target[idx]
     xk = (x0 + (2 * noise - 1) * eps).clamp(0, 1)                           # random start in S
@@ -544,9 +555,14 @@ def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, targ
             obj, lp = objective(clf, xk, y0, loss, t0)
         if k == 0:
             start = obj.detach()                                            # the objective at x^0
-        new = live & (lp.detach().argmax(1) != y0)                          # fooled at x^k
+        work[idx] += 1
+        lp = lp.detach().float()
+        m = lp.gather(1, y0[:, None]).squeeze(1) - lp.scatter(1, y0[:, None], -math.inf).amax(1)
+        new = live & (lp.argmax(1) != y0)                                   # fooled at x^k
+        closer = live & ~new & (m < margin[idx])                            # a survivor's strongest point
+        x_adv[idx[closer]], margin[idx[closer]] = xk.detach()[closer], m[closer]
         if new.any():
-            x_adv[idx[new]] = xk.detach()[new]                              # first fooling iterate
+            x_adv[idx[new]], margin[idx[new]] = xk.detach()[new], m[new]    # first fooling iterate
             still_correct[idx[new]] = False
             if k > 0:
                 tally_rises(stats, obj.detach()[new], start[new])
@@ -565,7 +581,6 @@ def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, targ
         # step of Croce & Hein's APGD) down to 0: long moves first, then refinement
         eta = step if schedule == "constant" else eps * (1 + math.cos(math.pi * k / steps))
         xk = torch.min(torch.max(xk + eta * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
-    x_adv[idx[live]] = xk.detach()[live]                                    # survivors: last iterate
 
 
 def tally_rises(stats, end, start):
@@ -589,7 +604,7 @@ def square_side(i, queries, size, p_init=0.8):
 
 
 @torch.no_grad()
-def square(clf, x, y, eps, queries, generator=None, p_init=0.8):
+def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
     """L-inf Square attack (Andriushchenko et al. 2020): gradient-free, score-based random search
     at the vertices of the eps-ball, AutoAttack's guard against masked gradients (saturated
     Eq. (4) probabilities, D masks).
@@ -601,52 +616,68 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8):
 
     The example is fooled when the classifier itself (with its D mask) no longer predicts y at
     a queried point (kept even if its margin is higher); fooled examples leave.  Every point
-    stays in the eps-ball and [0, 1].  The original also resamples a window whose new values
-    equal the old ones; here such a query is spent (at 3 channels, 1 in 8).  generator: a
-    torch.Generator.  -> (x_adv [n, C, H, W], still_correct [n] bool)."""
+    stays in the eps-ball and [0, 1].  As in the original (and AutoAttack), a window whose new
+    values would all equal the current ones is drawn again before it is queried: no query is
+    spent on a point already known.  A survivor's x_adv is its last accepted point.  record (a
+    dict, optional) receives per example "work", the points queried (a survivor: `queries`), and
+    "margin", log p_y - max_{c != y} log p_c at x_adv.  -> (x_adv [n, C, H, W], still_correct [n])."""
     x, y = x.detach(), y.detach()
     still = clf(x).argmax(1) == y                                           # robust => clean-correct
     x_adv, idx = x.clone(), still.nonzero().squeeze(1)
+    margin, work = torch.full((len(y),), math.inf, device=x.device), torch.zeros_like(y, dtype=torch.long)
+    record = {} if record is None else record
+    record.update(margin=margin, work=work)                                 # filled in place below
     if eps == 0 or queries == 0 or len(idx) == 0:
         return x_adv, still
     n, C, H, W = x.shape
     x0, y0 = x[idx], y[idx]
     stripes = torch.randint(0, 2, (len(idx), C, 1, W), generator=generator, device=x.device) * 2 - 1
     xk = (x0 + eps * stripes).clamp(0, 1)                                   # [m, C, H, W]
-    m_k, fooled = square_margin(clf, xk, y0)
+    m_k, lm_k, fooled = square_margin(clf, xk, y0)
+    work[idx] += 1
     rows, cols = torch.arange(H, device=x.device)[:, None], torch.arange(W, device=x.device)   # [H, 1], [W]
     for i in range(1, queries + 1):
         if fooled.any():
-            x_adv[idx[fooled]], still[idx[fooled]] = xk[fooled], False
-            x0, y0, xk, m_k, idx = x0[~fooled], y0[~fooled], xk[~fooled], m_k[~fooled], idx[~fooled]
+            x_adv[idx[fooled]], still[idx[fooled]], margin[idx[fooled]] = xk[fooled], False, lm_k[fooled]
+            x0, y0, xk, m_k, lm_k, idx = (x0[~fooled], y0[~fooled], xk[~fooled], m_k[~fooled], lm_k[~fooled],
+                                          idx[~fooled])
         if len(idx) == 0 or i == queries:
             break
         side = square_side(i, queries, min(H, W), p_init)
-        r, c, sign = (torch.randint(0, hi, shape, generator=generator, device=x.device) for hi, shape in (
-            (H - side + 1, (len(idx), 1, 1, 1)), (W - side + 1, (len(idx), 1, 1, 1)), (2, (len(idx), C, 1, 1))))
+        r, c = (torch.randint(0, hi, (len(idx), 1, 1, 1), generator=generator, device=x.device)
+                for hi in (H - side + 1, W - side + 1))
         window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
-        x_new = torch.where(window, x0 + eps * (sign * 2 - 1), xk).clamp(0, 1)
-        x_new = torch.min(torch.max(x_new, x0 - eps), x0 + eps)             # clipped: still in S
-        m_new, fooled = square_margin(clf, x_new, y0)
+        x_new, same = xk, torch.ones(len(idx), dtype=torch.bool, device=x.device)   # same: signs to draw
+        for _ in range(10):   # AutoAttack redraws until the window changes; bounded for an eps below rounding
+            if not same.any():
+                break
+            sign = torch.randint(0, 2, (int(same.sum()), C, 1, 1), generator=generator, device=x.device)
+            drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1), xk[same]).clamp(0, 1)
+            x_new = x_new.clone()
+            x_new[same] = torch.min(torch.max(drawn, x0[same] - eps), x0[same] + eps)   # clipped: still in S
+            same = (x_new == xk).flatten(1).all(1)
+        m_new, lm_new, fooled = square_margin(clf, x_new, y0)
+        work[idx] += 1
         better = (m_new < m_k) | fooled                 # accepted: a lower margin, or fooled
         xk = torch.where(better[:, None, None, None], x_new, xk)
-        m_k = torch.where(better, m_new, m_k)
-    x_adv[idx] = xk                                                         # survivors: last accepted
+        m_k, lm_k = torch.where(better, m_new, m_k), torch.where(better, lm_new, lm_k)
+    x_adv[idx], margin[idx] = xk, lm_k                                      # survivors: last accepted
     return x_adv, still
 
 
 def square_margin(clf, v, yv):
     """Square's objective: margin z_y - max_{c != y} z_c over the class scores of all centres,
-    and whether the classifier (with its D mask) is fooled at v.  -> (margin [n], fooled [n])."""
+    the classifier's own margin on log p (with its D mask) and whether it is fooled at v.
+    -> (margin [n], classifier's margin [n], fooled [n])."""
     if getattr(clf, "clusters", False) and clf.D is not None:               # one f(x), two masks
         f = clf.model.features(v)
         z, lp = (class_log_scores(f, clf.centers, clf.center_classes, clf.sigma2, D) for D in (None, clf.D))
     else:
         z = lp = class_scores(clf, v)
-    z = z.float()
-    z_y = z.gather(1, yv[:, None]).squeeze(1)
-    other = z.scatter(1, yv[:, None], float("-inf")).max(1).values      # y excluded by index
-    return z_y - other, lp.argmax(1) != yv
+    z, lp = z.float(), lp.float()
+    margin = [s.gather(1, yv[:, None]).squeeze(1) - s.scatter(1, yv[:, None], -math.inf).amax(1)  # y out by index
+              for s in (z, lp)]
+    return margin[0], margin[1], lp.argmax(1) != yv
 
 
 def zero_gradient_counts(clf, x, y, losses):
@@ -789,14 +820,15 @@ def natural_mask(clf, images, labels, batch_size):
 
 
 def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=None, tally=None, stats=False,
-                 progress=None, **budget):
+                 progress=None, record=None, **budget):
     """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
     steps, restarts, step, queries, targets. index [N]: the images' positions in the test split
     (default 0..N-1). Each chunk draws from a torch.Generator of its own, seeded by (seed, the loss,
     its first image's index), so a loss's figure does not depend on which losses ran before, nor on
     how many processes share the chunks. tally (a dict): every chunk's x_adv measured against the
     eps-ball and [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives
-    (objective_rises). adv [N, C, H, W] float, when given, receives x_adv. Under torchrun process r
+    (objective_rises). adv [N, C, H, W] float, when given, receives x_adv; record (a dict), pgd's and
+    square's per-example "work" and "margin" [N]. Under torchrun process r
     attacks the chunks r, r + W, ...; the robust mask and adv are summed over the processes, so
     every one holds one process's result (tally stays per process: run_checks sums it). -> robust
     mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
@@ -805,6 +837,8 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
     index = torch.arange(len(labels), device=labels.device) if index is None else index
     robust = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
     mine, t0 = torch.zeros_like(robust), time.time()                        # this process's chunks
+    work = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
+    margin = torch.zeros(len(labels), device=labels.device)
     for chunk, start in enumerate(range(0, len(labels), args.batch_size)):
         if chunk % DIST["world"] != DIST["rank"]:                          # torchrun: chunks r, r + W, ...
             continue
@@ -813,12 +847,14 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
         y = labels[start:start + args.batch_size]
         key = np.random.SeedSequence([seed, int.from_bytes(loss.encode(), "little"), int(index[start])])
         g = torch.Generator(x.device).manual_seed(int(key.generate_state(1)[0]))   # (seed, loss, chunk)
+        rec = {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
             if loss == "square":
-                x_adv, still = square(clf, x, y, eps, b["queries"], g)
+                x_adv, still = square(clf, x, y, eps, b["queries"], g, record=rec)
             else:                                                           # PGD, Eq. (5)
                 x_adv, still = pgd(clf, x, y, eps, b["step"], b["steps"], b["restarts"], loss, g, b["targets"],
-                                   args.schedule, tally if stats else None)
+                                   args.schedule, tally if stats else None, rec)
+        work[start:start + len(y)], margin[start:start + len(y)] = rec["work"], rec["margin"]
         if tally is not None:
             measure_ball(tally, x_adv, x, eps)
         robust[start:start + len(y)], mine[start:start + len(y)] = still, True
@@ -828,8 +864,11 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
             progress(loss, eps, start + len(y), len(labels), robust[mine], time.time() - t0)
     if DIST["world"] > 1:                           # torchrun: every process holds the whole row
         robust = all_sum(robust).to(robust.device) > 0
+        work, margin = (all_sum(t.masked_fill(~mine, 0)).to(t.device) for t in (work, margin))
         if adv is not None:
             adv.copy_(all_sum(adv.masked_fill(~mine[:, None, None, None], 0)))
+    if record is not None:
+        record.update(work=work, margin=margin)
     return robust
 
 
@@ -847,23 +886,31 @@ def run_losses(clf, images, labels, args, eps, losses, natural, adv, tally, stat
     one left robust, so an example counts as robust only if no loss and no restart fooled it
     (the same worst case as every loss on every example, less work); --per-loss: each attacks
     every example (its own row over all images).  adv [N, C, H, W] (the clean images) receives
-    each example's first fooling image.  After each loss its images are classified again
-    (recompute): the row's robust accuracy is the recomputed one (the cascade's: robust under it
-    and every earlier loss).  emit(row) logs each row as it finishes.
+    each example's first fooling image, a survivor its strongest point over every loss (lowest
+    margin).  After each loss its images are classified again (recompute): the row's robust
+    accuracy is the recomputed one (the cascade's: robust under it and every earlier loss).
+    Before anything is reported, every example counted robust must have met every loss at the
+    budget configured (work: restarts x targets x (steps + 1) iterates, or --square-queries
+    points), else exit 1 (an attack that skipped it).  emit(row) logs each row as it finishes.
     -> (worst [N] raw robust mask, fooled_by [N]: index into losses or -1, {loss: mask} with --per-loss)."""
     n, dev = len(labels), labels.device
     worst = torch.ones(n, dtype=torch.bool, device=dev)
     fooled_by = torch.full((n,), -1, dtype=torch.long, device=dev)
     seen, masks = worst.clone(), {}                                         # seen: the recomputed verdicts
+    closest, ran = torch.full((n,), math.inf, device=dev), {}             # margin of adv; per loss: work, robust
     for i, loss in enumerate(losses):
         idx = torch.arange(n, device=dev) if args.per_loss else worst.nonzero().squeeze(1)
         t0 = time.time()
-        part = torch.empty((len(idx), *images.shape[1:]), device=images.device)
+        part, rec = torch.empty((len(idx), *images.shape[1:]), device=images.device), {}
         robust = attack_split(clf, images[idx], labels[idx], args, eps, loss, args.seed, idx, part, tally,
-                              stats and loss != "square", progress)
+                              stats and loss != "square", progress, rec)
+        ran[loss] = (torch.zeros(n, dtype=torch.long, device=dev).index_put((idx,), rec["work"]),
+                     torch.zeros(n, dtype=torch.bool, device=dev).index_put((idx,), robust))
         first = worst[idx] & ~robust                                        # the first loss to fool it
         fooled_by[idx[first & natural[idx]]] = i
         adv[idx[first]] = part[first]
+        closer = worst[idx] & robust & (rec["margin"] < closest[idx])        # a survivor's strongest point
+        adv[idx[closer]], closest[idx[closer]] = part[closer], rec["margin"][closer]
         worst[idx] &= robust
         seen[idx], disagree = recompute(clf, part, images[idx], labels[idx], eps, robust & natural[idx], args, loss)
         if args.per_loss:
@@ -872,13 +919,21 @@ def run_losses(clf, images, labels, args, eps, losses, natural, adv, tally, stat
         emit({"loss": loss, "robust_accuracy": share(seen), "attacked": len(idx),
               "fooled": int((~robust & natural[idx]).sum()), "disagreements": disagree, "seconds": dt,
               "images_per_second": len(idx) / max(dt, 1e-9)})
+    classes = clf(to_float(images[:1])).shape[1]
+    for loss, (work, robust) in ran.items():    # robust under the cascade or this loss => attacked in full
+        runs = args.restarts * (min(args.targets or 9, classes - 1) if loss == "margin-t" else 1)
+        budget = args.square_queries if loss == "square" else runs * (args.steps + 1)
+        short = int(((worst | robust) & natural & (work != budget)).sum())
+        if short:
+            contradiction(args, f"{short} of {n} examples counted robust at eps {fmt_eps(eps)} were not attacked "
+                                f"by {loss} as configured ({budget} iterates or queries each)")
     return worst, fooled_by, masks
 
 
 @torch.no_grad()
 def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     """The final check of AutoAttack and RobustBench: the images the verdicts rest on (each
-    example's first fooling image, the clean one where none was found) classified once more by
+    example's first fooling image, a survivor's strongest point) classified once more by
     the evaluated classifier clf (the user's network with its D mask, eval mode, the attack's
     precision), the reported figure recomputed from them.  Exit 1 with one line, writing nothing,
     when an image leaves the eps-ball or [0, 1] (up to 1e-6, as the check "in_ball"), or when an
@@ -887,7 +942,10 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     D-th and (D+1)-th nearest squared distances over 2 sigma^2) must be within RECOMPUTE_MARGIN,
     and at most max(2, N / 200) verdicts may differ (a first fooling iterate sits just across
     the boundary, so a wrong record can hide within the margin: rounding flips only a few).
-    -> (robust [N] bool, recomputed; how many verdicts differ from claimed)."""
+    A survivor's image is its strongest point (the lowest margin any loss found), so the
+    recompute backs both sides: the fooled are fooled and the robust still resist there.  Where
+    the two disagree within rounding the example counts as not robust: disagreement never
+    raises the figure.  -> (robust [N] bool: recomputed and claimed; how many verdicts differ)."""
     robust = torch.zeros_like(claimed)
     margin = torch.zeros(len(labels), device=labels.device)
     ball = {"batches": 0, "max_excess": 0.0}
@@ -909,14 +967,20 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     if int(differ.sum()) > max(2, len(labels) // 200):
         unexplained = int(differ.sum())
     if excess > 1e-6 or unexplained:
-        if os.path.exists(args.out + ".log.jsonl.partial"):     # this run's rows: no result of it stays
-            os.remove(args.out + ".log.jsonl.partial")
-        print(f"attack.py: the recomputed {what} result at eps {fmt_eps(eps)} contradicts the attack's "
-              f"bookkeeping (" + (f"an image {excess:.3g} outside the eps-ball or [0, 1]" if excess > 1e-6
-              else f"{unexplained} of {len(labels)} verdicts differ beyond rounding") + "): a bug in "
-              f"attack.py, nothing written; please report it", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    return robust, int(differ.sum())
+        contradiction(args, f"the recomputed {what} result at eps {fmt_eps(eps)} has " + (
+            f"an image {excess:.3g} outside the eps-ball or [0, 1]" if excess > 1e-6
+            else f"{unexplained} of {len(labels)} verdicts that differ beyond rounding"))
+    return robust & claimed, int(differ.sum())
+
+
+def contradiction(args, what):
+    """The bookkeeping of the attack is contradicted (recompute, run_losses): exit 1, one line,
+    and no result of this run stays (its partial log removed; nothing else was written yet)."""
+    if os.path.exists(args.out + ".log.jsonl.partial"):
+        os.remove(args.out + ".log.jsonl.partial")
+    print(f"attack.py: {what}: this contradicts the attack's bookkeeping, a bug in attack.py; nothing "
+          f"written, please report it", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 # How far from the decision boundary (in class log-score units) a recomputed verdict may differ from
@@ -1168,7 +1232,8 @@ def attack_main(args, own):
             os.replace(args.out + ".log.jsonl.partial", args.out + ".log.jsonl")
         report(out)
     if args.strict and any(c["ok"] is False for c in checks.values()):
-        print("--strict: a check failed; exit code 1", file=sys.stderr, flush=True)
+        print("attack.py: a check failed (written in the results); exit code 1 (--no-strict: 0)", file=sys.stderr,
+              flush=True)
         raise SystemExit(1)
     return out
 
@@ -1191,7 +1256,7 @@ def evaluate(clf, images, labels, args, losses, Ds, tally):
                 results.append({"loss": row["loss"], **common, **row})
                 if DIST["rank"] == 0:                                       # torchrun: rank 0 writes
                     append_jsonl(log_path, results[-1])
-            adv = to_float(images).clone()                  # each example's worst-case image, clean until fooled
+            adv = to_float(images).clone()                  # each example's worst-case image (run_losses)
             todo = losses if eps > 0 else []
             worst, fooled_by, masks = run_losses(clf, images, labels, args, eps, todo, natural[D], adv, tally,
                                                  D == Ds[0] and eps == headline, emit, progress)

@@ -21,7 +21,7 @@ Certified accuracy at radius r = share of test images that are correct and have 
 
 Usage (copy-paste):
     python certify.py --ckpt magnet.pt                         # bound L, dataset from the checkpoint
-    python certify.py --ckpt magnet.pt --lipschitz 1.0         # a given L (not checked!)
+    python certify.py --ckpt magnet.pt --lipschitz 1.0         # a given L: assumed, not certified
     python certify.py --ckpt magnet.pt --limit 512 --attack-limit 64   # quick CPU run
 
 Reads: --ckpt (a clustering checkpoint, format "clustr/1") and its test split (--data-dir).
@@ -88,7 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--out", default="certify.json", help="results JSON (default: %(default)s)")
     g.add_argument("--lipschitz", type=lipschitz_arg, default="bound", metavar="VALUE|bound",
                    help="L of Prop. 1: 'bound' = the sound layer-by-layer upper bound for the ResNet18 in eval "
-                        "mode, or a number you vouch for (default: %(default)s)")
+                        "mode, or a number that is assumed, not certified: its curves are named "
+                        "assumed_L_accuracy, and 'sound' is true only if it is >= that bound "
+                        "(default: %(default)s)")
     g.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per chunk (default: %(default)s)")
     g.add_argument("--grid", type=int, default=101, help="radii of the certified-accuracy curve, from 0 to where "
                    "it reaches 0 (Fig. 3 b, d) (default: %(default)s)")
@@ -487,8 +489,9 @@ def _l2_search(feature_fn, x, mu, cls, steps):
 def accuracy_curve(radius, correct, points, key="certified_accuracy"):
     """Certified accuracy at r = share of images that are correct with radius > r (Sec. 4.1), on
     `points` radii from 0 to the largest finite radius of a correct image (where it reaches 0).
-    `key` names the share: only a sound radius gives a "certified_accuracy"; the L2 attack's
-    smallest perturbation gives "attacked_accuracy" (an upper bound on robust accuracy, no
+    `key` names the share: only a sound radius gives a "certified_accuracy"; a radius of a given
+    --lipschitz gives "assumed_L_accuracy" (sound only if that L is a Lipschitz constant), the L2
+    attack's smallest perturbation "attacked_accuracy" (an upper bound on robust accuracy, no
     certificate) and the two-closest radius "two_closest_not_sound"."""
     ok = correct & torch.isfinite(radius)
     top = float(radius[ok].max()) if ok.any() else 0.0
@@ -638,7 +641,10 @@ def certify(args):
         plot_curves(results, r["radius"][:len(pert)], pert, lower_estimate, plot)
     results["plot"] = None if plot is None or "skipped" in note else plot
     # rounded; its "meaning" entry points to README "Result files", which says what each key means
-    raw, results = results, described(results, "certify.py result: README.md 'Result files' gives each key's meaning")
+    raw, results = results, described(results, "certify.py result: README.md 'Result files' gives each key's "
+                                      "meaning; assumed_L_accuracy: the curves of a given --lipschitz, radii that "
+                                      "hold only if f is L-Lipschitz (Prop. 1); sound: L >= lipschitz.upper_bound "
+                                      "and no image flipped inside its radius")
     save_results(results, args.out)     # atomic; then this run's log replaces the previous one
     print_summary(args, raw, pert, note)   # unrounded figures
     return results
@@ -753,6 +759,12 @@ def results_of(args, n, L, bound, layerwise, r, correct, pert, lower_estimate):
     # found, and no image flipped inside its radius; else its curve says "not_sound".
     sound = not inside and (not lower_estimate or L >= lower_estimate)
     share = "certified_accuracy" if sound else "accuracy_not_sound"
+    if args.lipschitz != "bound":
+        # A given L is assumed, and its curves are named so.  Prop. 1 holds for an L-Lipschitz f;
+        # the checks above can only falsify that.  L >= `bound` (a proven Lipschitz constant,
+        # lipschitz_layers) proves it: any number above a Lipschitz constant is one.  Below the
+        # bound nothing here proves it, so the radii are no certificate.
+        sound, share = sound and L >= bound, "assumed_L_accuracy"
     return {
         "ckpt": args.ckpt, "data": args.data, "images": n, "sound": sound,
         "clean_accuracy": float(correct.double().mean()),
@@ -783,6 +795,8 @@ def print_summary(args, results, pert, note):
     lip, rad, att, n = results["lipschitz"], results["radius"], results["l2_attack"], results["images"]
     L, low, m, inside = lip["value"], lip["lower_estimate"], att["images"], att["flipped_inside_certified_radius"]
     med_p = float(pert.median()) if m else float("nan")
+    share, = set(results["curve"][0]) - {"radius"}                 # results_of's name for the share
+    head = {"certified_accuracy": "certified acc", "assumed_L_accuracy": "acc, L assumed"}.get(share, "NOT certified")
     lines = [f"\nsummary: {n} test images of {args.data}, {args.ckpt}",
              f"  clean accuracy (nearest centre, D = 1)   {results['clean_accuracy']:.2%}",
              f"  L used ({lip['kind']:<5})                       {L:.4g}",
@@ -797,13 +811,15 @@ def print_summary(args, results, pert, note):
              + ("   <- the given L is too small: these radii are NOT sound" if inside else "   (must be 0)"),
              f"  two-closest radius > sound radius        {results['two_closest_differs']}/{n}",
              f"  best same-class centre > sound radius    {results['tight_exceeds_sound']}/{n}",
-             f"  {'radius':>12} {'certified acc' if results['sound'] else 'NOT certified':>14}"]
+             f"  {'radius':>12} {head:>14}"]
     step = max(1, (len(results["curve"]) - 1) // 10)
-    share = "certified_accuracy" if results["sound"] else "accuracy_not_sound"
     lines += [f"  {p['radius']:12.4g} {p[share]:14.2%}" for p in results["curve"][::step]]
     if low is not None and L < low:
         lines.append(f"  WARNING: L = {L:.4g} is below a Jacobian norm found ({low:.4g}): "
                      f"it is not a Lipschitz constant and the radii are not certificates")
+    if lip["kind"] == "given" and L < lip["upper_bound"]:
+        lines.append(f"  NOTE: the given L = {L:.4g} is below the sound bound {lip['upper_bound']:.4g}: the radii "
+                     f"assume f is L-Lipschitz (Prop. 1); nothing here certifies them")
     if rad["vacuous"]:
         lines.append(f"  VACUOUS: no correct image is certified beyond {rad['max_correct']:.3g} < 1/255 (one "
                      f"grey level on one pixel); the attack needs a median {med_p:.3g}, "
@@ -829,17 +845,20 @@ def plot_curves(results, radius, pert, lower, path):
     except ImportError:
         return "matplotlib is not installed: plot skipped (pip install matplotlib)"
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, style in (("curve", "sound R(x)", "-"), ("curve_tight", "sound, best same-class centre", "--"),
+    main, = set(results["curve"][0]) - {"radius"}                  # results_of's name for the share
+    sound, ylabel = {"certified_accuracy": ("sound", "certified accuracy"),
+                     "assumed_L_accuracy": ("L assumed", "accuracy, L assumed (not certified)"),
+                     "accuracy_not_sound": ("NOT sound", "accuracy (L not sound: no certificate)")}[main]
+    for key, label, style in (("curve", f"{sound}: R(x)", "-"), ("curve_tight", f"{sound}: best same-class centre", "--"),
                               ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
         c = results[key]
-        share = "two_closest_not_sound" if key == "curve_two_closest" else \
-            "certified_accuracy" if results["sound"] else "accuracy_not_sound"
+        share, = set(c[0]) - {"radius"}
         a.step([p["radius"] for p in c], [p[share] for p in c], style, where="post", label=label)
-    a.set(xlabel="L2 radius (pixels in [0,1])", ylabel="certified accuracy",
+    a.set(xlabel="L2 radius (pixels in [0,1])", ylabel=ylabel,
           title=f"Prop. 1, L = {results['lipschitz']['value']:.3g} ({results['lipschitz']['kind']})")
     a.legend(fontsize=8)
     L = results["lipschitz"]["value"]
-    for values, label, style in ((radius, "sound radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
+    for values, label, style in ((radius, f"{sound}: radius R(x)", "-"), (pert, "L2 attack (min. found)", "-"),
                                  (radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")):
         v = values.double().sort().values                                  # every attacked image
         shown = v[(v > 0) & torch.isfinite(v)]                             # what a log axis can show
