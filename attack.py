@@ -487,7 +487,7 @@ def rank_targets(scores, y):
     """The wrong classes, most likely first: the true class removed by its index (never by
     setting its score to -inf, which ties with masked classes).  -> [n, classes - 1]."""
     order = scores.sort(dim=1, descending=True, stable=True).indices         # [n, C]
-    return order[order != y[:, None]].view(len(y), -1)
+    return order[order != y[:, None]].view(len(y), scores.shape[1] - 1)       # also for n = 0
 
 
 def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,

@@ -80,14 +80,13 @@ ABLATION = {
     "double_epochs": ["double"],                  # 2 x --epochs
     "weak_warm_start": ["weak"],                  # from a nominal run of --epochs-nominal // 4 epochs
 }
-PROTOCOLS = {  # column -> attack.py flags (all on the same first --attack-images test images)
+PROTOCOLS = {  # column -> attack.py flags (all on the same first --attack-images test images); every cell
+    # runs attack.py's checks (--no-strict: a failed one is recorded in the cell and marked in the tables)
     "authors": ["--loss", "scores-ce", "--schedule", "constant", "--step", "2/255", "--steps", "20",
-                "--restarts", "10", "--no-checks"],
-    "pgd20": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "20",
-              "--restarts", "10", "--no-checks"],
-    "pgd100": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "100",
-               "--restarts", "10", "--no-checks"],
-    "worst": [],                                    # attack.py's default losses (checks: --worst-checks)
+                "--restarts", "10"],
+    "pgd20": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "20", "--restarts", "10"],
+    "pgd100": ["--loss", "ce", "--schedule", "constant", "--step", "2/255", "--steps", "100", "--restarts", "10"],
+    "worst": [],                                    # attack.py's default losses
 }
 IDX = {"fashion-mnist", "mnist"}
 
@@ -118,9 +117,6 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="stage processes run at once (1 thread each)")
     p.add_argument("--workdir", default="runs/reproduce")
     p.add_argument("--redo", nargs="*", default=[], help="columns to recompute even when cached")
-    p.add_argument("--worst-checks", action="store_true",
-                   help="run attack.py's sanity checks with its default run (they cost up to 0.5x "
-                        "the attack; the figures are the same without them)")
     p.add_argument("--aa-eps", nargs="*", default=None,
                    help="the eps values AutoAttack runs at (default: every --eps)")
     p.add_argument("--eval-minutes", type=float, default=None,
@@ -323,7 +319,7 @@ def clustering(ckpt):
 def attack_column(args, data_dir, ckpt, eps, column, result_path):
     if os.path.exists(result_path) and column not in args.redo:
         return json.load(open(result_path))
-    flags = PROTOCOLS[column] + ([] if column != "worst" or args.worst_checks else ["--no-checks"])
+    flags = PROTOCOLS[column] + ["--no-strict"]
     if column == "authors" and not clustering(ckpt):
         # a linear head's logits are logits: the authors' cross-entropy is Eq. (5)'s here
         flags = [("ce" if f == "scores-ce" else f) for f in flags]
@@ -453,9 +449,10 @@ def evaluate_all(args, data_dir, trained):
                 cell["natural"] = res["natural_accuracy"]
                 cell[column] = robust_of(res)
                 cell[column + "_seconds"] = res.get("wall_seconds")
-                if column == "worst" and res.get("checks"):
-                    cell["worst_checks_failed"] = [k for k, v in res["checks"].items()
-                                                   if isinstance(v, dict) and v.get("ok") is False]
+                # attack.py's checks of this cell: their names, and those that failed ([] all passed)
+                cell[column + "_checks"] = sorted(res.get("checks") or {})
+                cell[column + "_checks_failed"] = [k for k, v in (res.get("checks") or {}).items()
+                                                   if v.get("ok") is False]
             aa = results.get((seed, name, eps, "autoattack"))
             if aa is not None:
                 cell["autoattack"], cell["autoattack_images"] = aa["robust_accuracy"], aa["images"]
@@ -510,7 +507,7 @@ def cell_of(row, eps, column):
 
 def summarise(rows, args):
     """One line per model and eps: mean, sample std and the per-seed values of every column."""
-    cols = ["natural", *args.protocols, "autoattack", "both_on_aa_images"]
+    cols = ["natural", *args.protocols, "worst_on_aa_images", "autoattack", "both_on_aa_images"]
     table = []
     for name in args.models:
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["seed"])
@@ -522,6 +519,10 @@ def summarise(rows, args):
                 values = [cell_of(r, eps, c) for r in mine]
                 line[c], line[c + "_std"] = mean_std(values)
                 line[c + "_per_seed"] = values
+            for c in args.protocols:                # {check: seeds where it failed} of the cell
+                failed = [k for r in mine for k in cell_of(r, eps, c + "_checks_failed") or []]
+                line[c + "_failed"] = {k: failed.count(k) for k in sorted(set(failed))}
+                line[c + "_checked"] = all(cell_of(r, eps, c + "_checks") for r in mine)
             table.append(line)
     return table
 
@@ -607,10 +608,14 @@ def pm(m, s, scale=100, digits=1):
 
 def markdown(table, rows, judged, args):
     """The tables for benchmarks/README.md, from this run's figures only."""
-    cols = ["natural", *args.protocols, "autoattack", "both_on_aa_images"]
+    cols = ["natural", *args.protocols, "worst_on_aa_images", "autoattack", "both_on_aa_images"]
     names = {"natural": "natural", "authors": "authors' protocol", "pgd20": "PGD-20", "pgd100": "PGD-100",
-             "worst": "attack.py worst", "autoattack": f"AutoAttack (first {args.aa_images})",
+             "worst": "attack.py worst", "worst_on_aa_images": f"attack.py worst (first {args.aa_images})",
+             "autoattack": f"AutoAttack (first {args.aa_images})",
              "both_on_aa_images": f"worst of both (first {args.aa_images})"}
+
+    def mark(line, c):      # a cell whose attack.py checks failed on some seed: †, or unchecked: ‡
+        return (" †" if line.get(c + "_failed") else "") + ("" if line.get(c + "_checked", True) else " ‡")
     out = ["| model | eps | test accuracy | " + " | ".join(names[c] for c in cols) + " | minutes (train + eval) |",
            "| --- " * (4 + len(cols)) + "|"]
     for line in table:
@@ -618,8 +623,13 @@ def markdown(table, rows, judged, args):
         acc = mean_std([r["test_accuracy"] for r in mine])
         mins = mean_std([((r["train_seconds"] or 0) + r["eval_seconds"]) / 60 for r in mine])
         out.append(f"| {line['label']} | {line['eps']} | {pm(*acc)} | "
-                   + " | ".join(pm(line[c], line[c + '_std']) for c in cols)
+                   + " | ".join(pm(line[c], line[c + '_std']) + mark(line, c) for c in cols)
                    + f" | {pm(*mins, scale=1) if line['eps'] == args.eps[0] else ''} |")
+    failed = [f"{line['label']} at {line['eps']}, {names[c]}: " + ", ".join(f"{k} ({n} of {len(line['seeds'])} "
+              "seeds)" for k, n in line[c + "_failed"].items()) for line in table for c in args.protocols
+              if line.get(c + "_failed")]
+    out += ["", "† attack.py's checks failed (README \"attack.py: losses, cascade, checks, results\"): "
+            + ("; ".join(failed) if failed else "none") + ". ‡ a cell run without its checks."]
     out += ["", "| claim | cells (A - B, points) | eps | per seed | mean ± std | 95% interval | verdict |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for j in judged:
