@@ -22,7 +22,16 @@ like AutoAttack's APGD-T, ranked over all centres even under a D mask), the Magn
 step schedule, and last, on the survivors, the gradient-free Square attack (Andriushchenko et al.
 2020) that AutoAttack uses against masked gradients: saturated Eq. (4) and D masks are exactly
 that risk.  The headline is the per-example worst case over all of them.  `--loss ce --schedule
-constant --steps 100 --restarts 10` is the paper's protocol exactly.
+constant --steps 100 --restarts 10` is the paper's protocol exactly.  Where this differs from
+AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square with 5000 queries): FAB-T is left out
+(benchmarks/README.md "FAB-T on attack.py's survivors" measures what it would add), the margin on
+log p replaces APGD-T's DLR loss, the cosine step schedule replaces APGD's momentum and step
+halving, and Square gets 1000 queries unless --square-queries says otherwise.
+
+Both sides of every verdict are backed (README "attack.py: losses, cascade, checks, results"):
+a fooled example by its fooling image, a survivor by its strongest point (lowest margin over
+every loss, restart and target), both classified again; every survivor must have met every loss
+at the configured budget, counted per example, or the run stops with exit 1 and writes nothing.
 
 Checks (README "attack.py: losses, cascade, checks, results"), each stored with its numbers and
 able to fail: every x_adv in the eps-ball and [0, 1] (every batch); robust <= natural on the raw
