@@ -33,7 +33,8 @@ Every cell is a mean ± sample std over the seeds, the per-seed values in the JS
 (CLAIMS below) are judged on paired per-seed differences: "holds" when the 95% Student-t interval
 of their mean lies above 0, "does not hold" when it lies at or below 0, else "cannot tell at n = 3".
 Writes <workdir>/reproduce.json, <workdir>/reproduce.md (the tables of benchmarks/README.md),
-prints the table and draws <workdir>/reproduce.png (authors' protocol beside the honest figures).
+prints the table and draws <workdir>/robust_vs_eps.png and claims.png (`--figures FILE` draws them
+from a saved reproduce.json, e.g. benchmarks/results/reproduce.json: no training).
 
 Every step is cached in --workdir (a finished checkpoint or result file is reused), so a stopped
 run continues where it stopped and `--redo worst` re-evaluates one column after a change to
@@ -123,6 +124,8 @@ def parse_args(argv=None):
                    help="start no new evaluation after this many minutes; cells not run are "
                         "reported as '-' (cached results are always used)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the models, no evaluation")
+    p.add_argument("--figures", default=None, metavar="REPRODUCE_JSON",
+                   help="only draw the figures of a finished run's reproduce.json into --workdir (no training)")
     p.add_argument("--ablation", nargs="*", choices=[*ABLATION, "none"], default=["base", "epochs0", "alpha1"],
                    help="magnet.py variants run from every seed's nominal checkpoint, their accuracy "
                         "reported per epoch (no value: all of them; none: no ablation)")
@@ -690,31 +693,65 @@ def print_table(table, rows, args):
                   f"{c['max_radius']:>11.3g}{str(c['vacuous']):>9}")
 
 
-def plot(table, args, path):
+def figure_data(table, judged):
+    """What the figures plot, from reproduce.json's "table" and "claims" (checked by a test).
+    -> {"eps": {model label: {column: [(eps value, mean, std)]}}, "claims": [(label, per-seed
+    differences, mean, 95% half-width, verdict)]}, in points (%)."""
+    curves = {}
+    for t in table:
+        num, _, den = t["eps"].partition("/")
+        for c in ("worst", "authors", "autoattack"):
+            if t.get(c) is not None:
+                curves.setdefault(t["label"], {}).setdefault(c, []).append(
+                    (float(num) / float(den or 1), 100 * t[c], 100 * (t[c + "_std"] or 0)))
+    diffs = [(f"({j['claim']}) {j['cells']}" + (f" @ {j['eps']}" if j["eps"] else ""),
+              [100 * d for d in j["per_seed"] if d is not None], 100 * j["mean"],
+              100 * j["ci95_half"], j["verdict"]) for j in judged if j["ci95_half"] is not None]
+    return {"eps": curves, "claims": diffs}
+
+
+def figures(result, folder):
+    """Two PNGs from a reproduce.json (no retraining): robust accuracy against eps per model, mean
+    ± std over seeds (attack.py's worst case solid, the authors' protocol dashed, AutoAttack as
+    markers), and each claim's per-seed paired differences with their 95% t-interval against 0.
+    -> (paths written, or a note when matplotlib is missing; figure_data's dict)."""
+    data = figure_data(result["table"], result["claims"])
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib missing: plot skipped"
-    fig, axes = plt.subplots(1, len(args.eps), figsize=(6 * len(args.eps), 4), squeeze=False)
-    for ax, eps in zip(axes[0], args.eps):
-        lines = [t for t in table if t["eps"] == eps]
-        xs = range(len(lines))
-        series = [("natural", "natural"), ("authors", "authors' protocol (scores-ce PGD-20)"),
-                  ("worst", "attack.py worst case"), ("autoattack", "AutoAttack standard")]
-        width = 0.8 / len(series)
-        for k, (col, label) in enumerate(series):
-            vals = [100 * (t.get(col) or 0) for t in lines]
-            ax.bar([x + (k - 1.5) * width for x in xs], vals, width, label=label)
-        ax.set_xticks(list(xs), [t["label"] for t in lines], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{args.data}, eps = {eps}")
-        ax.legend(fontsize=7)
+        return "matplotlib missing: figures skipped", data
+    os.makedirs(folder, exist_ok=True)
+    n = len(data["eps"])
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False, sharey=True)
+    style = {"worst": ("-", "o", "attack.py worst case"), "authors": ("--", "s", "authors' protocol"),
+             "autoattack": ("", "x", "AutoAttack standard")}
+    for ax, (label, cols) in zip(axes[0], data["eps"].items()):
+        for c, points in cols.items():
+            x, m, sd = zip(*points)
+            ax.errorbar(x, m, sd, linestyle=style[c][0], marker=style[c][1], capsize=2, label=style[c][2])
+        ax.set(title=label, xlabel="eps (L-inf)", ylim=(-2, 100))
+        ax.title.set_fontsize(8)
+    axes[0][0].set_ylabel("robust accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"mean ± std over {len(result['table'][0]['seeds'])} seeds", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    paths = [os.path.join(folder, "robust_vs_eps.png"), os.path.join(folder, "claims.png")]
+    fig.savefig(paths[0], dpi=90)
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(data["claims"]) + 1))
+    for k, (label, per_seed, m, half, verdict) in enumerate(data["claims"]):
+        ax.plot(per_seed, [k] * len(per_seed), "o", color="grey", markersize=3)
+        ax.errorbar([m], [k], xerr=[half], fmt="D", color="C0" if m - half > 0 or m + half <= 0 else "C1",
+                    capsize=3, markersize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(data["claims"])), [f"{c[0]}: {c[4]}" for c in data["claims"]], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference A - B (points): per seed (grey), mean and 95% t-interval")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=90)
+    plt.close("all")
+    return paths, data
 
 
 def report(args, rows, ablation, seed_seconds, t0):
@@ -742,13 +779,16 @@ def report(args, rows, ablation, seed_seconds, t0):
     if ablation:
         print_ablation(ablation)
     print("\n" + md)
-    note = plot(table, args, os.path.join(args.workdir, "reproduce.png"))
-    log(f"wrote {path} and reproduce.md; {note}; {time.time() - t0:.0f} s this run")
+    note, _ = figures(out, args.workdir)
+    log(f"wrote {path} and reproduce.md; figures: {note}; {time.time() - t0:.0f} s this run")
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.figures:                # draw from a saved result, e.g. benchmarks/results/reproduce.json
+        paths, _ = figures(json.load(open(args.figures)), args.workdir)
+        return log(f"figures: {paths}")
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.time()
     data_dir, extra = prepare_data(args)
