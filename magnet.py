@@ -89,11 +89,12 @@ def parse_args(argv=None):
                     "neighbourhood sampler (Sec. 3.3, 4.2, App. A); prediction by Eq. (4). "
                     "Takes a nominal.py checkpoint (--init); without it trains the 'Magnet Loss' "
                     "baseline of Table 1 from random weights.",
-        epilog="--data and --width default to those of --init (or of the checkpoint --resume "
-               "continues), else cifar10 and 64.\n\n" + table,
+        epilog="--data, --width and --data-dir default to those of --init (or of the checkpoint --resume "
+               "continues), else cifar10, 64 and ./data.\n\n" + table,
         formatter_class=formatter)
     add_common_args(p, data_default=None)
     p.set_defaults(width=None)  # None: --init's (or --resume's) width, else 64 (defaults_from_init)
+    p.set_defaults(data_dir=None)  # None: the folder --init's run read, else ./data (defaults_from_init)
     add_finetune_args(p)
     args = p.parse_args(argv)
     defaults_from_init(args)
@@ -1614,15 +1615,20 @@ def check_init_data(init, info, channels, args):
 
 
 def defaults_from_init(args):
-    """--data and --width left unset take those of the checkpoint the run starts from (--init, or
-    the one --resume continues), else cifar10 and 64: `python magnet.py --init ckpt.pt` runs as
-    nominal.py prints it."""
+    """--data, --width and --data-dir left unset take those of the checkpoint the run starts from
+    (--init, or the one --resume continues; its data folder when it was stored absolute, exists,
+    and --data is the checkpoint's), else cifar10, 64 and ./data: `python magnet.py --init
+    ckpt.pt` runs as nominal.py prints it, on the images nominal.py read."""
     source = (args.resume or args.out) if args.resume is not None else args.init
-    if source is not None and (args.data is None or args.width is None):
+    if source is not None and None in (args.data, args.width, args.data_dir):
         ckpt = load_checkpoint(source)
+        stored = ckpt["args"].get("data_dir")
+        if args.data in (None, ckpt["data"]["name"]) and isinstance(stored, str) and os.path.isabs(stored) \
+                and os.path.isdir(stored):
+            args.data_dir = args.data_dir or stored
         args.data = args.data or ckpt["data"]["name"]
         args.width = args.width or ckpt["arch"]["width"]
-    args.data, args.width = args.data or "cifar10", args.width or 64
+    args.data, args.width, args.data_dir = args.data or "cifar10", args.width or 64, args.data_dir or "./data"
 # --- end shared: init-check ---
 
 

@@ -5218,6 +5218,19 @@ def test_init_mismatches_and_wrong_stage_exit_2(nominal_run, magnet_run, image_f
     assert not os.path.exists(out)
 
 
+@pytest.mark.wiring
+@pytest.mark.parametrize("stage", ["magnet", "qtrades"])
+def test_init_gives_its_data_width_and_data_folder_unless_given(stage, nominal_run, image_folder, tmp_path):
+    module = {"magnet": magnet, "qtrades": qtrades}[stage]
+    args = module.parse_args(["--init", nominal_run[1], "--out", str(tmp_path / "a.pt")])
+    assert (args.data, args.width, args.data_dir) == ("folder", 8, image_folder)   # as nominal.py stored them
+    args = module.parse_args(["--init", nominal_run[1], "--data-dir", str(tmp_path), "--out", str(tmp_path / "a.pt")])
+    assert args.data_dir == str(tmp_path)                                  # a given folder wins
+    args = module.parse_args(["--init", nominal_run[1], "--data", "svhn", "--out", str(tmp_path / "a.pt")])
+    assert args.data_dir == "./data"                                       # another dataset: not its folder
+    assert module.parse_args(["--out", str(tmp_path / "a.pt")]).data_dir == "./data"
+
+
 @pytest.mark.smoke
 def test_magnet_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "m.pt")
