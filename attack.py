@@ -1343,6 +1343,9 @@ def report(out):
     if cascade:
         print("  (cascade: each loss attacks only what the earlier ones left robust; 'robust after' "
               "= robust under it and every earlier loss; --per-loss for independent rows)")
+    differ = sum(r["disagreements"] for r in out["results"] if r["loss"] == "worst-case" or len(cfg["loss"]) == 1)
+    print(f"  recompute: every verdict classified again from its saved image; {differ} differed from the record "
+          f"within rounding, each counted as not robust")
     for name, c in out["checks"].items():
         numbers = ", ".join(f"{k} {fmt_eps(v)}" if k == "eps" else f"{k} {v:.4g}"
                             if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
