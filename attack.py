@@ -640,7 +640,7 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
         return x_adv, still
     n, C, H, W = x.shape
     x0, y0 = x[idx], y[idx]
-    stripes = torch.randint(0, 2, (len(idx), C, 1, W), generator=generator, device=x.device) * 2 - 1
+    stripes = (torch.randint(0, 2, (len(idx), C, 1, W), generator=generator, device=x.device) * 2 - 1).to(x.dtype)
     xk = (x0 + eps * stripes).clamp(0, 1)                                   # [m, C, H, W]
     m_k, lm_k, fooled = square_margin(clf, xk, y0)
     work[idx] += 1
@@ -661,7 +661,7 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
             if not same.any():
                 break
             sign = torch.randint(0, 2, (int(same.sum()), C, 1, 1), generator=generator, device=x.device)
-            drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1), xk[same]).clamp(0, 1)
+            drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1).to(x.dtype), xk[same]).clamp(0, 1)
             x_new = x_new.clone()
             x_new[same] = torch.min(torch.max(drawn, x0[same] - eps), x0[same] + eps)   # clipped: still in S
             same = (x_new == xk).flatten(1).all(1)

@@ -1848,8 +1848,8 @@ def test_ball_excess_is_the_largest_step_out_of_the_ball_below_0_or_above_1_over
     for below, stops in ((2e-6, True), (5e-7, False)):
         adv = attack.to_float(images).clone()
         adv[1, 0, 0, 1] = -below
-        call = lambda: attack.recompute(Shift(), adv, images, labels, 8 / 255, torch.ones(2, dtype=torch.bool),  # noqa: E731
-                                        args, "test")
+        call = lambda: attack.recompute(Shift(), adv, images, labels, 8 / 255,  # noqa: E731
+                                        torch.ones(2, dtype=torch.bool), args, "test")
         if stops:
             with pytest.raises(SystemExit) as info:
                 call()
@@ -3825,7 +3825,8 @@ def test_export_with_D_of_a_1_channel_checkpoint_gives_the_D_nearest_scores_of_l
         d2 = [float(((feats[i] - m) ** 2).sum()) for m in mu]
         j = min(range(len(mu)), key=lambda k: d2[k])
         assert z[i, cc[j]].item() == pytest.approx(-d2[j] / (2 * sigma2), rel=1e-4, abs=1e-4)
-        assert [c for c in range(classes) if z[i, c] == attack.ClassScores.LOW] == [c for c in range(classes) if c != cc[j]]
+        low = [c for c in range(classes) if z[i, c] == attack.ClassScores.LOW]
+        assert low == [c for c in range(classes) if c != cc[j]]
     assert not (every == attack.ClassScores.LOW).any()          # the stored D (all centres): a different model
     assert len(set(z.argmax(1).tolist())) > 1                       # the rows' nearest centres differ
 
