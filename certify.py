@@ -849,7 +849,8 @@ def plot_curves(results, radius, pert, lower, path):
     sound, ylabel = {"certified_accuracy": ("sound", "certified accuracy"),
                      "assumed_L_accuracy": ("L assumed", "accuracy, L assumed (not certified)"),
                      "accuracy_not_sound": ("NOT sound", "accuracy (L not sound: no certificate)")}[main]
-    for key, label, style in (("curve", f"{sound}: R(x)", "-"), ("curve_tight", f"{sound}: best same-class centre", "--"),
+    for key, label, style in (("curve", f"{sound}: R(x)", "-"),
+                              ("curve_tight", f"{sound}: best same-class centre", "--"),
                               ("curve_two_closest", "two closest (paper's text; not sound)", ":")):
         c = results[key]
         share, = set(c[0]) - {"radius"}
