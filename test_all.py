@@ -1531,6 +1531,7 @@ def test_square_accepts_exactly_the_queries_that_lower_the_margin_in_windows_of_
         live = rows[~fooled]                                                  # the rows asked about
         assert len(q) == len(live)
         diff = (q != current[live]).any(1)                                     # [m, H, W]
+        assert diff.flatten(1).any(1).all(), i            # never a query of the point it holds (AutoAttack's redraw)
         for d in diff:
             if d.any():
                 r, cc = d.any(1).nonzero(), d.any(0).nonzero()
