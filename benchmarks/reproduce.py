@@ -725,8 +725,10 @@ def figures(result, folder):
     os.makedirs(folder, exist_ok=True)
     n = len(data["eps"])
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False, sharey=True)
-    style = {"worst": ("-", "o", "attack.py worst case"), "authors": ("--", "s", "authors' protocol"),
-             "autoattack": ("", "x", "AutoAttack standard")}
+    cfg = result.get("config", {})
+    style = {"worst": ("-", "o", f"attack.py worst case ({cfg.get('attack_images', '?')} images)"),
+             "authors": ("--", "s", "authors' protocol"),
+             "autoattack": ("", "x", f"AutoAttack standard (first {cfg.get('aa_images', '?')})")}
     for ax, (label, cols) in zip(axes[0], data["eps"].items()):
         for c, points in cols.items():
             x, m, sd = zip(*points)
