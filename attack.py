@@ -57,17 +57,18 @@ Usage (copy-paste):
     python attack.py --ckpt c100.pt --square-queries 5000 --save-adv adv.pt
                                                         # AutoAttack's Square budget, images kept
     python attack.py --ckpt magnet.pt --export clustr.pt2              # one file for torchattacks,
-                                                        # AutoAttack, RobustBench (section 6)
+                                                        # AutoAttack, RobustBench (export_main)
     torchrun --nproc_per_node 8 attack.py --ckpt c100.pt -b 250        # 8 GPUs (nccl), or CPU
                                                         # processes (gloo): one process's result
 
 Reads: --ckpt (any clustr/1 checkpoint, loaded with weights_only=True) and the test split of the
 checkpoint's own dataset.  Writes: --out (JSON: rows per loss, eps, D; checks; per-example
-results under "examples") and <out>.log.jsonl (one object per finished row, so a killed run keeps
-its rows); --save-adv PATH the adversarial images; with --export, only that file.  Under
-torchrun (README "attack.py under torchrun") the processes share the work, rank 0 alone writes.
-From Python: load_classifier(path, device) -> nn.Module, images in [0, 1] -> class log-scores
-(section 6).
+results under "examples") and <out>.log.jsonl (one object per finished row: a killed run keeps
+this run's rows in <out>.log.jsonl.partial); --save-adv PATH the adversarial images; with
+--export, only that file.  An existing output is replaced only with --overwrite (README "Bad
+input and safety").  Under torchrun (README "attack.py under torchrun") the processes share the
+work, rank 0 alone writes.  From Python: load_classifier(path, device) -> nn.Module, images in
+[0, 1] -> class log-scores; a bad file raises BadInput (the "classifier" block).
 Needs torch, torchvision, numpy; imports no other file of this repository: copy it freely.
 Blocks between "# --- shared: NAME ---" markers are identical copies of the same blocks in the
 other stages (test_all.py checks this).
@@ -99,13 +100,13 @@ import argparse
 import contextlib
 import datetime
 import fcntl
-import io
+import fractions
+import functools
+import gzip
 import json
 import math
 import os
 import random
-import re
-import shlex
 import signal
 import sys
 import time
@@ -115,10 +116,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ======================================================================================
 # 1. Arguments
 # ======================================================================================
-
 
 LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce", "square")
 # The default set, in the order the cascade runs it (AutoAttack's: APGD-CE, APGD-T, ..., Square
@@ -127,319 +128,56 @@ LOSSES = ("ce", "margin", "margin-t", "magnet", "scores-ce", "square")
 # code) is never a default.  benchmarks/autoattack.py compares this set with AutoAttack.
 DEFAULT_LOSSES = ("ce", "margin", "margin-t", "magnet", "square")
 
-# --- shared: eps ---
-def parse_fraction(text):
-    """argparse type for eps and step sizes in [0, 1] pixel units: '8/255' or '0.0314'.
-    A value > 1 is almost always a forgotten '/255' (README "Bad input and safety"): an error
-    that says so."""
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number; give a size in [0, 1] "
-                                         f"pixel units such as 8/255")
-    if value > 1:
-        raise argparse.ArgumentTypeError(
-            f"{text} > 1, but images are in [0, 1]: did you mean {text}/255 (= {value / 255:.5f})?")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; sizes in [0, 1] pixel units are >= 0 "
-                                         f"(e.g. 8/255)")
-    return value
-
-
-def parse_with_fractions(parser, argv):
-    """parser.parse_args(argv), where a negative value after a parse_fraction flag ('--eps -8/255',
-    which argparse takes for an option) is passed as '--eps=-8/255' so parse_fraction refuses it
-    with its message instead of argparse's 'expected at least one argument'."""
-    flags = {s for a in parser._actions if a.type is parse_fraction for s in a.option_strings}
-    argv, merged = [str(a) for a in (sys.argv[1:] if argv is None else argv)], []
-    for a in argv:
-        if merged and merged[-1] in flags and a.startswith("-") and a not in parser._option_string_actions:
-            merged[-1] = f"{merged[-1]}={a}"
-        else:
-            merged.append(a)
-    return parser.parse_args(merged)
-# --- end shared: eps ---
-
-# --- shared: compile ---
-# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
-# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {"backend": None}  # --compile's BACKEND of the model compiled last (None: eager)
-
-
-def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
-                   help="f(x) through torch.compile (BACKEND: inductor when none is given; aot_eager: the same "
-                        "graphs, no generated code): eager's results up to float rounding. Default: eager")
-
-
-def backend(name):
-    """argparse type of --compile: a backend of torch.compile that needs no other package."""
-    if name not in ("inductor", "aot_eager", "eager", "cudagraphs"):
-        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of inductor, aot_eager, eager, cudagraphs")
-    return name
-
-
-def compile_features(model, backend):
-    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
-    through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  Each kind of call (train or eval
-    mode, with or without gradients) compiles at its first call, its backward at the first
-    backward, and once more, with a dynamic batch size, at the first other batch size (torch's
-    default).  torch._dynamo.reset() first, so that torch's compile timers count this model's
-    compiles alone.  backend None: eager, nothing changes."""
-    COMPILED["backend"] = backend
-    if backend:
-        torch._dynamo.reset()                                       # torch's timers: this model's alone
-        model.features = torch.compile(model.features, backend=backend)
-    return model
-
-
-def compile_seconds():
-    """The log and results entry of --compile ({} without it): the seconds torch's own timers
-    recorded for compiling f(x) so far (Dynamo and the backend's forward graphs, and the backward
-    graphs, which compile at the first backward)."""
-    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED["backend"] else {}  # eager: no Dynamo import
-    seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
-    return {"compile_seconds": round(seconds, 3)} if COMPILED["backend"] else {}
-# --- end shared: compile ---
-
 
 def parse_D(text):
-    """--D values: a positive integer (the D nearest centres, Sec. 4.2) or 'all'."""
-    if text == "all":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--D takes positive integers or 'all', not {text!r}")
-    return int(text)
+    """--D values: a positive integer (the D nearest centres, Sec. 4.2) or 'all' (None: every centre)."""
+    return None if text == "all" else number(int, 1)(text)
 
 
 def parse_args(argv=None):
-    """The command line -> checked args (bad input: one line, exit code 2)."""
-    p = argparse.ArgumentParser(
-        prog="attack.py", formatter_class=HelpFormatter,
-        description="ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2), per loss and their worst case.",
-        epilog="--data, --width: the checkpoint's. The paper's protocol: --loss ce --schedule constant --restarts 10")
-    add_common_args(p, data_default=None)
-    p.set_defaults(width=None)  # the checkpoint's width; a different --width is an error
-    p.set_defaults(data_dir=None)  # the checkpoint's own data folder (data_dir_from_checkpoint)
+    """The command line -> args; --data, --width and --data-dir None here: the checkpoint's (args_from_checkpoint)."""
+    p = argparse.ArgumentParser(prog="attack.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=
+                                "ClusTR evaluation: L-inf PGD of Eq. (5) (Sec. 4.2), per loss and their worst case.",
+                                epilog="Radii and steps in [0, 1] pixel units (8/255 = 0.0314). The paper's protocol: "
+                                "--loss ce --schedule constant --restarts 10. README \"attack.py: losses, cascade, "
+                                "checks, results\" explains each flag.")
+    add_common_args(p, data=None, width=None, data_dir=None)
     g = p.add_argument_group("attack (Sec. 4.2, Eq. (5); App. B)")
-    add_attack_args(g)
-    add_run_args(g)
-    args = parse_with_fractions(p, argv)
-    if args.steps < 0 or args.restarts < 1 or (args.targets is not None and args.targets < 1) \
-            or args.batch_size < 1 or args.square_queries < 0 or (args.check_images or 1) < 1:
-        p.error("--steps and --square-queries must be >= 0; --restarts, --targets, --batch-size "
-                "and --check-images >= 1")
-    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
-        p.error(f"--dist-timeout must be a positive number of minutes, not {args.dist_timeout:g}")
+    g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
+    g.add_argument("--out", default="attack.json", help="results (JSON); its rows in <out>.log.jsonl")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out, --save-adv or --export")
+    g.add_argument("--export", metavar="PATH", help="attack nothing: write the classifier as one torch.export file")
+    g.add_argument("--eps", type=number(float, 0, 1), nargs="+",
+                   help="L-inf radii; None: 8/255 (Sec. 4.2); Table 3: 2/255 16/255 25.5/255; 0: natural accuracy")
+    g.add_argument("--step", type=number(float, 0, 1), default="2/255", help="eta of the constant schedule; Sec. 4.2")
+    g.add_argument("--steps", type=number(int, 0), default=100, help="PGD iterations per run; the paper: 20 and 100")
+    g.add_argument("--restarts", type=number(int, 1), default=1, help="per loss and target; the paper: 10, CE alone")
+    g.add_argument("--loss", nargs="+", choices=LOSSES, help="ce = Eq. (5); None: the default set, DEFAULT_LOSSES")
+    g.add_argument("--targets", type=number(int, 1), help="margin-t's classes; None: min(9, classes - 1), APGD-T's")
+    g.add_argument("--square-queries", type=number(int, 0), default=1000, help="per example; AutoAttack: 5000")
+    g.add_argument("--per-loss", action="store_true", help="every loss on every example, not the cascade")
+    g.add_argument("--save-adv", metavar="PATH", help="save each example's fooling image or strongest point")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine", help="eta_k: --step (Eq. (5)) "
+                   "or eps (1 + cos(pi k / steps))")
+    g.add_argument("--D", type=parse_D, nargs="+", help="the D nearest centres (Sec. 4.2), 'all'; None: the ckpt's")
+    g.add_argument("-b", "--batch-size", type=number(int, 1), default=500, help="images attacked at once")
+    g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True, help="the sanity checks")
+    g.add_argument("--check-images", type=number(int, 1), help="images the checks attack again; None: a tenth")
+    g.add_argument("--large-eps", type=number(float, 0, 1), default="64/255", help="check: at most 5%% robust here")
+    g.add_argument("--tolerance", type=number(float, 0, 1), default=0.01, help="checks: the share of images more "
+                   "steps, restarts, Square or a larger eps may change")
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True, help="exit 1 if a check fails")
+    g.add_argument("--dist-timeout", type=number(float, 0, open_low=True), default=30.0, metavar="MIN",
+                   help="torchrun: how long a process waits for the others")
+    g.add_argument("--compile", nargs="?", const="inductor", choices=["inductor", "aot_eager", "eager", "cudagraphs"],
+                   metavar="BACKEND", help="f(x) through torch.compile (inductor when no BACKEND is given)")
+    args = p.parse_args(argv)
+    args.eps = args.eps or [8 / 255]                                        # Sec. 4.2
     return args
 
 
-def add_attack_args(g):
-    """The checkpoint, the files, Eq. (5)'s radius, step and iterations, the losses (Sec. 4.2)."""
-    g.add_argument("--ckpt", default="magnet.pt", help="checkpoint to evaluate (any stage)")
-    g.add_argument("--export", default=None, metavar="PATH",
-                   help="attack nothing: write the checkpoint as one torch.export file (.pt2: images in [0, 1] -> "
-                        "class log-scores z_c, softmax(z) = Eq. (4)); load with torch.export.load(PATH).module()")
-    g.add_argument("--out", default="attack.json", help="results (JSON; README \"Where results and checkpoints go\")")
-    g.add_argument("--eps", type=parse_fraction, nargs="+", default=[8 / 255],
-                   help="L-inf radii in [0, 1] pixel units; Sec. 4.2: 8/255; Table 3: 2/255 16/255 25.5/255; 0: "
-                        "natural accuracy, nothing attacked (default: 8/255)")
-    g.add_argument("--step", type=parse_fraction, default="2/255", help="PGD step eta (constant schedule); Sec. 4.2")
-    g.add_argument("--steps", type=int, default=100, help="PGD iterations per run; the paper: 20 and 100")
-    g.add_argument("--restarts", type=int, default=1, help="random restarts per loss (and per margin-t target); "
-                   "the paper: 10, CE alone")
-    g.add_argument("--loss", nargs="+", choices=LOSSES, default=None,
-                   help="what is maximised (README \"attack.py: losses, cascade, checks, results\"); ce = Eq. (5). "
-                        "Default: ce margin margin-t, magnet for clustering checkpoints, square")
-    g.add_argument("--targets", type=int, default=None,
-                   help="margin-t: the most likely wrong classes (over all centres) to target; default "
-                        "min(9, classes - 1), as APGD-T")
-    g.add_argument("--square-queries", type=int, default=1000,
-                   help="square: queries per example (AutoAttack: 5000); 0 drops square from the default set")
-    g.add_argument("--per-loss", action="store_true", help="every loss on every example (one row each); "
-                   "default: each loss only on what the earlier ones left robust (AutoAttack's cascade)")
-    g.add_argument("--save-adv", default=None, metavar="PATH", help="save per (eps, D) each example's first "
-                   "fooling image, else the strongest point found (torch.save), as AutoAttack's save_dir")
-    g.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
-                   help="eta_k: constant = --step (Eq. (5), the paper's); cosine = eps (1 + cos(pi k / steps))")
-    g.add_argument("--D", type=parse_D, nargs="+", default=None, help="clustering checkpoints: predict from the "
-                   "D nearest centres (Sec. 4.2, Fig. 4); a list, 'all' = every centre; default: the checkpoint's")
-
-
-def add_run_args(g):
-    """How the run is done: the batch, the checks (Carlini et al. 2019), torchrun, --compile."""
-    g.add_argument("-b", "--batch-size", type=int, default=500, help="images attacked at once, each chunk with "
-                   "its own random generator; under torchrun process r takes the chunks r, r + W, ...")
-    g.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the sanity checks (Carlini et al. 2019): each states its numbers and can fail")
-    g.add_argument("--check-images", type=int, default=None, help="the checks that attack again run on the first "
-                   "N images; default a tenth of them (about half the attack's cost at most)")
-    g.add_argument("--large-eps", type=parse_fraction, default="64/255",
-                   help="check: robust accuracy must be at most 5%% at this eps")
-    g.add_argument("--tolerance", type=float, default=0.01, help="checks: what more steps, restarts, Square or "
-                   "a larger eps may change, as a share of the images (0.01 = 1 point)")
-    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="exit 1 when a check fails (after writing the results, the failure in them)")
-    g.add_argument("--dist-timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="under torchrun: how long a process waits for the others before it stops with an error")
-    add_compile_arg(g)
-
-
 # ======================================================================================
-# 2. The model attacked (App. A "Architecture"): ResNet18, and the classifier (Eq. (4) or the head)
-# ======================================================================================
-
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-# --- shared: classifier ---
-def build_model(arch, data, with_head):
-    """A ResNet18 shaped by a checkpoint's `arch` and `data` entries
-    (README "Where results and checkpoints go")."""
-    if arch.get("name") != "resnet18":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}")
-    return ResNet18(data["num_classes"] if with_head else 0, arch["width"], arch["in_channels"],
-                    data["mean"], data["std"])
-
-
-class Classifier(nn.Module):
-    """images in [0, 1] -> log-probabilities [n, classes].  Clustering checkpoints (magnet,
-    qtrades-magnet): log of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest);
-    head checkpoints (nominal, qtrades-ce): log-softmax of the linear head."""
-
-    def __init__(self, model, clusters=None, D=None):
-        super().__init__()
-        self.model = model
-        self.clusters = clusters is not None
-        if self.clusters:
-            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())
-            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())
-            self.sigma2 = float(clusters["variance"])
-            self.D = D
-
-    def forward(self, x):
-        if not self.clusters:
-            return F.log_softmax(self.model(x).float(), dim=1)
-        return cluster_log_probs(self.model.features(x), self.centers, self.center_classes,
-                                 self.sigma2, self.D)
-
-
-def read_classifier(path, device="cpu", D="stored"):
-    """-> (module, ckpt): module(x) maps images in [0, 1] to log-probabilities, the form the
-    attacks and certificates here work on.  The module is in eval mode with gradients off for its
-    parameters, so an attack never updates batch-norm statistics (README "Where this differs
-    from the paper and the authors' code").  D="stored" uses the checkpoint's D; None means all
-    centres.  A bad file raises CheckpointError (the command line turns it into exit code 2)."""
-    ckpt = read_checkpoint(path)
-    with_head = ckpt["stage"] in ("nominal", "qtrades-ce")
-    clusters = None if with_head else ckpt.get("clusters")
-    if not with_head and clusters is None:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint without its 'clusters' entry")
-    model = build_model(ckpt["arch"], ckpt["data"], with_head)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0]})") from None
-    if clusters is not None and D == "stored":
-        D = clusters.get("D")
-    module = Classifier(model, clusters, None if D == "stored" else D).to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module, ckpt
-
-
-def data_dir_from_checkpoint(args, ckpt):
-    """--data-dir left unset: the folder the checkpoint's run read (stored in its args, absolute
-    since the stages store it so) when it exists; else ./data.  A relative stored path is not
-    used: it counted from a folder that is not known here.  The header prints the folder used."""
-    if args.data_dir is None:
-        stored = ckpt["args"].get("data_dir")
-        usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
-        args.data_dir = stored if usable else "./data"
-    args.data_dir = os.path.abspath(args.data_dir)
-
-
-def check_test_split(ckpt, path, classes, images, data_dir):
-    """The test split must hold the classes (same names, same order) and image shape the
-    checkpoint was trained on; the message says which differ."""
-    info, arch = ckpt["data"], ckpt["arch"]
-    shape = [arch["in_channels"], *info["image_size"]]
-    if classes != info["classes"]:
-        missing = [c for c in info["classes"] if c not in classes]
-        extra = [c for c in classes if c not in info["classes"]]
-        what = "; ".join(([f"no class folder for the checkpoint's classes {missing}"] if missing else [])
-                         + ([f"the folders {extra} are not classes of the checkpoint"] if extra else [])) \
-            or f"the same {len(classes)} class names in another order"
-        fail(f"the test split in {data_dir} does not match {path}: {what}. Give the --data-dir "
-             f"(class folders) the checkpoint was trained on")
-    if list(images.shape[1:]) != shape:
-        fail(f"the test split in {data_dir} does not match {path}: its images are "
-             f"{list(images.shape[1:])} (channels, height, width), the checkpoint takes {shape}")
-# --- end shared: classifier ---
-
-
-# ======================================================================================
-# 3. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class scores
+# 2. The method: the losses and L-inf PGD, Eq. (5); Square; Eq. (4)'s class scores
 # ======================================================================================
 
 def objective(clf, x, y, loss, target=None):
@@ -448,9 +186,7 @@ def objective(clf, x, y, loss, target=None):
     ce, margin and margin-t need only clf(x) (any function returning log p); magnet and scores-ce
     need the features and the stored centres, so they take a clustering Classifier (its
     .model.features, .centers, .center_classes, .sigma2, .D).  -> (objective [n], log p [n, classes])."""
-    if loss in ("magnet", "scores-ce"):
-        if not getattr(clf, "clusters", False):
-            raise ValueError(f"loss {loss!r} needs a clustering classifier (stored centres)")
+    if loss in ("magnet", "scores-ce"):                                     # a clustering Classifier
         f = clf.model.features(x)                                           # [n, d]
         z = class_log_scores(f, clf.centers, clf.center_classes, clf.sigma2, clf.D)   # Eq. (4), [n, C]
         log_p = torch.log_softmax(z, 1)
@@ -499,25 +235,26 @@ def rank_targets(scores, y):
     return order[order != y[:, None]].view(len(y), scores.shape[1] - 1)       # also for n = 0
 
 
+# L-inf PGD, ClusTR Eq. (5), with restarts:
+#
+#     x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
+#     S = {x' in [0, 1]^n : ||x' - x||_inf <= eps}
+#
+# clf(x) -> log-probabilities [n, classes] (the model in eval mode, parameters frozen).
+# An example is fooled as soon as one iterate (x^0 included) of one restart is misclassified;
+# that first fooling iterate is kept and the example leaves the batch, so later steps and
+# restarts attack only the rest (the same result as attacking everything, less work).  Restarts
+# are merged by whether they fooled the model, never by which reached the higher loss.  A
+# survivor keeps its strongest point: the iterate of lowest margin log p_y - max_{c != y} log p_c
+# over every restart and target (what the recompute classifies again: a survivor's record is
+# backed by the point nearest to fooling, not by its clean image).
+# margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
+# (ranked by class_scores, i.e. over all centres).  generator: a torch.Generator (None: torch's
+# global one); each run draws the noise of the whole batch, so the stream does not depend on
+# which examples were already fooled.
 def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
         targets=9, schedule="constant", stats=None, record=None):
-    """L-inf PGD, ClusTR Eq. (5), with restarts:
-
-        x^0 = clip_[0,1](x + U[-eps, eps]),   x^{k+1} = Proj_S(x^k + eta sign(grad_x loss(x^k, y)))
-        S = {x' in [0, 1]^n : ||x' - x||_inf <= eps}
-
-    clf(x) -> log-probabilities [n, classes] (the model in eval mode, parameters frozen).
-    An example is fooled as soon as one iterate (x^0 included) of one restart is misclassified;
-    that first fooling iterate is kept and the example leaves the batch, so later steps and
-    restarts attack only the rest (the same result as attacking everything, less work).  Restarts
-    are merged by whether they fooled the model, never by which reached the higher loss.  A
-    survivor keeps its strongest point: the iterate of lowest margin log p_y - max_{c != y} log p_c
-    over every restart and target (what the recompute classifies again: a survivor's record is
-    backed by the point nearest to fooling, not by its clean image).
-    margin-t runs `restarts` restarts towards each of the `targets` most likely wrong classes
-    (ranked by class_scores, i.e. over all centres).  generator: a torch.Generator (None: torch's
-    global one); each run draws the noise of the whole batch, so the stream does not depend on
-    which examples were already fooled.  stats (a dict, optional) accumulates, over the runs of
+    """L-inf PGD of Eq. (5) (the comment above).  stats (a dict, optional) accumulates, over the runs of
     examples that took at least one step, "runs", "rose" (objective higher at the end, the fooling
     iterate or the last one, than at x^0) and "not_finite" (an infinite objective: D masks): the
     check "objective_rises".  record (a dict, optional) receives per example "work", the iterates
@@ -548,12 +285,12 @@ def pgd(clf, x, y, eps, step, steps, restarts=1, loss="ce", generator=None,
     return x_adv, still_correct
 
 
+# One run of pgd (a restart, or one target of margin-t) on the examples idx still correct:
+# Eq. (5)'s iterates from the random start x^0 = clip(x + (2 noise - 1) eps); writes the first
+# fooling iterate into x_adv and clears still_correct where fooled; a survivor's x_adv is its
+# iterate of lowest margin so far (margin [n], updated); work [n] counts the iterates.
 def pgd_run(clf, x, y, eps, step, steps, loss, schedule, stats, idx, noise, target,
             x_adv, still_correct, margin, work):
-    """One run of pgd (a restart, or one target of margin-t) on the examples idx still correct:
-    Eq. (5)'s iterates from the random start x^0 = clip(x + (2 noise - 1) eps); writes the first
-    fooling iterate into x_adv and clears still_correct where fooled; a survivor's x_adv is its
-    iterate of lowest margin so far (margin [n], updated); work [n] counts the iterates."""
     x0, y0 = x[idx], y[idx]
     t0 = None if target is None else target[idx]
     xk = (x0 + (2 * noise - 1) * eps).clamp(0, 1)                           # random start in S
@@ -612,24 +349,23 @@ def square_side(i, queries, size, p_init=0.8):
     return int(min(max(round(math.sqrt(p_init / 2 ** halvings) * size), 1), max(size - 1, 1)))
 
 
+# L-inf Square attack (Andriushchenko et al. 2020): gradient-free, score-based random search
+# at the vertices of the eps-ball, AutoAttack's guard against masked gradients (saturated
+# Eq. (4) probabilities, D masks).
+#
+#     x^0 = clip_[0,1](x + eps v),  v in {-1, +1} per (channel, column): vertical stripes
+#     each query: a random s x s window (s by square_side), new values +-eps per channel in it,
+#                 x' = clip_[0,1](x + delta'),  kept when the margin falls
+#     margin(x) = z_y(x) - max_{c != y} z_c(x),   z = class_scores (over all centres)
+#
+# The example is fooled when the classifier itself (with its D mask) no longer predicts y at
+# a queried point (kept even if its margin is higher); fooled examples leave.  Every point
+# stays in the eps-ball and [0, 1].  A survivor's x_adv is its last accepted point.
 @torch.no_grad()
 def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
-    """L-inf Square attack (Andriushchenko et al. 2020): gradient-free, score-based random search
-    at the vertices of the eps-ball, AutoAttack's guard against masked gradients (saturated
-    Eq. (4) probabilities, D masks).
-
-        x^0 = clip_[0,1](x + eps v),  v in {-1, +1} per (channel, column): vertical stripes
-        each query: a random s x s window (s by square_side), new values +-eps per channel in it,
-                    x' = clip_[0,1](x + delta'),  kept when the margin falls
-        margin(x) = z_y(x) - max_{c != y} z_c(x),   z = class_scores (over all centres)
-
-    The example is fooled when the classifier itself (with its D mask) no longer predicts y at
-    a queried point (kept even if its margin is higher); fooled examples leave.  Every point
-    stays in the eps-ball and [0, 1].  As in the original (and AutoAttack), a window whose new
-    values would all equal the current ones is drawn again before it is queried: no query is
-    spent on a point already known.  A survivor's x_adv is its last accepted point.  record (a
-    dict, optional) receives per example "work", the points queried (a survivor: `queries`), and
-    "margin", log p_y - max_{c != y} log p_c at x_adv.  -> (x_adv [n, C, H, W], still_correct [n])."""
+    """L-inf Square (the comment above).  record (a dict, optional) receives per example "work", the
+    points queried (a survivor: `queries`), and "margin", log p_y - max_{c != y} log p_c at x_adv.
+    -> (x_adv [n, C, H, W], still_correct [n])."""
     x, y = x.detach(), y.detach()
     still = clf(x).argmax(1) == y                                           # robust => clean-correct
     x_adv, idx = x.clone(), still.nonzero().squeeze(1)
@@ -644,7 +380,6 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
     xk = (x0 + eps * stripes).clamp(0, 1)                                   # [m, C, H, W]
     m_k, lm_k, fooled = square_margin(clf, xk, y0)
     work[idx] += 1
-    rows, cols = torch.arange(H, device=x.device)[:, None], torch.arange(W, device=x.device)   # [H, 1], [W]
     for i in range(1, queries + 1):
         if fooled.any():
             x_adv[idx[fooled]], still[idx[fooled]], margin[idx[fooled]] = xk[fooled], False, lm_k[fooled]
@@ -652,19 +387,7 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
                                           idx[~fooled])
         if len(idx) == 0 or i == queries:
             break
-        side = square_side(i, queries, min(H, W), p_init)
-        r, c = (torch.randint(0, hi, (len(idx), 1, 1, 1), generator=generator, device=x.device)
-                for hi in (H - side + 1, W - side + 1))
-        window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
-        x_new, same = xk, torch.ones(len(idx), dtype=torch.bool, device=x.device)   # same: signs to draw
-        for _ in range(10):   # AutoAttack redraws until the window changes; bounded for an eps below rounding
-            if not same.any():
-                break
-            sign = torch.randint(0, 2, (int(same.sum()), C, 1, 1), generator=generator, device=x.device)
-            drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1).to(x.dtype), xk[same]).clamp(0, 1)
-            x_new = x_new.clone()
-            x_new[same] = torch.min(torch.max(drawn, x0[same] - eps), x0[same] + eps)   # clipped: still in S
-            same = (x_new == xk).flatten(1).all(1)
+        x_new = square_query(x0, xk, eps, square_side(i, queries, min(H, W), p_init), generator)
         m_new, lm_new, fooled = square_margin(clf, x_new, y0)
         work[idx] += 1
         better = (m_new < m_k) | fooled                 # accepted: a lower margin, or fooled
@@ -672,6 +395,27 @@ def square(clf, x, y, eps, queries, generator=None, p_init=0.8, record=None):
         m_k, lm_k = torch.where(better, m_new, m_k), torch.where(better, lm_new, lm_k)
     x_adv[idx], margin[idx] = xk, lm_k                                      # survivors: last accepted
     return x_adv, still
+
+
+def square_query(x0, xk, eps, side, generator):
+    """Square's next point: a random side x side window of xk [m, C, H, W] takes new values x0 +- eps per
+    channel, clipped into S.  As in the original (and AutoAttack), a window whose new values would all equal
+    the current ones is drawn again before it is queried: no query is spent on a point already known."""
+    m, C, H, W = xk.shape
+    rows, cols = torch.arange(H, device=xk.device)[:, None], torch.arange(W, device=xk.device)   # [H, 1], [W]
+    r, c = (torch.randint(0, hi, (m, 1, 1, 1), generator=generator, device=xk.device)
+            for hi in (H - side + 1, W - side + 1))
+    window = (rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)   # [m, 1, H, W]
+    x_new, same = xk, torch.ones(m, dtype=torch.bool, device=xk.device)   # same: signs to draw
+    for _ in range(10):   # AutoAttack redraws until the window changes; bounded for an eps below rounding
+        if not same.any():
+            break
+        sign = torch.randint(0, 2, (int(same.sum()), C, 1, 1), generator=generator, device=xk.device)
+        drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1).to(xk.dtype), xk[same]).clamp(0, 1)
+        x_new = x_new.clone()
+        x_new[same] = torch.min(torch.max(drawn, x0[same] - eps), x0[same] + eps)   # clipped: still in S
+        same = (x_new == xk).flatten(1).all(1)
+    return x_new
 
 
 def square_margin(clf, v, yv):
@@ -694,10 +438,8 @@ def zero_gradient_counts(clf, x, y, losses):
     an input gradient that is exactly zero at the clean input, per loss and under every loss.
     -> ({loss: count}, count under every loss, correct count)."""
     with torch.no_grad():
-        log_p = clf(x)
-    correct = log_p.argmax(1) == y
-    x, y = x[correct].detach(), y[correct]
-    with torch.no_grad():
+        correct = clf(x).argmax(1) == y
+        x, y = x[correct].detach(), y[correct]
         target = rank_targets(class_scores(clf, x), y)[:, 0]                # top wrong class
     counts, every = {}, torch.ones(len(y), dtype=torch.bool, device=x.device)
     for loss in losses:
@@ -749,6 +491,13 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
+# class_log_scores' per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with
+# m_c the largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+# logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with the
+# [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and deterministic
+# on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its largest term is
+# exp(0)), so nothing underflows.  A class without a kept centre gets -inf through a where whose other
+# branch sees log(1), so that no 0 * inf reaches the gradient.
 def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=None, num_classes=None):
     """The class log-scores of ClusTR Eq. (4), the soft nearest-cluster classifier:
 
@@ -764,16 +513,7 @@ def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=Non
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
     given, is the set of centres the sums run over instead of the D nearest (qtrades.py: Eq. (6)
     compares two distributions on the same set).  num_classes: a Python int where the classes
-    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes].
-
-    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
-    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
-    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
-    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
-    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
-    largest term is exp(0)), so nothing underflows.
-    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient."""
+    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes]."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -809,7 +549,7 @@ def cluster_log_probs(features, centers, center_classes, sigma2, D=None, keep=No
 
 
 # ======================================================================================
-# 4. The loop: every (D, eps, loss) over the test split in chunks, then the checks
+# 3. The loop: every (D, eps, loss) over the test split in chunks, then the checks; main()
 # ======================================================================================
 
 def fmt_eps(eps):
@@ -828,35 +568,31 @@ def natural_mask(clf, images, labels, batch_size):
                       for i in range(0, len(labels), batch_size)])
 
 
+# One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
+# steps, restarts, step, queries, targets. index [N]: the images' positions in the test split
+# (default 0..N-1). Each chunk draws from a torch.Generator of its own, seeded by (seed, the loss,
+# its first image's index), so a loss's figure does not depend on which losses ran before, nor on
+# how many processes share the chunks. tally (a dict): every chunk's x_adv measured against the
+# eps-ball and [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives
+# (objective_rises). adv [N, C, H, W] float, when given, receives x_adv; record (a dict), pgd's and
+# square's per-example "work" and "margin" [N]. Under torchrun process r
+# attacks the chunks r, r + W, ...; the robust mask and adv are summed over the processes, so
+# every one holds one process's result (tally stays per process: run_checks sums it).
 def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=None, tally=None, stats=False,
                  progress=None, record=None, **budget):
-    """One (eps, loss) attack over uint8 images in chunks of --batch-size; `budget` may override
-    steps, restarts, step, queries, targets. index [N]: the images' positions in the test split
-    (default 0..N-1). Each chunk draws from a torch.Generator of its own, seeded by (seed, the loss,
-    its first image's index), so a loss's figure does not depend on which losses ran before, nor on
-    how many processes share the chunks. tally (a dict): every chunk's x_adv measured against the
-    eps-ball and [0, 1] (the check "in_ball"), and with stats the PGD runs' objectives
-    (objective_rises). adv [N, C, H, W] float, when given, receives x_adv; record (a dict), pgd's and
-    square's per-example "work" and "margin" [N]. Under torchrun process r
-    attacks the chunks r, r + W, ...; the robust mask and adv are summed over the processes, so
-    every one holds one process's result (tally stays per process: run_checks sums it). -> robust
-    mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
+    """-> robust mask [N] bool, raw (not ANDed with natural accuracy: robust_le_natural compares)."""
     b = {"step": args.step, "steps": args.steps, "restarts": args.restarts, "queries": args.square_queries,
          "targets": args.targets or 9, **budget}                            # None (unresolved): APGD-T's 9
     index = torch.arange(len(labels), device=labels.device) if index is None else index
-    robust = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
-    mine, t0 = torch.zeros_like(robust), time.time()                        # this process's chunks
-    work = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
-    margin = torch.zeros(len(labels), device=labels.device)
-    for chunk, start in enumerate(range(0, len(labels), args.batch_size)):
-        if chunk % DIST["world"] != DIST["rank"]:                          # torchrun: chunks r, r + W, ...
-            continue
-        x = to_float(images[start:start + args.batch_size]).contiguous(
-            memory_format=torch.channels_last)  # measured 1.5x faster convolutions on CPU too
+    robust, work, margin = (torch.zeros(len(labels), dtype=dtype, device=labels.device)
+                            for dtype in (torch.bool, torch.long, torch.float))
+    (rank, world), mine, t0 = ranks(), torch.zeros_like(robust), time.time()   # mine: this process's chunks
+    for start in range(rank * args.batch_size, len(labels), world * args.batch_size):   # torchrun: r, r + W, ...
+        # channels_last: measured 1.5x faster convolutions, on the CPU too
+        x = to_float(images[start:start + args.batch_size]).contiguous(memory_format=torch.channels_last)
         y = labels[start:start + args.batch_size]
         key = np.random.SeedSequence([seed, int.from_bytes(loss.encode(), "little"), int(index[start])])
-        g = torch.Generator(x.device).manual_seed(int(key.generate_state(1)[0]))   # (seed, loss, chunk)
-        rec = {}
+        g, rec = torch.Generator(x.device).manual_seed(int(key.generate_state(1)[0])), {}   # (seed, loss, chunk)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
             if loss == "square":
                 x_adv, still = square(clf, x, y, eps, b["queries"], g, record=rec)
@@ -871,9 +607,8 @@ def attack_split(clf, images, labels, args, eps, loss, seed, index=None, adv=Non
             adv[start:start + len(y)] = x_adv.float()
         if progress:                                # this process's chunks; seen: the chunk's end
             progress(loss, eps, start + len(y), len(labels), robust[mine], time.time() - t0)
-    if DIST["world"] > 1:                           # torchrun: every process holds the whole row
-        robust = all_sum(robust).to(robust.device) > 0
-        work, margin = (all_sum(t.masked_fill(~mine, 0)).to(t.device) for t in (work, margin))
+    if world > 1:                   # torchrun: every process holds the whole row (the others' chunks: 0 here)
+        robust, work, margin = all_sum(robust) > 0, all_sum(work), all_sum(margin)
         if adv is not None:
             adv.copy_(all_sum(adv.masked_fill(~mine[:, None, None, None], 0)))
     if record is not None:
@@ -890,27 +625,25 @@ def measure_ball(ball, x_adv, x, eps):
     ball["max_excess"] = max(ball.get("max_excess", 0.0), excess)
 
 
+# The losses in turn, as AutoAttack's cascade: each attacks only the examples every earlier
+# one left robust, so an example counts as robust only if no loss and no restart fooled it
+# (the same worst case as every loss on every example, less work); --per-loss: each attacks
+# every example (its own row over all images).  adv [N, C, H, W] (the clean images) receives
+# each example's first fooling image, a survivor its strongest point over every loss (lowest
+# margin).  After each loss its images are classified again (recompute): the row's robust
+# accuracy is the recomputed one (the cascade's: robust under it and every earlier loss).
+# Before anything is reported, every example counted robust must have met every loss at the
+# budget configured (work: restarts x targets x (steps + 1) iterates, or --square-queries
+# points), else exit 1 (an attack that skipped it).  emit(row) logs each row as it finishes.
 def run_losses(clf, images, labels, args, eps, losses, natural, adv, tally, stats, emit, progress=None):
-    """The losses in turn, as AutoAttack's cascade: each attacks only the examples every earlier
-    one left robust, so an example counts as robust only if no loss and no restart fooled it
-    (the same worst case as every loss on every example, less work); --per-loss: each attacks
-    every example (its own row over all images).  adv [N, C, H, W] (the clean images) receives
-    each example's first fooling image, a survivor its strongest point over every loss (lowest
-    margin).  After each loss its images are classified again (recompute): the row's robust
-    accuracy is the recomputed one (the cascade's: robust under it and every earlier loss).
-    Before anything is reported, every example counted robust must have met every loss at the
-    budget configured (work: restarts x targets x (steps + 1) iterates, or --square-queries
-    points), else exit 1 (an attack that skipped it).  emit(row) logs each row as it finishes.
-    -> (worst [N] raw robust mask, fooled_by [N]: index into losses or -1, {loss: mask} with --per-loss)."""
-    n, dev = len(labels), labels.device
-    worst = torch.ones(n, dtype=torch.bool, device=dev)
-    fooled_by = torch.full((n,), -1, dtype=torch.long, device=dev)
-    seen, masks = worst.clone(), {}                                         # seen: the recomputed verdicts
-    closest, ran = torch.full((n,), math.inf, device=dev), {}             # margin of adv; per loss: work, robust
+    """-> (worst [N] raw robust mask, fooled_by [N]: index into losses or -1, {loss: mask} with --per-loss)."""
+    n, dev, masks, ran = len(labels), labels.device, {}, {}                 # ran: per loss, work and robust
+    # seen: the recomputed verdicts; closest: the margin of each survivor's image in adv
+    worst, seen = torch.ones(n, dtype=torch.bool, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
+    fooled_by, closest = torch.full((n,), -1, device=dev), torch.full((n,), math.inf, device=dev)
     for i, loss in enumerate(losses):
         idx = torch.arange(n, device=dev) if args.per_loss else worst.nonzero().squeeze(1)
-        t0 = time.time()
-        part, rec = torch.empty((len(idx), *images.shape[1:]), device=images.device), {}
+        part, rec, t0 = torch.empty((len(idx), *images.shape[1:]), device=images.device), {}, time.time()
         robust = attack_split(clf, images[idx], labels[idx], args, eps, loss, args.seed, idx, part, tally,
                               stats and loss != "square", progress, rec)
         ran[loss] = (torch.zeros(n, dtype=torch.long, device=dev).index_put((idx,), rec["work"]),
@@ -955,9 +688,7 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
     recompute backs both sides: the fooled are fooled and the robust still resist there.  Where
     the two disagree within rounding the example counts as not robust: disagreement never
     raises the figure.  -> (robust [N] bool: recomputed and claimed; how many verdicts differ)."""
-    robust = torch.zeros_like(claimed)
-    margin = torch.zeros(len(labels), device=labels.device)
-    ball = {"batches": 0, "max_excess": 0.0}
+    robust, margin, ball = torch.zeros_like(claimed), torch.zeros(len(labels), device=labels.device), {}
     for i in range(0, len(labels), args.batch_size):
         xa, x = x_adv[i:i + args.batch_size], to_float(images[i:i + args.batch_size])
         y = labels[i:i + args.batch_size]
@@ -971,7 +702,7 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
                 m = torch.minimum(m, (sq[:, clf.D] - sq[:, clf.D - 1]) / (2 * clf.sigma2))
         robust[i:i + len(y)] = z.argmax(1) == y
         margin[i:i + len(y)] = m
-    differ, excess = robust != claimed, ball["max_excess"]
+    differ, excess = robust != claimed, ball.get("max_excess", 0.0)      # no chunk: nothing outside
     unexplained = int((differ & ~(margin <= RECOMPUTE_MARGIN[bool(args.amp)])).sum())
     if int(differ.sum()) > max(2, len(labels) // 200):
         unexplained = int(differ.sum())
@@ -985,7 +716,7 @@ def recompute(clf, x_adv, images, labels, eps, claimed, args, what):
 def contradiction(args, what):
     """The bookkeeping of the attack is contradicted (recompute, run_losses): exit 1, one line,
     and no result of this run stays (its partial log removed; nothing else was written yet)."""
-    if os.path.exists(args.out + ".log.jsonl.partial"):
+    with contextlib.suppress(FileNotFoundError):
         os.remove(args.out + ".log.jsonl.partial")
     print(f"attack.py: {what}: this contradicts the attack's bookkeeping, a bug in attack.py; nothing "
           f"written, please report it", file=sys.stderr, flush=True)
@@ -1041,9 +772,9 @@ def run_checks(clf, images, labels, args, losses, results, natural, runs, eps, t
     n = args.check_images or max(1, len(labels) // 10)
     checks.update(checks_that_attack(clf, images[:n], labels[:n], args, eps, losses, runs, natural[:n], tally))
     t = {"batches": 0, "max_excess": 0.0, "runs": 0, "rose": 0, "not_finite": 0} | tally
-    if DIST["world"] > 1:                       # each process tallied its own chunks: sums, the largest excess
-        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64), "MAX" if k == "max_excess" else "SUM"))
-             for k, v in t.items()}
+    if ranks()[1] > 1:                          # each process tallied its own chunks: sums, the largest excess
+        t = {k: type(v)(all_sum(torch.tensor(v, dtype=torch.float64, device=labels.device), "MAX"
+                                if k == "max_excess" else "SUM")) for k, v in t.items()}
     checks["objective_rises"] = {"ok": t["rose"] / t["runs"] > 0.5 if t["runs"] else None, "runs": t["runs"],
                                  "rose": t["rose"], "share_rose": t["rose"] / t["runs"] if t["runs"] else None,
                                  "not_finite": t["not_finite"], "threshold": 0.5}
@@ -1097,162 +828,113 @@ def checks_that_attack(clf, x, y, args, eps, losses, runs, clean, tally):
 # torchrun (README "attack.py under torchrun"): every process holds the whole test split and
 # attacks every W-th chunk of each row (attack_split); the masks are summed over the processes
 # after each row, so every process then holds the full result and runs the same cascade and
-# checks on it.  Rank 0 alone takes the lock, prints, and writes the result, log and --save-adv.
+# checks on it.  Rank 0 goes first (it claims --out and may download the data); it alone prints
+# and writes the result, log and --save-adv.
 # --------------------------------------------------------------------------------------
-DIST = {"rank": 0, "world": 1}          # this process: rank 0 of 1 outside torchrun (set by start_torchrun)
-
-
-def start_torchrun(args):
-    """Join the process group when torchrun started this process (WORLD_SIZE, RANK and LOCAL_RANK
-    all set; else a plain run, unchanged): gloo on the CPU, nccl on CUDA with this process on GPU
-    LOCAL_RANK.  --dist-timeout bounds every wait for the others.  Ranks other than 0 print nothing."""
-    env = [os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]
-    if None in env:
-        return                                          # a plain run, unchanged
-    world, rank, local = (int(v) if v.isdigit() else -1 for v in env)
-    if not (0 <= rank < world and local >= 0):
-        fail("WORLD_SIZE, RANK and LOCAL_RANK must be integers with 0 <= RANK < WORLD_SIZE (as torchrun sets them)")
-    cuda = pick_device(args.device).type == "cuda"      # --device cuda without CUDA: exit 2 here
+def join_torchrun(args):
+    """Join the processes torchrun started: gloo on the CPU, nccl on CUDA with this process on GPU
+    LOCAL_RANK; --dist-timeout bounds every wait for the others.  Ranks other than 0 print nothing."""
+    cuda = args.device != "cpu" and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local)                    # "cuda" below means cuda:LOCAL_RANK
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))                # "cuda" below: cuda:LOCAL_RANK
     try:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(minutes=args.dist_timeout))
-    except Exception as e:                              # no peers in time, a port in use, ...
-        fail(f"torchrun: process {rank} of {world} could not join the others within --dist-timeout "
-             f"{args.dist_timeout:g} minutes ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
-    DIST.update(rank=rank, world=world)
-    sys.stdout = open(os.devnull, "w") if rank else sys.stdout                # rank 0 alone prints
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(
+            minutes=args.dist_timeout))
+    except Exception as e:                              # no peers in time, a port in use, RANK >= WORLD_SIZE
+        raise BadInput(f"torchrun: no rendezvous within --dist-timeout {args.dist_timeout:g} minutes: {e}") from None
+    sys.stdout = open(os.devnull, "w") if ranks()[0] else sys.stdout     # rank 0 alone prints
+
+
+def ranks():
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    on = torch.distributed.is_initialized()
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if on else (0, 1)
 
 
 def all_sum(t, op="SUM"):
-    """t summed (or op, a ReduceOp name) over the processes, on every process (bool -> int64 counts);
-    nccl reduces on the GPU of this process."""
-    t = t.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", torch.int64 if t.dtype == torch.bool
-             else t.dtype, copy=True)
+    """t summed (or op, a ReduceOp name) over the processes, on every process (bool -> int64 counts)."""
+    t = t.long() if t.dtype == torch.bool else t.clone()
     torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return t
 
 
-def rank0_first(fn):
-    """fn() on rank 0, then (if it ended well) on the others: rank 0 takes the lock and may
-    download the data before anyone reads it.  If rank 0 stops (bad input: exit 2, which it
-    explains in one line), every process stops with its exit code, silently."""
-    result, code = None, 0
-    if DIST["rank"] == 0:
-        try:
-            result = fn()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) and e.code else 1
-    if DIST["world"] > 1:
-        code = int(all_sum(torch.tensor(code), "MAX"))   # rank 0's exit code (the others': 0), to all
-    if code:
-        raise SystemExit(code)
-    return result if DIST["rank"] == 0 else fn()
-
-
 def main(argv=None):
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    """The evaluation of Sec. 4.2 as a run: every (D, eps) row (evaluate), the checks, then (rank 0) the
+    results (config: the resolved arguments), --save-adv and the summary."""
     args = parse_args(argv)
-    try:
-        start_torchrun(args)
-        if args.export:                 # write one file for other tools, attack nothing (section 6)
-            return export_main(args) if DIST["rank"] == 0 else None
-        with contextlib.ExitStack() as hold:    # rank 0 holds --out (`owned`) from prepare on
-            return attack_main(args, lambda: hold.enter_context(owned(args, argv, training=False)))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        DIST.update(rank=0, world=1)
+    if args.export:                                         # one file for other tools, nothing attacked
+        return export_main(args)
+    with contextlib.ExitStack() as hold:                    # rank 0 holds --out from prepare on
+        if "LOCAL_RANK" in os.environ:                      # started by torchrun
+            join_torchrun(args)
+            hold.callback(torch.distributed.destroy_process_group)
+        rank, world = ranks()
+        try:                                                # rank 0 first; when it stops (it says why), the
+            if rank:                                        # others stop too, silently
+                torch.distributed.barrier()
+        except RuntimeError:
+            raise SystemExit(2) from None
+        clf, ckpt, images, labels, Ds = prepare(args, None if rank else hold)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+        t_run, tally = time.time(), {}
+        results, examples, adv_runs, natural, runs = evaluate(clf, images, labels, args, args.loss, Ds, tally)
+        t_attack, clf.D = time.time() - t_run, Ds[0] if clf.clusters else None
+        checks = run_checks(clf, images, labels, args, args.loss, results, natural[Ds[0]], [r for r in runs if
+                            r[0] == Ds[0]], next((e for e in args.eps if e > 0), None), tally) if args.checks else {}
+        out = {"meaning": MEANING, **rounded({
+            "ckpt": args.ckpt, "data": args.data, "images": len(labels), "natural_accuracy": share(natural[Ds[0]]),
+            "results": results, "checks": checks, "examples": examples, "stage": ckpt["stage"], "config": vars(args),
+            "device": images.device.type,
+            "torch": torch.__version__, "world_size": world, "attack_seconds": t_attack,
+            "check_seconds": time.time() - t_run - t_attack, "seconds": time.time() - t_run})}
+        if rank == 0:                   # torchrun: the others hold the same figures, write nothing
+            save_results(out, args.out)
+            if args.save_adv:
+                write_file(args.save_adv, lambda tmp: torch.save({"format": "clustr-adv/1", "ckpt": args.ckpt,
+                                                                  "labels": labels.cpu(), "runs": adv_runs}, tmp))
+            report(out)
+    if args.strict and any(c["ok"] is False for c in checks.values()):
+        print("attack.py: a check failed (see the results); exit code 1 (--no-strict: 0)", file=sys.stderr)
+        raise SystemExit(1)
+    return out
 
 
-def prepare(args, own):
-    """Everything before the attack: the lock of --out (rank 0), the device, the checkpoint, the
-    test split on the device, the losses.  -> (device, clf, ckpt, images, labels, losses, Ds)."""
-    if DIST["rank"] == 0:
-        own()                               # outputs checked, --out locked: before any work
+def prepare(args, hold):
+    """Everything before the attack: the device, the classifier, --out claimed by rank 0 (`hold`, its
+    ExitStack; None on the others) before any work, the losses, the D list, the test split on the
+    device, the header.  -> (clf, ckpt, images, labels, Ds)."""
     device = setup_runtime(args, training=False)
-    if device.type == "cuda":  # the batch shrinks as examples are fooled: no re-tuning per shape
-        torch.backends.cudnn.benchmark = False
-    try:
-        clf, ckpt = read_classifier(args.ckpt, device)
-    except CheckpointError as e:                                    # the command line: exit 2
-        fail(str(e))
-    data_dir_from_checkpoint(args, ckpt)
-    info, arch = ckpt["data"], ckpt["arch"]
-    if args.data not in (None, info["name"]):
-        fail(f"{args.ckpt} was trained on '{info['name']}', not '{args.data}'; drop --data (the checkpoint's is used)")
-    if args.width not in (None, arch["width"]):
-        fail(f"--width {args.width} differs from the width {arch['width']} of {args.ckpt}; drop --width")
-    args.data, args.width = info["name"], arch["width"]
+    clf, ckpt = read_classifier(args.ckpt, device)
+    args_from_checkpoint(args, ckpt)
+    if hold is not None:
+        hold.enter_context(claimed(args, [("--out", args.out), ("--save-adv", args.save_adv)], [args.ckpt]))
     # the loss list: magnet only for clustering checkpoints, square unless --square-queries 0
     default = [l for l in DEFAULT_LOSSES if (clf.clusters or l != "magnet") and (args.square_queries or l != "square")]
     args.loss = list(dict.fromkeys(args.loss or default))
-    args.targets = args.targets or min(9, info["num_classes"] - 1)         # APGD-T's
-    if not clf.clusters and (set(args.loss) & {"magnet", "scores-ce"} or args.D):
-        fail(f"{args.ckpt} is a '{ckpt['stage']}' one: --loss magnet, scores-ce and --D need a clustering checkpoint")
-    Ds = list(dict.fromkeys(args.D)) if args.D else [clf.D if clf.clusters else None]
-    if clf.clusters and any(D is not None and D > len(clf.centers) for D in Ds):
-        fail(f"--D {max(D for D in Ds if D is not None)} exceeds the {len(clf.centers)} centres of {args.ckpt}")
-    try:
-        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
-    except DataError as e:
-        fail(str(e))
-    check_test_split(ckpt, args.ckpt, classes, images, args.data_dir)
-    if len(labels) == 0:
-        fail(f"no test images to attack in {args.data_dir} (--limit {args.limit})")
-    return device, clf, ckpt, images.to(device), labels.to(device), args.loss, Ds
-
-
-def attack_main(args, own):
-    device, clf, ckpt, images, labels, losses, Ds = rank0_first(lambda: prepare(args, own))
+    args.targets = args.targets or min(9, ckpt["data"]["num_classes"] - 1)         # APGD-T's
+    Ds, centres = list(dict.fromkeys(args.D or [clf.D if clf.clusters else None])), len(getattr(clf, "centers", []))
+    if not clf.clusters and (set(args.loss) & {"magnet", "scores-ce"} or args.D) or max(D or 0 for D in Ds) > centres:
+        raise BadInput(f"{args.ckpt} is a '{ckpt['stage']}' checkpoint with {centres} centres: --loss magnet and "
+                       f"scores-ce need a clustering checkpoint, --D at most its centres")
+    images, labels = read_test_split(args, ckpt, device)
+    check_forward(lambda x: clf(x).exp(), images, args.ckpt)   # p: log p is -inf outside the D nearest
     clf = clf.to(memory_format=torch.channels_last)
-    compile_features(clf.model, args.compile)                       # --compile: the attacked f(x)
-    n, arch, tally = len(labels), ckpt["arch"], {}
-    centres = f", {len(clf.centers)} centres" if clf.clusters else ""
-    print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={arch['width']}{centres}) | {args.data} test "
-          f"in {args.data_dir}, {n} images | device {device} amp {args.amp} | torch {torch.__version__}"
-          + (f" | torchrun: {DIST['world']} processes ({torch.distributed.get_backend()}), rows: rank 0's chunks"
-             if DIST["world"] > 1 else ""))
-    print("config: " + json.dumps(vars(args)))
-    t_run = time.time()
-    results, per_example, adv_runs, natural, runs = evaluate(clf, images, labels, args, losses, Ds, tally)
-    t_attack = time.time() - t_run
-    clf.D = Ds[0] if clf.clusters else None
-    checks, t_checks = {}, 0.0
-    if args.checks:
-        headline = next((e for e in args.eps if e > 0), None)
-        checks = run_checks(clf, images, labels, args, losses, results, natural[Ds[0]],
-                            [r for r in runs if r[0] == Ds[0]], headline, tally)
-        t_checks = time.time() - t_run - t_attack
-        print(f"checks: {fmt_time(t_checks)} ({t_checks / max(t_attack, 1e-9):.2f}x the attack's "
-              f"{fmt_time(t_attack)})", flush=True)
-    out = described({"ckpt": args.ckpt, "data": args.data, "images": n, "natural_accuracy": share(natural[Ds[0]]),
-                     "results": results, "checks": checks, "examples": per_example, "stage": ckpt["stage"],
-                     "config": vars(args), "device": str(device), "torch": torch.__version__,
-                     "world_size": DIST["world"], "attack_seconds": t_attack, "check_seconds": t_checks,
-                     "seconds": time.time() - t_run, **compile_seconds()}, ATTACK_MEANING)
-    if DIST["rank"] == 0:               # torchrun: the others hold the same figures, write nothing
-        write_json(out, args.out)       # first: a full disk then still prints the summary
-        if args.save_adv:
-            save_checkpoint({"format": "clustr-adv/1", "ckpt": args.ckpt, "labels": labels.cpu(),
-                             "runs": adv_runs}, args.save_adv)
-        if os.path.exists(args.out + ".log.jsonl.partial"):     # now this run's log replaces the previous one
-            os.replace(args.out + ".log.jsonl.partial", args.out + ".log.jsonl")
-        report(out)
-    if args.strict and any(c["ok"] is False for c in checks.values()):
-        print("attack.py: a check failed (written in the results); exit code 1 (--no-strict: 0)", file=sys.stderr,
-              flush=True)
-        raise SystemExit(1)
-    return out
+    if args.compile:                                        # the attacked f(x), compiled on this instance
+        clf.model.features = torch.compile(clf.model.features, backend=args.compile)
+    if hold is not None:                                    # this run's rows (a killed run's are dropped)
+        open(args.out + ".log.jsonl.partial", "w").close()
+    print(f"attack.py | {args.ckpt} ({ckpt['stage']}, ResNet18 w={args.width}, {centres} centres) | {args.data} "
+          f"test in {args.data_dir}, {len(labels)} images | device {device} amp {args.amp} | {ranks()[1]} process(es) "
+          f"| torch {torch.__version__}\nconfig: {json.dumps(vars(args))}")
+    return clf, ckpt, images, labels, Ds
 
 
 def evaluate(clf, images, labels, args, losses, Ds, tally):
     """Every (D, eps): the losses (run_losses), one row per loss and the worst-case row (eps = 0:
     natural accuracy, nothing attacked: the worst-case row alone), per-example results.
     -> (results, per_example, adv_runs, natural {D: mask}, runs [(D, eps, raw robust mask, fooled_by)])."""
-    n, log_path = len(labels), args.out + ".log.jsonl.partial"  # moved over <out>.log.jsonl beside the result
-    progress = progress_printer(clf, args, losses, Ds, n)                   # rank 0 alone prints
+    n, progress = len(labels), progress_printer(clf, args, losses, Ds, len(labels))   # rank 0 alone prints
     results, per_example, adv_runs, natural, runs = [], [], [], {}, []
     headline = next((e for e in args.eps if e > 0), None)
     for D in Ds:
@@ -1263,8 +945,8 @@ def evaluate(clf, images, labels, args, losses, Ds, tally):
 
             def emit(row):                                                  # logged as it finishes
                 results.append({"loss": row["loss"], **common, **row})
-                if DIST["rank"] == 0:                                       # torchrun: rank 0 writes
-                    append_jsonl(log_path, results[-1])
+                if ranks()[0] == 0:                                         # torchrun: rank 0 writes
+                    append_row(args.out + ".log.jsonl.partial", results[-1])
             adv = to_float(images).clone()                  # each example's worst-case image (run_losses)
             todo = losses if eps > 0 else []
             worst, fooled_by, masks = run_losses(clf, images, labels, args, eps, todo, natural[D], adv, tally,
@@ -1278,10 +960,9 @@ def evaluate(clf, images, labels, args, losses, Ds, tally):
                       "seconds": seconds, "images_per_second": n / seconds if seconds else None})
             runs.append((D, eps, worst, fooled_by))
             per_example.append({"eps": eps, "D": D, "index": list(range(n)), "correct": natural[D].tolist(),
-                                "robust": robust.tolist(),
-                                "fooled_by": [losses[i] if i >= 0 else None for i in fooled_by.tolist()],
-                                **({"robust_by_loss": {l: (m & natural[D]).tolist() for l, m in masks.items()}}
-                                   if masks else {})})
+                                "robust": robust.tolist(), "fooled_by": [losses[i] if i >= 0 else None for i in
+                                                                         fooled_by.tolist()], **({"robust_by_loss": {
+                                    l: (m & natural[D]).tolist() for l, m in masks.items()}} if masks else {})})
             if args.save_adv:
                 adv_runs.append({"eps": eps, "D": D, "x_adv": adv.cpu(), "robust": robust.cpu(),
                                  "fooled_by": fooled_by.cpu(), "losses": list(losses)})
@@ -1291,11 +972,9 @@ def evaluate(clf, images, labels, args, losses, Ds, tally):
 def progress_printer(clf, args, losses, Ds, n):
     """evaluate's progress: prints the header now and returns progress(loss, eps, seen, count,
     robust, seconds), one line per chunk (rank 0's) with img/s, elapsed time and ETA."""
-    runs_per = {l: args.targets if l == "margin-t" else 1 for l in losses}
-    attacked = sum(e > 0 for e in args.eps)
-    total, done, t_run = len(Ds) * attacked * sum(runs_per.values()) * n, [0, 0], time.time()
-    print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} "
-          f"{'elapsed':>9} {'ETA':>9}", flush=True)
+    runs_per, done, t_run = {l: args.targets if l == "margin-t" else 1 for l in losses}, [0, 0], time.time()
+    total = len(Ds) * sum(e > 0 for e in args.eps) * sum(runs_per.values()) * n      # image runs to do
+    print(f"{'loss':<10} {'eps':>9} {'D':>4} {'images':>13} {'robust':>7} {'img/s':>8} {'elapsed':>9} {'ETA':>9}")
 
     def progress(loss, eps, seen, count, robust, seconds):            # one row per chunk (rank 0's)
         done[0] += runs_per[loss] * (seen - done[1])
@@ -1303,76 +982,57 @@ def progress_printer(clf, args, losses, Ds, n):
         elapsed = time.time() - t_run
         print(f"{loss:<10} {fmt_eps(eps):>9} {'-' if not clf.clusters else clf.D or 'all':>4} "
               f"{seen:>6}/{count:<6} {share(robust):7.2%} {seen / max(seconds, 1e-9):8.1f} "
-              f"{fmt_time(elapsed):>9} {fmt_time(elapsed / max(done[0], 1) * (total - done[0])):>9}",
-              flush=True)
+              f"{fmt_time(elapsed):>9} {fmt_time(elapsed / max(done[0], 1) * (total - done[0])):>9}", flush=True)
     return progress
 
 
-# ======================================================================================
-# 5. Report
-# ======================================================================================
-
 # The results file's "meaning" entry: each field and each check, what a failed one means and what to
 # try, are described in the README section it names.
-ATTACK_MEANING = "attack.py result: README.md, \"attack.py: losses, cascade, checks, results\", says what it holds"
-
-
-def write_json(obj, path):
-    """Atomic, like save_checkpoint: a killed run never leaves half a results file."""
-    try:
-        atomic_write(path, json.dumps(obj, indent=1).encode())
-    except OSError as e:                                    # a full disk: the results are not lost
-        report(obj)
-        fail(f"cannot write {path} ({e.strerror or e}); the summary above is what this run found, "
-             f"its rows are in {path}.log.jsonl.partial (rerun with another --out to keep the per-example results)")
+MEANING = "attack.py result: README.md, \"attack.py: losses, cascade, checks, results\", says what it holds"
 
 
 def report(out):
-    cfg = out["config"]
+    """The summary: one row per result, the recompute, one line per check, the next command."""
+    cfg, ckpt = out["config"], out["ckpt"]
     cascade = not cfg["per_loss"] and len(cfg["loss"]) > 1
-    print(f"\nsummary: {out['ckpt']} on {out['data']} test ({out['images']} images), "
-          f"natural accuracy {out['natural_accuracy']:.2%}")
-    print(f"  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} {'natural':>8} "
-          f"{'robust' + (' after' if cascade else ''):>12} {'attacked':>8} {'seconds':>8} {'img/s':>8}")
+    print(f"\nsummary: {ckpt} on {out['data']} test ({out['images']} images), natural accuracy "
+          f"{out['natural_accuracy']:.2%}; attack {fmt_time(out['attack_seconds'])}, checks "
+          f"{fmt_time(out['check_seconds'])}\n  {'loss':<10} {'eps':>9} {'D':>4} {'steps x restarts':>16} "
+          f"{'natural':>8} {'robust' + (' after' if cascade else ''):>12} {'attacked':>8} {'seconds':>8} {'img/s':>8}")
     for r in out["results"]:
         D = "-" if out["stage"] in ("nominal", "qtrades-ce") else "all" if r["D"] is None else r["D"]
         budget = f"{cfg['square_queries']} queries" if r["loss"] == "square" else f"{cfg['steps']} x {cfg['restarts']}"
         print(f"  {r['loss']:<10} {fmt_eps(r['eps']):>9} {D:>4} {budget:>16} {r['natural_accuracy']:8.2%} "
               f"{r['robust_accuracy']:12.2%} {r.get('attacked', '-'):>8} {r['seconds']:8.1f} "
               f"{r['images_per_second'] or 0:8.1f}")
-    if cascade:
-        print("  (cascade: each loss attacks only what the earlier ones left robust; 'robust after' "
-              "= robust under it and every earlier loss; --per-loss for independent rows)")
     differ = sum(r["disagreements"] for r in out["results"] if r["loss"] == "worst-case" or len(cfg["loss"]) == 1)
-    print(f"  recompute: every verdict classified again from its saved image; {differ} differed from the record "
-          f"within rounding, each counted as not robust")
+    print(("  (cascade: each loss attacks only what the earlier ones left robust; 'robust after' = robust under it "
+           "and every earlier loss; --per-loss for independent rows)\n" if cascade else "") + f"  recompute: every "
+          f"verdict classified again from its saved image; {differ} differed from the record within rounding, each "
+          f"counted as not robust")
     for name, c in out["checks"].items():
-        numbers = ", ".join(f"{k} {fmt_eps(v)}" if k == "eps" else f"{k} {v:.4g}"
-                            if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
-        print(f"  check {name:<24} {({True: 'ok', False: 'FAILED', None: 'skipped'})[c['ok']]:<7} {numbers}")
-        if c["ok"] is False:
-            print(f"        -> what it means, what to try: README.md \"attack.py: losses, cascade, checks, "
-                  f"results\", {name}")
+        numbers = ", ".join(f"{k} {fmt_eps(v) if k == 'eps' else f'{v:.4g}' if isinstance(v, float) else v}"
+                            for k, v in c.items() if k != "ok")
+        print(f"  check {name:<24} {({True: 'ok', False: 'FAILED', None: 'skipped'})[c['ok']]:<7} {numbers}"
+              + (f"\n        -> what it means, what to try: README.md \"attack.py: losses, cascade, checks, results\", "
+                 f"{name}" if c["ok"] is False else ""))
     headline = any(r["loss"] == "worst-case" for r in out["results"])
-    print(f"  results {cfg['out']}" + ("  (headline: the worst-case rows)" if headline else ""))
-    ckpt = shlex.quote(out["ckpt"])
-    print("  next     " + (f"python certify.py --ckpt {ckpt}   (Prop. 1's certified radii, L2)"
-                           if out["stage"] in ("magnet", "qtrades-magnet") else
-                           f"python magnet.py --init {ckpt}   (ClusTR from this warm start)"
-                           if out["stage"] == "nominal" else
-                           f"python attack.py --ckpt {ckpt} --loss ce --schedule constant --steps 20 "
-                           f"--restarts 10   (the paper's protocol, to compare)"), flush=True)
+    print(f"  results {cfg['out']}" + ("  (headline: the worst-case rows)" if headline else "") + "\n  next     " + (
+        f"python certify.py --ckpt {ckpt}   (Prop. 1's certified radii, L2)" if out["stage"] in ("magnet",
+        "qtrades-magnet") else f"python magnet.py --init {ckpt}   (ClusTR from this warm start)" if out["stage"] ==
+        "nominal" else f"python attack.py --ckpt {ckpt} --loss ce --schedule constant --steps 20 --restarts 10   "
+        f"(the paper's protocol, to compare)"), flush=True)
 
 
-# ======================================================================================
-# 6. Export and library use: a ClusTR model for torchattacks, AutoAttack, RobustBench
-# ======================================================================================
-# From Python: load_classifier(path, device) (section 7) -> nn.Module, images in [0, 1] -> class
-# scores (z_c of Eq. (4), or the head's logits); CheckpointError on a bad file.
-# From the command line: python attack.py --ckpt magnet.pt --export clustr.pt2 writes one file that
-# holds the normalisation, the network, the centres mu, sigma^2 and D, loadable with torch alone:
+# --------------------------------------------------------------------------------------
+# --export: a ClusTR model for torchattacks, AutoAttack, RobustBench
+# (README "Evaluate a ClusTR model with other tools").  From Python: load_classifier(path, device)
+# (section 4, "classifier") -> nn.Module, images in [0, 1] -> class scores (z_c of Eq. (4), or the
+# head's logits); BadInput on a bad file.  From the command line: python attack.py --ckpt magnet.pt --export clustr.pt2
+# writes one file that holds the normalisation, the network, the centres mu, sigma^2 and D,
+# loadable with torch alone:
 #     model = torch.export.load("clustr.pt2").module()        # model(x): [n, C, H, W] -> [n, classes]
-
+# --------------------------------------------------------------------------------------
 EXPORT_NOTE = ("images in [0, 1], float32 [n, C, H, W] -> class scores [n, classes]; clustering "
                "checkpoints: z_c = logsumexp over class c's centres of -||f - mu||^2 / (2 sigma^2), "
                "softmax(z) = Eq. (4) of ClusTR (BMVC 2021); a class outside the D nearest centres "
@@ -1380,21 +1040,18 @@ EXPORT_NOTE = ("images in [0, 1], float32 [n, C, H, W] -> class scores [n, class
 
 
 def export_classifier(path, out_path, D="stored"):
-    """Write the ClassScores module of checkpoint `path` to out_path as a torch.export program
-    (.pt2, any batch size), with a JSON note (meaning, classes, input shape) as the extra file
+    """Write the class scores of checkpoint `path` (load_classifier's module) to out_path as a torch.export
+    program (.pt2, any batch size), with a JSON note (meaning, classes, input shape) as the extra file
     "clustr.json".  The file is reloaded and checked against the in-memory module on batches
     of 1, 2 and 5 random images (max |difference| <= 1e-5).  -> max |difference|."""
-    clf, ckpt = read_classifier(path, "cpu", D)
-    scores = ClassScores(clf).eval()
-    shape = [ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"]]        # [C, H, W]
-    g = torch.Generator().manual_seed(0)
-    note = json.dumps({"meaning": EXPORT_NOTE, "input_shape": ["n", *shape], "classes":
-                       ckpt["data"]["classes"], "dataset": ckpt["data"]["name"], "stage": ckpt["stage"],
-                       "D": scores.D if scores.clusters else None, "checkpoint": os.path.basename(path),
-                       "torch": torch.__version__})
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(scores, (torch.rand(2, *shape, generator=g),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, out_path, extra_files={"clustr.json": note})
+    scores, ckpt = read_classifier(path, "cpu", D, scores=True)
+    shape, g = [ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"]], torch.Generator().manual_seed(0)  # [C, H, W]
+    note = json.dumps({"meaning": EXPORT_NOTE, "input_shape": ["n", *shape], "classes": ckpt["data"]["classes"],
+                       "dataset": ckpt["data"]["name"], "stage": ckpt["stage"], "torch": torch.__version__,
+                       "D": scores.D if scores.clusters else None, "checkpoint": os.path.basename(path)})
+    program = torch.export.export(scores, (torch.rand(2, *shape, generator=g),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},))
+    write_file(out_path, lambda tmp: torch.export.save(program, tmp, extra_files={"clustr.json": note}))
     reloaded = torch.export.load(out_path).module()
     with torch.no_grad():
         worst = max((reloaded(x) - scores(x)).abs().max().item()
@@ -1405,14 +1062,11 @@ def export_classifier(path, out_path, D="stored"):
 
 
 def export_main(args):
-    """attack.py --export PATH: write the file, print how to load it, attack nothing."""
-    if args.D is not None and len(args.D) > 1:
-        fail(f"--export writes one model: give one --D, not {len(args.D)}")
-    check_outputs(args, False, [], ("export",))
-    try:
+    """attack.py --export PATH: write the file (the output rule of `claimed`), print how to load it."""
+    if len(args.D or []) > 1:
+        raise BadInput(f"--export writes one model: give one --D, not {len(args.D)}")
+    with claimed(args, [("--export", args.export)], [args.ckpt]):
         worst = export_classifier(args.ckpt, args.export, "stored" if args.D is None else args.D[0])
-    except CheckpointError as e:
-        fail(str(e))
     print(f"exported {args.ckpt} -> {args.export} (torch.export, {os.path.getsize(args.export) / 1e6:.1f} MB; "
           f"reloaded: max |difference| {worst:.1e}).\nLoad it with torch alone: "
           f"torch.export.load(PATH).module(); {EXPORT_NOTE}")
@@ -1420,615 +1074,374 @@ def export_main(args):
 
 
 # ======================================================================================
-# 7. Plumbing: identical in every stage that carries it; checked by test_all.py
+# 4. Copied plumbing (model, command line, files, data, checkpoints; the evaluated classifier and
+#    the library entry point load_classifier; the results): each block identical in every stage
+#    that carries it; checked by test_all.py
 # ======================================================================================
 
-# --- shared: args ---
-def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (README "Flags")."""
-    g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
-                   default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
-                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
-                        "default) (default: %(default)s)")
-    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
-                   help="torchvision root (downloaded there when missing), or the folder root "
-                        "(default: %(default)s)")
-    g.add_argument("--width", type=positive_int, default=64,
-                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
-                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = cuda when available (default: %(default)s)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N train and N test images (smoke runs, tests)")
-    return g
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
 
 
-def positive_int(text):
-    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return int(text)
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
 
 
-def seed_int(text):
-    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
-    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
-    return value
-# --- end shared: args ---
+# --- shared: cli ---
+# Bad input (README "Bad input and safety"): one mechanism.  Every expected error -- a flag out of
+# range (argparse, through `number`), data or a checkpoint that cannot be used (BadInput), a file
+# that cannot be read or written (OSError), no memory -- ends as one line on stderr and exit code 2;
+# Ctrl-C and SIGTERM as one line and exit code 130 (the shell's 128 + SIGINT).
+class BadInput(Exception):
+    """Data, a checkpoint or a combination of flags this run cannot use; str(e) names the file or flag."""
 
 
-# --- shared: help ---
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
-    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
-    whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped.  A help text
-    that states its default keeps it (8/255 as a user writes it, where argparse would print
-    0.03137254901960784); fraction defaults are given as text, "8/255", which argparse parses."""
-    per_data = ()
-
-    def _get_help_string(self, action):
-        if action.default is None:                                  # set at run time: say by what
-            text = action.help.replace(" (default: %(default)s)", "")
-            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return action.help if "(default: " in action.help else super()._get_help_string(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
-            block, width, indent)
-                           for block in text.split("\n\n"))
-# --- end shared: help ---
+def guarded(main):
+    """main(argv) with the contract above: `guarded(main)()` is each stage's entry point."""
+    @functools.wraps(main)
+    def run(argv=None):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
+        try:
+            return main(argv)
+        except (BadInput, OSError, MemoryError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt as e:
+            print(f"\ninterrupted{': ' if e.args else ''}{' '.join(map(str, e.args))}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    return run
 
 
-# --- shared: runtime ---
-def fail(message):
-    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def number(kind, low=-math.inf, high=math.inf, open_low=False):
+    """argparse type: a finite `kind` in [low, high] ((low, high] with open_low); floats may be
+    written as fractions, '8/255' (README "Flags")."""
+    def parse(text):
+        try:
+            value = kind(text) if kind is int else float(fractions.Fraction(text))   # 'nan', 'inf': ValueError
+        except ZeroDivisionError:
+            raise ValueError(text) from None
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if open_low else '['}{low}, {high}]")
+        return value
+    parse.__name__ = kind.__name__                                  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 def fmt_time(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+# --- end shared: cli ---
 
 
-def json_line(record):
-    """One line of a .log.jsonl file; NaN and inf become null (JSON has neither)."""
-    return json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None)) + "\n"
-
-
-
-def atomic_write(path, data):
-    """bytes to a temporary file beside `path`, flushed to disk, then os.replace: a killed run leaves
-    the previous complete file, never half a new one.  OSError (a full disk) leaves no temporary file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-# --- end shared: runtime ---
-
-# --- shared: rows ---
-def append_jsonl(path, record):
-    """One row of an evaluation's <out>.log.jsonl.partial (moved over the log beside the result)."""
-    with open(path, "a") as f:
-        f.write(json_line(record))
-# --- end shared: rows ---
-
-# --- shared: setup ---
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}); use "
-             f"--device cpu or auto")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+# --- shared: common-args ---
+def add_common_args(p, data, width, data_dir):
+    """Flags every stage shares, in the same order everywhere (README "Flags"); None: from the
+    checkpoint the run starts from."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data, help="dataset; folder: an ImageFolder, DIR/train/<class>/*, DIR/test/<class>/*")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default=data_dir,
+                   help="torchvision root (downloaded there when missing), or the folder root")
+    g.add_argument("--width", type=number(int, 1), default=width,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's (App. A)")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0, help="seeds python, numpy, torch")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA; None: training")
+    g.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (CPU runs always are)")
+    g.add_argument("--limit", type=number(int, 1), help="use only the first N train and N test images")
+    return g
 
 
 def setup_runtime(args, training):
-    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
-    seed_everything(args.seed)
-    for key in ("data_dir", "init"):                        # stored absolute in the checkpoint
-        if getattr(args, key, None):
-            setattr(args, key, os.path.abspath(getattr(args, key)))
-    device = pick_device(args.device)
-    if args.amp is None:
-        args.amp = device.type == "cuda" and training
-    if device.type != "cuda":
-        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    """Seed python, numpy and torch; the device; --amp (bf16 on CUDA for training) and determinism;
+    paths stored absolute in the checkpoint."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    vars(args).update({k: os.path.abspath(v) for k, v in vars(args).items() if k in ("data_dir", "init") and v})
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: torch sees no CUDA device; use --device cpu or auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.amp = device.type == "cuda" and (training if args.amp is None else args.amp)   # bf16 on CUDA only
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     return device
-# --- end shared: setup ---
-
-# --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): every file it writes is checked before any
-# work; <out>.lock is held with fcntl.flock for the life of the run (the kernel releases it however the
-# process ends); files are replaced atomically (atomic_write); Ctrl-C or SIGTERM ends in one line that
-# says what the files hold and how to continue, exit code 130 (the shell's 128 + SIGINT).
-PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif",
-         ".pgf", ".raw", ".rgba")                                   # the suffixes matplotlib writes
+# --- end shared: common-args ---
 
 
-def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
-    """Every file the run writes (--out with its log, rows and lock; --save-adv, --export, --plot):
-    named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
-    its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
-    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}
-    if training and args.resume is not None:
-        reads.discard(os.path.realpath(args.out))                   # a resumed run continues --out
-    paths = {}
-    for key in keys:
-        given, flag = getattr(args, key, None), "--" + key.replace("_", "-")
-        if given is None or (key == "plot" and given.lower() in ("", "none")):
-            continue
-        if not given.strip() or given.endswith((os.sep, "/")):
-            fail(f"{flag} {given!r} names no file; give a file name")
-        if key == "plot" and not given.lower().endswith(PLOTS):
-            fail(f"{flag} {given}: the plot is written as one of {' '.join(PLOTS)}; give one")
-        for path in [given] + [given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock") if key == "out"]:
-            real = os.path.realpath(path)
-            if real in reads:
-                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: choose "
-                     f"another {flag}")
-            if os.path.isdir(path):
-                fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
-                     f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
-            if real in paths:
-                fail(f"{flag} {given} is also written as {paths[real]}: one would replace the other; give two names")
-            paths[real] = flag
-    for path, flag in paths.items():
-        folder = missing = os.path.dirname(path)
-        while not os.path.exists(missing):
-            made.append(missing)
-            missing = os.path.dirname(missing)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create the folder {folder} of {flag} ({e.strerror or e}); choose another {flag}")
-        if not os.access(folder, os.W_OK):
-            fail(f"cannot write in the folder {folder} of {flag}; make it writable or choose another {flag}")
-
-
-def take_lock(path):
-    """<out>.lock, held with fcntl.flock (released by the kernel however the process ends); a lock
-    file its last holder removed meanwhile is taken again.  -> its descriptor, holding our pid."""
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out ({e.strerror or e}); "
-                 f"make it writable or choose another --out")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
-                 f"or choose another --out")
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())          # for a person: who holds it
-                return fd
-        os.close(fd)
-
-
-def stopped(args, argv, training, run):
-    """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    again = list(argv)                      # as given, until --out holds an epoch of this run: then
-    if training and run["file"] and os.path.abspath(run["file"]) == os.path.abspath(args.out):
-        again = [a for a in argv if a != "--overwrite" and not a.startswith("--resume=")]
-        if "--resume" in again:             # --resume [PATH]: --out is what continues now
-            i = again.index("--resume")
-            del again[i:i + 1 + (i + 1 < len(again) and not again[i + 1].startswith("-"))]
-        again.append("--resume")
-    again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
-    if not training:
-        return (f"interrupted; {args.out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {rows}" if os.path.exists(rows) else "")
-                + f"; run it again with: {again}")
-    if run["epoch"] is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({args.out} and its log "
-                f"are as before); run it again with: {again}")
-    return (f"interrupted in epoch {run['epoch'] + 1}; the checkpoint holds epoch {run['epoch']} ({run['file']}); "
-            f"continue with: {again}")
-
-
+# --- shared: files ---
+# The output rule (README "Bad input and safety"), checked before any work: an existing output is
+# replaced only with --overwrite (a training --out also with --resume, which continues it); an output
+# that is a file the run reads -- a checkpoint, a data file -- never.  <out>.lock is held with
+# fcntl.flock for the life of the process (the kernel frees it however the process ends), so a
+# second run on the same --out stops.  Every file is written to <path>.tmp and moved over the old
+# one with os.replace: a killed run leaves the previous file whole.
 @contextlib.contextmanager
-def owned(args, argv, training):
-    """The run's hold on its files, around all its work: outputs checked, an existing training --out
-    refused unless --resume or --overwrite, <out>.lock taken (a second run on --out exits 2), SIGTERM
-    treated as Ctrl-C.  Yields {"epoch", "file"}: the last epoch saved or resumed, and where it is.
-    Training stages keep their log inside the checkpoint and rewrite <out>.log.jsonl from it at each
-    save, so under --overwrite the old files stay until the first save; evaluation stages append rows
-    to <out>.log.jsonl.partial, which moves over the log beside the result."""
-    out, made, fd, run = args.out, [], None, {"epoch": None, "file": None}
-    resume = training and args.resume is not None
-    try:
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:                                              # not the main thread
-        previous = None
-    try:
-        check_outputs(args, training, made)
-        if not training and os.path.isfile(out) and open(out, "rb").read(2) == b"PK":   # torch.save's zip
-            fail(f"--out {out} is a checkpoint, not a result file; writing results would destroy it: choose "
-                 f"another --out")
-        if training and not resume and os.path.exists(out) and not args.overwrite:
-            fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
-                 f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
-        if resume and args.resume and os.path.exists(out) and not args.overwrite \
-                and os.path.realpath(args.resume) != os.path.realpath(out):
-            fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
-                 f"--out, or replace it with --overwrite")
-        fd = take_lock(out + ".lock")
-        if not resume and os.path.exists(out + ".log.jsonl.partial"):
-            os.remove(out + ".log.jsonl.partial")                   # rows of an earlier killed run
-        yield run
-    except KeyboardInterrupt:
-        print(f"\n{stopped(args, argv, training, run)}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except OSError as e:                # stdout on a full device (files: one line where written)
-        with contextlib.suppress(OSError, ValueError):              # the buffered rest goes nowhere
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was saved before it "
-              f"stays (--resume continues a training run)", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        if fd is not None:
-            with contextlib.suppress(FileNotFoundError):     # while held: one that opened it retries
-                os.remove(out + ".lock")
-            os.close(fd)
-        for folder in made:                 # the folders check_outputs made, where still empty
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-# --- end shared: run-files ---
-
-# Data (README "Data"): only the test split is used; it lives on the device as uint8.
-# --- shared: data ---
-# What torchvision looks for under --data-dir (named in the error when it is missing); the IDX
-# datasets' four files may also lie directly in --data-dir, the layout of Debian's package.
-IDX_FILES = ", ".join(f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
-TORCHVISION = {  # --data -> (its torchvision.datasets class, the files that class expects)
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz"),
-    "svhn": ("SVHN", "train_32x32.mat and test_32x32.mat (loading them needs scipy)"),
-    "fashion-mnist": ("FashionMNIST", f"{IDX_FILES} (directly, or under FashionMNIST/raw/); on Debian `apt-get "
-                      "install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist"),
-    "mnist": ("MNIST", f"{IDX_FILES} (directly, or under MNIST/raw/)"),
-}
+def claimed(args, outputs, inputs):
+    """Around a run: its outputs [(flag, path or None)] refused by the rule above or their folders
+    made, then <--out>.lock held.  `inputs`: the checkpoints it reads (--resume's is added here)."""
+    resumed = getattr(args, "resume", None) is not None and os.path.realpath(args.resume or args.out)
+    data = [os.path.join(d, f) for d, _, files in os.walk(getattr(args, "data_dir", None) or "") for f in files]
+    reads = {os.path.realpath(p) for p in inputs + data + [resumed] if p}
+    for flag, path in [(f, p) for f, p in outputs if p]:
+        if os.path.realpath(path) in reads - {resumed}:
+            raise BadInput(f"{flag} {path} is a file this run reads; choose another {flag}")
+        if os.path.exists(path) and not args.overwrite and os.path.realpath(path) != resumed:
+            raise BadInput(f"{flag} {path} exists; --overwrite replaces it (after this run's first save)"
+                           + (", --resume continues it" if hasattr(args, "resume") else ""))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(args.out + ".lock", "a") as lock:                     # closing it frees the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"another run is writing {args.out} ({args.out}.lock is held)") from None
+        yield
 
 
-class DataError(Exception):
-    """A dataset that cannot be found or read; main() turns it into exit code 2."""
+def write_file(path, write):
+    """write(tmp) to <path>.tmp, then os.replace onto path: the old file stays whole until then."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+# --- end shared: files ---
 
 
-def _download(name, root, **split):
-    """torchvision's dataset `name` from root, downloaded there when it is missing."""
-    import torchvision
-    existed = os.path.exists(root)
-    try:
-        return getattr(torchvision.datasets, TORCHVISION[name][0])(root, download=True, **split)
-    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
-        if not existed and os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)                          # the download's empty folder: nothing written
-        raise DataError(
-            f"{name} is not in {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}: "
-            f"{' '.join(str(e).split())}). torchvision expects there: {TORCHVISION[name][1]}. Put the files there "
-            f"(--data-dir PATH), or use your own images with --data folder --data-dir DIR, DIR holding "
-            f"train/<class>/*.png and test/<class>/*.png.") from None
-
-
-def _load_torchvision(name, root, train):
-    """CIFAR10/100, SVHN -> uint8 [N, 3, 32, 32], labels, torchvision's class names."""
-    if name == "svhn":                                              # ds.data: [N, 3, 32, 32], digits
-        ds = _download(name, root, split="train" if train else "test")
-        return torch.from_numpy(ds.data), torch.from_numpy(ds.labels), [str(c) for c in range(10)]
-    ds = _download(name, root, train=train)                          # ds.data: [N, 32, 32, 3]
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
-
-
-def _read_idx(path):
-    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
-    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
-    import gzip
-    try:                                                            # not gzip, cut short, unreadable
-        with open(path, "rb") as f:
-            raw = gzip.decompress(f.read()) if path.endswith(".gz") else f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
-        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
-    start = 4 + 4 * raw[3]
-    dims = [int.from_bytes(raw[i:i + 4], "big") for i in range(4, start, 4)]
-    if len(raw) < start + int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: its header promises {dims}")
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, int(np.prod(dims)), start).copy()).reshape(dims)
-
-
-def _load_idx(name, root, train):
-    """Fashion-MNIST / MNIST: the split's images and labels IDX files, read where they lie
-    (directly in --data-dir, the Debian layout, else under torchvision's <Class>/raw/; gzipped
-    first), else downloaded by torchvision.  -> uint8 [N, 1, 28, 28] (one grey channel), labels,
-    torchvision's class names."""
-    import torchvision
-    folder = TORCHVISION[name][0]
-    stems = [f"{'train' if train else 't10k'}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
-    paths = [[os.path.join(w, s + e) for w in (root, os.path.join(root, folder, "raw")) for e in (".gz", "")]
-             for s in stems]
-    if not all(any(map(os.path.isfile, p)) for p in paths):
-        _download(name, root, train=train)                          # into torchvision's own layout
-    images, labels = (_read_idx(next(filter(os.path.isfile, p))) for p in paths)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
-                        f"labels {list(labels.shape)}")
-    return images[:, None], labels.long(), list(getattr(torchvision.datasets, folder).classes)
-
-
-def _load_folder(name, root, train):
-    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
-    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
-    from torchvision.transforms.functional import pil_to_tensor
-    split = os.path.join(root, "train" if train else "test")
-    if not os.path.isdir(split):
-        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
-                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
-    # torchvision's ImageFolder order (classes and files sorted), but links to folders inside a
-    # class folder are not followed: a link to its parent turned 60 images into 3,260
-    classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
-    walks = [sorted(os.walk(os.path.join(split, c))) for c in classes]
-    files = [[os.path.join(d, f) for d, _, names in walk for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
-             for walk in walks]
-    links = [os.path.join(d, s) for walk in walks for d, subs, _ in walk for s in subs]
-    links = [path for path in links if os.path.islink(path)]
-    if links:
-        print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
-    empty = [c for c, paths in zip(classes, files) if not paths]
-    if not classes or empty:
-        raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
-                        f"({', '.join(IMG_EXTENSIONS)}) in {empty}")
-    samples = sorted((i, label, path) for label, paths in enumerate(files) for i, path in enumerate(paths))
-    images = []
-    for _, _, path in samples:
-        try:                                                        # a truncated or foreign file
-            images.append(pil_to_tensor(pil_loader(path)))          # [3, H, W] (RGB)
-        except Exception as e:
-            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
-        if images[-1].shape != images[0].shape:
-            raise DataError(f"all images must have one size: {path} is {tuple(images[-1].shape[1:])}, "
-                            f"the first was {tuple(images[0].shape[1:])}")
-    return torch.stack(images), torch.tensor([label for _, label, _ in samples]), classes
+# --- shared: dataset ---
+# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device; batches
+# are indexed from it and augmented there (no DataLoader in the hot path).
+def read_idx(path):
+    """One IDX file (LeCun's MNIST format, gzipped or not) -> uint8 tensor: bytes 0, 0, 0x08 (uint8),
+    n; then n big-endian int32 sizes; then the data."""
+    raw = (gzip.open if path.endswith(".gz") else open)(path, "rb").read()
+    dims = np.frombuffer(raw, ">i4", raw[3], 4)
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, int(np.prod(dims)), 4 + 4 * raw[3]).reshape(dims).copy())
 
 
 def load_split(name, root, train, limit=None):
-    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
-    load = {"folder": _load_folder, "fashion-mnist": _load_idx, "mnist": _load_idx}.get(name, _load_torchvision)
-    images, labels, classes = load(name, root, train)
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
-        raise DataError(f"the {'train' if train else 'test'} labels of {name} in {root} lie in "
-                        f"[{int(labels.min())}, {int(labels.max())}], outside the {len(classes)} "
-                        f"classes: a damaged file; replace it")
-    return images[:limit].contiguous(), labels[:limit], classes
+    """-> (images uint8 [N, C, H, W], labels int64 [N], class names) of one split, the first `limit`."""
+    import torchvision
+    split = "train" if train else "test"
+    if name == "folder":    # ImageFolder's order, dealt round-robin over the classes: --limit keeps every class
+        ds = torchvision.datasets.ImageFolder(os.path.join(root, split))
+        first = {y: ds.targets.index(y) for y in set(ds.targets)}
+        order = sorted(range(len(ds.targets)), key=lambda i: (i - first[ds.targets[i]], ds.targets[i]))[:limit]
+        images = torch.stack([torchvision.transforms.functional.pil_to_tensor(ds.loader(ds.samples[i][0]))
+                              for i in order])                       # [N, 3, H, W] (RGB)
+        return images, torch.tensor([ds.targets[i] for i in order]), ds.classes
+    cls = {"fashion-mnist": "FashionMNIST"}.get(name, name.upper())  # torchvision.datasets' class of --data
+    stem = "train" if train else "t10k"                             # Debian's layout: the IDX files in root
+    idx = [os.path.join(root, f"{stem}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+    if name in ("fashion-mnist", "mnist") and all(map(os.path.isfile, idx)):
+        images, labels = map(read_idx, idx)
+        return images[:limit, None], labels[:limit].long(), getattr(torchvision.datasets, cls).classes
+    ds = getattr(torchvision.datasets, cls)(root, download=True, **(
+        {"split": split} if name == "svhn" else {"train": train}))
+    images = torch.as_tensor(ds.data)                               # [N, H, W, 3]; SVHN [N, 3, H, W]; IDX [N, H, W]
+    images = images[:, None] if images.ndim == 3 else images if name == "svhn" else images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.labels if name == "svhn" else ds.targets)
+    return images[:limit].contiguous(), labels[:limit].long(), getattr(ds, "classes", [str(c) for c in range(10)])
 
 
 def to_float(x_uint8):
     """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
     return x_uint8.float().div_(255)
-# --- end shared: data ---
+# --- end shared: dataset ---
 
 
-# --- shared: library ---
-class ClassScores(nn.Module):
-    """images in [0, 1] -> class scores [n, classes], the input other robustness tools expect
-    (torchattacks, AutoAttack, RobustBench treat a model's output as logits).
-    Clustering checkpoints: the class log-scores of Eq. (4),
+# --- shared: checkpoint ---
+# One format, "clustr/1" (README "Where results and checkpoints go"): a dict of tensors, numbers and
+# strings that torch.load reads with weights_only=True (never unpickling code).
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED = {"format", "stage", "arch", "data", "model", "args", "epoch", "metrics"}
+
+
+def read_checkpoint(path, stages=STAGES):
+    """torch.load(weights_only=True), then the format, the stage, the entries every reader takes and
+    finite numbers in every tensor; any problem raises BadInput naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:          # missing, empty, truncated, or pickled code that weights_only refuses
+        raise BadInput(f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not REQUIRED <= set(ckpt) \
+            or ckpt["stage"] not in stages:
+        raise BadInput(f"{path} is not a {FORMAT} checkpoint of the stage {' or '.join(stages)}")
+    if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters")}):
+        raise BadInput(f"{path} holds NaN or inf (a diverged run or a damaged file); use an earlier checkpoint")
+    return ckpt
+
+
+def finite(obj):
+    """No NaN or inf in any tensor or float of a (nested) dict."""
+    if isinstance(obj, dict):
+        return all(map(finite, obj.values()))
+    return not isinstance(obj, (float, torch.Tensor)) or bool(torch.isfinite(torch.as_tensor(obj)).all())
+
+
+@torch.no_grad()
+def check_forward(f, images, path):
+    """A loaded model must also compute: finite numbers can still give a non-finite forward (a
+    batch-norm variance of -1, a std of 0, centres times 1e30).  f: images in [0, 1] -> outputs."""
+    if path and not torch.isfinite(f(to_float(images[:64]))).all():
+        raise BadInput(f"{path} computes NaN or inf on the first images (a damaged or hand-made file)")
+# --- end shared: checkpoint ---
+
+
+# --- shared: classifier ---
+# The evaluated classifier, read from any clustr/1 checkpoint (attack.py, certify.py), and the library
+# entry point load_classifier (README "Evaluate a ClusTR model with other tools").
+class Classifier(nn.Module):
+    """images in [0, 1] -> log-probabilities [n, classes], the form the attacks and certificates here
+    work on; with scores=True, class scores, the input other robustness tools expect (torchattacks,
+    AutoAttack, RobustBench treat a model's output as logits).  Head checkpoints (nominal,
+    qtrades-ce): the linear head's logits.  Clustering checkpoints (magnet, qtrades-magnet): the
+    class log-scores of Eq. (4) over the stored centres and sigma^2 (optionally the D nearest),
 
         z_c = logsumexp_{j in class c} s_j,   s_j = -||f - mu_j||^2 / (2 sigma^2)       # [n, classes]
 
     so softmax(z) is Eq. (4) exactly and z_a - z_b = log p_a - log p_b: margins and the DLR loss
     mean what they should.  The probabilities p of Eq. (4) are not logits: softmax(p) squeezes
     every p in [0, 1] into a near-uniform distribution, whose cross-entropy gradient is tiny, so an
-    attack given p overstates robustness.  Head checkpoints: the head's logits.
+    attack given p overstates robustness.
     With D (the D nearest centres, Sec. 4.2) a class with no centre among them has z = -inf in
-    Eq. (4); here it gets LOW, a large finite negative: softmax gives it 0 all the same, and
+    Eq. (4); as scores it gets LOW, a large finite negative: softmax gives it 0 all the same, and
     APGD's DLR loss, (z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), which is inf/inf = NaN with
     -inf scores, stays finite."""
 
     LOW = torch.finfo(torch.float32).min / 4          # -8.5e37: a difference of two stays finite
 
-    def __init__(self, clf):
+    def __init__(self, model, clusters=None, D=None, scores=False):
         super().__init__()
-        self.model = clf.model
-        self.clusters = clf.clusters
+        self.model, self.clusters, self.scores = model, clusters is not None, scores
         if self.clusters:
-            self.register_buffer("centers", clf.centers.clone())             # mu  [M, d]
-            self.register_buffer("center_classes", clf.center_classes.clone())   # [M]
-            self.num_classes = int(clf.center_classes.max()) + 1            # a Python int: torch.export
-            self.sigma2 = clf.sigma2                                        # sigma^2
-            self.D = clf.D
+            self.register_buffer("centers", torch.as_tensor(clusters["centers"]).float())             # mu [M, d]
+            self.register_buffer("center_classes", torch.as_tensor(clusters["center_classes"]).long())  # [M]
+            self.num_classes = int(self.center_classes.max()) + 1            # a Python int: torch.export
+            self.sigma2, self.D = float(clusters["variance"]), D             # sigma^2, D
 
-    def forward(self, x):                                                   # x [n, C, H, W] in [0, 1]
+    def forward(self, x):                                                    # x [n, C, H, W] in [0, 1]
         if not self.clusters:
-            return self.model(x).float()                                    # logits [n, classes]
-        z = class_log_scores(self.model.features(x), self.centers, self.center_classes, self.sigma2, self.D,
-                             num_classes=self.num_classes)                  # Eq. (4), [n, classes]
+            z = self.model(x).float()                                        # logits [n, classes]
+            return z if self.scores else F.log_softmax(z, dim=1)
+        f = self.model.features(x)                                           # [n, 8w]
+        if not self.scores:                                                  # log of Eq. (4) [n, classes]
+            return cluster_log_probs(f, self.centers, self.center_classes, self.sigma2, self.D)
+        z = class_log_scores(f, self.centers, self.center_classes, self.sigma2, self.D, num_classes=self.num_classes)
         return z.masked_fill(z == float("-inf"), self.LOW)
+
+
+def build_model(ckpt, path, with_head):
+    """The checkpoint's ResNet18 (its `arch` and `data` entries), its weights loaded with strict=True."""
+    try:
+        model = ResNet18(ckpt["data"]["num_classes"] if with_head else 0, ckpt["arch"]["width"],
+                         ckpt["arch"]["in_channels"], ckpt["data"]["mean"], ckpt["data"]["std"])
+        model.load_state_dict(ckpt["model"], strict=True)
+    except Exception as e:          # a wrong shape, a missing key, a damaged `arch` or `data` entry
+        raise BadInput(f"the weights in {path} do not fit its ResNet18: {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def read_classifier(path, device="cpu", D="stored", scores=False):
+    """-> (Classifier, ckpt), in eval mode with gradients off for its parameters, so an attack never
+    updates batch-norm statistics (README "Where this differs from the paper and the authors'
+    code").  D="stored" uses the checkpoint's D; None means all centres.  A bad file (one that does
+    not compute on a blank batch either) raises BadInput."""
+    ckpt = read_checkpoint(path)
+    head = ckpt["stage"] in ("nominal", "qtrades-ce")
+    model = build_model(ckpt, path, with_head=head)
+    try:
+        clusters = None if head else ckpt["clusters"]
+        D = (clusters or {}).get("D") if D == "stored" else D
+        clf = Classifier(model, clusters, D, scores).to(device).eval().requires_grad_(False)
+        clf(torch.zeros(2, ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"], device=device))
+    except Exception as e:          # no clusters entry, or centres that do not fit the features
+        raise BadInput(f"{path}: its classifier does not compute ({type(e).__name__}: {str(e)[:200]})") from None
+    return clf, ckpt
 
 
 def load_classifier(path, device="cpu", D="stored"):
     """The library entry point: -> an eval-mode nn.Module mapping images in [0, 1] ([n, C, H, W],
-    float) to class scores [n, classes]: the class log-scores z_c of Eq. (4) for clustering
-    checkpoints (see ClassScores), the logits for head checkpoints; parameters frozen.  Give it to
-    torchattacks, AutoAttack or RobustBench as the model (README "Evaluate a ClusTR model with
-    other tools").  A bad file raises CheckpointError, never SystemExit.  D as in read_classifier."""
-    clf, _ = read_classifier(path, device, D)
-    return ClassScores(clf).to(device).eval()
-# --- end shared: library ---
-
-# Checkpoints
-# --- shared: checkpoint-load ---
-FORMAT = "clustr/1"
+    float) to class scores [n, classes] (Classifier with scores=True), parameters frozen.  Give it
+    to torchattacks, AutoAttack or RobustBench as the model.  A bad file raises BadInput, never
+    SystemExit.  D as in read_classifier."""
+    return read_classifier(path, device, D, scores=True)[0]
 
 
-STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+def args_from_checkpoint(args, ckpt):
+    """--data and --width: the checkpoint's (others are refused); --data-dir left unset: the folder the
+    checkpoint's run read (stored absolute by the stages) where it still exists, else ./data.  A relative
+    stored path is not used: it counted from a folder that is not known here."""
+    info, width, stored = ckpt["data"], ckpt["arch"]["width"], ckpt["args"].get("data_dir")
+    if args.data not in (None, info["name"]) or args.width not in (None, width):
+        raise BadInput(f"{args.ckpt} holds a width-{width} ResNet18 of --data {info['name']}: drop --data and --width")
+    args.data, args.width = info["name"], width
+    usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)
+    args.data_dir = os.path.abspath(args.data_dir or (stored if usable else "./data"))
 
 
-# The entries every reader takes (README "Where results and checkpoints go"); test_all.py checks that each
-# stage writes them with the types the readers expect.
-REQUIRED = {"format": (), "stage": (), "arch": ("name", "width", "feat_dim", "in_channels"),
-            "data": ("name", "num_classes", "classes", "mean", "std", "image_size"), "model": (), "args": (),
-            "epoch": (), "metrics": ()}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
-    the wrong stage, a missing entry, NaN weights); str(e) is one line naming the file and the fix."""
-
-
-def read_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading), then the format, the stage, the
-    entries every reader takes and finite weights; any problem raises CheckpointError (the form to
-    call from Python)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish "
-                              f"writing it; copy it again or give another file")
+def read_test_split(args, ckpt, device):
+    """The test split of --data in --data-dir (its first --limit images), on the device; its class names
+    (and their order) and image shape must be the checkpoint's.  -> (images uint8, labels)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        first = next((l.strip()[:100] for l in str(e).splitlines() if l.strip() and not l.startswith(
-            ("Weights only load failed", "Please file an issue", "Check the documentation"))), "")
-        raise CheckpointError(f"checkpoint {path} " + (
-            f"holds pickled code ({code.group(1)}) that weights_only=True refuses (not loaded): not a "
-            f"clustr checkpoint, or an untrusted one" if code else
-            f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})")) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    missing += [f"{k}[{s!r}]" for k, subs in REQUIRED.items() if k in ckpt for s in subs
-                if not isinstance(ckpt[k], dict) or s not in ckpt[k]]
-    missing += ["clusters"] if ckpt.get("stage") in ("magnet", "qtrades-magnet") and "clusters" not in ckpt else []
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of these "
-                              f"stages, or a damaged one")
-    if ckpt["stage"] not in stages:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
-    bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
-    if bad:
-        raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
-                              f"file); use an earlier checkpoint")
-    bad = damaged(ckpt)
-    if bad:
-        raise CheckpointError(f"checkpoint {path}: {bad} is not what the stages write (type, shape or range): "
-                              f"a damaged or hand-made file; use another")
-    return ckpt
+        images, labels, classes = load_split(args.data, args.data_dir, False, args.limit)
+    except Exception as e:          # missing, not downloadable, unreadable, images of two sizes
+        raise BadInput(f"cannot read the test split of --data {args.data} from {args.data_dir}: {type(e).__name__}: "
+                       f"{e} (README \"Data\" says where the files go)") from None
+    shape = [ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"]]
+    if classes != ckpt["data"]["classes"] or list(images.shape[1:]) != shape or labels.max() >= len(classes):
+        raise BadInput(f"the test split in {args.data_dir} (classes {classes}, images {list(images.shape[1:])}) is "
+                       f"not what {args.ckpt} was trained on (classes {ckpt['data']['classes']}, images {shape})")
+    return images.to(device), labels.to(device)
+# --- end shared: classifier ---
 
-
-def damaged(ckpt):
-    """The first entry a reader would misuse (a wrong type, shape or range), else None: a damaged file
-    stops here, not in a traceback deep inside a stage, nor in a figure computed from it."""
-    a, d, k = ckpt["arch"], ckpt["data"], ckpt.get("clusters")
-    count = lambda v, low=1: type(v) is int and v >= low                        # noqa: E731 (bool is no count)
-    entries = {
-        "arch['width']": lambda: count(a["width"]) and a["feat_dim"] == 8 * a["width"] and count(a["in_channels"]),
-        "data['classes']": lambda: count(d["num_classes"]) and len(d["classes"]) == d["num_classes"],
-        "data['mean'], data['std']": lambda: all(len(d[s]) == a["in_channels"] and min(d[s]) > -math.inf
-                                                 for s in ("mean", "std")) and min(d["std"]) > 0,
-        "data['image_size']": lambda: len(d["image_size"]) == 2 and all(count(v) for v in d["image_size"]),
-        "model, args, epoch, log": lambda: all(torch.is_tensor(v) for v in ckpt["model"].values())
-        and isinstance(ckpt["args"], dict) and count(ckpt["epoch"], 0)
-        and all(isinstance(r, dict) for r in ckpt.get("log", [])),
-        "clusters['centers']": lambda: k is None or k["centers"].dim() == 2 and k["centers"].shape[1] == a["feat_dim"],
-        "clusters['center_classes']": lambda: k is None or k["center_classes"].dtype == torch.long
-        and k["center_classes"].shape == k["centers"].shape[:1]
-        and 0 <= int(k["center_classes"].min()) <= int(k["center_classes"].max()) < d["num_classes"],
-        "clusters['variance']": lambda: k is None or type(k["variance"]) in (int, float) and k["variance"] > 0,
-        "clusters['D']": lambda: k is None or k.get("D") is None or count(k["D"]),
-    }
-    for key, fine in entries.items():
-        try:
-            if not fine():
-                return key
-        except Exception:                   # a wrong type or a missing key is the same damage
-            return key
-    return None
-
-
-def nonfinite(obj, key=""):
-    """The key (e.g. model['conv1.weight']) of the first tensor or number in obj that holds NaN or
-    inf, else None: every model is checked on load and before every save."""
-    if isinstance(obj, dict):
-        return next(filter(None, (nonfinite(v, f"{key}[{k!r}]" if key else k) for k, v in obj.items())), None)
-    if torch.is_tensor(obj) and obj.is_floating_point():
-        return None if bool(torch.isfinite(obj).all()) else key
-    return key if isinstance(obj, float) and not math.isfinite(obj) else None
-
-# --- end shared: checkpoint-load ---
-
-# --- shared: checkpoint-save ---
-def save_checkpoint(ckpt, path, run=None):
-    """Atomic write (atomic_write), so an interrupted run always leaves the last complete checkpoint;
-    then, for a training stage, <path>.log.jsonl rewritten from the epochs' records the checkpoint holds
-    (README "Where results and checkpoints go") and `run` told the epoch it holds.  A model with NaN or
-    inf is not written, nor is anything on a failed write (a full disk): one line, exit 2, the previous
-    files as they were.  Ctrl-C and SIGTERM wait until the files and `run` agree, then are raised again
-    (a signal mask would not do: torch's threads would take the signal)."""
-    bad = nonfinite({k: ckpt[k] for k in ("model", "clusters") if k in ckpt})
-    if bad:
-        fail(f"{bad} holds NaN or inf: training diverged (try a smaller --lr); stopped without "
-             f"writing {path}, which keeps its last good epoch")
-    caught = []
-    try:
-        held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:                                              # not the main thread
-        held = {}
-    try:
-        data = io.BytesIO()
-        torch.save(ckpt, data)
-        atomic_write(path, data.getvalue())
-        if "log" in ckpt:
-            atomic_write(path + ".log.jsonl", "".join(json_line(r) for r in ckpt["log"]).encode())
-        if run is not None:
-            run.update(epoch=ckpt["epoch"], file=path)
-    except OSError as e:
-        fail(f"cannot write {e.filename or path} ({e.strerror or e}); each file is as it was or whole (free "
-             f"space or choose another path, then continue with --resume where it is a checkpoint)")
-    finally:
-        for s, handler in held.items():
-            signal.signal(s, handler)
-        for s in caught[:1]:
-            signal.raise_signal(s)
-# --- end shared: checkpoint-save ---
 
 # --- shared: results-json ---
 # Decimals kept in the result file, by what a key's name says it holds: float32 arithmetic writes
@@ -2048,13 +1461,24 @@ def rounded(obj, key=""):
         digits = next((d for word, d in DECIMALS if word in key), None)
         return obj if digits is None else round(obj, digits)
     return None if isinstance(obj, float) and math.isnan(obj) else obj
-
-
-def described(obj, meaning):
-    """{"meaning": what the file's numbers are, in which units, **rounded(obj)}."""
-    return {"meaning": meaning, **rounded(obj)}
 # --- end shared: results-json ---
 
 
+# --- shared: rows ---
+# An evaluation's rows: one JSON object per finished row, appended to <out>.log.jsonl.partial (a
+# killed run keeps them there); with the results, they replace the previous run's <out>.log.jsonl.
+def append_row(path, record):
+    """One row of <out>.log.jsonl.partial; NaN and inf are written as null (JSON has neither)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None)) + "\n")
+
+
+def save_results(obj, path):
+    """The results JSON (write_file: tmp + os.replace), then this run's rows over the previous run's log."""
+    write_file(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+    os.replace(path + ".log.jsonl.partial", path + ".log.jsonl")
+# --- end shared: rows ---
+
+
 if __name__ == "__main__":
-    main()
+    guarded(main)()

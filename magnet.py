@@ -40,13 +40,13 @@ ResNet18 (He et al. 2016); Adam (Kingma & Ba 2014).
 import argparse
 import contextlib
 import fcntl
-import io
+import fractions
+import functools
+import gzip
 import json
 import math
 import os
 import random
-import re
-import shlex
 import signal
 import sys
 import time
@@ -80,176 +80,67 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    """The command line: the shared data/device flags, then ClusTR's fine-tuning flags; unset ones
-    take --init's data and width and the paper's per-dataset defaults, then are range-checked."""
-    formatter, table = defaults_table(PAPER_DEFAULTS, "Defaults per --data (Sec. 4.2, App. A; a flag you set wins):")
     p = argparse.ArgumentParser(
-        prog="magnet.py",
-        description="ClusTR fine-tuning with the Magnet loss (Eq. (3)), k-means++ centres and the "
-                    "neighbourhood sampler (Sec. 3.3, 4.2, App. A); prediction by Eq. (4). "
-                    "Takes a nominal.py checkpoint (--init); without it trains the 'Magnet Loss' "
-                    "baseline of Table 1 from random weights.",
-        epilog="--data, --width and --data-dir default to those of --init (or of the checkpoint --resume "
-               "continues), else cifar10, 64 and ./data.\n\n" + table,
-        formatter_class=formatter)
-    add_common_args(p, data_default=None)
-    p.set_defaults(width=None)  # None: --init's (or --resume's) width, else 64 (defaults_from_init)
-    p.set_defaults(data_dir=None)  # None: the folder --init's run read, else ./data (defaults_from_init)
-    add_finetune_args(p)
+        prog="magnet.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog="None above: --data, --width, "
+        f"--data-dir those of --init (or --resume's), else cifar10, 64, ./data; the rest per --data: {PAPER_DEFAULTS}",
+        description="ClusTR fine-tuning: Magnet loss (Eq. (3)), k-means++, sampler (Sec. 3.3, 4.2, App. A); Eq. (4)")
+    add_common_args(p, data=None, width=None, data_dir=None)
+    g = p.add_argument_group("ClusTR fine-tuning (Sec. 3.3, 4.2; App. A 'Optimization', 'Magnet Loss')")
+    g.add_argument("--init", metavar="PATH", help="nominal.py checkpoint (Sec. 3.3); None: random weights (Table 1)")
+    g.add_argument("--out", default="magnet.pt", help="checkpoint path; log goes to <out>.log.jsonl")
+    # --epochs 0: k-means on the --init features and Eq. (4) only, the experiment of App. B.1
+    g.add_argument("--epochs", type=number(int, 0), help="Sec. 4.2 (App. A: 60 SVHN); 0: clusters only (B.1)")
+    g.add_argument("--lr", type=number(float, 0, 1, open_low=True), help="Adam learning rate; App. A: 1e-4")
+    # -b: the forward passes of k-means, sigma^2 and the test set; training batches are m x d (App. A)
+    g.add_argument("-b", "--batch-size", type=number(int, 1), default=500, help="images per feature pass")
+    # --m: a seed cluster and its m-1 nearest clusters of other classes (impostors)
+    g.add_argument("--m", type=number(int, 2), default=12, metavar="m", help="clusters per batch; App. A: 12")
+    g.add_argument("--d", type=number(int, 2), default=20, metavar="d", help="examples per sampled cluster; App. A: 20")
+    g.add_argument("--K", type=number(int, 1), default=2, help="k-means++ clusters per class; App. A: 2")
+    # --alpha: CIFAR100 8.5, the paper's ClusTR+QTRADES value (none is given for ClusTR): PAPER_DEFAULTS
+    g.add_argument("--alpha", type=number(float, 0), help="margin of Eq. (3); App. A: 12.5 CIFAR10, 13 SVHN")
+    # --D: Sec. 4.2 uses 20 for CIFAR100 with ClusTR+QTRADES (App. B.3); at most --K x classes (refused at use)
+    g.add_argument("--D", type=number(int, 1), help="Eq. (4) over the D nearest centres (Sec. 4.2); None: all")
+    # --crop: App. A pads 4 for CIFAR10/100, none for SVHN; --flip: the authors' code flips CIFAR (the paper
+    # does not mention flips); folder, fashion-mnist and mnist: neither
+    g.add_argument("--crop", type=number(int, 0), help="random crops from a padding of this many pixels; App. A")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="horizontal flips (the authors' code, CIFAR)")
+    add_run_args(g)
     args = p.parse_args(argv)
     defaults_from_init(args)
     for key, value in PAPER_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_args(args)
     return args
 
 
-def add_finetune_args(p):
-    """The flags of Sec. 3.3, 4.2 and App. A ("Optimization", "Magnet Loss"), in --help's order."""
-    g = p.add_argument_group("ClusTR fine-tuning (Sec. 3.3, 4.2; App. A 'Optimization', 'Magnet Loss')")
-    g.add_argument("--init", default=None, metavar="PATH",
-                   help="nominal.py checkpoint to start from; its head is removed (Sec. 3.3). "
-                        "Without it: random initialisation, the 'Magnet Loss' row of Table 1")
-    g.add_argument("--out", default="magnet.pt", help="checkpoint path; log goes to <out>.log.jsonl")
-    g.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs; Sec. 4.2: 30 CIFAR10 and SVHN, 60 CIFAR100 (App. A says "
-                        "60 for SVHN: the paper conflicts, we use 30); folder 30. 0 = cluster the --init "
-                        "features and evaluate Eq. (4) only (App. B.1)")
-    g.add_argument("--lr", type=parse_lr, default=None, help="Adam learning rate, in (0, 1]; App. A: 1e-4")
-    g.add_argument("-b", "--batch-size", type=int, default=500,
-                   help="images per forward pass for the feature passes (k-means, sigma^2) and the "
-                        "test set; training batches are m x d (App. A)")
-    g.add_argument("--m", type=int, default=12, metavar="m",
-                   help="clusters per neighbourhood batch: a seed and its m-1 nearest other-class "
-                        "clusters; App. A: 12")
-    g.add_argument("--d", type=int, default=20, metavar="d", help="examples per sampled cluster; App. A: 20")
-    g.add_argument("--K", type=int, default=2, metavar="K", help="k-means++ clusters per class; App. A: 2")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="Magnet-loss margin alpha of Eq. (3); App. A: 12.5 CIFAR10, 13 SVHN; "
-                        "CIFAR100: 8.5 (the paper's ClusTR+QTRADES value; none is given for ClusTR); "
-                        "folder: 12.5 (CIFAR10's)")
-    g.add_argument("--D", type=int, default=None, metavar="D",
-                   help="Eq. (4) over the D nearest centres only (Sec. 4.2 uses 20 for CIFAR100 "
-                        "with ClusTR+QTRADES, App. B.3); default: all centres")
-    g.add_argument("--crop", type=int, default=None,
-                   help="random crops from a zero padding of this many pixels; App. A: 4 for "
-                        "CIFAR10/100, 0 (none) for SVHN; 0 for folder, fashion-mnist, mnist")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips; on for CIFAR as in the authors' code (the paper "
-                        "does not mention flips), off for SVHN, folder, fashion-mnist, mnist")
-    add_run_args(g)
-
-
-def check_args(args):
-    """Bad values -> one line and exit code 2, before any work."""
-    for flag, value, low in (("--m", args.m, 2), ("--d", args.d, 2), ("--K", args.K, 1),
-                             ("--epochs", args.epochs, 0), ("--batch-size", args.batch_size, 1),
-                             ("--stop-after", 0 if args.stop_after is None else args.stop_after, 0)):
-        if value < low:  # m >= 2: a batch needs other-class clusters; d >= 2: sigma^2 > 0
-            fail(f"{flag} must be at least {low} (got {value})")
-    if args.D is not None and args.D < 1:
-        fail(f"--D must be at least 1 (got {args.D})")
-    if not args.alpha >= 0:
-        fail(f"--alpha must be >= 0 (Eq. (3)), got {args.alpha}")
-
-
 # Arguments that do not change the trained weights: a resume may differ in these.
-NOT_SHAPING = {"out", "resume", "stop_after", "slim", "device", "amp", "deterministic", "data_dir",
-               "overwrite", "compile"}
+NOT_SHAPING = set("out resume stop_after slim device amp deterministic data_dir overwrite compile".split())
 
 
 # ======================================================================================
-# 2. Model (App. A "Architecture"): CIFAR ResNet18, normalisation inside.
-#    ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x).
+# 2. The method: the App. A epoch; Eq. (4) inference, Eq. (3) Magnet loss, k-means++, sampler
+#    (ClusTR has no head: the model is ResNet18(num_classes=0) and f(x) = model.features(x))
 # ======================================================================================
 
-# --- shared: model ---
-class BasicBlock(nn.Module):
-    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
-
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
-    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
-    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
-    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
-    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
-
-    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
-        for c_out, stride in zip(widths, strides):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.feat_dim = 8 * width
-        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
-
-    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
-        x = (x - self.mean) / self.std                              # App. A normalisation
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
-
-    def forward(self, x):
-        f = self.features(x)
-        return f if self.head is None else self.head(f)             # [B, classes] logits
-# --- end shared: model ---
-
-
-# ======================================================================================
-# 3. The method: the App. A epoch; Eq. (4) inference, Eq. (3) Magnet loss, k-means++, sampler
-# ======================================================================================
-
-def train_one_epoch(model, opt, train, sampler, center_classes, args, generator, device):
+def train_one_epoch(model, opt, train, sampler, args, generator, device):
     """App. A: an epoch passes as many images as the training split holds, ceil(N / (m d))
     neighbourhood batches; each batch is one step of Adam on the Magnet loss of Eq. (3).
     -> (mean per-example loss, images seen)."""
-    images, _ = train
     model.train()
     loss_sum, seen = 0.0, 0
     for _ in range(sampler.batches_per_epoch()):
-        idx, cluster_ids = sampler.sample()                             # CPU: [B], [B] (B <= m d)
-        idx_dev, cluster_ids = idx.to(device), cluster_ids.to(device)
-        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))   # [B, C, H, W]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        idx, ids = sampler.sample()                                     # CPU: rows [B], cluster ids [B] (B <= m d)
+        x = to_float(augment(train[0][idx.to(device)], args.crop, args.flip, generator))   # [B, C, H, W]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             f = model.features(x)                                       # [B, 8w] r_n of Eq. (3)
         # Eq. (3): cluster means and sigma^2 from this batch; the class of a row is its cluster's
-        loss, per_example, _ = magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)
+        loss, per, _ = magnet_loss(f, ids.to(device), sampler.center_classes[ids].to(device), args.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        per_example = per_example.detach().float().cpu()                # one host sync per step
-        if not torch.isfinite(per_example).all():                       # NaN/inf guard
-            return float("nan"), seen
-        sampler.record(idx, per_example)                                # Rippel et al.: loss index
-        loss_sum += float(per_example.sum())
-        seen += len(idx)
+        sampler.record(idx, per)                                        # Rippel et al.: loss index; a host sync
+        loss_sum, seen = loss_sum + float(sampler.losses[idx].sum()), seen + len(idx)   # the [B] losses just recorded
     return loss_sum / max(1, seen), seen
 
 
@@ -291,6 +182,13 @@ def nearest_centers_mask(sq_dist, D):
         1, nearest, torch.ones_like(nearest, dtype=torch.bool))             # TorchScript trace needs it
 
 
+# class_log_scores' per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with
+# m_c the largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
+# logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with the
+# [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and deterministic
+# on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its largest term is
+# exp(0)), so nothing underflows.  A class without a kept centre gets -inf through a where whose other
+# branch sees log(1), so that no 0 * inf reaches the gradient.
 def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=None, num_classes=None):
     """The class log-scores of ClusTR Eq. (4), the soft nearest-cluster classifier:
 
@@ -306,16 +204,7 @@ def class_log_scores(features, centers, center_classes, sigma2, D=None, keep=Non
     nearest and for features far from every centre (no exp underflow).  keep [n, M] bool, when
     given, is the set of centres the sums run over instead of the D nearest (qtrades.py: Eq. (6)
     compares two distributions on the same set).  num_classes: a Python int where the classes
-    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes].
-
-    The per-class logsumexp runs on [n, M], not on an [n, classes, M] masked copy: with m_c the
-    largest s_j of class c (a constant shift, so no gradient: the result does not depend on it),
-    logsumexp_{j in c} s_j = m_c + log sum_{j in c} exp(s_j - m_c), the sums by one matmul with
-    the [M, classes] one-hot matrix of the centres' classes (exact: products by 1 and 0, and
-    deterministic on CUDA, where index_add adds atomically in any order); each sum is >= 1 (its
-    largest term is exp(0)), so nothing underflows.
-    A class without a kept centre gets -inf through a where whose other branch sees log(1), so
-    that no 0 * inf reaches the gradient."""
+    must not be counted from a tensor (torch.export: attack.py's ClassScores).  -> [n, classes]."""
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()                                        # bf16 under autocast
     centers = centers.to(features)
@@ -385,6 +274,8 @@ def magnet_loss(features, cluster_ids, class_ids, alpha):
 
 
 # --- shared: kmeans ---
+# k-means++ per class on the training features (App. A "Magnet Loss", Sec. 4.2): the centres of the
+# clusters the sampler draws from and Eq. (4) classifies by, and the sigma^2 of Eq. (3) around them.
 def _scores(c, x):
     """||c_j||^2 - 2 x_i.c_j as [k, n] for centres c [k, d] and rows x [n, d]: the squared
     distance ||x_i - c_j||^2 less ||x_i||^2, by one matmul (the expanded form, as k-means
@@ -396,19 +287,6 @@ def _scores(c, x):
         return torch.addmm((c * c).sum(1)[:, None], c, x.T, alpha=-2)
 
 
-def _nearest(scores):
-    """-> (lowest score [n], index of its centre [n]) of scores [k, n]: scores.min(0), ties to the
-    lower index, without torch's CPU argmin over the outer dimension, which runs element by
-    element (slower than the matmul itself): the index is the largest weight k - j among the
-    entries equal to the minimum (an exact test, sign(s - min) = 0), found by amax.
-    Overwrites scores."""
-    k = scores.shape[0]
-    low = scores.amin(0)                                                   # [n]
-    weight = torch.arange(k, 0, -1, dtype=scores.dtype, device=scores.device)[:, None]  # k - j
-    hit = scores.sub_(low).sign_().sub_(1).mul_(-weight)                   # k - j at the minimum, else 0
-    return low, (k - hit.amax(0)).long()
-
-
 def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     """k-means on the rows of x [n, d] (float, any device), all randomness from `generator`
     (a torch.Generator on x's device).  -> (centers [k, d], assignment [n] in 0..k-1).
@@ -418,19 +296,7 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     to the nearest centre chosen so far.  Greedy variant (scikit-learn's default): draw
     2 + floor(ln k) candidates per step and keep the one that lowers sum_x D(x)^2 the most (plain
     D^2 seeding often misses clusters in 512-d).  When every D^2 is 0 (duplicates) draws are uniform.
-    Lloyd: assign each row to its nearest centre, move each centre to the mean of its rows; stop
-    when the assignment no longer changes, when the centres moved by at most tol x the mean
-    per-feature variance of x in total squared distance (scikit-learn's criterion), when a round
-    lowered the inertia (the sum of squared distances to the nearest centres) by at most rtol of
-    it, or after `iters` rounds (tol = rtol = 0: only when the assignment no longer changes).
-    The rtol rule ends the long tail of rounds in which a few rows on the borders change centre
-    for a negligible gain (benchmarks/README.md: the inertia it leaves against running to
-    scikit-learn's criterion).  A centre left without rows is reseeded with the row farthest
-    from its own centre (that row moves to it).  The returned assignment is each row's nearest
-    returned centre; each centre is the mean of its rows when the assignment stopped changing.
-    Cost per round: one [k, d] x [d, n] matmul and a reduction over the k centres; the centre
-    sums are kept in float64 and updated by the rows that changed centre only (few after the
-    first rounds), not summed again.  Two host syncs per round."""
+    Lloyd (_lloyd): assign each row to its nearest centre, move each centre to the mean of its rows."""
     n, dim = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"kmeans_pp needs 1 <= k <= n rows, got k={k}, n={n}")
@@ -441,63 +307,50 @@ def kmeans_pp(x, k, iters=100, generator=None, tol=1e-4, rtol=1e-4):
     offset = x.mean(0)                                                     # [d]
     xc = x - offset                                                        # [n, d], a copy
     x_sq = torch.linalg.vector_norm(xc, dim=1).square()                    # [n] ||x - offset||^2
-    centers = _seed_pp(x, xc, x_sq, offset, k, generator)                  # [k, d]
-    # scikit-learn's scaling: tol x the mean per-feature variance of x (||x - mean||^2 summed)
-    tol = tol * float(x_sq.sum()) / max(1, n - 1) / dim
-    return _lloyd(x, xc, x_sq, offset, centers, iters, tol, rtol)
-
-
-def _seed_pp(x, xc, x_sq, offset, k, generator):
-    """kmeans_pp's greedy k-means++ seeding (its docstring): -> centers [k, d], rows of x."""
-    n = x.shape[0]
-    first = torch.randint(n, (1,), device=x.device, generator=generator)
-    centers = x.index_select(0, first)                                     # [1, d]
-    closest = _scores(centers - offset, xc)[0].add_(x_sq).clamp_min_(0)    # [n] D(x)^2
-    trials = 2 + int(math.log(k))
+    chosen = torch.randint(n, (1,), device=x.device, generator=generator)  # the first centre's row
+    closest = _scores(xc[chosen], xc)[0].add_(x_sq).clamp_min_(0)          # [n] D(x)^2
     for _ in range(1, k):
-        total = closest.sum()
-        weights = torch.where(total > 0, closest, torch.ones_like(closest))   # all 0: uniform
-        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
-        d2 = _scores(x.index_select(0, candidates) - offset, xc).add_(x_sq).clamp_min_(0)
-        d_cand = torch.minimum(closest, d2)                                # [trials, n] D^2 with each
+        weights = torch.where(closest.sum() > 0, closest, torch.ones_like(closest))   # all 0: uniform
+        candidates = torch.multinomial(weights, 2 + int(math.log(k)), replacement=True, generator=generator)
+        d_cand = torch.minimum(closest, _scores(xc[candidates], xc).add_(x_sq).clamp_min_(0))  # [trials, n]
         best = d_cand.sum(1).argmin()                                      # lowest potential
-        closest = d_cand[best]
-        centers = torch.cat([centers, x[candidates[best]][None]])          # [c+1, d]
-    return centers
+        closest, chosen = d_cand[best], torch.cat([chosen, candidates[best][None]])   # D^2 with it
+    # scikit-learn's scaling: tol x the mean per-feature variance of x (||x - mean||^2 summed)
+    return _lloyd(x, xc, x_sq, offset, x[chosen], iters, tol * float(x_sq.sum()) / max(1, n - 1) / dim, rtol)
 
 
 def _lloyd(x, xc, x_sq, offset, centers, iters, tol, rtol):
-    """kmeans_pp's Lloyd rounds from the seeded centers (its docstring; tol already scaled):
-    -> (centers [k, d], assignment [n])."""
+    """kmeans_pp's Lloyd rounds from the seeded centres -> (centers [k, d], assignment [n]).
+    Stops when the assignment no longer changes, when the centres moved by at most tol in total
+    squared distance (scikit-learn's criterion), when a round lowered the inertia (the sum of
+    squared distances to the nearest centres) by at most rtol of it, or after `iters` rounds
+    (tol = rtol = 0: only when the assignment no longer changes).  The rtol rule ends the long
+    tail of rounds in which a few border rows change centre for a negligible gain
+    (benchmarks/README.md: the inertia it leaves against scikit-learn's criterion).  A centre left
+    without rows is reseeded with the row farthest from its own centre (that row moves to it).  The
+    returned assignment is each row's nearest returned centre (ties to the lower index); each centre
+    is the mean of its rows when the assignment stopped changing.  Cost per round: one
+    [k, d] x [d, n] matmul and a reduction over the k centres; the centre sums are kept in float64
+    and updated by the rows that changed centre only, not summed again.  Two host syncs per round."""
     k, dim = centers.shape
-    low, assignment = _nearest(_scores(centers - offset, xc))              # [n], [n]
-    inertia = (x_sq + low).sum(dtype=torch.float64)                        # ||x - c(x)||^2 summed
-    counts = torch.bincount(assignment, minlength=k)                       # [k]
-    sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()       # [k, d]
-    has_empty = bool((counts == 0).any())
+    low, assignment = _scores(centers - offset, xc).min(0)                 # [n], [n]
+    inertia, recount = (x_sq + low).sum(dtype=torch.float64), True        # ||x - c(x)||^2 summed
     for _ in range(iters):
-        if has_empty:  # reseed: the rows farthest from their centres become the empty centres
-            empty = (counts == 0).nonzero().flatten()
-            assignment = assignment.clone()
-            assignment[(x_sq + low).topk(len(empty)).indices] = empty       # D^2 = ||x||^2 + low
-            counts = torch.bincount(assignment, minlength=k)
-            sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()
+        if recount:     # the first round, and a centre without rows: the rows farthest from theirs move to it
+            empty = (torch.bincount(assignment, minlength=k) == 0).nonzero().flatten()
+            assignment[(x_sq + low).topk(len(empty)).indices] = empty     # D^2 = ||x||^2 + low
+            counts = torch.bincount(assignment, minlength=k)               # [k]
+            sums = x.new_zeros(k, dim).index_add_(0, assignment, x).double()   # [k, d]
         # a centre still without rows (only with duplicate rows) stays where it was
-        moved = torch.where(counts[:, None] > 0, (sums / counts.clamp_min(1)[:, None]).to(x.dtype),
-                            centers)
-        shift = (moved - centers).pow(2).sum()
-        centers = moved
-        low, new = _nearest(_scores(centers - offset, xc))
+        moved = torch.where(counts[:, None] > 0, (sums / counts.clamp_min(1)[:, None]).to(x.dtype), centers)
+        shift, centers = (moved - centers).pow(2).sum(), moved
+        low, new = _scores(centers - offset, xc).min(0)
         switch = (new != assignment).nonzero().flatten()                   # rows changing centre
-        x_switch = x.index_select(0, switch).double()
-        to, fro = new.index_select(0, switch), assignment.index_select(0, switch)
-        sums.index_add_(0, to, x_switch).index_add_(0, fro, x_switch, alpha=-1)
-        ones = torch.ones_like(to)
-        counts.index_add_(0, to, ones).index_add_(0, fro, ones, alpha=-1)
-        assignment = new
+        x_switch = x[switch].double()
+        sums.index_add_(0, new[switch], x_switch).index_add_(0, assignment[switch], x_switch, alpha=-1)
+        counts, assignment = torch.bincount(new, minlength=k), new
         last, inertia = inertia, (x_sq + low).sum(dtype=torch.float64)
-        far, gain, has_empty = torch.stack(
-            [shift > tol, last - inertia > rtol * inertia, (counts == 0).any()]).tolist()
+        far, gain, recount = torch.stack([shift > tol, last - inertia > rtol * inertia, (counts == 0).any()]).tolist()
         if len(switch) == 0 or not far or (rtol > 0 and not gain):         # converged
             break
     return centers, assignment
@@ -507,19 +360,10 @@ def _lloyd(x, xc, x_sq, offset, centers, iters, tol, rtol):
 def features_of(model, images, batch_size, amp):
     """Eval-mode features f(x) [N, 8w] (float32) of un-augmented uint8 images [N, C, H, W]: what
     k-means, sigma^2 and Eq. (4) see (README "Where this differs from the paper and the authors' code",
-    "Consistent clusters").  Batch-norm buffers are not touched."""
-    was_training = model.training
-    model.eval()
-    device = images.device
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out.append(model.features(x).float())
-    model.train(was_training)
-    return torch.cat(out)
+    "Consistent clusters").  Batch-norm buffers are left as they were; the model is left in eval mode."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        return torch.cat([model.eval().features(to_float(images[start:start + batch_size])).float()
+                          for start in range(0, len(images), batch_size)])
 
 
 def fit_clusters(features, labels, num_classes, K, generator=None, iters=100):
@@ -529,35 +373,25 @@ def fit_clusters(features, labels, num_classes, K, generator=None, iters=100):
     its class, v* of Eq. (3)):  sigma^2 = 1/(N-1) sum_n ||r_n - mu(r_n)||^2.
     -> (centers [C*K, d], center_classes [C*K], assignment [N] cluster ids, sigma^2 float)."""
     counts = torch.bincount(labels, minlength=num_classes).tolist()
-    short = {c: counts[c] for c in range(num_classes) if counts[c] < K}
-    if short:
-        fail(f"k-means++ needs at least K={K} training examples per class; these classes have "
-             f"fewer (class: count): {short}. Lower --K or raise --limit")
-    if features.dtype not in (torch.float32, torch.float64):
-        features = features.float()
-    dim = features.shape[1]
-    centers = features.new_zeros(num_classes * K, dim)                    # [C*K, d]
-    assignment = torch.empty_like(labels)                                 # [N]
-    # one reused buffer for a class's rows, and chunks of ~1 MB for the differences: fresh
-    # [n, d] temporaries cost more (page faults on the CPU) than the arithmetic
-    rows_buffer = features.new_empty(max(counts), dim)
-    chunk = max(1, 2 ** 18 // dim)
-    own_sq = torch.zeros((), dtype=torch.float64, device=features.device)  # sum ||r_n - mu(r_n)||^2
+    if min(counts) < K:
+        raise BadInput(f"K={K} clusters per class need K training examples of each; the classes hold {counts}")
+    centers, assignment = features.new_zeros(num_classes * K, features.shape[1]), torch.empty_like(labels)
+    # own_sq: sum ||r_n - mu(r_n)||^2 in float64, from chunks of ~1 MB of explicit differences
+    chunk, own_sq = max(1, 2 ** 18 // features.shape[1]), 0.0
     for c in range(num_classes):
         rows = (labels == c).nonzero().flatten()
-        x = torch.index_select(features, 0, rows, out=rows_buffer[:counts[c]])   # [n_c, d]
+        x = features[rows]                                                 # [n_c, d]
         mu, a = kmeans_pp(x, K, iters, generator)
-        centers[c * K:(c + 1) * K] = mu
-        assignment[rows] = c * K + a
+        centers[c * K:(c + 1) * K], assignment[rows] = mu, c * K + a
         for s in range(0, counts[c], chunk):                               # explicit differences
             own_sq += (x[s:s + chunk] - mu[a[s:s + chunk]]).pow_(2).sum().double()
-    center_classes = torch.arange(num_classes, device=labels.device).repeat_interleave(K)
-    sigma2 = float(own_sq) / max(1, len(labels) - 1)                       # Eq. (3) sigma^2
-    return centers, center_classes, assignment, sigma2
+    return (centers, torch.arange(num_classes, device=labels.device).repeat_interleave(K), assignment,
+            float(own_sq) / max(1, len(labels) - 1))                     # Eq. (3) sigma^2
 # --- end shared: kmeans ---
 
 
 # --- shared: sampler ---
+# The neighbourhood batches of the Magnet loss (Rippel et al. 2016; App. A "Magnet Loss").
 class NeighbourhoodSampler:
     """Neighbourhood sampling for the stochastic Magnet loss (Rippel et al. 2016, Sec. 3.2-3.3;
     ClusTR App. A "Magnet Loss"), over the training split's clusters:
@@ -574,63 +408,48 @@ class NeighbourhoodSampler:
     state (losses, generator, clusters) goes into the checkpoint for --resume."""
 
     def __init__(self, num_examples, m=12, d=20, generator=None):
-        self.num_examples, self.m, self.d = num_examples, m, d
-        self.generator = torch.Generator() if generator is None else generator
+        self.m, self.d, self.noted, self.generator = m, d, False, generator or torch.Generator()
         self.losses = torch.full((num_examples,), float("nan"))          # [N], NaN = never drawn
-        self.noted = False
 
     def set_clusters(self, assignment, centers, center_classes):
         """After each k-means update: assignment [N] cluster ids, centers [M, d], classes [M]."""
-        self.assignment = assignment.detach().cpu()
-        self.centers = centers.detach().float().cpu()
+        self.assignment, self.centers = assignment.detach().cpu(), centers.detach().float().cpu()
         self.center_classes = center_classes.detach().cpu()
-        M = len(self.center_classes)
-        self.sizes = torch.bincount(self.assignment, minlength=M)         # [M]
-        self.order = torch.argsort(self.assignment, stable=True)          # rows grouped by cluster
-        self.starts = torch.cumsum(self.sizes, 0) - self.sizes            # [M]
-        # centre distances from explicit differences, float64 (ties and order are exact) [M, M]
+        self.sizes = torch.bincount(self.assignment, minlength=len(self.center_classes))   # [M]
+        # centre distances from explicit differences, float64 (ties and order are exact) [M, M];
+        # same-class and empty clusters at inf
         c = self.centers.double()
-        dist = (c[:, None, :] - c[None, :, :]).pow(2).sum(-1)
-        other = self.center_classes[:, None] != self.center_classes[None, :]
-        dist = dist.masked_fill(~other | (self.sizes[None, :] == 0), float("inf"))
+        dist = (c[:, None] - c[None]).pow(2).sum(-1).masked_fill(
+            (self.center_classes[:, None] == self.center_classes[None]) | (self.sizes[None] == 0), float("inf"))
         self.impostors = dist.argsort(dim=1, stable=True)[:, :self.m - 1]     # [M, <= m-1] nearest first
         self.n_impostors = torch.isfinite(dist).sum(1).clamp(max=self.m - 1)   # [M]
 
     def seed_probabilities(self):
         """p(I_1 = j) proportional to the mean recent loss of cluster j's examples -> [M]."""
-        M = len(self.sizes)
         known = ~torch.isnan(self.losses)
-        ids = self.assignment[known]
-        total = torch.zeros(M, dtype=torch.float64).index_add_(0, ids, self.losses[known].double())
-        count = torch.zeros(M, dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-        seen = count > 0
-        mean = total / count.clamp_min(1)                                 # [M]
-        if seen.any():
-            mean = torch.where(seen, mean, mean[seen].mean())             # never drawn: average
-        nonempty = (self.sizes > 0).double()
-        w = mean.clamp_min(0) * nonempty
-        if not (torch.isfinite(w).all() and w.sum() > 0):                 # no loss yet, or all 0
-            w = nonempty
+        ids, M = self.assignment[known], len(self.sizes)
+        count = torch.bincount(ids, minlength=M).double()
+        mean = torch.zeros(M, dtype=torch.float64).index_add_(0, ids, self.losses[known].double()) / count.clamp_min(1)
+        # a cluster never drawn counts at the others' average; an empty one at 0
+        w = torch.where(count > 0, mean, mean[count > 0].mean()).clamp_min(0) * (self.sizes > 0)
+        w = torch.where(torch.isfinite(w).all() & (w.sum() > 0), w, (self.sizes > 0).double())   # else uniform
         return w / w.sum()
 
     def sample(self):
         """One neighbourhood batch -> (row indices [B], cluster ids [B]) on the CPU, B <= m d;
         the seed cluster's rows come first, then the impostors', nearest first."""
         seed = int(torch.multinomial(self.seed_probabilities(), 1, generator=self.generator))
-        clusters = [seed] + self.impostors[seed, :int(self.n_impostors[seed])].tolist()
-        rows, ids = [], []
-        for j in clusters:
-            size, start = int(self.sizes[j]), int(self.starts[j])
-            members = self.order[start:start + size]
-            if size > self.d:                                             # d without replacement
-                members = members[torch.randperm(size, generator=self.generator)[:self.d]]
+        rows = []
+        for j in [seed] + self.impostors[seed, :int(self.n_impostors[seed])].tolist():
+            members = (self.assignment == j).nonzero().flatten()          # cluster j's rows, in order
+            if len(members) > self.d:                                     # d without replacement
+                members = members[torch.randperm(len(members), generator=self.generator)[:self.d]]
             elif not self.noted:
                 self.noted = True
-                print(f"note: cluster {j} holds {size} examples, not more than d={self.d}; the "
-                      f"whole cluster enters the batch (shown once)", flush=True)
+                print(f"note: cluster {j} holds {len(members)} <= d={self.d} examples: all enter (shown once)")
             rows.append(members)
-            ids.append(torch.full((len(members),), j, dtype=torch.long))
-        return torch.cat(rows), torch.cat(ids)
+        rows = torch.cat(rows)
+        return rows, self.assignment[rows]
 
     def record(self, rows, losses):
         """Remember each drawn example's loss (Rippel et al.: the loss index of the sampler)."""
@@ -638,686 +457,506 @@ class NeighbourhoodSampler:
 
     def batches_per_epoch(self):
         """App. A: an epoch passes as many examples as the split holds: ceil(N / (m d))."""
-        return math.ceil(self.num_examples / (self.m * self.d))
+        return math.ceil(len(self.losses) / (self.m * self.d))
 
     def state_dict(self):
-        return {"losses": self.losses.clone(), "generator": self.generator.get_state(),
-                "assignment": self.assignment.clone(), "centers": self.centers.clone(),
-                "center_classes": self.center_classes.clone(), "noted": self.noted}
+        return {"losses": self.losses.clone(), "generator": self.generator.get_state(), "noted": self.noted,
+                **{k: getattr(self, k).clone() for k in ("assignment", "centers", "center_classes")}}
 
     def load_state_dict(self, state):
-        self.losses = state["losses"].clone()
+        self.losses, self.noted = state["losses"].clone(), bool(state["noted"])
         self.generator.set_state(state["generator"])
         self.set_clusters(state["assignment"], state["centers"], state["center_classes"])
-        self.noted = bool(state["noted"])
 # --- end shared: sampler ---
 
 
 # --- shared: cluster-update ---
-@torch.no_grad()
-def eq4_accuracy(features, labels, centers, center_classes, sigma2, D=None):
-    """Share of rows whose Eq. (4) prediction argmax_c p_c(f) is the label; chunked so that each
-    [rows, centres] temporary inside cluster_log_probs stays under ~64 MB."""
-    chunk = max(1, 2 ** 24 // centers.shape[0])
-    correct = torch.zeros((), dtype=torch.long, device=features.device)
-    for start in range(0, len(labels), chunk):
-        log_p = cluster_log_probs(features[start:start + chunk], centers, center_classes, sigma2, D)
-        correct += (log_p.argmax(1) == labels[start:start + chunk]).sum()
-    return correct.item() / max(1, len(labels))
-
-
-def update_clusters(model, train, num_classes, args, generator):
-    """Sec. 4.2 / App. A: after every epoch, k-means++ per class on the eval-mode features of the
-    whole un-augmented training split; sigma^2 of Eq. (3) over the same features.
-    -> (centers [C*K, 8w], center_classes [C*K], assignment [N], sigma^2, train Eq. (4) accuracy)."""
-    features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]
-    if not torch.isfinite(features).all():
-        fail(f"the features became non-finite (inf/NaN): the weights diverged. {args.out} keeps "
-             f"the last good epoch; try a smaller --lr (now {args.lr}) or --alpha (now {args.alpha})")
-    centers, center_classes, assignment, sigma2 = fit_clusters(
-        features, train[1], num_classes, args.K, generator)
-    accuracy = eq4_accuracy(features, train[1], centers, center_classes, sigma2, args.D)
-    return centers, center_classes, assignment, sigma2, accuracy
-
-
-def clusters_entry(centers, center_classes, sigma2, args):
-    """The `clusters` entry of a checkpoint (README "Where results and checkpoints go"): plain
-    floats/ints/tensors, weights_only-loadable."""
-    return {"centers": centers.detach().float().cpu(), "center_classes": center_classes.cpu(),
-            "variance": float(sigma2), "K": int(args.K), "alpha": float(args.alpha),
-            "D": None if args.D is None else int(args.D)}
-
-
+# After every epoch (App. A, Sec. 4.2): the clusters of the new features, and Eq. (4)'s accuracies.
 def cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch):
-    """k-means++ update (App. A), sigma^2 (Eq. (3)) and Eq. (4) accuracies, after `epoch`.
-    -> (the checkpoint's clusters entry, the centres' classes, the epoch's metrics)."""
+    """After `epoch`: K k-means++ clusters per class on the eval-mode features of the whole
+    un-augmented training split, sigma^2 of Eq. (3) over the same features (fit_clusters), the
+    sampler's new clusters, and the Eq. (4) accuracies on both splits over the --D nearest centres
+    (all rows at once: an [N, K x classes] temporary, 40 MB for CIFAR100).
+    -> (the checkpoint's `clusters` entry, the epoch's metrics)."""
     t0 = time.time()
-    centers, center_classes, assignment, sigma2, train_acc = update_clusters(
-        model, train, info["num_classes"], args, generator)
-    test_features = features_of(model, test[0], args.batch_size, args.amp)
-    test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
-    sampler.set_clusters(assignment, centers, center_classes)
-    return clusters_entry(centers, center_classes, sigma2, args), center_classes, {
-        "epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc, "variance": float(sigma2),
-        "cluster_seconds": time.time() - t0}
+    if (args.D or 0) > args.K * info["num_classes"]:
+        raise BadInput(f"--D {args.D} exceeds the --K x classes = {args.K * info['num_classes']} centres")
+    features, test_features = (features_of(model, x, args.batch_size, args.amp) for x in (train[0], test[0]))
+    if not torch.isfinite(features).all():
+        raise BadInput(f"the features diverged (NaN or inf): {args.out} keeps its last good epoch; try a smaller --lr")
+    centers, classes, assignment, sigma2 = fit_clusters(features, train[1], info["num_classes"], args.K, generator)
+    sampler.set_clusters(assignment, centers, classes)
+    train_acc, test_acc = (int((cluster_log_probs(f, centers, classes, sigma2, args.D).argmax(1) == y).sum())
+                           / len(y) for f, y in ((features, train[1]), (test_features, test[1])))
+    return ({"centers": centers.float().cpu(), "center_classes": classes.cpu(), "variance": sigma2, "K": args.K,
+             "alpha": args.alpha, "D": args.D}, {"epoch": epoch, "train_accuracy": train_acc, "test_accuracy": test_acc,
+                                                 "variance": sigma2, "cluster_seconds": time.time() - t0})
 # --- end shared: cluster-update ---
 
 
 # ======================================================================================
-# 4. The run: --init, data, the headless model, the clusters of the start (epoch 0) or --resume,
-#    the epochs of App. A, each saved and logged, the summary
+# 3. The run: data, --init's weights without the head, the clusters of the start (epoch 0) or
+#    --resume, the epochs of App. A, each saved and logged, the summary
 #    (checkpoint and report: README "Where results and checkpoints go")
 # ======================================================================================
 
-SAMPLER_SEED_OFFSET = 7919  # the sampler's CPU generator: seed + this (a stream apart from the device one)
-
-
 def main(argv=None):
-    """ClusTR's fine-tuning (Sec. 3.3) as a run.  Ctrl-C / SIGTERM: one line with the resume command,
-    exit 130 (`owned`)."""
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    """ClusTR's fine-tuning (Sec. 3.3) as a run (README "Bad input and safety" for what it refuses)."""
     args = parse_args(argv)
-    with owned(args, argv, training=True) as run:      # outputs checked, --out locked, before any work
-        device = setup_runtime(args, training=True)
-        init = read_init(args, stages=("nominal",))
+    device = setup_runtime(args, training=True)
+    with claimed(args, outputs=[("--out", args.out)], inputs=[args.init]):
         train, test, info = device_data(args, device)
-        info = check_init_data(init, info, train[0].shape[1], args)
-        # Sec. 3.3: the nominal network without its last linear layer; f(x) = model.features(x)
+        info, init = read_init(args, info, stages=("nominal",))
         model, opt, generator = build_training(args, info, 0, device, init and {
-            k: v for k, v in init["model"].items() if not k.startswith("head.")})
-        sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,
-                                       torch.Generator().manual_seed(args.seed + SAMPLER_SEED_OFFSET))
-        state, t_run = {"optimizer": opt, "generator": generator, "sampler": sampler}, time.time()
-        print(f"magnet.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} "
-              f"classes, {info['image_size']}) | ResNet18 w={args.width} ({8 * args.width}-d features) | init "
-              f"{args.init or 'random (Magnet Loss baseline)'} | device {device} amp {args.amp} | torch "
-              f"{torch.__version__}\nconfig: {json.dumps(vars(args))}\n{HEADER}", flush=True)
+            k: v for k, v in init.items() if not k.startswith("head.")})   # Sec. 3.3: without the last linear layer
+        # the sampler draws with its own CPU generator: a stream apart from the device one
+        sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d, torch.Generator().manual_seed(args.seed + 7919))
+        state, log, saved, t_run = {"optimizer": opt, "generator": generator, "sampler": sampler}, [], None, time.time()
         if args.resume is not None:
-            path = args.resume or args.out
-            ckpt = load_checkpoint(path, stages=("magnet",))
-            info = resume(path, ckpt, args, NOT_SHAPING, run, info, model, opt, generator)
+            ckpt = read_checkpoint(args.resume or args.out, stages=("magnet",))
+            info = resume(ckpt, args, NOT_SHAPING, info, model, opt, generator)
             sampler.load_state_dict(ckpt["resume"]["sampler"])
-            clusters, start, log = ckpt["clusters"], ckpt["epoch"], ckpt["log"]
-            center_classes = clusters["center_classes"].to(device)
-        else:   # epoch 0: the clusters of the starting features (with --epochs 0, App. B.1's experiment)
-            clusters, center_classes, metrics = cluster_and_evaluate(model, train, test, info, sampler, args,
-                                                                     generator, 0)
-            start, log = 0, [{**metrics, "train_loss": None, "lr": args.lr, **compile_seconds()}]
-            if args.epochs == 0 or not os.path.exists(args.out):  # --overwrite: old files stay until epoch 1
-                save_epoch(run, "magnet", args, info, model, log, state, clusters=clusters)
-            print_row(args, log[-1], t_run, 0)
-        t_loop = time.time()
-        for epoch in range(start, min(args.epochs, args.stop_after or args.epochs)):
-            t0 = time.time()
-            train_loss, seen = train_one_epoch(model, opt, train, sampler, center_classes, args, generator, device)
-            train_seconds = time.time() - t0
-            check_loss(train_loss, epoch, run, f"--lr (now {args.lr}) or --alpha (now {args.alpha})")
-            clusters, center_classes, metrics = cluster_and_evaluate(model, train, test, info, sampler, args,
-                                                                     generator, epoch + 1)
-            log.append({**metrics, "train_loss": train_loss, "lr": args.lr, "seconds": time.time() - t0,
-                        "images_per_second": seen / train_seconds, "batches": sampler.batches_per_epoch(),
-                        **compile_seconds()})
-            save_epoch(run, "magnet", args, info, model, log, state, clusters=clusters)
-            print_row(args, log[-1], t_run, (time.time() - t_loop) / (epoch + 1 - start) * (args.epochs - epoch - 1))
+            log = ckpt["log"]
+        check_forward(model.eval().features, train[0], args.init if args.resume is None else args.resume or args.out)
+        print(f"magnet.py | data {args.data} ({len(train[1])} train, {len(test[1])} test, {info['num_classes']} "
+              f"classes, {info['image_size']}) | ResNet18 w={args.width} | init {args.init or 'random'} | device "
+              f"{device} amp {args.amp} | torch {torch.__version__}\nconfig: {json.dumps(vars(args))}\n{'epoch':>9} "
+              f"{'loss':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} {'elapsed':>9} {'ETA':>9}", flush=True)
+        try:    # epoch 0 (not when resuming): no training, the clusters of the starting features (App. B.1)
+            for epoch in range(len(log) and log[-1]["epoch"] + 1, min(args.epochs, args.stop_after or math.inf) + 1):
+                t0 = time.time()
+                loss, n = train_one_epoch(model, opt, train, sampler, args, generator, device) if epoch else (None, 0)
+                train_seconds = time.time() - t0
+                clusters, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch)
+                log.append({**metrics, "train_loss": loss, "lr": args.lr, **(epoch and {"seconds": time.time() - t0,
+                            "images_per_second": n / train_seconds, "batches": sampler.batches_per_epoch()} or {})})
+                # epoch 0 is saved unless --overwrite replaces a file: that one stays as it was until epoch 1
+                if epoch or args.epochs == 0 or not os.path.exists(args.out):
+                    saved = save_epoch("magnet", args, info, model, log, state, clusters=clusters)
+                print(f"{epoch:>4}/{args.epochs:<4} {'-' if loss is None else format(loss, '.4f'):>8} "
+                      f"{metrics['train_accuracy']:7.2%} {metrics['test_accuracy']:7.2%} {metrics['variance']:9.3g} "
+                      f"{log[-1].get('images_per_second', 0):8.0f} {fmt_time(time.time() - t_run):>9} "
+                      f"{fmt_time((time.time() - t0) * (args.epochs - epoch)):>9}", flush=True)
+        except KeyboardInterrupt:
+            raise stopped(args.out, saved) from None
         return report(args, log, t_run)
 
 
-HEADER = f"{'epoch':>9} {'loss':>8} {'train':>7} {'test':>7} {'sigma2':>9} {'img/s':>8} {'elapsed':>9} {'ETA':>9}"
-
-
-def print_row(args, r, t_run, eta):
-    """One row of the epoch table (HEADER)."""
-    loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-    print(f"{r['epoch']:>4}/{args.epochs:<4} {loss:>8} {r['train_accuracy']:7.2%} {r['test_accuracy']:7.2%} "
-          f"{r['variance']:9.3g} {r.get('images_per_second', 0):8.0f} {fmt_time(time.time() - t_run):>9} "
-          f"{fmt_time(eta):>9}", flush=True)
-
-
 def report(args, log, t_run):
-    """The summary beside the paper's accuracies, and the attack to run next."""
-    metrics = log[-1]
-    done = metrics["epoch"]
+    """The summary beside the paper's accuracies, and the attack to run next: attack.py takes --data,
+    --width and the data folder from the checkpoint; --limit is passed on."""
+    metrics, done = log[-1], log[-1]["epoch"]
     status = "finished" if done >= args.epochs else f"stopped after epoch {done} (--resume continues)"
-    print(f"\nsummary: {status}\n"
-          f"  test accuracy   {metrics['test_accuracy']:.2%} by Eq. (4) with K={args.K}, "
-          f"D={args.D or 'all'}  (paper, w=64: ClusTR 87.34 CIFAR10, 94.28 SVHN; Magnet loss from "
-          f"random init 83.14 CIFAR10; k-means on nominal features, App. B.1: 21.6 CIFAR10)\n"
-          f"  sigma^2         {metrics['variance']:.4g} (Eq. (3), whole training split)\n"
-          f"  checkpoint      {args.out}   log {args.out}.log.jsonl\n"
-          f"  next            {next_command(args)}", flush=True)
+    print(f"\nsummary: {status}\n  test accuracy   {metrics['test_accuracy']:.2%} by Eq. (4) with K={args.K}, D="
+          f"{args.D or 'all'}  (paper, w=64: ClusTR 87.34 CIFAR10, 94.28 SVHN; Magnet loss from random init 83.14 "
+          f"CIFAR10; k-means on nominal features, App. B.1: 21.6 CIFAR10)\n  sigma^2         {metrics['variance']:.4g} "
+          f"(Eq. (3), whole training split)\n  checkpoint      {args.out}   log {args.out}.log.jsonl\n  next          "
+          f"  python attack.py --ckpt {args.out}{f' --limit {args.limit}' if args.limit else ''}", flush=True)
     return {"stage": "magnet", "out": args.out, "data": args.data, "init": args.init, "status": status,
             "epochs_done": done, "epochs": args.epochs, **metrics, "seconds_this_run": time.time() - t_run}
 
 
 # ======================================================================================
-# 5. Copied plumbing (compile, runtime, setup, run-files, data, checkpoints, resume, init,
-#    next command): each block identical in every stage that carries it; checked by test_all.py
+# 4. Copied plumbing (--init, model, command line, files, data, checkpoints, training runs): each
+#    block identical in every stage that carries it; checked by test_all.py
 # ======================================================================================
 
-# --- shared: compile ---
-# --compile (README "Flags"): the network f(x) through torch.compile on every hot path that calls
-# it (training steps, feature passes, evaluation, attack.py's forward and input gradients).
-COMPILED = {"backend": None}  # --compile's BACKEND of the model compiled last (None: eager)
+# --- shared: init-check ---
+# The warm start of Sec. 3.3: a run starts from --init's weights (or continues the checkpoint that
+# --resume names), on the data and at the width that checkpoint was trained on.
+def defaults_from_init(args):
+    """--data, --width and --data-dir left unset take those of the checkpoint the run starts from
+    (--init, or the one --resume continues; its data folder where it still exists), else cifar10,
+    64 and ./data: `python magnet.py --init ckpt.pt` runs as nominal.py prints it.  A --data or
+    --width given that differs from the checkpoint's is refused here, before any data is read."""
+    source = (args.resume or args.out) if args.resume is not None else args.init
+    ckpt = read_checkpoint(source) if source else {"data": {"name": "cifar10"}, "arch": {"width": 64}, "args": {}}
+    for key, have in (("data", ckpt["data"]["name"]), ("width", ckpt["arch"]["width"])):
+        if source and getattr(args, key) not in (None, have):
+            raise BadInput(f"{source} was trained with --{key} {have}, not --{key} {getattr(args, key)}")
+        setattr(args, key, getattr(args, key) or have)
+    # the folder the checkpoint's run read, where it still exists
+    args.data_dir = args.data_dir or (ckpt["args"]["data_dir"] if os.path.isdir(ckpt["args"].get("data_dir") or "") else
+                                      "./data")
 
 
-def add_compile_arg(g):
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", type=backend,
-                   help="f(x) through torch.compile (BACKEND: inductor when none is given; aot_eager: the same "
-                        "graphs, no generated code): eager's results up to float rounding. Default: eager")
+def read_init(args, info, stages):
+    """--init, a checkpoint of `stages` (not read when resuming: the checkpoint holds the weights),
+    trained on the data's classes, image size and channels -> (info with --init's normalisation,
+    its weights or None).  Eq. (3) and the clusters' classes need at least 2 classes."""
+    if info["num_classes"] < 2:
+        raise BadInput(f"Eq. (3) needs clusters of 2 classes or more; --data {args.data} has {info['num_classes']}")
+    if args.init is None or args.resume is not None:
+        return info, None
+    init = read_checkpoint(args.init, stages)
+    have, want = ([d["classes"], d["image_size"], len(d["mean"])] for d in (init["data"], info))
+    if have != want:
+        raise BadInput(f"--init {args.init} saw other classes, image size or channels: {have}, not {want}")
+    return dict(info, mean=init["data"]["mean"], std=init["data"]["std"]), init["model"]
+# --- end shared: init-check ---
 
 
-def backend(name):
-    """argparse type of --compile: a backend of torch.compile that needs no other package."""
-    if name not in ("inductor", "aot_eager", "eager", "cudagraphs"):
-        raise argparse.ArgumentTypeError(f"backend {name!r} is not one of inductor, aot_eager, eager, cudagraphs")
-    return name
+# --- shared: model ---
+class BasicBlock(nn.Module):
+    """He et al. 2016: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convolutions."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
 
 
-def compile_features(model, backend):
-    """--compile BACKEND: model.features (f(x); forward calls it too, so the head's logits go
-    through it) replaced on this instance by its torch.compile form, so that the module, its
-    state_dict keys and the checkpoint stay those of eager.  Each kind of call (train or eval
-    mode, with or without gradients) compiles at its first call, its backward at the first
-    backward, and once more, with a dynamic batch size, at the first other batch size (torch's
-    default).  torch._dynamo.reset() first, so that torch's compile timers count this model's
-    compiles alone.  backend None: eager, nothing changes."""
-    COMPILED["backend"] = backend
-    if backend:
-        torch._dynamo.reset()                                       # torch's timers: this model's alone
-        model.features = torch.compile(model.features, backend=backend)
-    return model
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet18: 3x3 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with widths
+    w, 2w, 4w, 8w, global average pooling.  features(x) is the 8w-dimensional penultimate vector
+    (512 for w = 64, App. A); `head` = Linear(8w, classes) exists only when num_classes > 0
+    (nominal training); ClusTR removes it and classifies by clusters (Sec. 3.3).
+    Input: images in [0, 1]; the channel normalisation of App. A is the first layer (buffers)."""
+
+    def __init__(self, num_classes=10, width=64, in_channels=3, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, in_channels, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, in_channels, 1, 1).clone())
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        widths, strides, layers, c_in = [width, 2 * width, 4 * width, 8 * width], [1, 2, 2, 2], [], width
+        for c_out, stride in zip(widths, strides):
+            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.feat_dim = 8 * width
+        self.head = nn.Linear(self.feat_dim, num_classes) if num_classes else None
+
+    def features(self, x):                                          # x: [B, C, H, W] in [0, 1]
+        x = (x - self.mean) / self.std                              # App. A normalisation
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)              # [B, 8w]
+
+    def forward(self, x):
+        f = self.features(x)
+        return f if self.head is None else self.head(f)             # [B, classes] logits
+# --- end shared: model ---
 
 
-def compile_seconds():
-    """The log and results entry of --compile ({} without it): the seconds torch's own timers
-    recorded for compiling f(x) so far (Dynamo and the backend's forward graphs, and the backward
-    graphs, which compile at the first backward)."""
-    timers = torch._dynamo.utils.compilation_time_metrics if COMPILED["backend"] else {}  # eager: no Dynamo import
-    seconds = sum(sum(timers.get(k, ())) for k in ("_compile.compile_inner", "backward._backward_impl"))
-    return {"compile_seconds": round(seconds, 3)} if COMPILED["backend"] else {}
-# --- end shared: compile ---
+# --- shared: cli ---
+# Bad input (README "Bad input and safety"): one mechanism.  Every expected error -- a flag out of
+# range (argparse, through `number`), data or a checkpoint that cannot be used (BadInput), a file
+# that cannot be read or written (OSError), no memory -- ends as one line on stderr and exit code 2;
+# Ctrl-C and SIGTERM as one line and exit code 130 (the shell's 128 + SIGINT).
+class BadInput(Exception):
+    """Data, a checkpoint or a combination of flags this run cannot use; str(e) names the file or flag."""
 
 
-# --- shared: args ---
-def add_common_args(p, data_default):
-    """Flags every stage shares, in the same order everywhere (README "Flags")."""
-    g = p.add_argument_group("common")
-    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
-                   default=data_default,
-                   help="dataset; folder = an ImageFolder with train/<class>/* and test/<class>/*; "
-                        "fashion-mnist and mnist are 28x28 grey (1 channel, no crop or flip by "
-                        "default) (default: %(default)s)")
-    g.add_argument("--data-dir", "--data-path", dest="data_dir", default="./data",
-                   help="torchvision root (downloaded there when missing), or the folder root "
-                        "(default: %(default)s)")
-    g.add_argument("--width", type=positive_int, default=64,
-                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's "
-                        "(App. A: 512-d features); 16 for quick CPU runs (default: %(default)s)")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds python, numpy, torch (default: %(default)s)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = cuda when available (default: %(default)s)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (CUDA only); default on for CUDA training, off on CPU")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms on CUDA (slower); CPU runs are always reproducible")
-    g.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N train and N test images (smoke runs, tests)")
-    return g
+def guarded(main):
+    """main(argv) with the contract above: `guarded(main)()` is each stage's entry point."""
+    @functools.wraps(main)
+    def run(argv=None):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
+        try:
+            return main(argv)
+        except (BadInput, OSError, MemoryError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt as e:
+            print(f"\ninterrupted{': ' if e.args else ''}{' '.join(map(str, e.args))}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    return run
 
 
-def positive_int(text):
-    """argparse type of the counts (--limit, --width, -b, nominal.py's --epochs): an integer >= 1."""
-    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
-    return int(text)
-
-
-def seed_int(text):
-    """argparse type of --seed: an integer in [0, 2^32), the seeds numpy takes."""
-    value = int(text) if re.fullmatch(r"\s*\d+\s*", text) else -1
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), not {text!r}")
-    return value
-# --- end shared: args ---
-
-
-# --- shared: help ---
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the real defaults.  argparse's "(default: None)" is left out: None here means
-    "decided at run time", and the flag's text says by what (the checkpoint, --init, CUDA).  A flag
-    whose default depends on --data (per_data) points at the per-dataset table that ends the help
-    (defaults_table); that table's blocks keep their layout, the other text is wrapped.  A help text
-    that states its default keeps it (8/255 as a user writes it, where argparse would print
-    0.03137254901960784); fraction defaults are given as text, "8/255", which argparse parses."""
-    per_data = ()
-
-    def _get_help_string(self, action):
-        if action.default is None:                                  # set at run time: say by what
-            text = action.help.replace(" (default: %(default)s)", "")
-            return f"{text} (default: per --data, table below)" if action.dest in self.per_data else text
-        return action.help if "(default: " in action.help else super()._get_help_string(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(block if block.startswith("  ") else super(HelpFormatter, self)._fill_text(
-            block, width, indent)
-                           for block in text.split("\n\n"))
-# --- end shared: help ---
-
-
-# --- shared: train-args ---
-def parse_lr(text):
-    """argparse type of --lr: a finite number in (0, 1].  Adam moves every weight by about lr per
-    step; App. A's rates are 1e-2 and 1e-4, and above 1 the weights only overflow."""
-    value = float(text)                     # not a number: argparse says "invalid parse_lr value"
-    if not 0 < value <= 1:                                          # nan fails too
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (App. A: 1e-2 nominal, 1e-4 fine-tuning), not {text}")
-    return value
-
-
-def add_run_args(g):
-    """The flags of a training run's files (README "Bad input and safety") and --compile."""
-    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue an interrupted run from PATH (default: --out); refused when the "
-                        "arguments that shape the run differ")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out checkpoint and its log; both stay as they are "
-                        "until this run saves its first epoch. Without it an existing --out is "
-                        "refused (continue it with --resume)")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop cleanly after epoch N, as if interrupted (for --resume)")
-    g.add_argument("--slim", action="store_true",
-                   help="drop the resume state (optimizer, RNG, sampler) from the final checkpoint (no "
-                        "resume; smaller)")
-    add_compile_arg(g)
-
-
-def defaults_table(defaults, title):
-    """(formatter class, epilog block) of a stage's per-dataset defaults {data: {dest: value}}:
-    the table its --help prints, one row per --data value, from the dict the run itself applies."""
-    keys = list(next(iter(defaults.values())))
-    shown = {True: "on", False: "off", None: "all"}
-    rows = [["--data"] + ["--" + k.replace("_", "-") for k in keys]]
-    rows += [[name] + [shown.get(v, v) if isinstance(v, (bool, type(None))) else f"{v:g}"
-                       if isinstance(v, float) else str(v) for v in d.values()] for name, d in defaults.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return type("HelpFormatter", (HelpFormatter,), {"per_data": tuple(keys)}), title + "\n\n" + "\n".join(lines)
-# --- end shared: train-args ---
-
-
-# --- shared: runtime ---
-def fail(message):
-    """Bad input (README "Bad input and safety"): one clear message on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def number(kind, low=-math.inf, high=math.inf, open_low=False):
+    """argparse type: a finite `kind` in [low, high] ((low, high] with open_low); floats may be
+    written as fractions, '8/255' (README "Flags")."""
+    def parse(text):
+        try:
+            value = kind(text) if kind is int else float(fractions.Fraction(text))   # 'nan', 'inf': ValueError
+        except ZeroDivisionError:
+            raise ValueError(text) from None
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if open_low else '['}{low}, {high}]")
+        return value
+    parse.__name__ = kind.__name__                                  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 def fmt_time(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+# --- end shared: cli ---
 
 
-def json_line(record):
-    """One line of a .log.jsonl file; NaN and inf become null (JSON has neither)."""
-    return json.dumps(json.loads(json.dumps(record), parse_constant=lambda c: None)) + "\n"
-
-
-
-def atomic_write(path, data):
-    """bytes to a temporary file beside `path`, flushed to disk, then os.replace: a killed run leaves
-    the previous complete file, never half a new one.  OSError (a full disk) leaves no temporary file."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-# --- end shared: runtime ---
-
-# --- shared: setup ---
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        fail(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}); use "
-             f"--device cpu or auto")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+# --- shared: common-args ---
+def add_common_args(p, data, width, data_dir):
+    """Flags every stage shares, in the same order everywhere (README "Flags"); None: from the
+    checkpoint the run starts from."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", choices=["cifar10", "cifar100", "svhn", "fashion-mnist", "mnist", "folder"],
+                   default=data, help="dataset; folder: an ImageFolder, DIR/train/<class>/*, DIR/test/<class>/*")
+    g.add_argument("--data-dir", "--data-path", dest="data_dir", default=data_dir,
+                   help="torchvision root (downloaded there when missing), or the folder root")
+    g.add_argument("--width", type=number(int, 1), default=width,
+                   help="ResNet18 base width w; features are 8w-dimensional. 64 = the paper's (App. A)")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0, help="seeds python, numpy, torch")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA; None: training")
+    g.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (CPU runs always are)")
+    g.add_argument("--limit", type=number(int, 1), help="use only the first N train and N test images")
+    return g
 
 
 def setup_runtime(args, training):
-    """Seed, pick the device, resolve --amp (bf16 on CUDA for training) and determinism."""
-    seed_everything(args.seed)
-    for key in ("data_dir", "init"):                        # stored absolute in the checkpoint
-        if getattr(args, key, None):
-            setattr(args, key, os.path.abspath(getattr(args, key)))
-    device = pick_device(args.device)
-    if args.amp is None:
-        args.amp = device.type == "cuda" and training
-    if device.type != "cuda":
-        args.amp = False  # bf16 autocast is only used on CUDA; CPU runs are fp32
+    """Seed python, numpy and torch; the device; --amp (bf16 on CUDA for training) and determinism;
+    paths stored absolute in the checkpoint."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    vars(args).update({k: os.path.abspath(v) for k, v in vars(args).items() if k in ("data_dir", "init") and v})
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: torch sees no CUDA device; use --device cpu or auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.amp = device.type == "cuda" and (training if args.amp is None else args.amp)   # bf16 on CUDA only
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     return device
-# --- end shared: setup ---
-
-# --- shared: run-files ---
-# One run owns its --out (README "Bad input and safety"): every file it writes is checked before any
-# work; <out>.lock is held with fcntl.flock for the life of the run (the kernel releases it however the
-# process ends); files are replaced atomically (atomic_write); Ctrl-C or SIGTERM ends in one line that
-# says what the files hold and how to continue, exit code 130 (the shell's 128 + SIGINT).
-PLOTS = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif",
-         ".pgf", ".raw", ".rgba")                                   # the suffixes matplotlib writes
+# --- end shared: common-args ---
 
 
-def check_outputs(args, training, made, keys=("out", "save_adv", "export", "plot")):
-    """Every file the run writes (--out with its log, rows and lock; --save-adv, --export, --plot):
-    named, not a folder, not a file this run reads, not written twice, a suffix its writer takes; then
-    its folder created (listed in `made`, removed again if the run writes nothing) and writable."""
-    reads = {os.path.realpath(p) for p in (getattr(args, k, None) for k in ("ckpt", "init", "resume")) if p}
-    if training and args.resume is not None:
-        reads.discard(os.path.realpath(args.out))                   # a resumed run continues --out
-    paths = {}
-    for key in keys:
-        given, flag = getattr(args, key, None), "--" + key.replace("_", "-")
-        if given is None or (key == "plot" and given.lower() in ("", "none")):
-            continue
-        if not given.strip() or given.endswith((os.sep, "/")):
-            fail(f"{flag} {given!r} names no file; give a file name")
-        if key == "plot" and not given.lower().endswith(PLOTS):
-            fail(f"{flag} {given}: the plot is written as one of {' '.join(PLOTS)}; give one")
-        for path in [given] + [given + s for s in (".log.jsonl", ".log.jsonl.partial", ".lock") if key == "out"]:
-            real = os.path.realpath(path)
-            if real in reads:
-                fail(f"{flag} {given} is also a file this run reads; writing it would destroy it: choose "
-                     f"another {flag}")
-            if os.path.isdir(path):
-                fail(f"{flag} {given}: {path} is a folder; give a file name, e.g. {flag} "
-                     f"{os.path.join(given, 'run.pt' if training else 'results.json')}")
-            if real in paths:
-                fail(f"{flag} {given} is also written as {paths[real]}: one would replace the other; give two names")
-            paths[real] = flag
-    for path, flag in paths.items():
-        folder = missing = os.path.dirname(path)
-        while not os.path.exists(missing):
-            made.append(missing)
-            missing = os.path.dirname(missing)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create the folder {folder} of {flag} ({e.strerror or e}); choose another {flag}")
-        if not os.access(folder, os.W_OK):
-            fail(f"cannot write in the folder {folder} of {flag}; make it writable or choose another {flag}")
-
-
-def take_lock(path):
-    """<out>.lock, held with fcntl.flock (released by the kernel however the process ends); a lock
-    file its last holder removed meanwhile is taken again.  -> its descriptor, holding our pid."""
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            fail(f"cannot write in the folder {os.path.dirname(os.path.abspath(path))} of --out ({e.strerror or e}); "
-                 f"make it writable or choose another --out")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            fail(f"another run (process {owner}) is writing {path[:-5]} now ({path}); wait for it to end "
-                 f"or choose another --out")
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())          # for a person: who holds it
-                return fd
-        os.close(fd)
-
-
-def stopped(args, argv, training, run):
-    """The line printed on Ctrl-C or SIGTERM: what the files hold and the command that continues."""
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(__file__) else os.path.basename(__file__)
-    again = list(argv)                      # as given, until --out holds an epoch of this run: then
-    if training and run["file"] and os.path.abspath(run["file"]) == os.path.abspath(args.out):
-        again = [a for a in argv if a != "--overwrite" and not a.startswith("--resume=")]
-        if "--resume" in again:             # --resume [PATH]: --out is what continues now
-            i = again.index("--resume")
-            del again[i:i + 1 + (i + 1 < len(again) and not again[i + 1].startswith("-"))]
-        again.append("--resume")
-    again, rows = " ".join(shlex.quote(a) for a in ["python", script, *again]), args.out + ".log.jsonl.partial"
-    if not training:
-        return (f"interrupted; {args.out} and its log are as the previous run left them"
-                + (f"; this run's rows so far are in {rows}" if os.path.exists(rows) else "")
-                + f"; run it again with: {again}")
-    if run["epoch"] is None:
-        return (f"interrupted before the first epoch was saved; nothing was written ({args.out} and its log "
-                f"are as before); run it again with: {again}")
-    return (f"interrupted in epoch {run['epoch'] + 1}; the checkpoint holds epoch {run['epoch']} ({run['file']}); "
-            f"continue with: {again}")
-
-
+# --- shared: files ---
+# The output rule (README "Bad input and safety"), checked before any work: an existing output is
+# replaced only with --overwrite (a training --out also with --resume, which continues it); an output
+# that is a file the run reads -- a checkpoint, a data file -- never.  <out>.lock is held with
+# fcntl.flock for the life of the process (the kernel frees it however the process ends), so a
+# second run on the same --out stops.  Every file is written to <path>.tmp and moved over the old
+# one with os.replace: a killed run leaves the previous file whole.
 @contextlib.contextmanager
-def owned(args, argv, training):
-    """The run's hold on its files, around all its work: outputs checked, an existing training --out
-    refused unless --resume or --overwrite, <out>.lock taken (a second run on --out exits 2), SIGTERM
-    treated as Ctrl-C.  Yields {"epoch", "file"}: the last epoch saved or resumed, and where it is.
-    Training stages keep their log inside the checkpoint and rewrite <out>.log.jsonl from it at each
-    save, so under --overwrite the old files stay until the first save; evaluation stages append rows
-    to <out>.log.jsonl.partial, which moves over the log beside the result."""
-    out, made, fd, run = args.out, [], None, {"epoch": None, "file": None}
-    resume = training and args.resume is not None
-    try:
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:                                              # not the main thread
-        previous = None
-    try:
-        check_outputs(args, training, made)
-        if not training and os.path.isfile(out) and open(out, "rb").read(2) == b"PK":   # torch.save's zip
-            fail(f"--out {out} is a checkpoint, not a result file; writing results would destroy it: choose "
-                 f"another --out")
-        if training and not resume and os.path.exists(out) and not args.overwrite:
-            fail(f"--out {out} exists (an earlier run's checkpoint); continue that run with --resume, or "
-                 f"replace it with --overwrite (its files stay until the new run saves its first epoch)")
-        if resume and args.resume and os.path.exists(out) and not args.overwrite \
-                and os.path.realpath(args.resume) != os.path.realpath(out):
-            fail(f"--out {out} exists and is not the run --resume {args.resume} continues; choose another "
-                 f"--out, or replace it with --overwrite")
-        fd = take_lock(out + ".lock")
-        if not resume and os.path.exists(out + ".log.jsonl.partial"):
-            os.remove(out + ".log.jsonl.partial")                   # rows of an earlier killed run
-        yield run
-    except KeyboardInterrupt:
-        print(f"\n{stopped(args, argv, training, run)}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except OSError as e:                # stdout on a full device (files: one line where written)
-        with contextlib.suppress(OSError, ValueError):              # the buffered rest goes nowhere
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; what was saved before it "
-              f"stays (--resume continues a training run)", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        if fd is not None:
-            with contextlib.suppress(FileNotFoundError):     # while held: one that opened it retries
-                os.remove(out + ".lock")
-            os.close(fd)
-        for folder in made:                 # the folders check_outputs made, where still empty
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-# --- end shared: run-files ---
+def claimed(args, outputs, inputs):
+    """Around a run: its outputs [(flag, path or None)] refused by the rule above or their folders
+    made, then <--out>.lock held.  `inputs`: the checkpoints it reads (--resume's is added here)."""
+    resumed = getattr(args, "resume", None) is not None and os.path.realpath(args.resume or args.out)
+    data = [os.path.join(d, f) for d, _, files in os.walk(getattr(args, "data_dir", None) or "") for f in files]
+    reads = {os.path.realpath(p) for p in inputs + data + [resumed] if p}
+    for flag, path in [(f, p) for f, p in outputs if p]:
+        if os.path.realpath(path) in reads - {resumed}:
+            raise BadInput(f"{flag} {path} is a file this run reads; choose another {flag}")
+        if os.path.exists(path) and not args.overwrite and os.path.realpath(path) != resumed:
+            raise BadInput(f"{flag} {path} exists; --overwrite replaces it (after this run's first save)"
+                           + (", --resume continues it" if hasattr(args, "resume") else ""))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(args.out + ".lock", "a") as lock:                     # closing it frees the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"another run is writing {args.out} ({args.out}.lock is held)") from None
+        yield
 
 
-# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device;
-# batches are indexed from it and augmented there (no DataLoader in the hot path).
-
-# --- shared: data ---
-# What torchvision looks for under --data-dir (named in the error when it is missing); the IDX
-# datasets' four files may also lie directly in --data-dir, the layout of Debian's package.
-IDX_FILES = ", ".join(f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
-TORCHVISION = {  # --data -> (its torchvision.datasets class, the files that class expects)
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (data_batch_1..5, test_batch), or cifar-10-python.tar.gz"),
-    "cifar100": ("CIFAR100", "cifar-100-python/ (train, test, meta), or cifar-100-python.tar.gz"),
-    "svhn": ("SVHN", "train_32x32.mat and test_32x32.mat (loading them needs scipy)"),
-    "fashion-mnist": ("FashionMNIST", f"{IDX_FILES} (directly, or under FashionMNIST/raw/); on Debian `apt-get "
-                      "install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist"),
-    "mnist": ("MNIST", f"{IDX_FILES} (directly, or under MNIST/raw/)"),
-}
+def write_file(path, write):
+    """write(tmp) to <path>.tmp, then os.replace onto path: the old file stays whole until then."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+# --- end shared: files ---
 
 
-class DataError(Exception):
-    """A dataset that cannot be found or read; main() turns it into exit code 2."""
-
-
-def _download(name, root, **split):
-    """torchvision's dataset `name` from root, downloaded there when it is missing."""
-    import torchvision
-    existed = os.path.exists(root)
-    try:
-        return getattr(torchvision.datasets, TORCHVISION[name][0])(root, download=True, **split)
-    except Exception as e:  # no network, a proxy, a corrupt archive, scipy missing: all end here
-        if not existed and os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)                          # the download's empty folder: nothing written
-        raise DataError(
-            f"{name} is not in {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}: "
-            f"{' '.join(str(e).split())}). torchvision expects there: {TORCHVISION[name][1]}. Put the files there "
-            f"(--data-dir PATH), or use your own images with --data folder --data-dir DIR, DIR holding "
-            f"train/<class>/*.png and test/<class>/*.png.") from None
-
-
-def _load_torchvision(name, root, train):
-    """CIFAR10/100, SVHN -> uint8 [N, 3, 32, 32], labels, torchvision's class names."""
-    if name == "svhn":                                              # ds.data: [N, 3, 32, 32], digits
-        ds = _download(name, root, split="train" if train else "test")
-        return torch.from_numpy(ds.data), torch.from_numpy(ds.labels), [str(c) for c in range(10)]
-    ds = _download(name, root, train=train)                          # ds.data: [N, 32, 32, 3]
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
-
-
-def _read_idx(path):
-    """One IDX file (LeCun's MNIST format, optionally gzipped) -> uint8 tensor: a 4-byte magic
-    (0, 0, type 0x08 = uint8, number of dimensions n), n big-endian int32 sizes, the data."""
-    import gzip
-    try:                                                            # not gzip, cut short, unreadable
-        with open(path, "rb") as f:
-            raw = gzip.decompress(f.read()) if path.endswith(".gz") else f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
-        raise DataError(f"{path} is not an IDX file of uint8 (MNIST format)")
-    start = 4 + 4 * raw[3]
-    dims = [int.from_bytes(raw[i:i + 4], "big") for i in range(4, start, 4)]
-    if len(raw) < start + int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: its header promises {dims}")
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, int(np.prod(dims)), start).copy()).reshape(dims)
-
-
-def _load_idx(name, root, train):
-    """Fashion-MNIST / MNIST: the split's images and labels IDX files, read where they lie
-    (directly in --data-dir, the Debian layout, else under torchvision's <Class>/raw/; gzipped
-    first), else downloaded by torchvision.  -> uint8 [N, 1, 28, 28] (one grey channel), labels,
-    torchvision's class names."""
-    import torchvision
-    folder = TORCHVISION[name][0]
-    stems = [f"{'train' if train else 't10k'}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
-    paths = [[os.path.join(w, s + e) for w in (root, os.path.join(root, folder, "raw")) for e in (".gz", "")]
-             for s in stems]
-    if not all(any(map(os.path.isfile, p)) for p in paths):
-        _download(name, root, train=train)                          # into torchvision's own layout
-    images, labels = (_read_idx(next(filter(os.path.isfile, p))) for p in paths)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{name} files in {root} disagree: images {list(images.shape)}, "
-                        f"labels {list(labels.shape)}")
-    return images[:, None], labels.long(), list(getattr(torchvision.datasets, folder).classes)
-
-
-def _load_folder(name, root, train):
-    """ImageFolder split -> uint8 [N, C, H, W]; samples interleaved round-robin over classes
-    (class 0 #0, class 1 #0, ..., class 0 #1, ...) so that --limit N keeps every class."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
-    from torchvision.transforms.functional import pil_to_tensor
-    split = os.path.join(root, "train" if train else "test")
-    if not os.path.isdir(split):
-        raise DataError(f"--data folder needs {os.path.abspath(split)}/<class>/<image> "
-                        f"(ImageFolder layout, train/ and test/ with the same class folders)")
-    # torchvision's ImageFolder order (classes and files sorted), but links to folders inside a
-    # class folder are not followed: a link to its parent turned 60 images into 3,260
-    classes = sorted(e.name for e in os.scandir(split) if e.is_dir())
-    walks = [sorted(os.walk(os.path.join(split, c))) for c in classes]
-    files = [[os.path.join(d, f) for d, _, names in walk for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
-             for walk in walks]
-    links = [os.path.join(d, s) for walk in walks for d, subs, _ in walk for s in subs]
-    links = [path for path in links if os.path.islink(path)]
-    if links:
-        print(f"note: {len(links)} link(s) to folders inside the class folders not followed: {links[0]}", flush=True)
-    empty = [c for c, paths in zip(classes, files) if not paths]
-    if not classes or empty:
-        raise DataError(f"cannot read the image folder {split}: no class folder, or no image "
-                        f"({', '.join(IMG_EXTENSIONS)}) in {empty}")
-    samples = sorted((i, label, path) for label, paths in enumerate(files) for i, path in enumerate(paths))
-    images = []
-    for _, _, path in samples:
-        try:                                                        # a truncated or foreign file
-            images.append(pil_to_tensor(pil_loader(path)))          # [3, H, W] (RGB)
-        except Exception as e:
-            raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:100]}); replace or remove it") from None
-        if images[-1].shape != images[0].shape:
-            raise DataError(f"all images must have one size: {path} is {tuple(images[-1].shape[1:])}, "
-                            f"the first was {tuple(images[0].shape[1:])}")
-    return torch.stack(images), torch.tensor([label for _, label, _ in samples]), classes
+# --- shared: dataset ---
+# Data (README "Data"): each split is one uint8 tensor [N, C, H, W] held on the device; batches
+# are indexed from it and augmented there (no DataLoader in the hot path).
+def read_idx(path):
+    """One IDX file (LeCun's MNIST format, gzipped or not) -> uint8 tensor: bytes 0, 0, 0x08 (uint8),
+    n; then n big-endian int32 sizes; then the data."""
+    raw = (gzip.open if path.endswith(".gz") else open)(path, "rb").read()
+    dims = np.frombuffer(raw, ">i4", raw[3], 4)
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, int(np.prod(dims)), 4 + 4 * raw[3]).reshape(dims).copy())
 
 
 def load_split(name, root, train, limit=None):
-    """-> (images uint8 [N, C, H, W] on the CPU, labels int64 [N], class names)."""
-    load = {"folder": _load_folder, "fashion-mnist": _load_idx, "mnist": _load_idx}.get(name, _load_torchvision)
-    images, labels, classes = load(name, root, train)
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
-        raise DataError(f"the {'train' if train else 'test'} labels of {name} in {root} lie in "
-                        f"[{int(labels.min())}, {int(labels.max())}], outside the {len(classes)} "
-                        f"classes: a damaged file; replace it")
-    return images[:limit].contiguous(), labels[:limit], classes
+    """-> (images uint8 [N, C, H, W], labels int64 [N], class names) of one split, the first `limit`."""
+    import torchvision
+    split = "train" if train else "test"
+    if name == "folder":    # ImageFolder's order, dealt round-robin over the classes: --limit keeps every class
+        ds = torchvision.datasets.ImageFolder(os.path.join(root, split))
+        first = {y: ds.targets.index(y) for y in set(ds.targets)}
+        order = sorted(range(len(ds.targets)), key=lambda i: (i - first[ds.targets[i]], ds.targets[i]))[:limit]
+        images = torch.stack([torchvision.transforms.functional.pil_to_tensor(ds.loader(ds.samples[i][0]))
+                              for i in order])                       # [N, 3, H, W] (RGB)
+        return images, torch.tensor([ds.targets[i] for i in order]), ds.classes
+    cls = {"fashion-mnist": "FashionMNIST"}.get(name, name.upper())  # torchvision.datasets' class of --data
+    stem = "train" if train else "t10k"                             # Debian's layout: the IDX files in root
+    idx = [os.path.join(root, f"{stem}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+    if name in ("fashion-mnist", "mnist") and all(map(os.path.isfile, idx)):
+        images, labels = map(read_idx, idx)
+        return images[:limit, None], labels[:limit].long(), getattr(torchvision.datasets, cls).classes
+    ds = getattr(torchvision.datasets, cls)(root, download=True, **(
+        {"split": split} if name == "svhn" else {"train": train}))
+    images = torch.as_tensor(ds.data)                               # [N, H, W, 3]; SVHN [N, 3, H, W]; IDX [N, H, W]
+    images = images[:, None] if images.ndim == 3 else images if name == "svhn" else images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.labels if name == "svhn" else ds.targets)
+    return images[:limit].contiguous(), labels[:limit].long(), getattr(ds, "classes", [str(c) for c in range(10)])
 
 
 def to_float(x_uint8):
     """uint8 [0, 255] -> float [0, 1]: the input space of every model and attack here."""
     return x_uint8.float().div_(255)
-# --- end shared: data ---
+# --- end shared: dataset ---
+
 
 # --- shared: train-data ---
 def load_data(name, root, limit=None):
     """Both splits plus the `data` entry of the checkpoint (README "Where results and checkpoints go")."""
-    train_x, train_y, classes = load_split(name, root, True, limit)
-    test_x, test_y, test_classes = load_split(name, root, False, limit)
-    if test_classes != classes:
-        raise DataError(f"train/ and test/ hold different classes: {classes} vs {test_classes}")
+    try:
+        (train_x, train_y, classes), (test_x, test_y, test_classes) = (
+            load_split(name, root, train, limit) for train in (True, False))
+    except Exception as e:      # missing, not downloadable, unreadable, truncated, images of two sizes
+        raise BadInput(f"cannot read --data {name} from {os.path.abspath(root)}: {type(e).__name__}: {e} "
+                       f"(README \"Data\" says where the files go)") from None
+    if test_classes != classes or train_x.shape[1:] != test_x.shape[1:] or len(train_x) != len(train_y) \
+            or len(test_x) != len(test_y) or max(train_y.max(), test_y.max()) >= len(classes):
+        raise BadInput(f"--data {name} in {root}: train and test differ in classes or image size, images and "
+                       f"labels in number, or a label lies outside the {len(classes)} classes")
     # App. A "Pre-processing": channel-wise mean/std of the training split, applied inside the
     # model (its first layer) so that inputs and epsilons stay in [0, 1] pixel units.
     pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)
     info = {"name": name, "num_classes": len(classes), "classes": classes, "mean": pixels.mean(1).tolist(),
             "std": pixels.std(1).tolist(), "image_size": list(train_x.shape[2:])}
     return (train_x, train_y), (test_x, test_y), info
+# --- end shared: train-data ---
 
 
-def check_against_data(args, info):
-    """The flags the loaded data bounds, one line and exit 2: --crop by the image side, --D by
-    the --K x classes centres the run fits."""
-    if not 0 <= args.crop <= min(info["image_size"]):
-        fail(f"--crop {args.crop} must be in [0, {min(info['image_size'])}] (the image side); App. A pads 4")
-    if getattr(args, "D", None) is not None and args.D > args.K * info["num_classes"]:
-        fail(f"--D {args.D} exceeds the --K x classes = {args.K * info['num_classes']} centres this "
-             f"run fits; give --D at most that")
+# --- shared: checkpoint ---
+# One format, "clustr/1" (README "Where results and checkpoints go"): a dict of tensors, numbers and
+# strings that torch.load reads with weights_only=True (never unpickling code).
+FORMAT = "clustr/1"
+STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
+REQUIRED = {"format", "stage", "arch", "data", "model", "args", "epoch", "metrics"}
+
+
+def read_checkpoint(path, stages=STAGES):
+    """torch.load(weights_only=True), then the format, the stage, the entries every reader takes and
+    finite numbers in every tensor; any problem raises BadInput naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:          # missing, empty, truncated, or pickled code that weights_only refuses
+        raise BadInput(f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not REQUIRED <= set(ckpt) \
+            or ckpt["stage"] not in stages:
+        raise BadInput(f"{path} is not a {FORMAT} checkpoint of the stage {' or '.join(stages)}")
+    if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters")}):
+        raise BadInput(f"{path} holds NaN or inf (a diverged run or a damaged file); use an earlier checkpoint")
+    return ckpt
+
+
+def finite(obj):
+    """No NaN or inf in any tensor or float of a (nested) dict."""
+    if isinstance(obj, dict):
+        return all(map(finite, obj.values()))
+    return not isinstance(obj, (float, torch.Tensor)) or bool(torch.isfinite(torch.as_tensor(obj)).all())
+
+
+@torch.no_grad()
+def check_forward(f, images, path):
+    """A loaded model must also compute: finite numbers can still give a non-finite forward (a
+    batch-norm variance of -1, a std of 0, centres times 1e30).  f: images in [0, 1] -> outputs."""
+    if path and not torch.isfinite(f(to_float(images[:64]))).all():
+        raise BadInput(f"{path} computes NaN or inf on the first images (a damaged or hand-made file)")
+# --- end shared: checkpoint ---
+
+
+# --- shared: train-run ---
+def add_run_args(g):
+    """The flags of a training run's files (README "Bad input and safety") and --compile."""
+    g.add_argument("--resume", nargs="?", const="", metavar="PATH", help="continue the run in PATH (none: --out)")
+    g.add_argument("--overwrite", action="store_true", help="replace --out (kept until the first epoch is saved)")
+    g.add_argument("--stop-after", type=number(int, 1), metavar="N", help="stop after epoch N, as if interrupted")
+    g.add_argument("--slim", action="store_true", help="no resume state in the final checkpoint (smaller)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   choices=["inductor", "aot_eager", "eager", "cudagraphs"],
+                   help="f(x) through torch.compile with BACKEND (inductor when none is given); None: eager")
+
+
+def device_data(args, device):
+    """Both splits of --data (README "Data"), each moved whole onto the device; --crop within the image."""
+    train, test, info = load_data(args.data, args.data_dir, args.limit)
+    if args.crop > min(info["image_size"]):
+        raise BadInput(f"--crop {args.crop} exceeds the image side {min(info['image_size'])}; App. A pads 4")
+    return tuple(t.to(device) for t in train), tuple(t.to(device) for t in test), info
+
+
+def build_training(args, info, num_classes, device, init_state=None):
+    """The ResNet18 of App. A "Architecture" (num_classes 0: headless, Sec. 3.3) with --init's weights,
+    --compile's f(x), Adam (App. A "Optimization") and the seeded device generator that draws every
+    permutation, crop, flip, k-means++ seed and quick adversary of the run."""
+    model = ResNet18(num_classes, args.width, len(info["mean"]), info["mean"], info["std"])
+    try:
+        model.load_state_dict(init_state or model.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise BadInput(f"the weights in {args.init} do not fit: {' '.join(str(e).split())[:300]}") from None
+    model = model.to(device)
+    if args.compile:    # f(x) compiled on this instance: the module and its state_dict keys stay eager's
+        model.features = torch.compile(model.features, backend=args.compile)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    return model, torch.optim.Adam(model.parameters(), lr=args.lr), generator
+
+
+def resume(ckpt, args, not_shaping, info, model, opt, generator):
+    """--resume: refused where an argument that shapes the run differs from the stored run's, or
+    --epochs is below the epochs it holds (it may grow); then weights, optimizer and RNG states.
+    -> `info` with the checkpoint's normalisation (the model's buffers)."""
+    old = ckpt["args"]
+    diff = sorted(k for k in set(old) | set(vars(args)) if k not in not_shaping | {"epochs"}
+                  and old.get(k) != getattr(args, k, None))
+    if diff or args.epochs < ckpt["epoch"] or "resume" not in ckpt:   # --slim: no resume state
+        raise BadInput(f"cannot resume {args.resume or args.out} (epoch {ckpt['epoch']}, --slim {'resume' not in ckpt})"
+                       f" with --epochs {args.epochs}; it was run with {[(k, old.get(k)) for k in diff]}")
+    model.load_state_dict(ckpt["model"], strict=True)
+    opt.load_state_dict(ckpt["resume"]["optimizer"])
+    torch.set_rng_state(ckpt["resume"]["rng"]["torch"])
+    generator.set_state(ckpt["resume"]["rng"]["generator"])
+    print(f"resumed {args.resume or args.out} at epoch {ckpt['epoch']}/{args.epochs}")
+    return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
+
+
+def save_epoch(stage, args, info, model, log, state, **entries):
+    """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
+    weights, the run's arguments, the records of every epoch so far (<out>.log.jsonl is rewritten from
+    them) and `entries` (None ones left out); the resume state of `state` ({"optimizer", "generator",
+    "sampler"}) unless --slim and it is the final epoch.  A model with NaN or inf is not written: the
+    file keeps its last good epoch.  -> the epoch saved."""
+    ckpt = {"format": FORMAT, "stage": stage, "arch": {"name": "resnet18", "width": args.width, "feat_dim":
+            8 * args.width, "in_channels": model.mean.shape[1]}, "data": info,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
+            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log,
+            **{k: v for k, v in entries.items() if v is not None}}
+    if not (args.slim and ckpt["epoch"] == args.epochs):
+        ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
+                          "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
+                                  "generator_device": str(state["generator"].device)},
+                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")}}
+    if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters"), "loss": log[-1]["train_loss"] or 0.}):
+        raise BadInput(f"training diverged in epoch {ckpt['epoch']} (NaN or inf): {args.out} keeps its last "
+                       f"good epoch; try a smaller --lr")
+    write_file(args.out, lambda tmp: torch.save(ckpt, tmp))
+    write_file(args.out + ".log.jsonl", lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
+    return ckpt["epoch"]
+
+
+def stopped(out, saved):
+    """The KeyboardInterrupt (Ctrl-C, SIGTERM) a training loop raises again: what --out holds."""
+    return KeyboardInterrupt(f"{out} holds epoch {saved}; continue with --resume" if saved is not None else
+                             f"no epoch of this run was saved in {out}")
 
 
 def augment(x, crop, flip, generator):
@@ -1332,315 +971,8 @@ def augment(x, crop, flip, generator):
         mirror = torch.rand(B, device=x.device, generator=generator) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
-# --- end shared: train-data ---
-
-
-# --- shared: checkpoint-load ---
-FORMAT = "clustr/1"
-
-
-STAGES = ("nominal", "magnet", "qtrades-magnet", "qtrades-ce")
-
-
-# The entries every reader takes (README "Where results and checkpoints go"); test_all.py checks that each
-# stage writes them with the types the readers expect.
-REQUIRED = {"format": (), "stage": (), "arch": ("name", "width", "feat_dim", "in_channels"),
-            "data": ("name", "num_classes", "classes", "mean", "std", "image_size"), "model": (), "args": (),
-            "epoch": (), "metrics": ()}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used (missing, empty, truncated, pickled code, another format,
-    the wrong stage, a missing entry, NaN weights); str(e) is one line naming the file and the fix."""
-
-
-def read_checkpoint(path, stages=STAGES):
-    """torch.load with weights_only=True (never unsafe loading), then the format, the stage, the
-    entries every reader takes and finite weights; any problem raises CheckpointError (the form to
-    call from Python)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or a run that did not finish "
-                              f"writing it; copy it again or give another file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # weights_only refusal (pickled code), truncated or corrupt zip
-        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        first = next((l.strip()[:100] for l in str(e).splitlines() if l.strip() and not l.startswith(
-            ("Weights only load failed", "Please file an issue", "Check the documentation"))), "")
-        raise CheckpointError(f"checkpoint {path} " + (
-            f"holds pickled code ({code.group(1)}) that weights_only=True refuses (not loaded): not a "
-            f"clustr checkpoint, or an untrusted one" if code else
-            f"is truncated or corrupt ({type(e).__name__}{': ' + first if first else ''})")) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (written by another program or version)")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    missing += [f"{k}[{s!r}]" for k, subs in REQUIRED.items() if k in ckpt for s in subs
-                if not isinstance(ckpt[k], dict) or s not in ckpt[k]]
-    missing += ["clusters"] if ckpt.get("stage") in ("magnet", "qtrades-magnet") and "clusters" not in ckpt else []
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of these "
-                              f"stages, or a damaged one")
-    if ckpt["stage"] not in stages:
-        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this command needs one of {list(stages)}")
-    bad = nonfinite({"model": ckpt["model"], "clusters": ckpt.get("clusters")})
-    if bad:
-        raise CheckpointError(f"checkpoint {path}: {bad} holds NaN or inf (a diverged run or a damaged "
-                              f"file); use an earlier checkpoint")
-    bad = damaged(ckpt)
-    if bad:
-        raise CheckpointError(f"checkpoint {path}: {bad} is not what the stages write (type, shape or range): "
-                              f"a damaged or hand-made file; use another")
-    return ckpt
-
-
-def damaged(ckpt):
-    """The first entry a reader would misuse (a wrong type, shape or range), else None: a damaged file
-    stops here, not in a traceback deep inside a stage, nor in a figure computed from it."""
-    a, d, k = ckpt["arch"], ckpt["data"], ckpt.get("clusters")
-    count = lambda v, low=1: type(v) is int and v >= low                        # noqa: E731 (bool is no count)
-    entries = {
-        "arch['width']": lambda: count(a["width"]) and a["feat_dim"] == 8 * a["width"] and count(a["in_channels"]),
-        "data['classes']": lambda: count(d["num_classes"]) and len(d["classes"]) == d["num_classes"],
-        "data['mean'], data['std']": lambda: all(len(d[s]) == a["in_channels"] and min(d[s]) > -math.inf
-                                                 for s in ("mean", "std")) and min(d["std"]) > 0,
-        "data['image_size']": lambda: len(d["image_size"]) == 2 and all(count(v) for v in d["image_size"]),
-        "model, args, epoch, log": lambda: all(torch.is_tensor(v) for v in ckpt["model"].values())
-        and isinstance(ckpt["args"], dict) and count(ckpt["epoch"], 0)
-        and all(isinstance(r, dict) for r in ckpt.get("log", [])),
-        "clusters['centers']": lambda: k is None or k["centers"].dim() == 2 and k["centers"].shape[1] == a["feat_dim"],
-        "clusters['center_classes']": lambda: k is None or k["center_classes"].dtype == torch.long
-        and k["center_classes"].shape == k["centers"].shape[:1]
-        and 0 <= int(k["center_classes"].min()) <= int(k["center_classes"].max()) < d["num_classes"],
-        "clusters['variance']": lambda: k is None or type(k["variance"]) in (int, float) and k["variance"] > 0,
-        "clusters['D']": lambda: k is None or k.get("D") is None or count(k["D"]),
-    }
-    for key, fine in entries.items():
-        try:
-            if not fine():
-                return key
-        except Exception:                   # a wrong type or a missing key is the same damage
-            return key
-    return None
-
-
-def nonfinite(obj, key=""):
-    """The key (e.g. model['conv1.weight']) of the first tensor or number in obj that holds NaN or
-    inf, else None: every model is checked on load and before every save."""
-    if isinstance(obj, dict):
-        return next(filter(None, (nonfinite(v, f"{key}[{k!r}]" if key else k) for k, v in obj.items())), None)
-    if torch.is_tensor(obj) and obj.is_floating_point():
-        return None if bool(torch.isfinite(obj).all()) else key
-    return key if isinstance(obj, float) and not math.isfinite(obj) else None
-
-# --- end shared: checkpoint-load ---
-
-# --- shared: checkpoint-cli ---
-def load_checkpoint(path, stages=STAGES):
-    """The command-line form of read_checkpoint: a bad file exits with code 2 and its one-line
-    message (README "Bad input and safety")."""
-    try:
-        return read_checkpoint(path, stages)
-    except CheckpointError as e:
-        fail(str(e))
-# --- end shared: checkpoint-cli ---
-
-# --- shared: checkpoint-save ---
-def save_checkpoint(ckpt, path, run=None):
-    """Atomic write (atomic_write), so an interrupted run always leaves the last complete checkpoint;
-    then, for a training stage, <path>.log.jsonl rewritten from the epochs' records the checkpoint holds
-    (README "Where results and checkpoints go") and `run` told the epoch it holds.  A model with NaN or
-    inf is not written, nor is anything on a failed write (a full disk): one line, exit 2, the previous
-    files as they were.  Ctrl-C and SIGTERM wait until the files and `run` agree, then are raised again
-    (a signal mask would not do: torch's threads would take the signal)."""
-    bad = nonfinite({k: ckpt[k] for k in ("model", "clusters") if k in ckpt})
-    if bad:
-        fail(f"{bad} holds NaN or inf: training diverged (try a smaller --lr); stopped without "
-             f"writing {path}, which keeps its last good epoch")
-    caught = []
-    try:
-        held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:                                              # not the main thread
-        held = {}
-    try:
-        data = io.BytesIO()
-        torch.save(ckpt, data)
-        atomic_write(path, data.getvalue())
-        if "log" in ckpt:
-            atomic_write(path + ".log.jsonl", "".join(json_line(r) for r in ckpt["log"]).encode())
-        if run is not None:
-            run.update(epoch=ckpt["epoch"], file=path)
-    except OSError as e:
-        fail(f"cannot write {e.filename or path} ({e.strerror or e}); each file is as it was or whole (free "
-             f"space or choose another path, then continue with --resume where it is a checkpoint)")
-    finally:
-        for s, handler in held.items():
-            signal.signal(s, handler)
-        for s in caught[:1]:
-            signal.raise_signal(s)
-# --- end shared: checkpoint-save ---
-
-# --- shared: training ---
-def load_weights(model, state, path):
-    """model.load_state_dict(state, strict=True); a mismatch is one line naming the file (exit 2)."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        fail(f"the weights in {path} do not fit this ResNet18 ({' '.join(str(e).split())[:200]}); not a "
-             f"checkpoint of these stages, or a damaged one")
-
-
-def device_data(args, device):
-    """Both splits of --data (README "Data"), checked against the flags they bound, each moved whole
-    onto the device."""
-    try:
-        train, test, info = load_data(args.data, args.data_dir, args.limit)
-    except DataError as e:
-        fail(str(e))
-    check_against_data(args, info)
-    return tuple(t.to(device) for t in train), tuple(t.to(device) for t in test), info
-
-
-def resume(path, ckpt, args, not_shaping, run, info, model, opt, generator):
-    """--resume: refuse a run whose run-shaping arguments differ from the stored run's (listing them),
-    then weights, optimizer and RNG state from `ckpt`.  --epochs may grow, also past a finished run (as
-    timm's resume allows): the epochs already done stay as they were; fewer than it holds is refused.
-    -> `info` with the checkpoint's normalisation (the model's buffers)."""
-    old, new = ckpt["args"], vars(args)
-    if new["epochs"] < ckpt["epoch"]:
-        fail(f"cannot resume: the checkpoint already holds {ckpt['epoch']} epochs, more than "
-             f"--epochs {new['epochs']}; pass --epochs {ckpt['epoch']} or more")
-    if new["epochs"] == ckpt["epoch"] and os.path.abspath(path) != os.path.abspath(args.out):
-        fail(f"nothing to train: {path} holds all {ckpt['epoch']} epochs, so --out {args.out} would "
-             f"not be written; raise --epochs to continue the run into it")
-    diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in not_shaping and k != "epochs" and old.get(k) != new.get(k)]
-    if diff:
-        fail("cannot resume: arguments that shape the run differ from the checkpoint's: " + "; ".join(diff))
-    if "resume" not in ckpt:
-        fail(f"{path} was saved with --slim and holds no optimizer/RNG state to resume from")
-    load_weights(model, ckpt["model"], path)
-    opt.load_state_dict(ckpt["resume"]["optimizer"])
-    torch.set_rng_state(ckpt["resume"]["rng"]["torch"])
-    if ckpt["resume"]["rng"]["generator_device"] == str(generator.device):
-        generator.set_state(ckpt["resume"]["rng"]["generator"])
-    else:  # a CPU generator state cannot seed a CUDA generator: the stream changes from here on
-        print(f"note: the run moved from {ckpt['resume']['rng']['generator_device']} to {generator.device}; "
-              f"its random stream continues from a fresh seed", flush=True)
-    if "log" not in ckpt:   # written before the log moved into the checkpoint: its log file's records
-        ckpt["log"] = []
-        with contextlib.suppress(OSError), open(path + ".log.jsonl") as f:
-            for line in f:
-                with contextlib.suppress(ValueError):               # a line cut short
-                    ckpt["log"] += [r for r in [json.loads(line)] if isinstance(r, dict) and
-                                    r.get("epoch", -1) <= ckpt["epoch"]]
-        ckpt["log"] = ckpt["log"] or [ckpt["metrics"]]
-    run.update(epoch=ckpt["epoch"], file=path)
-    print(f"resumed {path} at epoch {ckpt['epoch']}/{args.epochs}")
-    return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
-
-
-def check_loss(loss, epoch, run, hint):
-    """A training loss that became NaN or inf stops the run before the epoch is written: one line."""
-    if not math.isfinite(loss):
-        fail(f"the training loss became {loss} in epoch {epoch + 1}; stopped without writing it, "
-             + (f"so {run['file']} keeps the last good epoch ({epoch})" if run["file"] else
-                "so nothing of this run was saved") + f". Try a smaller {hint}.")
-
-
-def build_training(args, info, num_classes, device, init_state=None):
-    """The ResNet18 of App. A "Architecture" (num_classes 0: headless, Sec. 3.3) with --init's weights,
-    --compile's f(x), Adam (App. A "Optimization") and the seeded device generator that draws every
-    permutation, crop, flip, k-means++ seed and quick adversary of the run."""
-    model = ResNet18(num_classes, args.width, len(info["mean"]), info["mean"], info["std"])
-    if init_state is not None:
-        load_weights(model, init_state, args.init)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    compile_features(model, args.compile)                           # --compile: f(x) compiled in place
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed)
-    return model, torch.optim.Adam(model.parameters(), lr=args.lr), generator
-
-
-def save_epoch(run, stage, args, info, model, log, state, **entries):
-    """The checkpoint of the epoch log[-1] records (README "Where results and checkpoints go"): the
-    weights, the run's arguments, the records of every epoch so far (the log is rewritten from them)
-    and `entries` (None ones left out); the resume state of `state` ({"optimizer", "generator", "sampler"}:
-    the optimizer's, the RNGs', the sampler's unless None) unless --slim and it is the final epoch."""
-    ckpt = {"format": FORMAT, "stage": stage, "arch": arch_entry(args.width, model.mean.shape[1]), "data": info,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": dict(vars(args)),
-            "epoch": log[-1]["epoch"], "metrics": log[-1], "log": log,
-            **{k: v for k, v in entries.items() if v is not None}}
-    if not (args.slim and ckpt["epoch"] == args.epochs):
-        ckpt["resume"] = {"optimizer": state["optimizer"].state_dict(),
-                          "rng": {"torch": torch.get_rng_state(), "generator": state["generator"].get_state(),
-                                  "generator_device": str(state["generator"].device)},
-                          **{k: v.state_dict() for k, v in state.items() if k not in ("optimizer", "generator")
-                             and v is not None}}
-    save_checkpoint(ckpt, args.out, run)
-
-
-def arch_entry(width, in_channels):
-    return {"name": "resnet18", "width": width, "feat_dim": 8 * width, "in_channels": in_channels}
-# --- end shared: training ---
-
-
-# --- shared: init-check ---
-def read_init(args, stages):
-    """--init (None when resuming or without it): a checkpoint of `stages` whose width and dataset are
-    the run's, read before any data is loaded."""
-    init = load_checkpoint(args.init, stages) if args.init is not None and args.resume is None else None
-    for key, have in (("width", init and init["arch"]["width"]), ("data", init and init["data"]["name"])):
-        if init and have != getattr(args, key):
-            fail(f"--init {args.init} was trained with --{key} {have}, but this run has --{key} "
-                 f"{getattr(args, key)}; pass --{key} {have}")
-    return init
-
-
-def check_init_data(init, info, channels, args):
-    """At least 2 classes (Eq. (3) and the clusters' classes need them); the --init model must have seen
-    the same classes and image channels.  -> info with --init's normalisation (the model's buffers)."""
-    if info["num_classes"] < 2:
-        fail(f"clusters of different classes (Eq. (3)) need at least 2 classes; {args.data} has {info['num_classes']}")
-    if init and init["data"]["classes"] != info["classes"]:
-        fail(f"--init {args.init} was trained on the classes {init['data']['classes']}, but this "
-             f"run's data has {info['classes']}")
-    if init and init["arch"].get("in_channels") != channels:
-        fail(f"--init {args.init} takes {init['arch'].get('in_channels')}-channel images, the data has {channels}")
-    return dict(info, mean=init["data"]["mean"], std=init["data"]["std"]) if init else info
-
-
-def defaults_from_init(args):
-    """--data, --width and --data-dir left unset take those of the checkpoint the run starts from
-    (--init, or the one --resume continues; its data folder when it was stored absolute, exists,
-    and --data is the checkpoint's), else cifar10, 64 and ./data: `python magnet.py --init
-    ckpt.pt` runs as nominal.py prints it, on the images nominal.py read."""
-    source = (args.resume or args.out) if args.resume is not None else args.init
-    if source is not None and None in (args.data, args.width, args.data_dir):
-        ckpt = load_checkpoint(source)
-        stored = ckpt["args"].get("data_dir")
-        if args.data in (None, ckpt["data"]["name"]) and isinstance(stored, str) and os.path.isabs(stored) \
-                and os.path.isdir(stored):
-            args.data_dir = args.data_dir or stored
-        args.data = args.data or ckpt["data"]["name"]
-        args.width = args.width or ckpt["arch"]["width"]
-    args.data, args.width, args.data_dir = args.data or "cifar10", args.width or 64, args.data_dir or "./data"
-# --- end shared: init-check ---
-
-
-# --- shared: next-attack ---
-def next_command(args):
-    """The evaluation of this checkpoint, runnable as printed: attack.py takes --data, --width
-    and the data folder from the checkpoint; --limit is passed on."""
-    cmd = ["python", "attack.py", "--ckpt", args.out] + (["--limit", str(args.limit)] if args.limit else [])
-    return " ".join(shlex.quote(a) for a in cmd)
-# --- end shared: next-attack ---
-
+# --- end shared: train-run ---
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)()

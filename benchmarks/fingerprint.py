@@ -2,11 +2,11 @@
 
 Runs the whole pipeline of a checkout on fixed seeds at toy scale, on a generated 3-class 16x16
 folder (no download): nominal.py, magnet.py, qtrades.py (both variants), attack.py (its default
-losses and checks, the checks on all 30 images), certify.py and synthetic.py, each as a user runs it (a subprocess in a work
-folder).  Then prints one SHA-256 per output: every tensor of each checkpoint (weights, clusters,
+losses and checks, the checks on all 30 images), certify.py and synthetic.py, each as a user runs
+it (a subprocess in a work folder).  Then prints one SHA-256 per output: every tensor of each checkpoint (weights, clusters,
 sampler and RNG state) and every number of each results JSON, with the entries that hold times,
-paths or the command line left out.  Two checkouts whose printed fingerprints are equal produced
-the same bits.  A restructuring that must not change behaviour (moved code, renamed variables)
+paths, the command line or how files are written (--overwrite) left out.  Two checkouts whose
+printed fingerprints are equal produced the same bits.  A restructuring that must not change behaviour (moved code, renamed variables)
 is checked this way:
 
     python benchmarks/fingerprint.py --repo . --work /tmp/fp-after  > after.txt
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generated import make_image_folder  # noqa: E402  (benchmarks/generated.py, this checkout's)
 
 SKIP = ("time", "seconds", "second", "per_second", "elapsed", "eta", "date", "argv", "command",
-        "path", "ckpt", "out", "data_dir", "plot", "log", "host", "torch", "python", "cwd", "next")
+        "path", "ckpt", "init", "out", "overwrite", "data_dir", "plot", "log", "host", "torch", "python", "cwd", "next")
 
 
 def tensors(obj, prefix=""):

@@ -8,9 +8,9 @@ random data time the work and nothing else (no accuracy is meant).
   nominal   one nominal.py epoch: train_one_epoch (batches of 256, App. A crops + flips), then
             the test accuracy (evaluate), as its main() does per epoch
   magnet    one magnet.py epoch: train_one_epoch (neighbourhoods of m x d = 12 x 20), then the
-            cluster update of every epoch (update_clusters: eval features of the training split,
-            k-means++ per class, sigma^2, Eq. (4) accuracy; the test features and their Eq. (4)
-            accuracy; the sampler's new clusters)
+            cluster update of every epoch (cluster_and_evaluate: eval features of the training and
+            test splits, k-means++ per class, sigma^2, the sampler's new clusters, the Eq. (4)
+            accuracy of both splits)
   qtrades   one qtrades.py epoch (ClusTR+QTRADES, --loss magnet: Eq. (6), the one-step adversary
             of Sec. 4.2), then the same cluster update
   pgd20     attack.py's attack_split: PGD-20 x 10 restarts (Eq. (5), cross-entropy, constant step
@@ -35,7 +35,8 @@ else tf32 when cuDNN may use it for convolutions (torch's default), else fp32 (t
 
 Budget (--minutes, default 10, everything included: set-up, FLOP counts, compilation): each row
 gets an equal share of what is left; after two warm-up passes on a small slice (the first one
-compiles under --compile; their difference is reported as first-call seconds) it times as many
+compiles under --compile; their difference is reported as first-call seconds, the cost of
+compilation and of first-call allocations: there is no separate compile-time column) it times as many
 images as fit its share, at least one batch, and projects its seconds linearly to the paper's
 size ("full" column; a smaller --train-images/--test-images is projected the same way).  Rows are
 printed as they finish and the JSON is rewritten after each, so a run stopped by its time limit
@@ -222,6 +223,13 @@ def stage_args(stage, argv, ctx, training):
     return args
 
 
+def compiled(model, backend):
+    """--compile as the stages apply it (build_training, attack.py's prepare): f(x) of this instance
+    through torch.compile; the module and its state_dict keys stay eager's."""
+    if backend:
+        model.features = torch.compile(model.features, backend=backend)
+
+
 def layout(model, ctx, stage_default):
     """The memory layout: channels_last where the stage uses it (or as --channels-last says).
     --no-channels-last where a stage converts its images to channels_last itself: the weights
@@ -281,7 +289,7 @@ def row_nominal(ctx):
     per_test = flops_of(lambda: test(m2, k)) / k
     del m2, op2
     cl = layout(model, ctx, dev.type == "cuda")
-    nominal.compile_features(model, args.compile)
+    compiled(model, args.compile)
     w = min(B + B // 2, o.train_images // 2)          # warm-up: a full and a last batch's shape
     wt = min(B + B // 2, o.test_images // 2)
     first = timed(lambda: epoch(model, opt, w, wt), dev)[1]
@@ -294,20 +302,15 @@ def row_nominal(ctx):
             "seconds": train_s + test_s, "train_seconds": train_s, "test_seconds": test_s,
             "full_seconds": train_s * o.full["train"] / n_train + test_s * o.full["test"] / n_test,
             "flops": per_train * n_train + per_test * n_test, "amp": args.amp, "channels_last": cl,
-            "first_call_seconds": first - second, "compile_seconds": sum(nominal.compile_seconds().values()),
-            "batch_size": B}
+            "first_call_seconds": first - second, "batch_size": B}
 
 
 def cluster_update(stage, model, train, test, args, generator, sampler):
-    """What magnet.py's and qtrades.py's cluster_and_evaluate (inside their main) run after every
-    epoch: the stage's update_clusters, the test features and their Eq. (4) accuracy, the
-    sampler's new clusters.  -> the checkpoint's `clusters` entry."""
-    centers, center_classes, assignment, sigma2, _ = stage.update_clusters(
-        model, train, PAPER["classes"], args, generator)
-    test_features = stage.features_of(model, test[0], args.batch_size, args.amp)
-    stage.eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)
-    sampler.set_clusters(assignment, centers, center_classes)
-    return stage.clusters_entry(centers, center_classes, sigma2, args)
+    """What magnet.py's and qtrades.py's main run after every epoch: the stage's cluster_and_evaluate
+    (the features of both splits, k-means++ per class, sigma^2, the sampler's new clusters, the Eq. (4)
+    accuracies).  -> the checkpoint's `clusters` entry."""
+    info = {"num_classes": PAPER["classes"]}
+    return stage.cluster_and_evaluate(model, train, test, info, sampler, args, generator, 1)[0]
 
 
 def few_batches(sampler, k):
@@ -328,9 +331,8 @@ def row_clustering(ctx, stage, label):
         return stage.NeighbourhoodSampler(n, args.m, args.d, torch.Generator().manual_seed(o.seed))
 
     def train(m, op, sampler, clusters, n):
-        if stage is magnet:
-            return stage.train_one_epoch(m, op, subset(ctx.train, n), sampler,
-                                         clusters["center_classes"].to(dev), args, gen, dev)
+        if stage is magnet:                           # the sampler holds the clusters' classes
+            return stage.train_one_epoch(m, op, subset(ctx.train, n), sampler, args, gen, dev)
         return stage.train_one_epoch(m, op, subset(ctx.train, n), sampler, clusters, args, gen, dev)
 
     B = args.m * args.d                               # App. A: 240 images per neighbourhood batch
@@ -348,7 +350,7 @@ def row_clustering(ctx, stage, label):
     del m2, op2, s2
 
     cl = layout(model, ctx, dev.type == "cuda")
-    stage.compile_features(model, args.compile)
+    compiled(model, args.compile)
     sampler = sampler_for(w)
     clusters = cluster_update(stage, model, subset(ctx.train, w), subset(ctx.test, wt), args, gen, sampler)
 
@@ -371,8 +373,7 @@ def row_clustering(ctx, stage, label):
             "train_seconds": train_s, "cluster_seconds": cluster_s,
             "full_seconds": seconds * ctx.opts.full["train"] / n,
             "flops": step_flops * out[-1] + cluster_flops * n, "amp": args.amp, "channels_last": cl,
-            "first_call_seconds": first - second, "compile_seconds": sum(stage.compile_seconds().values()),
-            "batches": sampler.batches_per_epoch(), "batch_size": B}
+            "first_call_seconds": first - second, "batches": sampler.batches_per_epoch(), "batch_size": B}
 
 
 def row_magnet(ctx):
@@ -421,7 +422,7 @@ def row_pgd(ctx, steps, restarts):
         return attack.attack_split(clf, images[:n], labels[:n], args, 0.0, "ce", o.seed, **budget)
     k = 8
     per_image = flops_of(lambda: run(k)) / k          # eager: before --compile
-    attack.compile_features(fast.model, args.compile)
+    compiled(fast.model, args.compile)
     wb = min(b + b // 2, o.test_images // 2)          # warm-up: a full and a last batch
     warm = {"steps": 2, "restarts": 1}                # the same graphs, 3 iterates per image
     first = timed(lambda: run(wb, **warm), dev)[1]
@@ -432,7 +433,7 @@ def row_pgd(ctx, steps, restarts):
     return {"label": f"PGD-{steps} x {restarts}", "images": n, "seconds": seconds,
             "full_seconds": seconds * ctx.opts.full["test"] / n, "flops": per_image * n,
             "amp": bool(args.amp), "channels_last": cl, "first_call_seconds": first - second,
-            "compile_seconds": sum(attack.compile_seconds().values()), "steps": steps, "restarts": restarts,
+            "steps": steps, "restarts": restarts,
             "batch_size": args.batch_size, "not_fooled": float(robust.float().mean())}
 
 
@@ -477,7 +478,7 @@ def row_certify(ctx):
             "bound_seconds": bound_s, "radii_seconds": radii_s,
             "full_seconds": bound_s + radii_s * ctx.opts.full["test"] / n, "flops": per_image * n,
             "amp": False, "channels_last": cl, "first_call_seconds": first - second,
-            "compile_seconds": 0.0, "batch_size": b}
+            "batch_size": b}
 
 
 # ======================================================================================
@@ -518,14 +519,14 @@ def finish_row(key, row, ctx):
 
 
 HEADER = (f"{'row':<15} {'images':>7} {'seconds':>9} {'img/s':>9} {'full s':>9} {'TFLOP/s':>8} "
-          f"{'% peak':>7} {'first s':>8} {'compile':>8} {'x':>3} {'pipeline':>9}")
+          f"{'% peak':>7} {'first s':>8} {'x':>3} {'pipeline':>9}")
 
 
 def print_row(row):
     share = "n/a" if row["share_of_peak"] is None else f"{100 * row['share_of_peak']:.1f}"
     print(f"{row['label']:<15} {row['images']:>7} {row['seconds']:>9.3f} {row['images_per_second']:>9.1f} "
           f"{row['full_seconds']:>9.2f} {row['tflops']:>8.4f} {share:>7} "
-          f"{row['first_call_seconds']:>8.2f} {row['compile_seconds']:>8.2f} {row['count']:>3} "
+          f"{row['first_call_seconds']:>8.2f} {row['count']:>3} "
           f"{row['pipeline_seconds']:>9.1f}", flush=True)
 
 

@@ -327,7 +327,7 @@ def attack_column(args, data_dir, ckpt, eps, column, result_path):
         # a linear head's logits are logits: the authors' cross-entropy is Eq. (5)'s here
         flags = [("ce" if f == "scores-ce" else f) for f in flags]
     cmd = ["attack.py", "--ckpt", ckpt, "--data-dir", data_dir, "--eps", eps, "--limit",
-           str(args.attack_images), "--device", "cpu", "--out", result_path, *flags]
+           str(args.attack_images), "--device", "cpu", "--out", result_path, "--overwrite", *flags]
     seconds = run(cmd, result_path + ".out.txt")
     res = json.load(open(result_path))
     res["wall_seconds"] = seconds
@@ -388,7 +388,7 @@ def certify_column(args, data_dir, ckpt, result_path):
     if os.path.exists(result_path) and "certified" not in args.redo:
         return json.load(open(result_path))
     cmd = ["certify.py", "--ckpt", ckpt, "--data-dir", data_dir, "--limit", str(args.attack_images),
-           "--device", "cpu", "--out", result_path, "--plot", "none"]
+           "--device", "cpu", "--out", result_path, "--overwrite", "--plot", "none"]
     seconds = run(cmd, result_path + ".out.txt")
     res = json.load(open(result_path))
     res["wall_seconds"] = seconds
