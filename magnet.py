@@ -745,7 +745,8 @@ def setup_runtime(args, training):
 @contextlib.contextmanager
 def claimed(args, outputs, inputs):
     """Around a run: its outputs [(flag, path or None)] refused by the rule above or their folders
-    made, then <--out>.lock held.  `inputs`: the checkpoints it reads (--resume's is added here)."""
+    made, then the first output's <path>.lock held.  `inputs`: the checkpoints it reads (--resume's is
+    added here)."""
     resumed = getattr(args, "resume", None) is not None and os.path.realpath(args.resume or args.out)
     data = [os.path.join(d, f) for d, _, files in os.walk(getattr(args, "data_dir", None) or "") for f in files]
     reads = {os.path.realpath(p) for p in inputs + data + [resumed] if p}
@@ -756,11 +757,11 @@ def claimed(args, outputs, inputs):
             raise BadInput(f"{flag} {path} exists; --overwrite replaces it (after this run's first save)"
                            + (", --resume continues it" if hasattr(args, "resume") else ""))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.out + ".lock", "a") as lock:                     # closing it frees the lock
+    with open(outputs[0][1] + ".lock", "a") as lock:                # the first output's; closing frees it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInput(f"another run is writing {args.out} ({args.out}.lock is held)") from None
+            raise BadInput(f"another run is writing {outputs[0][1]} ({outputs[0][1]}.lock is held)") from None
         yield
 
 

@@ -3777,9 +3777,12 @@ def test_export_refuses_a_file_that_does_not_reload_as_the_classifier(clustering
 
 @pytest.mark.smoke
 @pytest.mark.usefixtures("own_rng")
-def test_export_with_D_of_a_1_channel_checkpoint_gives_the_D_nearest_scores_of_load_classifier(tmp_path):
+def test_export_with_D_of_a_1_channel_checkpoint_gives_the_D_nearest_scores_of_load_classifier(tmp_path,
+                                                                                                monkeypatch):
     # a generated 1-channel clustering checkpoint (random weights, as generated_checkpoint's: K = 2 centres
-    # per class near the features of random images, no D stored), exported with --D 1
+    # per class near the features of random images, no D stored), exported with --D 1; the export is
+    # the run's only output (its lock beside it): nothing of --out's default, attack.json, appears
+    monkeypatch.chdir(tmp_path)
     g = torch.Generator().manual_seed(2)
     classes, size = 4, 12
     data = {"name": "folder", "num_classes": classes, "classes": [f"class{c:02d}" for c in range(classes)],
@@ -3801,6 +3804,7 @@ def test_export_with_D_of_a_1_channel_checkpoint_gives_the_D_nearest_scores_of_l
     torch.save(ckpt, path)
     with contextlib.redirect_stdout(io.StringIO()):
         attack.main(["--ckpt", path, "--export", out, "--D", "1"])
+    assert sorted(os.listdir(tmp_path)) == ["grey.pt", "grey_D1.pt2", "grey_D1.pt2.lock"]
     note = {"clustr.json": ""}
     exported = torch.export.load(out, extra_files=note).module()
     note = json.loads(note["clustr.json"])
