@@ -101,7 +101,6 @@ import contextlib
 import datetime
 import fcntl
 import fractions
-import functools
 import gzip
 import json
 import math
@@ -862,7 +861,7 @@ def main(argv=None):
     """The evaluation of Sec. 4.2 as a run: every (D, eps) row (evaluate), the checks, then (rank 0) the
     results (config: the resolved arguments), --save-adv and the summary."""
     args = parse_args(argv)
-    if args.export:                                         # one file for other tools, nothing attacked
+    if args.export is not None:                             # one file for other tools, nothing attacked
         return export_main(args)
     with contextlib.ExitStack() as hold:                    # rank 0 holds --out from prepare on
         if "LOCAL_RANK" in os.environ:                      # started by torchrun
@@ -1017,8 +1016,9 @@ def report(out):
               + (f"\n        -> what it means, what to try: README.md \"attack.py: losses, cascade, checks, results\", "
                  f"{name}" if c["ok"] is False else ""))
     headline = any(r["loss"] == "worst-case" for r in out["results"])
+    limit = cfg["limit"] and f" --limit {cfg['limit']}"
     print(f"  results {cfg['out']}" + ("  (headline: the worst-case rows)" if headline else "") + "\n  next     " + (
-        f"python certify.py --ckpt {ckpt}   (Prop. 1's certified radii, L2)" if out["stage"] in ("magnet",
+        f"python certify.py --ckpt {ckpt}{limit or ''}  (Prop. 1's certified radii, L2)" if out["stage"] in ("magnet",
         "qtrades-magnet") else f"python magnet.py --init {ckpt}   (ClusTR from this warm start)" if out["stage"] ==
         "nominal" else f"python attack.py --ckpt {ckpt} --loss ce --schedule constant --steps 20 --restarts 10   "
         f"(the paper's protocol, to compare)"), flush=True)
@@ -1146,7 +1146,6 @@ class BadInput(Exception):
 
 def guarded(main):
     """main(argv) with the contract above: `guarded(main)()` is each stage's entry point."""
-    @functools.wraps(main)
     def run(argv=None):
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
         try:
@@ -1233,18 +1232,19 @@ def claimed(args, outputs, inputs):
     resumed = getattr(args, "resume", None) is not None and os.path.realpath(args.resume or args.out)
     data = [os.path.join(d, f) for d, _, files in os.walk(getattr(args, "data_dir", None) or "") for f in files]
     reads = {os.path.realpath(p) for p in inputs + data + [resumed] if p}
-    for flag, path in [(f, p) for f, p in outputs if p]:
-        if os.path.realpath(path) in reads - {resumed}:
-            raise BadInput(f"{flag} {path} is a file this run reads; choose another {flag}")
-        if os.path.exists(path) and not args.overwrite and os.path.realpath(path) != resumed:
+    written = [(flag, path, os.path.realpath(path)) for flag, path in outputs if path is not None]
+    for i, (flag, path, real) in enumerate(written):
+        if real in reads - {resumed} | {w[2] for w in written[:i]} or os.path.isdir(path) or not os.path.basename(path):
+            raise BadInput(f"{flag} {path!r}: not a file name, or one this run reads or writes twice; choose another")
+        if os.path.exists(path) and not args.overwrite and real != resumed:
             raise BadInput(f"{flag} {path} exists; --overwrite replaces it (after this run's first save)"
                            + (", --resume continues it" if hasattr(args, "resume") else ""))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(outputs[0][1] + ".lock", "a") as lock:                # the first output's; closing frees it
+    with open(written[0][1] + ".lock", "a") as lock:                # the first output's; closing frees it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInput(f"another run is writing {outputs[0][1]} ({outputs[0][1]}.lock is held)") from None
+            raise BadInput(f"another run is writing {written[0][1]} ({written[0][1]}.lock is held)") from None
         yield
 
 
@@ -1313,7 +1313,7 @@ def read_checkpoint(path, stages=STAGES):
     except Exception as e:          # missing, empty, truncated, or pickled code that weights_only refuses
         raise BadInput(f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not REQUIRED <= set(ckpt) \
-            or ckpt["stage"] not in stages:
+            or ckpt["stage"] not in stages or not isinstance(ckpt["args"], dict):
         raise BadInput(f"{path} is not a {FORMAT} checkpoint of the stage {' or '.join(stages)}")
     if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters")}):
         raise BadInput(f"{path} holds NaN or inf (a diverged run or a damaged file); use an earlier checkpoint")
@@ -1400,6 +1400,9 @@ def read_classifier(path, device="cpu", D="stored", scores=False):
     model = build_model(ckpt, path, with_head=head)
     try:
         clusters = None if head else ckpt["clusters"]
+        if clusters and not (clusters["variance"] > 0 and clusters["center_classes"].unique().tolist()
+                             == list(range(ckpt["data"]["num_classes"]))):          # sigma^2 > 0, every class
+            raise ValueError("sigma^2 <= 0, or centre classes that are not the data's classes 0..C-1")
         D = (clusters or {}).get("D") if D == "stored" else D
         clf = Classifier(model, clusters, D, scores).to(device).eval().requires_grad_(False)
         clf(torch.zeros(2, ckpt["arch"]["in_channels"], *ckpt["data"]["image_size"], device=device))

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import fcntl
 import fractions
-import functools
 import gzip
 import json
 import math
@@ -514,7 +513,7 @@ def main(argv=None):
         state, log, saved, t_run = {"optimizer": opt, "generator": generator, "sampler": sampler}, [], None, time.time()
         if args.resume is not None:
             ckpt = read_checkpoint(args.resume or args.out, stages=("magnet",))
-            info = resume(ckpt, args, NOT_SHAPING, info, model, opt, generator)
+            info, saved = resume(ckpt, args, NOT_SHAPING, info, model, opt, generator)
             sampler.load_state_dict(ckpt["resume"]["sampler"])
             log = ckpt["log"]
         check_forward(model.eval().features, train[0], args.init if args.resume is None else args.resume or args.out)
@@ -663,7 +662,6 @@ class BadInput(Exception):
 
 def guarded(main):
     """main(argv) with the contract above: `guarded(main)()` is each stage's entry point."""
-    @functools.wraps(main)
     def run(argv=None):
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
         try:
@@ -750,18 +748,19 @@ def claimed(args, outputs, inputs):
     resumed = getattr(args, "resume", None) is not None and os.path.realpath(args.resume or args.out)
     data = [os.path.join(d, f) for d, _, files in os.walk(getattr(args, "data_dir", None) or "") for f in files]
     reads = {os.path.realpath(p) for p in inputs + data + [resumed] if p}
-    for flag, path in [(f, p) for f, p in outputs if p]:
-        if os.path.realpath(path) in reads - {resumed}:
-            raise BadInput(f"{flag} {path} is a file this run reads; choose another {flag}")
-        if os.path.exists(path) and not args.overwrite and os.path.realpath(path) != resumed:
+    written = [(flag, path, os.path.realpath(path)) for flag, path in outputs if path is not None]
+    for i, (flag, path, real) in enumerate(written):
+        if real in reads - {resumed} | {w[2] for w in written[:i]} or os.path.isdir(path) or not os.path.basename(path):
+            raise BadInput(f"{flag} {path!r}: not a file name, or one this run reads or writes twice; choose another")
+        if os.path.exists(path) and not args.overwrite and real != resumed:
             raise BadInput(f"{flag} {path} exists; --overwrite replaces it (after this run's first save)"
                            + (", --resume continues it" if hasattr(args, "resume") else ""))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(outputs[0][1] + ".lock", "a") as lock:                # the first output's; closing frees it
+    with open(written[0][1] + ".lock", "a") as lock:                # the first output's; closing frees it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BadInput(f"another run is writing {outputs[0][1]} ({outputs[0][1]}.lock is held)") from None
+            raise BadInput(f"another run is writing {written[0][1]} ({written[0][1]}.lock is held)") from None
         yield
 
 
@@ -852,7 +851,7 @@ def read_checkpoint(path, stages=STAGES):
     except Exception as e:          # missing, empty, truncated, or pickled code that weights_only refuses
         raise BadInput(f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not REQUIRED <= set(ckpt) \
-            or ckpt["stage"] not in stages:
+            or ckpt["stage"] not in stages or not isinstance(ckpt["args"], dict):
         raise BadInput(f"{path} is not a {FORMAT} checkpoint of the stage {' or '.join(stages)}")
     if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters")}):
         raise BadInput(f"{path} holds NaN or inf (a diverged run or a damaged file); use an earlier checkpoint")
@@ -915,11 +914,12 @@ def build_training(args, info, num_classes, device, init_state=None):
 def resume(ckpt, args, not_shaping, info, model, opt, generator):
     """--resume: refused where an argument that shapes the run differs from the stored run's, or
     --epochs is below the epochs it holds (it may grow); then weights, optimizer and RNG states.
-    -> `info` with the checkpoint's normalisation (the model's buffers)."""
+    -> (`info` with the checkpoint's normalisation (the model's buffers), the epoch --out holds or None)."""
     old = ckpt["args"]
     diff = sorted(k for k in set(old) | set(vars(args)) if k not in not_shaping | {"epochs"}
                   and old.get(k) != getattr(args, k, None))
-    if diff or args.epochs < ckpt["epoch"] or "resume" not in ckpt:   # --slim: no resume state
+    if diff or args.epochs < ckpt["epoch"] or "resume" not in ckpt or args.epochs == ckpt["epoch"] \
+            and os.path.realpath(args.resume or args.out) != os.path.realpath(args.out):   # nothing would be written
         raise BadInput(f"cannot resume {args.resume or args.out} (epoch {ckpt['epoch']}, --slim {'resume' not in ckpt})"
                        f" with --epochs {args.epochs}; it was run with {[(k, old.get(k)) for k in diff]}")
     model.load_state_dict(ckpt["model"], strict=True)
@@ -927,7 +927,8 @@ def resume(ckpt, args, not_shaping, info, model, opt, generator):
     torch.set_rng_state(ckpt["resume"]["rng"]["torch"])
     generator.set_state(ckpt["resume"]["rng"]["generator"])
     print(f"resumed {args.resume or args.out} at epoch {ckpt['epoch']}/{args.epochs}")
-    return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
+    saved = ckpt["epoch"] if os.path.realpath(args.resume or args.out) == os.path.realpath(args.out) else None
+    return dict(info, mean=ckpt["data"]["mean"], std=ckpt["data"]["std"]), saved   # saved: the epoch --out holds
 
 
 def save_epoch(stage, args, info, model, log, state, **entries):

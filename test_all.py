@@ -5139,7 +5139,7 @@ def make_plumbing_inputs(root, nominal_ckpt):
     nominal run (width 8; 3 classes of 16x16 images, those of the folder here)."""
     import gzip
     import shutil
-    p = {"root": str(root), "missing": str(root / "missing.pt"), "nowhere": str(root / "nowhere"),
+    p = {"root": str(root), "empty_name": "", "missing": str(root / "missing.pt"), "nowhere": str(root / "nowhere"),
          "old_json": str(root / "old.json"), "pwned": str(root / "pwned")}
     for name, classes, n_train, n_test, size in (("folder", 3, 20, 2, 16), ("four", 4, 20, 2, 16), ("big", 3, 2, 2, 24),
                                                  ("sizes", 3, 2, 0, 16), ("png_cut", 3, 2, 2, 16)):
@@ -5176,6 +5176,9 @@ def make_plumbing_inputs(root, nominal_ckpt):
              "m_std": dict(m, clusters=clusters(f, y, 1.0), data=dict(m["data"], std=[0.0] * 3),
                            model=dict(weights, std=torch.zeros_like(weights["std"]))),
              "m_far": dict(m, clusters=clusters(f * 1e30, y, 1.0)),
+             "m_var": dict(m, clusters=clusters(f, y, -1.0)),             # finite, sigma^2 < 0: the farthest wins
+             "m_cls": dict(m, clusters=dict(clusters(f, y, 1.0), center_classes=torch.arange(6))),   # 6 of 3 classes
+             "no_args": dict(m, clusters=clusters(f, y, 1.0), args=None),
              "m_inf": dict(m, clusters=clusters(torch.cat([f[:-1], f[-1:] * np.inf]), y, 1.0))}
     for name, obj in files.items():
         p[name] = str(root / f"{name}.pt")
@@ -5224,8 +5227,12 @@ CASES = [(stage, f"{kind} as {flag}", f"{flag} {{{name}}}") for stage, flag in R
     # finite numbers, a forward pass that is not
     *[(stage, f"{what} (finite numbers, NaN forward)", f"--ckpt {{{name}}}") for stage in (attack, certify)
       for what, name in (("batch-norm variance -1", "m_bn"), ("data std 0", "m_std"), ("centres x 1e30", "m_far"))],
+    # finite numbers and forward passes, damaged entries: sigma^2 < 0, centre classes beyond the data's, no args
+    *[(stage, what, f"--ckpt {{{name}}}") for stage in (attack, certify) for what, name in (
+        ("a negative sigma^2", "m_var"), ("centre classes beyond the classes", "m_cls"), ("no args entry", "no_args"))],
     # a checkpoint that does not fit the run or the data
     (nominal, "resumed with another --lr", "--width 8 --epochs 3 --lr 0.5 --resume {ckpt}"),
+    (nominal, "resumed into another --out with nothing left to train", "--width 8 --epochs 3 --resume {ckpt}"),
     (nominal, "resumed with fewer --epochs than it holds", "--width 8 --epochs 2 --resume {ckpt}"),
     *[(stage, "a folder of 4 classes, a checkpoint of 3", "--data-dir {four}") for stage in (magnet, qtrades, attack,
                                                                                              certify)],
@@ -5251,6 +5258,10 @@ CASES = [(stage, f"{kind} as {flag}", f"{flag} {{{name}}}") for stage, flag in R
         (nominal, "--out", "a test-labels file", "{fm}/t10k-labels-idx1-ubyte.gz --data fashion-mnist --data-dir {fm}"),
         (attack, "--save-adv", "a test image", "{folder}/test/class00/0000.png"),
         (certify, "--out", "a test image", "{folder}/test/class01/0001.png"))],
+    # ... or no file: an empty name, a folder, one file named by two outputs
+    *[(stage, f"{flag} {what}", f"{flag} {path}") for stage, flag, what, path in (
+        (nominal, "--out", "empty", "{empty_name}"), (attack, "--out", "a folder", "{root}"),
+        (synthetic, "--out", "empty", "{empty_name}"), (attack, "--export", "empty", "{empty_name}"), (attack, "--save-adv", "the --out", "held2.json --out held2.json"))],
     # a second run on an --out whose lock a live run holds
     *[(stage, "an --out held by a live run", "--out held.pt") for stage in (nominal, magnet, attack, synthetic)],
 ]
@@ -5447,6 +5458,15 @@ def test_a_finished_run_extends_and_its_printed_next_command_runs_as_printed(nom
     command = shlex.split(capsys.readouterr().out.split("next ")[-1])
     assert command[:4] == ["python", "magnet.py", "--init", "ckpt.pt"], command
     assert magnet.main(command[2:] + ["--epochs", "1", "--m", "3", "--d", "10"])["epochs_done"] == 1
+    # Ctrl-C in the first epoch of a resumed run names the epoch --out holds, the resumed one; resumed into
+    # another --out, that --out holds none of this run
+    monkeypatch.setattr(nominal, "train_one_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["--data", "folder", "--data-dir", image_folder, "--width", "8", "--epochs", "6", "-b", "32"]
+    for extra, said in ((["--resume"], "ckpt.pt holds epoch 4;"), (["--resume", "ckpt.pt", "--out", "b.pt"],
+                                                                   "no epoch of this run was saved in b.pt")):
+        with pytest.raises(SystemExit) as info:
+            nominal.guarded(nominal.main)(argv + extra)
+        assert info.value.code == 130 and said in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # -- attack.py under torchrun --
