@@ -3389,9 +3389,15 @@ def test_checkpoint_has_the_documented_entries_and_round_trips(nominal_run, imag
     assert {"optimizer", "rng"} <= set(ckpt["resume"])
     # rebuild the model from the checkpoint alone and reproduce its stored test accuracy
     model = attack.build_model(ckpt, out, with_head=True)                 # strict=True
-    _, (test_x, test_y), _ = nominal.load_data("folder", image_folder)
+    (train_x, _), (test_x, test_y), _ = nominal.load_data("folder", image_folder)
     acc = nominal.evaluate(model, (test_x, test_y), 64, False, torch.device("cpu"))
     assert acc == ckpt["metrics"]["test_accuracy"]
+    pixels = train_x.double().div(255).transpose(0, 1).flatten(1)         # App. A: the training split's
+    assert ckpt["data"]["mean"] == pytest.approx(pixels.mean(1).tolist(), rel=1e-9)
+    assert ckpt["data"]["std"] == pytest.approx(pixels.std(1).tolist(), rel=1e-9)
+    with torch.no_grad():                                                  # attack.py's classifier: log p
+        x = nominal.to_float(test_x)
+        assert torch.allclose(attack.read_classifier(out)[0](x), torch.log_softmax(model.eval()(x), 1), atol=1e-5)
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.endswith(".tmp")]
 
 
@@ -3512,7 +3518,7 @@ def test_evaluation_leaves_the_model_untouched(nominal_run):
 def test_tiny_nominal_checkpoint_is_fooled_at_a_large_eps(nominal_run, image_folder, tmp_path):
     _, ckpt = nominal_run
     out = str(tmp_path / "attack.json")
-    res = attack.main(["--ckpt", ckpt, "--data-dir", image_folder, "--eps", "0", "2/255",
+    res = attack.main(["--ckpt", ckpt, "--eps", "0", "2/255",              # the data folder: the checkpoint's
                        "128/255", "--steps", "5", "--square-queries", "50", "--out", out, "--check-images", "30",
                        "--large-eps", "128/255"])
     with open(out) as f:
@@ -5170,6 +5176,8 @@ def make_plumbing_inputs(root, nominal_ckpt):
              "foreign": {"state_dict": weights}, "pickled": {"format": "clustr/1", "payload": Code()},
              "nan": dict(ck, model=dict(ck["model"], **{"conv1.weight": ck["model"]["conv1.weight"] * np.nan})),
              "qce": dict(ck, stage="qtrades-ce"), "m": dict(m, clusters=clusters(f, y, float(f.var(0).sum()) / 4)),
+             "headless": dict(ck, model=weights),                       # a nominal checkpoint without its head
+             "slim": {k: v for k, v in ck.items() if k != "resume"},    # --slim's final epoch: no resume state
              "qm": dict(m, stage="qtrades-magnet", clusters=clusters(f, y, 1.0)),
              "m_bn": dict(m, clusters=clusters(f, y, 1.0), model=dict(weights, **{
                  "bn1.running_var": -torch.ones_like(weights["bn1.running_var"])})),
@@ -5202,9 +5210,10 @@ BASE[qtrades] = BASE[magnet]
 # Flags out of their range or not finite (magnet.py's and qtrades.py's --init has width 8, 20 images a class).
 FLAGS = {nominal: ["--lr nan", "--lr 2", "--epochs 0", "--seed -1", "--limit 0", "--gamma nan", "-b 0", "--width 0",
                    "--milestones 100", "--crop 100", "--stop-after 0", "--compile nonsense"],
-         magnet: ["--lr nan", "--limit 0", "--alpha inf", "--K 100", "--width 16"],
+         magnet: ["--lr nan", "--limit 0", "--alpha inf", "--K 100", "--width 16", "--D 7"],   # 7 of 3 x 2 centres
          qtrades: ["--eps 8", "--step inf", "--lam nan", "--limit 0", "--width 16"],
-         attack: ["--eps 8", "--eps -8/255", "--eps nan", "--tolerance nan", "--seed -1", "--compile tvm"],
+         attack: ["--eps 8", "--eps -8/255", "--eps nan", "--tolerance nan", "--seed -1", "--compile tvm",
+                  "--width 16"],                                      # the checkpoint's width is 8
          certify: ["--limit 0", "--seed -1", "--lipschitz nan", "--lipschitz -1"],
          synthetic: ["--lr nan", "--table-radii nan", "--table-radii -1", "--seed -1", "--warm-steps 21"]}
 READS = {nominal: "--resume", magnet: "--init", qtrades: "--init", attack: "--ckpt", certify: "--ckpt"}
@@ -5234,6 +5243,9 @@ CASES = [(stage, f"{kind} as {flag}", f"{flag} {{{name}}}") for stage, flag in R
     (nominal, "resumed with another --lr", "--width 8 --epochs 3 --lr 0.5 --resume {ckpt}"),
     (nominal, "resumed into another --out with nothing left to train", "--width 8 --epochs 3 --resume {ckpt}"),
     (nominal, "resumed with fewer --epochs than it holds", "--width 8 --epochs 2 --resume {ckpt}"),
+    (nominal, "a --slim checkpoint (no resume state) as --resume", "--width 8 --epochs 4 --resume {slim}"),
+    (qtrades, "a nominal checkpoint without its head as --init of --loss ce", "--init {headless} --loss ce"),
+    (attack, "a nominal checkpoint without its head", "--ckpt {headless}"),
     *[(stage, "a folder of 4 classes, a checkpoint of 3", "--data-dir {four}") for stage in (magnet, qtrades, attack,
                                                                                              certify)],
     *[(stage, "test images of another size than the checkpoint's", "--data-dir {big}") for stage in (attack, certify)],
@@ -5262,6 +5274,8 @@ CASES = [(stage, f"{kind} as {flag}", f"{flag} {{{name}}}") for stage, flag in R
     *[(stage, f"{flag} {what}", f"{flag} {path}") for stage, flag, what, path in (
         (nominal, "--out", "empty", "{empty_name}"), (attack, "--out", "a folder", "{root}"),
         (synthetic, "--out", "empty", "{empty_name}"), (attack, "--export", "empty", "{empty_name}"), (attack, "--save-adv", "the --out", "held2.json --out held2.json"))],
+    # an output whose folder cannot be made (an OSError: one line, exit 2, as every expected error)
+    (nominal, "an --out below a file", "--out {old_json}/c.pt"),
     # a second run on an --out whose lock a live run holds
     *[(stage, "an --out held by a live run", "--out held.pt") for stage in (nominal, magnet, attack, synthetic)],
 ]
@@ -5365,20 +5379,27 @@ def interrupt_line(err, out):
 @pytest.mark.parametrize("stage", [nominal, magnet, qtrades], ids=["nominal", "magnet", "qtrades"])
 def test_overwrite_keeps_the_old_files_until_the_first_save_of_a_finite_model(stage, plumbing_inputs, tmp_path,
                                                                               capsys, monkeypatch):
-    """--overwrite: the old checkpoint and log stay until the run's first save (Ctrl-C at that save:
-    exit 130, no epoch named); a model with NaN is never saved (exit 2; magnet.py and qtrades.py may
-    have saved their start, epoch 0, before the NaN); a finished run replaces both."""
+    """--overwrite: the old checkpoint and log stay until the run's first save (Ctrl-C in the middle of
+    that save: exit 130, no epoch named, the torn write in a temporary file alone); a model with NaN is
+    never saved (exit 2; magnet.py and qtrades.py may have saved their start, epoch 0, before the NaN);
+    a finished run replaces both, with --slim without its resume state, its data entry the model's
+    normalisation (magnet.py, qtrades.py: --init's, from other images than these)."""
     import shutil
-    import unittest.mock
     out = str(tmp_path / "c.pt")
     shutil.copy(plumbing_inputs["ckpt"], out)
     open(out + ".log.jsonl", "w").write('{"epoch": 3}\n')
     old, argv = snapshot(tmp_path), BASE[stage](plumbing_inputs) + ["--out", out, "--overwrite"]
-    monkeypatch.setattr(torch, "save", unittest.mock.Mock(side_effect=KeyboardInterrupt))   # Ctrl-C at the first save
+
+    def torn(obj, path):                                                  # Ctrl-C in the middle of the first save
+        open(path, "wb").write(b"torn")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(SystemExit) as info:
         stage.guarded(stage.main)(argv)
     assert info.value.code == 130 and interrupt_line(capsys.readouterr().err, out) == []
-    assert changes(old, snapshot(tmp_path)) == []
+    assert [f for f in changes(old, snapshot(tmp_path)) if not f.endswith(".tmp")] == []
+    for f in tmp_path.glob("*.tmp"):
+        f.unlink()
     monkeypatch.undo()
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, closure=None: [    # diverged (--lr > 1 is refused)
         w.data.fill_(float("nan")) for group in self.param_groups for w in group["params"]])
@@ -5388,8 +5409,11 @@ def test_overwrite_keeps_the_old_files_until_the_first_save_of_a_finite_model(st
     assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert changes(old, snapshot(tmp_path)) == [] or nominal.read_checkpoint(out)["epoch"] == 0   # finite, or raises
     monkeypatch.undo()
-    stage.main(argv)
-    assert train_lines(out)[-1] == 1 and nominal.read_checkpoint(out)["epoch"] == 1
+    stage.main(argv + ["--slim"])
+    ck = nominal.read_checkpoint(out)
+    assert train_lines(out)[-1] == 1 and ck["epoch"] == 1 and "resume" not in ck
+    assert torch.equal(torch.tensor(ck["data"]["mean"] + ck["data"]["std"]),
+                       torch.cat([ck["model"]["mean"].flatten(), ck["model"]["std"].flatten()]))
 
 
 def signal_argv(image_folder, out):

@@ -10,10 +10,12 @@ a user can observe); mutants known to be equivalent say why in their `equivalent
 not count in the kill rate.
 
 To save time each mutant first runs the `wiring` tier alone (the instrumented training runs,
-~20 s), or for attack.py and certify.py the tests named after them (its `first` -k expression),
-and only when that passes the whole suite; the verdict is the same as one full run.
+~20 s), or for attack.py, certify.py and the plumbing the tests named after them (its `first` -k
+expression), and only when that passes the whole suite; the verdict is the same as one full run.
+A mutant of a shared block is applied to every file that carries the block (`carriers`; --check
+refuses one that is not), so the shared-block identity test cannot be what kills it.
 
-    python benchmarks/mutate.py                  # every mutant, ~15-30 min on 2 busy cores
+    python benchmarks/mutate.py                  # every mutant, ~1-1.5 h on 2 busy cores
     python benchmarks/mutate.py --only 3 17      # some of them (numbers as in the table)
     python benchmarks/mutate.py --check          # only verify that every snippet occurs once
     python benchmarks/mutate.py --out table.md   # also write the Markdown table there
@@ -32,7 +34,23 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = ("magnet.py", "qtrades.py")      # a shared block's mutant is applied to every copy
+STAGES = ("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py")
+BLOCK = re.compile(r"^# --- shared: (\S+) ---\n.*?^# --- end shared: \1 ---\n", re.M | re.S)
+
+
+def blocks(name):
+    """{shared block: (start, end)} of one stage file."""
+    with open(os.path.join(ROOT, name)) as f:
+        return {b.group(1): b.span() for b in BLOCK.finditer(f.read())}
+
+
+def carriers(block):
+    """The stage files that carry a shared block: a mutant of it is applied to every copy, so the
+    shared-block identity test cannot be what kills it (check() verifies this for every mutant)."""
+    return tuple(name for name in STAGES if block in blocks(name))
+
+
+SHARED = carriers("kmeans")               # magnet.py, qtrades.py: k-means++, the sampler, the cluster update
 
 
 def M(files, original, mutant, what, equivalent=None, first=None):
@@ -41,10 +59,12 @@ def M(files, original, mutant, what, equivalent=None, first=None):
             "mutant": mutant, "what": what, "equivalent": equivalent, "first": first}
 
 
-# The evaluation's mutants first run the tests named after the evaluation stages.
+# The evaluation's mutants first run the tests named after the evaluation stages; the plumbing's
+# the contract table (bad input), --overwrite, signals, the loaders, resume and load_classifier.
 ATTACK = "attack or square or target or check or cascade or pgd or per_loss or export or recomput"
 CERTIFY = "certify or radius or radii or lipschitz or l2_attack or curve or prop1"
-FAULTS = "fault or data_is or logs_are or atomic or certify_results or lock"
+FAULTS = ("bad_input or overwrite or signal or loader or resume_refuses or finished_run_extends or "
+          "load_classifier or export_refuses")
 
 
 MUTANTS = [
@@ -55,7 +75,7 @@ MUTANTS = [
       "x = to_float(images[idx])", "nominal trains without augmentation"),
     M("nominal.py", "        opt.zero_grad(set_to_none=True)\n", "",
       "nominal: no zero_grad (gradients accumulate over steps)"),
-    M(("nominal.py", "magnet.py", "qtrades.py"), "torch.optim.Adam(model.parameters(), lr=args.lr), generator",
+    M(carriers("train-run"), "torch.optim.Adam(model.parameters(), lr=args.lr), generator",
       "torch.optim.SGD(model.parameters(), lr=args.lr), generator", "nominal: SGD instead of Adam"),
     M("nominal.py", "sum(epoch >= m for m in args.milestones)",
       "sum(epoch > m for m in args.milestones)", "nominal: lr drops one epoch late"),
@@ -80,25 +100,22 @@ MUTANTS = [
       "test_acc = evaluate(model, train, args.batch_size, args.amp, device)",
       "nominal: 'test' accuracy measured on the training split"),
     # ---------------------------------------------------------------- magnet.py (Eq. (3), App. A)
-    M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
-      "        pass  # sampler.record(idx, per_example)                        # Rippel",
+    M("magnet.py", "        sampler.record(idx, per)                                        # Rippel",
+      "        pass  # sampler.record(idx, per)                                # Rippel",
       "magnet: per-example losses never reach the sampler"),
-    M("magnet.py", "        sampler.record(idx, per_example)                                # Rippel",
-      "        sampler.record(idx.flip(0), per_example)                        # Rippel",
+    M("magnet.py", "        sampler.record(idx, per)                                        # Rippel",
+      "        sampler.record(idx.flip(0), per)                                # Rippel",
       "magnet: losses recorded at the wrong rows"),
-    M(SHARED, "    sampler.set_clusters(assignment, centers, center_classes)\n"
-                   "    return clusters_entry(centers, center_classes, sigma2, args), center_classes,",
-      "    if epoch == 0:\n"
-      "        sampler.set_clusters(assignment, centers, center_classes)\n"
-      "    return clusters_entry(centers, center_classes, sigma2, args), center_classes,",
+    M(carriers("cluster-update"), "    sampler.set_clusters(assignment, centers, classes)\n",
+      "    if epoch == 0:\n        sampler.set_clusters(assignment, centers, classes)\n",
       "magnet: the sampler keeps the epoch-0 clusters forever"),
-    M("magnet.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
-      "        x = to_float(images[idx_dev])", "magnet trains without augmentation"),
-    M("magnet.py", "magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)",
-      "magnet_loss(f, cluster_ids, center_classes[cluster_ids], 0.0)",
+    M("magnet.py", "x = to_float(augment(train[0][idx.to(device)], args.crop, args.flip, generator))",
+      "x = to_float(train[0][idx.to(device)])", "magnet trains without augmentation"),
+    M("magnet.py", "magnet_loss(f, ids.to(device), sampler.center_classes[ids].to(device), args.alpha)",
+      "magnet_loss(f, ids.to(device), sampler.center_classes[ids].to(device), 0.0)",
       "magnet: alpha is 0 inside the loop"),
-    M("magnet.py", "magnet_loss(f, cluster_ids, center_classes[cluster_ids], args.alpha)",
-      "magnet_loss(f, center_classes[cluster_ids], center_classes[cluster_ids], args.alpha)",
+    M("magnet.py", "magnet_loss(f, ids.to(device), sampler.center_classes[ids].to(device), args.alpha)",
+      "magnet_loss(f, sampler.center_classes[ids].to(device), sampler.center_classes[ids].to(device), args.alpha)",
       "magnet: the loss sees one cluster per class instead of the sampled clusters"),
     M("magnet.py", '"svhn": dict(epochs=30, lr=1e-4, alpha=13.0, crop=0, flip=False)',
       '"svhn": dict(epochs=30, lr=1e-4, alpha=12.5, crop=0, flip=False)',
@@ -106,97 +123,87 @@ MUTANTS = [
     M("magnet.py", "sampler = NeighbourhoodSampler(len(train[1]), args.m, args.d,",
       "sampler = NeighbourhoodSampler(len(train[1]), args.d, args.m,", "magnet: m and d swapped"),
     M("magnet.py", "        opt.zero_grad(set_to_none=True)\n", "", "magnet: no zero_grad"),
-    M(SHARED, "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, args.D)",
-      "test_acc = eq4_accuracy(test_features, test[1], centers, center_classes, sigma2, None)",
-      "magnet: --D ignored in the test accuracy"),
-    M("magnet.py", "        loss_sum += float(per_example.sum())",
-      "        loss_sum += float(per_example.mean())", "magnet: logged train loss wrong"),
-    M("magnet.py", "    for _ in range(sampler.batches_per_epoch()):\n        idx, cluster_ids = sampler.sample()                             # CPU",
-      "    for _ in range(sampler.batches_per_epoch() - 1):\n        idx, cluster_ids = sampler.sample()                             # CPU",
-      "magnet: one batch per epoch too few"),
-    M("magnet.py", "    images, _ = train\n    model.train()\n    loss_sum, seen = 0.0, 0\n",
-      "    images, _ = train\n    loss_sum, seen = 0.0, 0\n",
-      "magnet: train_one_epoch does not set train mode",
-      equivalent="the model is already in train mode there: it starts so, and features_of and "
-                 "eq4 evaluation restore the mode they found"),
+    M(carriers("cluster-update"), "(cluster_log_probs(f, centers, classes, sigma2, args.D).argmax(1) == y)",
+      "(cluster_log_probs(f, centers, classes, sigma2, None).argmax(1) == y)",
+      "magnet: --D ignored in the Eq. (4) accuracies"),
+    M("magnet.py", "loss_sum + float(sampler.losses[idx].sum())", "loss_sum + float(sampler.losses[idx].mean())",
+      "magnet: logged train loss wrong"),
+    M("magnet.py", "    for _ in range(sampler.batches_per_epoch()):\n",
+      "    for _ in range(sampler.batches_per_epoch() - 1):\n", "magnet: one batch per epoch too few"),
+    M("magnet.py", "    model.train()\n    loss_sum, seen = 0.0, 0\n", "    loss_sum, seen = 0.0, 0\n",
+      "magnet: train_one_epoch does not set train mode (features_of leaves the model in eval mode)"),
     # ---------------------------------------------------------------- shared blocks (every copy)
-    M(SHARED, "features, train[1], num_classes, args.K, generator)",
-      "features, train[1], num_classes, 2, generator)", "k-means: --K ignored (always 2)"),
+    M(carriers("cluster-update"), "fit_clusters(features, train[1], info[\"num_classes\"], args.K, generator)",
+      "fit_clusters(features, train[1], info[\"num_classes\"], 2, generator)", "k-means: --K ignored (always 2)"),
     M(SHARED, "        mu, a = kmeans_pp(x, K, iters, generator)",
       "        mu, a = kmeans_pp(x, K, iters)", "k-means++ without the run's generator"),
-    M(SHARED, "    features = features_of(model, train[0], args.batch_size, args.amp)          # [N, 8w]",
-      "    features = features_of(model, augment(train[0], args.crop, args.flip, generator), "
-      "args.batch_size, args.amp)", "k-means on augmented images"),
+    M(carriers("cluster-update"), "for x in (train[0], test[0]))",
+      "for x in (augment(train[0], args.crop, args.flip, generator), test[0]))", "k-means on augmented images"),
     M(SHARED, "        self.losses[rows.cpu()] = losses.detach().float().cpu()",
       "        self.losses[rows.cpu()] = losses.detach().float().cpu().flip(0)",
       "sampler stores each loss at another row"),
-    M(SHARED, "            mean = torch.where(seen, mean, mean[seen].mean())             # never drawn: average",
-      "            mean = torch.where(seen, mean, 0.0)                           # never drawn: average",
-      "sampler: never-drawn clusters never seeded"),
-    M(SHARED, "        return math.ceil(self.num_examples / (self.m * self.d))",
-      "        return self.num_examples // (self.m * self.d)", "sampler: epoch rounds down"),
+    M(carriers("sampler"), "w = torch.where(count > 0, mean, mean[count > 0].mean())",
+      "w = torch.where(count > 0, mean, 0.0)", "sampler: never-drawn clusters never seeded"),
+    M(carriers("sampler"), "        return math.ceil(len(self.losses) / (self.m * self.d))",
+      "        return len(self.losses) // (self.m * self.d)", "sampler: epoch rounds down"),
     # ---------------------------------------------------------------- qtrades.py (Eq. (6), Sec. 4.2)
     M("qtrades.py", "x_adv = craft(model, x, eq4, args, generator)", "x_adv = x",
       "ClusTR+QTRADES with no adversary"),
-    M("qtrades.py", "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, args.lam,",
-      "f, f_adv, cluster_ids, center_classes[cluster_ids], args.alpha, *eq4, 0.0,",
+    M("qtrades.py", "*eq4, args.lam, args.consistency)", "*eq4, 0.0, args.consistency)",
       "ClusTR+QTRADES with lambda = 0"),
-    M("qtrades.py", "quick_adversary(log_q_fn, x, log_p, args.eps, args.step, generator)",
-      "quick_adversary(log_q_fn, x, log_p, args.eps, args.eps, generator)",
+    M("qtrades.py", "log_probs(clean), args.eps, args.step, generator)", "log_probs(clean), args.eps, args.eps, generator)",
       "QTRADES: the step equals eps"),
-    M("qtrades.py", "x_adv = craft(model, x, None, args, generator)", "x_adv = x",
+    M("qtrades.py", "x_adv = craft(model, x, eq4, args, generator)",
+      "x_adv = x if eq4 is None else craft(model, x, eq4, args, generator)",
       "QTRADES alone uses x as its own adversary"),
-    M("qtrades.py", "loss, cons = qtrades_ce_loss(logits, logits_adv, y, args.lam, args.consistency)",
-      "loss, cons = qtrades_ce_loss(logits, logits_adv, y, 0.0, args.consistency)",
-      "QTRADES alone with lambda = 0"),
+    M("qtrades.py", "qtrades_ce_loss(out, out_adv, labels[idx], args.lam, args.consistency)",
+      "qtrades_ce_loss(out, out_adv, labels[idx], 0.0, args.consistency)", "QTRADES alone with lambda = 0"),
     M("qtrades.py", "        x_adv = x_start + step * grad.sign()",
       "        x_adv = x_start - step * grad.sign()", "QTRADES: descent instead of ascent"),
-    M("qtrades.py", "        sampler.record(idx, per_example)            # Rippel",
-      "        sampler.record(idx, total)                  # Rippel",
+    M("qtrades.py", "            sampler.record(idx, per_example)        # Rippel",
+      "            sampler.record(idx, per_example + args.lam * cons)  # Rippel",
       "ClusTR+QTRADES: the sampler ranks Eq. (6) totals, not Magnet losses"),
-    M("qtrades.py", "            keep = nearest_mask(f, centers, D)                             # the clean D nearest",
-      "            keep = nearest_mask(f, centers, None)                          # the clean D nearest",
+    M("qtrades.py", "nearest_mask(clean, clusters[0], clusters[3])", "nearest_mask(clean, clusters[0], None)",
       "QTRADES: the adversary ignores D"),
-    M("qtrades.py", "            f_adv = model.features(x_adv)", "            f_adv = model.features(x)",
+    M("qtrades.py", "qtrades_magnet_loss(out, out_adv, cluster_ids,", "qtrades_magnet_loss(out, out, cluster_ids,",
       "ClusTR+QTRADES: the adversarial features are the clean ones"),
     M("qtrades.py", '"svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=9.7,',
       '"svhn": dict(epochs=30, lr=1e-4, alpha=10.0, lam=8.0,', "qtrades: App. A default changed (SVHN lambda)"),
     M("qtrades.py", '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D=20,',
       '"cifar100": dict(epochs=60, lr=1e-4, alpha=8.5, lam=2.0, D="all",',
       "qtrades: Sec. 4.2 default changed (CIFAR100 D = 20)"),
-    M("qtrades.py", 'g.add_argument("--step", type=parse_fraction, default="10/255",',
-      'g.add_argument("--step", type=parse_fraction, default="8/255",', "qtrades: default step changed"),
+    M("qtrades.py", 'g.add_argument("--step", type=number(float, 0, 1), default="10/255",',
+      'g.add_argument("--step", type=number(float, 0, 1), default="8/255",', "qtrades: default step changed"),
     M("qtrades.py", "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n    model.eval()\n",
       "    (log-softmax of the head).  The clean target p(f(x)) is the eval-mode one, held constant.\"\"\"\n",
       "QTRADES: the adversary is crafted in train mode"),
-    M("qtrades.py", "_, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch)",
-      "_, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, 0)",
+    M("qtrades.py", "        clusters, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, epoch)",
+      "        clusters, metrics = cluster_and_evaluate(model, train, test, info, sampler, args, generator, 0)",
       "ClusTR+QTRADES: every epoch's record says epoch 0"),
-    M("qtrades.py", "            clusters, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
-      "            _, metrics = evaluate_epoch(*ev, epoch + 1, train_acc)",
+    M("qtrades.py", "                clusters, record = run_epoch(model, opt, train, test, info, sampler, clusters, args, generator, device,\n"
+                    "                                             epoch)\n",
+      "                new, record = run_epoch(model, opt, train, test, info, sampler, clusters, args, generator, device,\n"
+      "                                        epoch)\n                clusters = clusters or new\n",
       "ClusTR+QTRADES: Eq. (6) keeps the epoch-0 centres"),
-    M("qtrades.py", "logits, logits_adv = model(x), model(x_adv)", "logits, logits_adv = model(x), model(x)",
+    M("qtrades.py", "qtrades_ce_loss(out, out_adv, labels[idx],", "qtrades_ce_loss(out, out, labels[idx],",
       "QTRADES alone: the adversarial logits are the clean ones"),
-    M("qtrades.py", "        x = to_float(augment(images[idx], args.crop, args.flip, generator))",
-      "        x = to_float(images[idx])", "QTRADES alone trains without augmentation"),
-    M("qtrades.py", "        x = to_float(augment(images[idx_dev], args.crop, args.flip, generator))",
-      "        x = to_float(augment(images[idx_dev], args.crop, False, generator))",
+    M("qtrades.py", "x = to_float(augment(images[idx.to(device)], args.crop, args.flip, generator))",
+      "x = to_float(augment(images[idx.to(device)], args.crop, args.flip, generator) if sampler else "
+      "images[idx.to(device)])", "QTRADES alone trains without augmentation"),
+    M("qtrades.py", "x = to_float(augment(images[idx.to(device)], args.crop, args.flip, generator))",
+      "x = to_float(augment(images[idx.to(device)], args.crop, args.flip and sampler is None, generator))",
       "ClusTR+QTRADES ignores --flip"),
-    M("qtrades.py", "    perm = torch.randperm(n, device=device, generator=generator)",
-      "    perm = torch.arange(n, device=device)", "QTRADES alone: batches never shuffled"),
-    M("qtrades.py", "        opt.zero_grad(set_to_none=True)\n        loss.backward()\n        opt.step()\n"
-                    "        per_example = per_example.detach().float().cpu()\n        total",
-      "        loss.backward()\n        opt.step()\n"
-      "        per_example = per_example.detach().float().cpu()\n        total",
-      "ClusTR+QTRADES: no zero_grad"),
-    M(SHARED, "test_features = features_of(model, test[0], args.batch_size, args.amp)",
-      "test_features = features_of(model, train[0], args.batch_size, args.amp)",
+    M("qtrades.py", "torch.randperm(len(labels), device=device, generator=generator), args.m * args.d",
+      "torch.arange(len(labels), device=device), args.m * args.d", "QTRADES alone: batches never shuffled"),
+    M("qtrades.py", "        opt.zero_grad(set_to_none=True)\n",
+      "        if sampler is None:\n            opt.zero_grad(set_to_none=True)\n", "ClusTR+QTRADES: no zero_grad"),
+    M(carriers("cluster-update"), "for x in (train[0], test[0]))", "for x in (train[0], train[0][:len(test[0])]))",
       "magnet: 'test' accuracy from the training images"),
-    M("qtrades.py", "_, metrics = cluster_and_evaluate(model, train, test, info, sampler",
-      "_, metrics = cluster_and_evaluate(model, train, train, info, sampler",
+    M("qtrades.py", "clusters, metrics = cluster_and_evaluate(model, train, test, info, sampler",
+      "clusters, metrics = cluster_and_evaluate(model, train, train, info, sampler",
       "ClusTR+QTRADES: 'test' accuracy from the training images"),
-    M("qtrades.py", '"test_accuracy": evaluate(model, test, args.batch_size, args.amp, device)}',
-      '"test_accuracy": evaluate(model, train, args.batch_size, args.amp, device)}',
+    M("qtrades.py", '"test_accuracy": evaluate(\n            model, test, args.batch_size',
+      '"test_accuracy": evaluate(\n            model, train, args.batch_size',
       "QTRADES alone: 'test' accuracy on the training split"),
     # ---------------------------------------------------------------- attack.py (issue 21)
     # (attack.py's mutants go here)
@@ -244,8 +251,8 @@ MUTANTS = [
       "square: windows never reach the last rows", first=ATTACK),
     M("attack.py", "(rows >= r) & (rows < r + side)", "(rows >= r) & (rows <= r + side)",
       "square: windows one row too tall", first=ATTACK),
-    M("attack.py", "drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1).to(x.dtype), xk[same])",
-      "drawn = torch.where(window[same], xk[same] + eps * (sign * 2 - 1).to(x.dtype), xk[same])",
+    M("attack.py", "drawn = torch.where(window[same], x0[same] + eps * (sign * 2 - 1).to(xk.dtype), xk[same])",
+      "drawn = torch.where(window[same], xk[same] + eps * (sign * 2 - 1).to(xk.dtype), xk[same])",
       "square: new values are moves from the current point, not vertices", first=ATTACK),
     M("attack.py", "    x_adv[idx], margin[idx] = xk, lm_k                                      # survivors",
       "    margin[idx] = lm_k                                                      # survivors",
@@ -310,8 +317,8 @@ MUTANTS = [
     M("certify.py", 'accuracy_curve(pert, correct[:m], args.grid, "attacked_accuracy")',
       'accuracy_curve(pert, correct[-m:], args.grid, "attacked_accuracy")',
       "certify: the attacked curve pairs each perturbation with another image's correctness", first=CERTIFY),
-    M("certify.py", 'inside = int((pert < r["radius"][:m]).sum())',
-      'inside = int((pert < r["radius"][-m:]).sum())',
+    M("certify.py", 'inside, med_r_m = int((pert < r["radius"][:m]).sum())',
+      'inside, med_r_m = int((pert < r["radius"][-m:]).sum())',
       "certify: flipped-inside compares each perturbation with another image's radius", first=CERTIFY),
     M("certify.py", '"two_closest_differs": int((r["two_closest"] > r["radius"]).sum())',
       '"two_closest_differs": int((r["two_closest"] >= r["radius"]).sum())',
@@ -324,15 +331,14 @@ MUTANTS = [
       "certify: median_correct_tight over every image, not the correct ones", first=CERTIFY),
     M("certify.py", "med_r * L / lower_estimate", "med_r * lower_estimate / L",
       "certify: the radius if L were the lower estimate scales the wrong way", first=CERTIFY),
-    M("certify.py", "finite(med_p / float(r[\"radius\"][:m].median()))",
-      "finite(med_p / float(r[\"radius\"].median()))",
+    M("certify.py", 'float(r["radius"][:m].median())', 'float(r["radius"].median())',
       "certify: gap_median_ratio divides by the median radius of every image, not the attacked ones",
       first=CERTIFY),
-    M("certify.py", "return pert, (float(torch.cat(lower).max()) if m else None)",
-      "return pert, (float(torch.cat(lower).min()) if m else None)",
+    M("certify.py", "return torch.cat(pert), float(torch.cat(lower).max())",
+      "return torch.cat(pert), float(torch.cat(lower).min())",
       "certify: the lower estimate of L is the smallest Jacobian norm, not the largest", first=CERTIFY),
-    M("certify.py", "x = to_float(images[start:min(m, start + args.batch_size)])",
-      "x = to_float(images[start:start + args.batch_size])",
+    M("certify.py", "for x in map(to_float, images[:m].split(args.batch_size)):",
+      "for x in map(to_float, images[:math.ceil(m / args.batch_size) * args.batch_size].split(args.batch_size)):",
       "certify: the last attack chunk runs past --attack-limit", first=CERTIFY),
     M("certify.py", "x_adv[hit[better]] = z[better]", "x_adv[hit][better] = z[better]",
       "certify: the bisection's smaller examples are written to a copy (x_adv not updated)",
@@ -349,100 +355,57 @@ MUTANTS = [
     M("certify.py", "eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best),",
       "eps = torch.where(adv, eps * (1 - gamma),",
       "certify: an adversarial step does not cap the radius at the best norm found", first=CERTIFY),
-    M("certify.py", "return torch.where(same, sq, inf).min(1).values - torch.where(same, inf, sq).min(1).values",
-      "return torch.where(same, inf, sq).min(1).values - torch.where(same, sq, inf).min(1).values",
-      "certify: attack_margin's sign flipped (the attack climbs towards its own class)", first=CERTIFY),
-    M("certify.py", "for p in results[\"curve\"][::step]]", "for p in results[\"curve_tight\"][::step]]",
+    M("certify.py", "m = sq.masked_fill(~same, math.inf).min(1).values - sq.masked_fill(same, math.inf).min(1).values",
+      "m = sq.masked_fill(same, math.inf).min(1).values - sq.masked_fill(~same, math.inf).min(1).values",
+      "certify: the L2 search's margin sign flipped (it climbs towards its own class)", first=CERTIFY),
+    M("certify.py", 'for p in results["curve"][::args.grid // 4 or 1])',
+      'for p in results["curve_tight"][::args.grid // 4 or 1])',
       "certify: the summary's certified-accuracy table prints the tight curve", first=CERTIFY),
-    M("certify.py", "    if low is not None and L < low:",
-      "    if low is not None and L > low:",
-      "certify: the summary warns that L is too small when it is above the lower estimate",
-      first=CERTIFY),
-    M("certify.py", "plot_curves(results, r[\"radius\"][:len(pert)], pert, lower_estimate, plot)",
-      "plot_curves(results, r[\"radius\"], pert, lower_estimate, plot)",
-      "certify: the plot's radii are of every image, the attack's of the first --attack-limit",
-      first=CERTIFY),
     M("certify.py", '"flipped": int(torch.isfinite(pert).sum()), "flipped_inside',
       '"flipped": int((pert > 0).sum()), "flipped_inside',
       "certify: flipped counts the images where the attack found nothing (inf)", first=CERTIFY),
     M("certify.py", '"lower_estimate_images": m,', '"lower_estimate_images": n,',
       "certify: lower_estimate_images says every test image", first=CERTIFY),
-    M("certify.py", '(radius * L / (lower or L), "R(x) if L = lower estimate (not sound)", "--")',
-      '(radius * (lower or L) / L, "R(x) if L = lower estimate (not sound)", "--")',
+    M("certify.py", 'scale = lip["value"] / (lip["lower_estimate"] or lip["value"])',
+      'scale = (lip["lower_estimate"] or lip["value"]) / lip["value"]',
       "certify: the plot scales R(x) to the lower estimate of L the wrong way", first=CERTIFY),
     # ---------------------------------------------------------------- faults (issue 23): every stage's copy
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "            if real in reads:\n", "            if False:\n",
-      "check_outputs: an output may be a file the run reads", first=FAULTS),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
-      "    bad = nonfinite({\"model\": ckpt[\"model\"], \"clusters\": ckpt.get(\"clusters\")})\n",
-      "    bad = None\n", "read_checkpoint: NaN weights load", first=FAULTS),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py"),
-      "    bad = nonfinite({k: ckpt[k] for k in (\"model\", \"clusters\") if k in ckpt})\n",
-      "    bad = None\n", "save_checkpoint: NaN weights are written", first=FAULTS),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
-      "walks = [sorted(os.walk(os.path.join(split, c))) for c in classes]",
-      "walks = [sorted(os.walk(os.path.join(split, c), followlinks=True)) for c in classes]",
-      "folder splits follow links to folders again", first=FAULTS),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"),
-      "    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):\n",
-      "    if False:\n", "labels outside the classes accepted", first=FAULTS),
-    M("certify.py", "    sound = not inside and (not lower_estimate or L >= lower_estimate)\n",
-      "    sound = not inside\n", "certify: an L below the lower estimate still gives certificates",
-      first=FAULTS),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
-      "the lock of --out is never taken", first=FAULTS),
+    M(carriers("files"), "if real in reads - {resumed} | {w[2] for w in written[:i]}", "if real in {w[2] for w in written[:i]}",
+      "claimed: an output may be a file the run reads", first=FAULTS),
+    M(carriers("checkpoint"), '    if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters")}):\n',
+      "    if False:\n", "read_checkpoint: NaN weights load", first=FAULTS),
+    M(carriers("train-run"), '    if not finite({"model": ckpt["model"], "clusters": ckpt.get("clusters"), "loss":',
+      '    if False and finite({"model": ckpt["model"], "clusters": ckpt.get("clusters"), "loss":',
+      "save_epoch: a model with NaN is written (no finite check)", first=FAULTS),
+    M(carriers("train-data"), " or max(train_y.max(), test_y.max()) >= len(classes):", ":",
+      "load_data: labels outside the classes accepted", first=FAULTS),
+    M("certify.py", "sound = not inside and L >= lower_estimate and (not given or L >= bound)",
+      "sound = not inside and (not given or L >= bound)",
+      "certify: an L below the lower estimate still gives certificates", first=CERTIFY),
+    M(carriers("files"), "            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
+      "claimed: the lock of --out is never taken (two runs on one --out)", first=FAULTS),
     M("attack.py", "                m = torch.minimum(m, (sq[:, clf.D] - sq[:, clf.D - 1]) / (2 * clf.sigma2))\n",
       "                pass\n", "recompute: a D-masked flip at the D-th centre counts as beyond rounding",
       first=ATTACK),
     # ---------------------------------------------------------------- issue 22: the lean plumbing
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "        if training and not resume and os.path.exists(out) and not args.overwrite:\n",
-      "        if False:\n", "owned: a fresh training run writes over an existing --out", first=FAULTS + " or bad_input"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n",
-      "take_lock: no lock (two runs on one --out)", first=FAULTS + " or bad_input"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "        again.append(\"--resume\")\n", "        pass\n",
-      "stopped: the printed command restarts instead of resuming", first="interrupt or signal"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"),
-      "                os.remove(out + \".lock\")\n", "                pass\n",
-      "owned: the lock file stays after the run", first="lock or signal or overwrite"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py"),
-      "            run.update(epoch=ckpt[\"epoch\"], file=path)\n", "            pass\n",
-      "save_checkpoint: the interrupt line never learns the saved epoch", first="interrupt or signal"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py"),
-      "        if \"log\" in ckpt:\n            atomic_write(", "        if False:\n            atomic_write(",
-      "save_checkpoint: the training log is never written", first="tiny_training or resume"),
-    M(("nominal.py", "magnet.py", "qtrades.py"), "    opt.load_state_dict(ckpt[\"resume\"][\"optimizer\"])\n", "",
+    M(carriers("files"), "        if os.path.exists(path) and not args.overwrite and real != resumed:\n",
+      "        if False:\n", "claimed: an existing output is replaced without --overwrite", first=FAULTS),
+    M(carriers("train-run"), 'f"{out} holds epoch {saved}; continue with --resume" if',
+      'f"{out} holds epoch {saved}" if', "stopped: the interrupt line does not say --resume continues",
+      first="signal or interrupt"),
+    M("nominal.py", '                saved = save_epoch("nominal",', '                save_epoch("nominal",',
+      "nominal: the interrupt line never learns the saved epoch", first="signal or interrupt"),
+    M(carriers("train-run"), '    write_file(args.out + ".log.jsonl", lambda tmp:',
+      '    (lambda *a: None)(args.out + ".log.jsonl", lambda tmp:',
+      "save_epoch: the training log is never written", first="tiny_training or resume or overwrite"),
+    M(carriers("train-run"), "    opt.load_state_dict(ckpt[\"resume\"][\"optimizer\"])\n", "",
       "resume: Adam's moments start from zero", first="bit_identical"),
-    M(("nominal.py", "magnet.py", "qtrades.py"), "        generator.set_state(ckpt[\"resume\"][\"rng\"][\"generator\"])\n",
-      "        pass\n", "resume: the device generator restarts from the seed", first="bit_identical"),
-    M(("nominal.py", "magnet.py", "qtrades.py"), "    if not math.isfinite(loss):\n", "    if False:\n",
-      "check_loss: a NaN epoch is saved", first="nan"),
-    M("magnet.py", "            if args.epochs == 0 or not os.path.exists(args.out):", "            if True:",
-      "magnet --overwrite: the old checkpoint replaced before epoch 1", first="overwrite"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"), "    bad = damaged(ckpt)\n", "    bad = None\n",
-      "read_checkpoint: a damaged entry is used", first=FAULTS + " or damaged"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"), "type(k[\"variance\"]) in (int, float) and k[\"variance\"] > 0",
-      "type(k[\"variance\"]) in (int, float)", "damaged: a negative sigma^2 passes", first=FAULTS + " or damaged"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py"), "0 <= int(k[\"center_classes\"].min()) <= int(k[\"center_classes\"].max()) < d[\"num_classes\"]",
-      "0 <= int(k[\"center_classes\"].min())", "damaged: centre classes beyond the classes pass",
-      first=FAULTS + " or damaged"),
-    M(("nominal.py", "magnet.py", "qtrades.py"), "        ckpt[\"log\"] = ckpt[\"log\"] or [ckpt[\"metrics\"]]\n", "        ckpt[\"log\"] = [ckpt[\"metrics\"]]\n",
-      "resume: an old checkpoint's log file is dropped", first="without_its_log or resume"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"), "        again = [a for a in argv if a != \"--overwrite\" and not a.startswith(\"--resume=\")]\n",
-      "        again = [a for a in argv if not a.startswith(\"--resume=\")]\n",
-      "stopped: --overwrite kept once --out holds an epoch (the command is refused... or replaces it)",
-      first="interrupt or signal or overwrite"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"), "        if \"--resume\" in again:             # --resume [PATH]", "        if False:             # --resume [PATH]",
-      "stopped: --resume A stays in the command that should continue --out", first="interrupt or resume"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"), "    if training and run[\"file\"] and os.path.abspath(run[\"file\"]) == os.path.abspath(args.out):",
-      "    if training and run[\"file\"]:", "stopped: a resume not yet saved into --out continues --out",
-      first="interrupt or resume or overwrite"),
-    M(("nominal.py", "magnet.py", "qtrades.py", "attack.py", "certify.py", "synthetic.py"), "        if not training and os.path.isfile(out) and open(out, \"rb\").read(2) == b\"PK\":",
-      "        if False:", "owned: an evaluation writes its results over a checkpoint", first=FAULTS),
+    M(carriers("train-run"), "    generator.set_state(ckpt[\"resume\"][\"rng\"][\"generator\"])\n", "",
+      "resume: the device generator restarts from the seed", first="bit_identical"),
+    M(carriers("train-run"), ', "loss": log[-1]["train_loss"] or 0.}):', "}):",
+      "save_epoch: an epoch whose loss is NaN (finite weights) is saved", first="nan or overwrite or diverge"),
+    M("magnet.py", "                if epoch or args.epochs == 0 or not os.path.exists(args.out):",
+      "                if True:", "magnet --overwrite: the old checkpoint replaced before epoch 1", first="overwrite"),
     # ---------------------------------------------------------------- issue 31: robust verdicts backed from both sides
     M("attack.py", "        work[idx] += 1\n        lp = lp.detach().float()", "        lp = lp.detach().float()",
       "pgd: the iterates are not counted (no survivor looks attacked)", first=ATTACK),
@@ -462,20 +425,141 @@ MUTANTS = [
       first=ATTACK),
     M("attack.py", "    return robust & claimed, int(differ.sum())", "    return robust, int(differ.sum())",
       "recompute: a disagreement within rounding raises the figure", first=ATTACK),
-    M("attack.py", "            same = (x_new == xk).flatten(1).all(1)", "            same = same & False",
+    M("attack.py", "        same = (x_new == xk).flatten(1).all(1)", "        same = same & False",
       "square: a window whose values do not change is queried", first=ATTACK),
     M("attack.py", "    if args.strict and any(c[\"ok\"] is False for c in checks.values()):",
       "    if args.strict and False:", "a failed check exits 0", first=ATTACK),
-    M("certify.py", "        sound, share = sound and L >= bound, \"assumed_L_accuracy\"",
-      "        sound, share = sound, \"assumed_L_accuracy\"", "certify: a given L below the bound is sound",
-      first=CERTIFY),
-    M("certify.py", "        sound, share = sound and L >= bound, \"assumed_L_accuracy\"",
-      "        sound, share = sound and L >= bound, share", "certify: a given L's curve is called certified",
-      first=CERTIFY),
+    M("certify.py", "sound = not inside and L >= lower_estimate and (not given or L >= bound)",
+      "sound = not inside and L >= lower_estimate", "certify: a given L below the bound is sound", first=CERTIFY),
+    M("certify.py", 'share = "assumed_L_accuracy" if given else "certified_accuracy" if sound',
+      'share = "certified_accuracy" if sound', "certify: a given L's curve is called certified", first=CERTIFY),
     M("certify.py", "float(inv_std.max()) * (1 + SLACK)", "float(inv_std.min()) * (1 + SLACK)",
       "certify: the normalisation's factor of the layer-wise bound", first=CERTIFY),
     M("certify.py", "better = adv & (dist < best)", "better = adv",
       "certify: the L2 search keeps its last flip, not its smallest", first=CERTIFY),
+    # ---------------------------------------------------------------- issue 32: the new plumbing, each
+    # shared block's mutant applied to every file that carries it (carriers)
+    M(carriers("cli"), "            print(f\"error: {' '.join(str(e).split())}\", file=sys.stderr, flush=True)\n"
+                       "            raise SystemExit(2) from None\n",
+      "            print(f\"error: {' '.join(str(e).split())}\", file=sys.stderr, flush=True)\n"
+      "            raise SystemExit(1) from None\n", "guarded: bad input exits 1, not 2", first=FAULTS),
+    M(carriers("cli"), "            raise SystemExit(130) from None\n", "            raise SystemExit(0) from None\n",
+      "guarded: Ctrl-C exits 0, not 130", first="signal or overwrite"),
+    M(carriers("cli"), "        signal.signal(signal.SIGTERM, signal.default_int_handler)",
+      "        pass", "guarded: SIGTERM kills the run (no exit 130, no line)", first="signal"),
+    M(carriers("cli"), "        except (BadInput, OSError, MemoryError) as e:\n",
+      "        except (BadInput, MemoryError) as e:\n", "guarded: an OSError ends in a traceback", first=FAULTS),
+    M(carriers("cli"), "if not (low < value if open_low else low <= value) or not value <= high:",
+      "if not low <= value <= high:", "number: open_low ignored (--lr 0 accepted)", first=FAULTS),
+    M(carriers("cli"), "if not (low < value if open_low else low <= value) or not value <= high:",
+      "if not (low < value if open_low else low <= value):", "number: the upper bound ignored", first=FAULTS),
+    M(carriers("files"), "if os.path.exists(path) and not args.overwrite and real != resumed:",
+      "if os.path.exists(path) and real != resumed:",
+      "claimed: --overwrite ignored (an existing output always refused)", first=FAULTS),
+    M(carriers("files"), "    data = [os.path.join(d, f) for d, _, files in os.walk(",
+      "    data = [] and [os.path.join(d, f) for d, _, files in os.walk(",
+      "claimed: the data files are not among the reads (an output may replace one)", first=FAULTS),
+    M(carriers("files"), "    write(path + \".tmp\")\n    os.replace(path + \".tmp\", path)\n", "    write(path)\n",
+      "write_file: writes in place, no tmp + os.replace (a killed save leaves a broken file)", first=FAULTS),
+    M(carriers("files"), "        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)\n", "        pass\n",
+      "claimed: an output's folder is not made", first=FAULTS),
+    M(carriers("dataset"),
+      "order = sorted(range(len(ds.targets)), key=lambda i: (i - first[ds.targets[i]], ds.targets[i]))[:limit]",
+      "order = list(range(len(ds.targets)))[:limit]",
+      "load_split: folder images in ImageFolder's order (--limit keeps the first classes only)", first=FAULTS),
+    M(carriers("train-data"), "pixels = train_x.double().div_(255).transpose(0, 1).reshape(train_x.shape[1], -1)",
+      "pixels = test_x.double().div_(255).transpose(0, 1).reshape(test_x.shape[1], -1)",
+      "load_data: the App. A mean and std from the test split"),
+    M(carriers("checkpoint"), "    if path and not torch.isfinite(f(to_float(images[:64]))).all():\n", "    if False:\n",
+      "check_forward: a model whose forward is NaN loads", first=FAULTS),
+    M(carriers("checkpoint"), " or ckpt[\"stage\"] not in stages or", " or",
+      "read_checkpoint: a checkpoint of another stage is read", first=FAULTS),
+    M(carriers("checkpoint"), "ckpt = torch.load(path, map_location=\"cpu\", weights_only=True)",
+      "ckpt = torch.load(path, map_location=\"cpu\", weights_only=False)",
+      "read_checkpoint: weights_only=False (a checkpoint's pickled code runs)", first=FAULTS),
+    M(carriers("train-run"), "    if diff or args.epochs < ckpt[\"epoch\"] or", "    if args.epochs < ckpt[\"epoch\"] or",
+      "resume: changed run-shaping flags not refused", first=FAULTS),
+    M(carriers("train-run"), "if k not in not_shaping | {\"epochs\"}", "if k not in not_shaping",
+      "resume: a larger --epochs refused (a finished run cannot be extended)", first=FAULTS),
+    M(carriers("train-run"), " or \"resume\" not in ckpt or args.epochs", " or args.epochs",
+      "resume: a --slim checkpoint (no resume state) not refused", first=FAULTS),
+    M(carriers("train-run"), "    if not (args.slim and ckpt[\"epoch\"] == args.epochs):\n", "    if True:\n",
+      "save_epoch: --slim ignored (the final checkpoint keeps its resume state)", first=FAULTS),
+    M(carriers("train-run"), "    torch.set_rng_state(ckpt[\"resume\"][\"rng\"][\"torch\"])\n", "",
+      "resume: torch's global RNG restarts from the seed", first="bit_identical",
+      equivalent="after the resume point nothing draws from torch's global RNG: every permutation, crop, flip, "
+                 "k-means++ seed and quick adversary draws from the run's generator, the sampler from its own "
+                 "(a grep of the three training stages finds no draw without generator=); the global RNG "
+                 "only initialises the weights that the resume then replaces"),
+    M(carriers("train-run"), "model.load_state_dict(init_state or model.state_dict(), strict=True)",
+      "model.load_state_dict(init_state or model.state_dict(), strict=False)",
+      "build_training: --init's weights loaded with strict=False (missing weights stay random)", first=FAULTS),
+    M(carriers("init-check"), "setattr(args, key, getattr(args, key) or have)",
+      "setattr(args, key, getattr(args, key) or {\"data\": \"cifar10\", \"width\": 64}[key])",
+      "defaults_from_init: --data and --width not taken from --init", first=FAULTS),
+    M(carriers("init-check"), "args.data_dir = args.data_dir or (ckpt", "args.data_dir = args.data_dir or \"./data\" or (ckpt",
+      "defaults_from_init: the data folder not taken from --init", first=FAULTS),
+    M(carriers("init-check"), "        if source and getattr(args, key) not in (None, have):\n", "        if False:\n",
+      "defaults_from_init: a --data or --width other than --init's not refused", first=FAULTS,
+      equivalent="refused later, with the same exit 2, one line and no file written: another --width by "
+                 "build_training's strict load of --init's weights (or by resume's changed-flag check), "
+                 "another --data by read_init (its classes, image size and channels differ from --init's: no "
+                 "two --data choices share class names) or by resume's check; only the message changes (and "
+                 "with a network, torchvision could download the other data set before the refusal)"),
+    M(carriers("init-check"), "    if have != want:\n", "    if False:\n",
+      "read_init: --init of other classes, image size or channels accepted", first=FAULTS),
+    M(carriers("init-check"), "return dict(info, mean=init[\"data\"][\"mean\"], std=init[\"data\"][\"std\"]), init[\"model\"]",
+      "return info, init[\"model\"]", "read_init: the checkpoint's data entry says the data's mean/std, not --init's"),
+    M(carriers("cluster-update"), "    if (args.D or 0) > args.K * info[\"num_classes\"]:\n", "    if False:\n",
+      "cluster_and_evaluate: --D above the K x classes centres accepted", first=FAULTS),
+    M(carriers("cluster-update"), "    if not torch.isfinite(features).all():\n", "    if False:\n",
+      "cluster_and_evaluate: NaN features reach k-means", first=FAULTS,
+      equivalent="save_epoch's finite check refuses the same epoch (the NaN centres and sigma^2 of k-means on "
+                 "NaN features): exit 2, one line, --out keeps its last good epoch; k-means++ itself does not "
+                 "raise on NaN rows (all-NaN seeding weights fall back to uniform draws); only the message "
+                 "differs"),
+    M(carriers("classifier"), "        return z.masked_fill(z == float(\"-inf\"), self.LOW)", "        return z",
+      "Classifier(scores=True): -inf scores outside the D nearest (DLR gives NaN)", first=ATTACK),
+    M(carriers("classifier"), "return z if self.scores else F.log_softmax(z, dim=1)", "return z",
+      "Classifier: a head checkpoint's logits, not log p", first=ATTACK),
+    M(carriers("classifier"), "cluster_log_probs(f, self.centers, self.center_classes, self.sigma2, self.D)",
+      "cluster_log_probs(f, self.centers, self.center_classes, self.sigma2, None)",
+      "Classifier: log p ignores D", first=ATTACK),
+    M(carriers("classifier"), "Classifier(model, clusters, D, scores).to(device).eval().requires_grad_(False)",
+      "Classifier(model, clusters, D, scores).to(device).requires_grad_(False)",
+      "read_classifier: the classifier left in train mode (batch norm of the attacked batch)", first=ATTACK),
+    M(carriers("classifier"), "D = (clusters or {}).get(\"D\") if D == \"stored\" else D",
+      "D = None if D == \"stored\" else D", "read_classifier: the checkpoint's D ignored", first=ATTACK),
+    M(carriers("classifier"), "model.load_state_dict(ckpt[\"model\"], strict=True)",
+      "model.load_state_dict(ckpt[\"model\"], strict=False)",
+      "build_model: a checkpoint's weights loaded with strict=False", first=FAULTS),
+    M(carriers("classifier"), "    if args.data not in (None, info[\"name\"]) or args.width not in (None, width):\n",
+      "    if False:\n", "args_from_checkpoint: a --data or --width other than the checkpoint's ignored silently",
+      first=FAULTS),
+    M(carriers("classifier"), "usable = isinstance(stored, str) and os.path.isabs(stored) and os.path.isdir(stored)",
+      "usable = False", "args_from_checkpoint: the checkpoint's data folder not used", first=ATTACK),
+    M(carriers("common-args"), "    torch.manual_seed(args.seed)\n", "",
+      "setup_runtime: torch not seeded (--seed does not fix the initial weights)"),
+    # the review's findings (issue 33): each guarantee added after the rewrite
+    M(carriers("files"), "| {w[2] for w in written[:i]} or os.path.isdir(path)", "or os.path.isdir(path)",
+      "claimed: one file named by two outputs accepted", first=FAULTS),
+    M(carriers("files"), " or os.path.isdir(path) or not os.path.basename(path):", ":",
+      "claimed: a folder or an empty name accepted as an output", first=FAULTS),
+    M(carriers("checkpoint"), " or not isinstance(ckpt[\"args\"], dict):", ":",
+      "read_checkpoint: a checkpoint without its args read", first=FAULTS),
+    M(carriers("classifier"), "if clusters and not (clusters[\"variance\"] > 0 and", "if clusters and not (True and",
+      "read_classifier: sigma^2 <= 0 accepted", first=FAULTS),
+    M(carriers("classifier"), "clusters[\"center_classes\"].unique().tolist()\n"
+                              "                             == list(range(ckpt[\"data\"][\"num_classes\"]))",
+      "clusters[\"center_classes\"].unique().tolist()\n"
+      "                             == clusters[\"center_classes\"].unique().tolist()",
+      "read_classifier: centre classes beyond the data's classes accepted", first=FAULTS),
+    M(carriers("train-run"), " or args.epochs == ckpt[\"epoch\"] \\\n"
+                             "            and os.path.realpath(args.resume or args.out) != os.path.realpath(args.out):",
+      ":", "resume: a finished run resumed into another --out (nothing would be written) accepted", first=FAULTS),
+    M(carriers("train-run"), "    saved = ckpt[\"epoch\"] if os.path.realpath(args.resume or args.out) == "
+                             "os.path.realpath(args.out) else None\n", "    saved = None\n",
+      "resume: Ctrl-C before the first new epoch does not name the epoch --out holds", first="signal or interrupt"),
 ]
 
 
@@ -491,14 +575,22 @@ def copy_repo(dest):
 
 
 def check(mutants):
-    """Each snippet must occur exactly once in every file it applies to (present files only)."""
+    """Each snippet must occur exactly once in every file it applies to, and a snippet inside a
+    shared block must be applied to every file that carries the block."""
     problems = []
     for number, m in enumerate(mutants, 1):
         for name in m["files"]:
             with open(os.path.join(ROOT, name)) as f:
-                count = f.read().count(m["original"])
+                text = f.read()
+            count = text.count(m["original"])
             if count != 1:
                 problems.append(f"mutant {number} ({m['what']}): snippet occurs {count} times in {name}")
+                continue
+            at = text.index(m["original"])
+            for block, (start, end) in blocks(name).items():
+                if start <= at < end and set(m["files"]) != set(carriers(block)):
+                    problems.append(f"mutant {number} ({m['what']}): edits the shared block {block} of {name}; "
+                                    f"apply it to every carrier, carriers({block!r}) = {carriers(block)}")
     return problems
 
 
@@ -509,7 +601,7 @@ def run_pytest(folder, extra, timeout):
         proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", None
-    failed = re.findall(r"^(?:FAILED|ERROR) test_all\.py::(\S+)", proc.stdout, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) test_all\.py::(.+?)(?: - .*)?$", proc.stdout, re.M)
     return proc.returncode, (failed[0] if failed else None)
 
 
@@ -560,33 +652,42 @@ def main(argv=None):
             folder = os.path.join(tmp, f"m{number}")
             os.makedirs(folder)
             copy_repo(folder)
-            for name in m["files"]:
+            t0, missing = time.time(), []
+            for name in m["files"]:         # the files as they are now: a stage edited since --check?
                 path = os.path.join(folder, name)
                 with open(path) as f:
                     text = f.read()
+                missing += [name] if text.count(m["original"]) != 1 else []
                 with open(path, "w") as f:
                     f.write(text.replace(m["original"], m["mutant"], 1))
-            t0 = time.time()
-            killed, by = verdict(folder, args.timeout, m["first"])
+            killed, by = (False, None) if missing else verdict(folder, args.timeout, m["first"])
             shutil.rmtree(folder)
-            status = "killed" if killed else ("equivalent" if m["equivalent"] else "SURVIVED")
+            status = ("NOT APPLIED" if missing else "killed" if killed else
+                      "equivalent" if m["equivalent"] else "SURVIVED")
+            by = by or (missing and f"snippet not found once in {', '.join(missing)}") or None
             rows.append((number, m, status, by, time.time() - t0))
             print(f"{number:>3} {status:<10} {time.time() - t0:6.0f}s  {m['what']}  "
                   f"[{', '.join(m['files'])}]  {by or m['equivalent'] or ''}", flush=True)
-    counted = [r for r in rows if not r[1]["equivalent"]]
+            if args.out:                    # rewritten after every mutant: a stopped pass keeps its rows
+                with open(args.out, "w") as f:
+                    f.write(table(rows, len(chosen)))
+    print("\n" + table(rows, len(chosen)))
+
+
+def table(rows, planned):
+    """The Markdown table of the mutants run so far and the kill rate of the non-equivalent ones."""
+    counted = [r for r in rows if not r[1]["equivalent"] and r[2] != "NOT APPLIED"]
     killed = sum(r[2] == "killed" for r in counted)
     lines = ["| # | file | mutant | result | killed by |", "| --- | --- | --- | --- | --- |"]
     for number, m, status, by, _ in rows:
-        note = f"`{by}`" if by else (m["equivalent"] or "")
+        note = f"`{by}`" if by and status == "killed" else by or m["equivalent"] or ""
         lines.append(f"| {number} | {', '.join(m['files'])} | {m['what']} | {status} | {note} |")
     summary = (f"killed {killed} of {len(counted)} non-equivalent mutants "
                f"({100 * killed / max(1, len(counted)):.1f}%); "
-               f"{len(rows) - len(counted)} declared equivalent")
-    table = "\n".join(lines) + "\n\n" + summary + "\n"
-    print("\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+               f"{sum(r[2] == 'equivalent' for r in rows)} equivalent (declared, survived); "
+               f"{sum(r[2] == 'NOT APPLIED' for r in rows)} not applied"
+               + ("" if len(rows) == planned else f"; {len(rows)} of {planned} run (partial)"))
+    return "\n".join(lines) + "\n\n" + summary + "\n"
 
 
 if __name__ == "__main__":
