@@ -4450,7 +4450,8 @@ def traced_main(module, argv, given, snapshot=False):
                 expected = magnet.magnet_loss(f, cluster_ids, class_ids, given["alpha"])[0] \
                     + given["lam"] * cons.mean()
                 trace.add("eq6", lam=lam, D=D, loss=out[0].detach(), expected=expected.detach(),
-                          grads=grads_of(expected, trace.model), cons=out[2].detach().clone())
+                          grads=grads_of(expected, trace.model), cons=out[2].detach().clone(),
+                          clean_twice=torch.equal(f, f_adv))     # Eq. (6) compares clean and adversarial
                 return out
 
             def traced_qce(logits, logits_adv, labels, lam, kind="ce"):
@@ -4844,6 +4845,7 @@ def test_qtrades_lam_scales_the_consistency_term_of_each_step_gradient(qtrades_t
                 assert all(torch.equal(x, y) for x, y in zip(s["grads"], a)), name
         if lam > 0:
             assert not all(same_grads(s["grads"], a, rtol=0.05) for s, a in zip(steps, alone)), name
+        assert not any(e.get("clean_twice") for e in eq6), name       # f(x_adv) is not f(x) again
 
 
 @pytest.mark.wiring
