@@ -4463,7 +4463,8 @@ def traced_main(module, argv, given, snapshot=False):
                 head_only = F.cross_entropy(logits.float(), labels)
                 trace.add("eq6", lam=lam, y=labels.clone(), loss=out[0].detach(),
                           expected=expected.detach(), grads=grads_of(expected, trace.model),
-                          head_only_grads=grads_of(head_only, trace.model))
+                          head_only_grads=grads_of(head_only, trace.model),
+                          clean_twice=torch.equal(logits, logits_adv))
                 return out
             mp.setattr(qtrades, "qtrades_magnet_loss", traced_qm)
             mp.setattr(qtrades, "qtrades_ce_loss", traced_qce)
